@@ -1,0 +1,1 @@
+"""ppo_jax: the jit-compiled JAX/Flax NNX core of ppo-rlhf (mirror of ppo_torch)."""

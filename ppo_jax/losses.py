@@ -1,0 +1,259 @@
+"""PPO losses, KL estimators and log-probs in JAX. Mirror: `ppo_torch/losses.py`.
+
+Every function is `jax.jit`-able and masked: `mask` is 1 on real tokens and 0 on padding; values
+at padded positions never reach a result or a gradient, even if they are NaN or inf (each input is
+replaced by 0 there *before* any arithmetic, so no NaN*0 can leak into a gradient). A NaN at a
+real position propagates into the result -- the trainer detects it (a non-finite loss skips the
+update). Math runs in float32 at least (bfloat16 inputs are upcast; float64 stays float64).
+
+Shapes are checked on every call. Mask values (0/1 only, not all zero) are checked when the mask
+is concrete, i.e. outside `jit`; inside `jit` an all-zero mask gives 0 instead of an error.
+
+Seed formulas (../shared/seed, GUIDE §1), with r_t = pi(a_t|s_t) / pi_old(a_t|s_t):
+  (4.1) policy gradient     loss_t = -log pi(a_t|s_t) * A_t
+  (4.2) importance sampling loss_t = -r_t * A_t
+  (4.3) clipped objective   loss_t = -min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ppo_rlhf.checks import check_choice, check_mask_values, check_same_shape
+from ppo_rlhf.config import KL_ESTIMATORS, LOSS_AGGS, POLICY_LOSS_KINDS
+
+Array = jax.Array
+Stats = dict[str, Array]
+
+
+# ---- helpers shared by losses and advantages ----------------------------------------------------
+def _float(x: Any) -> Array:
+    """At least float32: bf16/f16 are upcast, f64 stays f64 (for the float64 parity tests)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _bool_mask(fn: str, mask: Any, *, allow_all_zero: bool = False) -> Array:
+    """The mask as bool; its values are checked when concrete (outside jit)."""
+    if not isinstance(mask, jax.core.Tracer):
+        check_mask_values(fn, np.asarray(mask), allow_all_zero=allow_all_zero)
+    mask = jnp.asarray(mask)
+    return mask if mask.dtype == jnp.bool_ else mask != 0
+
+
+def _clean(x: Any, mask: Array) -> Array:
+    """x at real positions, 0 at padded ones (so NaN padding cannot poison values or gradients)."""
+    return jnp.where(mask, _float(x), 0.0)
+
+
+def masked_sum(x: Array, mask: Array, axis: int | None = None) -> Array:
+    """Sum of x over the real positions (all positions, or along `axis`)."""
+    mask = _bool_mask("masked_sum", mask, allow_all_zero=True)
+    check_same_shape("masked_sum", "mask", mask.shape, x=x)
+    return jnp.sum(_clean(x, mask), axis=axis)
+
+
+def masked_mean(x: Array, mask: Array, axis: int | None = None) -> Array:
+    """Mean of x over the real positions. An all-zero mask is an error outside jit and gives 0
+    inside jit (and along `axis`, a row without real tokens gives 0)."""
+    mask = _bool_mask("masked_mean", mask, allow_all_zero=axis is not None)
+    check_same_shape("masked_mean", "mask", mask.shape, x=x)
+    count = jnp.sum(mask, axis=axis)
+    return jnp.sum(_clean(x, mask), axis=axis) / jnp.maximum(count, 1).astype(_float(x).dtype)
+
+
+def masked_var(x: Array, mask: Array, *, unbiased: bool = False) -> Array:
+    """Variance of x over all real positions: sum((x - mean)^2) / n, or / (n - 1) if `unbiased`
+    (Bessel's correction; needs n >= 2 outside jit, gives 0 for n = 1 inside jit)."""
+    mask = _bool_mask("masked_var", mask)
+    check_same_shape("masked_var", "mask", mask.shape, x=x)
+    n = jnp.sum(mask)
+    if unbiased and not isinstance(n, jax.core.Tracer) and int(n) < 2:
+        raise ValueError("masked_var: unbiased variance needs at least 2 real tokens, mask has "
+                         f"{int(n)}")
+    x = _clean(x, mask)
+    mean = jnp.sum(x) / jnp.maximum(n, 1).astype(x.dtype)
+    sq = jnp.sum(jnp.where(mask, (x - mean) ** 2, 0.0))
+    denom = (n - 1) if unbiased else n
+    return sq / jnp.maximum(denom, 1).astype(x.dtype)
+
+
+def whiten(x: Array, mask: Array, *, shift_mean: bool = True, unbiased: bool = False,
+           eps: float = 1e-8) -> Array:
+    """(x - mean) / sqrt(var + eps) over the real positions; with shift_mean=False the mean is
+    added back (only the scale changes, as TRL does for rewards). Padded positions come out 0."""
+    mask = _bool_mask("whiten", mask)
+    check_same_shape("whiten", "mask", mask.shape, x=x)
+    x = _clean(x, mask)
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask, unbiased=unbiased)
+    out = (x - mean) * jax.lax.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return jnp.where(mask, out, 0.0)
+
+
+def aggregate_loss(losses: Array, mask: Array, loss_agg: str = "token-mean") -> Array:
+    """Per-token losses [B, T] -> scalar.
+    "token-mean": sum over every real token / number of real tokens.
+    "seq-mean-token-mean": each sequence's token mean, averaged over sequences that have at
+    least one real token."""
+    check_choice("aggregate_loss", "loss_agg", loss_agg, LOSS_AGGS)
+    mask = _bool_mask("aggregate_loss", mask)
+    check_same_shape("aggregate_loss", "mask", mask.shape, losses=losses)
+    if loss_agg == "token-mean":
+        return masked_mean(losses, mask)
+    per_seq = masked_mean(losses, mask, axis=-1)
+    has_tokens = jnp.any(mask, axis=-1)
+    return masked_mean(per_seq, has_tokens)
+
+
+# ---- log-probs and entropy ----------------------------------------------------------------------
+def logprobs_from_logits(logits: Array, labels: Array, temperature: float = 1.0) -> Array:
+    """log softmax(logits / temperature)[labels], in float32: logits [..., V], labels [...].
+    Computed as logit[label] - logsumexp(logits) so no [..., V] log-prob tensor is materialised."""
+    logits = _float(logits) / temperature
+    picked = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def token_entropy(logits: Array, temperature: float = 1.0) -> Array:
+    """Entropy of softmax(logits / temperature) at each position, in float32: [..., V] -> [...]."""
+    logits = _float(logits) / temperature
+    logz = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    p = jnp.exp(logits - logz)
+    return logz[..., 0] - jnp.sum(p * logits, axis=-1)
+
+
+def entropy(logits: Array, mask: Array, *, temperature: float = 1.0,
+            loss_agg: str = "token-mean") -> Array:
+    """Mean entropy of the policy over real tokens (aggregated like the losses)."""
+    mask = _bool_mask("entropy", mask)
+    check_same_shape("entropy", "mask", mask.shape, logits=logits[..., 0])
+    return aggregate_loss(token_entropy(logits, temperature), mask, loss_agg)
+
+
+# ---- KL -----------------------------------------------------------------------------------------
+def kl_penalty(logprobs: Array, ref_logprobs: Array, kind: str = "k1",
+               mask: Array | None = None) -> Array:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi, with d = log pi - log pi_ref:
+    k1 = d (unbiased, can be < 0 per token); k2 = d^2 / 2; k3 = exp(-d) - 1 + d (unbiased, >= 0).
+    With a mask, padded positions are 0."""
+    check_choice("kl_penalty", "kind", kind, KL_ESTIMATORS)
+    check_same_shape("kl_penalty", "logprobs", logprobs.shape, ref_logprobs=ref_logprobs, mask=mask)
+    if mask is not None:
+        mask = _bool_mask("kl_penalty", mask, allow_all_zero=True)
+        logprobs, ref_logprobs = _clean(logprobs, mask), _clean(ref_logprobs, mask)
+    d = _float(logprobs) - _float(ref_logprobs)
+    if kind == "k1":
+        kl = d
+    elif kind == "k2":
+        kl = 0.5 * d**2
+    else:
+        kl = jnp.expm1(-d) + d
+    return kl if mask is None else jnp.where(mask, kl, 0.0)
+
+
+# ---- policy loss (seed eqs. 4.1, 4.2, 4.3) ------------------------------------------------------
+def policy_loss(logprobs: Array, old_logprobs: Array, advantages: Array, mask: Array, *,
+                kind: str = "clip", clip_eps: float = 0.2, clip_eps_high: float | None = None,
+                dual_clip: float | None = None, loss_agg: str = "token-mean") -> tuple[Array, Stats]:
+    """PPO policy loss (to minimise) and its statistics. All inputs [B, T]; gradients flow only
+    into `logprobs` (old log-probs and advantages are constants).
+
+    kind="pg":   eq. 4.1, loss_t = -log pi * A.
+    kind="is":   eq. 4.2, loss_t = -r * A,  r = exp(log pi - log pi_old).
+    kind="clip": eq. 4.3, loss_t = -min(r A, clip(r, 1 - clip_eps, 1 + clip_eps_high) A);
+                 clip_eps_high=None means clip_eps (symmetric band). With dual_clip=c > 1, tokens
+                 with A < 0 get loss_t = min(loss_t, -c A) (Ye et al. 2020).
+
+    stats: ratio_mean/max/min over real tokens; clipfrac = fraction of real tokens where the
+    clipped term is the active one (its gradient is 0) -- reported for every kind, as if clipping
+    with these epsilons; dual_clipfrac; approx_kl_k1 = mean(log pi_old - log pi) and
+    approx_kl_k3 = mean((r - 1) - log r), two estimates of KL(pi_old || pi)."""
+    fn = "policy_loss"
+    check_choice(fn, "kind", kind, POLICY_LOSS_KINDS)
+    check_choice(fn, "loss_agg", loss_agg, LOSS_AGGS)
+    check_same_shape(fn, "logprobs", logprobs.shape, old_logprobs=old_logprobs,
+                     advantages=advantages, mask=mask)
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"{fn}: dual_clip={dual_clip!r} is invalid: allowed > 1")
+    mask = _bool_mask(fn, mask)
+    logprobs = _clean(logprobs, mask)
+    old_logprobs = jax.lax.stop_gradient(_clean(old_logprobs, mask))
+    advantages = jax.lax.stop_gradient(_clean(advantages, mask))
+
+    log_ratio = logprobs - old_logprobs
+    ratio = jnp.exp(log_ratio)
+    hi = clip_eps if clip_eps_high is None else clip_eps_high
+    unclipped = -advantages * ratio
+    clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + hi)
+    clip_active = clipped > unclipped
+
+    if kind == "pg":
+        losses = -advantages * logprobs
+    elif kind == "is":
+        losses = unclipped
+    else:
+        losses = jnp.maximum(unclipped, clipped)
+    dual_active = jnp.zeros_like(mask)
+    if dual_clip is not None and kind == "clip":
+        bound = -dual_clip * advantages
+        dual_active = (advantages < 0) & (bound < losses)
+        losses = jnp.where(dual_active, bound, losses)
+    loss = aggregate_loss(losses, mask, loss_agg)
+
+    sg = jax.lax.stop_gradient
+    ratio_sg, log_ratio_sg = sg(ratio), sg(log_ratio)
+    stats = {
+        "ratio_mean": masked_mean(ratio_sg, mask),
+        "ratio_max": jnp.max(jnp.where(mask, ratio_sg, -jnp.inf)),
+        "ratio_min": jnp.min(jnp.where(mask, ratio_sg, jnp.inf)),
+        "clipfrac": masked_mean(clip_active.astype(ratio.dtype), mask),
+        "dual_clipfrac": masked_mean(dual_active.astype(ratio.dtype), mask),
+        "approx_kl_k1": masked_mean(-log_ratio_sg, mask),
+        "approx_kl_k3": masked_mean(jnp.expm1(log_ratio_sg) - log_ratio_sg, mask),
+    }
+    return loss, stats
+
+
+# ---- value loss ---------------------------------------------------------------------------------
+def value_loss(values: Array, old_values: Array, returns: Array, mask: Array, *,
+               clip_eps: float | None = 0.2, loss_agg: str = "token-mean") -> tuple[Array, Stats]:
+    """Value loss (to minimise); gradients flow only into `values`.
+    clip_eps=eps_v: 0.5 * max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2);
+    clip_eps=None:  0.5 * (V - R)^2.
+    stats: vf_clipfrac (fraction of real tokens where the clipped term is the larger one) and
+    explained_variance = 1 - Var(R - V) / Var(R) over real tokens (NaN when Var(R) = 0)."""
+    fn = "value_loss"
+    check_choice(fn, "loss_agg", loss_agg, LOSS_AGGS)
+    check_same_shape(fn, "values", values.shape, old_values=old_values, returns=returns, mask=mask)
+    if clip_eps is not None and not clip_eps > 0:
+        raise ValueError(f"{fn}: clip_eps={clip_eps!r} is invalid: allowed > 0 or None")
+    mask = _bool_mask(fn, mask)
+    values = _clean(values, mask)
+    old_values = jax.lax.stop_gradient(_clean(old_values, mask))
+    returns = jax.lax.stop_gradient(_clean(returns, mask))
+
+    unclipped = (values - returns) ** 2
+    if clip_eps is None:
+        losses, clip_active = unclipped, jnp.zeros_like(mask)
+    else:
+        v_clipped = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
+        clipped = (v_clipped - returns) ** 2
+        losses, clip_active = jnp.maximum(unclipped, clipped), clipped > unclipped
+    loss = 0.5 * aggregate_loss(losses, mask, loss_agg)
+
+    v_sg = jax.lax.stop_gradient(values)
+    var_r = masked_var(returns, mask)
+    stats = {
+        "vf_clipfrac": masked_mean(clip_active.astype(values.dtype), mask),
+        "explained_variance": jnp.where(var_r > 0, 1.0 - masked_var(returns - v_sg, mask) / var_r,
+                                        jnp.nan),
+        "values_mean": masked_mean(v_sg, mask),
+    }
+    return loss, stats

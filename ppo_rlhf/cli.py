@@ -1,0 +1,62 @@
+"""The `ppo-rlhf` command line.
+
+Each subcommand lives in its own module exposing `add_parser(subparsers)` and `run(args) -> int`;
+they are listed in `SUBCOMMANDS` and imported only when used, so `--help` stays fast and neither
+backend is imported until a command needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from ppo_rlhf import __version__
+from ppo_rlhf.errors import UsageError
+
+# (name, module, one-line help). The module's add_parser(sub) must create the sub-parser `name`.
+SUBCOMMANDS: list[tuple[str, str, str]] = []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ppo-rlhf",
+        description="PPO-based RLHF for language models, in JAX/Flax and in PyTorch.",
+        epilog="Run `ppo-rlhf COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"ppo-rlhf {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show full tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module, _help in SUBCOMMANDS:
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as e:
+        if args.debug:
+            raise
+        print(f"ppo-rlhf {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ppo-rlhf {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 -- one line for the user; --debug shows everything
+        if args.debug:
+            raise
+        print(f"ppo-rlhf {args.command}: error: {type(e).__name__}: {e} (rerun with --debug for "
+              f"the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Every hyperparameter of the PPO math and loop, in one frozen dataclass shared by both backends.
+
+Each field is documented with its default and the reason for it. Where published implementations
+disagree (GUIDE §3) the choice is a field here, so that both backends and the parity tests can
+exercise every variant.
+
+The formulas (seed ../shared/seed, GUIDE §1):
+  policy gradient   (4.1)  grad J = E[ sum_t grad log pi(a_t|s_t) * A_t ]
+  importance ratio  (4.2)  r_t = pi(a_t|s_t) / pi_old(a_t|s_t)
+  clipped objective (4.3)  L_CLIP = E_t[ min(r_t A_t, clip(r_t, 1-eps, 1+eps) A_t) ]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+PolicyLossKind = Literal["pg", "is", "clip"]
+KLEstimator = Literal["k1", "k2", "k3"]
+KLUnits = Literal["seq-sum", "token-mean"]
+LossAgg = Literal["token-mean", "seq-mean-token-mean"]
+
+POLICY_LOSS_KINDS = ("pg", "is", "clip")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_UNITS = ("seq-sum", "token-mean")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean")
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"PPOConfig.{name}={value!r} is invalid: allowed {allowed}")
+
+
+def _check_range(name: str, value: Any, lo: float | None, hi: float | None, *,
+                 lo_open: bool = False, hi_open: bool = False, integer: bool = False) -> None:
+    """Raise ValueError naming the field and its allowed range unless lo (<|<=) value (<|<=) hi."""
+    lo_s = "-inf" if lo is None else repr(lo)
+    hi_s = "inf" if hi is None else repr(hi)
+    allowed = f"{'(' if lo_open or lo is None else '['}{lo_s}, {hi_s}{')' if hi_open or hi is None else ']'}"
+    if integer:
+        allowed = "an integer in " + allowed
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(name, value, allowed)
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(name, value, "a finite number in " + allowed)
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        _fail(name, value, allowed)
+    if hi is not None and (value > hi or (hi_open and value == hi)):
+        _fail(name, value, allowed)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(name, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        _fail(name, value, "True or False")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """Hyperparameters of PPO-RLHF. Defaults follow TRL's PPO / "The N Implementation Details of
+    RLHF with PPO" unless a comment says otherwise."""
+
+    # ---- policy loss (seed eqs. 4.1-4.3) -------------------------------------------------------
+    policy_loss: PolicyLossKind = "clip"
+    """"pg": eq. 4.1, -log pi * A.  "is": eq. 4.2, -r * A.  "clip": eq. 4.3, -L_CLIP (default)."""
+    clip_eps: float = 0.2
+    """epsilon of eq. 4.3: the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high]."""
+    clip_eps_high: float | None = None
+    """Upper clip epsilon for an asymmetric band (DAPO's "clip-higher"); None = clip_eps."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1 (Ye et al. 2020): for A < 0 the objective is bounded below by c*A,
+    so a huge ratio on a bad token cannot blow up the loss. None = off."""
+
+    # ---- value loss ----------------------------------------------------------------------------
+    value_clip_eps: float | None = 0.2
+    """Clipped value loss 0.5*max((V-R)^2, (V_old + clip(V-V_old, +-eps_v) - R)^2); None = the
+    unclipped 0.5*(V-R)^2."""
+    vf_coef: float = 0.1
+    """Weight of the value loss in the total loss (TRL default 0.1)."""
+    ent_coef: float = 0.0
+    """Weight of the entropy bonus (loss -= ent_coef * entropy). 0 = no bonus, as in TRL."""
+    loss_agg: LossAgg = "token-mean"
+    """How per-token losses become a scalar: "token-mean" = sum over all real tokens of the
+    minibatch / their count (default); "seq-mean-token-mean" = mean over sequences of each
+    sequence's token mean (long responses weigh the same as short ones)."""
+
+    # ---- rewards, KL and advantages ------------------------------------------------------------
+    gamma: float = 1.0
+    """GAE discount. 1.0: the episode is one short response; no discounting (TRL default)."""
+    lam: float = 0.95
+    """GAE lambda (TRL default)."""
+    kl_estimator: KLEstimator = "k1"
+    """Per-token KL(pi || pi_ref) estimator in the reward: k1 = log p - log q (unbiased, the
+    classic RLHF penalty), k2 = 0.5 (log p - log q)^2, k3 = (q/p - 1) - log(q/p) (>= 0)."""
+    kl_coef: float = 0.05
+    """Initial KL coefficient beta (TRL default 0.05)."""
+    adaptive_kl: bool = False
+    """False: beta stays kl_coef. True: Ziegler et al.'s proportional controller,
+    e = clip(KL/target - 1, -0.2, 0.2); beta <- beta * (1 + e * n / horizon)."""
+    kl_target: float = 6.0
+    """Target KL for the adaptive controller, in kl_units (Ziegler et al.: 6 nats per sequence)."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive controller, in samples (Ziegler et al.: 10000)."""
+    kl_units: KLUnits = "seq-sum"
+    """The KL the adaptive controller sees: "seq-sum" = mean over samples of the per-sequence sum
+    (Ziegler et al.), "token-mean" = mean over all real tokens."""
+    whiten_rewards: bool = False
+    """Whiten the shaped per-token rewards (masked, shift_mean=False) before GAE."""
+    whiten_advantages: bool = True
+    """Whiten advantages (masked) after GAE. Returns are computed before whitening."""
+    advantages_shift_mean: bool = True
+    """When whitening advantages, also remove their mean (True) or keep it (False)."""
+    whiten_unbiased: bool = False
+    """Variance used for whitening: biased (divide by n; default) or unbiased (n - 1)."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of a response that ends without EOS (TRL's missing_eos_penalty);
+    None = no penalty. The score always lands on the last real response token (the EOS itself
+    when present); tokens after EOS are masked out of every loss and statistic."""
+
+    # ---- sampling ------------------------------------------------------------------------------
+    temperature: float = 0.7
+    """Sampling temperature. Log-probs of policy AND reference are taken from logits/temperature
+    too, or KL and ratios are wrong (negative KL: trl#2358)."""
+    top_k: int = 0
+    """Top-k filter for sampling; 0 = off. PPO assumes samples come from pi itself: keep it off
+    unless you know why."""
+    top_p: float = 1.0
+    """Nucleus filter for sampling; 1.0 = off (same caveat as top_k)."""
+    max_new_tokens: int = 32
+    """Response length budget (static shape: generation always runs this many steps)."""
+    max_prompt_len: int = 64
+    """Prompts are left-padded to this length (static shape); longer prompts are truncated from
+    the left with a warning."""
+
+    # ---- loop ----------------------------------------------------------------------------------
+    batch_size: int = 16
+    """Prompts (= responses) per PPO iteration."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch (K)."""
+    num_minibatches: int = 1
+    """Minibatches per epoch (M); batch_size must be divisible by it."""
+    grad_accum_steps: int = 1
+    """Micro-batches per minibatch whose gradients are summed before one optimiser step."""
+    learning_rate: float = 1e-5
+    """AdamW learning rate for policy and critic."""
+    adam_eps: float = 1e-5
+    """AdamW epsilon (added outside the square root in both optax and torch)."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    max_grad_norm: float | None = 1.0
+    """Global-norm gradient clipping (policy and critic separately); None = off."""
+    num_iterations: int = 100
+    """PPO iterations (rollout + update) that .train() runs."""
+    seed: int = 0
+    """Seed of every random stream (sampling, minibatch order, head init)."""
+    max_bad_updates: int = 3
+    """A non-finite loss or gradient skips that update; this many in a row stop training."""
+
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    """Free-form, JSON-serialisable notes that travel with the config (not used by the math)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("policy_loss", self.policy_loss, POLICY_LOSS_KINDS)
+        _check_range("clip_eps", self.clip_eps, 0.0, 1.0, lo_open=True, hi_open=True)
+        if self.clip_eps_high is not None:
+            _check_range("clip_eps_high", self.clip_eps_high, 0.0, None, lo_open=True)
+        if self.dual_clip is not None:
+            _check_range("dual_clip", self.dual_clip, 1.0, None, lo_open=True)
+        if self.value_clip_eps is not None:
+            _check_range("value_clip_eps", self.value_clip_eps, 0.0, None, lo_open=True)
+        _check_range("vf_coef", self.vf_coef, 0.0, None)
+        _check_range("ent_coef", self.ent_coef, 0.0, None)
+        _check_choice("loss_agg", self.loss_agg, LOSS_AGGS)
+        _check_range("gamma", self.gamma, 0.0, 1.0)
+        _check_range("lam", self.lam, 0.0, 1.0)
+        _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _check_range("kl_coef", self.kl_coef, 0.0, None)
+        _check_bool("adaptive_kl", self.adaptive_kl)
+        _check_range("kl_target", self.kl_target, 0.0, None, lo_open=True)
+        _check_range("kl_horizon", self.kl_horizon, 1, None, integer=True)
+        _check_choice("kl_units", self.kl_units, KL_UNITS)
+        for name in ("whiten_rewards", "whiten_advantages", "advantages_shift_mean", "whiten_unbiased"):
+            _check_bool(name, getattr(self, name))
+        if self.missing_eos_penalty is not None:
+            _check_range("missing_eos_penalty", self.missing_eos_penalty, None, None)
+        _check_range("temperature", self.temperature, 0.0, None, lo_open=True)
+        _check_range("top_k", self.top_k, 0, None, integer=True)
+        _check_range("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        _check_range("max_new_tokens", self.max_new_tokens, 1, None, integer=True)
+        _check_range("max_prompt_len", self.max_prompt_len, 1, None, integer=True)
+        _check_range("batch_size", self.batch_size, 1, None, integer=True)
+        _check_range("ppo_epochs", self.ppo_epochs, 1, None, integer=True)
+        _check_range("num_minibatches", self.num_minibatches, 1, None, integer=True)
+        _check_range("grad_accum_steps", self.grad_accum_steps, 1, None, integer=True)
+        if self.batch_size % self.num_minibatches:
+            _fail("num_minibatches", self.num_minibatches,
+                  f"a divisor of batch_size={self.batch_size}")
+        if (self.batch_size // self.num_minibatches) % self.grad_accum_steps:
+            _fail("grad_accum_steps", self.grad_accum_steps,
+                  f"a divisor of the minibatch size {self.batch_size // self.num_minibatches}")
+        _check_range("learning_rate", self.learning_rate, 0.0, None)
+        _check_range("adam_eps", self.adam_eps, 0.0, None)
+        _check_range("weight_decay", self.weight_decay, 0.0, None)
+        if self.max_grad_norm is not None:
+            _check_range("max_grad_norm", self.max_grad_norm, 0.0, None, lo_open=True)
+        _check_range("num_iterations", self.num_iterations, 0, None, integer=True)
+        _check_range("seed", self.seed, 0, 2**32 - 1, integer=True)
+        _check_range("max_bad_updates", self.max_bad_updates, 1, None, integer=True)
+        if not isinstance(self.extra, dict):
+            _fail("extra", self.extra, "a dict")
+
+    # ---- derived -------------------------------------------------------------------------------
+    @property
+    def clip_eps_upper(self) -> float:
+        """The upper clip epsilon actually used (clip_eps_high, or clip_eps when that is None)."""
+        return self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
+
+    @property
+    def minibatch_size(self) -> int:
+        return self.batch_size // self.num_minibatches
+
+    @property
+    def microbatch_size(self) -> int:
+        return self.minibatch_size // self.grad_accum_steps
+
+    # ---- (de)serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, **kw: Any) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, **kw)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PPOConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"PPOConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "PPOConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,134 @@
+"""Reward shaping, GAE, whitening and KL control in PyTorch. Mirror: `ppo_jax/advantages.py`.
+
+Conventions (shared with every function in `losses.py`): tensors are [B, T] over response
+tokens, `mask` is 1 on real tokens -- a contiguous block per row, normally a prefix ending at
+EOS -- and padded positions are ignored even if they hold NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ppo_rlhf.checks import check_choice, check_leading_dim, check_same_shape
+from ppo_rlhf.config import KL_UNITS, PPOConfig
+from ppo_torch.losses import _bool_mask, _clean, _float, kl_penalty, masked_mean, masked_sum, whiten
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "last_token_index", "shape_rewards", "gae", "whiten", "kl_for_controller",
+    "adaptive_kl_update", "AdaptiveKLController", "FixedKLController", "make_kl_controller",
+]
+
+
+def last_token_index(mask: Tensor) -> Tensor:
+    """Index of the last real token of each row ([B, T] -> [B]); 0 for a row without one."""
+    mask = torch.as_tensor(mask) != 0
+    t = mask.shape[-1]
+    positions = torch.arange(t, device=mask.device).expand_as(mask)
+    idx = torch.where(mask, positions, torch.full_like(positions, -1)).max(dim=-1).values
+    return idx.clamp(min=0)
+
+
+def shape_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor,
+                  kl_coef: float | Tensor, *, kl_estimator: str = "k1") -> tuple[Tensor, Tensor]:
+    """Per-token RLHF rewards: r_t = -kl_coef * KL_t on every real token, plus the sample's score
+    on its last real token (the EOS when the response has one). Returns (rewards, kl), both [B, T]
+    and 0 on padding; `kl` is the per-token estimate (kind `kl_estimator`) before the coefficient."""
+    fn = "shape_rewards"
+    check_same_shape(fn, "logprobs", logprobs.shape, ref_logprobs=ref_logprobs, mask=mask)
+    check_leading_dim(fn, "scores", scores, logprobs.shape[0])
+    mask = _bool_mask(fn, mask)
+    kl = kl_penalty(logprobs, ref_logprobs, kl_estimator, mask=mask)
+    rewards = -kl_coef * kl
+    last = torch.nn.functional.one_hot(last_token_index(mask), mask.shape[-1]).to(rewards.dtype)
+    has_tokens = mask.any(dim=-1, keepdim=True)
+    zero = torch.zeros((), dtype=rewards.dtype, device=rewards.device)
+    rewards = rewards + torch.where(has_tokens & (last > 0), _float(scores).to(rewards.device)[:, None], zero)
+    return torch.where(mask, rewards, zero), kl
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016), a reverse loop over time:
+        delta_t = r_t + gamma * V_{t+1} - V_t
+        A_t     = delta_t + gamma * lam * A_{t+1}
+    where the step after the last real token is terminal (V = 0, A = 0 there). Returns
+    (advantages, returns = advantages + values), both 0 on padding."""
+    fn = "gae"
+    check_same_shape(fn, "rewards", rewards.shape, values=values, mask=mask)
+    mask = _bool_mask(fn, mask)
+    rewards, values = _clean(rewards, mask), _clean(values, mask)
+    # V_{t+1}, and whether step t+1 exists (is a real token); the step after the end is terminal.
+    next_real = torch.nn.functional.pad(mask[:, 1:], (0, 1)).to(values.dtype)
+    next_values = torch.nn.functional.pad(values[:, 1:], (0, 1)) * next_real
+    deltas = rewards + gamma * next_values - values
+
+    adv_reversed = []
+    next_adv = torch.zeros_like(deltas[:, 0])
+    for t in reversed(range(deltas.shape[1])):
+        next_adv = deltas[:, t] + gamma * lam * next_real[:, t] * next_adv
+        adv_reversed.append(next_adv)
+    advantages = torch.stack(adv_reversed[::-1], dim=1)
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    advantages = torch.where(mask, advantages, zero)
+    return advantages, torch.where(mask, advantages + values, zero)
+
+
+def kl_for_controller(kl: Tensor, mask: Tensor, *, units: str = "seq-sum") -> Tensor:
+    """The rollout KL in the units the adaptive controller compares with its target:
+    "seq-sum" = mean over samples of each sample's summed per-token KL (Ziegler et al.);
+    "token-mean" = mean over all real tokens."""
+    check_choice("kl_for_controller", "units", units, KL_UNITS)
+    if units == "token-mean":
+        return masked_mean(kl, mask)
+    return masked_sum(kl, mask, axis=-1).mean()
+
+
+def adaptive_kl_update(kl_coef: Any, current_kl: Any, n_steps: Any, *, target: float,
+                       horizon: int) -> Tensor:
+    """Ziegler et al. (2019) proportional controller:
+    e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n_steps / horizon)."""
+    error = torch.clamp(_float(current_kl) / target - 1.0, -0.2, 0.2)
+    return _float(kl_coef) * (1.0 + error * n_steps / horizon)
+
+
+class AdaptiveKLController:
+    """Stateful wrapper of `adaptive_kl_update` for host-side loops; `value` is a Python float."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = float(init_kl_coef), float(target), int(horizon)
+
+    def update(self, current_kl: Any, n_steps: int) -> float:
+        self.value = float(adaptive_kl_update(self.value, current_kl, n_steps, target=self.target,
+                                              horizon=self.horizon))
+        return self.value
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class FixedKLController:
+    """A KL coefficient that never changes (same interface as `AdaptiveKLController`)."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: Any, n_steps: int) -> float:
+        return self.value
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+def make_kl_controller(config: PPOConfig) -> AdaptiveKLController | FixedKLController:
+    if config.adaptive_kl:
+        return AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+    return FixedKLController(config.kl_coef)
