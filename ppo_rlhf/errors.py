@@ -4,3 +4,14 @@
 class UsageError(ValueError):
     """Bad input from the user: a path, a flag, a file's contents. The CLI prints the message
     (no traceback unless --debug) and exits with code 2."""
+
+
+class DataError(UsageError):
+    """A data file (prompts, preferences) holds a bad record. The message starts with
+    `path:line: ` when both are known, so an editor can jump to the offending line."""
+
+    def __init__(self, reason: str, *, path: object = None, line: int | None = None):
+        self.reason, self.path, self.line = reason, path, line
+        where = f"{path}:{line}: " if path is not None and line is not None else (
+            f"{path}: " if path is not None else "")
+        super().__init__(where + reason)
