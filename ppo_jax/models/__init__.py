@@ -1,0 +1,31 @@
+"""Language models in Flax NNX: GPT-2, Llama, Qwen2, GPT-NeoX; value / reward heads; log-probs.
+Mirror: `ppo_torch.models` (same public names; torch wraps `transformers`, we implement the
+architectures ourselves in gpt2.py, llama.py, gpt_neox.py and load the same checkpoints).
+
+    lm = load_pretrained("ckpt/", dtype="float32")          # CausalLM
+    logits = lm(input_ids, attention_mask=mask)              # [B, T, V] float32
+    rm = load_scalar_model("rm/")                            # ScalarHeadModel
+    scores = rm.score(input_ids, mask)                       # [B]
+    critic = scalar_model_from_lm("ckpt/", seed=0)           # fresh head, same in both backends
+    lp = response_logprobs(lm, q_ids, q_mask, r_ids, r_mask, temperature=0.7)
+    save_pretrained(lm, "out/")                              # loads in transformers
+
+KV-cache calling convention: see `ppo_jax.models.causal_lm`.
+"""
+
+from ppo_jax.models.causal_lm import CausalLM
+from ppo_jax.models.config import ModelConfig
+from ppo_jax.models.forward import (response_logprobs, response_logprobs_and_values,
+                                    response_values, sequence_scores)
+from ppo_jax.models.heads import PolicyWithValueHead, ScalarHeadModel, last_token_index
+from ppo_jax.models.layers import Cache, LayerCache
+from ppo_jax.models.loading import (load_pretrained, load_scalar_model, model_tensors,
+                                    save_pretrained, scalar_model_from_lm)
+from ppo_rlhf.hf_checkpoint import SUPPORTED_MODEL_TYPES, init_score_head
+
+__all__ = [
+    "CausalLM", "ScalarHeadModel", "PolicyWithValueHead", "ModelConfig", "Cache", "LayerCache",
+    "load_pretrained", "load_scalar_model", "scalar_model_from_lm", "save_pretrained",
+    "model_tensors", "response_logprobs", "response_values", "response_logprobs_and_values",
+    "sequence_scores", "last_token_index", "init_score_head", "SUPPORTED_MODEL_TYPES",
+]

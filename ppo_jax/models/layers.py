@@ -1,0 +1,218 @@
+"""Layers shared by the architectures: norms, rotary embeddings, masks, attention, the KV cache.
+
+Conventions (every architecture file follows them):
+  * activations are [B, S, H] in the model dtype (float32 or bfloat16);
+  * norms reduce in float32; attention scores and softmax are float32; logits are float32;
+  * q / k / v are [B, S, n_heads, head_dim]; grouped-query attention groups the query heads
+    of each KV head (head h uses KV head h // (n_heads // n_kv_heads), as HF's repeat_kv);
+  * masks are boolean [B, S, T]: query s may attend key t. Masked scores are set to the most
+    negative float32 (not -inf), so a row with no key at all (a left-padding query) gives a
+    uniform softmax instead of NaN -- such rows are padding and never read, but a NaN there
+    would reach real rows through 0 * NaN in the next layer's attention.
+
+KV cache: see `LayerCache` and `attention_inputs`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ppo_jax.models.config import ModelConfig
+
+Array = jax.Array
+NEG_INF = float(np.finfo(np.float32).min)
+
+
+def jnp_dtype(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def linear(in_features: int, out_features: int, *, use_bias: bool, config: ModelConfig,
+           rngs: nnx.Rngs) -> nnx.Linear:
+    """nnx.Linear (kernel [in, out]) in the model dtype."""
+    dt = jnp_dtype(config.dtype)
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dt, param_dtype=dt, rngs=rngs)
+
+
+def embed(num: int, features: int, *, config: ModelConfig, rngs: nnx.Rngs) -> nnx.Embed:
+    dt = jnp_dtype(config.dtype)
+    return nnx.Embed(num, features, dtype=dt, param_dtype=dt, rngs=rngs)
+
+
+def activation(name: str):
+    """HF `hidden_act` / `activation_function` -> a JAX function."""
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name in ("silu", "swish"):
+        return jax.nn.silu
+    if name == "relu":
+        return jax.nn.relu
+    raise ValueError(f"unsupported activation {name!r}; supported: gelu, gelu_new, "
+                     f"gelu_pytorch_tanh, gelu_fast, silu, swish, relu")
+
+
+# ---- norms -------------------------------------------------------------------------------------
+class LayerNorm(nnx.Module):
+    """LayerNorm with scale and bias; statistics in float32, output in the model dtype."""
+
+    def __init__(self, dim: int, eps: float, *, config: ModelConfig):
+        dt = jnp_dtype(config.dtype)
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), dt))
+        self.bias = nnx.Param(jnp.zeros((dim,), dt))
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm as in HF Llama/Qwen2: normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, eps: float, *, config: ModelConfig):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), jnp_dtype(config.dtype)))
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * y.astype(x.dtype)
+
+
+# ---- rotary position embeddings ---------------------------------------------------------------
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [rotary_dim // 2], float32, as HF computes them for rope_type
+    "default", "linear" (positions divided by `factor`) and "llama3" (Llama 3.1's smooth
+    frequency-dependent scaling). A numpy constant: it is folded into the compiled program."""
+    dim = config.rotary_dim
+    inv = (1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))))
+    inv = inv.astype(np.float32)
+    extra = dict(config.rope_scaling)
+    if config.rope_type == "linear":
+        inv = inv / np.float32(extra["factor"])
+    elif config.rope_type == "llama3":
+        factor, lo, hi = extra["factor"], extra["low_freq_factor"], extra["high_freq_factor"]
+        old_len = extra["original_max_position_embeddings"]
+        low_wl, high_wl = old_len / lo, old_len / hi
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wl, inv / factor, inv)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
+    """Rotate the first 2 * len(inv_freq) dims of each head of x [B, S, n, D] by the angles
+    positions [B, S] * inv_freq (HF's rotate_half convention: pairs (i, i + rotary_dim / 2));
+    the remaining dims (partial rotary, GPT-NeoX) pass through."""
+    rd = 2 * inv_freq.shape[0]
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, S, rd/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, S, 1, rd]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    x_rot, x_pass = x[..., :rd], x[..., rd:]
+    x1, x2 = x_rot[..., : rd // 2], x_rot[..., rd // 2:]
+    rotated = x_rot * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+    return jnp.concatenate([rotated, x_pass], axis=-1) if rd < x.shape[-1] else rotated
+
+
+# ---- KV cache ----------------------------------------------------------------------------------
+class LayerCache(NamedTuple):
+    """Keys and values of one layer for every cache slot: k, v [B, max_len, n_kv_heads, head_dim]."""
+
+    k: Array
+    v: Array
+
+
+Cache = tuple[LayerCache, ...]
+"""A model's KV cache: one `LayerCache` per layer (a pytree: donate it, carry it in lax.scan)."""
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> Cache:
+    """Zeros for every layer; dtype defaults to the model dtype."""
+    dt = jnp.dtype(dtype or config.dtype)
+    shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
+    return tuple(LayerCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(config.num_layers))
+
+
+def attention_inputs(input_ids: Array, attention_mask: Array | None, positions: Array | None,
+                     cache: Cache | None, cache_index) -> tuple[Array, Array]:
+    """(positions [B, S] int32, mask [B, S, T] bool) for a forward pass.
+
+    Without a cache: T = S, attention_mask [B, S] (default all ones) marks real tokens, query s
+    attends key t iff t <= s and attention_mask[t]; positions default to cumsum(mask) - 1
+    clipped at 0 (left padding: the first real token is position 0).
+
+    With a cache of max_len slots: attention_mask [B, max_len] marks the cache slots holding
+    real tokens (required), the S inputs occupy slots [cache_index, cache_index + S), query s
+    attends slot t iff t <= cache_index + s and attention_mask[t]; default positions are
+    cumsum(attention_mask) - 1 clipped at 0, read at those S slots."""
+    B, S = input_ids.shape
+    if cache is None:
+        if attention_mask is None:
+            attention_mask = jnp.ones((B, S), jnp.int32)
+        if attention_mask.shape != (B, S):
+            raise ValueError(f"attention_mask has shape {attention_mask.shape}, input_ids {input_ids.shape}: "
+                             f"they must match (without a cache)")
+        q_slots = jnp.arange(S)
+        k_slots = jnp.arange(S)
+        start = 0
+    else:
+        max_len = cache[0].k.shape[1]
+        if attention_mask is None or attention_mask.shape != (B, max_len):
+            raise ValueError(f"with a cache, attention_mask must be the [B, max_len] = {(B, max_len)} "
+                             f"mask of real cache slots; got "
+                             f"{None if attention_mask is None else attention_mask.shape}")
+        if cache_index is None:
+            raise ValueError("with a cache, cache_index (the first slot to write) is required")
+        if isinstance(cache_index, int) and not 0 <= cache_index <= max_len - S:
+            raise ValueError(f"cache_index={cache_index} + {S} new tokens does not fit a cache of "
+                             f"{max_len} slots")
+        start = cache_index
+        q_slots = cache_index + jnp.arange(S)
+        k_slots = jnp.arange(max_len)
+    real = attention_mask != 0
+    if positions is None:
+        all_pos = jnp.maximum(jnp.cumsum(real.astype(jnp.int32), axis=-1) - 1, 0)
+        positions = jax.lax.dynamic_slice_in_dim(all_pos, start, S, axis=1)
+    causal = k_slots[None, :] <= q_slots[:, None]  # [S, T]
+    mask = causal[None, :, :] & real[:, None, :]
+    return positions.astype(jnp.int32), mask
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array, scale: float, cache: LayerCache | None,
+           cache_index) -> tuple[Array, LayerCache | None]:
+    """Scaled dot-product attention with grouped-query heads and an optional KV cache.
+
+    q [B, S, n_heads, D]; k, v [B, S, n_kv_heads, D] (this step's keys/values); mask [B, S, T].
+    With a cache, k and v are first written at slots [cache_index, cache_index + S) and the
+    queries attend the whole cache (T = max_len). Scores and softmax in float32; the weighted
+    sum of values in the value dtype. Returns ([B, S, n_heads * D], updated cache or None)."""
+    B, S, nh, D = q.shape
+    if cache is not None:
+        idx = jnp.asarray(cache_index, jnp.int32)
+        zero = jnp.zeros((), jnp.int32)
+        k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (zero, idx, zero, zero))
+        v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (zero, idx, zero, zero))
+        cache = LayerCache(k_all, v_all)
+        k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+    nkv = k.shape[2]
+    qg = q.reshape(B, S, nkv, nh // nkv, D)
+    scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    return out.reshape(B, S, nh * D), cache

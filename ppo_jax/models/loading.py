@@ -1,0 +1,203 @@
+"""Hugging Face checkpoints <-> Flax NNX models, without torch. Mirror: `ppo_torch/models/loading.py`.
+
+Weights are read with `safetensors` (numpy; bfloat16 via ml_dtypes), single-file or sharded
+(`model.safetensors.index.json`), and written back in the same layout with a `config.json`, so a
+JAX-trained model loads in `transformers`.
+
+Name mapping. Our module attributes carry HF's names below the top level, so a parameter path
+maps to an HF tensor name mechanically:
+  ('backbone', 'layers', 0, 'self_attn', 'q_proj', 'kernel')  <->  'model.layers.0.self_attn.q_proj.weight'
+  top level: backbone -> transformer / model / gpt_neox; lm_head -> lm_head / embed_out;
+             score_head (ScalarHeadModel) -> score
+  leaf:      kernel -> weight (transposed: HF nn.Linear is [out, in], our kernel [in, out];
+             except GPT-2's Conv1D blocks, already [in, out]); embedding, scale -> weight;
+             bias -> bias.
+Loading is strict: a parameter missing from the checkpoint, a shape mismatch or a checkpoint
+tensor nobody uses (other than known buffers) is an error naming the tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ppo_jax.models.causal_lm import TRANSPOSE_BACKBONE_KERNELS, CausalLM
+from ppo_jax.models.config import DTYPES, ModelConfig
+from ppo_jax.models.heads import PolicyWithValueHead, ScalarHeadModel
+from ppo_rlhf import hf_checkpoint as hfc
+
+PathLike = str | os.PathLike
+
+
+def dtype_name(dtype: Any) -> str:
+    """"float32" / "bfloat16" from a name, a numpy/jnp dtype or None (= "float32")."""
+    if dtype is None:
+        return "float32"
+    name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+    if name not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported: allowed {', '.join(DTYPES)}")
+    return name
+
+
+def hf_name(path: tuple, model_type: str) -> tuple[str, bool]:
+    """(HF tensor name, transpose?) of an NNX parameter path; see the module docstring."""
+    top, *mid, leaf = path
+    if top == "backbone":
+        prefix, transpose = hfc.BACKBONE_PREFIX[model_type], TRANSPOSE_BACKBONE_KERNELS[model_type]
+    elif top == "lm_head":
+        prefix, transpose = hfc.LM_HEAD_NAME[model_type], True
+    elif top == "score_head":
+        prefix, transpose = "score", True
+    else:
+        raise ValueError(f"no Hugging Face name for parameter {path}")
+    suffix = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}[leaf]
+    name = ".".join([prefix, *(str(p) for p in mid), suffix])
+    return name, transpose and leaf == "kernel"
+
+
+def _ignored(name: str, config: ModelConfig) -> bool:
+    """Checkpoint tensors that are fine to leave unused."""
+    if name.endswith(hfc.IGNORED_SUFFIXES):
+        return True
+    # a tied model's checkpoint may still store the (identical) LM head
+    return config.tie_word_embeddings and name == f"{hfc.LM_HEAD_NAME[config.model_type]}.weight"
+
+
+def _build(make: Callable[[], nnx.Module], tensors: dict[str, np.ndarray], config: ModelConfig,
+           *, where: str, allow_unused: Callable[[str], bool] = lambda n: False) -> nnx.Module:
+    """Construct `make()` abstractly (no weight is ever initialised) and fill every parameter
+    from `tensors` (HF names), cast to config.dtype."""
+    graphdef, state = nnx.split(nnx.eval_shape(make))
+    dt = jnp.dtype(config.dtype)
+    filled, missing, used = [], [], set()
+    for path, var in nnx.to_flat_state(state):
+        name, transpose = hf_name(path, config.model_type)
+        if name not in tensors:
+            missing.append(name)
+            continue
+        arr = np.asarray(tensors[name])
+        arr = arr.T if transpose else arr
+        if arr.shape != tuple(var.shape):
+            raise ValueError(f"{where}: tensor {name!r} has shape {arr.shape}"
+                             f"{' (transposed)' if transpose else ''}, the model expects {tuple(var.shape)}")
+        filled.append((path, var.replace(jnp.asarray(arr, dtype=dt))))
+        used.add(name)
+    if missing:
+        raise ValueError(f"{where}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
+                         f"for a {config.model_type} model")
+    unused = sorted(n for n in tensors if n not in used and not _ignored(n, config) and not allow_unused(n))
+    if unused:
+        raise ValueError(f"{where}: checkpoint tensor(s) {unused[:8]}{' ...' if len(unused) > 8 else ''} "
+                         f"are not used by our {config.model_type} model (unsupported variant?)")
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))
+
+
+def model_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
+    """A model's weights under their HF names, as numpy (bfloat16 as ml_dtypes.bfloat16), in HF
+    layout -- what `save_pretrained` writes. A PolicyWithValueHead gives its LM's tensors."""
+    if isinstance(model, PolicyWithValueHead):
+        model = model.lm
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name, transpose = hf_name(path, model.config.model_type)
+        arr = np.asarray(var[...])
+        out[name] = arr.T if transpose else arr
+    return out
+
+
+# ---- public API ----------------------------------------------------------------------------------
+def load_pretrained(path: PathLike, dtype: Any = "float32", *, with_value_head: bool = False,
+                    seed: int = 0) -> CausalLM | PolicyWithValueHead:
+    """A causal LM from a Hugging Face checkpoint dir (gpt2, llama, qwen2, gpt_neox).
+
+    dtype: "float32" (default) or "bfloat16" for weights and activations (logits stay float32).
+    with_value_head=True returns a `PolicyWithValueHead` (shared trunk): its value head is read
+    from <path>/value_head.safetensors when present, else drawn fresh from `seed`
+    (`ppo_rlhf.hf_checkpoint.init_score_head`, identical in both backends).
+    Errors: FileNotFoundError (no dir / config.json / weights), ValueError (unsupported
+    model_type, a scalar-head checkpoint, missing or unexpected tensors)."""
+    hf = hfc.read_config(path)
+    config = ModelConfig.from_hf(hf, dtype=dtype_name(dtype))
+    tensors = hfc.load_tensors(path)
+    lm_head = f"{hfc.LM_HEAD_NAME[config.model_type]}.weight"
+    if hfc.SCORE_NAME in tensors and lm_head not in tensors:
+        raise ValueError(f"{path}: this is a scalar-head (value / reward) checkpoint (it has "
+                         f"{hfc.SCORE_NAME}, no {lm_head}); load it with load_scalar_model")
+    lm = _build(lambda: CausalLM(config, rngs=nnx.Rngs(0)), tensors, config, where=str(path))
+    if not with_value_head:
+        return lm
+    head = hfc.load_value_head(path)
+    return PolicyWithValueHead(lm, hfc.init_score_head(config.hidden_size, seed) if head is None else head)
+
+
+def load_scalar_model(path: PathLike, dtype: Any = "float32") -> ScalarHeadModel:
+    """A value / reward model from a `*ForSequenceClassification` (num_labels=1) checkpoint dir;
+    reward_gain / reward_bias are read from config.json's "ppo_rlhf" key (default 1, 0)."""
+    hf = hfc.read_config(path)
+    config = ModelConfig.from_hf(hf, dtype=dtype_name(dtype))
+    tensors = hfc.load_tensors(path)
+    if hfc.SCORE_NAME not in tensors:
+        raise ValueError(f"{path}: no {hfc.SCORE_NAME} in the checkpoint: it is not a scalar-head "
+                         f"model; to start one from a causal LM use scalar_model_from_lm")
+    if tensors[hfc.SCORE_NAME].shape != (1, config.hidden_size):
+        raise ValueError(f"{path}: {hfc.SCORE_NAME} has shape {tensors[hfc.SCORE_NAME].shape}; a "
+                         f"scalar head needs num_labels=1, i.e. (1, {config.hidden_size})")
+    gain, bias = hfc.reward_normalisation(hf)
+    model = _build(lambda: ScalarHeadModel(config, rngs=nnx.Rngs(0)), tensors, config, where=str(path))
+    model.reward_gain, model.reward_bias = gain, bias
+    return model
+
+
+def scalar_model_from_lm(lm: PathLike | CausalLM | PolicyWithValueHead, *, seed: int = 0,
+                         dtype: Any = None, reward_gain: float = 1.0,
+                         reward_bias: float = 0.0) -> ScalarHeadModel:
+    """A value / reward model whose backbone is a copy of the causal LM `lm` (a checkpoint dir or
+    a loaded model) and whose score head is fresh: `init_score_head(hidden_size, seed)`, drawn
+    with numpy, so both backends build the same model from the same seed. dtype None keeps the
+    LM's dtype (float32 for a path)."""
+    if isinstance(lm, (CausalLM, PolicyWithValueHead)):
+        config = lm.config
+        tensors = model_tensors(lm)
+        where = "scalar_model_from_lm(<model>)"
+    else:
+        hf = hfc.read_config(lm)
+        config = ModelConfig.from_hf(hf, dtype="float32")
+        tensors = hfc.load_tensors(lm)
+        where = str(lm)
+    config = ModelConfig.from_hf(config.hf_config, dtype=config.dtype if dtype is None else dtype_name(dtype))
+    lm_head = f"{hfc.LM_HEAD_NAME[config.model_type]}.weight"
+    tensors = {k: v for k, v in tensors.items() if k not in (lm_head, hfc.SCORE_NAME)}
+    tensors[hfc.SCORE_NAME] = hfc.init_score_head(config.hidden_size, seed)
+    model = _build(lambda: ScalarHeadModel(config, rngs=nnx.Rngs(0)), tensors, config, where=where)
+    model.reward_gain, model.reward_bias = float(reward_gain), float(reward_bias)
+    return model
+
+
+def save_pretrained(model: CausalLM | ScalarHeadModel | PolicyWithValueHead, path: PathLike, *,
+                    max_shard_bytes: int | None = None) -> Path:
+    """Write `model` as a Hugging Face checkpoint dir that `transformers` loads: config.json (the
+    original HF config with architectures / dtype updated; for a ScalarHeadModel the
+    *ForSequenceClassification config with num_labels=1 and the reward gain/bias) and
+    model.safetensors, sharded with an index above `max_shard_bytes`. Weights keep the model
+    dtype. A PolicyWithValueHead also writes value_head.safetensors. Returns the path."""
+    path = Path(path)
+    config = model.config
+    hf = dict(config.hf_config)
+    if isinstance(model, ScalarHeadModel):
+        hf = hfc.scalar_config(hf, reward_gain=model.reward_gain, reward_bias=model.reward_bias)
+    else:
+        hf["architectures"] = [hfc.CAUSAL_LM_ARCH[config.model_type]]
+        for key in ("id2label", "label2id", hfc.PPO_RLHF_KEY):
+            hf.pop(key, None)
+    dtype_key = "torch_dtype" if "torch_dtype" in hf and "dtype" not in hf else "dtype"
+    hf[dtype_key] = config.dtype
+    hfc.save_tensors(path, model_tensors(model), max_shard_bytes=max_shard_bytes)
+    hfc.write_config(path, hf)
+    if isinstance(model, PolicyWithValueHead):
+        hfc.save_value_head(path, np.asarray(model.value_head.kernel[...], dtype=np.float32).T)
+    return path

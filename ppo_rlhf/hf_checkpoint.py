@@ -1,0 +1,227 @@
+"""Hugging Face checkpoint directories, backend-neutral (numpy + safetensors only).
+
+Both cores read and write the same on-disk format, the one `transformers` uses:
+
+  <dir>/config.json                     model_type, sizes, ... (+ our "ppo_rlhf" key, see below)
+  <dir>/model.safetensors               all weights in one file, or
+  <dir>/model.safetensors.index.json    {"weight_map": {name: shard file}} + the shard files
+
+Two kinds of checkpoint:
+
+* a causal LM  (`GPT2LMHeadModel`, `LlamaForCausalLM`, `Qwen2ForCausalLM`, `GPTNeoXForCausalLM`):
+  `<backbone>.*` (+ `lm_head.weight` / `embed_out.weight` unless the embeddings are tied);
+* a scalar-head model, used for BOTH the value model and the reward model: a standard
+  `*ForSequenceClassification` with `num_labels=1`: `<backbone>.*` + `score.weight` [1, H], no bias
+  (as TRL does). Its `config.json` may carry the reward normalisation set by reward-model training:
+  `"ppo_rlhf": {"reward_gain": g, "reward_bias": b}` -> score = g * head(h_last) + b.
+
+Where <backbone> is `transformer` (gpt2), `model` (llama, qwen2) or `gpt_neox` (gpt_neox).
+
+This module finds, reads and writes those files and initialises score heads (in numpy, so that the
+same seed gives the same head in both backends). It imports neither jax nor torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "gpt_neox")
+CONFIG_NAME = "config.json"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+VALUE_HEAD_NAME = "value_head.safetensors"
+"""Extra file next to a causal-LM checkpoint holding the value head of a shared-trunk policy
+(`score.weight` [1, H]); `transformers` ignores it."""
+PPO_RLHF_KEY = "ppo_rlhf"
+
+# Per architecture: prefix of the backbone weights, name of the untied LM head, HF class names.
+BACKBONE_PREFIX = {"gpt2": "transformer", "llama": "model", "qwen2": "model", "gpt_neox": "gpt_neox"}
+LM_HEAD_NAME = {"gpt2": "lm_head", "llama": "lm_head", "qwen2": "lm_head", "gpt_neox": "embed_out"}
+CAUSAL_LM_ARCH = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+                  "qwen2": "Qwen2ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
+SCALAR_ARCH = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification",
+               "qwen2": "Qwen2ForSequenceClassification",
+               "gpt_neox": "GPTNeoXForSequenceClassification"}
+SCORE_NAME = "score.weight"
+
+# Buffers that some (older) checkpoints store and no model needs.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias",
+                    ".rotary_emb.inv_freq")
+
+
+# ---- config ------------------------------------------------------------------------------------
+def check_model_type(model_type: Any, where: str = "config.json") -> str:
+    """`model_type` if supported, else ValueError listing the supported ones."""
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"unsupported model_type {model_type!r} (from {where}); supported model "
+                         f"types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    return model_type
+
+
+def checkpoint_dir(path: str | os.PathLike) -> Path:
+    """`path` as a Path, or FileNotFoundError if it is not a directory."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {str(p)!r} does not exist (expected a Hugging "
+                                f"Face model directory with {CONFIG_NAME} and {SAFE_WEIGHTS_NAME} or "
+                                f"{SAFE_WEIGHTS_INDEX_NAME})")
+    return p
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed config.json of a checkpoint dir (model_type checked)."""
+    p = checkpoint_dir(path) / CONFIG_NAME
+    if not p.is_file():
+        raise FileNotFoundError(f"{str(p)!r} not found: a Hugging Face checkpoint directory needs a "
+                                f"{CONFIG_NAME} (with a model_type among {', '.join(SUPPORTED_MODEL_TYPES)})")
+    config = json.loads(p.read_text())
+    check_model_type(config.get("model_type"), str(p))
+    return config
+
+
+def reward_normalisation(config: Mapping[str, Any]) -> tuple[float, float]:
+    """(reward_gain, reward_bias) from a config dict; (1.0, 0.0) when absent."""
+    meta = config.get(PPO_RLHF_KEY) or {}
+    return float(meta.get("reward_gain", 1.0)), float(meta.get("reward_bias", 0.0))
+
+
+def scalar_config(lm_config: Mapping[str, Any], *, reward_gain: float = 1.0,
+                  reward_bias: float = 0.0) -> dict[str, Any]:
+    """The config.json of a scalar-head (`*ForSequenceClassification`, num_labels=1) model with the
+    backbone of `lm_config`."""
+    config = dict(lm_config)
+    config["architectures"] = [SCALAR_ARCH[check_model_type(config.get("model_type"))]]
+    config["id2label"] = {"0": "LABEL_0"}
+    config["label2id"] = {"LABEL_0": 0}
+    config[PPO_RLHF_KEY] = {"reward_gain": float(reward_gain), "reward_bias": float(reward_bias)}
+    return config
+
+
+def write_config(path: str | os.PathLike, config: Mapping[str, Any]) -> None:
+    Path(path).mkdir(parents=True, exist_ok=True)
+    (Path(path) / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+# ---- weights -----------------------------------------------------------------------------------
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint: the shards named by model.safetensors.index.json,
+    or model.safetensors. FileNotFoundError naming what was expected otherwise."""
+    d = checkpoint_dir(path)
+    index = d / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = [d / f for f in dict.fromkeys(weight_map.values())]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{str(index)!r} names shard(s) that do not exist: {missing}")
+        return files
+    single = d / SAFE_WEIGHTS_NAME
+    if single.is_file():
+        return [single]
+    other = sorted(p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".msgpack", ".h5"))
+    hint = f" (found {other}: only safetensors weights are supported)" if other else ""
+    raise FileNotFoundError(f"no weights in {str(d)!r}: expected {SAFE_WEIGHTS_NAME} or "
+                            f"{SAFE_WEIGHTS_INDEX_NAME} with its shards{hint}")
+
+
+def weight_names(path: str | os.PathLike) -> list[str]:
+    """Names of all tensors of a checkpoint, read from the headers only."""
+    from safetensors import safe_open
+
+    names: list[str] = []
+    for f in weight_files(path):
+        with safe_open(str(f), framework="numpy") as fh:
+            names.extend(fh.keys())
+    return names
+
+
+def is_scalar_checkpoint(path: str | os.PathLike) -> bool:
+    """True if the checkpoint has a `score.weight` (a value / reward model)."""
+    return SCORE_NAME in weight_names(path)
+
+
+def load_tensors(path: str | os.PathLike, *, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """All tensors (or only `names`) of a checkpoint as numpy arrays in their stored dtype
+    (bfloat16 as `ml_dtypes.bfloat16`). Sharded checkpoints are read shard by shard."""
+    from safetensors import safe_open
+
+    wanted = None if names is None else set(names)
+    out: dict[str, np.ndarray] = {}
+    for f in weight_files(path):
+        with safe_open(str(f), framework="numpy") as fh:
+            for k in fh.keys():
+                if wanted is None or k in wanted:
+                    out[k] = fh.get_tensor(k)
+    return out
+
+
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], *,
+                 max_shard_bytes: int | None = None) -> list[Path]:
+    """Write `tensors` as model.safetensors, or, if they exceed `max_shard_bytes`, as
+    model-0000i-of-0000n.safetensors shards + model.safetensors.index.json (the layout
+    `transformers` writes). Stale weight files of an earlier save in `path` are removed."""
+    from safetensors.numpy import save_file
+
+    d = Path(path)
+    d.mkdir(parents=True, exist_ok=True)
+    for old in list(d.glob("model*.safetensors")) + [d / SAFE_WEIGHTS_INDEX_NAME]:
+        if old.exists():
+            old.unlink()
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for k in sorted(tensors):
+        nbytes = tensors[k].nbytes
+        if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = tensors[k]
+        size += nbytes
+    meta = {"format": "pt"}  # transformers refuses safetensors files without it
+    if len(shards) == 1:
+        save_file(shards[0], str(d / SAFE_WEIGHTS_NAME), metadata=meta)
+        return [d / SAFE_WEIGHTS_NAME]
+    files, weight_map = [], {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(d / name), metadata=meta)
+        files.append(d / name)
+        weight_map.update({k: name for k in shard})
+    index = {"metadata": {"total_size": int(sum(v.nbytes for v in tensors.values()))},
+             "weight_map": weight_map}
+    (d / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return files
+
+
+# ---- heads -------------------------------------------------------------------------------------
+def init_score_head(hidden_size: int, seed: int) -> np.ndarray:
+    """A fresh scalar head, float32 [1, hidden_size] (HF `score.weight` layout), drawn with numpy
+    so that both backends get the same weights from the same seed:
+    N(0, 1 / (hidden_size + 1)), the reward-head init of Ziegler et al. (lm-human-preferences),
+    which makes the initial output O(1) on unit-scale (layer-normed) hidden states."""
+    rng = np.random.default_rng(seed)
+    std = 1.0 / math.sqrt(hidden_size + 1)
+    return (rng.standard_normal((1, hidden_size)) * std).astype(np.float32)
+
+
+def save_value_head(path: str | os.PathLike, weight: np.ndarray) -> None:
+    """The value head of a shared-trunk policy, [1, H], as <path>/value_head.safetensors."""
+    from safetensors.numpy import save_file
+
+    Path(path).mkdir(parents=True, exist_ok=True)
+    save_file({SCORE_NAME: np.ascontiguousarray(weight)}, str(Path(path) / VALUE_HEAD_NAME),
+              metadata={"format": "pt"})
+
+
+def load_value_head(path: str | os.PathLike) -> np.ndarray | None:
+    """<path>/value_head.safetensors's `score.weight`, or None when the file does not exist."""
+    from safetensors.numpy import load_file
+
+    f = Path(path) / VALUE_HEAD_NAME
+    return load_file(str(f))[SCORE_NAME] if f.is_file() else None

@@ -1,0 +1,118 @@
+"""Scalar heads: the value / reward model (`ScalarHeadModel`) and a policy with a value head on a
+shared trunk (`PolicyWithValueHead`). Mirror: `ppo_jax/models/heads.py`.
+
+`ScalarHeadModel` wraps a `transformers` `*ForSequenceClassification` with num_labels=1 (see
+`ppo_rlhf.hf_checkpoint`): its backbone + `score` [H -> 1], no bias. We do not use HF's own
+pooling (it finds the last token from pad_token_id, which may equal EOS):
+  * values(ids, mask) -> [B, T]: the head at every position (the critic, as TRL's value model);
+  * score(ids, mask)  -> [B]: reward_gain * head(h at the last position where mask == 1)
+    + reward_bias (the reward model).
+Both in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ppo_rlhf.rewards import ScoreRequest
+from ppo_torch.models.causal_lm import CausalLM, backbone_hidden, project
+
+Tensor = torch.Tensor
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """[B, T] -> [B]: index of the last position where the mask is 1 (T - 1 for an all-zero row)."""
+    T = attention_mask.shape[-1]
+    return T - 1 - torch.argmax(torch.flip(attention_mask != 0, dims=[-1]).int(), dim=-1)
+
+
+def _ids_and_mask(input_ids: Any, attention_mask: Any, device) -> tuple[Tensor, Tensor | None]:
+    """(ids, mask) from either tensors or a ScoreRequest (prompt + response concatenated)."""
+    if isinstance(input_ids, ScoreRequest):
+        r = input_ids
+        ids = torch.cat([torch.as_tensor(r.query_ids), torch.as_tensor(r.response_ids)], dim=1)
+        mask = torch.cat([torch.as_tensor(r.query_mask), torch.as_tensor(r.response_mask)], dim=1)
+        return ids.to(device), mask.to(device)
+    ids = torch.as_tensor(input_ids, device=device)
+    return ids, None if attention_mask is None else torch.as_tensor(attention_mask, device=device)
+
+
+class ScalarHeadModel(nn.Module):
+    """A `*ForSequenceClassification` (num_labels=1) as the value model and the reward model."""
+
+    def __init__(self, hf_model: nn.Module, *, reward_gain: float = 1.0, reward_bias: float = 0.0):
+        super().__init__()
+        self.hf_model = hf_model
+        self.reward_gain = float(reward_gain)
+        self.reward_bias = float(reward_bias)
+
+    @property
+    def config(self):
+        return self.hf_model.config
+
+    def values(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+               positions: Tensor | None = None) -> Tensor:
+        """The head at every position, [B, T] float32 (no gain/bias)."""
+        hidden, _ = backbone_hidden(self.hf_model, input_ids, attention_mask, positions)
+        return project(hidden, self.hf_model.score.weight)[..., 0]
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+                positions: Tensor | None = None) -> Tensor:
+        return self.values(input_ids, attention_mask, positions=positions)
+
+    def score(self, input_ids: Tensor | ScoreRequest, attention_mask: Tensor | None = None) -> Tensor:
+        """Reward [B] float32: gain * head at the last real token + bias. Also accepts a
+        `ppo_rlhf.rewards.ScoreRequest` (prompt and response are concatenated), so a loaded
+        reward model satisfies the `RewardModel` protocol."""
+        device = self.hf_model.score.weight.device
+        ids, mask = _ids_and_mask(input_ids, attention_mask, device)
+        if mask is None:
+            mask = torch.ones(ids.shape, dtype=torch.long, device=device)
+        v = self.values(ids, mask)
+        last = torch.gather(v, 1, last_token_index(mask)[:, None])[:, 0]
+        return self.reward_gain * last + self.reward_bias
+
+
+class PolicyWithValueHead(nn.Module):
+    """A policy and its critic on one shared trunk: `lm` (a CausalLM) + `value_head` [H -> 1].
+
+    model(ids, mask) -> logits, as a CausalLM (so generation and `response_logprobs` take it
+    as is, KV cache included); model(ids, mask, return_values=True) -> (logits, values [B, T])
+    from ONE trunk pass; model.values(ids, mask) -> values. `value_head` is a [1, H] array
+    (`ppo_rlhf.hf_checkpoint.init_score_head(H, seed)` for a fresh one)."""
+
+    def __init__(self, lm: CausalLM, value_head: Any):
+        super().__init__()
+        self.lm = lm
+        hidden_size = lm.hf_model.get_output_embeddings().weight.shape[1]
+        w = np.asarray(value_head, dtype=np.float32)
+        if w.shape != (1, hidden_size):
+            raise ValueError(f"value_head must have shape (1, {hidden_size}), got {w.shape}")
+        ref = lm.hf_model.get_output_embeddings().weight
+        self.value_head = nn.Linear(hidden_size, 1, bias=False, dtype=ref.dtype, device=ref.device)
+        with torch.no_grad():
+            self.value_head.weight.copy_(torch.from_numpy(w))
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+                return_values: bool = False, positions: Tensor | None = None, cache=None,
+                use_cache: bool = False, logits_to_keep: int = 0):
+        if not return_values:
+            return self.lm(input_ids, attention_mask, positions=positions, cache=cache,
+                           use_cache=use_cache, logits_to_keep=logits_to_keep)
+        if cache is not None or use_cache or logits_to_keep:
+            raise ValueError("return_values=True computes every position without a cache")
+        hidden, _ = self.lm.hidden_states(input_ids, attention_mask, positions=positions)
+        return self.lm.logits_from_hidden(hidden), project(hidden, self.value_head.weight)[..., 0]
+
+    def values(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+               positions: Tensor | None = None) -> Tensor:
+        hidden, _ = self.lm.hidden_states(input_ids, attention_mask, positions=positions)
+        return project(hidden, self.value_head.weight)[..., 0]

@@ -1,0 +1,174 @@
+"""Hugging Face checkpoints <-> PyTorch models (via `transformers`). Mirror: `ppo_jax/models/loading.py`.
+
+The same checkpoint dirs as the JAX core (`ppo_rlhf.hf_checkpoint`): the file / model_type
+checks are shared, so both backends fail the same way (FileNotFoundError for a missing dir,
+config.json or weights; ValueError listing the supported model types). Models are loaded with
+`AutoModelForCausalLM` / `AutoModelForSequenceClassification` from the local dir only, put in
+eval mode, with dropout disabled (the JAX models have none).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import torch
+from torch import nn
+
+from ppo_rlhf import hf_checkpoint as hfc
+from ppo_torch.models.causal_lm import CausalLM
+from ppo_torch.models.heads import PolicyWithValueHead, ScalarHeadModel
+
+PathLike = str | os.PathLike
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(dtype: Any) -> torch.dtype:
+    """torch.float32 / torch.bfloat16 from a name, a torch dtype or None (= float32)."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype={dtype!r} is not supported: allowed {', '.join(DTYPES)}")
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set every dropout probability of an HF model to 0 (nn.Dropout modules and the
+    `attention_dropout` floats attention modules pass to their kernels)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+    return model
+
+
+def _check_kind(path: PathLike, *, scalar: bool) -> dict:
+    """Neutral checks before handing the dir to transformers; returns the config dict."""
+    hf = hfc.read_config(path)
+    names = set(hfc.weight_names(path))
+    lm_head = f"{hfc.LM_HEAD_NAME[hf['model_type']]}.weight"
+    if scalar and hfc.SCORE_NAME not in names:
+        raise ValueError(f"{path}: no {hfc.SCORE_NAME} in the checkpoint: it is not a scalar-head "
+                         f"model; to start one from a causal LM use scalar_model_from_lm")
+    if not scalar and hfc.SCORE_NAME in names and lm_head not in names:
+        raise ValueError(f"{path}: this is a scalar-head (value / reward) checkpoint (it has "
+                         f"{hfc.SCORE_NAME}, no {lm_head}); load it with load_scalar_model")
+    return hf
+
+
+def model_tensors(model: nn.Module) -> dict[str, np.ndarray]:
+    """A model's weights under their HF names as numpy (bfloat16 as ml_dtypes.bfloat16) --
+    what `save_pretrained` writes (a tied LM head is left out). A PolicyWithValueHead gives its
+    LM's tensors."""
+    if isinstance(model, PolicyWithValueHead):
+        model = model.lm
+    hf_model = model.hf_model
+    tied = bool(getattr(hf_model.config, "tie_word_embeddings", False))
+    lm_head = f"{hfc.LM_HEAD_NAME[hf_model.config.model_type]}.weight"
+    out = {}
+    for name, t in hf_model.state_dict().items():
+        if (tied and name == lm_head) or name.endswith(hfc.IGNORED_SUFFIXES):
+            continue
+        t = t.detach().cpu()
+        out[name] = (t.float().numpy().astype(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16
+                     else t.numpy().copy())
+    return out
+
+
+# ---- public API ----------------------------------------------------------------------------------
+def load_pretrained(path: PathLike, dtype: Any = "float32", *, with_value_head: bool = False,
+                    seed: int = 0, attn_implementation: str | None = None) -> CausalLM | PolicyWithValueHead:
+    """A causal LM from a Hugging Face checkpoint dir (gpt2, llama, qwen2, gpt_neox).
+
+    dtype: "float32" (default) or "bfloat16" for weights and activations (logits stay float32).
+    with_value_head=True returns a `PolicyWithValueHead` (shared trunk): its value head is read
+    from <path>/value_head.safetensors when present, else drawn fresh from `seed`
+    (`ppo_rlhf.hf_checkpoint.init_score_head`, identical in both backends).
+    attn_implementation: passed to transformers (None = its default, "sdpa").
+    Errors: FileNotFoundError (no dir / config.json / weights), ValueError (unsupported
+    model_type, a scalar-head checkpoint)."""
+    from transformers import AutoModelForCausalLM
+
+    _check_kind(path, scalar=False)
+    kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype),
+                                                    local_files_only=True, **kw)
+    lm = CausalLM(disable_dropout(hf_model.eval()))
+    if not with_value_head:
+        return lm
+    head = hfc.load_value_head(path)
+    hidden = hf_model.get_output_embeddings().weight.shape[1]
+    return PolicyWithValueHead(lm, hfc.init_score_head(hidden, seed) if head is None else head)
+
+
+def load_scalar_model(path: PathLike, dtype: Any = "float32", *,
+                      attn_implementation: str | None = None) -> ScalarHeadModel:
+    """A value / reward model from a `*ForSequenceClassification` (num_labels=1) checkpoint dir;
+    reward_gain / reward_bias are read from config.json's "ppo_rlhf" key (default 1, 0)."""
+    from transformers import AutoModelForSequenceClassification
+
+    hf = _check_kind(path, scalar=True)
+    kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    hf_model = AutoModelForSequenceClassification.from_pretrained(
+        str(path), dtype=torch_dtype(dtype), local_files_only=True, **kw)
+    if tuple(hf_model.score.weight.shape) != (1, hf_model.config.hidden_size):
+        raise ValueError(f"{path}: {hfc.SCORE_NAME} has shape {tuple(hf_model.score.weight.shape)}; "
+                         f"a scalar head needs num_labels=1")
+    gain, bias = hfc.reward_normalisation(hf)
+    return ScalarHeadModel(disable_dropout(hf_model.eval()), reward_gain=gain, reward_bias=bias)
+
+
+def scalar_model_from_lm(lm: PathLike | CausalLM | PolicyWithValueHead, *, seed: int = 0,
+                         dtype: Any = None, reward_gain: float = 1.0,
+                         reward_bias: float = 0.0) -> ScalarHeadModel:
+    """A value / reward model whose backbone is a copy of the causal LM `lm` (a checkpoint dir or
+    a loaded model) and whose score head is fresh: `init_score_head(hidden_size, seed)`, drawn
+    with numpy, so both backends build the same model from the same seed. dtype None keeps the
+    LM's dtype (float32 for a path)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if isinstance(lm, PolicyWithValueHead):
+        lm = lm.lm
+    if isinstance(lm, CausalLM):
+        src = lm.hf_model
+        config = AutoConfig.for_model(**src.config.to_dict())
+        config.num_labels = 1
+        dt = src.get_output_embeddings().weight.dtype if dtype is None else torch_dtype(dtype)
+        hf_model = AutoModelForSequenceClassification.from_config(config).to(
+            device=src.device, dtype=dt)
+        hf_model.base_model.load_state_dict(src.base_model.state_dict())
+    else:
+        _check_kind(lm, scalar=False)
+        hf_model = AutoModelForSequenceClassification.from_pretrained(
+            str(lm), num_labels=1, dtype=torch_dtype(dtype), local_files_only=True)
+    with torch.no_grad():
+        w = hfc.init_score_head(hf_model.config.hidden_size, seed)
+        hf_model.score.weight.copy_(torch.from_numpy(w))
+    return ScalarHeadModel(disable_dropout(hf_model.eval()), reward_gain=reward_gain,
+                           reward_bias=reward_bias)
+
+
+def save_pretrained(model: CausalLM | ScalarHeadModel | PolicyWithValueHead, path: PathLike, *,
+                    max_shard_bytes: int | None = None) -> Path:
+    """Write `model` as a Hugging Face checkpoint dir (transformers' `save_pretrained`:
+    config.json + safetensors, sharded with an index above `max_shard_bytes`). A ScalarHeadModel
+    also records its reward gain/bias under "ppo_rlhf" in config.json; a PolicyWithValueHead
+    also writes value_head.safetensors (float32). Returns the path."""
+    path = Path(path)
+    lm = model.lm if isinstance(model, PolicyWithValueHead) else model
+    hf_model = lm.hf_model
+    if isinstance(model, ScalarHeadModel):
+        setattr(hf_model.config, hfc.PPO_RLHF_KEY,
+                {"reward_gain": model.reward_gain, "reward_bias": model.reward_bias})
+    kw = {} if max_shard_bytes is None else {"max_shard_size": int(max_shard_bytes)}
+    path.mkdir(parents=True, exist_ok=True)
+    hf_model.save_pretrained(str(path), **kw)
+    if isinstance(model, PolicyWithValueHead):
+        hfc.save_value_head(path, model.value_head.weight.detach().float().cpu().numpy())
+    return path
