@@ -16,7 +16,9 @@ from ppo_rlhf import __version__
 from ppo_rlhf.errors import UsageError
 
 # (name, module, one-line help). The module's add_parser(sub) must create the sub-parser `name`.
-SUBCOMMANDS: list[tuple[str, str, str]] = []
+SUBCOMMANDS: list[tuple[str, str, str]] = [
+    ("label", "ppo_rlhf.label_tool", "label responses by hand (choose / rank / rate)"),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
