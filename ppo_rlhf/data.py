@@ -508,11 +508,12 @@ def ranking_to_pairs(rec: RankingRecord, *, ties: Ties = "drop") -> list[Pairwis
     return out
 
 
-def ratings_to_pairs(records: Iterable[RatingRecord], *, ties: Ties = "drop") -> Iterator[PairwiseRecord]:
+def ratings_to_pairs(records: Iterable[RatingRecord], *,
+                     ties: Ties = "drop") -> Iterator[PairwiseRecord]:
     """Pairs of responses to the same prompt: the higher-rated one is `chosen`. Equal ratings
     are dropped, or kept with `tie=True`. Two ratings of the same response text never make a
-    pair (there is nothing to compare). The pairs carry no `extra`. Holds all ratings in memory (grouped by prompt, in
-    first-seen order); pairs follow the order of the input within each prompt."""
+    pair (there is nothing to compare). The pairs carry no `extra`. Holds all ratings in memory
+    (grouped by prompt, in first-seen order); pairs follow the input order within each prompt."""
     _check_ties(ties)
     groups: dict[str, list[RatingRecord]] = {}
     for r in records:

@@ -18,7 +18,9 @@ Everywhere: `s` skip, `q` quit, `?` help. Invalid input re-asks with a hint; end
 
 Crash safety and resuming: each answer is appended to the out file as JSONL in one write call,
 flushed and `os.fsync`ed before the next prompt is shown, so a crash loses at most the answer
-being typed. A restarted session skips every prompt that already has a record in the out file.
+being typed. (A rate-mode answer is K lines in that one write; a crash inside it may keep the
+first of them, which is harmless: ratings stand alone.) A restarted session skips every prompt
+that already has a record in the out file.
 Skipped prompts are recorded as {"prompt", "responses"} lines in a side file next to it
 (`labels.jsonl` -> `labels.skipped.jsonl`), which keeps the out file a clean preference file;
 a restart does not ask them again unless `--redo-skipped` is given. If the last line of either
@@ -116,7 +118,7 @@ def parse_answer(text: str, mode: str, k: int, scale: int = 7) -> Answer:
             return Answer("label", "tie")
         if s in ("1", "2"):
             return Answer("label", int(s) - 1)
-        raise AnswerError(f"type 1 or 2 for the better response, t for a tie (? for help)")
+        raise AnswerError("type 1 or 2 for the better response, t for a tie (? for help)")
     if mode == "rank":
         if s in ("t", "tie"):
             return Answer("label", (tuple(range(k)),))
@@ -314,7 +316,7 @@ def run_labelling(prompts: Sequence[str], sampler: ResponseSampler,
 
     out_path = Path(out_path)
     skip_path = skip_path_for(out_path)
-    if out_path.parent and not out_path.parent.exists():
+    if not out_path.parent.exists():
         raise UsageError(f"the directory of --out {out_path} does not exist")
 
     with _FileLock(out_path):

@@ -197,6 +197,18 @@ def test_a_bad_line_in_the_middle_is_an_error_not_a_repair(tmp_path):
     assert out.read_bytes() == before
 
 
+def test_a_second_session_on_the_same_file_is_refused(tmp_path):
+    pytest.importorskip("fcntl")
+    from ppo_rlhf.label_tool import _FileLock
+
+    out = tmp_path / "o.jsonl"
+    with _FileLock(out):
+        with pytest.raises(UsageError, match="another labelling session"):
+            run(["a"], "1\n", out)
+    run(["a"], "1\n", out)  # released
+    assert [r.prompt for r in read_records(out)] == ["a"]
+
+
 def test_responses_file_sampler(tmp_path):
     path = tmp_path / "r.jsonl"
     write_records(path, [ResponsesRecord("p", ("1", "2")), ResponsesRecord("q", ("3",)),
