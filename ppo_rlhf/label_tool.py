@@ -408,8 +408,9 @@ def _ask(input: TextIO, output: TextIO, mode: str, k: int, scale: int) -> Answer
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "label", help="label responses by hand (choose / rank / rate) into a JSONL file",
-        description=__doc__.split("\n\n")[0] + " Answers are saved as they are given; rerun the "
-                    "same command to resume.",
+        description="Collect human feedback in the terminal: K responses per prompt, shown "
+                    "numbered; type your choice, ranking or ratings. Answers are saved as they "
+                    "are given; rerun the same command to resume.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="modes: choose (K=2, pick the better), rank (order K), rate (1..N each).\n"
                "formats: see ppo_rlhf/data.py and ppo_rlhf/label_tool.py.")
@@ -426,7 +427,7 @@ def add_parser(sub: Any) -> None:
                    help="generation backend for --policy (default: jax)")
     p.add_argument("--mode", choices=MODES, default="choose", help="default: choose")
     p.add_argument("--k", type=int, default=2, help="responses per prompt (default: 2)")
-    p.add_argument("--scale", type=int, default=7, help="rate mode: ratings 1..N (default: 7)")
+    p.add_argument("--scale", type=int, default=7, metavar="N", help="rate mode: ratings 1..N (default: 7)")
     p.add_argument("--max-new-tokens", type=int, default=64,
                    help="--policy: response length limit (default: 64)")
     p.add_argument("--temperature", type=float, default=1.0,
