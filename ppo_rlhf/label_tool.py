@@ -408,8 +408,8 @@ def _ask(input: TextIO, output: TextIO, mode: str, k: int, scale: int) -> Answer
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "label", help="label responses by hand (choose / rank / rate) into a JSONL file",
-        description="Collect human feedback in the terminal: K responses per prompt, shown "
-                    "numbered; type your choice, ranking or ratings. Answers are saved as they "
+        description="Collect human feedback in the terminal: K responses per prompt, shown\n"
+                    "numbered; type your choice, ranking or ratings. Answers are saved as they\n"
                     "are given; rerun the same command to resume.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="modes: choose (K=2, pick the better), rank (order K), rate (1..N each).\n"
