@@ -99,12 +99,12 @@ def load_pretrained(path: PathLike, dtype: Any = "float32", *, with_value_head: 
     kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype),
                                                     local_files_only=True, **kw)
-    lm = CausalLM(disable_dropout(hf_model.eval()))
+    lm = CausalLM(disable_dropout(hf_model)).eval()
     if not with_value_head:
         return lm
     head = hfc.load_value_head(path)
     hidden = hf_model.get_output_embeddings().weight.shape[1]
-    return PolicyWithValueHead(lm, hfc.init_score_head(hidden, seed) if head is None else head)
+    return PolicyWithValueHead(lm, hfc.init_score_head(hidden, seed) if head is None else head).eval()
 
 
 def load_scalar_model(path: PathLike, dtype: Any = "float32", *,
@@ -121,7 +121,7 @@ def load_scalar_model(path: PathLike, dtype: Any = "float32", *,
         raise ValueError(f"{path}: {hfc.SCORE_NAME} has shape {tuple(hf_model.score.weight.shape)}; "
                          f"a scalar head needs num_labels=1")
     gain, bias = hfc.reward_normalisation(hf)
-    return ScalarHeadModel(disable_dropout(hf_model.eval()), reward_gain=gain, reward_bias=bias)
+    return ScalarHeadModel(disable_dropout(hf_model), reward_gain=gain, reward_bias=bias).eval()
 
 
 def scalar_model_from_lm(lm: PathLike | CausalLM | PolicyWithValueHead, *, seed: int = 0,
@@ -150,8 +150,8 @@ def scalar_model_from_lm(lm: PathLike | CausalLM | PolicyWithValueHead, *, seed:
     with torch.no_grad():
         w = hfc.init_score_head(hf_model.config.hidden_size, seed)
         hf_model.score.weight.copy_(torch.from_numpy(w))
-    return ScalarHeadModel(disable_dropout(hf_model.eval()), reward_gain=reward_gain,
-                           reward_bias=reward_bias)
+    return ScalarHeadModel(disable_dropout(hf_model), reward_gain=reward_gain,
+                           reward_bias=reward_bias).eval()
 
 
 def save_pretrained(model: CausalLM | ScalarHeadModel | PolicyWithValueHead, path: PathLike, *,
