@@ -146,7 +146,8 @@ def is_scalar_checkpoint(path: str | os.PathLike) -> bool:
     return SCORE_NAME in weight_names(path)
 
 
-def load_tensors(path: str | os.PathLike, *, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+def load_tensors(path: str | os.PathLike, *,
+                 names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
     """All tensors (or only `names`) of a checkpoint as numpy arrays in their stored dtype
     (bfloat16 as `ml_dtypes.bfloat16`). Sharded checkpoints are read shard by shard."""
     from safetensors import safe_open

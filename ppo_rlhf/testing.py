@@ -18,9 +18,13 @@ import numpy as np
 
 from ppo_rlhf.hf_checkpoint import PPO_RLHF_KEY, SUPPORTED_MODEL_TYPES, check_model_type
 
-PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<s>", "</s>"
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
-"""Special tokens of the tiny tokenizer (trained with them first, so their ids are fixed)."""
+PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<s>", "</s>", "<unk>"
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+"""Special tokens of the tiny tokenizer (trained with them first, so their ids are fixed). The
+byte-level BPE never emits <unk>; it exists because some `transformers` tokenizer classes (e.g.
+Qwen2Tokenizer, which AutoTokenizer picks for a qwen2 checkpoint) would otherwise ADD their own
+default unk token past the model's vocabulary."""
+NUM_SPECIAL = 4
 
 TINY_CORPUS = """\
 The quick brown fox jumps over the lazy dog. A good answer is short, kind and true.
@@ -42,26 +46,28 @@ The model should be helpful, honest and harmless, and it should never be rude to
 def make_tiny_tokenizer(path: str | os.PathLike | None = None, *, vocab_size: int = 512,
                         texts: Iterable[str] | None = None) -> Any:
     """Train a byte-level BPE tokenizer offline (on `texts`, default `TINY_CORPUS`) with at most
-    `vocab_size` tokens: <pad>=0, <s>=1, </s>=2, then the 256 byte symbols (any text encodes,
-    no unknown token), then merges. Returns a `transformers` fast tokenizer with padding on the
-    LEFT (prompts are left-padded); saved to `path` when given, so that
+    `vocab_size` tokens: <pad>=0, <s>=1, </s>=2, <unk>=3, then the 256 byte symbols (any text
+    encodes; <unk> is never produced), then merges. Returns a `transformers` fast tokenizer with
+    padding on the LEFT (prompts are left-padded); saved to `path` when given, so that
     `AutoTokenizer.from_pretrained(path)` works offline."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if vocab_size < 259:
+    if vocab_size < NUM_SPECIAL + 256:
         raise ValueError(f"make_tiny_tokenizer: vocab_size={vocab_size} is too small: a byte-level "
-                         f"BPE needs 3 special tokens + 256 byte symbols = 259 at least")
+                         f"BPE needs {NUM_SPECIAL} special tokens + 256 byte symbols = "
+                         f"{NUM_SPECIAL + 256} at least")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD_TOKEN, BOS_TOKEN, EOS_TOKEN],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
+                                  special_tokens=[PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     lines = TINY_CORPUS.splitlines() if texts is None else list(texts)
     tok.train_from_iterator(lines, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN,
-                                   pad_token=PAD_TOKEN, padding_side="left")
+                                   pad_token=PAD_TOKEN, unk_token=UNK_TOKEN, padding_side="left")
     if path is not None:
         fast.save_pretrained(str(path))
     return fast
@@ -137,8 +143,9 @@ def make_tiny_checkpoint(path: str | os.PathLike, arch: str, *, vocab_size: int 
     if kind == "scalar":
         config.num_labels = 1
         if reward_gain is not None or reward_bias is not None:
-            setattr(config, PPO_RLHF_KEY, {"reward_gain": 1.0 if reward_gain is None else float(reward_gain),
-                                           "reward_bias": 0.0 if reward_bias is None else float(reward_bias)})
+            setattr(config, PPO_RLHF_KEY,
+                    {"reward_gain": 1.0 if reward_gain is None else float(reward_gain),
+                     "reward_bias": 0.0 if reward_bias is None else float(reward_bias)})
     torch.manual_seed(seed)
     auto = AutoModelForSequenceClassification if kind == "scalar" else AutoModelForCausalLM
     model = auto.from_config(config)
@@ -164,7 +171,7 @@ def make_tiny_checkpoint(path: str | os.PathLike, arch: str, *, vocab_size: int 
 
 # ---- batches -----------------------------------------------------------------------------------
 def make_padded_batch(seed: int, batch_size: int, prompt_len: int, response_len: int,
-                      vocab_size: int, *, pad_id: int = PAD_ID, min_token: int = 3,
+                      vocab_size: int, *, pad_id: int = PAD_ID, min_token: int = NUM_SPECIAL,
                       min_prompt_len: int = 1, min_response_len: int = 1
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Random (query_ids, query_mask, response_ids, response_mask), int32, in the RolloutBatch
@@ -189,5 +196,6 @@ def make_padded_batch(seed: int, batch_size: int, prompt_len: int, response_len:
 
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "TINY_CORPUS", "PAD_ID", "BOS_ID", "EOS_ID", "PAD_TOKEN",
-           "BOS_TOKEN", "EOS_TOKEN", "make_tiny_tokenizer", "tiny_hf_config",
+           "BOS_TOKEN", "EOS_TOKEN", "UNK_TOKEN", "UNK_ID", "NUM_SPECIAL", "make_tiny_tokenizer",
+           "tiny_hf_config",
            "make_tiny_checkpoint", "make_padded_batch"]

@@ -261,3 +261,28 @@ def test_errors_are_clear(tiny_checkpoint, tmp_path):
         tm.load_pretrained(tiny_checkpoint("gpt2", kind="scalar"))
     with pytest.raises(ValueError, match="scalar_model_from_lm"):
         tm.load_scalar_model(src)
+
+
+def test_tiny_tokenizer_loads_offline(tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    from ppo_rlhf.testing import BOS_ID, UNK_ID
+
+    # qwen2: AutoTokenizer picks Qwen2Tokenizer, which would add its own unk token past the vocab
+    tok = AutoTokenizer.from_pretrained(str(tiny_checkpoint("qwen2")))
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (
+        PAD_ID, BOS_ID, EOS_ID, UNK_ID)
+    assert tok.padding_side == "left" and 260 <= len(tok) <= V
+    text = "Héllo wörld! The answer is 42."
+    assert tok.decode(tok(text)["input_ids"]) == text  # byte-level: any text round-trips
+    enc = tok(["short", "a much longer prompt here"], padding=True)
+    assert enc["attention_mask"][0][0] == 0 and enc["input_ids"][0][0] == PAD_ID  # left padding
+
+
+def test_make_padded_batch_layout():
+    q, qm, r, rm = make_padded_batch(0, 5, 6, 4, V, min_prompt_len=2)
+    assert q.dtype == np.int32 and q.shape == (5, 6) and r.shape == (5, 4)
+    assert qm[0].all() and qm[1].sum() == 2 and rm[0].all() and rm[1].sum() == 1
+    for b in range(5):  # masks: contiguous suffix (prompts) / prefix (responses)
+        assert (np.diff(qm[b]) >= 0).all() and (np.diff(rm[b]) <= 0).all()
+    assert (q[qm == 0] == PAD_ID).all() and (q[qm == 1] >= 4).all() and (r[rm == 0] == PAD_ID).all()

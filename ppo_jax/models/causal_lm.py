@@ -79,8 +79,8 @@ class CausalLM(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.backbone = make_backbone(config, rngs)
-        self.lm_head = (None if config.tie_word_embeddings else
-                        linear(config.hidden_size, config.vocab_size, use_bias=False, config=config, rngs=rngs))
+        self.lm_head = None if config.tie_word_embeddings else linear(
+            config.hidden_size, config.vocab_size, use_bias=False, config=config, rngs=rngs)
 
     def hidden_states(self, input_ids: Array, attention_mask: Array | None = None, *,
                       positions: Array | None = None, cache: Cache | None = None,

@@ -20,7 +20,8 @@ from ppo_rlhf.checks import check_same_shape
 Array = jax.Array
 
 
-def _concat(fn: str, query_ids, query_mask, response_ids, response_mask) -> tuple[Array, Array, int, int]:
+def _concat(fn: str, query_ids, query_mask, response_ids,
+            response_mask) -> tuple[Array, Array, int, int]:
     check_same_shape(fn, "query_ids", query_ids.shape, query_mask=query_mask)
     check_same_shape(fn, "response_ids", response_ids.shape, response_mask=response_mask)
     if query_ids.shape[0] != response_ids.shape[0]:

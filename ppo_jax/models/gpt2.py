@@ -33,7 +33,8 @@ class GPT2Attention(nnx.Module):
             scale /= float(layer_idx + 1)
         self.scale = scale
 
-    def __call__(self, x: Array, mask: Array, cache: LayerCache | None, cache_index) -> tuple[Array, LayerCache | None]:
+    def __call__(self, x: Array, mask: Array, cache: LayerCache | None,
+                 cache_index) -> tuple[Array, LayerCache | None]:
         B, S, _ = x.shape
         q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
         shape = (B, S, self.num_heads, self.head_dim)
@@ -44,8 +45,9 @@ class GPT2Attention(nnx.Module):
 
 class GPT2MLP(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        self.c_fc = linear(config.hidden_size, config.intermediate_size, use_bias=True, config=config, rngs=rngs)
-        self.c_proj = linear(config.intermediate_size, config.hidden_size, use_bias=True, config=config, rngs=rngs)
+        h, i = config.hidden_size, config.intermediate_size
+        self.c_fc = linear(h, i, use_bias=True, config=config, rngs=rngs)
+        self.c_proj = linear(i, h, use_bias=True, config=config, rngs=rngs)
         activation(config.hidden_act)  # unsupported -> ValueError now, not at the first call
         self.hidden_act = config.hidden_act  # a name (hashable, static), not a function
 

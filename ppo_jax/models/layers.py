@@ -145,7 +145,8 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -
     """Zeros for every layer; dtype defaults to the model dtype."""
     dt = jnp.dtype(dtype or config.dtype)
     shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
-    return tuple(LayerCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(config.num_layers))
+    return tuple(LayerCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
+                 for _ in range(config.num_layers))
 
 
 def attention_inputs(input_ids: Array, attention_mask: Array | None, positions: Array | None,
@@ -165,8 +166,8 @@ def attention_inputs(input_ids: Array, attention_mask: Array | None, positions: 
         if attention_mask is None:
             attention_mask = jnp.ones((B, S), jnp.int32)
         if attention_mask.shape != (B, S):
-            raise ValueError(f"attention_mask has shape {attention_mask.shape}, input_ids {input_ids.shape}: "
-                             f"they must match (without a cache)")
+            raise ValueError(f"attention_mask has shape {attention_mask.shape}, input_ids "
+                             f"{input_ids.shape}: they must match (without a cache)")
         q_slots = jnp.arange(S)
         k_slots = jnp.arange(S)
         start = 0

@@ -69,7 +69,7 @@ def _ignored(name: str, config: ModelConfig) -> bool:
 
 
 def _build(make: Callable[[], nnx.Module], tensors: dict[str, np.ndarray], config: ModelConfig,
-           *, where: str, allow_unused: Callable[[str], bool] = lambda n: False) -> nnx.Module:
+           *, where: str) -> nnx.Module:
     """Construct `make()` abstractly (no weight is ever initialised) and fill every parameter
     from `tensors` (HF names), cast to config.dtype."""
     graphdef, state = nnx.split(nnx.eval_shape(make))
@@ -84,16 +84,17 @@ def _build(make: Callable[[], nnx.Module], tensors: dict[str, np.ndarray], confi
         arr = arr.T if transpose else arr
         if arr.shape != tuple(var.shape):
             raise ValueError(f"{where}: tensor {name!r} has shape {arr.shape}"
-                             f"{' (transposed)' if transpose else ''}, the model expects {tuple(var.shape)}")
+                             f"{' (transposed)' if transpose else ''}, the model expects "
+                             f"{tuple(var.shape)}")
         filled.append((path, var.replace(jnp.asarray(arr, dtype=dt))))
         used.add(name)
     if missing:
         raise ValueError(f"{where}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
                          f"for a {config.model_type} model")
-    unused = sorted(n for n in tensors if n not in used and not _ignored(n, config) and not allow_unused(n))
+    unused = sorted(n for n in tensors if n not in used and not _ignored(n, config))
     if unused:
-        raise ValueError(f"{where}: checkpoint tensor(s) {unused[:8]}{' ...' if len(unused) > 8 else ''} "
-                         f"are not used by our {config.model_type} model (unsupported variant?)")
+        raise ValueError(f"{where}: checkpoint tensor(s) {unused[:8]}{' ...' if len(unused) > 8 else ''}"
+                         f" are not used by our {config.model_type} model (unsupported variant?)")
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
@@ -132,7 +133,9 @@ def load_pretrained(path: PathLike, dtype: Any = "float32", *, with_value_head: 
     if not with_value_head:
         return lm
     head = hfc.load_value_head(path)
-    return PolicyWithValueHead(lm, hfc.init_score_head(config.hidden_size, seed) if head is None else head)
+    if head is None:
+        head = hfc.init_score_head(config.hidden_size, seed)
+    return PolicyWithValueHead(lm, head)
 
 
 def load_scalar_model(path: PathLike, dtype: Any = "float32") -> ScalarHeadModel:
@@ -169,7 +172,8 @@ def scalar_model_from_lm(lm: PathLike | CausalLM | PolicyWithValueHead, *, seed:
         config = ModelConfig.from_hf(hf, dtype="float32")
         tensors = hfc.load_tensors(lm)
         where = str(lm)
-    config = ModelConfig.from_hf(config.hf_config, dtype=config.dtype if dtype is None else dtype_name(dtype))
+    dtype = config.dtype if dtype is None else dtype_name(dtype)
+    config = ModelConfig.from_hf(config.hf_config, dtype=dtype)
     lm_head = f"{hfc.LM_HEAD_NAME[config.model_type]}.weight"
     tensors = {k: v for k, v in tensors.items() if k not in (lm_head, hfc.SCORE_NAME)}
     tensors[hfc.SCORE_NAME] = hfc.init_score_head(config.hidden_size, seed)
@@ -184,7 +188,7 @@ def save_pretrained(model: CausalLM | ScalarHeadModel | PolicyWithValueHead, pat
     original HF config with architectures / dtype updated; for a ScalarHeadModel the
     *ForSequenceClassification config with num_labels=1 and the reward gain/bias) and
     model.safetensors, sharded with an index above `max_shard_bytes`. Weights keep the model
-    dtype. A PolicyWithValueHead also writes value_head.safetensors. Returns the path."""
+    dtype. A PolicyWithValueHead also writes value_head.safetensors (float32). Returns the path."""
     path = Path(path)
     config = model.config
     hf = dict(config.hf_config)

@@ -19,7 +19,8 @@ from ppo_torch.losses import logprobs_from_logits, token_entropy
 Tensor = torch.Tensor
 
 
-def _concat(fn: str, query_ids, query_mask, response_ids, response_mask) -> tuple[Tensor, Tensor, int, int]:
+def _concat(fn: str, query_ids, query_mask, response_ids,
+            response_mask) -> tuple[Tensor, Tensor, int, int]:
     check_same_shape(fn, "query_ids", query_ids.shape, query_mask=query_mask)
     check_same_shape(fn, "response_ids", response_ids.shape, response_mask=response_mask)
     if query_ids.shape[0] != response_ids.shape[0]:

@@ -83,7 +83,8 @@ def model_tensors(model: nn.Module) -> dict[str, np.ndarray]:
 
 # ---- public API ----------------------------------------------------------------------------------
 def load_pretrained(path: PathLike, dtype: Any = "float32", *, with_value_head: bool = False,
-                    seed: int = 0, attn_implementation: str | None = None) -> CausalLM | PolicyWithValueHead:
+                    seed: int = 0,
+                    attn_implementation: str | None = None) -> CausalLM | PolicyWithValueHead:
     """A causal LM from a Hugging Face checkpoint dir (gpt2, llama, qwen2, gpt_neox).
 
     dtype: "float32" (default) or "bfloat16" for weights and activations (logits stay float32).
