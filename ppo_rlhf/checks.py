@@ -41,6 +41,16 @@ def check_mask_values(fn: str, mask: np.ndarray, *, allow_all_zero: bool = False
         raise ValueError(f"{fn}: mask is all zeros: there is no real token to compute over")
 
 
+def check_contiguous_rows(fn: str, mask: np.ndarray) -> None:
+    """The real tokens of each row form one contiguous block (a prefix, a suffix or a middle run)."""
+    m = (np.asarray(mask) != 0).astype(np.int8)
+    starts = (np.diff(m, axis=-1, prepend=0) == 1).sum(axis=-1)
+    bad = np.where(starts > 1)[0]
+    if bad.size:
+        raise ValueError(f"{fn}: the real tokens of each row must be one contiguous block; rows "
+                         f"{bad[:10].tolist()} have gaps")
+
+
 def check_choice(fn: str, name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{fn}: {name}={value!r} is invalid: allowed "

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from ppo_rlhf.checks import check_choice, check_leading_dim, check_same_shape
+from ppo_rlhf.checks import (check_choice, check_contiguous_rows, check_leading_dim,
+                             check_same_shape)
 from ppo_rlhf.config import KL_UNITS, PPOConfig
 from ppo_torch.losses import _bool_mask, _clean, _float, kl_penalty, masked_mean, masked_sum, whiten
 
@@ -54,10 +55,13 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: flo
     """Generalised advantage estimation (Schulman et al. 2016), a reverse loop over time:
         delta_t = r_t + gamma * V_{t+1} - V_t
         A_t     = delta_t + gamma * lam * A_{t+1}
-    where the step after the last real token is terminal (V = 0, A = 0 there). Returns
+    where the step after the last real token is terminal (V = 0, A = 0 there). The real tokens
+    of each row must be one contiguous block (checked when the mask is concrete). Returns
     (advantages, returns = advantages + values), both 0 on padding."""
     fn = "gae"
     check_same_shape(fn, "rewards", rewards.shape, values=values, mask=mask)
+    if torch.as_tensor(mask).device.type == "cpu" and not torch.compiler.is_compiling():
+        check_contiguous_rows(fn, torch.as_tensor(mask).numpy())
     mask = _bool_mask(fn, mask)
     rewards, values = _clean(rewards, mask), _clean(values, mask)
     # V_{t+1}, and whether step t+1 exists (is a real token); the step after the end is terminal.

@@ -1,0 +1,279 @@
+"""Parity of the PPO math: the same random numpy inputs go into the plain-numpy reference
+(`reference.py`), `ppo_jax` and `ppo_torch`; values AND gradients must agree -- float64 to 1e-12,
+float32 to ~1e-6 relative (see `backends.TOL`).
+
+Inputs are drawn by hypothesis: random batch sizes and lengths (rows with a single token, long
+rows), right- and left-padded masks, NaN written into every padded position (it must not leak),
+log-ratios from tiny to far outside [1 - eps, 1 + eps] on both sides, advantages of both signs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from parity_tests import reference as ref
+from parity_tests.backends import BACKENDS, assert_close, assert_stats_close, tol
+
+DTYPES = [np.float64, np.float32]
+SETTINGS = settings(max_examples=20, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+@dataclasses.dataclass
+class Batch:
+    mask: np.ndarray  # int32 0/1
+    logprobs: np.ndarray
+    old_logprobs: np.ndarray
+    advantages: np.ndarray
+    values: np.ndarray
+    old_values: np.ndarray
+    returns: np.ndarray
+    scores: np.ndarray
+
+    def astype(self, dtype) -> "Batch":
+        """Cast floats to `dtype`; NaN in every padded position (must be ignored everywhere)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            a = getattr(self, f.name)
+            if f.name == "mask":
+                out[f.name] = a
+            elif a.ndim == 2:
+                out[f.name] = np.where(self.mask == 1, a, np.nan).astype(dtype)
+            else:
+                out[f.name] = a.astype(dtype)
+        return Batch(**out)
+
+
+@st.composite
+def batches(draw, layout=None, allow_empty_rows=False):
+    # A few shapes only: each new shape costs a jit compilation; the masks inside vary freely.
+    b = draw(st.sampled_from([1, 2, 5]))
+    t = draw(st.sampled_from([1, 3, 16, 64]))
+    layout = layout or draw(st.sampled_from(["right", "left"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    lengths = rng.integers(1, t + 1, size=b)
+    lengths[rng.random(b) < 0.25] = 1  # single-token rows are common at EOS-heavy batches
+    if allow_empty_rows and b > 1:
+        lengths[rng.random(b) < 0.2] = 0
+        lengths[rng.integers(b)] = max(1, lengths.max())
+    pos = np.arange(t)[None, :]
+    mask = (pos < lengths[:, None]) if layout == "right" else (pos >= t - lengths[:, None])
+    # log-ratio scale: near 1 (inside the band), moderate, or far outside on both sides
+    scale = draw(st.sampled_from([0.01, 0.3, 2.0]))
+    logprobs = -rng.exponential(2.0, size=(b, t))
+    old_logprobs = logprobs + rng.normal(0.0, scale, size=(b, t))
+    values = rng.normal(size=(b, t))
+    return Batch(
+        mask=mask.astype(np.int32),
+        logprobs=logprobs,
+        old_logprobs=old_logprobs,
+        advantages=rng.normal(size=(b, t)) * draw(st.sampled_from([0.1, 1.0, 10.0])),
+        values=values,
+        old_values=values + rng.normal(0.0, scale, size=(b, t)),
+        returns=rng.normal(size=(b, t)),
+        scores=rng.normal(size=b),
+    )
+
+
+POLICY_OPTIONS = [
+    dict(kind="pg"),
+    dict(kind="is"),
+    dict(kind="clip"),
+    dict(kind="clip", clip_eps=0.1),
+    dict(kind="clip", clip_eps=0.2, clip_eps_high=0.28),
+    dict(kind="clip", dual_clip=3.0),
+    dict(kind="clip", clip_eps_high=0.3, dual_clip=2.0, loss_agg="seq-mean-token-mean"),
+    dict(kind="pg", loss_agg="seq-mean-token-mean"),
+    dict(kind="is", loss_agg="seq-mean-token-mean"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("opts", POLICY_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@SETTINGS
+@given(data=batches(allow_empty_rows=True))
+def test_policy_loss(dtype, opts, data):
+    d = data.astype(dtype)
+    ref_in = [np.nan_to_num(a.astype(np.float64)) for a in (d.logprobs, d.old_logprobs, d.advantages)]
+    want_loss, want_grad, want_stats = ref.policy_loss(*ref_in, data.mask, **opts)
+    for backend in BACKENDS:
+        loss, grad, stats = backend.value_and_grad("policy_loss", "losses", 0, d.logprobs,
+                                                   d.old_logprobs, d.advantages, data.mask, **opts)
+        what = f"{backend.name} {opts} {np.dtype(dtype).name}"
+        assert loss.dtype == dtype, what
+        assert_close(loss, want_loss, dtype, what + " loss")
+        assert_close(grad, want_grad, dtype, what + " d loss / d logprobs")
+        assert_stats_close(stats, want_stats, dtype, what)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("opts", [dict(), dict(clip_eps=0.05), dict(clip_eps=None),
+                                  dict(loss_agg="seq-mean-token-mean")],
+                         ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "default")
+@SETTINGS
+@given(data=batches(allow_empty_rows=True))
+def test_value_loss(dtype, opts, data):
+    d = data.astype(dtype)
+    ref_in = [np.nan_to_num(a.astype(np.float64)) for a in (d.values, d.old_values, d.returns)]
+    want_loss, want_grad, want_stats = ref.value_loss(*ref_in, data.mask, **opts)
+    for backend in BACKENDS:
+        loss, grad, stats = backend.value_and_grad("value_loss", "losses", 0, d.values,
+                                                   d.old_values, d.returns, data.mask, **opts)
+        what = f"{backend.name} {opts} {np.dtype(dtype).name}"
+        assert_close(loss, want_loss, dtype, what + " loss")
+        assert_close(grad, want_grad, dtype, what + " d loss / d values")
+        if np.isnan(want_stats["explained_variance"]):  # Var(R) = 0, e.g. a single real token
+            assert np.isnan(stats["explained_variance"]), what
+            stats = {k: v for k, v in stats.items() if k != "explained_variance"}
+            assert_stats_close(stats, {k: v for k, v in want_stats.items() if k != "explained_variance"}, dtype, what)
+        else:
+            assert_stats_close(stats, want_stats, dtype, what)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+@SETTINGS
+@given(data=batches())
+def test_kl_penalty_and_shape_rewards(dtype, kind, data):
+    d = data.astype(dtype)
+    lp, ref_lp = np.nan_to_num(d.logprobs.astype(np.float64)), np.nan_to_num(d.old_logprobs.astype(np.float64))
+    want_kl = ref.kl_penalty(lp, ref_lp, kind) * data.mask
+    want_rewards, _ = ref.shape_rewards(d.scores.astype(np.float64), lp, ref_lp, data.mask, 0.07, kind)
+    # d KL / d log p, by hand: k1 -> 1, k2 -> d, k3 -> 1 - exp(-d)  (d = log p - log q)
+    diff = lp - ref_lp
+    want_grad = {"k1": np.ones_like(diff), "k2": diff, "k3": 1 - np.exp(-diff)}[kind] * data.mask
+    for backend in BACKENDS:
+        what = f"{backend.name} {kind} {np.dtype(dtype).name}"
+        kl = backend.call("kl_penalty", "losses", d.logprobs, d.old_logprobs, kind=kind, mask=data.mask)
+        assert_close(kl, want_kl, dtype, what + " kl")
+        rewards, kl2 = backend.call("shape_rewards", "advantages", d.scores, d.logprobs,
+                                    d.old_logprobs, data.mask, 0.07, kl_estimator=kind)
+        assert_close(rewards, want_rewards, dtype, what + " shaped rewards")
+        assert_close(kl2, want_kl, dtype, what + " kl from shape_rewards")
+        # gradient of sum_t KL_t w.r.t. the policy log-probs
+        _, grad, _ = backend.value_and_grad("kl_penalty", "losses", 0, d.logprobs, d.old_logprobs,
+                                            kind=kind, mask=data.mask, weights=np.ones_like(d.logprobs))
+        assert_close(grad, want_grad, dtype, what + " d sum(KL) / d logprobs")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["right", "left"])
+@SETTINGS
+@given(data=batches(), gamma=st.sampled_from([1.0, 0.99, 0.5, 0.0]), lam=st.sampled_from([1.0, 0.95, 0.5, 0.0]))
+def test_gae(dtype, layout, data, gamma, lam):
+    if layout == "left":  # the same rows, real tokens moved to the end of each row
+        t = data.mask.shape[1]
+        lengths = data.mask.sum(1)
+        mask = (np.arange(t)[None] >= t - lengths[:, None]).astype(np.int32)
+        data = dataclasses.replace(data, mask=mask)
+    d = data.astype(dtype)
+    rewards = d.advantages  # any numbers will do as rewards
+    want_adv, want_ret = ref.gae(np.nan_to_num(rewards.astype(np.float64)),
+                                 np.nan_to_num(d.values.astype(np.float64)), data.mask, gamma, lam)
+    weights = np.random.default_rng(0).normal(size=data.mask.shape).astype(dtype)
+    grads = []
+    for backend in BACKENDS:
+        what = f"{backend.name} gamma={gamma} lam={lam} {np.dtype(dtype).name}"
+        adv, ret = backend.call("gae", "advantages", rewards, d.values, data.mask, gamma=gamma, lam=lam)
+        assert_close(adv, want_adv, dtype, what + " advantages")
+        assert_close(ret, want_ret, dtype, what + " returns")
+        _, g, _ = backend.value_and_grad("gae", "advantages", 1, rewards, d.values, data.mask,
+                                         output=0, weights=weights, gamma=gamma, lam=lam)
+        assert np.all(np.isfinite(g)), what
+        grads.append(g)
+    # GAE is linear in the values: both backends' gradients of sum(w * A) must agree.
+    assert_close(grads[0], grads[1], dtype, "d sum(w * A) / d values: jax vs torch")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shift_mean", [True, False])
+@pytest.mark.parametrize("unbiased", [False, True])
+@SETTINGS
+@given(data=batches())
+def test_whiten_mean_var(dtype, shift_mean, unbiased, data):
+    d = data.astype(dtype)
+    x = d.advantages
+    x64 = np.nan_to_num(x.astype(np.float64))
+    if unbiased and data.mask.sum() < 2:
+        return  # unbiased variance of one token is undefined (an error; tested in test_math_bad_input)
+    want = ref.whiten(x64, data.mask, shift_mean, unbiased)
+    grads = []
+    for backend in BACKENDS:
+        what = f"{backend.name} shift_mean={shift_mean} unbiased={unbiased}"
+        assert_close(backend.call("whiten", "losses", x, data.mask, shift_mean=shift_mean,
+                                  unbiased=unbiased), want, dtype, what)
+        assert_close(backend.call("masked_mean", "losses", x, data.mask), ref.masked_mean(x64, data.mask), dtype, what)
+        assert_close(backend.call("masked_var", "losses", x, data.mask, unbiased=unbiased),
+                     ref.masked_var(x64, data.mask, unbiased), dtype, what)
+        weights = np.random.default_rng(1).normal(size=x.shape).astype(dtype)
+        _, g, _ = backend.value_and_grad("whiten", "losses", 0, x, data.mask, weights=weights,
+                                         shift_mean=shift_mean, unbiased=unbiased)
+        grads.append(g)
+    # d whiten(x)_i / dx_j = (delta_ij - 1/n) / sigma - (x_i - m)(x_j - m) / (n sigma^3): terms of
+    # size ~1/sigma that cancel (exactly, for n = 2), so the rounding error of the sum scales with
+    # sum|w| / sigma, not with the (possibly tiny) result. Tolerance relative to that scale.
+    sigma = np.sqrt(ref.masked_var(x64, data.mask, unbiased) + 1e-8)
+    scale = np.abs(weights).sum() / sigma
+    np.testing.assert_allclose(grads[0], grads[1], rtol=0, atol=scale * tol(dtype)["rtol"],
+                               err_msg="d sum(w * whiten(x)) / dx: jax vs torch")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**32 - 1), shape=st.sampled_from([(1, 1, 5), (2, 3, 11), (3, 8, 64)]))
+def test_logprobs_and_entropy(dtype, temperature, seed, shape):
+    rng = np.random.default_rng(seed)
+    logits = (rng.normal(size=shape) * 3).astype(dtype)
+    labels = rng.integers(0, shape[-1], size=shape[:-1]).astype(np.int32)
+    mask = np.ones(shape[:-1], dtype=np.int32)
+    mask[0, -1] = 0 if shape[1] > 1 else 1
+    want_lp = ref.logprobs_from_logits(logits.astype(np.float64), labels, temperature)
+    want_h = ref.token_entropy(logits.astype(np.float64), temperature)
+    grads = []
+    for backend in BACKENDS:
+        what = f"{backend.name} T={temperature}"
+        assert_close(backend.call("logprobs_from_logits", "losses", logits, labels, temperature=temperature), want_lp, dtype, what)
+        assert_close(backend.call("token_entropy", "losses", logits, temperature=temperature), want_h, dtype, what)
+        assert_close(backend.call("entropy", "losses", logits, mask, temperature=temperature),
+                     ref.masked_mean(want_h, mask), dtype, what)
+        _, g, _ = backend.value_and_grad("entropy", "losses", 0, logits, mask, temperature=temperature)
+        grads.append(g)
+    assert_close(grads[0], grads[1], dtype, "d entropy / d logits: jax vs torch")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("units", ["seq-sum", "token-mean"])
+@SETTINGS
+@given(data=batches(), kl_coef=st.floats(0.001, 1.0), n=st.integers(1, 512))
+def test_kl_controller(dtype, units, data, kl_coef, n):
+    d = data.astype(dtype)
+    kl = np.nan_to_num(d.logprobs.astype(np.float64) - d.old_logprobs.astype(np.float64)) * data.mask
+    want_kl = (kl.sum(1).mean() if units == "seq-sum" else ref.masked_mean(kl, data.mask))
+    for backend in BACKENDS:
+        got_kl = backend.call("kl_for_controller", "advantages", np.where(data.mask == 1, kl, np.nan).astype(dtype),
+                              data.mask, units=units)
+        assert_close(got_kl, want_kl, dtype, f"{backend.name} kl_for_controller {units}")
+        for target in (0.5, 6.0):
+            got = backend.call("adaptive_kl_update", "advantages", np.asarray(kl_coef, dtype),
+                               np.asarray(want_kl, dtype), n, target=target, horizon=1000)
+            assert_close(got, ref.adaptive_kl_update(float(np.asarray(kl_coef, dtype)),
+                                                     float(np.asarray(want_kl, dtype)), n, target, 1000),
+                         dtype, f"{backend.name} adaptive_kl_update")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+@SETTINGS
+@given(data=batches(allow_empty_rows=True))
+def test_aggregate_loss(dtype, loss_agg, data):
+    d = data.astype(dtype)
+    want = ref.aggregate(np.nan_to_num(d.returns.astype(np.float64)), data.mask, loss_agg)
+    for backend in BACKENDS:
+        assert_close(backend.call("aggregate_loss", "losses", d.returns, data.mask, loss_agg=loss_agg),
+                     want, dtype, f"{backend.name} {loss_agg}")
