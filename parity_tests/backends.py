@@ -62,6 +62,14 @@ class JaxBackend:
             jitted = _jit(fn, static_kw, lambda *a, **k: fn(*a, **k, **static_kw))
             return _np(jitted(*[jnp.asarray(a) for a in arrays], **{k: jnp.asarray(v) for k, v in arr_kw.items()}))
 
+    def call_eager(self, fn_name: str, module: str, *arrays: np.ndarray, **kw: Any) -> Any:
+        """Like `call`, outside jit: concrete inputs, so mask values are checked too."""
+        fn = getattr(jl if module == "losses" else jadv, fn_name)
+        dtype = next((a.dtype for a in arrays if np.issubdtype(a.dtype, np.floating)), np.float32)
+        with _x64(dtype):
+            return _np(fn(*[jnp.asarray(a) for a in arrays],
+                          **{k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}))
+
     def value_and_grad(self, fn_name: str, module: str, wrt: int, *arrays: np.ndarray,
                        output: int | None = None, weights: np.ndarray | None = None,
                        **kw: Any) -> tuple[Any, np.ndarray, Any]:
@@ -93,24 +101,34 @@ class JaxBackend:
             return _np(val), _np(grad), _np(aux)
 
 
+def _torch(a: Any) -> torch.Tensor:
+    """numpy (any rank, 0-d included) -> a torch tensor of the same dtype and shape."""
+    return torch.from_numpy(np.array(a, copy=True))
+
+
 class TorchBackend:
     name = "torch"
 
+    def call_eager(self, *a: Any, **kw: Any) -> Any:
+        return self.call(*a, **kw)
+
     def call(self, fn_name: str, module: str, *arrays: np.ndarray, **kw: Any) -> Any:
         fn = getattr(tl if module == "losses" else tadv, fn_name)
-        return _np(fn(*[torch.from_numpy(np.ascontiguousarray(a)) for a in arrays], **kw))
+        return _np(fn(*[_torch(a) for a in arrays], **{k: _torch(v) if isinstance(v, np.ndarray) else v
+                                                      for k, v in kw.items()}))
 
     def value_and_grad(self, fn_name: str, module: str, wrt: int, *arrays: np.ndarray,
                        output: int | None = None, weights: np.ndarray | None = None,
                        **kw: Any) -> tuple[Any, np.ndarray, Any]:
         fn = getattr(tl if module == "losses" else tadv, fn_name)
-        args = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+        args = [_torch(a) for a in arrays]
+        kw = {k: _torch(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
         args[wrt] = args[wrt].clone().requires_grad_(True)
         out = fn(*args, **kw)
         if output is not None:
             out = out[output]
         if output is not None or weights is not None:
-            w = torch.ones_like(out) if weights is None else torch.from_numpy(np.ascontiguousarray(weights))
+            w = torch.ones_like(out) if weights is None else _torch(weights)
             val, aux = (out * w).sum(), None
         else:
             val, aux = out if isinstance(out, tuple) else (out, None)

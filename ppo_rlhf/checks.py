@@ -36,7 +36,7 @@ def check_mask_values(fn: str, mask: np.ndarray, *, allow_all_zero: bool = False
         bad = (mask != 0) & (mask != 1)
         if bad.any():
             where = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(f"{fn}: mask must hold only 0/1, found {mask[where]!r} at {where}")
+            raise ValueError(f"{fn}: mask must hold only 0/1, found {mask[where].item()!r} at {where}")
     if not allow_all_zero and not mask.any():
         raise ValueError(f"{fn}: mask is all zeros: there is no real token to compute over")
 

@@ -43,8 +43,10 @@ def _check_range(name: str, value: Any, lo: float | None, hi: float | None, *,
         allowed = "an integer in " + allowed
         if isinstance(value, bool) or not isinstance(value, int):
             _fail(name, value, allowed)
-    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        _fail(name, value, "a finite number in " + allowed)
+    else:
+        allowed = "a finite number in " + allowed
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            _fail(name, value, allowed)
     if lo is not None and (value < lo or (lo_open and value == lo)):
         _fail(name, value, allowed)
     if hi is not None and (value > hi or (hi_open and value == hi)):

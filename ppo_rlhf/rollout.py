@@ -54,7 +54,7 @@ def check_mask(name: str, mask: np.ndarray, *, layout: str | None = None,
         raise ValueError(f"{name} must be 2-D [batch, time], got shape {m.shape}")
     if m.dtype != np.bool_ and not np.all((m == 0) | (m == 1)):
         bad = np.argwhere((m != 0) & (m != 1))[0]
-        raise ValueError(f"{name} must hold only 0/1; found {m[tuple(bad)]!r} at {tuple(int(i) for i in bad)}")
+        raise ValueError(f"{name} must hold only 0/1; found {m[tuple(bad)].item()!r} at {tuple(int(i) for i in bad)}")
     m = m.astype(np.int32)
     if nonempty:
         empty = np.where(m.sum(axis=1) == 0)[0]
