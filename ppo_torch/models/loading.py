@@ -63,9 +63,10 @@ def _check_kind(path: PathLike, *, scalar: bool) -> dict:
 
 
 def model_tensors(model: nn.Module) -> dict[str, np.ndarray]:
-    """A model's weights under their HF names as numpy (bfloat16 as ml_dtypes.bfloat16) --
-    what `save_pretrained` writes (a tied LM head is left out). A PolicyWithValueHead gives its
-    LM's tensors."""
+    """A model's weights under their on-disk HF names as numpy (bfloat16 as ml_dtypes.bfloat16)
+    -- what `save_pretrained` writes: a tied LM head is left out, and the untied one takes its
+    checkpoint name (transformers 5 calls GPT-NeoX's `embed_out` `lm_head` in memory and converts
+    it back on save). A PolicyWithValueHead gives its LM's tensors."""
     if isinstance(model, PolicyWithValueHead):
         model = model.lm
     hf_model = model.hf_model
@@ -73,8 +74,12 @@ def model_tensors(model: nn.Module) -> dict[str, np.ndarray]:
     lm_head = f"{hfc.LM_HEAD_NAME[hf_model.config.model_type]}.weight"
     out = {}
     for name, t in hf_model.state_dict().items():
-        if (tied and name == lm_head) or name.endswith(hfc.IGNORED_SUFFIXES):
+        if name.endswith(hfc.IGNORED_SUFFIXES):
             continue
+        if isinstance(model, CausalLM) and name in ("lm_head.weight", lm_head):
+            if tied:
+                continue
+            name = lm_head
         t = t.detach().cpu()
         out[name] = (t.float().numpy().astype(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16
                      else t.numpy().copy())
