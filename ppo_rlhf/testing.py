@@ -128,7 +128,8 @@ def make_tiny_checkpoint(path: str | os.PathLike, arch: str, *, vocab_size: int 
     test: HF's init (std 0.1 here) leaves norm weights at 1 and biases at 0, where a loader that
     mixed them up would go unnoticed; we add N(0, 0.1) noise to every 1-D parameter. The tokenizer
     (`make_tiny_tokenizer`, at most `vocab_size` tokens) is saved alongside unless
-    `with_tokenizer=False`. `shard=True` saves ~3 safetensors shards + model.safetensors.index.json."""
+    `with_tokenizer=False`. `shard=True` saves several (3-4) safetensors shards +
+    model.safetensors.index.json."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 

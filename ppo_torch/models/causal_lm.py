@@ -3,8 +3,8 @@
     logits = model(input_ids, attention_mask=mask)           # [B, T] -> [B, T, V] float32
 
 `mask` [B, T] is 1 on real tokens (default: all ones); positions come from the mask,
-cumsum(mask) - 1 clipped at 0, so left-padded prompts start at position 0 (HF's own default is
-0..T-1 regardless of padding); pass `positions` to override. The LM head runs in float32 on
+cumsum(mask) - 1 clipped at 0, so left-padded prompts start at position 0 (HF's default
+positions, 0..T-1, ignore padding); pass `positions` to override. The LM head runs in float32 on
 the backbone's hidden states (bfloat16 models: bf16 activations, float32 logits -- the same
 arithmetic as the JAX core, where HF would round the logits to bf16).
 

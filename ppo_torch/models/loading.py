@@ -138,6 +138,7 @@ def scalar_model_from_lm(lm: PathLike | CausalLM | PolicyWithValueHead, *, seed:
     with numpy, so both backends build the same model from the same seed. dtype None keeps the
     LM's dtype (float32 for a path)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
     if isinstance(lm, PolicyWithValueHead):
         lm = lm.lm
@@ -151,8 +152,15 @@ def scalar_model_from_lm(lm: PathLike | CausalLM | PolicyWithValueHead, *, seed:
         hf_model.base_model.load_state_dict(src.base_model.state_dict())
     else:
         _check_kind(lm, scalar=False)
-        hf_model = AutoModelForSequenceClassification.from_pretrained(
-            str(lm), num_labels=1, dtype=torch_dtype(dtype), local_files_only=True)
+        # transformers reports score.weight as "MISSING, newly initialized" and the LM head as
+        # "UNEXPECTED": both expected here (the head is replaced just below), so keep it quiet
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            hf_model = AutoModelForSequenceClassification.from_pretrained(
+                str(lm), num_labels=1, dtype=torch_dtype(dtype), local_files_only=True)
+        finally:
+            hf_logging.set_verbosity(verbosity)
     with torch.no_grad():
         w = hfc.init_score_head(hf_model.config.hidden_size, seed)
         hf_model.score.weight.copy_(torch.from_numpy(w))
