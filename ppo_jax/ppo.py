@@ -1,0 +1,421 @@
+"""PPO-RLHF in JAX: one iteration, top to bottom, and a trainer you drive in ten lines.
+Mirror: `ppo_torch/ppo.py` (diff them: same steps, same names, same stats).
+
+    trainer = PPOTrainer(policy="sft/", reward="rm/", prompts="prompts.txt",
+                         config=PPOConfig(num_iterations=50), out_dir="runs/ppo")
+    trainer.train()
+
+One iteration (`PPOTrainer.step`):
+  1. prompts -> left-padded token ids                                      (host, loop.py)
+  2. generate responses with the policy (KV cache, jit)                    `generate`
+  3. log-probs of policy and reference (logits / temperature), values of
+     the critic, scores of the reward; missing-EOS penalty                 `_rollout_forward`
+  4. per-token rewards -beta*KL + score on the last token -> GAE ->
+     returns (before whitening) -> whitened advantages                     `_advantages`
+  5. K epochs x M minibatches (x A micro-batches) of clipped policy and
+     value updates, all in ONE jit-compiled `lax.scan`; a step whose loss
+     or gradient is not finite is skipped (params and optimiser unchanged) `_update`
+  6. adaptive KL controller update; stats                                  (host)
+
+Randomness: sampling keys, prompt order and minibatch permutations are pure functions of
+(config.seed, iteration) (`ppo_rlhf.loop`), so a resumed run repeats an uninterrupted one exactly
+and the PyTorch trainer processes the same minibatches in the same order. Static shapes
+(prompt length = config.max_prompt_len, response length = config.max_new_tokens, fixed batch)
+mean nothing recompiles after the first iteration.
+
+Implementation details, each a config field (see `ppo_rlhf.config.PPOConfig`): the reference is
+a frozen copy of the initial policy; log-probs are recomputed with a full forward pass after
+sampling (not taken from the sampler, so the first minibatch step starts at ratio == 1 exactly);
+the critic is separate (initialised from the reward model when one is given, as TRL) unless the
+policy is a `PolicyWithValueHead` (shared trunk); policy and critic are one parameter tree with
+one AdamW and one global-norm gradient clip over both (as TRL's PolicyAndValueWrapper).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from ppo_jax.advantages import gae, kl_for_controller, make_kl_controller, shape_rewards, whiten
+from ppo_jax.generate import generate
+from ppo_jax.losses import aggregate_loss, masked_mean, policy_loss, value_loss
+from ppo_jax.models import (CausalLM, PolicyWithValueHead, ScalarHeadModel, load_pretrained,
+                            load_scalar_model, response_logprobs, response_logprobs_and_values,
+                            response_values, scalar_model_from_lm, sequence_scores)
+from ppo_rlhf import loop
+from ppo_rlhf.config import PPOConfig
+from ppo_rlhf.rewards import RewardModel, ScoreRequest, as_reward_model, check_scores
+from ppo_rlhf.rollout import RolloutBatch
+from ppo_rlhf.trainer_common import TrainerBase, resolve_reward_spec
+
+Array = jax.Array
+
+
+# ---- small pure helpers --------------------------------------------------------------------------
+def clip_by_global_norm(grads: Any, max_norm: float | None) -> tuple[Any, Array]:
+    """Scale gradients by min(1, max_norm / (norm + 1e-6)) -- torch.nn.utils.clip_grad_norm_'s
+    formula exactly (optax's clip_by_global_norm has no 1e-6), so both backends step alike.
+    Returns (clipped grads, global norm before clipping)."""
+    norm = optax.global_norm(grads)
+    if max_norm is None:
+        return grads, norm
+    scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), grads), norm
+
+
+def make_optimizer(config: PPOConfig) -> optax.GradientTransformation:
+    """AdamW with torch.optim.AdamW's semantics: bias-corrected moments, eps added to sqrt(v_hat)
+    (eps_root = 0), decoupled weight decay lr * wd * param applied to every parameter."""
+    return optax.adamw(config.learning_rate, b1=0.9, b2=0.999, eps=config.adam_eps, eps_root=0.0,
+                       weight_decay=config.weight_decay)
+
+
+def microbatch_weight(mask: Array, loss_agg: str, total: Array) -> Array:
+    """A micro-batch's share of its minibatch's loss, so that summing micro-batch losses gives
+    exactly the minibatch loss: its real tokens (token-mean) or its non-empty sequences
+    (seq-mean-token-mean) over the minibatch's."""
+    return _agg_count(mask, loss_agg) / total
+
+
+def _agg_count(mask: Array, loss_agg: str) -> Array:
+    real = mask != 0
+    n = jnp.sum(real) if loss_agg == "token-mean" else jnp.sum(jnp.any(real, axis=-1))
+    return n.astype(jnp.float32)
+
+
+# Stats of one optimiser step: weighted means over micro-batches, except these.
+_MAX_STATS, _MIN_STATS = ("val/ratio_max",), ("val/ratio_min",)
+
+
+class PPOTrainer(TrainerBase):
+    """PPO-RLHF trainer (JAX). See the module docstring; arguments:
+
+    policy     -- checkpoint dir, or a `CausalLM` / `PolicyWithValueHead` (shared-trunk critic).
+    reward     -- reward model dir or `ScalarHeadModel` (scored on device), or any
+                  `ppo_rlhf.RewardModel` / `RewardFn` (scored on the host, from text and ids).
+    prompts    -- list of strings or a prompt file (JSONL or text); optional if you call `step`
+                  with your own prompts.
+    config     -- `PPOConfig`.
+    reference  -- dir or `CausalLM`; default: a frozen copy of the initial policy.
+    critic     -- dir or `ScalarHeadModel`; default: the reward model's weights when the reward is
+                  a model (TRL), else the policy's backbone with a fresh head (seeded).
+    tokenizer  -- a `transformers` tokenizer or its dir; default: the policy dir's.
+    out_dir    -- run directory for metrics.jsonl, checkpoints and the final policy.
+    extra_rewards -- {name: RewardFn} scored on every rollout and logged as objective/<name>
+                  (e.g. a gold reward, to watch over-optimisation); not trained on.
+    dtype      -- "float32" or "bfloat16" weights (the math stays float32).
+    """
+
+    backend = "jax"
+
+    def __init__(self, policy: Any, reward: Any, prompts: Any = None, *,
+                 config: PPOConfig = PPOConfig(), reference: Any = None, critic: Any = None,
+                 tokenizer: Any = None, out_dir: str | os.PathLike | None = None,
+                 extra_rewards: Mapping[str, Callable] | None = None, dtype: Any = "float32",
+                 eos_token_id: int | None = -1, pad_token_id: int | None = None,
+                 checkpoint_every: int = 0, keep_checkpoints: int = 2):
+        super().__init__(policy, prompts, config=config, tokenizer=tokenizer, out_dir=out_dir,
+                         extra_rewards=extra_rewards, eos_token_id=eos_token_id,
+                         pad_token_id=pad_token_id, checkpoint_every=checkpoint_every,
+                         keep_checkpoints=keep_checkpoints)
+        cfg = self.config
+        # --- roles: actor (+ shared critic), reference, critic, reward --------------------------
+        policy_model = self._load_policy(policy, dtype)
+        self.shared_trunk = isinstance(policy_model, PolicyWithValueHead)
+        ref_model = (load_pretrained(reference, dtype) if isinstance(reference, (str, os.PathLike))
+                     else reference if reference is not None
+                     else self._frozen_copy(policy_model.lm if self.shared_trunk else policy_model))
+        reward_kind, reward_obj = resolve_reward_spec(reward, ScalarHeadModel)
+        self.native_reward = None
+        self.host_reward: RewardModel | None = None
+        if reward_kind == "dir":
+            self.native_reward = load_scalar_model(reward_obj, dtype)
+        elif reward_kind == "native":
+            self.native_reward = reward_obj
+        else:
+            self.host_reward = as_reward_model(reward_obj)
+        critic_model = None
+        if not self.shared_trunk:
+            if isinstance(critic, (str, os.PathLike)):
+                critic_model = load_scalar_model(critic, dtype)
+            elif critic is not None:
+                critic_model = critic
+            elif self.native_reward is not None:
+                critic_model = self._frozen_copy(self.native_reward)
+                critic_model.reward_gain, critic_model.reward_bias = 1.0, 0.0
+            else:
+                critic_model = scalar_model_from_lm(policy_model, seed=cfg.seed)
+        self._check_vocab(policy_model, ref_model, critic_model, self.native_reward)
+
+        # --- pure state: graphdefs are static, params are pytrees -----------------------------
+        self._policy_def, policy_params, self._policy_rest = nnx.split(policy_model, nnx.Param, ...)
+        self._ref_def, self._ref_params, self._ref_rest = nnx.split(ref_model, nnx.Param, ...)
+        self.params = {"policy": policy_params}
+        if critic_model is not None:
+            self._critic_def, self.params["critic"], self._critic_rest = nnx.split(critic_model, nnx.Param, ...)
+        if self.native_reward is not None:
+            self._rm_def, self._rm_params, self._rm_rest = nnx.split(self.native_reward, nnx.Param, ...)
+        self.tx = make_optimizer(cfg)
+        self.opt_state = self.tx.init(self.params)
+        self.kl_ctl = make_kl_controller(cfg)
+
+        self._rollout_forward = jax.jit(self._rollout_forward_impl)
+        self._advantages = jax.jit(self._advantages_impl)
+        self._update = jax.jit(self._update_impl, donate_argnums=(0, 1))
+
+    # ---- construction helpers -------------------------------------------------------------------
+    @staticmethod
+    def _load_policy(policy: Any, dtype: Any) -> CausalLM | PolicyWithValueHead:
+        if isinstance(policy, (str, os.PathLike)):
+            return load_pretrained(policy, dtype)
+        if not isinstance(policy, (CausalLM, PolicyWithValueHead)):
+            raise TypeError(f"policy must be a checkpoint dir, a CausalLM or a PolicyWithValueHead, "
+                            f"got {type(policy).__name__}")
+        return policy
+
+    @staticmethod
+    def _frozen_copy(model: nnx.Module) -> nnx.Module:
+        graphdef, state = nnx.split(model)
+        return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+
+    def policy_model(self) -> CausalLM | PolicyWithValueHead:
+        """The current policy as an NNX module (shares arrays with the trainer; don't mutate)."""
+        return nnx.merge(self._policy_def, self.params["policy"], self._policy_rest)
+
+    def critic_model(self) -> ScalarHeadModel | PolicyWithValueHead:
+        if self.shared_trunk:
+            return self.policy_model()
+        return nnx.merge(self._critic_def, self.params["critic"], self._critic_rest)
+
+    def _models(self, params: Mapping[str, Any]) -> tuple[Any, Any]:
+        policy = nnx.merge(self._policy_def, params["policy"], self._policy_rest)
+        critic = policy if self.shared_trunk else nnx.merge(self._critic_def, params["critic"], self._critic_rest)
+        return policy, critic
+
+    # ---- 2. generation ------------------------------------------------------------------------
+    def generate(self, query_ids: Any, query_mask: Any, *, iteration: int = 0, noise: Any = None) -> Any:
+        cfg = self.config
+        key = jax.random.key(loop.sampling_seed(cfg.seed, iteration))
+        return generate(self.policy_model(), jnp.asarray(query_ids), jnp.asarray(query_mask),
+                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                        top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=self.eos_token_id,
+                        pad_token_id=self.pad_token_id,
+                        noise=None if noise is None else jnp.asarray(noise), key=key)
+
+    # ---- 3. forward passes of the four roles ----------------------------------------------------
+    def _rollout_forward_impl(self, params, ref_params, rm_params, q, qm, r, rm):
+        cfg = self.config
+        policy, critic = self._models(params)
+        ref = nnx.merge(self._ref_def, ref_params, self._ref_rest)
+        if self.shared_trunk:
+            logprobs, values = response_logprobs_and_values(policy, q, qm, r, rm, temperature=cfg.temperature)
+        else:
+            logprobs = response_logprobs(policy, q, qm, r, rm, temperature=cfg.temperature)
+            values = response_values(critic, q, qm, r, rm)
+        ref_logprobs = response_logprobs(ref, q, qm, r, rm, temperature=cfg.temperature)
+        if rm_params is None:
+            scores = jnp.zeros(q.shape[0], jnp.float32)
+        else:
+            scores = sequence_scores(nnx.merge(self._rm_def, rm_params, self._rm_rest), q, qm, r, rm)
+        return logprobs, ref_logprobs, values, scores
+
+    def rollout(self, query_ids: Any, query_mask: Any, *, iteration: int = 0, noise: Any = None,
+                prompts: Sequence[str] | None = None, times: dict | None = None) -> RolloutBatch:
+        """Sample responses and score them: a `RolloutBatch` (numpy) with extras `contains_eos`
+        (and `extra/<name>` scores of `extra_rewards`)."""
+        cfg, times = self.config, ({} if times is None else times)
+        with loop.phase_timer(times, "time/generate_s", block=lambda: jax.block_until_ready(gen)):
+            gen = self.generate(query_ids, query_mask, iteration=iteration, noise=noise)
+        q, qm = jnp.asarray(query_ids, jnp.int32), jnp.asarray(query_mask, jnp.int32)
+        r, rm = gen.response_ids.astype(jnp.int32), gen.response_mask.astype(jnp.int32)
+        with loop.phase_timer(times, "time/forward_s", block=lambda: jax.block_until_ready(out)):
+            out = self._rollout_forward(self.params, self._ref_params,
+                                        getattr(self, "_rm_params", None), q, qm, r, rm)
+        logprobs, ref_logprobs, values, scores = out
+        arrays = dict(query_ids=q, query_mask=qm, response_ids=r, response_mask=rm,
+                      logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, scores=scores)
+        with loop.phase_timer(times, "time/reward_s"):
+            batch = self._finish_rollout(arrays, prompts)
+        return batch
+
+    # ---- 4. rewards -> advantages ------------------------------------------------------------
+    def _advantages_impl(self, scores, logprobs, ref_logprobs, values, mask, kl_coef):
+        cfg = self.config
+        rewards, kl = shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_estimator=cfg.kl_estimator)
+        if cfg.whiten_rewards:
+            rewards = whiten(rewards, mask, shift_mean=False, unbiased=cfg.whiten_unbiased)
+        advantages, returns = gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = whiten(advantages, mask, shift_mean=cfg.advantages_shift_mean,
+                                unbiased=cfg.whiten_unbiased)
+        return dict(rewards=rewards, kl=kl, advantages=advantages, returns=returns,
+                    kl_for_controller=kl_for_controller(kl, mask, units=cfg.kl_units))
+
+    def compute_advantages(self, batch: Mapping[str, Any], kl_coef: float) -> dict[str, Array]:
+        return self._advantages(batch["scores"], batch["logprobs"], batch["ref_logprobs"],
+                                batch["values"], batch["response_mask"], jnp.float32(kl_coef))
+
+    # ---- 5. the update phase: K epochs x M minibatches in one lax.scan --------------------------
+    def _loss(self, params, mb, weight):
+        cfg = self.config
+        policy, critic = self._models(params)
+        args = (mb["query_ids"], mb["query_mask"], mb["response_ids"], mb["response_mask"])
+        if self.shared_trunk:
+            logprobs, values, entropy = response_logprobs_and_values(
+                policy, *args, temperature=cfg.temperature, return_entropy=True)
+        else:
+            logprobs, entropy = response_logprobs(policy, *args, temperature=cfg.temperature,
+                                                  return_entropy=True)
+            values = response_values(critic, *args)
+        mask = mb["response_mask"]
+        pg_loss, pg_stats = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask,
+                                        kind=cfg.policy_loss, clip_eps=cfg.clip_eps,
+                                        clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip,
+                                        loss_agg=cfg.loss_agg)
+        vf_loss, vf_stats = value_loss(values, mb["values"], mb["returns"], mask,
+                                       clip_eps=cfg.value_clip_eps, loss_agg=cfg.loss_agg)
+        if cfg.ent_coef == 0:
+            entropy = jax.lax.stop_gradient(entropy)  # a statistic only: no backward through it
+        ent = aggregate_loss(entropy, mask, cfg.loss_agg)
+        loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * ent
+        stats = {
+            "loss/policy": pg_loss, "loss/value": vf_loss, "loss/total": loss,
+            "policy/entropy": ent, "policy/approxkl": pg_stats["approx_kl_k3"],
+            "policy/approxkl_k1": pg_stats["approx_kl_k1"], "policy/clipfrac": pg_stats["clipfrac"],
+            "policy/dual_clipfrac": pg_stats["dual_clipfrac"], "val/clipfrac": vf_stats["vf_clipfrac"],
+            "val/ratio": pg_stats["ratio_mean"], "val/ratio_max": pg_stats["ratio_max"],
+            "val/ratio_min": pg_stats["ratio_min"], "val/vpred": vf_stats["values_mean"],
+        }
+        return loss * weight, jax.tree.map(jax.lax.stop_gradient, stats)
+
+    def _minibatch_grads(self, params, batch, idx):
+        """Gradient and stats of one minibatch (rows `idx`), summed over its micro-batches."""
+        cfg = self.config
+        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        micro = idx.reshape(cfg.grad_accum_steps, cfg.microbatch_size)
+        total = _agg_count(batch["response_mask"][idx], cfg.loss_agg)
+
+        def one(rows):
+            mb = jax.tree.map(lambda x: x[rows], batch)
+            w = microbatch_weight(mb["response_mask"], cfg.loss_agg, total)
+            (_, stats), grads = grad_fn(params, mb, w)
+            return grads, stats, w
+
+        grads, stats, w = one(micro[0])
+        if cfg.grad_accum_steps == 1:
+            return grads, stats
+        stats = {k: v if k in _MAX_STATS + _MIN_STATS else w * v for k, v in stats.items()}
+
+        def accumulate(carry, rows):
+            g_acc, s_acc = carry
+            grads, stats, w = one(rows)
+            g_acc = jax.tree.map(jnp.add, g_acc, grads)
+            s_acc = {k: (jnp.maximum(s_acc[k], v) if k in _MAX_STATS else
+                         jnp.minimum(s_acc[k], v) if k in _MIN_STATS else s_acc[k] + w * v)
+                     for k, v in stats.items()}
+            return (g_acc, s_acc), None
+
+        (grads, stats), _ = jax.lax.scan(accumulate, (grads, stats), micro[1:])
+        return grads, stats
+
+    def _update_impl(self, params, opt_state, batch, minibatch_rows):
+        cfg = self.config
+
+        def step(carry, idx):
+            params, opt_state = carry
+            grads, stats = self._minibatch_grads(params, batch, idx)
+            grads, grad_norm = clip_by_global_norm(grads, cfg.max_grad_norm)
+            updates, new_opt_state = self.tx.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            # a non-finite loss or gradient skips this step: params and optimiser state unchanged
+            ok = jnp.isfinite(stats["loss/total"]) & jnp.isfinite(grad_norm)
+            keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+            params = jax.tree.map(keep, new_params, params)
+            opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+            return (params, opt_state), {**stats, "policy/grad_norm": grad_norm, "update/skipped": ~ok}
+
+        (params, opt_state), stats = jax.lax.scan(step, (params, opt_state), minibatch_rows)
+        return params, opt_state, stats
+
+    def update(self, batch: Mapping[str, Any], iteration: int = 0) -> dict[str, np.ndarray]:
+        """K epochs x M minibatches on a batch holding the rollout arrays plus `advantages` and
+        `returns`. Returns the per-step stats as numpy arrays [K * M]."""
+        cfg = self.config
+        rows = loop.minibatch_indices(cfg.seed, iteration, batch_size=cfg.batch_size,
+                                      ppo_epochs=cfg.ppo_epochs, num_minibatches=cfg.num_minibatches)
+        keys = ("query_ids", "query_mask", "response_ids", "response_mask", "logprobs", "values",
+                "advantages", "returns")
+        arrays = {k: jnp.asarray(batch[k]) for k in keys}
+        self.params, self.opt_state, stats = self._update(self.params, self.opt_state, arrays,
+                                                          jnp.asarray(rows))
+        return jax.device_get(stats)
+
+    # ---- one whole iteration ----------------------------------------------------------------
+    def step(self, iteration: int | None = None, *, prompts: Sequence[str] | None = None,
+             query_ids: Any = None, query_mask: Any = None, noise: Any = None) -> dict[str, float]:
+        """One PPO iteration on `prompts` (default: the next batch of the prompt stream) or on
+        pre-tokenised left-padded `query_ids`/`query_mask`. Returns its stats."""
+        cfg = self.config
+        iteration = self.iteration if iteration is None else iteration
+        times: dict[str, float] = {}
+        t0 = time.perf_counter()
+        prompts, query_ids, query_mask = self._prompts_for(iteration, prompts, query_ids, query_mask)
+        batch = self.rollout(query_ids, query_mask, iteration=iteration, noise=noise,
+                             prompts=prompts, times=times)
+        arrays = {k: jnp.asarray(v) for k, v in batch.arrays().items() if not k.startswith("extra/")}
+        kl_coef = self.kl_ctl.value
+        with loop.phase_timer(times, "time/advantages_s", block=lambda: jax.block_until_ready(adv)):
+            adv = self.compute_advantages(arrays, kl_coef)
+        with loop.phase_timer(times, "time/update_s"):
+            update_stats = self.update({**arrays, **adv}, iteration)
+        adv = jax.device_get(adv)
+        self.kl_ctl.update(adv["kl_for_controller"], cfg.batch_size)
+        self.iteration = iteration + 1
+        times["time/iteration_s"] = time.perf_counter() - t0
+        return self._collect_stats(iteration, batch, adv, update_stats, kl_coef, times)
+
+    # ---- weights out ---------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, Any]:
+        return {"params": self.params, "opt_state": self.opt_state}
+
+    def save_policy(self, path: str | os.PathLike) -> None:
+        """The current policy in Hugging Face format (loads in `transformers` and both backends)."""
+        from ppo_jax.models import save_pretrained
+
+        save_pretrained(self.policy_model(), path)
+        self._save_tokenizer(path)
+
+    def save_critic(self, path: str | os.PathLike) -> None:
+        from ppo_jax.models import save_pretrained
+
+        save_pretrained(self.critic_model(), path)
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        from ppo_jax.checkpoint import save_trainer_state
+
+        save_trainer_state(self, path)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        from ppo_jax.checkpoint import load_trainer_state
+
+        load_trainer_state(self, path)
+
+    def _check_vocab(self, *models: Any) -> None:
+        sizes = {m.config.vocab_size for m in models if m is not None}
+        if len(sizes) > 1:
+            raise ValueError(f"policy, reference, critic and reward model have different vocabulary "
+                             f"sizes {sorted(sizes)}: they must share one tokenizer")
+
+    def _to_numpy(self, x: Any) -> np.ndarray:
+        return np.asarray(jax.device_get(x))
+
+
+__all__ = ["PPOTrainer", "clip_by_global_norm", "make_optimizer", "microbatch_weight"]

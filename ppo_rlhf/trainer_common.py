@@ -1,0 +1,278 @@
+"""What the JAX and PyTorch trainers share: host-side glue around `ppo.py` (backend-neutral).
+
+The backend files (`ppo_jax/ppo.py`, `ppo_torch/ppo.py`) hold the math of an iteration; this base
+class holds everything that is the same in both and touches no array library: tokenizer and
+prompt handling, host-side rewards, the missing-EOS penalty, stats, the training loop with
+metrics, progress bar, checkpoints, resume, signals and the non-finite-update guard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from ppo_rlhf import loop
+from ppo_rlhf.ckpt import CheckpointManager
+from ppo_rlhf.config import PPOConfig
+from ppo_rlhf.errors import UsageError
+from ppo_rlhf.rewards import ScoreRequest, check_scores
+from ppo_rlhf.rollout import RolloutBatch
+
+_FROM_TOKENIZER = -1
+
+
+def resolve_reward_spec(reward: Any, native_cls: type) -> tuple[str, Any]:
+    """("dir", path) for a reward-model checkpoint dir, ("native", model) for the backend's own
+    scalar model, ("host", obj) for a RewardModel/RewardFn scored on the host."""
+    if isinstance(reward, (str, os.PathLike)):
+        if not Path(reward).is_dir():
+            raise UsageError(f"reward model dir {str(reward)!r} does not exist")
+        return "dir", reward
+    if isinstance(reward, native_cls):
+        return "native", reward
+    return "host", reward
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as e:  # pragma: no cover - transformers is a dependency of both extras
+        raise UsageError(f"loading a tokenizer needs transformers: {e}") from None
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load a tokenizer from {str(path)!r}: {e}") from None
+
+
+class TrainerBase:
+    backend = "?"
+
+    def __init__(self, policy: Any, prompts: Any, *, config: PPOConfig, tokenizer: Any,
+                 out_dir: Any, extra_rewards: Mapping[str, Callable] | None, eos_token_id: Any,
+                 pad_token_id: Any, checkpoint_every: int, keep_checkpoints: int):
+        if not isinstance(config, PPOConfig):
+            raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
+        self.config = config
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = load_tokenizer(tokenizer)
+        elif tokenizer is None and isinstance(policy, (str, os.PathLike)):
+            tokenizer = load_tokenizer(policy)
+        self.tokenizer = tokenizer
+        if eos_token_id == _FROM_TOKENIZER:
+            eos_token_id = None if tokenizer is None else tokenizer.eos_token_id
+        self.eos_token_id = eos_token_id
+        if pad_token_id is None and tokenizer is not None:
+            pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
+        if isinstance(prompts, (str, os.PathLike)):
+            from ppo_rlhf.data import load_prompts
+
+            prompts = load_prompts(prompts)
+        self.prompt_stream = (None if prompts is None
+                              else loop.PromptStream(prompts, config.batch_size, seed=config.seed))
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.extra_rewards = dict(extra_rewards or {})
+        self.iteration = 0
+        self.checkpoint_every = int(checkpoint_every)
+        self.keep_checkpoints = int(keep_checkpoints)
+        self.bad_updates = loop.BadUpdateCounter(config.max_bad_updates)
+        self.history: list[dict[str, float]] = []
+
+    # ---- prompts ---------------------------------------------------------------------------------
+    def _prompts_for(self, iteration: int, prompts: Sequence[str] | None, query_ids: Any,
+                     query_mask: Any) -> tuple[list[str] | None, np.ndarray, np.ndarray]:
+        cfg = self.config
+        if query_ids is not None:
+            if query_mask is None:
+                raise ValueError("query_ids given without query_mask")
+            q, qm = np.asarray(query_ids, np.int32), np.asarray(query_mask, np.int32)
+            if q.shape != (cfg.batch_size, cfg.max_prompt_len):
+                raise ValueError(f"query_ids must have shape (batch_size, max_prompt_len) = "
+                                 f"({cfg.batch_size}, {cfg.max_prompt_len}), got {q.shape}")
+            return (list(prompts) if prompts is not None else None), q, qm
+        if prompts is None:
+            if self.prompt_stream is None:
+                raise ValueError("no prompts: pass prompts= to the trainer or to step()")
+            prompts = self.prompt_stream.batch(iteration)
+        prompts = list(prompts)
+        if len(prompts) != cfg.batch_size:
+            raise ValueError(f"step() needs batch_size={cfg.batch_size} prompts, got {len(prompts)}")
+        if self.tokenizer is None:
+            raise ValueError("text prompts need a tokenizer: pass tokenizer= to the trainer")
+        q, qm, _ = loop.tokenize_prompts(self.tokenizer, prompts, cfg.max_prompt_len)
+        return prompts, q, qm
+
+    # ---- rollout: host rewards, missing-EOS penalty, extras ----------------------------------------
+    def _finish_rollout(self, arrays: Mapping[str, Any], prompts: Sequence[str] | None) -> RolloutBatch:
+        cfg = self.config
+        a = {k: self._to_numpy(v) for k, v in arrays.items()}
+        texts = None
+        if self.tokenizer is not None and (self.host_reward is not None or self.extra_rewards):
+            texts = loop.decode_responses(self.tokenizer, a["response_ids"], a["response_mask"])
+            if prompts is None:
+                prompts = loop.decode_responses(self.tokenizer, a["query_ids"], a["query_mask"])
+        if self.host_reward is not None:
+            request = ScoreRequest(a["query_ids"], a["query_mask"], a["response_ids"],
+                                   a["response_mask"], prompts=prompts, responses=texts)
+            a["scores"] = check_scores(self.host_reward.score(request), cfg.batch_size, source="reward")
+        has_eos = loop.contains_eos(a["response_ids"], a["response_mask"], self.eos_token_id)
+        if cfg.missing_eos_penalty is not None and self.eos_token_id is not None:
+            a["scores"] = np.where(has_eos, a["scores"], a["scores"] - cfg.missing_eos_penalty).astype(np.float32)
+        extras = {"contains_eos": has_eos.astype(np.int32)}
+        for name, fn in self.extra_rewards.items():
+            if texts is None:
+                raise ValueError(f"extra reward {name!r} scores text: the trainer needs a tokenizer")
+            extras[f"extra/{name}"] = check_scores(fn(list(prompts), texts), cfg.batch_size,
+                                                   source=f"extra reward {name!r}")
+        return RolloutBatch.from_arrays({**a, **extras})
+
+    # ---- stats -----------------------------------------------------------------------------------
+    def _collect_stats(self, iteration: int, batch: RolloutBatch, adv: Mapping[str, Any],
+                       update: Mapping[str, np.ndarray], kl_coef: float,
+                       times: Mapping[str, float]) -> dict[str, float]:
+        cfg = self.config
+        mask = batch.response_mask.astype(bool)
+        kl = np.where(mask, np.asarray(adv["kl"], np.float64), 0.0)
+        seq_kl = kl.sum(1)
+        non_score = (-kl_coef * seq_kl)
+        skipped = np.asarray(update["update/skipped"]).astype(bool)
+        self.bad_updates.record(skipped.tolist(), iteration)
+        s: dict[str, float] = {
+            "iteration": iteration,
+            "episode": (iteration + 1) * cfg.batch_size,
+            "objective/kl": float(seq_kl.mean()),
+            "objective/entropy": float((-np.where(mask, batch.logprobs, 0.0).sum(1)).mean()),
+            "objective/non_score_reward": float(non_score.mean()),
+            "objective/rlhf_reward": float((batch.scores + non_score).mean()),
+            "objective/scores": float(batch.scores.mean()),
+            "objective/scores_std": float(batch.scores.std()),
+            "objective/kl_coef": float(kl_coef),
+            "gen/response_len_mean": float(mask.sum(1).mean()),
+            "gen/eos_frac": float(batch.extras["contains_eos"].mean()),
+            "val/returns_mean": float(np.asarray(adv["returns"])[mask].mean()),
+            "val/advantages_mean": float(np.asarray(adv["advantages"])[mask].mean()),
+            "update/skipped": int(skipped.sum()),
+        }
+        for k, v in batch.extras.items():
+            if k.startswith("extra/"):
+                s["objective/" + k[len("extra/"):]] = float(np.mean(v))
+        for k, v in update.items():
+            v = np.asarray(v, np.float64)
+            if k == "update/skipped":
+                continue
+            if k.endswith("_max"):
+                s[k] = float(v.max())
+            elif k.endswith("_min"):
+                s[k] = float(v.min())
+            elif k == "val/ratio":
+                s[k] = float(v.mean())
+                s["val/ratio_var"] = float(v.var())
+            else:
+                s[k + "_avg"] = float(v.mean())
+        s.update({k: float(v) for k, v in times.items()})
+        n_tokens = cfg.batch_size * (cfg.max_prompt_len + cfg.max_new_tokens)
+        s["time/tokens_per_s"] = n_tokens / max(times.get("time/iteration_s", 0.0), 1e-9)
+        self.history.append(s)
+        return s
+
+    # ---- the training loop -----------------------------------------------------------------------
+    def _trainer_state(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "kl_coef": self.kl_ctl.value,
+                "bad_updates_consecutive": self.bad_updates.consecutive,
+                "bad_updates_total": self.bad_updates.total, "backend": self.backend,
+                "config": self.config.to_dict()}
+
+    def _restore_trainer_state(self, state: Mapping[str, Any]) -> None:
+        if state.get("backend") not in (None, self.backend):
+            raise UsageError(f"checkpoint was written by the {state['backend']} backend; resume it "
+                             f"with --backend {state['backend']}")
+        self.iteration = int(state["iteration"])
+        self.kl_ctl.load_state_dict({"value": state["kl_coef"]})
+        self.bad_updates.consecutive = int(state.get("bad_updates_consecutive", 0))
+        self.bad_updates.total = int(state.get("bad_updates_total", 0))
+
+    @property
+    def checkpoints(self) -> CheckpointManager | None:
+        return None if self.out_dir is None else CheckpointManager(self.out_dir / "checkpoints",
+                                                                   keep=self.keep_checkpoints)
+
+    def write_checkpoint(self) -> Path:
+        if self.checkpoints is None:
+            raise ValueError("write_checkpoint needs out_dir")
+        return self.checkpoints.save(self.iteration, self.save_checkpoint, self._trainer_state())
+
+    def resume(self) -> bool:
+        """Load the newest valid checkpoint of out_dir (if any). Returns whether one was found."""
+        found = None if self.checkpoints is None else self.checkpoints.latest()
+        if found is None:
+            return False
+        path, state = found
+        self.load_checkpoint(path)
+        self._restore_trainer_state(state)
+        return True
+
+    def train(self, num_iterations: int | None = None, *, resume: bool = False,
+              progress: bool = True, on_iteration: Callable[[dict], None] | None = None) -> list[dict]:
+        """Run PPO until `num_iterations` (default config.num_iterations) iterations are done in
+        total, logging to out_dir/metrics.jsonl and checkpointing every `checkpoint_every`
+        iterations and at the end. SIGTERM/SIGINT finish the current iteration, checkpoint and
+        return. With resume=True, continue from the newest valid checkpoint."""
+        total = self.config.num_iterations if num_iterations is None else int(num_iterations)
+        if resume:
+            self.resume()
+        writer = None
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(self.config.to_json())
+            writer = loop.MetricsWriter(self.out_dir / "metrics.jsonl",
+                                        truncate_after=self.iteration - 1)
+        bar = _progress(total, self.iteration, progress, f"PPO ({self.backend})")
+        try:
+            with loop.StopRequested() as stop:
+                while self.iteration < total:
+                    stats = self.step()
+                    if writer is not None:
+                        writer.write(stats)
+                    if on_iteration is not None:
+                        on_iteration(stats)
+                    bar.update(1)
+                    bar.set_postfix({"score": f"{stats['objective/scores']:.3f}",
+                                     "kl": f"{stats['objective/kl']:.3f}"}, refresh=False)
+                    every = self.checkpoint_every
+                    if self.out_dir is not None and ((every and self.iteration % every == 0)
+                                                     or stop.requested or self.iteration == total):
+                        self.write_checkpoint()
+                    if stop.requested:
+                        print(f"\n{stop.requested}: stopped after iteration {self.iteration}; "
+                              f"checkpoint written, resume with --resume", file=sys.stderr)
+                        break
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        return self.history
+
+    def _save_tokenizer(self, path: str | os.PathLike) -> None:
+        if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+            self.tokenizer.save_pretrained(str(path))
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix(self, *a: Any, **k: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(total: int, initial: int, enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="it", dynamic_ncols=True)

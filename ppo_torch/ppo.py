@@ -1,0 +1,409 @@
+"""PPO-RLHF in PyTorch: one iteration, top to bottom, and a trainer you drive in ten lines.
+Mirror: `ppo_jax/ppo.py` (diff them: same steps, same names, same stats).
+
+    trainer = PPOTrainer(policy="sft/", reward="rm/", prompts="prompts.txt",
+                         config=PPOConfig(num_iterations=50), out_dir="runs/ppo")
+    trainer.train()
+
+One iteration (`PPOTrainer.step`):
+  1. prompts -> left-padded token ids                                      (host, loop.py)
+  2. generate responses with the policy (KV cache)                         `generate`
+  3. log-probs of policy and reference (logits / temperature), values of
+     the critic, scores of the reward; missing-EOS penalty                 `_rollout_forward`
+  4. per-token rewards -beta*KL + score on the last token -> GAE ->
+     returns (before whitening) -> whitened advantages                     `_advantages`
+  5. K epochs x M minibatches (x A micro-batches) of clipped policy and
+     value updates; a step whose loss or gradient is not finite is
+     skipped (params and optimiser unchanged)                              `update`
+  6. adaptive KL controller update; stats                                  (host)
+
+Randomness: sampling seeds, prompt order and minibatch permutations are pure functions of
+(config.seed, iteration) (`ppo_rlhf.loop`), so a resumed run repeats an uninterrupted one exactly
+and the JAX trainer processes the same minibatches in the same order.
+
+Implementation details, each a config field (see `ppo_rlhf.config.PPOConfig`): the reference is
+a frozen copy of the initial policy; log-probs are recomputed with a full forward pass after
+sampling (not taken from the sampler, so the first minibatch step starts at ratio == 1 exactly);
+the critic is separate (initialised from the reward model when one is given, as TRL) unless the
+policy is a `PolicyWithValueHead` (shared trunk); policy and critic share one AdamW and one
+global-norm gradient clip over both (as TRL's PolicyAndValueWrapper). Dropout is off everywhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ppo_rlhf import loop
+from ppo_rlhf.config import PPOConfig
+from ppo_rlhf.rewards import RewardModel, as_reward_model
+from ppo_rlhf.rollout import RolloutBatch
+from ppo_rlhf.trainer_common import TrainerBase, resolve_reward_spec
+from ppo_torch.advantages import gae, kl_for_controller, make_kl_controller, shape_rewards, whiten
+from ppo_torch.generate import generate
+from ppo_torch.losses import aggregate_loss, policy_loss, value_loss
+from ppo_torch.models import (CausalLM, PolicyWithValueHead, ScalarHeadModel, load_pretrained,
+                              load_scalar_model, response_logprobs, response_logprobs_and_values,
+                              response_values, scalar_model_from_lm, sequence_scores)
+
+Tensor = torch.Tensor
+
+
+# ---- small pure helpers --------------------------------------------------------------------------
+def clip_by_global_norm(parameters: Sequence[torch.nn.Parameter], max_norm: float | None) -> Tensor:
+    """torch.nn.utils.clip_grad_norm_ (scale by min(1, max_norm / (norm + 1e-6))); the JAX twin
+    uses the same formula. Returns the global norm before clipping."""
+    return torch.nn.utils.clip_grad_norm_(parameters, float("inf") if max_norm is None else max_norm)
+
+
+def make_optimizer(parameters: Sequence[torch.nn.Parameter], config: PPOConfig) -> torch.optim.Optimizer:
+    """AdamW (bias-corrected moments, eps added to sqrt(v_hat), decoupled weight decay on every
+    parameter) -- what optax.adamw(eps_root=0) computes in the JAX twin."""
+    return torch.optim.AdamW(parameters, lr=config.learning_rate, betas=(0.9, 0.999),
+                             eps=config.adam_eps, weight_decay=config.weight_decay)
+
+
+def microbatch_weight(mask: Tensor, loss_agg: str, total: Tensor) -> Tensor:
+    """A micro-batch's share of its minibatch's loss, so that summing micro-batch losses gives
+    exactly the minibatch loss: its real tokens (token-mean) or its non-empty sequences
+    (seq-mean-token-mean) over the minibatch's."""
+    return _agg_count(mask, loss_agg) / total
+
+
+def _agg_count(mask: Tensor, loss_agg: str) -> Tensor:
+    real = mask != 0
+    n = real.sum() if loss_agg == "token-mean" else real.any(dim=-1).sum()
+    return n.to(torch.float32)
+
+
+# Stats of one optimiser step: weighted means over micro-batches, except these.
+_MAX_STATS, _MIN_STATS = ("val/ratio_max",), ("val/ratio_min",)
+
+
+class PPOTrainer(TrainerBase):
+    """PPO-RLHF trainer (PyTorch). See the module docstring; arguments:
+
+    policy     -- checkpoint dir, or a `CausalLM` / `PolicyWithValueHead` (shared-trunk critic).
+    reward     -- reward model dir or `ScalarHeadModel` (scored on device), or any
+                  `ppo_rlhf.RewardModel` / `RewardFn` (scored on the host, from text and ids).
+    prompts    -- list of strings or a prompt file (JSONL or text); optional if you call `step`
+                  with your own prompts.
+    config     -- `PPOConfig`.
+    reference  -- dir or `CausalLM`; default: a frozen copy of the initial policy.
+    critic     -- dir or `ScalarHeadModel`; default: the reward model's weights when the reward is
+                  a model (TRL), else the policy's backbone with a fresh head (seeded).
+    tokenizer  -- a `transformers` tokenizer or its dir; default: the policy dir's.
+    out_dir    -- run directory for metrics.jsonl, checkpoints and the final policy.
+    extra_rewards -- {name: RewardFn} scored on every rollout and logged as objective/<name>
+                  (e.g. a gold reward, to watch over-optimisation); not trained on.
+    dtype      -- "float32" or "bfloat16" weights (the math stays float32).
+    device     -- torch device; default "cuda" when available, else "cpu".
+    compile    -- wrap the models' forward in torch.compile.
+    """
+
+    backend = "torch"
+
+    def __init__(self, policy: Any, reward: Any, prompts: Any = None, *,
+                 config: PPOConfig = PPOConfig(), reference: Any = None, critic: Any = None,
+                 tokenizer: Any = None, out_dir: str | os.PathLike | None = None,
+                 extra_rewards: Mapping[str, Callable] | None = None, dtype: Any = "float32",
+                 eos_token_id: int | None = -1, pad_token_id: int | None = None,
+                 checkpoint_every: int = 0, keep_checkpoints: int = 2,
+                 device: Any = None, compile: bool = False):
+        super().__init__(policy, prompts, config=config, tokenizer=tokenizer, out_dir=out_dir,
+                         extra_rewards=extra_rewards, eos_token_id=eos_token_id,
+                         pad_token_id=pad_token_id, checkpoint_every=checkpoint_every,
+                         keep_checkpoints=keep_checkpoints)
+        cfg = self.config
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # --- roles: actor (+ shared critic), reference, critic, reward --------------------------
+        self.policy = self._load_policy(policy, dtype).to(self.device)
+        self.shared_trunk = isinstance(self.policy, PolicyWithValueHead)
+        self.ref_policy = (load_pretrained(reference, dtype) if isinstance(reference, (str, os.PathLike))
+                           else reference if reference is not None
+                           else self._frozen_copy(self.policy.lm if self.shared_trunk else self.policy))
+        self.ref_policy = self.ref_policy.to(self.device).requires_grad_(False)
+        reward_kind, reward_obj = resolve_reward_spec(reward, ScalarHeadModel)
+        self.native_reward = None
+        self.host_reward: RewardModel | None = None
+        if reward_kind == "dir":
+            self.native_reward = load_scalar_model(reward_obj, dtype)
+        elif reward_kind == "native":
+            self.native_reward = reward_obj
+        else:
+            self.host_reward = as_reward_model(reward_obj)
+        if self.native_reward is not None:
+            self.native_reward = self.native_reward.to(self.device).requires_grad_(False)
+        self.critic = None
+        if not self.shared_trunk:
+            if isinstance(critic, (str, os.PathLike)):
+                self.critic = load_scalar_model(critic, dtype)
+            elif critic is not None:
+                self.critic = critic
+            elif self.native_reward is not None:
+                self.critic = self._frozen_copy(self.native_reward).requires_grad_(True)
+                self.critic.reward_gain, self.critic.reward_bias = 1.0, 0.0
+            else:
+                self.critic = scalar_model_from_lm(self.policy, seed=cfg.seed)
+            self.critic = self.critic.to(self.device)
+        self._check_vocab(self.policy, self.ref_policy, self.critic, self.native_reward)
+        for m in (self.policy, self.ref_policy, self.critic, self.native_reward):
+            if m is not None:
+                m.eval()  # no dropout, ever (as TRL); gradients still flow in eval mode
+
+        self.optimizer = make_optimizer(self._trainable(), cfg)
+        self.kl_ctl = make_kl_controller(cfg)
+        self._fwd = {}
+        if compile:
+            for name in ("policy", "ref_policy", "critic", "native_reward"):
+                m = getattr(self, name)
+                if m is not None:
+                    m.forward = torch.compile(m.forward, dynamic=False)
+
+    # ---- construction helpers -------------------------------------------------------------------
+    @staticmethod
+    def _load_policy(policy: Any, dtype: Any) -> CausalLM | PolicyWithValueHead:
+        if isinstance(policy, (str, os.PathLike)):
+            return load_pretrained(policy, dtype)
+        if not isinstance(policy, (CausalLM, PolicyWithValueHead)):
+            raise TypeError(f"policy must be a checkpoint dir, a CausalLM or a PolicyWithValueHead, "
+                            f"got {type(policy).__name__}")
+        return policy
+
+    @staticmethod
+    def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+        return copy.deepcopy(model).requires_grad_(False)
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        params = list(self.policy.parameters())
+        if self.critic is not None:
+            params += list(self.critic.parameters())
+        return [p for p in params if p.requires_grad]
+
+    def policy_model(self) -> CausalLM | PolicyWithValueHead:
+        return self.policy
+
+    def critic_model(self) -> ScalarHeadModel | PolicyWithValueHead:
+        return self.policy if self.shared_trunk else self.critic
+
+    def _models(self) -> tuple[Any, Any]:
+        return self.policy, self.critic_model()
+
+    # ---- 2. generation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, query_ids: Any, query_mask: Any, *, iteration: int = 0, noise: Any = None) -> Any:
+        cfg = self.config
+        gen = torch.Generator(device=self.device).manual_seed(loop.sampling_seed(cfg.seed, iteration))
+        return generate(self.policy, self._tensor(query_ids), self._tensor(query_mask),
+                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                        top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=self.eos_token_id,
+                        pad_token_id=self.pad_token_id,
+                        noise=None if noise is None else self._tensor(noise), generator=gen)
+
+    # ---- 3. forward passes of the four roles ----------------------------------------------------
+    @torch.no_grad()
+    def _rollout_forward(self, q, qm, r, rm):
+        cfg = self.config
+        policy, critic = self._models()
+        if self.shared_trunk:
+            logprobs, values = response_logprobs_and_values(policy, q, qm, r, rm, temperature=cfg.temperature)
+        else:
+            logprobs = response_logprobs(policy, q, qm, r, rm, temperature=cfg.temperature)
+            values = response_values(critic, q, qm, r, rm)
+        ref_logprobs = response_logprobs(self.ref_policy, q, qm, r, rm, temperature=cfg.temperature)
+        if self.native_reward is None:
+            scores = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
+        else:
+            scores = sequence_scores(self.native_reward, q, qm, r, rm)
+        return logprobs, ref_logprobs, values, scores
+
+    def rollout(self, query_ids: Any, query_mask: Any, *, iteration: int = 0, noise: Any = None,
+                prompts: Sequence[str] | None = None, times: dict | None = None) -> RolloutBatch:
+        """Sample responses and score them: a `RolloutBatch` (numpy) with extras `contains_eos`
+        (and `extra/<name>` scores of `extra_rewards`)."""
+        times = {} if times is None else times
+        with loop.phase_timer(times, "time/generate_s", block=self._sync):
+            gen = self.generate(query_ids, query_mask, iteration=iteration, noise=noise)
+        q, qm = self._tensor(query_ids), self._tensor(query_mask)
+        r, rm = gen.response_ids.long(), gen.response_mask.long()
+        with loop.phase_timer(times, "time/forward_s", block=self._sync):
+            logprobs, ref_logprobs, values, scores = self._rollout_forward(q, qm, r, rm)
+        arrays = dict(query_ids=q, query_mask=qm, response_ids=r, response_mask=rm,
+                      logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, scores=scores)
+        with loop.phase_timer(times, "time/reward_s"):
+            batch = self._finish_rollout(arrays, prompts)
+        return batch
+
+    # ---- 4. rewards -> advantages ------------------------------------------------------------
+    @torch.no_grad()
+    def _advantages(self, scores, logprobs, ref_logprobs, values, mask, kl_coef):
+        cfg = self.config
+        rewards, kl = shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_estimator=cfg.kl_estimator)
+        if cfg.whiten_rewards:
+            rewards = whiten(rewards, mask, shift_mean=False, unbiased=cfg.whiten_unbiased)
+        advantages, returns = gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = whiten(advantages, mask, shift_mean=cfg.advantages_shift_mean,
+                                unbiased=cfg.whiten_unbiased)
+        return dict(rewards=rewards, kl=kl, advantages=advantages, returns=returns,
+                    kl_for_controller=kl_for_controller(kl, mask, units=cfg.kl_units))
+
+    def compute_advantages(self, batch: Mapping[str, Any], kl_coef: float) -> dict[str, Tensor]:
+        return self._advantages(batch["scores"], batch["logprobs"], batch["ref_logprobs"],
+                                batch["values"], batch["response_mask"],
+                                torch.tensor(kl_coef, dtype=torch.float32, device=self.device))
+
+    # ---- 5. the update phase: K epochs x M minibatches ----------------------------------------
+    def _loss(self, mb, weight):
+        cfg = self.config
+        policy, critic = self._models()
+        args = (mb["query_ids"], mb["query_mask"], mb["response_ids"], mb["response_mask"])
+        if self.shared_trunk:
+            logprobs, values, entropy = response_logprobs_and_values(
+                policy, *args, temperature=cfg.temperature, return_entropy=True)
+        else:
+            logprobs, entropy = response_logprobs(policy, *args, temperature=cfg.temperature,
+                                                  return_entropy=True)
+            values = response_values(critic, *args)
+        mask = mb["response_mask"]
+        pg_loss, pg_stats = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask,
+                                        kind=cfg.policy_loss, clip_eps=cfg.clip_eps,
+                                        clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip,
+                                        loss_agg=cfg.loss_agg)
+        vf_loss, vf_stats = value_loss(values, mb["values"], mb["returns"], mask,
+                                       clip_eps=cfg.value_clip_eps, loss_agg=cfg.loss_agg)
+        if cfg.ent_coef == 0:
+            entropy = entropy.detach()  # a statistic only: no backward through it
+        ent = aggregate_loss(entropy, mask, cfg.loss_agg)
+        loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * ent
+        stats = {
+            "loss/policy": pg_loss, "loss/value": vf_loss, "loss/total": loss,
+            "policy/entropy": ent, "policy/approxkl": pg_stats["approx_kl_k3"],
+            "policy/approxkl_k1": pg_stats["approx_kl_k1"], "policy/clipfrac": pg_stats["clipfrac"],
+            "policy/dual_clipfrac": pg_stats["dual_clipfrac"], "val/clipfrac": vf_stats["vf_clipfrac"],
+            "val/ratio": pg_stats["ratio_mean"], "val/ratio_max": pg_stats["ratio_max"],
+            "val/ratio_min": pg_stats["ratio_min"], "val/vpred": vf_stats["values_mean"],
+        }
+        return loss * weight, {k: v.detach() for k, v in stats.items()}
+
+    def _minibatch_grads(self, batch, idx):
+        """Backward of one minibatch (rows `idx`), summed over its micro-batches; returns stats."""
+        cfg = self.config
+        micro = idx.reshape(cfg.grad_accum_steps, cfg.microbatch_size)
+        total = _agg_count(batch["response_mask"][idx], cfg.loss_agg)
+        acc: dict[str, Tensor] = {}
+        for rows in micro:
+            mb = {k: v[rows] for k, v in batch.items()}
+            w = microbatch_weight(mb["response_mask"], cfg.loss_agg, total)
+            loss, stats = self._loss(mb, w)
+            loss.backward()
+            if cfg.grad_accum_steps == 1:
+                return stats
+            for k, v in stats.items():
+                if k in _MAX_STATS:
+                    acc[k] = torch.maximum(acc[k], v) if k in acc else v
+                elif k in _MIN_STATS:
+                    acc[k] = torch.minimum(acc[k], v) if k in acc else v
+                else:
+                    acc[k] = acc.get(k, 0.0) + w * v
+        return acc
+
+    def update(self, batch: Mapping[str, Any], iteration: int = 0) -> dict[str, np.ndarray]:
+        """K epochs x M minibatches on a batch holding the rollout tensors plus `advantages` and
+        `returns`. Returns the per-step stats as numpy arrays [K * M]."""
+        cfg = self.config
+        rows = loop.minibatch_indices(cfg.seed, iteration, batch_size=cfg.batch_size,
+                                      ppo_epochs=cfg.ppo_epochs, num_minibatches=cfg.num_minibatches)
+        keys = ("query_ids", "query_mask", "response_ids", "response_mask", "logprobs", "values",
+                "advantages", "returns")
+        batch = {k: self._tensor(batch[k]) for k in keys}
+        params = self._trainable()
+        steps = []
+        for idx in torch.from_numpy(rows).to(self.device):
+            self.optimizer.zero_grad(set_to_none=True)
+            stats = self._minibatch_grads(batch, idx)
+            grad_norm = clip_by_global_norm(params, cfg.max_grad_norm)
+            # a non-finite loss or gradient skips this step: params and optimiser state unchanged.
+            # (one host sync per optimiser step, like torch.amp.GradScaler's inf check)
+            ok = bool(torch.isfinite(stats["loss/total"]) & torch.isfinite(grad_norm))
+            if ok:
+                self.optimizer.step()
+            steps.append({**stats, "policy/grad_norm": grad_norm.detach(),
+                          "update/skipped": torch.tensor(not ok)})
+        self.optimizer.zero_grad(set_to_none=True)
+        return {k: torch.stack([s[k] for s in steps]).cpu().numpy() for k in steps[0]}
+
+    # ---- one whole iteration ----------------------------------------------------------------
+    def step(self, iteration: int | None = None, *, prompts: Sequence[str] | None = None,
+             query_ids: Any = None, query_mask: Any = None, noise: Any = None) -> dict[str, float]:
+        """One PPO iteration on `prompts` (default: the next batch of the prompt stream) or on
+        pre-tokenised left-padded `query_ids`/`query_mask`. Returns its stats."""
+        cfg = self.config
+        iteration = self.iteration if iteration is None else iteration
+        times: dict[str, float] = {}
+        t0 = time.perf_counter()
+        prompts, query_ids, query_mask = self._prompts_for(iteration, prompts, query_ids, query_mask)
+        batch = self.rollout(query_ids, query_mask, iteration=iteration, noise=noise,
+                             prompts=prompts, times=times)
+        arrays = {k: self._tensor(v) for k, v in batch.arrays().items() if not k.startswith("extra/")}
+        kl_coef = self.kl_ctl.value
+        with loop.phase_timer(times, "time/advantages_s", block=self._sync):
+            adv = self.compute_advantages(arrays, kl_coef)
+        with loop.phase_timer(times, "time/update_s"):
+            update_stats = self.update({**arrays, **adv}, iteration)
+        adv = {k: v.cpu().numpy() for k, v in adv.items()}
+        self.kl_ctl.update(adv["kl_for_controller"], cfg.batch_size)
+        self.iteration = iteration + 1
+        times["time/iteration_s"] = time.perf_counter() - t0
+        return self._collect_stats(iteration, batch, adv, update_stats, kl_coef, times)
+
+    # ---- weights out ---------------------------------------------------------------------------
+    def save_policy(self, path: str | os.PathLike) -> None:
+        """The current policy in Hugging Face format (loads in `transformers` and both backends)."""
+        from ppo_torch.models import save_pretrained
+
+        save_pretrained(self.policy, path)
+        self._save_tokenizer(path)
+
+    def save_critic(self, path: str | os.PathLike) -> None:
+        from ppo_torch.models import save_pretrained
+
+        save_pretrained(self.critic_model(), path)
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        from ppo_torch.checkpoint import save_trainer_state
+
+        save_trainer_state(self, path)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        from ppo_torch.checkpoint import load_trainer_state
+
+        load_trainer_state(self, path)
+
+    def _check_vocab(self, *models: Any) -> None:
+        sizes = {m.config.vocab_size for m in models if m is not None}
+        if len(sizes) > 1:
+            raise ValueError(f"policy, reference, critic and reward model have different vocabulary "
+                             f"sizes {sorted(sizes)}: they must share one tokenizer")
+
+    def _tensor(self, x: Any) -> Tensor:
+        if isinstance(x, Tensor):
+            return x.to(self.device)
+        x = np.asarray(x)
+        t = torch.from_numpy(np.array(x, copy=True))
+        return (t.long() if np.issubdtype(x.dtype, np.integer) else t).to(self.device)
+
+    def _to_numpy(self, x: Any) -> np.ndarray:
+        return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+__all__ = ["PPOTrainer", "clip_by_global_norm", "make_optimizer", "microbatch_weight"]
