@@ -136,4 +136,23 @@ def sample_reference(logits: np.ndarray, gumbel: np.ndarray | None, *, temperatu
     return tok, lp.astype(np.float32)
 
 
-__all__ = ["gumbel_noise", "check_generate_args", "filter_logits", "sample_reference", "SOURCES"]
+def apply_eos(response_ids: np.ndarray, logprobs: np.ndarray, eos_token_id: int | None,
+              pad_token_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The EOS rule in numpy: (ids, mask, logprobs) of responses generated WITHOUT stopping,
+    cut after each row's first `eos_token_id` -- mask 1 up to and including it, ids
+    `pad_token_id` and log-probs 0 after. Generating with `eos_token_id` must give exactly this
+    (a running row sees the same inputs and the same noise either way)."""
+    ids = np.asarray(response_ids)
+    lp = np.asarray(logprobs, np.float32)
+    if eos_token_id is None:
+        mask = np.ones(ids.shape, np.int32)
+    else:
+        is_eos = (ids == eos_token_id).astype(np.int32)
+        before = np.cumsum(is_eos, axis=1) - is_eos  # EOS tokens strictly before each position
+        mask = (before == 0).astype(np.int32)
+    return (np.where(mask == 1, ids, pad_token_id).astype(ids.dtype), mask,
+            np.where(mask == 1, lp, 0.0).astype(np.float32))
+
+
+__all__ = ["gumbel_noise", "check_generate_args", "filter_logits", "sample_reference", "apply_eos",
+           "SOURCES"]
