@@ -1,8 +1,9 @@
 """The `ppo-rlhf` command line.
 
-Each subcommand lives in its own module exposing `add_parser(subparsers)` and `run(args) -> int`;
-they are listed in `SUBCOMMANDS` and imported only when used, so `--help` stays fast and neither
-backend is imported until a command needs it.
+Each subcommand is registered in `SUBCOMMANDS` as (name, "module[:function]", help): the function
+(default `add_parser`) adds the sub-parser(s) and sets `func` to the code that runs it. These
+modules import neither backend at module level -- a command imports JAX or PyTorch only when it
+runs -- so `--help` stays fast.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from typing import Sequence
 from ppo_rlhf import __version__
 from ppo_rlhf.errors import UsageError
 
-# (name, module, one-line help). The module's add_parser(sub) must create the sub-parser `name`.
+# (name, "module[:function]", one-line help); function(sub) (default add_parser) must create the
+# sub-parser `name`. A module:function shared by several names is called once.
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("label", "ppo_rlhf.label_tool", "label responses by hand (choose / rank / rate)"),
+    ("train", "ppo_rlhf.cli_ppo:add_train_parser", "PPO fine-tuning against a reward"),
+    ("eval", "ppo_rlhf.cli_ppo:add_eval_parser", "evaluate a policy"),
 ]
 
 
@@ -31,8 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show full tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module, _help in SUBCOMMANDS:
-        importlib.import_module(module).add_parser(sub)
+    done: set[str] = set()
+    for _name, spec, _help in SUBCOMMANDS:
+        if spec in done:
+            continue
+        done.add(spec)
+        module, _, function = spec.partition(":")
+        getattr(importlib.import_module(module), function or "add_parser")(sub)
     return parser
 
 

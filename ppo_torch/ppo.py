@@ -254,9 +254,9 @@ class PPOTrainer(TrainerBase):
                     kl_for_controller=kl_for_controller(kl, mask, units=cfg.kl_units))
 
     def compute_advantages(self, batch: Mapping[str, Any], kl_coef: float) -> dict[str, Tensor]:
-        return self._advantages(batch["scores"], batch["logprobs"], batch["ref_logprobs"],
-                                batch["values"], batch["response_mask"],
-                                torch.tensor(kl_coef, dtype=torch.float32, device=self.device))
+        b = {k: self._tensor(batch[k]) for k in ("scores", "logprobs", "ref_logprobs", "values", "response_mask")}
+        return self._advantages(b["scores"], b["logprobs"], b["ref_logprobs"], b["values"],
+                                b["response_mask"], torch.tensor(kl_coef, dtype=torch.float32, device=self.device))
 
     # ---- 5. the update phase: K epochs x M minibatches ----------------------------------------
     def _loss(self, mb, weight):

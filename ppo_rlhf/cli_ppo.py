@@ -1,0 +1,222 @@
+"""`ppo-rlhf train` (PPO fine-tuning) and `ppo-rlhf eval` (evaluate a policy)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ppo_rlhf.errors import UsageError
+
+BACKENDS = ("jax", "torch")
+
+
+# ---- shared argument helpers ---------------------------------------------------------------------
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """--set key=value (value parsed as JSON when it parses, else kept as a string)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set expects key=value, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def build_config(args: argparse.Namespace, **overrides: Any):
+    """PPOConfig from --config FILE.json, then --set key=value pairs, then explicit flags."""
+    from ppo_rlhf.config import PPOConfig
+
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        if not path.is_file():
+            raise UsageError(f"--config {str(path)!r}: no such file")
+        try:
+            values.update(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--config {str(path)!r}: not valid JSON ({e})") from None
+    values.update(parse_set(getattr(args, "set", None)))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return PPOConfig.from_dict(values)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+
+
+def require_dir(path: str | None, what: str) -> str | None:
+    if path is not None and not Path(path).is_dir():
+        raise UsageError(f"{what} {path!r} is not a directory")
+    return path
+
+
+def trainer_class(backend: str):
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    try:
+        if backend == "jax":
+            from ppo_jax.ppo import PPOTrainer
+        else:
+            from ppo_torch.ppo import PPOTrainer
+    except ImportError as e:
+        raise UsageError(f"the {backend} backend is not installed ({e}); "
+                         f"pip install 'ppo-rlhf[{backend}]'") from None
+    return PPOTrainer
+
+
+def load_prompts_arg(path: str) -> list[str]:
+    from ppo_rlhf.data import load_prompts
+
+    if not Path(path).is_file():
+        raise UsageError(f"--prompts {path!r}: no such file")
+    return load_prompts(path)
+
+
+# ---- train --------------------------------------------------------------------------------------
+def add_train_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "train", help="PPO fine-tuning of a policy against a reward model or reward function",
+        description="PPO fine-tuning (seed step 5). The run directory gets config.json, "
+                    "metrics.jsonl (one line per iteration), checkpoints/ (atomic; --resume "
+                    "continues from the newest valid one) and policy/ (the final policy, Hugging "
+                    "Face format). SIGTERM/SIGINT finish the iteration, checkpoint and exit.")
+    p.add_argument("--backend", choices=BACKENDS, default="jax")
+    p.add_argument("--policy", required=True, help="initial policy: Hugging Face checkpoint dir (+ tokenizer)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--reward-model", help="reward model dir (ppo-rlhf train-rm output)")
+    g.add_argument("--reward-fn", help="a reward function module:function(prompts, responses) -> floats")
+    p.add_argument("--prompts", required=True, help="prompt file: JSONL {\"prompt\": ...} or one per line")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--reference", help="reference policy dir (default: a frozen copy of --policy)")
+    p.add_argument("--critic", help="critic dir (default: the reward model's weights, else the policy's)")
+    p.add_argument("--shared-trunk", action="store_true",
+                   help="critic = a value head on the policy's trunk (one forward pass)")
+    p.add_argument("--config", help="PPOConfig as a JSON file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one PPOConfig field, e.g. --set kl_coef=0.1 (repeatable)")
+    p.add_argument("--iterations", type=int, help="PPO iterations (PPOConfig.num_iterations)")
+    p.add_argument("--seed", type=int, help="PPOConfig.seed")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--checkpoint-every", type=int, default=10, metavar="N",
+                   help="checkpoint every N iterations (and at the end); 0 = only at the end")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ppo_rlhf.rewards import load_reward_fn
+
+    require_dir(args.policy, "--policy")
+    require_dir(args.reward_model, "--reward-model")
+    require_dir(args.reference, "--reference")
+    require_dir(args.critic, "--critic")
+    config = build_config(args, num_iterations=args.iterations, seed=args.seed)
+    prompts = load_prompts_arg(args.prompts)
+    if args.reward_fn:
+        try:
+            reward: Any = load_reward_fn(args.reward_fn)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    else:
+        reward = args.reward_model
+    out = Path(args.out)
+    if not args.resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("iter_*")):
+        raise UsageError(f"{out} already holds checkpoints: pass --resume to continue that run, "
+                         f"or choose another --out")
+    Trainer = trainer_class(args.backend)
+    policy: Any = args.policy
+    if args.shared_trunk:
+        policy = _load_with_value_head(args.backend, args.policy, args.dtype, config.seed)
+    trainer = Trainer(policy, reward, prompts, config=config, reference=args.reference or
+                      (args.policy if args.shared_trunk else None), critic=args.critic,
+                      tokenizer=args.policy, out_dir=out, dtype=args.dtype,
+                      checkpoint_every=args.checkpoint_every)
+    history = trainer.train(resume=args.resume, progress=not args.no_progress)
+    trainer.save_policy(out / "policy")
+    if history:
+        last = history[-1]
+        print(json.dumps({k: last[k] for k in ("iteration", "objective/scores", "objective/kl",
+                                                "objective/kl_coef", "time/iteration_s") if k in last}))
+    print(f"policy saved to {out / 'policy'}")
+    return 0
+
+
+def _load_with_value_head(backend: str, path: str, dtype: str, seed: int):
+    if backend == "jax":
+        from ppo_jax.models import load_pretrained
+    else:
+        from ppo_torch.models import load_pretrained
+    return load_pretrained(path, dtype, with_value_head=True, seed=seed)
+
+
+# ---- eval ---------------------------------------------------------------------------------------
+def add_eval_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "eval", help="evaluate a policy: reward-model score, gold score, KL, win-rate, samples",
+        description="Evaluate a policy (seed step 6): the reward model's mean score of its "
+                    "samples, the task's gold score (with --task), KL to the reference (mean over "
+                    "prompts of the summed per-token log-ratio of the policy's samples), the "
+                    "win-rate against the reference judged by the reward model, and samples.")
+    p.add_argument("--backend", choices=BACKENDS, default="jax")
+    p.add_argument("--policy", required=True)
+    p.add_argument("--reference", help="reference policy dir (for KL and win-rate)")
+    p.add_argument("--reward-model", help="reward model dir")
+    p.add_argument("--prompts", help="prompt file (default: the task's eval prompts)")
+    p.add_argument("--task", help="task name for its gold reward and eval prompts (e.g. reviews)")
+    p.add_argument("--n", type=int, help="evaluate only the first N prompts")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-prompt-len", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="directory for eval.json and samples.jsonl")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ppo_rlhf.evaluation import evaluate, write_samples
+
+    for path, what in ((args.policy, "--policy"), (args.reference, "--reference"),
+                       (args.reward_model, "--reward-model")):
+        require_dir(path, what)
+    task = None
+    if args.task:
+        from ppo_rlhf.tasks import get_task
+
+        task = get_task(args.task)
+    if args.prompts:
+        prompts = load_prompts_arg(args.prompts)
+    elif task is not None:
+        prompts = task.eval_prompts()
+    else:
+        raise UsageError("give --prompts FILE or --task NAME")
+    if args.n is not None:
+        if args.n < 1:
+            raise UsageError("--n must be >= 1")
+        prompts = prompts[:args.n]
+    result, records = evaluate(args.backend, args.policy, prompts, reference=args.reference,
+                               reward_model=args.reward_model,
+                               gold=None if task is None else task.gold_reward,
+                               max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, batch_size=args.batch_size,
+                               seed=args.seed, progress=sys.stderr.isatty())
+    print(json.dumps(result.to_dict(), indent=2))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(result.to_dict(), indent=2))
+        write_samples(out / "samples.jsonl", records)
+        print(f"wrote {out / 'eval.json'} and {out / 'samples.jsonl'}", file=sys.stderr)
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    add_train_parser(sub)
+    add_eval_parser(sub)
