@@ -138,7 +138,11 @@ def main(argv=None) -> dict:
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attention kernel")
     args = p.parse_args(argv)
     spec, wl = W.spec_from_args(args), W.workload_from_args(args)
+    if args.wait_quiet:
+        W.wait_quiet(args.wait_quiet)
     n_iter = args.warmup + args.iterations
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(wl.seed)
 
     cfg = GPT2Config(

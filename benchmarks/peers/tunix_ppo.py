@@ -19,8 +19,8 @@ shared integer reward function (workload.reward_fn; default, `--reward fn`), or 
 shaped model (`--reward model`; note Tunix 0.1.7 adds scores into an int32 tensor, which truncates
 float scores, so that mode is for timing only).
 
-The mesh is 1x1 ("fsdp", "tp") on the one CPU device, made with axis_types=(AxisType.Auto,)*2 (with
-explicit axes Tunix's models fail to trace on CPU). Tokenizer: a stand-in over ids "t0".."t{V-1}"
+The mesh is 1x1 ("fsdp", "tp") on the one CPU device, made with axis_types=(AxisType.Auto,)*2 so
+that Tunix's sharding annotations resolve as plain GSPMD hints on a single CPU device. Tokenizer: a stand-in over ids "t0".."t{V-1}"
 whose pad = eos = V, an id the model can never sample, so every response is exactly response_len
 tokens, nothing is padded or masked, and the sampler never stops early.
 
@@ -62,6 +62,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import workload as W  # noqa: E402
+
+_THREADS = W.threads_from_argv()
+if _THREADS is not None:  # must be in XLA_FLAGS before jax is imported
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + f" --xla_cpu_multi_thread_eigen={'true' if _THREADS > 1 else 'false'}"
+        + f" intra_op_parallelism_threads={_THREADS}"
+    ).strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -123,6 +131,8 @@ def main(argv=None) -> dict:
     p.add_argument("--no-phase-sync", action="store_true", help="time whole iterations only")
     args = p.parse_args(argv)
     spec, wl = W.spec_from_args(args), W.workload_from_args(args)
+    if args.wait_quiet:
+        W.wait_quiet(args.wait_quiet)
     n_iter = args.warmup + args.iterations
     t_setup = time.perf_counter()
 
@@ -319,7 +329,8 @@ def main(argv=None) -> dict:
         "KL: k1 (kl_method='kl') with beta = kl_coef; GAE gamma/lambda as the workload; advantages "
         "whitened; value loss clipped, 0.5 * token-mean.",
         "No padding: prompts are all prompt_len tokens, pad/eos id = vocab_size is never sampled.",
-        f"JAX devices: {jax.devices()}; mesh {dict(mesh.shape)} with AxisType.Auto axes.",
+        f"JAX devices: {jax.devices()}; mesh {dict(mesh.shape)} with AxisType.Auto axes; "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}.",
     ]
     if args.no_phase_sync:
         notes.append("--no-phase-sync: phases not instrumented; only whole iterations timed.")
