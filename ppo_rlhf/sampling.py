@@ -19,6 +19,7 @@ from ppo_rlhf.data import read_responses
 from ppo_rlhf.errors import UsageError
 
 BACKENDS = ("jax", "torch")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 @runtime_checkable
@@ -74,19 +75,126 @@ def check_sampled(prompts: Sequence[str], k: int, sampled: Any) -> list[list[str
     return out
 
 
+def _bucket(n: int) -> int:
+    """Prompt-length bucket: the next power of two >= n (at least 16), so the JAX backend compiles
+    one generation program per bucket instead of one per longest-prompt length."""
+    return max(16, 1 << (int(n) - 1).bit_length())
+
+
+class PolicySampler:
+    """Samples responses from a policy checkpoint with `ppo_jax.generate` or `ppo_torch.generate`;
+    build it with `load_policy_sampler`.
+
+    Prompts are tokenized as the PPO trainer does (`ppo_rlhf.loop.tokenize_prompts`: no special
+    tokens added, left padding) to a power-of-two length bucket; each prompt is repeated `k`
+    times in one batch; generation stops at the tokenizer's EOS; responses are decoded without
+    special tokens (`ppo_rlhf.loop.decode_responses`). The random state (a jax.random key / a
+    torch.Generator seeded with `seed`) advances with every call."""
+
+    def __init__(self, backend: str, policy_dir: str | os.PathLike[str], *, max_new_tokens: int,
+                 temperature: float, seed: int):
+        from pathlib import Path
+
+        if backend not in BACKENDS:
+            raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise UsageError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
+            raise UsageError(f"temperature must be a number > 0, got {temperature!r}")
+        path = Path(policy_dir)
+        if not path.is_dir():
+            raise UsageError(f"policy {str(path)!r}: not a directory")
+        if not any((path / f).is_file() for f in TOKENIZER_FILES):
+            # transformers 5 would build an EMPTY tokenizer from config.json alone
+            raise UsageError(f"policy {str(path)!r}: no tokenizer saved there (none of "
+                             f"{', '.join(TOKENIZER_FILES)})")
+        from ppo_rlhf.trainer_common import load_tokenizer
+
+        self.backend, self.path = backend, path
+        self.max_new_tokens, self.temperature = int(max_new_tokens), float(temperature)
+        self.tokenizer = load_tokenizer(path)
+        tok = self.tokenizer
+        self.eos_token_id = tok.eos_token_id
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad_token_id = 0 if pad is None else int(pad)
+        try:
+            if backend == "jax":
+                import jax
+
+                from ppo_jax.generate import generate
+                from ppo_jax.models import load_pretrained
+
+                self.model = load_pretrained(path)
+                self.max_positions = self.model.config.max_position_embeddings
+                self._key = jax.random.key(int(seed))
+            else:
+                import torch
+
+                from ppo_torch.generate import generate
+                from ppo_torch.models import load_pretrained
+
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+                self.model = load_pretrained(path).to(device)
+                self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
+                self._generator = torch.Generator(device=device).manual_seed(int(seed))
+        except ImportError as e:
+            raise UsageError(f"--backend {backend}: the backend is not installed ({e}); "
+                             f"install ppo-rlhf[{backend}]") from None
+        except (OSError, ValueError) as e:  # FileNotFoundError included: no config / weights
+            raise UsageError(f"cannot load a policy from {str(path)!r}: {e}") from None
+        self._generate = generate
+
+    def _draw(self, q: Any, qm: Any) -> tuple[Any, Any]:
+        kw = dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                  eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)
+        if self.backend == "jax":
+            import jax
+            import numpy as np
+
+            self._key, key = jax.random.split(self._key)
+            out = self._generate(self.model, q, qm, key=key, **kw)
+            return np.asarray(out.response_ids), np.asarray(out.response_mask)
+        out = self._generate(self.model, q, qm, generator=self._generator, **kw)
+        return out.response_ids.cpu().numpy(), out.response_mask.cpu().numpy()
+
+    def sample(self, prompts: list[str], k: int) -> list[list[str]]:
+        from ppo_rlhf.loop import decode_responses, tokenize_prompts
+
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise UsageError(f"k (responses per prompt) must be an int >= 1, got {k!r}")
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        texts = [p for p in prompts for _ in range(k)]
+        lengths = [len(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        longest = max(lengths)
+        if self.max_positions is not None and longest + self.max_new_tokens > self.max_positions:
+            i = lengths.index(longest)
+            raise UsageError(f"the prompt {prompts[i]!r:.80} has {longest} tokens; with "
+                             f"--max-new-tokens {self.max_new_tokens} that passes the model's "
+                             f"{self.max_positions} positions")
+        q, qm, _ = tokenize_prompts(self.tokenizer, texts, _bucket(longest))
+        ids, mask = self._draw(q, qm)
+        decoded = decode_responses(self.tokenizer, ids, mask)
+        return [decoded[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+
 def load_policy_sampler(backend: str, policy_dir: str | os.PathLike[str], *,
-                        max_new_tokens: int = 24, temperature: float = 1.0,
+                        max_new_tokens: int = 64, temperature: float = 1.0,
                         seed: int = 0) -> ResponseSampler:
     """A `ResponseSampler` that samples from the policy checkpoint in `policy_dir` with the
     `backend` ("jax" or "torch") generation code.
 
-    Expected behaviour: load the policy (model + tokenizer) saved in `policy_dir`; `sample(prompts,
-    k)` tokenizes the prompts, draws `k` independent responses per prompt of at most
-    `max_new_tokens` tokens at `temperature` (stopping at EOS), and returns them decoded without
-    the prompt and without special tokens. Randomness comes from `seed` and advances between
-    calls, so two calls never return the same draws and a run is reproducible. Bad arguments
-    (a missing directory, a backend that is not installed) raise `UsageError`.
+    Loads the policy (model + tokenizer, `transformers.AutoTokenizer`) saved in `policy_dir`;
+    `sample(prompts, k)` tokenizes the prompts (left padding, as the PPO trainer does), draws `k`
+    independent responses per prompt of at most `max_new_tokens` tokens at `temperature`
+    (stopping at the tokenizer's EOS; no top-k / top-p), and returns them decoded without the
+    prompt and without special tokens. Randomness comes from `seed` and advances between calls,
+    so two calls never return the same draws and a run is reproducible. Bad arguments (a
+    missing directory, no tokenizer or model in it, a backend that is not installed, a prompt
+    too long for the model) raise `UsageError`. See `PolicySampler`.
     """
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    raise NotImplementedError("generation backend not wired yet")
+    return PolicySampler(backend, policy_dir, max_new_tokens=max_new_tokens,
+                         temperature=temperature, seed=seed)
