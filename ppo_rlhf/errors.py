@@ -15,3 +15,12 @@ class DataError(UsageError):
         where = f"{path}:{line}: " if path is not None and line is not None else (
             f"{path}: " if path is not None else "")
         super().__init__(where + reason)
+
+
+class CheckpointError(UsageError):
+    """A model directory cannot be used: an unsupported architecture, a malformed config.json,
+    tensors that don't fit the config, a tokenizer that doesn't fit the model."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A model directory, or a file it needs (config.json, weights, shards), does not exist."""

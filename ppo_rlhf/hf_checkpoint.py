@@ -31,6 +31,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from ppo_rlhf.errors import CheckpointError, CheckpointNotFoundError
+
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "gpt_neox")
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -59,7 +61,7 @@ IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".attention.bias", ".atte
 def check_model_type(model_type: Any, where: str = "config.json") -> str:
     """`model_type` if supported, else ValueError listing the supported ones."""
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"unsupported model_type {model_type!r} (from {where}); supported model "
+        raise CheckpointError(f"unsupported model_type {model_type!r} (from {where}); supported model "
                          f"types: {', '.join(SUPPORTED_MODEL_TYPES)}")
     return model_type
 
@@ -68,7 +70,7 @@ def checkpoint_dir(path: str | os.PathLike) -> Path:
     """`path` as a Path, or FileNotFoundError if it is not a directory."""
     p = Path(path)
     if not p.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {str(p)!r} does not exist (expected a Hugging "
+        raise CheckpointNotFoundError(f"checkpoint directory {str(p)!r} does not exist (expected a Hugging "
                                 f"Face model directory with {CONFIG_NAME} and {SAFE_WEIGHTS_NAME} or "
                                 f"{SAFE_WEIGHTS_INDEX_NAME})")
     return p
@@ -78,9 +80,14 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The parsed config.json of a checkpoint dir (model_type checked)."""
     p = checkpoint_dir(path) / CONFIG_NAME
     if not p.is_file():
-        raise FileNotFoundError(f"{str(p)!r} not found: a Hugging Face checkpoint directory needs a "
+        raise CheckpointNotFoundError(f"{str(p)!r} not found: a Hugging Face checkpoint directory needs a "
                                 f"{CONFIG_NAME} (with a model_type among {', '.join(SUPPORTED_MODEL_TYPES)})")
-    config = json.loads(p.read_text())
+    try:
+        config = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{str(p)!r} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{str(p)!r} must hold a JSON object")
     check_model_type(config.get("model_type"), str(p))
     return config
 
@@ -119,14 +126,14 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
         files = [d / f for f in dict.fromkeys(weight_map.values())]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
-            raise FileNotFoundError(f"{str(index)!r} names shard(s) that do not exist: {missing}")
+            raise CheckpointNotFoundError(f"{str(index)!r} names shard(s) that do not exist: {missing}")
         return files
     single = d / SAFE_WEIGHTS_NAME
     if single.is_file():
         return [single]
     other = sorted(p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".msgpack", ".h5"))
     hint = f" (found {other}: only safetensors weights are supported)" if other else ""
-    raise FileNotFoundError(f"no weights in {str(d)!r}: expected {SAFE_WEIGHTS_NAME} or "
+    raise CheckpointNotFoundError(f"no weights in {str(d)!r}: expected {SAFE_WEIGHTS_NAME} or "
                             f"{SAFE_WEIGHTS_INDEX_NAME} with its shards{hint}")
 
 

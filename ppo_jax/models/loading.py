@@ -30,6 +30,7 @@ from ppo_jax.models.causal_lm import TRANSPOSE_BACKBONE_KERNELS, CausalLM
 from ppo_jax.models.config import DTYPES, ModelConfig
 from ppo_jax.models.heads import PolicyWithValueHead, ScalarHeadModel
 from ppo_rlhf import hf_checkpoint as hfc
+from ppo_rlhf.errors import CheckpointError
 
 PathLike = str | os.PathLike
 
@@ -83,17 +84,17 @@ def _build(make: Callable[[], nnx.Module], tensors: dict[str, np.ndarray], confi
         arr = np.asarray(tensors[name])
         arr = arr.T if transpose else arr
         if arr.shape != tuple(var.shape):
-            raise ValueError(f"{where}: tensor {name!r} has shape {arr.shape}"
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {arr.shape}"
                              f"{' (transposed)' if transpose else ''}, the model expects "
                              f"{tuple(var.shape)}")
         filled.append((path, var.replace(jnp.asarray(arr, dtype=dt))))
         used.add(name)
     if missing:
-        raise ValueError(f"{where}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
+        raise CheckpointError(f"{where}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
                          f"for a {config.model_type} model")
     unused = sorted(n for n in tensors if n not in used and not _ignored(n, config))
     if unused:
-        raise ValueError(f"{where}: checkpoint tensor(s) {unused[:8]}{' ...' if len(unused) > 8 else ''}"
+        raise CheckpointError(f"{where}: checkpoint tensor(s) {unused[:8]}{' ...' if len(unused) > 8 else ''}"
                          f" are not used by our {config.model_type} model (unsupported variant?)")
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
@@ -127,7 +128,7 @@ def load_pretrained(path: PathLike, dtype: Any = "float32", *, with_value_head: 
     tensors = hfc.load_tensors(path)
     lm_head = f"{hfc.LM_HEAD_NAME[config.model_type]}.weight"
     if hfc.SCORE_NAME in tensors and lm_head not in tensors:
-        raise ValueError(f"{path}: this is a scalar-head (value / reward) checkpoint (it has "
+        raise CheckpointError(f"{path}: this is a scalar-head (value / reward) checkpoint (it has "
                          f"{hfc.SCORE_NAME}, no {lm_head}); load it with load_scalar_model")
     lm = _build(lambda: CausalLM(config, rngs=nnx.Rngs(0)), tensors, config, where=str(path))
     if not with_value_head:
@@ -145,10 +146,10 @@ def load_scalar_model(path: PathLike, dtype: Any = "float32") -> ScalarHeadModel
     config = ModelConfig.from_hf(hf, dtype=dtype_name(dtype))
     tensors = hfc.load_tensors(path)
     if hfc.SCORE_NAME not in tensors:
-        raise ValueError(f"{path}: no {hfc.SCORE_NAME} in the checkpoint: it is not a scalar-head "
+        raise CheckpointError(f"{path}: no {hfc.SCORE_NAME} in the checkpoint: it is not a scalar-head "
                          f"model; to start one from a causal LM use scalar_model_from_lm")
     if tensors[hfc.SCORE_NAME].shape != (1, config.hidden_size):
-        raise ValueError(f"{path}: {hfc.SCORE_NAME} has shape {tensors[hfc.SCORE_NAME].shape}; a "
+        raise CheckpointError(f"{path}: {hfc.SCORE_NAME} has shape {tensors[hfc.SCORE_NAME].shape}; a "
                          f"scalar head needs num_labels=1, i.e. (1, {config.hidden_size})")
     gain, bias = hfc.reward_normalisation(hf)
     model = _build(lambda: ScalarHeadModel(config, rngs=nnx.Rngs(0)), tensors, config, where=str(path))

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ppo_rlhf import hf_checkpoint as hfc
+from ppo_rlhf.errors import CheckpointError
 from ppo_torch.models.causal_lm import CausalLM
 from ppo_torch.models.heads import PolicyWithValueHead, ScalarHeadModel
 
@@ -54,10 +55,10 @@ def _check_kind(path: PathLike, *, scalar: bool) -> dict:
     names = set(hfc.weight_names(path))
     lm_head = f"{hfc.LM_HEAD_NAME[hf['model_type']]}.weight"
     if scalar and hfc.SCORE_NAME not in names:
-        raise ValueError(f"{path}: no {hfc.SCORE_NAME} in the checkpoint: it is not a scalar-head "
+        raise CheckpointError(f"{path}: no {hfc.SCORE_NAME} in the checkpoint: it is not a scalar-head "
                          f"model; to start one from a causal LM use scalar_model_from_lm")
     if not scalar and hfc.SCORE_NAME in names and lm_head not in names:
-        raise ValueError(f"{path}: this is a scalar-head (value / reward) checkpoint (it has "
+        raise CheckpointError(f"{path}: this is a scalar-head (value / reward) checkpoint (it has "
                          f"{hfc.SCORE_NAME}, no {lm_head}); load it with load_scalar_model")
     return hf
 
@@ -124,7 +125,7 @@ def load_scalar_model(path: PathLike, dtype: Any = "float32", *,
     hf_model = AutoModelForSequenceClassification.from_pretrained(
         str(path), dtype=torch_dtype(dtype), local_files_only=True, **kw)
     if tuple(hf_model.score.weight.shape) != (1, hf_model.config.hidden_size):
-        raise ValueError(f"{path}: {hfc.SCORE_NAME} has shape {tuple(hf_model.score.weight.shape)}; "
+        raise CheckpointError(f"{path}: {hfc.SCORE_NAME} has shape {tuple(hf_model.score.weight.shape)}; "
                          f"a scalar head needs num_labels=1")
     gain, bias = hfc.reward_normalisation(hf)
     return ScalarHeadModel(disable_dropout(hf_model), reward_gain=gain, reward_bias=bias).eval()
