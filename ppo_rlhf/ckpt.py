@@ -25,6 +25,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+from ppo_rlhf.parallel import SINGLE_PROCESS, Processes
+
 MANIFEST = "MANIFEST.json"
 STATE = "trainer_state.json"
 LATEST = "LATEST"
@@ -99,15 +101,29 @@ class CheckpointManager:
     def path_for(self, iteration: int) -> Path:
         return self.root / f"iter_{iteration:08d}"
 
-    def save(self, iteration: int, write: Callable[[Path], None], state: dict[str, Any]) -> Path:
-        """Write a checkpoint atomically: `write(tmp_dir)` puts the backend's files in place."""
-        self.root.mkdir(parents=True, exist_ok=True)
+    def save(self, iteration: int, write: Callable[[Path], None], state: dict[str, Any], *,
+             processes: Processes = SINGLE_PROCESS) -> Path:
+        """Write a checkpoint atomically: `write(tmp_dir)` puts the backend's files in place.
+        Several processes (`ppo_rlhf.parallel.Processes`; a shared filesystem): every process
+        calls this and runs `write` into the same temporary directory (saving sharded state is
+        collective: Orbax, FSDP gathers); the main process does everything else."""
         final = self.path_for(iteration)
-        tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        tmp = self.root / f".tmp-{final.name}-{processes.shared_token()}"
+        if processes.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        processes.barrier("checkpoint-start")
         write(tmp)
+        processes.barrier("checkpoint-written")
+        if processes.is_main:
+            self._finish(iteration, tmp, final, state)
+        processes.barrier("checkpoint-done")
+        return final
+
+    def _finish(self, iteration: int, tmp: Path, final: Path, state: dict[str, Any]) -> None:
+        """Trainer state, manifest, fsync, rename into place, LATEST, pruning."""
         (tmp / STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
         files = {}
         for dirpath, _, names in os.walk(tmp):
@@ -126,7 +142,6 @@ class CheckpointManager:
         fsync_dir(self.root)
         atomic_write_text(self.root / LATEST, final.name + "\n")
         self._prune()
-        return final
 
     def _complete(self) -> list[Path]:
         return sorted(p for p in self.root.glob("iter_*") if p.is_dir())

@@ -22,6 +22,7 @@ from ppo_rlhf import loop
 from ppo_rlhf.ckpt import CheckpointManager
 from ppo_rlhf.config import PPOConfig
 from ppo_rlhf.errors import UsageError
+from ppo_rlhf.parallel import SINGLE_PROCESS, Processes
 from ppo_rlhf.rewards import ScoreRequest, check_scores
 from ppo_rlhf.rollout import RolloutBatch
 
@@ -84,6 +85,9 @@ class TrainerBase:
         self.keep_checkpoints = int(keep_checkpoints)
         self.bad_updates = loop.BadUpdateCounter(config.max_bad_updates)
         self.history: list[dict[str, float]] = []
+        # several processes (a multi-host mesh, torchrun): the backend replaces this; only the
+        # main process writes metrics, progress and checkpoint files (ppo_rlhf/parallel.py)
+        self.processes: Processes = SINGLE_PROCESS
 
     # ---- prompts ---------------------------------------------------------------------------------
     def _prompts_for(self, iteration: int, prompts: Sequence[str] | None, query_ids: Any,
@@ -113,6 +117,7 @@ class TrainerBase:
     def _finish_rollout(self, arrays: Mapping[str, Any], prompts: Sequence[str] | None) -> RolloutBatch:
         cfg = self.config
         a = {k: self._to_numpy(v) for k, v in arrays.items()}
+        n = len(a["response_ids"])  # batch_size, or this rank's share of it (torch distributed)
         texts = None
         if self.tokenizer is not None and (self.host_reward is not None or self.extra_rewards):
             texts = loop.decode_responses(self.tokenizer, a["response_ids"], a["response_mask"])
@@ -121,7 +126,7 @@ class TrainerBase:
         if self.host_reward is not None:
             request = ScoreRequest(a["query_ids"], a["query_mask"], a["response_ids"],
                                    a["response_mask"], prompts=prompts, responses=texts)
-            a["scores"] = check_scores(self.host_reward.score(request), cfg.batch_size, source="reward")
+            a["scores"] = check_scores(self.host_reward.score(request), n, source="reward")
         has_eos = loop.contains_eos(a["response_ids"], a["response_mask"], self.eos_token_id)
         if cfg.missing_eos_penalty is not None and self.eos_token_id is not None:
             a["scores"] = np.where(has_eos, a["scores"], a["scores"] - cfg.missing_eos_penalty).astype(np.float32)
@@ -129,7 +134,7 @@ class TrainerBase:
         for name, fn in self.extra_rewards.items():
             if texts is None:
                 raise ValueError(f"extra reward {name!r} scores text: the trainer needs a tokenizer")
-            extras[f"extra/{name}"] = check_scores(fn(list(prompts), texts), cfg.batch_size,
+            extras[f"extra/{name}"] = check_scores(fn(list(prompts), texts), n,
                                                    source=f"extra reward {name!r}")
         return RolloutBatch.from_arrays({**a, **extras})
 
@@ -206,7 +211,8 @@ class TrainerBase:
     def write_checkpoint(self) -> Path:
         if self.checkpoints is None:
             raise ValueError("write_checkpoint needs out_dir")
-        return self.checkpoints.save(self.iteration, self.save_checkpoint, self._trainer_state())
+        return self.checkpoints.save(self.iteration, self.save_checkpoint, self._trainer_state(),
+                                     processes=self.processes)
 
     def resume(self) -> bool:
         """Load the newest valid checkpoint of out_dir (if any). Returns whether one was found."""
@@ -227,13 +233,13 @@ class TrainerBase:
         total = self.config.num_iterations if num_iterations is None else int(num_iterations)
         if resume:
             self.resume()
-        writer = None
-        if self.out_dir is not None:
+        writer, main = None, self.processes.is_main
+        if self.out_dir is not None and main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.json").write_text(self.config.to_json())
             writer = loop.MetricsWriter(self.out_dir / "metrics.jsonl",
                                         truncate_after=self.iteration - 1)
-        bar = _progress(total, self.iteration, progress, f"PPO ({self.backend})")
+        bar = _progress(total, self.iteration, progress and main, f"PPO ({self.backend})")
         try:
             with loop.StopRequested() as stop:
                 while self.iteration < total:
@@ -246,12 +252,15 @@ class TrainerBase:
                     bar.set_postfix({"score": f"{stats['objective/scores']:.3f}",
                                      "kl": f"{stats['objective/kl']:.3f}"}, refresh=False)
                     every = self.checkpoint_every
+                    stopping = self.processes.any(stop.requested is not None)  # all agree
                     if self.out_dir is not None and ((every and self.iteration % every == 0)
-                                                     or stop.requested or self.iteration == total):
+                                                     or stopping or self.iteration == total):
                         self.write_checkpoint()
-                    if stop.requested:
-                        print(f"\n{stop.requested}: stopped after iteration {self.iteration}; "
-                              f"checkpoint written, resume with --resume", file=sys.stderr)
+                    if stopping:
+                        if main:
+                            print(f"\n{stop.requested or 'a stop request'}: stopped after iteration "
+                                  f"{self.iteration}; checkpoint written, resume with --resume",
+                                  file=sys.stderr)
                         break
         finally:
             bar.close()
