@@ -4,7 +4,9 @@ A checkpoint directory (made atomic by `ppo_rlhf.ckpt.CheckpointManager`, which 
 trainer state -- iteration, KL coefficient, counters, config -- and a checksummed manifest) holds:
 
     state/      Orbax PyTree checkpoint of {"params": policy (+ critic) params, "opt_state": AdamW}
-                -- restored bit-exactly into the trainer's own tree structure
+                -- restored bit-exactly into the trainer's own tree structure AND shardings:
+                sharded over a mesh, every process writes and reads only its own shards (a
+                checkpoint restores onto any mesh, or onto one device)
     policy/     the policy in Hugging Face format (+ tokenizer), loadable by `transformers`,
                 `ppo-rlhf eval` and either backend
 
@@ -40,7 +42,8 @@ def save_trainer_state(trainer: Any, path: str | os.PathLike) -> None:
 def load_trainer_state(trainer: Any, path: str | os.PathLike) -> None:
     path = Path(path).absolute()
     target = {"params": trainer.params, "opt_state": trainer.opt_state}
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            target)
     try:
         restored = _checkpointer().restore(path / "state", abstract)
     except Exception as e:  # noqa: BLE001 -- Orbax raises many types; name the checkpoint

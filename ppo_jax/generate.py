@@ -131,8 +131,8 @@ def _step_noise(options: SamplingOptions, rand: Any, t: Array, shape: tuple[int,
 
 
 # ---- the compiled program ---------------------------------------------------------------------
-def _generate_impl(graphdef: Any, options: SamplingOptions, state: Any, query_ids: Array,
-                   query_mask: Array, rand: Any) -> GenerationOutput:
+def _generate_impl(graphdef: Any, options: SamplingOptions, cache_sharding: Any, state: Any,
+                   query_ids: Array, query_mask: Array, rand: Any) -> GenerationOutput:
     model = nnx.merge(graphdef, state)
     B, P = query_ids.shape
     N = options.max_new_tokens
@@ -140,7 +140,7 @@ def _generate_impl(graphdef: Any, options: SamplingOptions, state: Any, query_id
     # Slots: P prompt slots, then the first N - 1 response tokens (the last one is sampled but
     # never fed back, so it needs no slot).
     L = P + N - 1
-    cache = model.init_cache(B, L)
+    cache = _constrain(model.init_cache(B, L), cache_sharding)
     kv_mask = jnp.zeros((B, L), jnp.int32).at[:, :P].set(query_mask.astype(jnp.int32))
     logits, cache = model(query_ids, attention_mask=kv_mask, cache=cache, cache_index=0,
                           logits_to_keep=1)
@@ -164,6 +164,7 @@ def _generate_impl(graphdef: Any, options: SamplingOptions, state: Any, query_id
         slot = P + t - 1  # where token t - 1 goes
         kv_mask = jax.lax.dynamic_update_slice(kv_mask, jnp.ones((B, 1), jnp.int32), (0, slot))
         logits, cache = model(prev[:, None], attention_mask=kv_mask, cache=cache, cache_index=slot)
+        cache = _constrain(cache, cache_sharding)
         token, lp = sample_token(logits[:, 0], _step_noise(options, rand, t, (B, V)), options)
         alive = ~done
         token = jnp.where(alive, token, pad)  # a finished row is fed pads (its outputs unused)
@@ -179,8 +180,12 @@ def _generate_impl(graphdef: Any, options: SamplingOptions, state: Any, query_id
     return GenerationOutput(ids, mask, lps)
 
 
-@functools.lru_cache(maxsize=64)
-def make_generate_fn(graphdef: Any, options: SamplingOptions) -> Callable[..., GenerationOutput]:
+def _constrain(cache: Any, sharding: Any) -> Any:
+    return cache if sharding is None else jax.lax.with_sharding_constraint(cache, sharding)
+
+
+def make_generate_fn(graphdef: Any, options: SamplingOptions,
+                     cache_sharding: Any = None) -> Callable[..., GenerationOutput]:
     """The compiled generation function for a model structure and sampling options:
 
         fn = make_generate_fn(graphdef, SamplingOptions(max_new_tokens=64, eos_token_id=2))
@@ -189,22 +194,31 @@ def make_generate_fn(graphdef: Any, options: SamplingOptions) -> Callable[..., G
     with `graphdef, state = nnx.split(model)`; `rand` is a jax.random key (source "random"),
     float32 Gumbel noise [B, N, V] ("noise") or None ("greedy"). Cached per (graphdef, options)
     (the same call returns the same jitted function); jit adds one compilation per input shape
-    / dtype. No argument checks: `generate` does those."""
-    return jax.jit(functools.partial(_generate_impl, graphdef, options))
+    / dtype. `cache_sharding`: a `jax.sharding.Sharding` for every KV-cache array (a mesh:
+    `ppo_jax.sharding.Placement.kv_cache`, rows split like the batch); None lets XLA choose.
+    No argument checks: `generate` does those."""
+    return _make_generate_fn(graphdef, options, cache_sharding)
+
+
+@functools.lru_cache(maxsize=64)
+def _make_generate_fn(graphdef: Any, options: SamplingOptions, cache_sharding: Any) -> Callable:
+    return jax.jit(functools.partial(_generate_impl, graphdef, options, cache_sharding))
 
 
 def _is_concrete(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+    """A value this host can read (not a tracer, not an array sharded across hosts)."""
+    return not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
 
 
 def generate(model: nnx.Module, query_ids: Any, query_mask: Any, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_token_id: int | None = None, pad_token_id: int = 0, greedy: bool = False,
-             noise: Any = None, key: Any = None) -> GenerationOutput:
+             noise: Any = None, key: Any = None, cache_sharding: Any = None) -> GenerationOutput:
     """Sample up to `max_new_tokens` tokens after each LEFT-padded prompt; see the module
     docstring. `key` (a jax.random key) is required unless greedy=True or `noise` (float32
-    [B, max_new_tokens, V] Gumbel draws) is given. ValueError on bad arguments (a query_mask
-    that is not left-padded or has an empty row included, when it is concrete)."""
+    [B, max_new_tokens, V] Gumbel draws) is given; `cache_sharding`: see `make_generate_fn`.
+    ValueError on bad arguments (a query_mask that is not left-padded or has an empty row
+    included, when it is concrete)."""
     q_shape, m_shape = np.shape(query_ids), np.shape(query_mask)
     source = check_generate_args(
         "ppo_jax.generate", q_shape, m_shape, max_new_tokens=max_new_tokens,
@@ -220,7 +234,7 @@ def generate(model: nnx.Module, query_ids: Any, query_mask: Any, *, max_new_toke
     rand = {"greedy": None, "random": key,
             "noise": None if noise is None else jnp.asarray(noise, jnp.float32)}[source]
     graphdef, state = nnx.split(model)
-    fn = make_generate_fn(graphdef, options)
+    fn = make_generate_fn(graphdef, options, cache_sharding)
     return fn(state, jnp.asarray(query_ids, jnp.int32), jnp.asarray(query_mask, jnp.int32), rand)
 
 

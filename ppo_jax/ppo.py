@@ -23,6 +23,10 @@ and the PyTorch trainer processes the same minibatches in the same order. Static
 (prompt length = config.max_prompt_len, response length = config.max_new_tokens, fixed batch)
 mean nothing recompiles after the first iteration.
 
+Scaling: `mesh=` (e.g. "data=2,fsdp=4") shards parameters, optimiser state, KV cache and batches
+over a device mesh and lets XLA's SPMD partitioner do the rest (`ppo_jax/sharding.py`, where all
+the sharding rules are); mesh=None is one device.
+
 Implementation details, each a config field (see `ppo_rlhf.config.PPOConfig`): the reference is
 a frozen copy of the initial policy; log-probs are recomputed with a full forward pass after
 sampling (not taken from the sampler, so the first minibatch step starts at ratio == 1 exactly);
@@ -44,6 +48,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ppo_jax import sharding
 from ppo_jax.advantages import gae, kl_for_controller, make_kl_controller, shape_rewards, whiten
 from ppo_jax.generate import generate
 from ppo_jax.losses import aggregate_loss, masked_mean, policy_loss, value_loss
@@ -112,6 +117,9 @@ class PPOTrainer(TrainerBase):
     extra_rewards -- {name: RewardFn} scored on every rollout and logged as objective/<name>
                   (e.g. a gold reward, to watch over-optimisation); not trained on.
     dtype      -- "float32" or "bfloat16" weights (the math stays float32).
+    mesh       -- None (one device), a `jax.sharding.Mesh` or a spec such as "data=2,fsdp=4"
+                  (`ppo_jax.sharding.make_mesh`); several hosts: call
+                  `ppo_jax.sharding.initialize_distributed()` first.
     """
 
     backend = "jax"
@@ -121,12 +129,15 @@ class PPOTrainer(TrainerBase):
                  tokenizer: Any = None, out_dir: str | os.PathLike | None = None,
                  extra_rewards: Mapping[str, Callable] | None = None, dtype: Any = "float32",
                  eos_token_id: int | None = -1, pad_token_id: int | None = None,
-                 checkpoint_every: int = 0, keep_checkpoints: int = 2):
+                 checkpoint_every: int = 0, keep_checkpoints: int = 2, mesh: Any = None):
         super().__init__(policy, prompts, config=config, tokenizer=tokenizer, out_dir=out_dir,
                          extra_rewards=extra_rewards, eos_token_id=eos_token_id,
                          pad_token_id=pad_token_id, checkpoint_every=checkpoint_every,
                          keep_checkpoints=keep_checkpoints)
         cfg = self.config
+        self.place = sharding.placement(mesh)  # one device, or the sharding rules of a mesh
+        self.place.check_config(cfg)
+        self.processes = self.place.processes
         # --- roles: actor (+ shared critic), reference, critic, reward --------------------------
         policy_model = self._load_policy(policy, dtype)
         self.shared_trunk = isinstance(policy_model, PolicyWithValueHead)
@@ -163,8 +174,10 @@ class PPOTrainer(TrainerBase):
             self._critic_def, self.params["critic"], self._critic_rest = nnx.split(critic_model, nnx.Param, ...)
         if self.native_reward is not None:
             self._rm_def, self._rm_params, self._rm_rest = nnx.split(self.native_reward, nnx.Param, ...)
+            self._rm_params = self.place.params(self._rm_params)
+        self.params, self._ref_params = self.place.params((self.params, self._ref_params))
         self.tx = make_optimizer(cfg)
-        self.opt_state = self.tx.init(self.params)
+        self.opt_state = self.place.params(self.tx.init(self.params))
         self.kl_ctl = make_kl_controller(cfg)
 
         self._rollout_forward = jax.jit(self._rollout_forward_impl)
@@ -204,11 +217,12 @@ class PPOTrainer(TrainerBase):
     def generate(self, query_ids: Any, query_mask: Any, *, iteration: int = 0, noise: Any = None) -> Any:
         cfg = self.config
         key = jax.random.key(loop.sampling_seed(cfg.seed, iteration))
-        return generate(self.policy_model(), jnp.asarray(query_ids), jnp.asarray(query_mask),
+        return generate(self.policy_model(), *self.place.batch((query_ids, query_mask)),
                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                         top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=self.eos_token_id,
                         pad_token_id=self.pad_token_id,
-                        noise=None if noise is None else jnp.asarray(noise), key=key)
+                        noise=None if noise is None else self.place.batch(noise), key=key,
+                        cache_sharding=self.place.kv_cache)
 
     # ---- 3. forward passes of the four roles ----------------------------------------------------
     def _rollout_forward_impl(self, params, ref_params, rm_params, q, qm, r, rm):
@@ -234,7 +248,7 @@ class PPOTrainer(TrainerBase):
         cfg, times = self.config, ({} if times is None else times)
         with loop.phase_timer(times, "time/generate_s", block=lambda: jax.block_until_ready(gen)):
             gen = self.generate(query_ids, query_mask, iteration=iteration, noise=noise)
-        q, qm = jnp.asarray(query_ids, jnp.int32), jnp.asarray(query_mask, jnp.int32)
+        q, qm = self.place.batch((np.asarray(query_ids, np.int32), np.asarray(query_mask, np.int32)))
         r, rm = gen.response_ids.astype(jnp.int32), gen.response_mask.astype(jnp.int32)
         with loop.phase_timer(times, "time/forward_s", block=lambda: jax.block_until_ready(out)):
             out = self._rollout_forward(self.params, self._ref_params,
@@ -304,7 +318,7 @@ class PPOTrainer(TrainerBase):
         total = _agg_count(batch["response_mask"][idx], cfg.loss_agg)
 
         def one(rows):
-            mb = jax.tree.map(lambda x: x[rows], batch)
+            mb = self.place.constrain_batch(jax.tree.map(lambda x: x[rows], batch))
             w = microbatch_weight(mb["response_mask"], cfg.loss_agg, total)
             (_, stats), grads = grad_fn(params, mb, w)
             return grads, stats, w
@@ -340,6 +354,7 @@ class PPOTrainer(TrainerBase):
             keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
             params = jax.tree.map(keep, new_params, params)
             opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+            params, opt_state = self.place.constrain_params((params, opt_state))
             return (params, opt_state), {**stats, "policy/grad_norm": grad_norm, "update/skipped": ~ok}
 
         (params, opt_state), stats = jax.lax.scan(step, (params, opt_state), minibatch_rows)
@@ -353,10 +368,10 @@ class PPOTrainer(TrainerBase):
                                       ppo_epochs=cfg.ppo_epochs, num_minibatches=cfg.num_minibatches)
         keys = ("query_ids", "query_mask", "response_ids", "response_mask", "logprobs", "values",
                 "advantages", "returns")
-        arrays = {k: jnp.asarray(batch[k]) for k in keys}
+        arrays = self.place.batch({k: batch[k] for k in keys})
         self.params, self.opt_state, stats = self._update(self.params, self.opt_state, arrays,
-                                                          jnp.asarray(rows))
-        return jax.device_get(stats)
+                                                          self.place.replicated(rows))
+        return self.place.fetch(stats)
 
     # ---- one whole iteration ----------------------------------------------------------------
     def step(self, iteration: int | None = None, *, prompts: Sequence[str] | None = None,
@@ -370,13 +385,13 @@ class PPOTrainer(TrainerBase):
         prompts, query_ids, query_mask = self._prompts_for(iteration, prompts, query_ids, query_mask)
         batch = self.rollout(query_ids, query_mask, iteration=iteration, noise=noise,
                              prompts=prompts, times=times)
-        arrays = {k: jnp.asarray(v) for k, v in batch.arrays().items() if not k.startswith("extra/")}
+        arrays = self.place.batch({k: v for k, v in batch.arrays().items() if not k.startswith("extra/")})
         kl_coef = self.kl_ctl.value
         with loop.phase_timer(times, "time/advantages_s", block=lambda: jax.block_until_ready(adv)):
             adv = self.compute_advantages(arrays, kl_coef)
         with loop.phase_timer(times, "time/update_s"):
             update_stats = self.update({**arrays, **adv}, iteration)
-        adv = jax.device_get(adv)
+        adv = self.place.fetch(adv)
         self.kl_ctl.update(adv["kl_for_controller"], cfg.batch_size)
         self.iteration = iteration + 1
         times["time/iteration_s"] = time.perf_counter() - t0
@@ -390,13 +405,17 @@ class PPOTrainer(TrainerBase):
         """The current policy in Hugging Face format (loads in `transformers` and both backends)."""
         from ppo_jax.models import save_pretrained
 
-        save_pretrained(self.policy_model(), path)
-        self._save_tokenizer(path)
+        model = self.place.gathered(self.policy_model())  # several hosts: all gather ...
+        if self.processes.is_main:                         # ... and process 0 writes
+            save_pretrained(model, path)
+            self._save_tokenizer(path)
 
     def save_critic(self, path: str | os.PathLike) -> None:
         from ppo_jax.models import save_pretrained
 
-        save_pretrained(self.critic_model(), path)
+        model = self.place.gathered(self.critic_model())
+        if self.processes.is_main:
+            save_pretrained(model, path)
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         from ppo_jax.checkpoint import save_trainer_state
@@ -415,7 +434,7 @@ class PPOTrainer(TrainerBase):
                              f"sizes {sorted(sizes)}: they must share one tokenizer")
 
     def _to_numpy(self, x: Any) -> np.ndarray:
-        return np.asarray(jax.device_get(x))
+        return np.asarray(self.place.fetch(x))
 
 
 __all__ = ["PPOTrainer", "clip_by_global_norm", "make_optimizer", "microbatch_weight"]
