@@ -107,6 +107,17 @@ def add_train_parser(sub: Any) -> None:
                    help="checkpoint every N iterations (and at the end); 0 = only at the end")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s = p.add_argument_group("several devices (docs/distributed.md)")
+    s.add_argument("--mesh", metavar="AXIS=N,...",
+                   help="jax: shard over a device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, "
+                        "tensor; their product = the number of devices, on all hosts)")
+    s.add_argument("--multihost", action="store_true",
+                   help="jax: call jax.distributed.initialize() (e.g. on every host of a Cloud "
+                        "TPU slice); without it, only when JAX_COORDINATOR_ADDRESS, SLURM or "
+                        "Open MPI name a multi-process job")
+    s.add_argument("--distributed", choices=("ddp", "fsdp"),
+                   help="torch, under torchrun: DDP or FSDP2 over the ranks (default under "
+                        "torchrun with several ranks: ddp)")
     p.set_defaults(func=run_train)
 
 
@@ -118,6 +129,7 @@ def run_train(args: argparse.Namespace) -> int:
     require_dir(args.reference, "--reference")
     require_dir(args.critic, "--critic")
     config = build_config(args, num_iterations=args.iterations, seed=args.seed)
+    scale = _scaling_kwargs(args, config)
     prompts = load_prompts_arg(args.prompts)
     if args.reward_fn:
         try:
@@ -137,15 +149,49 @@ def run_train(args: argparse.Namespace) -> int:
     trainer = Trainer(policy, reward, prompts, config=config, reference=args.reference or
                       (args.policy if args.shared_trunk else None), critic=args.critic,
                       tokenizer=args.policy, out_dir=out, dtype=args.dtype,
-                      checkpoint_every=args.checkpoint_every)
+                      checkpoint_every=args.checkpoint_every, **scale)
     history = trainer.train(resume=args.resume, progress=not args.no_progress)
-    trainer.save_policy(out / "policy")
-    if history:
+    trainer.save_policy(out / "policy")  # several processes: all take part, the main one writes
+    if history and trainer.processes.is_main:
         last = history[-1]
         print(json.dumps({k: last[k] for k in ("iteration", "objective/scores", "objective/kl",
                                                 "objective/kl_coef", "time/iteration_s") if k in last}))
-    print(f"policy saved to {out / 'policy'}")
+        print(f"policy saved to {out / 'policy'}")
+    if scale.get("distributed"):
+        from ppo_torch.distributed import shutdown
+
+        shutdown()
     return 0
+
+
+def _scaling_kwargs(args: argparse.Namespace, config: Any) -> dict[str, Any]:
+    """The trainer's mesh= (jax) or distributed= (torch) from --mesh / --multihost /
+    --distributed, checked before any backend is imported where possible."""
+    from ppo_rlhf.parallel import check_data_parallel, parse_mesh
+
+    if args.backend == "torch":
+        if args.mesh or args.multihost:
+            raise UsageError("--mesh and --multihost are for --backend jax; with --backend torch "
+                             "start ranks with torchrun and pass --distributed ddp|fsdp")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        strategy = args.distributed or ("ddp" if world > 1 else None)
+        if strategy:
+            check_data_parallel(config, world, f"--distributed {strategy} over {world} ranks")
+        return {"distributed": strategy} if strategy else {}
+    if args.distributed:
+        raise UsageError("--distributed is for --backend torch; with --backend jax use --mesh "
+                         "(e.g. --mesh data=2,fsdp=4)")
+    mesh = parse_mesh(args.mesh) if args.mesh else None
+    if mesh is not None:
+        check_data_parallel(config, mesh.data_parallel, f"--mesh {mesh}")
+    try:
+        from ppo_jax.sharding import initialize_distributed
+    except ImportError as e:
+        raise UsageError(f"the jax backend is not installed ({e}); pip install 'ppo-rlhf[jax]'") from None
+    if initialize_distributed(force=True if args.multihost else None) and mesh is None:
+        raise UsageError("this is a multi-process JAX job: give --mesh (e.g. --mesh "
+                         "data=2,fsdp=4) so that the processes train one model together")
+    return {"mesh": mesh} if mesh is not None else {}
 
 
 def _load_with_value_head(backend: str, path: str, dtype: str, seed: int):

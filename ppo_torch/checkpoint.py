@@ -10,6 +10,10 @@ trainer state -- iteration, KL coefficient, counters, config -- and a checksumme
 
 Prompt order, minibatch order and sampling seeds are functions of (seed, iteration), so the
 iteration number is all the "data position" and RNG state a resume needs.
+
+Distributed (`ppo_torch/distributed.py`): rank 0 writes the files. With FSDP2 every rank first
+takes part in gathering the full tensors, so the files are the single-process ones; on load every
+rank reads them and keeps its own shards. A checkpoint resumes with or without distribution.
 """
 
 from __future__ import annotations
@@ -24,22 +28,37 @@ from safetensors.torch import load_file, save_file
 from ppo_rlhf.ckpt import CorruptCheckpoint
 
 
-def _named_tensors(trainer: Any) -> dict[str, torch.Tensor]:
+def _named_params(trainer: Any) -> dict[str, torch.nn.Parameter]:
     out = {}
     modules = {"policy": trainer.policy}
     if trainer.critic is not None:
         modules["critic"] = trainer.critic
     for prefix, m in modules.items():
         for name, p in m.named_parameters(remove_duplicate=True):
-            out[f"{prefix}.{name}"] = p.detach().cpu().contiguous()
+            out[f"{prefix}.{name}"] = p
     return out
+
+
+def _named_tensors(trainer: Any) -> dict[str, torch.Tensor]:
+    full = trainer.dist.full_tensor  # FSDP2: gathered from the shards (every rank calls)
+    return {k: full(p.detach()).cpu().contiguous() for k, p in _named_params(trainer).items()}
+
+
+def _optimizer_state(trainer: Any) -> dict:
+    sd = trainer.optimizer.state_dict()
+    full = trainer.dist.full_tensor
+    sd["state"] = {i: {k: full(v) if torch.is_tensor(v) else v for k, v in s.items()}
+                   for i, s in sd["state"].items()}
+    return sd
 
 
 def save_trainer_state(trainer: Any, path: str | os.PathLike) -> None:
     state = Path(path) / "state"
-    state.mkdir(parents=True, exist_ok=True)
-    save_file(_named_tensors(trainer), str(state / "model.safetensors"))
-    torch.save(trainer.optimizer.state_dict(), state / "optimizer.pt")
+    tensors, optimizer = _named_tensors(trainer), _optimizer_state(trainer)
+    if trainer.processes.is_main:
+        state.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(state / "model.safetensors"))
+        torch.save(optimizer, state / "optimizer.pt")
     trainer.save_policy(Path(path) / "policy")
 
 
@@ -50,7 +69,7 @@ def load_trainer_state(trainer: Any, path: str | os.PathLike) -> None:
         opt = torch.load(state / "optimizer.pt", weights_only=True, map_location=trainer.device)
     except Exception as e:  # noqa: BLE001 -- name the checkpoint, whatever failed
         raise CorruptCheckpoint(f"{path}: cannot restore the trainer state: {e}") from None
-    current = _named_tensors(trainer)
+    current = _named_params(trainer)
     if set(tensors) != set(current):
         raise CorruptCheckpoint(f"{path}: parameter names differ from this trainer's "
                                 f"(missing {sorted(set(current) - set(tensors))[:5]}, "
@@ -61,5 +80,9 @@ def load_trainer_state(trainer: Any, path: str | os.PathLike) -> None:
             if m is None:
                 continue
             for name, p in m.named_parameters(remove_duplicate=True):
-                p.copy_(tensors[f"{prefix}.{name}"].to(p.device, p.dtype))
+                p.copy_(trainer.dist.shard_like(tensors[f"{prefix}.{name}"].to(p.device, p.dtype), p))
+    params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    for i, s in opt["state"].items():  # FSDP2: AdamW's moments are sharded like their parameter
+        s.update({k: trainer.dist.shard_like(v, params[int(i)]) for k, v in s.items()
+                  if torch.is_tensor(v) and v.shape == params[int(i)].shape})
     trainer.optimizer.load_state_dict(opt)

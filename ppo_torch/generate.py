@@ -20,7 +20,10 @@ greedy=True takes argmax(logits). Randomness, exactly one of:
     for response position t -- fed to both backends, it makes them pick the same tokens;
   * generator: a `torch.Generator` on the model's device (it advances: draw after draw differs);
     None uses torch's global RNG (`torch.manual_seed`). Step t draws uniform u [B, V] and uses
-    -log(-log(u)). (The JAX twin has no global RNG, so its `key` is required instead.)
+    -log(-log(u)). Data parallel: with generator_rows=(first, total), step t draws u [total, V]
+    and uses rows first ... first + B - 1, so N ranks seeded alike sample their rows of a batch
+    exactly as one process samples the whole batch. (The JAX twin has no global RNG, so its
+    `key` is required instead.)
 `logprobs` are always of the UNFILTERED temperature distribution -- what PPO's ratio and the KL
 use and what `response_logprobs(..., temperature)` recomputes. With top_k > 0 or top_p < 1 the
 samples come from the filtered distribution, so PPO treats slightly off-policy samples as
@@ -105,7 +108,8 @@ def _device(model: torch.nn.Module) -> torch.device:
 def generate(model: torch.nn.Module, query_ids: Any, query_mask: Any, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_token_id: int | None = None, pad_token_id: int = 0, greedy: bool = False,
-             noise: Any = None, generator: torch.Generator | None = None) -> GenerationOutput:
+             noise: Any = None, generator: torch.Generator | None = None,
+             generator_rows: tuple[int, int] | None = None) -> GenerationOutput:
     """Sample up to `max_new_tokens` tokens after each LEFT-padded prompt; see the module
     docstring. `noise`: float32 [B, max_new_tokens, V] Gumbel draws (numpy or tensor);
     `generator`: a torch.Generator (None: torch's global RNG). ValueError on bad arguments
@@ -148,8 +152,11 @@ def generate(model: torch.nn.Module, query_ids: Any, query_mask: Any, *, max_new
                 raise ValueError(f"generate: noise has vocab dimension {noise.shape[-1]}, the "
                                  f"model's logits {step_logits.shape[-1]}")
             gumbel = noise[:, t]
-        else:
+        elif generator_rows is None:
             gumbel = _gumbel(generator, tuple(step_logits.shape), device)
+        else:  # this rank's rows of the noise of the whole (data-parallel) batch
+            first, total = generator_rows
+            gumbel = _gumbel(generator, (total, step_logits.shape[-1]), device)[first: first + B]
         token, lp = sample_token(step_logits, gumbel, **opts)
         alive = ~done
         ids[:, t] = torch.where(alive, token, torch.full_like(token, int(pad_token_id)))

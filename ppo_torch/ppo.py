@@ -21,6 +21,11 @@ Randomness: sampling seeds, prompt order and minibatch permutations are pure fun
 (config.seed, iteration) (`ppo_rlhf.loop`), so a resumed run repeats an uninterrupted one exactly
 and the JAX trainer processes the same minibatches in the same order.
 
+Scaling: `distributed="ddp"` or `"fsdp"` under torchrun runs one rank of a data-parallel job
+(DDP or FSDP2): each rank generates and scores its rows of the batch and takes its rows of every
+minibatch, and N ranks compute what one process computes (`ppo_torch/distributed.py`, where all
+of it is); distributed=None is one process.
+
 Implementation details, each a config field (see `ppo_rlhf.config.PPOConfig`): the reference is
 a frozen copy of the initial policy; log-probs are recomputed with a full forward pass after
 sampling (not taken from the sampler, so the first minibatch step starts at ratio == 1 exactly);
@@ -45,6 +50,7 @@ from ppo_rlhf.rewards import RewardModel, as_reward_model
 from ppo_rlhf.rollout import RolloutBatch
 from ppo_rlhf.trainer_common import TrainerBase, resolve_reward_spec
 from ppo_torch.advantages import gae, kl_for_controller, make_kl_controller, shape_rewards, whiten
+from ppo_torch.distributed import setup as setup_distributed
 from ppo_torch.generate import generate
 from ppo_torch.losses import aggregate_loss, policy_loss, value_loss
 from ppo_torch.models import (CausalLM, PolicyWithValueHead, ScalarHeadModel, load_pretrained,
@@ -58,7 +64,8 @@ Tensor = torch.Tensor
 def clip_by_global_norm(parameters: Sequence[torch.nn.Parameter], max_norm: float | None) -> Tensor:
     """torch.nn.utils.clip_grad_norm_ (scale by min(1, max_norm / (norm + 1e-6))); the JAX twin
     uses the same formula. Returns the global norm before clipping."""
-    return torch.nn.utils.clip_grad_norm_(parameters, float("inf") if max_norm is None else max_norm)
+    norm = torch.nn.utils.clip_grad_norm_(parameters, float("inf") if max_norm is None else max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
 
 
 def make_optimizer(parameters: Sequence[torch.nn.Parameter], config: PPOConfig) -> torch.optim.Optimizer:
@@ -104,6 +111,8 @@ class PPOTrainer(TrainerBase):
     dtype      -- "float32" or "bfloat16" weights (the math stays float32).
     device     -- torch device; default "cuda" when available, else "cpu".
     compile    -- wrap the models' forward in torch.compile.
+    distributed -- None (one process), "ddp" or "fsdp" (one rank of a torchrun job; the device
+                  defaults to cuda:LOCAL_RANK, or the CPU with gloo).
     """
 
     backend = "torch"
@@ -114,13 +123,16 @@ class PPOTrainer(TrainerBase):
                  extra_rewards: Mapping[str, Callable] | None = None, dtype: Any = "float32",
                  eos_token_id: int | None = -1, pad_token_id: int | None = None,
                  checkpoint_every: int = 0, keep_checkpoints: int = 2,
-                 device: Any = None, compile: bool = False):
+                 device: Any = None, compile: bool = False, distributed: Any = None):
         super().__init__(policy, prompts, config=config, tokenizer=tokenizer, out_dir=out_dir,
                          extra_rewards=extra_rewards, eos_token_id=eos_token_id,
                          pad_token_id=pad_token_id, checkpoint_every=checkpoint_every,
                          keep_checkpoints=keep_checkpoints)
         cfg = self.config
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dist = setup_distributed(distributed)  # one process, or a rank of a DDP / FSDP2 job
+        self.dist.check_config(cfg)
+        self.processes = self.dist
+        self.device = torch.device(device or self.dist.default_device())
         # --- roles: actor (+ shared critic), reference, critic, reward --------------------------
         self.policy = self._load_policy(policy, dtype).to(self.device)
         self.shared_trunk = isinstance(self.policy, PolicyWithValueHead)
@@ -155,6 +167,7 @@ class PPOTrainer(TrainerBase):
         for m in (self.policy, self.ref_policy, self.critic, self.native_reward):
             if m is not None:
                 m.eval()  # no dropout, ever (as TRL); gradients still flow in eval mode
+        self.dist.wrap([self.policy, self.critic], frozen=[self.ref_policy, self.native_reward])
 
         self.optimizer = make_optimizer(self._trainable(), cfg)
         self.kl_ctl = make_kl_controller(cfg)
@@ -199,11 +212,13 @@ class PPOTrainer(TrainerBase):
     def generate(self, query_ids: Any, query_mask: Any, *, iteration: int = 0, noise: Any = None) -> Any:
         cfg = self.config
         gen = torch.Generator(device=self.device).manual_seed(loop.sampling_seed(cfg.seed, iteration))
-        return generate(self.policy, self._tensor(query_ids), self._tensor(query_mask),
-                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                        top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=self.eos_token_id,
-                        pad_token_id=self.pad_token_id,
-                        noise=None if noise is None else self._tensor(noise), generator=gen)
+        with self.dist.generating(self.policy):
+            return generate(self.policy, self._tensor(query_ids), self._tensor(query_mask),
+                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                            top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=self.eos_token_id,
+                            pad_token_id=self.pad_token_id,
+                            noise=None if noise is None else self._tensor(noise), generator=gen,
+                            generator_rows=self.dist.generator_rows(len(query_ids)))
 
     # ---- 3. forward passes of the four roles ----------------------------------------------------
     @torch.no_grad()
@@ -227,6 +242,9 @@ class PPOTrainer(TrainerBase):
         """Sample responses and score them: a `RolloutBatch` (numpy) with extras `contains_eos`
         (and `extra/<name>` scores of `extra_rewards`)."""
         times = {} if times is None else times
+        rows = self.dist.local_rows(len(query_ids))  # this rank's rows (all of them on one process)
+        query_ids, query_mask = query_ids[rows], query_mask[rows]
+        noise, prompts = (None if x is None else x[rows] for x in (noise, prompts))
         with loop.phase_timer(times, "time/generate_s", block=self._sync):
             gen = self.generate(query_ids, query_mask, iteration=iteration, noise=noise)
         q, qm = self._tensor(query_ids), self._tensor(query_mask)
@@ -236,7 +254,7 @@ class PPOTrainer(TrainerBase):
         arrays = dict(query_ids=q, query_mask=qm, response_ids=r, response_mask=rm,
                       logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, scores=scores)
         with loop.phase_timer(times, "time/reward_s"):
-            batch = self._finish_rollout(arrays, prompts)
+            batch = self.dist.gather_rollout(self._finish_rollout(arrays, prompts))
         return batch
 
     # ---- 4. rewards -> advantages ------------------------------------------------------------
@@ -261,7 +279,7 @@ class PPOTrainer(TrainerBase):
     # ---- 5. the update phase: K epochs x M minibatches ----------------------------------------
     def _loss(self, mb, weight):
         cfg = self.config
-        policy, critic = self._models()
+        policy, critic = map(self.dist.training_view, self._models())
         args = (mb["query_ids"], mb["query_mask"], mb["response_ids"], mb["response_mask"])
         if self.shared_trunk:
             logprobs, values, entropy = response_logprobs_and_values(
@@ -292,17 +310,19 @@ class PPOTrainer(TrainerBase):
         return loss * weight, {k: v.detach() for k, v in stats.items()}
 
     def _minibatch_grads(self, batch, idx):
-        """Backward of one minibatch (rows `idx`), summed over its micro-batches; returns stats."""
+        """Backward of one minibatch (rows `idx`), summed over its micro-batches; returns stats.
+        Distributed: this rank's rows of the minibatch, weighted within the whole minibatch."""
         cfg = self.config
-        micro = idx.reshape(cfg.grad_accum_steps, cfg.microbatch_size)
+        micro = idx[self.dist.local_rows(len(idx))].reshape(cfg.grad_accum_steps, -1)
         total = _agg_count(batch["response_mask"][idx], cfg.loss_agg)
         acc: dict[str, Tensor] = {}
-        for rows in micro:
+        for i, rows in enumerate(micro):
             mb = {k: v[rows] for k, v in batch.items()}
             w = microbatch_weight(mb["response_mask"], cfg.loss_agg, total)
             loss, stats = self._loss(mb, w)
-            loss.backward()
-            if cfg.grad_accum_steps == 1:
+            with self.dist.grad_sync(last=i == len(micro) - 1):
+                self.dist.scale_loss(loss).backward()
+            if cfg.grad_accum_steps == 1 and self.dist.count == 1:
                 return stats
             for k, v in stats.items():
                 if k in _MAX_STATS:
@@ -311,7 +331,7 @@ class PPOTrainer(TrainerBase):
                     acc[k] = torch.minimum(acc[k], v) if k in acc else v
                 else:
                     acc[k] = acc.get(k, 0.0) + w * v
-        return acc
+        return self.dist.reduce_stats(acc, _MAX_STATS, _MIN_STATS)
 
     def update(self, batch: Mapping[str, Any], iteration: int = 0) -> dict[str, np.ndarray]:
         """K epochs x M minibatches on a batch holding the rollout tensors plus `advantages` and
@@ -367,13 +387,17 @@ class PPOTrainer(TrainerBase):
         """The current policy in Hugging Face format (loads in `transformers` and both backends)."""
         from ppo_torch.models import save_pretrained
 
-        save_pretrained(self.policy, path)
-        self._save_tokenizer(path)
+        model = self.dist.full_model(self.policy)  # FSDP2: all ranks gather ...
+        if self.processes.is_main:                 # ... and rank 0 writes
+            save_pretrained(model, path)
+            self._save_tokenizer(path)
 
     def save_critic(self, path: str | os.PathLike) -> None:
         from ppo_torch.models import save_pretrained
 
-        save_pretrained(self.critic_model(), path)
+        model = self.dist.full_model(self.critic_model())
+        if self.processes.is_main:
+            save_pretrained(model, path)
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         from ppo_torch.checkpoint import save_trainer_state
