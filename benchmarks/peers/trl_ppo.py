@@ -28,7 +28,8 @@ module-level functions TRL's loop calls (nothing on disk is modified):
   update          from the first training forward to the end of the last `optimizer.step()`:
                   epochs x minibatches of (policy + value forward, joint backward, AdamW step)
   other           iteration time outside all of the above (printed as `other`)
-torch on CPU is synchronous, so wall-clock around a call is the call's compute time.
+torch on CPU is synchronous, so wall-clock around a call is the call's compute time. Every wall
+time has a process-CPU-time twin (`*_cpu_s`: all threads; less disturbed by other processes).
 
 Output JSON (also printed, abridged):
   {"program": "trl", "model": name, "config": {model sizes, gpt2_params, workload, params,...},
@@ -118,17 +119,19 @@ class IterationClock(TrainerCallback):
     def __init__(self, timer: W.PhaseTimer, on_iteration_end):
         self.timer = timer
         self.on_iteration_end = on_iteration_end
-        self.last = None
+        self.last = self.last_cpu = None
         self.times: list[float] = []
+        self.cpu_times: list[float] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.last = time.perf_counter()
+        self.last, self.last_cpu = time.perf_counter(), time.process_time()
 
     def on_step_end(self, args, state, control, **kwargs):
-        now = time.perf_counter()
+        now, now_cpu = time.perf_counter(), time.process_time()
         self.on_iteration_end()
         self.times.append(now - self.last)
-        self.last = now
+        self.cpu_times.append(now_cpu - self.last_cpu)
+        self.last, self.last_cpu = now, now_cpu
 
 
 def main(argv=None) -> dict:
@@ -221,17 +224,21 @@ def main(argv=None) -> dict:
 
     # ---- phase instrumentation (in-memory wrappers around TRL's module-level helpers) ----
     timer = W.PhaseTimer()
-    state = {"rollout_end": None, "update_start": None, "update_end": None, "gc_in_window": 0.0}
+    state = {"rollout_end": None, "update_start": None, "update_end": None, "gc_in_window": (0.0, 0.0)}
+    fresh = dict(state)  # wall (perf_counter) and CPU (process_time) pairs below
     orig_batch_generation = trl_ppo_mod.batch_generation
     orig_forward = trl_ppo_mod.forward
     orig_get_reward = trl_ppo_mod.get_reward
     value_model = trainer.value_model
     reward_model = trainer.reward_model
 
+    def now():
+        return time.perf_counter(), time.process_time()
+
     def timed(name, fn, *a, **k):
-        t0 = time.perf_counter()
-        out = fn(*a, **k)
-        timer.add(name, time.perf_counter() - t0)
+        with W.Stopwatch() as sw:
+            out = fn(*a, **k)
+        timer.add(name, sw.wall, sw.cpu)
         return out
 
     def batch_generation(*a, **k):
@@ -240,17 +247,18 @@ def main(argv=None) -> dict:
     def forward(model, *a, **k):
         if torch.is_grad_enabled():  # training forward (PolicyAndValueWrapper)
             if state["update_start"] is None:
-                t = time.perf_counter()
+                t = now()
                 state["update_start"] = t
                 if state["rollout_end"] is not None:
-                    timer.add("advantages", t - state["rollout_end"] - state["gc_in_window"])
+                    (w0, c0), (gw, gc_) = state["rollout_end"], state["gc_in_window"]
+                    timer.add("advantages", t[0] - w0 - gw, t[1] - c0 - gc_)
             return orig_forward(model, *a, **k)
         return timed("ref_forward", orig_forward, model, *a, **k)
 
     def get_reward(model, *a, **k):
         if model is reward_model:
             out = timed("reward_forward", orig_get_reward, model, *a, **k)
-            state["rollout_end"] = time.perf_counter()
+            state["rollout_end"] = now()
             return out
         name = "value_forward" if model is value_model else "get_reward_other"
         return timed(name, orig_get_reward, model, *a, **k)
@@ -266,12 +274,12 @@ def main(argv=None) -> dict:
             return getattr(_gc, name)
 
         def collect(self, *a, **k):
-            t0 = time.perf_counter()
-            out = _gc.collect(*a, **k)
-            dt = time.perf_counter() - t0
-            timer.add("gc_collect", dt)
+            with W.Stopwatch() as sw:
+                out = _gc.collect(*a, **k)
+            timer.add("gc_collect", sw.wall, sw.cpu)
             if state["rollout_end"] is not None and state["update_start"] is None:
-                state["gc_in_window"] += dt
+                gw, gc_ = state["gc_in_window"]
+                state["gc_in_window"] = (gw + sw.wall, gc_ + sw.cpu)
             return out
 
     trl_ppo_mod.gc = _TimedGC()
@@ -281,15 +289,16 @@ def main(argv=None) -> dict:
 
     def step(*a, **k):
         out = orig_step(*a, **k)
-        state["update_end"] = time.perf_counter()
+        state["update_end"] = now()
         return out
 
     opt.step = step
 
     def on_iteration_end():
         if state["update_start"] is not None and state["update_end"] is not None:
-            timer.add("update", state["update_end"] - state["update_start"])
-        state.update(rollout_end=None, update_start=None, update_end=None, gc_in_window=0.0)
+            (w0, c0), (w1, c1) = state["update_start"], state["update_end"]
+            timer.add("update", w1 - w0, c1 - c0)
+        state.update(fresh)
         timer.end_iteration()
 
     clock = IterationClock(timer, on_iteration_end)
@@ -349,6 +358,7 @@ def main(argv=None) -> dict:
         warmup_times=warm,
         timer=timer,
         n_warmup=args.warmup,
+        iteration_cpu_times=clock.cpu_times,
         versions={
             "trl": trl.__version__,
             "transformers": transformers.__version__,

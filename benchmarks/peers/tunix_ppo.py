@@ -41,7 +41,8 @@ result so the time is the phase's own compute:
                   host transfers, data queue hand-off between its rollout thread and trainer)
 With `--no-phase-sync` the wrappers are not installed, so Tunix's asynchronous dispatch is left as
 is; only whole iterations are timed then.
-JIT compilations are counted per iteration through jax.monitoring (backend compile events).
+Every wall time has a process-CPU-time twin (`*_cpu_s`: all threads, less disturbed by other
+processes on this shared machine). JIT compilations are counted per iteration through jax.monitoring (backend compile events).
 
 Output JSON (also printed, abridged): the schema of workload.build_result —
   {"program": "tunix", "model": name, "config": {...}, "iteration_s": median, "iteration_s_all": [...],
@@ -241,10 +242,10 @@ def main(argv=None) -> dict:
         orig = getattr(obj, attr)
 
         def wrapped(*a, **k):
-            t0 = time.perf_counter()
-            out = orig(*a, **k)
-            sync(out)
-            timer.add(name, time.perf_counter() - t0)
+            with W.Stopwatch() as sw:
+                out = orig(*a, **k)
+                sync(out)
+            timer.add(name, sw.wall, sw.cpu)
             return out
 
         setattr(obj, attr, wrapped)
@@ -271,25 +272,27 @@ def main(argv=None) -> dict:
         orig_gae = registry["advantage_estimator"]["gae"]
 
         def timed_gae(*a, **k):
-            t0 = time.perf_counter()
-            out = block(orig_gae(*a, **k))
-            timer.add("advantages", time.perf_counter() - t0)
+            with W.Stopwatch() as sw:
+                out = block(orig_gae(*a, **k))
+            timer.add("advantages", sw.wall, sw.cpu)
             return out
 
         registry["advantage_estimator"]["gae"] = timed_gae
 
     iteration_times: list[float] = []
+    iteration_cpu_times: list[float] = []
     compiles_per_iteration: list[int] = []
     compile_s_per_iteration: list[float] = []
     orig_global_step = learner._run_global_step  # pylint: disable=protected-access
 
     def timed_global_step(*a, **k):
         c0, s0 = compiles["n"], compiles["s"]
-        t0 = time.perf_counter()
-        out = orig_global_step(*a, **k)
-        block(nnx.state(cluster.actor_trainer.model))
-        block(nnx.state(cluster.critic_trainer.model))
-        iteration_times.append(time.perf_counter() - t0)
+        with W.Stopwatch() as sw:
+            out = orig_global_step(*a, **k)
+            block(nnx.state(cluster.actor_trainer.model))
+            block(nnx.state(cluster.critic_trainer.model))
+        iteration_times.append(sw.wall)
+        iteration_cpu_times.append(sw.cpu)
         compiles_per_iteration.append(compiles["n"] - c0)
         compile_s_per_iteration.append(round(compiles["s"] - s0, 4))
         timer.end_iteration()
@@ -363,6 +366,7 @@ def main(argv=None) -> dict:
         warmup_times=warm,
         timer=timer,
         n_warmup=args.warmup,
+        iteration_cpu_times=iteration_cpu_times,
         versions={
             "google-tunix": version("google-tunix"),
             "jax": jax.__version__,

@@ -225,21 +225,43 @@ def contention() -> dict[str, float]:
 
 
 class PhaseTimer:
-    """Accumulates wall time per named phase within the current iteration."""
+    """Accumulates wall time and process CPU time per named phase within the current iteration.
+
+    CPU time (time.process_time: all threads of this process) is reported next to wall time
+    because this machine is shared: other processes stretch wall time, much less CPU time."""
 
     def __init__(self) -> None:
         self.current: dict[str, float] = {}
+        self.current_cpu: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
+        self.history_cpu: list[dict[str, float]] = []
         self.counts: dict[str, int] = {}
 
-    def add(self, name: str, seconds: float) -> None:
+    def add(self, name: str, seconds: float, cpu_seconds: float | None = None) -> None:
         self.current[name] = self.current.get(name, 0.0) + seconds
+        if cpu_seconds is not None:
+            self.current_cpu[name] = self.current_cpu.get(name, 0.0) + cpu_seconds
         self.counts[name] = self.counts.get(name, 0) + 1
 
     def end_iteration(self) -> dict[str, float]:
         done, self.current = self.current, {}
         self.history.append(done)
+        self.history_cpu.append(self.current_cpu)
+        self.current_cpu = {}
         return done
+
+
+class Stopwatch:
+    """`with Stopwatch() as sw: ...` then sw.wall, sw.cpu (process CPU seconds, all threads)."""
+
+    def __enter__(self):
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.t0
+        self.cpu = time.process_time() - self.c0
+        return False
 
 
 def peak_rss_mb() -> float:
@@ -293,13 +315,18 @@ def build_result(
     versions: dict[str, str],
     notes: list[str],
     extra: dict[str, Any] | None = None,
+    iteration_cpu_times: list[float] | None = None,
 ) -> dict[str, Any]:
     timed_phases = timer.history[n_warmup:]
+    timed_cpu = timer.history_cpu[n_warmup:]
     names = sorted({k for h in timed_phases for k in h})
     phases = {}
     for k in names:
         vals = [h.get(k, 0.0) for h in timed_phases]
         phases[k] = {"median_s": median(vals), "all_s": vals}
+        cpu = [h[k] for h in timed_cpu if k in h]
+        if cpu:
+            phases[k]["median_cpu_s"] = median(cpu)
     it = median(iteration_times)
     if it is not None:
         covered = median([sum(h.values()) for h in timed_phases])
@@ -319,6 +346,8 @@ def build_result(
         },
         "iteration_s": it,
         "iteration_s_all": iteration_times,
+        "iteration_cpu_s": median(iteration_cpu_times[n_warmup:]) if iteration_cpu_times else None,
+        "iteration_cpu_s_all": iteration_cpu_times[n_warmup:] if iteration_cpu_times else None,
         "first_iteration_s": warmup_times[0] if warmup_times else None,
         "warmup_iterations_s": warmup_times,
         "tokens_per_s": (wl.tokens_per_iteration / it) if it else None,
@@ -344,8 +373,9 @@ def emit(result: dict[str, Any], out: str | None) -> None:
         with open(out, "w") as f:
             f.write(text + "\n")
     summary = {
-        k: result[k]
-        for k in ("program", "model", "iteration_s", "first_iteration_s", "tokens_per_s", "peak_rss_mb")
+        k: result.get(k)
+        for k in ("program", "model", "iteration_s", "iteration_cpu_s", "first_iteration_s", "tokens_per_s",
+                  "peak_rss_mb")
     }
     summary["others_avg_cores"] = result.get("contention", {}).get("others_avg_cores")
     summary["phases"] = {k: round(v["median_s"], 4) for k, v in result["phases"].items()}
