@@ -64,7 +64,7 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(tiny_checkpoint, arch)
 
     cache = lm.init_cache(B, P + R)
     assert len(cache) == lm.config.num_layers
-    assert cache[0].k.shape == (B, P + R, lm.config.num_kv_heads, lm.config.head_dim)
+    assert cache[0].k.shape == (B, lm.config.num_kv_heads, P + R, lm.config.head_dim)
     kv_mask = np.concatenate([qm, np.zeros_like(rm)], 1)
     logits, cache = lm(jnp.asarray(q), attention_mask=jnp.asarray(kv_mask), cache=cache, cache_index=0)
     steps = [np.asarray(logits)]

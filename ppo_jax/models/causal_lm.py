@@ -14,7 +14,7 @@ LEFT-padded, responses RIGHT-padded). Positions come from the mask, cumsum(mask)
 KV cache (generation): the cache has a static number of slots, max_len, fixed at creation:
 
     cache = model.init_cache(batch_size, max_len, dtype=None)   # tuple of LayerCache(k, v),
-                                                                 # each [B, max_len, n_kv, head_dim]
+                                                                 # each [B, n_kv, max_len, head_dim]
     logits, cache = model(input_ids, attention_mask=kv_mask, positions=None,
                           cache=cache, cache_index=idx)
 

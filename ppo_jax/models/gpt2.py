@@ -85,7 +85,7 @@ class GPT2Model(nnx.Module):
                  positions: Array | None = None, cache: Cache | None = None,
                  cache_index=None) -> tuple[Array, Cache | None]:
         positions, mask = attention_inputs(input_ids, attention_mask, positions, cache, cache_index)
-        total = input_ids.shape[1] if cache is None else cache[0].k.shape[1]
+        total = input_ids.shape[1] if cache is None else cache[0].k.shape[2]
         if total > self.config.max_position_embeddings:
             # An out-of-range position would be silently clamped by the embedding lookup.
             raise ValueError(f"gpt2: sequence / cache length {total} exceeds n_positions="
