@@ -173,7 +173,10 @@ class PolicySampler:
             raise UsageError(f"the prompt {prompts[i]!r:.80} has {longest} tokens; with "
                              f"--max-new-tokens {self.max_new_tokens} that passes the model's "
                              f"{self.max_positions} positions")
-        q, qm, _ = tokenize_prompts(self.tokenizer, texts, _bucket(longest))
+        width = _bucket(longest)
+        if self.max_positions is not None:  # left pads take cache slots too (GPT-2 checks them)
+            width = min(width, self.max_positions - self.max_new_tokens)
+        q, qm, _ = tokenize_prompts(self.tokenizer, texts, width)
         ids, mask = self._draw(q, qm)
         decoded = decode_responses(self.tokenizer, ids, mask)
         return [decoded[i * k:(i + 1) * k] for i in range(len(prompts))]

@@ -66,6 +66,14 @@ def test_policy_sampler_errors(tiny_checkpoint, tmp_path):
         s.sample(["a long prompt, long enough to pass the limit"], 1)
 
 
+def test_policy_sampler_length_bucket_respects_positions(tiny_checkpoint):
+    """A 5-token prompt is padded to a 16-token bucket, but never past n_positions - new tokens
+    (the JAX GPT-2 refuses a cache longer than its 256 positions)."""
+    s = load_policy_sampler("jax", tiny_checkpoint("gpt2"), max_new_tokens=246)
+    (r,), = s.sample(["The quick brown fox"], 1)
+    assert isinstance(r, str)
+
+
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_cli_label_with_policy(tiny_checkpoint, tmp_path, backend):
     prompts = tmp_path / "prompts.txt"
