@@ -46,6 +46,11 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
         from transformers import AutoTokenizer
     except ImportError as e:  # pragma: no cover - transformers is a dependency of both extras
         raise UsageError(f"loading a tokenizer needs transformers: {e}") from None
+    files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in files):
+        # transformers 5 would build an EMPTY tokenizer from such a dir instead of failing
+        raise UsageError(f"no tokenizer in {str(path)!r} (expected one of {', '.join(files)}); "
+                         f"save one there with tokenizer.save_pretrained(dir) or pass tokenizer=")
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
@@ -88,6 +93,18 @@ class TrainerBase:
         # several processes (a multi-host mesh, torchrun): the backend replaces this; only the
         # main process writes metrics, progress and checkpoint files (ppo_rlhf/parallel.py)
         self.processes: Processes = SINGLE_PROCESS
+
+    def _check_vocab(self, *models: Any) -> None:
+        """All roles share one vocabulary, and the tokenizer's ids fit it. (A reward model with
+        another tokenizer is refused rather than re-tokenised through text: wrap it in a
+        `RewardFn` that tokenises the decoded text itself if that is what you want.)"""
+        sizes = {m.config.vocab_size for m in models if m is not None}
+        if len(sizes) > 1:
+            raise UsageError(f"policy, reference, critic and reward model have different vocabulary "
+                             f"sizes {sorted(sizes)}: they must share one tokenizer")
+        if self.tokenizer is not None and sizes and len(self.tokenizer) > min(sizes):
+            raise UsageError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's "
+                             f"vocabulary has {min(sizes)}: they do not belong together")
 
     # ---- prompts ---------------------------------------------------------------------------------
     def _prompts_for(self, iteration: int, prompts: Sequence[str] | None, query_ids: Any,

@@ -409,12 +409,6 @@ class PPOTrainer(TrainerBase):
 
         load_trainer_state(self, path)
 
-    def _check_vocab(self, *models: Any) -> None:
-        sizes = {m.config.vocab_size for m in models if m is not None}
-        if len(sizes) > 1:
-            raise ValueError(f"policy, reference, critic and reward model have different vocabulary "
-                             f"sizes {sorted(sizes)}: they must share one tokenizer")
-
     def _tensor(self, x: Any) -> Tensor:
         if isinstance(x, Tensor):
             return x.to(self.device)
