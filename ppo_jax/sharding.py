@@ -179,8 +179,8 @@ def _put(x: Any, sharding: NamedSharding) -> jax.Array:
     several: every process holds the same full value and contributes its devices' shards."""
     if jax.process_count() == 1:
         return jax.device_put(x, sharding)
-    if isinstance(x, jax.Array) and x.sharding == sharding:
-        return x
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global: reshard
+        return x if x.sharding.is_equivalent_to(sharding, x.ndim) else jax.device_put(x, sharding)
     value = _host_value(x)
     return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
 

@@ -1,0 +1,401 @@
+"""Sharded JAX training (`ppo_jax/sharding.py`) against the single-device trainer.
+
+The comparison runs in a subprocess with 8 simulated CPU devices
+(XLA_FLAGS=--xla_force_host_platform_device_count=8 must be set before jax is imported, so not
+in the pytest process): one single-device trainer and one trainer per mesh start from the same
+checkpoint and run the same two PPO iterations (same prompts, sampling from the same keys);
+their rollouts, stats and updated weights must agree, and the parameters, the AdamW state and
+the KV cache must really be split across the devices.
+
+Tolerances (float32), all for reduction order only -- the sharded program is the single-device
+program with some sums split into per-device partial sums plus an all-reduce:
+- rollout: where the fsdp rule shards a weight along its contraction dimension (the MLP's
+  [256, 64] output kernel, the [512, 64] embedding used as LM head), each matmul sums in another
+  order: log-probs, values and scores move by ~1e-6 (checked at 1e-5 absolute). The SAMPLED
+  TOKENS must be identical: `jax.random` (partitionable threefry, the default) draws the same
+  noise however it is sharded.
+- updated weights: as in the cross-backend parity test, AdamW turns a gradient's relative
+  rounding error into lr * (that error); observed <= 1e-6 after an iteration at lr = 1e-3,
+  checked at 5e-6 absolute per iteration while the weights move by ~4e-3.
+- stats: 2e-5 relative / 1e-5 absolute (they inherit the ~1e-6 differences; the largest are
+  ratio maxima ~8 and sums over a sequence). The clip FRACTIONS count tokens past a threshold:
+  a ratio within rounding of 1 +- eps can land on either side, so they may differ by one token
+  flipping in one optimiser step (see `_check_stats`), and no more.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MESHES = ["data=2,fsdp=4", "data=8"]
+SLOW_MESHES = ["data=2,fsdp=2,tensor=2"]  # compiling for one more mesh costs ~20 s on 2 cores
+B, P, N, V = 16, 6, 8, 512
+CONFIG = dict(batch_size=B, max_prompt_len=P, max_new_tokens=N, learning_rate=1e-3,
+              temperature=0.9, ppo_epochs=2, num_minibatches=2)
+ROLLOUT_ATOL = 1e-5
+WEIGHT_ATOL_PER_ITER = 5e-6
+STATS = dict(rtol=2e-5, atol=1e-5)
+
+
+def reward_fn(prompts, responses):
+    """A host-side reward (as in the parity test): distinct characters up, length down."""
+    return [0.1 * len(set(r)) - 0.02 * len(r) for r in responses]
+
+
+# ---- the subprocess ---------------------------------------------------------------------------------
+def _worker(ckpt: str, out: str, meshes: list[str]) -> None:
+    import contextlib
+    import time
+
+    import jax
+    from flax import nnx
+
+    from ppo_jax.generate import SamplingOptions, make_generate_fn
+    from ppo_jax.models import model_tensors
+    from ppo_jax.ppo import PPOTrainer
+    from ppo_jax.sharding import param_spec
+    from ppo_rlhf import PPOConfig
+    from ppo_rlhf.testing import EOS_ID, PAD_ID, make_padded_batch
+
+    assert jax.device_count() == 8, jax.devices()
+    config = PPOConfig(**CONFIG)
+
+    def trainer(mesh):
+        return PPOTrainer(ckpt, reward_fn, config=config, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+                          mesh=mesh)
+
+    def full_spec(x, spec=None):  # jit drops trailing Nones of a PartitionSpec: put them back
+        spec = tuple(x.sharding.spec if spec is None else spec)
+        return spec + (None,) * (x.ndim - len(spec))
+
+    def same_spec(x, spec):
+        return full_spec(x) == full_spec(x, spec)
+
+    def weights(t):
+        w = {f"policy.{k}": v for k, v in model_tensors(t.policy_model()).items()}
+        w.update({f"critic.{k}": v for k, v in model_tensors(t.critic_model()).items()})
+        return w
+
+    @contextlib.contextmanager
+    def count_compiles():
+        events: list[str] = []
+
+        def listener(event, duration, **kw):
+            if event == "/jax/core/compile/backend_compile_duration":
+                events.append(event)
+
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        try:
+            yield events
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listener)
+
+    t0 = time.perf_counter()
+    base = trainer(None)
+    runs = {m: trainer(m) for m in meshes}
+    res: dict = {"meshes": {m: {"iterations": []} for m in meshes}}
+    start = weights(base)
+    for it in range(2):
+        q, qm, _, _ = make_padded_batch(100 + it, B, P, 1, vocab_size=V)
+        rb = base.rollout(q, qm, iteration=it)
+        sb = base.step(it, query_ids=q, query_mask=qm)
+        wb = weights(base)
+        if it == 0:
+            res["moved"] = max(float(np.abs(wb[k] - start[k]).max()) for k in start)
+        for mesh, t in runs.items():
+            with count_compiles() as compiles:
+                r = t.rollout(q, qm, iteration=it)
+                s = t.step(it, query_ids=q, query_mask=qm)
+            w = weights(t)
+            res["meshes"][mesh]["iterations"].append({
+                "tokens_equal": bool(np.array_equal(r.response_ids, rb.response_ids)
+                                     and np.array_equal(r.response_mask, rb.response_mask)),
+                "rollout_max_abs": {k: float(np.abs(getattr(r, k) - getattr(rb, k)).max())
+                                    for k in ("logprobs", "ref_logprobs", "values", "scores")},
+                "stats": {k: [sb[k], s[k]] for k in sb if not k.startswith("time/")},
+                "weights_max_abs": max(float(np.abs(w[k] - wb[k]).max()) for k in wb),
+                "compiles": len(compiles),
+            })
+
+    # -- are they really sharded?
+    for mesh, t in runs.items():
+        d0 = jax.devices()[0]
+        info = {"specs_follow_rule": True, "leaves": 0, "bytes_total": 0, "bytes_device0": 0}
+        for tree in (t.params, t.opt_state, t._ref_params):
+            for x in jax.tree.leaves(tree):
+                info["leaves"] += 1
+                if not same_spec(x, param_spec(x.shape, t.place.mesh)):
+                    info["specs_follow_rule"] = False
+                info["bytes_total"] += x.nbytes
+                info["bytes_device0"] += sum(s.data.nbytes for s in x.addressable_shards
+                                             if s.device == d0)
+        emb = t.params["policy"]["backbone"]["wte"]["embedding"]
+        info["embedding"] = {"shape": list(emb.shape), "spec": [str(a) for a in full_spec(emb)],
+                             "shard_shapes": sorted({tuple(s.data.shape) for s in emb.addressable_shards})}
+        # the KV cache of the compiled generation program, per device
+        graphdef, state = nnx.split(t.policy_model())
+        opts = SamplingOptions(max_new_tokens=N, temperature=config.temperature,
+                               eos_token_id=EOS_ID, pad_token_id=PAD_ID, source="random")
+        fn = make_generate_fn(graphdef, opts, t.place.kv_cache)
+        qs, qms = t.place.batch((q, qm))
+        hlo = fn.lower(state, qs, qms, jax.random.key(0)).compile().as_text()
+        # the partitioned program's arrays are per device; XLA may transpose the cache, so
+        # look for its dimensions in any order: [B / dp, slots, kv heads, head dim]
+        cfg = t.policy_model().config
+        shapes = {tuple(sorted(map(int, s.split(","))))
+                  for s in re.findall(r"f32\[(\d+,\d+,\d+,\d+)\]", hlo)}
+        cache = (P + N - 1, cfg.num_kv_heads, cfg.head_dim)
+        info["kv_cache_local_shape_in_hlo"] = tuple(sorted((B // t.place.data_parallel,) + cache)) in shapes
+        info["kv_cache_global_shape_in_hlo"] = tuple(sorted((B,) + cache)) in shapes
+        info["batch_spec"] = [str(a) for a in t.place.batch(q).sharding.spec]
+        res["meshes"][mesh]["sharding"] = info
+
+    # -- Orbax: save sharded, restore onto the same mesh, onto another mesh, onto one device
+    if "data=2,fsdp=4" not in runs:
+        Path(out).write_text(json.dumps(res, indent=1))
+        return
+    src = runs["data=2,fsdp=4"]
+    path = Path(out).with_suffix(".ckpt")
+    src.save_checkpoint(path)
+    same, other = trainer("data=2,fsdp=4"), trainer("data=8")
+    same.load_checkpoint(path)
+    other.load_checkpoint(path)
+    base.load_checkpoint(path)
+
+    def max_diff(a, b):
+        return max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
+                   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+    res["restore"] = {
+        "same_mesh_max_abs": max_diff(src.state_tensors(), same.state_tensors()),
+        "same_mesh_shardings_equal": all(
+            same_spec(y, x.sharding.spec) and y.sharding.mesh == x.sharding.mesh
+            for x, y in zip(jax.tree.leaves(src.state_tensors()), jax.tree.leaves(same.state_tensors()))),
+        "other_mesh_max_abs": max_diff(src.state_tensors(), other.state_tensors()),
+        "other_mesh_keeps_its_sharding": all(
+            same_spec(x, param_spec(x.shape, other.place.mesh)) for x in jax.tree.leaves(other.params)),
+        "one_device_max_abs": max_diff(src.state_tensors(), base.state_tensors()),
+        "policy_dir": (path / "policy" / "model.safetensors").is_file(),
+    }
+    res["seconds"] = time.perf_counter() - t0
+    Path(out).write_text(json.dumps(res, indent=1))
+
+
+def _run_worker(ckpt: Path, tmp_path: Path, meshes: list[str]) -> dict:
+    out = tmp_path / "sharded.json"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, __file__, "worker", str(ckpt), str(out), ";".join(meshes)],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def sharded(tiny_checkpoint, tmp_path_factory):
+    return _run_worker(tiny_checkpoint("gpt2"), tmp_path_factory.mktemp("sharded"), MESHES)
+
+
+# ---- the comparisons ----------------------------------------------------------------------------
+def _check_stats(pairs: dict, what: str, step_tokens: int = B // CONFIG["num_minibatches"] * N) -> None:
+    # a clip fraction, averaged over the K x M optimiser steps, moves by 1 / (K M n) when one of
+    # a step's n real tokens flips; we allow 1 / step_tokens (step_tokens = minibatch rows x
+    # response positions >= n): one flip, with K M >= 2 and n >= step_tokens / 2
+    one_flip = 1.0 / step_tokens
+    for k, (single, sharded) in pairs.items():
+        if "clipfrac" in k:
+            assert abs(single - sharded) <= one_flip + 1e-7, f"{what}: {k} {single} vs {sharded}"
+        else:
+            np.testing.assert_allclose(sharded, single, err_msg=f"{what}: {k}", **STATS)
+
+
+def _check_iterations(sharded: dict, mesh: str) -> None:
+    assert sharded["moved"] > 1e-4, "the update did not move the weights: vacuous comparison"
+    for it, r in enumerate(sharded["meshes"][mesh]["iterations"]):
+        what = f"mesh {mesh}, iteration {it}"
+        assert r["tokens_equal"], f"{what}: sampled tokens differ"
+        for k, d in r["rollout_max_abs"].items():
+            assert d <= ROLLOUT_ATOL * (it + 1), f"{what}: rollout {k} differs by {d:.2e}"
+        _check_stats(r["stats"], what)
+        assert r["weights_max_abs"] <= WEIGHT_ATOL_PER_ITER * (it + 1), \
+            f"{what}: updated weights differ by {r['weights_max_abs']:.2e}"
+    # the second iteration reuses every compiled program: shardings are stable across steps
+    assert sharded["meshes"][mesh]["iterations"][1]["compiles"] == 0
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_sharded_iterations_match_one_device(sharded, mesh):
+    _check_iterations(sharded, mesh)
+
+
+def test_parameters_optimizer_state_and_kv_cache_are_sharded(sharded):
+    fsdp = sharded["meshes"]["data=2,fsdp=4"]["sharding"]
+    assert fsdp["specs_follow_rule"]
+    # every leaf of this model has a dimension divisible by 4: device 0 holds exactly a quarter
+    # of the parameters, of AdamW's moments and of the reference (the step count is replicated)
+    assert fsdp["bytes_device0"] == pytest.approx(fsdp["bytes_total"] / 4, abs=64)
+    assert fsdp["embedding"] == {"shape": [V, 64], "spec": ["fsdp", "None"],
+                                 "shard_shapes": [[V // 4, 64]]}
+    data = sharded["meshes"]["data=8"]["sharding"]
+    assert data["specs_follow_rule"] and data["bytes_device0"] == data["bytes_total"]  # replicated
+    assert data["embedding"] == {"shape": [V, 64], "spec": ["None", "None"],
+                                 "shard_shapes": [[V, 64]]}
+    for mesh in MESHES:
+        _check_batch_and_kv_cache(sharded["meshes"][mesh]["sharding"], mesh)
+
+
+def _check_batch_and_kv_cache(info: dict, mesh: str) -> None:
+    assert info["batch_spec"] == ["('data', 'fsdp')", "None"], mesh
+    assert info["kv_cache_local_shape_in_hlo"] and not info["kv_cache_global_shape_in_hlo"], mesh
+
+
+@pytest.mark.slow
+def test_tensor_axis(tiny_checkpoint, tmp_path):
+    """data=2,fsdp=2,tensor=2: each weight split twice (fsdp, then tensor), rows over data x fsdp."""
+    sharded = _run_worker(tiny_checkpoint("gpt2"), tmp_path, SLOW_MESHES)
+    _check_iterations(sharded, SLOW_MESHES[0])
+    info = sharded["meshes"][SLOW_MESHES[0]]["sharding"]
+    assert info["specs_follow_rule"] and info["bytes_device0"] < info["bytes_total"] / 3
+    assert info["embedding"] == {"shape": [V, 64], "spec": ["fsdp", "tensor"],
+                                 "shard_shapes": [[V // 2, 32]]}
+    _check_batch_and_kv_cache(info, SLOW_MESHES[0])
+
+
+def test_sharded_checkpoint_restores_onto_any_mesh(sharded):
+    r = sharded["restore"]
+    assert r["same_mesh_max_abs"] == 0.0 and r["same_mesh_shardings_equal"]
+    assert r["other_mesh_max_abs"] == 0.0 and r["other_mesh_keeps_its_sharding"]
+    assert r["one_device_max_abs"] == 0.0
+    assert r["policy_dir"]
+
+
+# ---- several hosts: 2 processes x 4 CPU devices, through the CLI ------------------------------------
+CLI_ARGS = ["--no-progress", "--set", "batch_size=8", "--set", "max_new_tokens=6", "--set",
+            "max_prompt_len=8", "--set", "ppo_epochs=2", "--set", "num_minibatches=1", "--set",
+            "learning_rate=0.001", "--checkpoint-every", "1"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _train(ckpt, prompts, out, iterations, *extra, processes=1, devices=1):
+    """`ppo-rlhf train --backend jax` in `processes` processes of `devices` CPU devices each
+    (several: a multi-host job, joined through JAX_COORDINATOR_ADDRESS & co)."""
+    cmd = [sys.executable, "-m", "ppo_rlhf.cli", "train", "--backend", "jax", "--policy", str(ckpt),
+           "--reward-fn", "tests.test_trainer:length_reward", "--prompts", str(prompts), "--out",
+           str(out), "--iterations", str(iterations), *CLI_ARGS, *extra]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    port = _free_port()
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**env, **({} if processes == 1 else {
+                                  "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                                  "JAX_NUM_PROCESSES": str(processes), "JAX_PROCESS_ID": str(i)})})
+             for i in range(processes)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o[-5000:]
+    return outs
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_multihost_cli_matches_one_device_and_resumes(tiny_checkpoint, tmp_path):
+    """Two processes (4 CPU devices each) train one model on a data=2,fsdp=4 mesh spanning both,
+    as two TPU hosts would: process 0 alone writes metrics; checkpoints are written by both
+    (Orbax, each its own shards) and restored by both; metrics and the final policy match a
+    single-device run (tolerances of the module docstring), and so does a resumed run."""
+    from safetensors.numpy import load_file
+
+    ckpt = tiny_checkpoint("gpt2")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the quick\nbrown fox\na good answer\nis short\nkind and\ntrue words\n"
+                       "sun is\nrain is\nhello\n")
+    one, multi = tmp_path / "one", tmp_path / "multi"
+    _train(ckpt, prompts, one, 3)
+    outs = _train(ckpt, prompts, multi, 2, "--mesh", "data=2,fsdp=4", processes=2, devices=4)
+    assert "policy saved to" in outs[0] and "policy saved to" not in outs[1]  # process 0 only
+    assert (multi / "checkpoints" / "LATEST").read_text().strip() == "iter_00000002"
+    _train(ckpt, prompts, multi, 3, "--mesh", "data=2,fsdp=4", "--resume", processes=2, devices=4)
+    m1, m2 = _metrics(one), _metrics(multi)
+    assert [r["iteration"] for r in m2] == [0, 1, 2]  # one line per iteration: no duplicates
+    for it, (a, b) in enumerate(zip(m1, m2)):
+        _check_stats({k: (a[k], b[k]) for k in a}, f"multi-host iteration {it}", step_tokens=8 * 6)
+    w1, w2 = (load_file(str(run / "policy" / "model.safetensors")) for run in (one, multi))
+    worst = max(float(np.abs(w1[k] - w2[k]).max()) for k in w1)
+    assert worst <= 3 * WEIGHT_ATOL_PER_ITER, f"final policies differ by {worst:.2e}"
+
+
+# ---- errors (this process: one CPU device) -------------------------------------------------------
+def test_mesh_spec_parsing_and_errors():
+    from ppo_rlhf.errors import UsageError
+    from ppo_rlhf.parallel import MeshSpec, parse_mesh
+
+    assert parse_mesh("data=2,fsdp=4") == MeshSpec(data=2, fsdp=4)
+    assert parse_mesh({"fsdp": 8}).data_parallel == 8
+    assert parse_mesh(" tensor=2 , data=2 ").size == 4
+    assert str(parse_mesh("data=2,fsdp=4")) == "data=2,fsdp=4"
+    for bad, msg in [("data=2,model=4", "unknown axis 'model'"), ("data=0", "integer >= 1"),
+                     ("data", "is not AXIS=SIZE"), ("data=2,data=2", "given twice"),
+                     ("", "is empty"), ("fsdp=two", "integer >= 1")]:
+        with pytest.raises(UsageError, match=msg):
+            parse_mesh(bad)
+
+
+def test_mesh_that_does_not_fit_the_devices_and_indivisible_batches():
+    import jax
+
+    from ppo_jax.sharding import make_mesh
+    from ppo_rlhf import PPOConfig
+    from ppo_rlhf.errors import UsageError
+    from ppo_rlhf.parallel import check_data_parallel
+
+    n = jax.device_count()
+    with pytest.raises(UsageError, match=rf"mesh data=2,fsdp=4 needs .* = 8 devices, but there "
+                                         rf"are {n} CPU devices"):
+        make_mesh("data=2,fsdp=4")
+    with pytest.raises(UsageError, match="batch_size=12 cannot be split over 8"):
+        check_data_parallel(PPOConfig(batch_size=12), 8, "mesh data=8")
+    with pytest.raises(UsageError, match=r"micro-batch .* = 4 rows cannot be split over 8"):
+        check_data_parallel(PPOConfig(batch_size=16, num_minibatches=2, grad_accum_steps=2), 8,
+                            "mesh data=8")
+
+
+def test_cli_rejects_a_mesh_that_does_not_fit(tiny_checkpoint, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a b\nc d\n")
+    base = [sys.executable, "-m", "ppo_rlhf.cli", "train", "--policy", str(tiny_checkpoint("gpt2")),
+            "--reward-fn", "tests.test_trainer:length_reward", "--prompts", str(prompts),
+            "--out", str(tmp_path / "run"), "--set", "batch_size=8"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    for extra, message in [
+            (["--mesh", "data=2,fsdp=2"], "mesh data=2,fsdp=2 needs data x fsdp x tensor = "
+                                          "2 x 2 x 1 = 4 devices, but there are 1 CPU devices"),
+            (["--mesh", "data=3"], "batch_size=8 cannot be split over 3 data-parallel workers"),
+            (["--mesh", "data=2,pipeline=2"], "unknown axis 'pipeline'"),
+            (["--backend", "torch", "--mesh", "data=2"], "--mesh and --multihost are for --backend jax")]:
+        proc = subprocess.run(base + extra, env=env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr, (extra, proc.stderr)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
+    _worker(sys.argv[2], sys.argv[3], sys.argv[4].split(";"))
