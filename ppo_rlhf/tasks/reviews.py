@@ -56,7 +56,7 @@ __all__ = [
     "MAX_RESPONSE_TOKENS", "GOLD_RANGE", "tokenize", "gold_reward", "gold_details",
     "all_prompts", "train_prompts", "eval_prompts", "sample_prompts", "generate_response",
     "generate_corpus", "corpus_texts", "preference_data", "build_tokenizer", "SPECIAL_TOKENS",
-    "vocabulary", "prompt_item", "DEFAULT_MIX", "TASK",
+    "vocabulary", "prompt_item", "DEFAULT_MIX", "TASK", "demo_model_config", "DEMO_MODEL_SIZES",
 ]
 
 # ---- the grammar ---------------------------------------------------------------------------
@@ -495,6 +495,33 @@ def build_tokenizer(out_dir: str | os.PathLike[str] | None = None, *, corpus_siz
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         (out / "special_tokens_map.json").write_text(json.dumps(SPECIAL_TOKENS, indent=2) + "\n")
     return tok
+
+
+# ---- the demo model ------------------------------------------------------------------------
+
+DEMO_MODEL_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"n_embd": 32, "n_layer": 2, "n_head": 2},     # ~30k parameters: tests
+    "small": {"n_embd": 128, "n_layer": 4, "n_head": 4},   # ~0.8M parameters: the demo
+}
+
+
+def demo_model_config(size: str = "small", *, vocab_size: int | None = None) -> dict[str, Any]:
+    """The demo policy's architecture: a Hugging Face GPT2Config as a dict (config.json
+    contents), GPT-2 style (learned positions, tied embeddings, gelu_new, no dropout), with the
+    task tokenizer's vocabulary (`vocab_size` default: `build_tokenizer()`'s, about 120) and
+    special tokens. `size`: "small" (~0.8M parameters, fluent after ~2 minutes of CPU
+    pretraining) or "tiny" (~30k, for tests). n_positions = 64 covers a prompt and a response
+    (MAX_PROMPT_TOKENS + MAX_RESPONSE_TOKENS = 30) with room to spare."""
+    if size not in DEMO_MODEL_SIZES:
+        raise ValueError(f"size={size!r} is invalid: allowed {', '.join(map(repr, DEMO_MODEL_SIZES))}")
+    if vocab_size is None:
+        vocab_size = build_tokenizer().get_vocab_size()
+    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": int(vocab_size),
+            "n_positions": 64, **DEMO_MODEL_SIZES[size], "n_inner": None,
+            "activation_function": "gelu_new", "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0, "summary_first_dropout": 0.0, "layer_norm_epsilon": 1e-5,
+            "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True,
+            "tie_word_embeddings": True, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 
 
 def _task() -> Any:
