@@ -1,0 +1,278 @@
+"""Reward-model training in JAX. Mirror: `ppo_torch/reward_model.py`.
+
+    trainer = RewardModelTrainer("sft/", RMConfig(num_epochs=2), out_dir="rm/")
+    metrics = trainer.fit(train_records, eval_records)   # -> rm/ (HF scalar checkpoint)
+    metrics["eval_accuracy"]
+
+The model is a `ScalarHeadModel`: a scalar-head checkpoint, or a causal LM given a fresh score
+head by `scalar_model_from_lm(seed=config.seed)` (the same head in both backends). Every record
+is a group of K sequences with tiers (0 = best); the score of a sequence is `model.score` (the
+head at its last real token; gain 1 and bias 0 while training). Losses, batching, the held-out
+accuracy and the reward normalisation are defined in `ppo_rlhf.supervised` (module docstring).
+
+One optimiser step is one jit-compiled function (static shapes [batch_size, K, max_length], so
+it compiles once; `compiled_steps` caches it per model structure and loss): scores -> per-group
+loss -> weighted mean -> gradients -> global-norm clip (torch's formula,
+`ppo_jax.ppo.clip_by_global_norm`) -> AdamW (`ppo_jax.ppo.make_optimizer`: optax.adamw with
+eps_root=0, i.e. torch.optim.AdamW) at the learning rate `ppo_rlhf.supervised.lr_at` hands it;
+a step whose loss or gradient is not finite leaves weights and optimiser state unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from ppo_jax.models import (ScalarHeadModel, load_scalar_model, save_pretrained,
+                            scalar_model_from_lm)
+from ppo_jax.ppo import clip_by_global_norm, make_optimizer
+from ppo_rlhf import hf_checkpoint as hfc
+from ppo_rlhf.supervised import RMConfig, RMTrainerBase
+
+Array = jax.Array
+
+
+# ---- losses (per group; see ppo_rlhf.supervised) ----------------------------------------------------
+def _softplus(x: Array) -> Array:
+    """log(1 + exp(x)) = -log sigma(-x), stable for any x."""
+    return jnp.logaddexp(0.0, x)
+
+
+def _pair_masks(tiers: Array) -> tuple[Array, Array]:
+    """(ordered [B, K, K]: i strictly better than j; tied [B, K, K]: same tier, i < j)."""
+    valid = tiers >= 0
+    both = valid[:, :, None] & valid[:, None, :]
+    ti, tj = tiers[:, :, None], tiers[:, None, :]
+    K = tiers.shape[1]
+    upper = jnp.triu(jnp.ones((K, K), bool), k=1)[None]
+    return both & (ti < tj), both & (ti == tj) & upper
+
+
+def bradley_terry_loss(scores: Array, tiers: Array, margin: Array | None = None, *,
+                       ties: str = "drop") -> Array:
+    """[B]: mean over each group's ordered pairs of -log sigma(s_i - s_j - margin) (+ the tie
+    terms -log sigma(d)/2 - log sigma(-d)/2 with ties="keep"); 0 for a group without pairs."""
+    ordered, tied = _pair_masks(tiers)
+    d = scores[:, :, None] - scores[:, None, :]
+    m = 0.0 if margin is None else margin[:, None, None]
+    terms = jnp.where(ordered, _softplus(-(d - m)), 0.0)
+    n = jnp.sum(ordered, axis=(1, 2))
+    if ties == "keep":
+        terms = terms + jnp.where(tied, 0.5 * (_softplus(-d) + _softplus(d)), 0.0)
+        n = n + jnp.sum(tied, axis=(1, 2))
+    return jnp.sum(terms, axis=(1, 2)) / jnp.maximum(n, 1).astype(scores.dtype)
+
+
+def plackett_luce_loss(scores: Array, tiers: Array, *, ties: str = "drop",
+                       best_only: bool = False) -> Array:
+    """[B]: sum over responses i of (logsumexp_{j in R_i} s_j - s_i) / |tier(i)|, R_i = {i} and
+    the lower tiers (+ i's own tier with ties="keep"); best_only keeps the best tier's terms
+    (best-of-K softmax)."""
+    K = tiers.shape[1]
+    valid = tiers >= 0
+    ti, tj = tiers[:, :, None], tiers[:, None, :]
+    both = valid[:, :, None] & valid[:, None, :]
+    below = (tj >= ti) if ties == "keep" else (tj > ti)
+    risk = jnp.eye(K, dtype=bool)[None] | (both & below)   # R_i always holds i: lse is finite
+    lse = jax.nn.logsumexp(jnp.where(risk, scores[:, None, :], -jnp.inf), axis=-1)
+    tier_size = jnp.sum(both & (ti == tj), axis=-1)
+    term = (lse - scores) / jnp.maximum(tier_size, 1).astype(scores.dtype)
+    use = valid & (tiers == 0) if best_only else valid
+    return jnp.sum(jnp.where(use, term, 0.0), axis=-1)
+
+
+def rating_loss(scores: Array, targets: Array) -> Array:
+    """[B]: (score - standardised rating)^2 of K = 1 groups."""
+    return (scores[:, 0] - targets) ** 2
+
+
+def group_loss(scores: Array, tiers: Array, margin: Array, targets: Array, *,
+               loss: str = "bradley_terry", ties: str = "drop") -> Array:
+    """The per-group loss [B] of `RMConfig.loss` (scores [B, K] float32, tiers [B, K] int)."""
+    if loss == "bradley_terry":
+        return bradley_terry_loss(scores, tiers, margin, ties=ties)
+    if loss in ("plackett_luce", "best_of_k"):
+        return plackett_luce_loss(scores, tiers, ties=ties, best_only=loss == "best_of_k")
+    if loss == "rating":
+        return rating_loss(scores, targets)
+    raise ValueError(f"loss={loss!r} is invalid")
+
+
+def group_scores(model: ScalarHeadModel, input_ids: Array, attention_mask: Array) -> Array:
+    """model.score of every sequence of [B, K, T] groups -> [B, K] float32."""
+    B, K, T = input_ids.shape
+    return model.score(input_ids.reshape(B * K, T), attention_mask.reshape(B * K, T)).reshape(B, K)
+
+
+def batch_loss(model: ScalarHeadModel, batch: dict[str, Array], config: RMConfig) -> tuple[Array, Array]:
+    """(weighted mean of the group losses over the batch, scores [B, K])."""
+    scores = group_scores(model, batch["input_ids"], batch["attention_mask"])
+    per_group = group_loss(scores, batch["tiers"], batch["margin"], batch["targets"],
+                           loss=config.loss, ties=config.ties)
+    w = batch["weight"]
+    return jnp.sum(w * per_group) / jnp.maximum(jnp.sum(w), 1.0), scores
+
+
+# ---- the model ---------------------------------------------------------------------------------------
+def init_reward_model(path: str | os.PathLike, *, seed: int = 0, dtype: Any = "float32") -> ScalarHeadModel:
+    """The model to train from a checkpoint dir: a scalar-head checkpoint as it is, a causal LM
+    with a fresh score head (`scalar_model_from_lm(path, seed=seed)`)."""
+    if hfc.is_scalar_checkpoint(path):
+        return load_scalar_model(path, dtype)
+    return scalar_model_from_lm(path, seed=seed, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def compiled_steps(graphdef: Any, loss: str, ties: str, max_grad_norm: float | None, adam_eps: float,
+                   weight_decay: float) -> tuple[optax.GradientTransformation, Any, Any, Any]:
+    """(tx, step, evaluate, score) for a model structure (`graphdef`) and loss: jit-compiled
+    functions cached here, so every trainer with the same ones (a resumed run, a second model of
+    the same shape) reuses the compilation; each compiles once per input shape.
+
+      step(params, opt_state, rest, batch, lr) -> (params, opt_state, stats)
+      evaluate(params, rest, batch) -> (per-group loss [B], scores [B, K])
+      score(params, rest, ids, mask) -> scores [N]
+
+    `tx` is AdamW at learning rate 1 (`ppo_jax.ppo.make_optimizer`); `step` scales its update by
+    `lr` -- exactly what optax's own scale_by_learning_rate does -- so the learning rate comes from
+    the host (`ppo_rlhf.supervised.lr_at`) and no schedule is baked into the compiled code."""
+    tx = make_optimizer(SimpleNamespace(learning_rate=1.0, adam_eps=adam_eps, weight_decay=weight_decay))
+    cfg = SimpleNamespace(loss=loss, ties=ties)
+
+    def step(params, opt_state, rest, batch, lr):
+        def loss_fn(p):
+            return batch_loss(nnx.merge(graphdef, p, rest), batch, cfg)
+
+        (loss_value, scores), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        grads, grad_norm = clip_by_global_norm(grads, max_grad_norm)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        updates = jax.tree.map(lambda u: lr * u, updates)
+        new_params = optax.apply_updates(params, updates)
+        # a non-finite loss or gradient skips the step: params and optimiser state unchanged
+        ok = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+        params = jax.tree.map(keep, new_params, params)
+        opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+        return params, opt_state, {"loss": loss_value, "grad_norm": grad_norm, "skipped": ~ok,
+                                   "scores": scores}
+
+    def evaluate(params, rest, batch):
+        scores = group_scores(nnx.merge(graphdef, params, rest), batch["input_ids"],
+                              batch["attention_mask"])
+        return group_loss(scores, batch["tiers"], batch["margin"], batch["targets"], loss=loss,
+                          ties=ties), scores
+
+    def score(params, rest, ids, mask):
+        return nnx.merge(graphdef, params, rest).score(ids, mask)
+
+    return tx, jax.jit(step, donate_argnums=(0, 1)), jax.jit(evaluate), jax.jit(score)
+
+
+class RewardModelTrainer(RMTrainerBase):
+    """Reward-model trainer (JAX). `model`: a checkpoint dir (causal LM or scalar head; see
+    `init_reward_model`) or a `ScalarHeadModel`; `tokenizer`: a transformers tokenizer or its
+    dir (default: the model dir's). `fit(train, eval)` trains, evaluates, normalises and saves
+    to out_dir (see `ppo_rlhf.supervised.RMTrainerBase.fit`)."""
+
+    backend = "jax"
+
+    def __init__(self, model: Any, config: RMConfig = RMConfig(), *, tokenizer: Any = None,
+                 out_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
+                 keep_checkpoints: int = 2):
+        if not isinstance(config, RMConfig):
+            raise TypeError(f"config must be an RMConfig, got {type(config).__name__}")
+        super().__init__(config, tokenizer=tokenizer, out_dir=out_dir,
+                         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+                         model_path=model)
+        if isinstance(model, (str, os.PathLike)):
+            model = init_reward_model(model, seed=config.seed)
+        if not isinstance(model, ScalarHeadModel):
+            raise TypeError(f"model must be a checkpoint dir or a ScalarHeadModel, got "
+                            f"{type(model).__name__}")
+        model.reward_gain, model.reward_bias = 1.0, 0.0  # train the raw head
+        self._def, self.params, self._rest = nnx.split(model, nnx.Param, ...)
+        self.tx, self._step, self._evaluate, self._score_fn = compiled_steps(
+            self._def, config.loss, config.ties, config.max_grad_norm, config.adam_eps,
+            config.weight_decay)
+        self.opt_state = None
+        self._group_size = 2
+        self.gain, self.bias = 1.0, 0.0
+
+    def model(self) -> ScalarHeadModel:
+        """The current model with the current reward gain / bias (shares the arrays)."""
+        m = nnx.merge(self._def, self.params, self._rest)
+        m.reward_gain, m.reward_bias = self.gain, self.bias
+        return m
+
+    # ---- the step ------------------------------------------------------------------------------
+    def _init_optimizer(self, total_steps: int) -> None:  # noqa: ARG002 -- lr comes per step
+        self.opt_state = self.tx.init(self.params)
+
+    def _train_step(self, batch: dict[str, np.ndarray], lr: float) -> dict[str, Any]:
+        arrays = {k: jnp.asarray(v) for k, v in batch.items()}
+        self.params, self.opt_state, stats = self._step(self.params, self.opt_state, self._rest,
+                                                        arrays, jnp.float32(lr))
+        return jax.device_get(stats)
+
+    def _eval_step(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        out = self._evaluate(self.params, self._rest, {k: jnp.asarray(v) for k, v in batch.items()})
+        return jax.device_get(out)
+
+    def _score(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return np.asarray(self._score_fn(self.params, self._rest, jnp.asarray(ids), jnp.asarray(mask)))
+
+    # ---- weights out -------------------------------------------------------------------------------
+    def set_normalisation(self, gain: float, bias: float) -> None:
+        self.gain, self.bias = float(gain), float(bias)
+
+    def save_model(self, path: str | os.PathLike) -> None:
+        """The reward model (with its gain / bias) + tokenizer as a Hugging Face scalar-head
+        checkpoint: loads with `load_scalar_model` in both backends and with
+        transformers.AutoModelForSequenceClassification."""
+        save_pretrained(self.model(), path)
+        self._save_tokenizer(path)
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """state/: Orbax checkpoint of {params, opt_state}; model/: the HF checkpoint."""
+        import orbax.checkpoint as ocp
+
+        path = Path(path).absolute()
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(path / "state", {"params": self.params, "opt_state": self.opt_state})
+        ckptr.wait_until_finished()
+        self.save_model(path / "model")
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        import orbax.checkpoint as ocp
+
+        from ppo_rlhf.ckpt import CorruptCheckpoint
+
+        target = {"params": self.params, "opt_state": self.opt_state}
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+        try:
+            restored = ocp.StandardCheckpointer().restore(Path(path).absolute() / "state", abstract)
+        except Exception as e:  # noqa: BLE001 -- Orbax raises many types; name the checkpoint
+            raise CorruptCheckpoint(f"{path}: cannot restore the trainer state: {e}") from None
+        self.params, self.opt_state = restored["params"], restored["opt_state"]
+
+
+def train_reward_model(model: Any, train: Iterable[Any], eval: Iterable[Any] | None = None, *,
+                       config: RMConfig = RMConfig(), tokenizer: Any = None,
+                       out_dir: str | os.PathLike | None = None, progress: bool = True,
+                       **fit_kw: Any) -> tuple[RewardModelTrainer, dict[str, Any]]:
+    """`RewardModelTrainer(model, config, ...).fit(train, eval)`: (trainer, final metrics)."""
+    trainer = RewardModelTrainer(model, config, tokenizer=tokenizer, out_dir=out_dir)
+    return trainer, trainer.fit(train, eval, progress=progress, **fit_kw)
+
+
+__all__ = ["RewardModelTrainer", "train_reward_model", "init_reward_model", "compiled_steps", "group_loss",
+           "group_scores", "batch_loss", "bradley_terry_loss", "plackett_luce_loss", "rating_loss"]

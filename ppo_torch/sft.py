@@ -1,0 +1,191 @@
+"""Pretraining and supervised fine-tuning of a causal LM in PyTorch. Mirror: `ppo_jax/sft.py`.
+
+    trainer = SFTTrainer("ckpt/", SFTConfig(num_steps=500), out_dir="sft/")
+    metrics = trainer.fit(examples)        # texts and/or (prompt, response) pairs -> sft/
+
+Next-token cross-entropy averaged over the batch's target tokens: every token after the first of
+a plain text, the response tokens (and EOS) of a (prompt, response) pair -- see
+`ppo_rlhf.supervised` for tokenisation, fixed shapes, the seeded batch order and the learning-rate
+schedule. One optimiser step: forward -> masked token-mean NLL -> backward -> global-norm clip
+(`ppo_torch.ppo.clip_by_global_norm`) -> AdamW (`ppo_torch.ppo.make_optimizer`) at the host's
+learning rate; a non-finite loss or gradient leaves weights and optimiser state unchanged. Dropout is off.
+
+A fresh model for pretraining: `ppo_rlhf.supervised.write_fresh_checkpoint(dir, hf_config, seed=)`
+(numpy init, identical for both backends), then `SFTTrainer(dir, ...)`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from ppo_rlhf.supervised import SFTConfig, SFTTrainerBase
+from ppo_torch.losses import logprobs_from_logits
+from ppo_torch.models import CausalLM, load_pretrained, save_pretrained
+from ppo_torch.ppo import clip_by_global_norm, make_optimizer
+
+Tensor = torch.Tensor
+
+
+def _tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, Tensor]:
+    """numpy batch -> tensors on `device` (integers as int64)."""
+    out = {}
+    for k, v in batch.items():
+        t = torch.from_numpy(np.array(v, copy=True))
+        out[k] = (t.long() if np.issubdtype(np.asarray(v).dtype, np.integer) else t).to(device)
+    return out
+
+
+def token_nll(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(sum of -log p(token t | tokens < t) over the targets, number of targets): logits at
+    position t - 1 predict token t, which counts where loss_mask[:, t] == 1 (t >= 1)."""
+    lp = logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])
+    target = loss_mask[:, 1:] != 0
+    zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
+    return -torch.where(target, lp, zero).sum(), target.sum()
+
+
+def sft_loss(model: CausalLM, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(token-mean next-token NLL of the batch, number of target tokens)."""
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    total, n = token_nll(logits, batch["input_ids"], batch["loss_mask"])
+    return total / n.clamp(min=1).to(total.dtype), n
+
+
+class SFTTrainer(SFTTrainerBase):
+    """Causal-LM trainer (PyTorch). `model`: a checkpoint dir or a `CausalLM` (trained in
+    float32); `tokenizer`: a transformers tokenizer or its dir (default: the model dir's).
+    `fit(train, eval)` trains config.num_steps steps and saves the model + tokenizer to out_dir
+    (see `ppo_rlhf.supervised.SFTTrainerBase.fit`). `device`: default "cuda" when available."""
+
+    backend = "torch"
+
+    def __init__(self, model: Any, config: SFTConfig = SFTConfig(), *, tokenizer: Any = None,
+                 out_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
+                 keep_checkpoints: int = 2, device: Any = None):
+        if not isinstance(config, SFTConfig):
+            raise TypeError(f"config must be an SFTConfig, got {type(config).__name__}")
+        super().__init__(config, tokenizer=tokenizer, out_dir=out_dir,
+                         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+                         model_path=model)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if isinstance(model, (str, os.PathLike)):
+            model = load_pretrained(model)
+        if not isinstance(model, CausalLM):
+            raise TypeError(f"model must be a checkpoint dir or a CausalLM, got {type(model).__name__}")
+        self._model = model.to(self.device).eval()  # eval: no dropout; gradients still flow
+
+    def model(self) -> CausalLM:
+        """The model being trained."""
+        return self._model
+
+    # ---- the step ------------------------------------------------------------------------------
+    def _init_optimizer(self, total_steps: int) -> None:  # noqa: ARG002 -- lr comes per step
+        cfg = self.config
+        self.params = [p for p in self._model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.params, SimpleNamespace(
+            learning_rate=cfg.learning_rate, adam_eps=cfg.adam_eps, weight_decay=cfg.weight_decay))
+
+    def _train_step(self, batch: dict[str, np.ndarray], lr: float) -> dict[str, Any]:
+        cfg = self.config
+        b = _tensors(batch, self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, n = sft_loss(self._model, b)
+        loss.backward()
+        grad_norm = clip_by_global_norm(self.params, cfg.max_grad_norm)
+        # a non-finite loss or gradient skips the step: params, optimiser and schedule unchanged
+        ok = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        if ok:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr  # the host's schedule (ppo_rlhf.supervised.lr_at)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss.item(), "tokens": int(n), "grad_norm": grad_norm.item(), "skipped": not ok}
+
+    @torch.no_grad()
+    def _eval_step(self, batch: dict[str, np.ndarray]) -> tuple[float, float]:
+        b = _tensors(batch, self.device)
+        logits = self._model(b["input_ids"], attention_mask=b["attention_mask"])
+        total, n = token_nll(logits, b["input_ids"], b["loss_mask"])
+        return float(total), float(n)
+
+    # ---- weights out -------------------------------------------------------------------------------
+    def save_model(self, path: str | os.PathLike) -> None:
+        """The model + tokenizer as a Hugging Face causal-LM checkpoint (loads in both backends
+        and in transformers)."""
+        save_pretrained(self._model, path)
+        self._save_tokenizer(path)
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """state/model.safetensors + state/optimizer.pt (AdamW); model/: the HF checkpoint.
+        The learning rate is a function of the step count in the trainer state."""
+        from safetensors.torch import save_file
+
+        state = Path(path) / "state"
+        state.mkdir(parents=True, exist_ok=True)
+        save_file({n: p.detach().cpu().contiguous() for n, p in self._model.named_parameters()},
+                  str(state / "model.safetensors"))
+        torch.save(self.optimizer.state_dict(), state / "optimizer.pt")
+        self.save_model(Path(path) / "model")
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        from safetensors.torch import load_file
+
+        from ppo_rlhf.ckpt import CorruptCheckpoint
+
+        state = Path(path) / "state"
+        try:
+            tensors = load_file(str(state / "model.safetensors"))
+            opt = torch.load(state / "optimizer.pt", weights_only=True, map_location=self.device)
+        except Exception as e:  # noqa: BLE001 -- name the checkpoint, whatever failed
+            raise CorruptCheckpoint(f"{path}: cannot restore the trainer state: {e}") from None
+        with torch.no_grad():
+            for name, p in self._model.named_parameters():
+                p.copy_(tensors[name].to(p.device, p.dtype))
+        self.optimizer.load_state_dict(opt)
+
+
+def train_sft(model: Any, train: Iterable[Any], eval: Iterable[Any] | None = None, *,
+              config: SFTConfig = SFTConfig(), tokenizer: Any = None,
+              out_dir: str | os.PathLike | None = None, progress: bool = True,
+              **fit_kw: Any) -> tuple[SFTTrainer, dict[str, Any]]:
+    """`SFTTrainer(model, config, ...).fit(train, eval)`: (trainer, final metrics)."""
+    trainer = SFTTrainer(model, config, tokenizer=tokenizer, out_dir=out_dir)
+    return trainer, trainer.fit(train, eval, progress=progress, **fit_kw)
+
+
+def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
+                     temperature: float = 0.7, seed: int = 0, max_prompt_len: int | None = None,
+                     batch_size: int = 64) -> list[str]:
+    """Sample one response per prompt (`ppo_torch.generate.generate`, stopping at EOS) and
+    decode it (special tokens skipped). `model`: a CausalLM or a checkpoint dir. Prompts are
+    processed in left-padded batches of `batch_size`; batch i uses a torch.Generator seeded with
+    seed + i (the samples differ from the JAX twin's, which draws from jax.random)."""
+    from ppo_rlhf.loop import decode_responses, tokenize_prompts
+    from ppo_torch.generate import generate
+
+    if isinstance(model, (str, os.PathLike)):
+        model = load_pretrained(model)
+    prompts = list(prompts)
+    if max_prompt_len is None:
+        max_prompt_len = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    out: list[str] = []
+    for i, start in enumerate(range(0, len(prompts), batch_size)):
+        chunk = prompts[start:start + batch_size]
+        q, qm, _ = tokenize_prompts(tokenizer, chunk, max_prompt_len)
+        gen = generate(model, q, qm, max_new_tokens=max_new_tokens, temperature=temperature,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=int(pad or 0),
+                       generator=torch.Generator(device=device).manual_seed(seed + i))
+        out += decode_responses(tokenizer, gen.response_ids.cpu().numpy(),
+                                gen.response_mask.cpu().numpy())
+    return out
+
+
+__all__ = ["SFTTrainer", "train_sft", "sft_loss", "token_nll", "sample_responses"]
