@@ -22,6 +22,8 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("label", "ppo_rlhf.label_tool", "label responses by hand (choose / rank / rate)"),
     ("train", "ppo_rlhf.cli_ppo:add_train_parser", "PPO fine-tuning against a reward"),
     ("eval", "ppo_rlhf.cli_ppo:add_eval_parser", "evaluate a policy"),
+    ("train-rm", "ppo_rlhf.cli_supervised:add_train_rm_parser", "train a reward model"),
+    ("pretrain", "ppo_rlhf.cli_supervised:add_pretrain_parser", "pretrain / SFT a policy"),
 ]
 
 
