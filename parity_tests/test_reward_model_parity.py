@@ -1,0 +1,355 @@
+"""Parity of supervised training: reward-model losses against a plain-numpy reference, and the
+JAX and PyTorch trainers (reward model and SFT) against each other, step for step.
+
+How the optimisers map (both backends call their `ppo.make_optimizer` and `ppo.clip_by_global_norm`):
+- AdamW: optax.adamw(lr, b1=0.9, b2=0.999, eps, eps_root=0, weight_decay=wd) and
+  torch.optim.AdamW(lr, betas=(0.9, 0.999), eps, weight_decay=wd) compute the same update:
+  m_t, v_t exponential moments; BOTH bias-corrected (m_hat = m_t / (1 - b1^t), v_hat = v_t /
+  (1 - b2^t)); eps added OUTSIDE the square root (sqrt(v_hat) + eps; optax's eps_root=0);
+  decoupled weight decay lr_t * wd * param applied to every parameter (optax adds wd * param to
+  the Adam direction and scales the sum by lr_t; torch multiplies the param by 1 - lr_t * wd
+  first -- the same arithmetic, as the Adam direction does not depend on the param).
+- learning rate: `ppo_rlhf.supervised.lr_at(number of APPLIED updates, total)` computed on the
+  host and handed to both steps: JAX multiplies the update of optax.adamw(learning_rate=1) by it
+  (exactly what optax's scale_by_learning_rate does), torch sets it in the param groups.
+- clipping: grads * min(1, max_norm / (global_norm + 1e-6)) (torch's clip_grad_norm_ formula;
+  optax.clip_by_global_norm has no 1e-6, so it is not used).
+
+Tolerances (float32), measured and explained:
+- Same weights, same batch: the two backends' matmuls round differently (~1e-7 relative per op),
+  so scores agree to ~1e-6, losses to ~2e-7 relative and each gradient tensor to ~4e-6 of its
+  largest entry (GRAD_TOL = 1e-5). Exception: the final LayerNorm's bias shifts every score
+  alike, which no preference loss sees -- its exact gradient is 0 (checked as such).
+- After N AdamW steps: Adam divides each gradient by sqrt(v_hat) + eps, so a gradient component's
+  rounding error enters its update as lr * (its relative error): small components (relative
+  errors up to ~1e-2) move by up to ~lr * 1e-2 differently per step. With lr = 1e-3 and 6 steps
+  the weights agree to ~1.1e-5 absolute while moving by ~3.5e-3 (WEIGHT_TOL = 2e-5: 0.6% of the
+  motion) -- except the entries whose exact gradient is 0 (`null_entries`): Adam turns their
+  rounding noise into full-size steps of random sign, so they are compared separately.
+- The losses (f64: 1e-12; f32: 1e-6 relative) match the numpy reference exactly up to rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import ppo_jax.reward_model as jrm
+import ppo_torch.reward_model as trm
+from ppo_rlhf.supervised import RMConfig, SFTConfig, encode_preferences
+
+LOSSES = ("bradley_terry", "plackett_luce", "best_of_k")
+
+
+# ---- plain-numpy reference -----------------------------------------------------------------------
+def neg_log_sigmoid(x):
+    return math.log1p(math.exp(-x)) if x > -30 else -x + math.log1p(math.exp(x))
+
+
+def ref_group_loss(scores, tiers, margin, targets, loss, ties):
+    """One group at a time, one formula per line (see ppo_rlhf.supervised's docstring)."""
+    out = []
+    for s, t, m, z in zip(scores, tiers, margin, targets):
+        idx = [i for i in range(len(t)) if t[i] >= 0]
+        if loss == "rating":
+            out.append((s[0] - z) ** 2)
+        elif loss == "bradley_terry":
+            terms = [neg_log_sigmoid(s[i] - s[j] - m) for i in idx for j in idx if t[i] < t[j]]
+            if ties == "keep":
+                terms += [0.5 * neg_log_sigmoid(s[i] - s[j]) + 0.5 * neg_log_sigmoid(s[j] - s[i])
+                          for i in idx for j in idx if i < j and t[i] == t[j]]
+            out.append(sum(terms) / len(terms) if terms else 0.0)
+        else:  # Plackett-Luce: -log prod_i [exp(s_i) / sum_{j in R_i} exp(s_j)] ^ (1 / |tier(i)|)
+            total = 0.0
+            for i in idx:
+                if loss == "best_of_k" and t[i] != 0:
+                    continue
+                risk = [j for j in idx if j == i or t[j] > t[i] or (ties == "keep" and t[j] == t[i])]
+                tier_size = sum(1 for j in idx if t[j] == t[i])
+                total += -(s[i] - math.log(sum(math.exp(s[j]) for j in risk))) / tier_size
+            out.append(total)
+    return np.asarray(out)
+
+
+def random_groups(seed, B=6, K=4):
+    """Scores, tiers with ties and absent slots (each group with >= 2 real slots), margins,
+    targets."""
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(0, 2, (B, K))
+    tiers = np.full((B, K), -1)
+    for b in range(B):
+        k = rng.integers(2, K + 1)
+        tiers[b, :k] = rng.integers(0, k, size=k)
+        tiers[b, :k] -= tiers[b, :k].min()
+    tiers[0, :2] = [0, 1]
+    tiers[1, :3] = [1, 1, 0] if K >= 3 else tiers[1, :3]
+    return scores, tiers, rng.normal(0, 0.5, B), rng.normal(0, 1, B)
+
+
+@contextlib.contextmanager
+def _x64(dtype):
+    with (jax.enable_x64(True) if dtype == np.float64 else contextlib.nullcontext()):
+        yield
+
+
+def _jax_loss(scores, tiers, margin, targets, loss, ties, grad=True):
+    with _x64(scores.dtype):
+        if not grad:
+            return np.asarray(jrm.group_loss(jnp.asarray(scores), jnp.asarray(tiers), jnp.asarray(margin),
+                                             jnp.asarray(targets), loss=loss, ties=ties)), None
+        f = lambda s: jnp.sum(jrm.group_loss(s, jnp.asarray(tiers), jnp.asarray(margin),  # noqa: E731
+                                             jnp.asarray(targets), loss=loss, ties=ties) * jnp.arange(1, len(s) + 1))
+        per = jrm.group_loss(jnp.asarray(scores), jnp.asarray(tiers), jnp.asarray(margin),
+                             jnp.asarray(targets), loss=loss, ties=ties)
+        return np.asarray(per), np.asarray(jax.grad(f)(jnp.asarray(scores)))
+
+
+def _torch_loss(scores, tiers, margin, targets, loss, ties, grad=True):
+    s = torch.from_numpy(scores.copy()).requires_grad_(True)
+    per = trm.group_loss(s, torch.from_numpy(tiers), torch.from_numpy(margin), torch.from_numpy(targets),
+                         loss=loss, ties=ties)
+    (per * torch.arange(1, len(scores) + 1, dtype=s.dtype)).sum().backward()
+    return per.detach().numpy(), s.grad.numpy()
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-6)])
+@pytest.mark.parametrize("loss", LOSSES + ("rating",))
+@pytest.mark.parametrize("ties", ["drop", "keep"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_group_losses_match_numpy_reference_values_and_grads(dtype, tol, loss, ties, seed):
+    scores, tiers, margin, targets = (x.astype(dtype) if x.dtype.kind == "f" else x
+                                      for x in random_groups(seed))
+    if loss == "rating":
+        tiers = np.where(np.arange(tiers.shape[1]) == 0, 0, -1)[None].repeat(len(tiers), 0)
+    want = ref_group_loss(scores.astype(np.float64), tiers, margin.astype(np.float64), targets, loss, ties)
+    # reference gradient of sum_b (b + 1) * loss_b, by central differences in float64
+    h, s64 = 1e-6, scores.astype(np.float64)
+    w = np.arange(1, len(s64) + 1)
+    num = np.zeros_like(s64)
+    for idx in np.ndindex(*s64.shape):
+        up, dn = s64.copy(), s64.copy()
+        up[idx] += h
+        dn[idx] -= h
+        num[idx] = (w @ ref_group_loss(up, tiers, margin, targets, loss, ties)
+                    - w @ ref_group_loss(dn, tiers, margin, targets, loss, ties)) / (2 * h)
+    for name, fn in (("jax", _jax_loss), ("torch", _torch_loss)):
+        val, grad = fn(scores, tiers, margin, targets, loss, ties)
+        assert val.dtype == dtype and grad.dtype == dtype, name
+        np.testing.assert_allclose(val, want, rtol=tol, atol=tol, err_msg=f"{name} value")
+        # finite differences are good to ~1e-8 in float64
+        np.testing.assert_allclose(grad, num, rtol=max(tol, 1e-6), atol=max(tol, 1e-6), err_msg=f"{name} grad")
+
+
+def test_plackett_luce_is_a_distribution_over_rankings_and_reduces_to_bradley_terry():
+    """exp(-PL loss) summed over all K! strict rankings is 1; best-of-K's over the K choices of the
+    best is 1; for K = 2 all three losses are -log sigma(s_chosen - s_rejected)."""
+    perms = np.array(list(itertools.permutations(range(4))))   # tiers = the rank of each response
+    s = np.array([[0.3, -1.2, 2.0, 0.5]]).repeat(len(perms), 0)
+    best = 1 - np.eye(4, dtype=np.int64)                          # response b alone in tier 0
+    z = np.zeros(len(perms))
+    for name, fn in (("jax", _jax_loss), ("torch", _torch_loss)):
+        pl = fn(s, perms, z, z, "plackett_luce", "drop", grad=False)[0]
+        assert np.exp(-pl).sum() == pytest.approx(1.0, abs=1e-12), name
+        bok = fn(s[:4], best, z[:4], z[:4], "best_of_k", "drop", grad=False)[0]
+        assert np.exp(-bok).sum() == pytest.approx(1.0, abs=1e-12), name
+        pair = np.array([[1.5, -0.25]])
+        for loss in LOSSES:
+            v = fn(pair, np.array([[0, 1]]), z[:1], z[:1], loss, "drop", grad=False)[0][0]
+            assert v == pytest.approx(neg_log_sigmoid(1.75), abs=1e-12), (name, loss)
+
+
+# ---- models ------------------------------------------------------------------------------------
+GRAD_TOL = 1e-5    # |g_jax - g_torch| <= GRAD_TOL * max|g| per tensor; measured <= 4e-6
+WEIGHT_TOL = 2e-5  # absolute, after 6 AdamW steps at lr 1e-3
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_checkpoint("gpt2")))
+
+
+@pytest.fixture(scope="module")
+def rankings():
+    from ppo_rlhf.tasks import reviews
+
+    return reviews.preference_data(24, kind="ranking", k=3, seed=4).records
+
+
+def _jax_grads(ckpt, batch, cfg):
+    from flax import nnx
+
+    from ppo_jax.models import scalar_model_from_lm
+    from ppo_jax.models.loading import hf_name
+
+    gdef, params, rest = nnx.split(scalar_model_from_lm(ckpt, seed=5), nnx.Param, ...)
+    b = {k: jnp.asarray(v) for k, v in batch.items()}
+    fn = jax.jit(jax.value_and_grad(lambda p, r, b: jrm.batch_loss(nnx.merge(gdef, p, r), b, cfg),
+                                    has_aux=True))  # as the trainer runs it: under jit
+    (loss, scores), grads = fn(params, rest, b)
+    out = {}
+    for path, v in nnx.to_flat_state(grads):
+        name, transpose = hf_name(path, "gpt2")
+        out[name] = np.asarray(v[...]).T if transpose else np.asarray(v[...])
+    return float(loss), np.asarray(scores), out
+
+
+def _torch_grads(ckpt, batch, cfg):
+    from ppo_torch.models import scalar_model_from_lm
+
+    model = scalar_model_from_lm(ckpt, seed=5)
+    loss, scores = trm.batch_loss(model, trm._tensors(batch, torch.device("cpu")), cfg)
+    loss.backward()
+    return loss.item(), scores.detach().numpy(), {
+        n.removeprefix("hf_model."): p.grad.numpy().copy() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("loss,ties", [("bradley_terry", "drop"), ("plackett_luce", "keep"),
+                                       ("best_of_k", "drop")])
+def test_same_init_same_batch_same_loss_and_gradients(tiny_checkpoint, tok, rankings, loss, ties):
+    cfg = RMConfig(loss=loss, ties=ties, max_length=40)
+    g = encode_preferences(rankings, tok, cfg)
+    batch = g.batch(np.arange(8), np.array([1, 1, 1, 1, 1, 1, 1, 0], np.float32))
+    lj, sj, gj = _jax_grads(tiny_checkpoint("gpt2"), batch, cfg)
+    lt, st, gt = _torch_grads(tiny_checkpoint("gpt2"), batch, cfg)
+    np.testing.assert_allclose(sj, st, rtol=1e-5, atol=1e-6)
+    assert lj == pytest.approx(lt, rel=2e-6)
+    assert set(gj) == set(gt)
+    top = max(float(np.abs(v).max()) for v in gt.values())
+    for k, null in null_entries(gt, preference=True).items():
+        # exact gradient 0, both backends return rounding noise (~1e-9)
+        assert np.abs(gj[k][null]).max() < 1e-6 * top and np.abs(gt[k][null]).max() < 1e-6 * top, k
+    gj, gt = (without_null_entries(g, preference=True) for g in (gj, gt))
+    for k in gj:
+        if gj[k].size == 0:
+            continue
+        scale = float(np.abs(gt[k]).max())
+        assert scale > 1e-4 * top, k  # every other parameter gets a real gradient
+        np.testing.assert_allclose(gj[k], gt[k], rtol=0, atol=GRAD_TOL * scale, err_msg=k)
+
+
+def null_entries(tensors, *, preference):
+    """{name: bool mask} of GPT-2 parameter entries whose exact gradient is 0: the key part of
+    every c_attn bias (q . (k + b) shifts all of a query's attention logits alike, which the
+    softmax ignores) and, for a preference loss, the final LayerNorm's bias (it shifts every score
+    by the same amount, which no preference loss sees). Rounding noise is all their gradient
+    holds (~1e-9), and Adam normalises noise to full-size steps (m_hat / (sqrt(v_hat) + eps) ~ +-1
+    with eps = 1e-8) in directions that differ between backends: such entries drift apart by up
+    to ~lr per step without changing any output (or any preference), so weight parity is checked
+    on the other entries."""
+    H = tensors["transformer.ln_f.bias"].shape[0]
+    out = {}
+    for k, v in tensors.items():
+        if k.endswith("attn.c_attn.bias"):
+            out[k] = (np.arange(3 * H) >= H) & (np.arange(3 * H) < 2 * H)
+        elif k == "transformer.ln_f.bias" and preference:
+            out[k] = np.ones(H, bool)
+    return out
+
+
+def without_null_entries(tensors, *, preference):
+    nulls = null_entries(tensors, preference=preference)
+    return {k: (v[~nulls[k]] if k in nulls else v) for k, v in tensors.items()}
+
+
+def _tensors_of(trainer):
+    if trainer.backend == "jax":
+        from ppo_jax.models import model_tensors
+    else:
+        from ppo_torch.models import model_tensors
+    return model_tensors(trainer.model())
+
+
+@pytest.mark.parametrize("loss", ["plackett_luce"])
+def test_adamw_steps_give_the_same_weights(tiny_checkpoint, rankings, loss):
+    cfg = RMConfig(loss=loss, learning_rate=1e-3, batch_size=4, max_length=40, weight_decay=0.01,
+                   max_grad_norm=0.5, warmup_steps=2, lr_schedule="linear", max_steps=6,
+                   normalise=False)
+    ckpt = str(tiny_checkpoint("gpt2"))
+    tj = jrm.RewardModelTrainer(ckpt, cfg)
+    tt = trm.RewardModelTrainer(ckpt, cfg, device="cpu")
+    start = _tensors_of(tj)
+    tj.fit(rankings, progress=False)
+    tt.fit(rankings, progress=False)
+    hj, ht = tj.history, tt.history
+    assert len(hj) == len(ht) == 6
+    for a, b in zip(hj, ht):
+        assert a["train/lr"] == b["train/lr"]
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
+        assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-4)
+    assert max(h["train/grad_norm"] for h in hj) > 0.5  # clipping was active
+    wj, wt = _tensors_of(tj), _tensors_of(tt)
+    assert set(wj) == set(wt)
+    _compare_weights(wj, wt, start, preference=True)
+    # the null entries differ (see null_entries) but change no preference: the two models'
+    # scores differ by one constant shift (the final LayerNorm bias), nothing else
+    ids = np.random.default_rng(0).integers(4, 500, size=(6, 12))
+    sj = np.asarray(tj.model().score(ids))
+    with torch.no_grad():
+        st = tt.model().score(torch.from_numpy(ids)).numpy()
+    assert np.ptp(sj - st) < 1e-5, sj - st
+
+
+def _compare_weights(wj, wt, start, *, preference):
+    nj, nt = (without_null_entries(w, preference=preference) for w in (wj, wt))
+    ns = without_null_entries(start, preference=preference)
+    worst = max(float(np.abs(nj[k] - nt[k]).max()) for k in nj if nj[k].size)
+    moved = max(float(np.abs(nj[k] - ns[k]).max()) for k in nj if nj[k].size)
+    assert moved > 1e-3 and worst < WEIGHT_TOL, (worst, moved)
+
+
+@pytest.mark.parametrize("trained_in", ["jax", "torch"])
+def test_reward_model_trained_in_one_backend_scores_the_same_in_the_other(tiny_checkpoint, tok,
+                                                                           tmp_path, trained_in):
+    from ppo_rlhf.tasks import reviews
+
+    data = reviews.preference_data(16, seed=6).records
+    cfg = RMConfig(learning_rate=1e-3, batch_size=8, max_length=40, eval_fraction=0.0)
+    mod = jrm if trained_in == "jax" else trm
+    t = mod.RewardModelTrainer(str(tiny_checkpoint("gpt2")), cfg, out_dir=tmp_path / "rm")
+    m = t.fit(data, progress=False)
+    g = encode_preferences(data, tok, cfg)
+    ids, mask = g.input_ids[:, 0], g.attention_mask[:, 0]
+    mj = jrm.init_reward_model(tmp_path / "rm")
+    mt = trm.init_reward_model(tmp_path / "rm")
+    for model in (mj, mt):
+        assert (model.reward_gain, model.reward_bias) == (m["reward_gain"], m["reward_bias"])
+    sj = np.asarray(mj.score(ids, mask))
+    with torch.no_grad():
+        st = mt.score(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    np.testing.assert_allclose(sj, st, atol=1e-5)
+    # and the trainer's own model agrees with what it saved
+    own = t.sequence_scores([r.prompt for r in data], [r.chosen for r in data])
+    np.testing.assert_allclose(m["reward_gain"] * own + m["reward_bias"], sj, atol=1e-5)
+
+
+# ---- SFT -----------------------------------------------------------------------------------------
+def test_sft_steps_give_the_same_loss_and_weights(tiny_checkpoint, tok):
+    import ppo_jax.sft as jsft
+    import ppo_torch.sft as tsft
+    from ppo_rlhf.tasks import reviews
+
+    pairs = reviews.generate_corpus(16, seed=3)
+    examples = [pairs[i] if i % 2 else f"{pairs[i][0]} {pairs[i][1]}" for i in range(16)]
+    cfg = SFTConfig(num_steps=6, batch_size=4, max_length=40, learning_rate=1e-3, weight_decay=0.01,
+                    max_grad_norm=0.5, warmup_steps=2)
+    ckpt = str(tiny_checkpoint("gpt2"))
+    tj, tt = jsft.SFTTrainer(ckpt, cfg), tsft.SFTTrainer(ckpt, cfg, device="cpu")
+    start = _tensors_of(tj)
+    tj.fit(examples, progress=False)
+    tt.fit(examples, progress=False)
+    for a, b in zip(tj.history, tt.history):
+        assert (a["train/lr"], a["train/tokens"]) == (b["train/lr"], b["train/tokens"])
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
+        assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-4)
+    wj, wt = _tensors_of(tj), _tensors_of(tt)
+    assert set(wj) == set(wt)
+    _compare_weights(wj, wt, start, preference=False)
