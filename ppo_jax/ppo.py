@@ -124,6 +124,7 @@ class PPOTrainer(TrainerBase):
 
     backend = "jax"
 
+    @sharding.builds_on_host  # a mesh: load into host memory, then shard onto the devices
     def __init__(self, policy: Any, reward: Any, prompts: Any = None, *,
                  config: PPOConfig = PPOConfig(), reference: Any = None, critic: Any = None,
                  tokenizer: Any = None, out_dir: str | os.PathLike | None = None,

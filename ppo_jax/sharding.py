@@ -42,8 +42,9 @@ by process 0. Host-side rewards see the whole batch on every host.
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -273,10 +274,28 @@ class Placement:
         return nnx.merge(graphdef, fetch(state))
 
 
+def builds_on_host(init: Callable) -> Callable:
+    """Decorator for a trainer's `__init__(..., mesh=...)`: with a mesh, the models are loaded
+    into host memory (the CPU backend as JAX's default device) and only then placed, sharded, on
+    the mesh -- instead of whole onto the first accelerator, which could not hold a model that
+    needs FSDP. Without a mesh, or where the CPU is the only backend: nothing changes."""
+    @functools.wraps(init)
+    def wrapper(self: Any, *args: Any, mesh: Any = None, **kwargs: Any) -> None:
+        try:
+            cpu = jax.local_devices(backend="cpu")[0]
+        except RuntimeError:  # no CPU backend
+            cpu = None
+        if mesh is None or cpu is None or jax.default_backend() == "cpu":
+            return init(self, *args, mesh=mesh, **kwargs)
+        with jax.default_device(cpu):
+            return init(self, *args, mesh=mesh, **kwargs)
+    return wrapper
+
+
 def placement(mesh: "Mesh | MeshSpec | str | dict | None") -> Placement:
     """A `Placement` for the trainer's `mesh=` argument (None, a Mesh or a spec for make_mesh)."""
     return Placement(None if mesh is None else make_mesh(mesh))
 
 
 __all__ = ["initialize_distributed", "make_mesh", "mesh_spec", "param_spec", "batch_spec",
-           "fetch", "Placement", "placement", "JaxProcesses", "BATCH_AXES"]
+           "fetch", "Placement", "placement", "builds_on_host", "JaxProcesses", "BATCH_AXES"]
