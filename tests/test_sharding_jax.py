@@ -9,11 +9,12 @@ the KV cache must really be split across the devices.
 
 Tolerances (float32), all for reduction order only -- the sharded program is the single-device
 program with some sums split into per-device partial sums plus an all-reduce:
-- rollout: where the fsdp rule shards a weight along its contraction dimension (the MLP's
-  [256, 64] output kernel, the [512, 64] embedding used as LM head), each matmul sums in another
-  order: log-probs, values and scores move by ~1e-6 (checked at 1e-5 absolute). The SAMPLED
-  TOKENS must be identical: `jax.random` (partitionable threefry, the default) draws the same
-  noise however it is sharded.
+- rollout: where the fsdp rule splits a contraction (the MLP's [256, 64] output kernel along
+  its 256 inputs; the LM head along the vocabulary its softmax sums over), sums become partial
+  sums plus an all-reduce; and XLA's CPU matmuls sum in a shape-dependent order (a device's 2
+  rows vs 16). Log-probs, values and scores move by ~1e-6 (checked at 1e-5 absolute). The
+  SAMPLED TOKENS must be identical: `jax.random` (partitionable threefry, the default) draws the
+  same noise however it is sharded.
 - updated weights: as in the cross-backend parity test, AdamW turns a gradient's relative
   rounding error into lr * (that error); observed <= 1e-6 after an iteration at lr = 1e-3,
   checked at 5e-6 absolute per iteration while the weights move by ~4e-3.
