@@ -911,7 +911,7 @@ class RMTrainerBase(_Loop):
                     last_eval = self.evaluate(eval_g)
                     rec.update({"eval/loss": last_eval["loss"], "eval/accuracy": last_eval["accuracy"]})
                 if writer is not None:
-                    writer.write(rec)
+                    writer.write(_jsonable(rec))
                 self.history.append(rec)
                 bar.update(1)
                 post = {"loss": _fmt(rec["train/loss"])}
@@ -988,12 +988,13 @@ def _noise_ceiling_or_none(records: Sequence[Any]) -> float | None:
 
 
 def _jsonable(d: Mapping[str, Any]) -> dict[str, Any]:
+    """A metrics dict as strict JSON values: numpy scalars as Python ones, NaN / inf as None."""
     out = {}
     for k, v in d.items():
+        if isinstance(v, np.generic):
+            v = v.item()
         if isinstance(v, float) and not math.isfinite(v):
             v = None
-        elif isinstance(v, np.generic):
-            v = v.item()
         out[k] = v
     return out
 
@@ -1060,7 +1061,7 @@ class SFTTrainerBase(_Loop):
                     eval_loss = self.evaluate(eval_d)
                     rec["eval/loss"] = eval_loss
                 if writer is not None:
-                    writer.write(rec)
+                    writer.write(_jsonable(rec))
                 self.history.append(rec)
                 bar.update(1)
                 bar.set_postfix({"loss": _fmt(loss)}, refresh=False)

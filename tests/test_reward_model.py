@@ -254,6 +254,24 @@ def _loss_and_grads(backend, ckpt, batch, cfg):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_rating_regression_learns_the_rating_order(tiny_checkpoint, tmp_path, backend):
+    rng = np.random.default_rng(0)
+    words = {1.0: "awful", 2.0: "bad", 4.0: "good", 5.0: "great"}
+    recs = [RatingRecord(f"review of item {i % 4}:", f" it is {words[r]}.", r)
+            for i, r in enumerate(rng.choice(list(words), 32))]
+    cfg = RMConfig(loss="rating", learning_rate=3e-3, batch_size=8, max_length=24, num_epochs=6,
+                   lr_schedule="constant", eval_fraction=0.0)
+    t = _trainer(backend, tiny_checkpoint("gpt2"), cfg, out_dir=tmp_path / "rm")
+    m = t.fit(recs[:24], recs[24:], progress=False)
+    losses = [h["train/loss"] for h in t.history]
+    assert np.mean(losses[-3:]) < 0.3 * np.mean(losses[:3]), losses
+    assert m["eval_accuracy"] > 0.9 and m["eval_pairs"] > 0 and m["rating_std"] > 0
+    # per-step records are strict JSON (a K = 1 batch has no pair: its accuracy is null)
+    first = json.loads((tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["train/accuracy"] is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_saved_model_is_normalised_and_loads_in_transformers(tiny_checkpoint, tmp_path, backend):
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -403,3 +421,47 @@ def test_cli_train_rm_bad_input_is_a_one_line_error(tiny_checkpoint, prefs, tmp_
     assert rc == 2, err
     assert err.startswith("ppo-rlhf train-rm: error: ") and err.count("\n") == 1, err
     assert expect in err, err
+
+
+# ---- "done when": held-out accuracy near the labeller's noise ceiling (slow) ------------------------
+@pytest.fixture(scope="module")
+def pretrained_tiny_demo(tmp_path_factory):
+    """The tiny demo model pretrained on the reviews corpus for 400 steps (JAX, ~10 s)."""
+    from transformers import AutoTokenizer
+
+    from ppo_jax.sft import train_sft
+    from ppo_rlhf.supervised import SFTConfig, write_fresh_checkpoint
+    from ppo_rlhf.tasks import reviews
+
+    d = tmp_path_factory.mktemp("demo")
+    reviews.build_tokenizer(d / "tok")
+    tok = AutoTokenizer.from_pretrained(str(d / "tok"))
+    init = write_fresh_checkpoint(d / "init", reviews.demo_model_config("tiny", vocab_size=len(tok)),
+                                  seed=0, tokenizer=tok)
+    train_sft(str(init), reviews.corpus_texts(5000, seed=0), tokenizer=tok, out_dir=d / "pt",
+              config=SFTConfig(num_steps=400, batch_size=32, max_length=32, learning_rate=3e-3,
+                               warmup_steps=20), progress=False)
+    return d / "pt"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_held_out_accuracy_approaches_the_noise_ceiling(pretrained_tiny_demo, backend):
+    """A fast version of the issue's "done when" (the full-size numbers are in the report of the
+    commit that added this): a reward model trained on 3000 synthetic pairs of the reviews task
+    (labeller temperature 0.2) from the TINY pretrained demo model, evaluated on 500 pairs of the
+    held-out eval prompts. Measured: 0.73 against a noise ceiling of 0.855 (the demo-sized model
+    reaches 0.76-0.77 against 0.85; what it misses are word-level corruptions -- a repeated,
+    dropped or swapped word -- that the gold reward punishes). Asserted: within 0.15 of the
+    ceiling, and far above the same model before training (0.49)."""
+    from ppo_rlhf.tasks import reviews
+
+    train = reviews.preference_data(3000, seed=0).records
+    held_out = reviews.preference_data(500, seed=1, split="eval")
+    cfg = RMConfig(num_epochs=2, batch_size=32, max_length=32, learning_rate=1e-3)
+    t = _rm(backend).RewardModelTrainer(str(pretrained_tiny_demo), cfg)
+    before = t.evaluate(t.encode(held_out.records))["accuracy"]
+    m = t.fit(train, held_out.records, progress=False)
+    assert m["noise_ceiling"] == pytest.approx(held_out.noise_ceiling)
+    assert m["eval_accuracy"] >= m["noise_ceiling"] - 0.15, m
+    assert m["eval_accuracy"] >= before + 0.1, (before, m["eval_accuracy"])
