@@ -2,7 +2,8 @@
 
     ppo-rlhf pretrain --backend jax --out runs/sft                      # demo policy, from scratch
     ppo-rlhf pretrain --backend torch --model ckpt/ --data sft.jsonl --out runs/sft2   # SFT
-    ppo-rlhf train-rm --backend jax --model runs/sft --data prefs.jsonl --out runs/rm
+    ppo-rlhf train-rm --backend jax --model runs/sft --data prefs.jsonl --out runs/rm \
+        --epochs 2 --batch-size 32 --max-length 32     # the demo's reward model
 
 Both write a Hugging Face checkpoint dir (+ tokenizer) at --out that loads in either backend and
 in `transformers`, with metrics.json (final numbers), metrics.jsonl (one line per step),
@@ -104,7 +105,7 @@ def add_train_rm_parser(sub: Any) -> None:
     p.add_argument("--no-normalise", action="store_true", help="keep reward gain 1 and bias 0")
     p.add_argument("--norm-data", metavar="FILE.jsonl",
                    help="normalise on the responses of these records instead of the training set")
-    _add_optim_args(p, lr_default="1e-4")
+    _add_optim_args(p, lr_default="3e-4")
     p.set_defaults(func=run_train_rm)
 
 
@@ -185,7 +186,7 @@ def add_pretrain_parser(sub: Any) -> None:
     p.add_argument("--model", metavar="DIR", help="checkpoint to fine-tune (default: a fresh model)")
     p.add_argument("--data", metavar="FILE", help="training examples (default: the task corpus)")
     p.add_argument("--eval-data", metavar="FILE", help="held-out examples for the eval loss")
-    p.add_argument("--steps", type=int, default=500, help="optimiser steps (default: 500)")
+    p.add_argument("--steps", type=int, default=1000, help="optimiser steps (default: 1000)")
     p.add_argument("--model-size", choices=("tiny", "small"), default="small",
                    help="fresh model size (default: small, ~0.8M parameters)")
     p.add_argument("--corpus-size", type=int, default=20000,
@@ -231,58 +232,24 @@ def _demo_config(task: Any, size: str, vocab_size: int) -> dict[str, Any]:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from ppo_rlhf.supervised import SFTConfig, _jsonable, load_tokenizer_dir, write_fresh_checkpoint
     from ppo_rlhf.tasks import get_task
 
     _require_dir(args.model, "--model")
     out = _check_out(args.out)
     task = get_task(args.task) if args.task else None
-    seed = 0 if args.seed is None else args.seed
     if args.steps is not None and args.steps < 0:
         raise UsageError(f"--steps {args.steps}: must be >= 0")
-    default_len = 32 if task is None else task.max_prompt_tokens + task.max_response_tokens + 2
-    config = _config(SFTConfig, num_steps=args.steps, seed=args.seed, batch_size=args.batch_size,
-                     max_length=args.max_length or default_len,
-                     learning_rate=args.lr if args.lr is not None else (1e-4 if args.model else 1e-3),
-                     warmup_steps=args.warmup_steps if args.warmup_steps is not None else (
-                         0 if args.model else min(50, args.steps // 10)),
-                     weight_decay=args.weight_decay, lr_schedule=args.lr_schedule,
-                     max_grad_norm=args.max_grad_norm)
     if args.data is None and task is None:
         raise UsageError("no data: pass --data FILE or --task")
     train = read_examples(args.data, "--data") if args.data is not None else None
     eval_ex = read_examples(args.eval_data, "--eval-data") if args.eval_data is not None else None
-    if train is None:  # the task corpus (+ the next 500 examples of it as the eval set)
-        if args.corpus_size < 1:
-            raise UsageError(f"--corpus-size {args.corpus_size}: must be >= 1")
-        corpus = task.generate_corpus(args.corpus_size + 500, seed=seed)
-        # from scratch: plain text, loss on every token; SFT: pairs, loss on the response
-        as_example = (lambda pr: pr) if args.model else (lambda pr: f"{pr[0]} {pr[1]}")
-        train = [as_example(x) for x in corpus[:args.corpus_size]]
-        eval_ex = eval_ex or [as_example(x) for x in corpus[args.corpus_size:]]
-
-    sft = _backend(args.backend, "sft")
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.model:
-            model_dir, tokenizer = args.model, load_tokenizer_dir(args.model)
-        else:
-            task.build_tokenizer(Path(tmp) / "tokenizer")
-            tokenizer = load_tokenizer_dir(Path(tmp) / "tokenizer")
-            hf_config = _demo_config(task, args.model_size, len(tokenizer))
-            model_dir = write_fresh_checkpoint(Path(tmp) / "init", hf_config, seed=seed,
-                                               tokenizer=tokenizer)
-        try:
-            trainer = sft.SFTTrainer(str(model_dir), config, tokenizer=tokenizer, out_dir=out,
-                                     checkpoint_every=args.checkpoint_every)
-        except (FileNotFoundError, ValueError) as e:
-            raise UsageError(f"--model {args.model!r}: {e}") from None
-        m = trainer.fit(train, eval_ex, progress=not args.no_progress, resume=args.resume)
-    if task is not None and args.eval_samples > 0:
-        m.update(gold_of_samples(sft, trainer.model(), tokenizer, task, n=args.eval_samples,
-                                 seed=seed, out=out))
-        (out / "metrics.json").write_text(json.dumps(_jsonable(m), indent=2, sort_keys=True) + "\n")
+    m = pretrain_model(args.backend, out, task=task, model=args.model, train=train, eval=eval_ex,
+                       steps=args.steps, model_size=args.model_size, corpus_size=args.corpus_size,
+                       seed=args.seed, eval_samples=args.eval_samples, progress=not args.no_progress,
+                       resume=args.resume, checkpoint_every=args.checkpoint_every,
+                       batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
+                       warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+                       lr_schedule=args.lr_schedule, max_grad_norm=args.max_grad_norm)
     n_params = _num_params(out)
     print(f"{m['steps']} steps in {m['time_s']:.1f} s ({args.backend}, {n_params:,} parameters): "
           f"final loss {m['final_loss']:.4f}"
@@ -293,6 +260,72 @@ def run_pretrain(args: argparse.Namespace) -> int:
               f"{100 * m['gold_well_formed_frac']:.0f}% fully well formed")
     print(f"model -> {out}; metrics -> {out / 'metrics.json'}")
     return 0
+
+
+def pretrain_model(backend: str, out: Path, *, task: Any = None, model: str | None = None,
+                   train: list | None = None, eval: list | None = None, steps: int = 1000,
+                   model_size: str = "small", corpus_size: int = 20000, seed: int | None = None,
+                   eval_samples: int = 240, progress: bool = True, resume: bool = False,
+                   checkpoint_every: int = 0, batch_size: int | None = None,
+                   max_length: int | None = None, lr: float | None = None,
+                   warmup_steps: int | None = None, weight_decay: float | None = None,
+                   lr_schedule: str | None = None, max_grad_norm: float | None = None) -> dict[str, Any]:
+    """Pretrain a fresh demo model of `task` (model=None) or fine-tune `model` (a checkpoint dir)
+    on `train` (default: the task corpus); save it with its tokenizer to `out`. With a task and
+    eval_samples > 0, also sample the task's eval prompts and report the gold score. Returns the
+    metrics (as written to out/metrics.json). `task`: a Task or its name. `ppo-rlhf pretrain`
+    and the demo call this."""
+    import tempfile
+
+    from ppo_rlhf.supervised import SFTConfig, _jsonable, load_tokenizer_dir, write_fresh_checkpoint
+
+    if isinstance(task, str):
+        from ppo_rlhf.tasks import get_task
+
+        task = get_task(task)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_ = 0 if seed is None else seed
+    default_len = 32 if task is None else task.max_prompt_tokens + task.max_response_tokens + 2
+    config = _config(SFTConfig, num_steps=steps, seed=seed, batch_size=batch_size,
+                     max_length=max_length or default_len,
+                     learning_rate=lr if lr is not None else (1e-4 if model else 1e-3),
+                     warmup_steps=warmup_steps if warmup_steps is not None else (
+                         0 if model else min(50, steps // 10)),
+                     weight_decay=weight_decay, lr_schedule=lr_schedule,
+                     max_grad_norm=max_grad_norm)
+    if train is None:  # the task corpus (+ the next 500 examples of it as the eval set)
+        if task is None:
+            raise UsageError("no data: pass --data FILE or --task")
+        if corpus_size < 1:
+            raise UsageError(f"--corpus-size {corpus_size}: must be >= 1")
+        corpus = task.generate_corpus(corpus_size + 500, seed=seed_)
+        # from scratch: plain text, loss on every token; SFT: pairs, loss on the response
+        as_example = (lambda pr: pr) if model else (lambda pr: f"{pr[0]} {pr[1]}")
+        train = [as_example(x) for x in corpus[:corpus_size]]
+        eval = eval or [as_example(x) for x in corpus[corpus_size:]]
+
+    sft = _backend(backend, "sft")
+    with tempfile.TemporaryDirectory() as tmp:
+        if model:
+            model_dir, tokenizer = model, load_tokenizer_dir(model)
+        else:
+            task.build_tokenizer(Path(tmp) / "tokenizer")
+            tokenizer = load_tokenizer_dir(Path(tmp) / "tokenizer")
+            hf_config = _demo_config(task, model_size, len(tokenizer))
+            model_dir = write_fresh_checkpoint(Path(tmp) / "init", hf_config, seed=seed_,
+                                               tokenizer=tokenizer)
+        try:
+            trainer = sft.SFTTrainer(str(model_dir), config, tokenizer=tokenizer, out_dir=out,
+                                     checkpoint_every=checkpoint_every)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f"--model {model!r}: {e}") from None
+        m = trainer.fit(train, eval, progress=progress, resume=resume)
+    if task is not None and eval_samples > 0:
+        m.update(gold_of_samples(sft, trainer.model(), tokenizer, task, n=eval_samples,
+                                 seed=seed_, out=out))
+        (out / "metrics.json").write_text(json.dumps(_jsonable(m), indent=2, sort_keys=True) + "\n")
+    return m
 
 
 def gold_of_samples(sft: Any, model: Any, tokenizer: Any, task: Any, *, n: int, seed: int,
@@ -344,4 +377,4 @@ def add_parser(sub: Any) -> None:
 
 
 __all__ = ["add_train_rm_parser", "add_pretrain_parser", "add_parser", "run_train_rm",
-           "run_pretrain", "read_examples", "gold_of_samples"]
+           "run_pretrain", "pretrain_model", "read_examples", "gold_of_samples"]
