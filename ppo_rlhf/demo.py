@@ -1,0 +1,264 @@
+"""`ppo-rlhf demo`: the whole RLHF loop on the built-in `reviews` task, all six seed steps, offline.
+
+  1. pretrained LM      a small GPT-2-style model pretrained here on the task's template corpus
+  2. reward definition  the task's gold reward (positive sentiment AND well-formed text) stands
+                        for human judgement; it is never shown to PPO
+  3. human feedback     the synthetic labeller (Bradley-Terry noise around gold) labels pairs of
+                        the pretrained policy's own samples (plus corpus pairs)
+  4. reward model       trained on those preferences (Bradley-Terry), normalised to mean 0 / std 1
+  5. PPO                the policy is fine-tuned against the reward model, KL-penalised to the
+                        pretrained policy; gold is logged alongside (never trained on)
+  6. evaluation         reward-model score and gold score before and after, KL to the reference,
+                        win-rate against the reference, samples, plots and a report
+
+The run directory (default runs/demo-<backend>):
+  sft/  feedback.jsonl  reward_model/  ppo/ (config.json, metrics.jsonl, checkpoints/, policy/)
+  samples_before.jsonl  samples_after.jsonl  plots/*.png  report.md  summary.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ppo_rlhf.errors import UsageError
+
+BACKENDS = ("jax", "torch")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes of each step. The defaults run the whole loop in well under 15 minutes per backend on
+    a 2-core CPU; `quick()` is a smoke-test version (about a minute)."""
+
+    task: str = "reviews"
+    seed: int = 0
+    model_size: str = "small"            # demo_model_config size of the policy
+    pretrain_steps: int = 600
+    corpus_size: int = 20000
+    feedback_prompts: int = 1500         # policy-sample pairs labelled by the synthetic labeller
+    corpus_pairs: int = 1500             # plus this many corpus pairs (task.preference_data)
+    labeller_temperature: float = 0.2
+    rm_epochs: int = 2
+    rm_lr: float = 3e-4
+    ppo_iterations: int = 120
+    ppo: dict = dataclasses.field(default_factory=lambda: dict(
+        batch_size=32, max_new_tokens=24, max_prompt_len=8, ppo_epochs=4, num_minibatches=2,
+        learning_rate=3e-5, kl_coef=0.2, temperature=1.0, missing_eos_penalty=1.0))
+    # kl_coef: at 0.05 (TRL's default) PPO finds the reward model's blind spot within ~20
+    # iterations ("love it.." scores +3.5 on the RM and -1 on gold); 0.2 keeps the KL near 2-3
+    # nats and gold rises instead. `ppo-rlhf demo --kl-coef 0.05` shows the hack.
+    eval_prompts: int = 96               # held-out prompts for before/after evaluation
+    sample_temperature: float = 1.0      # evaluation samples at the PPO sampling temperature
+
+    @classmethod
+    def quick(cls) -> "DemoConfig":
+        return cls(model_size="tiny", pretrain_steps=60, corpus_size=2000, feedback_prompts=96,
+                   corpus_pairs=96, rm_epochs=1, ppo_iterations=3, eval_prompts=16,
+                   ppo=dict(batch_size=8, max_new_tokens=24, max_prompt_len=8, ppo_epochs=2,
+                            num_minibatches=2, learning_rate=1e-4, kl_coef=0.05, temperature=1.0,
+                            missing_eos_penalty=1.0))
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+def run_demo(backend: str, out: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
+             progress: bool = True) -> dict[str, Any]:
+    """Run the six steps; returns summary.json's contents."""
+    from ppo_rlhf.cli_supervised import pretrain_model
+    from ppo_rlhf.config import PPOConfig
+    from ppo_rlhf.evaluation import evaluate, write_samples
+    from ppo_rlhf.labeller import SyntheticLabeller
+    from ppo_rlhf.plots import plot_metrics
+    from ppo_rlhf.sampling import load_policy_sampler
+    from ppo_rlhf.tasks import get_task
+
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    task = get_task(config.task)
+    t_start = time.perf_counter()
+    times: dict[str, float] = {}
+    (out / "demo_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+
+    # 1. a pretrained LM ----------------------------------------------------------------------
+    t = time.perf_counter()
+    sft = out / "sft"
+    _say(f"1/6 pretraining a {config.model_size} GPT-2-style model on the {task.name} corpus ({backend})")
+    sft_metrics = pretrain_model(backend, sft, task=task, steps=config.pretrain_steps,
+                                 model_size=config.model_size, corpus_size=config.corpus_size,
+                                 seed=config.seed, eval_samples=0, progress=progress)
+    times["pretrain_s"] = time.perf_counter() - t
+
+    # 2. the reward definition: the task's gold reward, the stand-in for human judgement -------
+    _say(f"2/6 reward definition: {task.description}")
+
+    # 3. feedback on the policy's own samples, from the synthetic labeller ----------------------
+    t = time.perf_counter()
+    _say(f"3/6 collecting feedback: {config.feedback_prompts} pairs of policy samples + "
+         f"{config.corpus_pairs} corpus pairs, labelled with Bradley-Terry noise (T={config.labeller_temperature})")
+    sampler = load_policy_sampler(backend, sft, max_new_tokens=config.ppo["max_new_tokens"],
+                                  temperature=config.sample_temperature, seed=config.seed)
+    train_prompts = task.train_prompts()
+    prompts = [train_prompts[i % len(train_prompts)] for i in range(config.feedback_prompts)]
+    pairs = sampler.sample(prompts, 2)
+    labeller = SyntheticLabeller(task.gold_reward, temperature=config.labeller_temperature, seed=config.seed)
+    labelled = labeller.label_pairs(prompts, [p[0] for p in pairs], [p[1] for p in pairs])
+    records = list(labelled.records)
+    if config.corpus_pairs:
+        records += list(task.preference_data(config.corpus_pairs, seed=config.seed + 1,
+                                             temperature=config.labeller_temperature).records)
+    from ppo_rlhf.data import write_records
+
+    write_records(out / "feedback.jsonl", records)
+    times["feedback_s"] = time.perf_counter() - t
+
+    # 4. the reward model ------------------------------------------------------------------------
+    t = time.perf_counter()
+    _say(f"4/6 training the reward model on {len(records)} preferences")
+    rm_metrics = _train_reward_model(backend, sft, records, out / "reward_model", config,
+                                     task.max_prompt_tokens + task.max_response_tokens + 2, progress)
+    times["reward_model_s"] = time.perf_counter() - t
+    _say(f"    held-out accuracy {rm_metrics['eval_accuracy']:.3f} (labeller noise ceiling "
+         f"{rm_metrics.get('noise_ceiling', float('nan')):.3f})")
+
+    # 6a. evaluation before PPO -------------------------------------------------------------------
+    eval_prompts = [task.eval_prompts()[i % len(task.eval_prompts())] for i in range(config.eval_prompts)]
+    ev = dict(reward_model=str(out / "reward_model"), gold=task.gold_reward,
+              max_prompt_len=config.ppo["max_prompt_len"], max_new_tokens=config.ppo["max_new_tokens"],
+              temperature=config.sample_temperature, batch_size=config.ppo["batch_size"], seed=config.seed + 7)
+    before, before_records = evaluate(backend, sft, eval_prompts, reference=sft, **ev)
+    write_samples(out / "samples_before.jsonl", before_records)
+
+    # 5. PPO against the reward model --------------------------------------------------------------
+    t = time.perf_counter()
+    _say(f"5/6 PPO: {config.ppo_iterations} iterations against the reward model (gold logged, not trained on)")
+    trainer_cls = _trainer_class(backend)
+    ppo_config = PPOConfig(**{**config.ppo, "num_iterations": config.ppo_iterations, "seed": config.seed})
+    trainer = trainer_cls(str(sft), str(out / "reward_model"), train_prompts, config=ppo_config,
+                          out_dir=out / "ppo", extra_rewards={"gold": task.gold_reward},
+                          checkpoint_every=max(1, config.ppo_iterations // 4))
+    history = trainer.train(progress=progress)
+    policy_dir = out / "ppo" / "policy"
+    trainer.save_policy(policy_dir)
+    times["ppo_s"] = time.perf_counter() - t
+
+    # 6b. evaluation after, plots, report -----------------------------------------------------------
+    t = time.perf_counter()
+    _say("6/6 evaluating before/after, plotting, writing the report")
+    after, after_records = evaluate(backend, policy_dir, eval_prompts, reference=sft, **ev)
+    write_samples(out / "samples_after.jsonl", after_records)
+    plots = plot_metrics(history, out / "plots")
+    times["eval_s"] = time.perf_counter() - t
+    summary = {
+        "backend": backend,
+        "gold_score_before": before.gold_score, "gold_score_after": after.gold_score,
+        "rm_score_before": before.rm_score, "rm_score_after": after.rm_score,
+        "kl_to_ref": after.kl_to_ref, "win_rate_vs_reference": after.win_rate,
+        "eos_frac_after": after.eos_frac, "response_len_after": after.response_len_mean,
+        "rm_eval_accuracy": rm_metrics["eval_accuracy"], "rm_noise_ceiling": rm_metrics.get("noise_ceiling"),
+        "pretrain_final_loss": sft_metrics.get("final_loss"),
+        "ppo_iterations": len(history), "times_s": times,
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "report.md").write_text(_report(summary, before, after, before_records, after_records,
+                                           plots, out, config))
+    _say(f"gold {before.gold_score:+.3f} -> {after.gold_score:+.3f}, RM {before.rm_score:+.3f} -> "
+         f"{after.rm_score:+.3f}, KL {after.kl_to_ref:.2f}, win-rate {after.win_rate:.2f}; "
+         f"{summary['wall_seconds']:.0f} s; report: {out / 'report.md'}")
+    return summary
+
+
+def _trainer_class(backend: str) -> Any:
+    from ppo_rlhf.cli_ppo import trainer_class
+
+    return trainer_class(backend)
+
+
+def _train_reward_model(backend: str, sft: Path, records: list, out: Path, config: DemoConfig,
+                        max_length: int, progress: bool) -> dict[str, Any]:
+    import importlib
+
+    from ppo_rlhf.supervised import RMConfig, holdout_split
+
+    rm = importlib.import_module(f"ppo_{backend}.reward_model")
+    cfg = RMConfig(num_epochs=config.rm_epochs, learning_rate=config.rm_lr, seed=config.seed,
+                   max_length=max_length)
+    train_idx, eval_idx = holdout_split(len(records), cfg.eval_fraction, cfg.seed)
+    trainer = rm.RewardModelTrainer(str(sft), cfg, out_dir=out)
+    return trainer.fit([records[i] for i in train_idx], [records[i] for i in eval_idx], progress=progress)
+
+
+def _report(s: dict, before: Any, after: Any, before_records: list, after_records: list,
+            plots: list, out: Path, config: DemoConfig) -> str:
+    def f(x: Any) -> str:
+        return "-" if x is None else f"{x:+.3f}"
+
+    lines = [
+        f"# RLHF demo ({s['backend']}) on the `{config.task}` task", "",
+        f"Wall time {s['wall_seconds']:.0f} s ("
+        + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in s["times_s"].items()) + ").", "",
+        "| | before PPO (pretrained) | after PPO |", "|---|---|---|",
+        f"| gold score (stand-in for humans) | {f(before.gold_score)} | {f(after.gold_score)} |",
+        f"| reward-model score | {f(before.rm_score)} | {f(after.rm_score)} |",
+        f"| KL to the reference (per response) | {before.kl_to_ref:.3f} | {after.kl_to_ref:.3f} |",
+        f"| win-rate vs reference (judged by the RM) | {before.win_rate:.2f} | {after.win_rate:.2f} |",
+        f"| responses ending with EOS | {before.eos_frac:.2f} | {after.eos_frac:.2f} |",
+        f"| mean response length (tokens) | {before.response_len_mean:.1f} | {after.response_len_mean:.1f} |",
+        "",
+        f"Reward model: held-out pairwise accuracy {s['rm_eval_accuracy']:.3f}; the synthetic labeller's "
+        f"noise ceiling on the same pairs is {s['rm_noise_ceiling']:.3f}." if s.get("rm_noise_ceiling")
+        else f"Reward model: held-out pairwise accuracy {s['rm_eval_accuracy']:.3f}.", "",
+        "If the reward-model score rises much more than the gold score, PPO is exploiting the reward "
+        "model's errors (over-optimisation); the KL penalty is what keeps that in check.", "",
+        "## Training curves", "",
+    ]
+    lines += [f"![{p.stem}]({p.relative_to(out)})" for p in plots if p.name != "training.png"]
+    lines += ["", "## Samples (same prompts, before -> after)", ""]
+    for b, a in list(zip(before_records, after_records))[:8]:
+        lines.append(f"- **{b['prompt']}**")
+        lines.append(f"  - before (gold {b.get('gold_score', 0):+.2f}, RM {b.get('rm_score', 0):+.2f}): {b['response']}")
+        lines.append(f"  - after  (gold {a.get('gold_score', 0):+.2f}, RM {a.get('rm_score', 0):+.2f}): {a['response']}")
+    return "\n".join(lines) + "\n"
+
+
+# ---- CLI -------------------------------------------------------------------------------------------
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("demo", help="run the whole RLHF loop on the built-in task (offline)",
+                       description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1])
+    p.add_argument("--backend", choices=BACKENDS, default="jax")
+    p.add_argument("--out", help="run directory (default: runs/demo-<backend>)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of every step")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ppo-iterations", type=int, help="override the number of PPO iterations")
+    p.add_argument("--kl-coef", type=float,
+                   help="override the KL coefficient (default 0.2; 0.05 shows reward hacking)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: Any) -> int:
+    config = DemoConfig.quick() if args.quick else DemoConfig()
+    config = dataclasses.replace(config, seed=args.seed)
+    if args.ppo_iterations is not None:
+        if args.ppo_iterations < 1:
+            raise UsageError("--ppo-iterations must be >= 1")
+        config = dataclasses.replace(config, ppo_iterations=args.ppo_iterations)
+    if args.kl_coef is not None:
+        config = dataclasses.replace(config, ppo={**config.ppo, "kl_coef": args.kl_coef})
+    out = Path(args.out or f"runs/demo-{args.backend}")
+    if (out / "summary.json").exists():
+        raise UsageError(f"{out} holds a finished demo run; choose another --out or delete it")
+    summary = run_demo(args.backend, out, config, progress=not args.no_progress)
+    print(json.dumps({k: v for k, v in summary.items() if k != "times_s"}, indent=2))
+    return 0
