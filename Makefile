@@ -4,6 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BACKEND ?= jax
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -17,10 +18,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[all]'
+	@# tmux lets one test drive the labelling tool in a real terminal (skipped without it)
+	@command -v tmux >/dev/null || (command -v apt-get >/dev/null && apt-get install -y -qq tmux >/dev/null 2>&1) || true
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/ppo-rlhf demo --out runs/demo
+	$(BIN)/ppo-rlhf demo --backend $(BACKEND) --out runs/demo-$(BACKEND)
 
 test: setup
 	$(BIN)/python -m pytest -q -n 2 --timeout 1800 -m "not slow"

@@ -165,7 +165,7 @@ class PPOTrainer(TrainerBase):
                 critic_model.reward_gain, critic_model.reward_bias = 1.0, 0.0
             else:
                 critic_model = scalar_model_from_lm(policy_model, seed=cfg.seed)
-        self._check_vocab(policy_model, ref_model, critic_model, self.native_reward)
+        self._check_models(policy_model, ref_model, critic_model, self.native_reward)
 
         # --- pure state: graphdefs are static, params are pytrees -----------------------------
         self._policy_def, policy_params, self._policy_rest = nnx.split(policy_model, nnx.Param, ...)

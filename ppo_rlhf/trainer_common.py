@@ -94,8 +94,9 @@ class TrainerBase:
         # main process writes metrics, progress and checkpoint files (ppo_rlhf/parallel.py)
         self.processes: Processes = SINGLE_PROCESS
 
-    def _check_vocab(self, *models: Any) -> None:
-        """All roles share one vocabulary, and the tokenizer's ids fit it. (A reward model with
+    def _check_models(self, *models: Any) -> None:
+        """All roles share one vocabulary, the tokenizer's ids fit it and prompt + response fit
+        GPT-2's learned positions. (A reward model with
         another tokenizer is refused rather than re-tokenised through text: wrap it in a
         `RewardFn` that tokenises the decoded text itself if that is what you want.)"""
         sizes = {m.config.vocab_size for m in models if m is not None}
@@ -105,6 +106,16 @@ class TrainerBase:
         if self.tokenizer is not None and sizes and len(self.tokenizer) > min(sizes):
             raise UsageError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's "
                              f"vocabulary has {min(sizes)}: they do not belong together")
+        # learned position embeddings (GPT-2) cannot go past n_positions
+        need = self.config.max_prompt_len + self.config.max_new_tokens
+        for m in models:
+            if m is None or getattr(m.config, "model_type", None) != "gpt2":
+                continue
+            limit = getattr(m.config, "n_positions", None) or getattr(m.config, "max_position_embeddings", None)
+            if limit is not None and need > int(limit):
+                raise UsageError(f"max_prompt_len + max_new_tokens = {self.config.max_prompt_len} + "
+                                 f"{self.config.max_new_tokens} = {need} exceeds the model's "
+                                 f"n_positions={limit}: lower them (PPOConfig / --set)")
 
     # ---- prompts ---------------------------------------------------------------------------------
     def _prompts_for(self, iteration: int, prompts: Sequence[str] | None, query_ids: Any,

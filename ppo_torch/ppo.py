@@ -163,7 +163,7 @@ class PPOTrainer(TrainerBase):
             else:
                 self.critic = scalar_model_from_lm(self.policy, seed=cfg.seed)
             self.critic = self.critic.to(self.device)
-        self._check_vocab(self.policy, self.ref_policy, self.critic, self.native_reward)
+        self._check_models(self.policy, self.ref_policy, self.critic, self.native_reward)
         for m in (self.policy, self.ref_policy, self.critic, self.native_reward):
             if m is not None:
                 m.eval()  # no dropout, ever (as TRL); gradients still flow in eval mode
