@@ -69,7 +69,7 @@ def clip_by_global_norm(grads: Any, max_norm: float | None) -> tuple[Any, Array]
     """Scale gradients by min(1, max_norm / (norm + 1e-6)) -- torch.nn.utils.clip_grad_norm_'s
     formula exactly (optax's clip_by_global_norm has no 1e-6), so both backends step alike.
     Returns (clipped grads, global norm before clipping)."""
-    norm = optax.global_norm(grads)
+    norm = optax.tree.norm(grads)
     if max_norm is None:
         return grads, norm
     scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
