@@ -11,6 +11,13 @@ four no-grad passes in torch), reward (host-side: rollout to numpy, EOS bookkeep
 and critic, AdamW). Compile time = first iteration - median iteration. Compilations are counted
 (JAX: XLA backend compilations; torch.compile: dynamo graph compilations) during warm-up and
 during the timed iterations (which must be 0). FLOPs are analytic (see `flops.py`).
+
+Threads (`--threads N`, the same N for every program of a `benchmarks.run` suite): torch
+`set_num_threads(N)`; XLA: the process is pinned to N cores (`sched_setaffinity`, before JAX is
+imported: XLA sizes its intra-op pool from the schedulable CPUs) and, for N = 1, Eigen runs
+single-threaded (`--xla_cpu_multi_thread_eigen=false`). Every wall time has a process-CPU-time
+twin (`iteration_cpu_s`, `phases.*.median_cpu_s`: all threads of this process), which other
+processes on a shared machine disturb far less.
 """
 
 from __future__ import annotations
@@ -27,9 +34,64 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "peers"))
 import workload as W  # noqa: E402  (benchmarks/peers/workload.py: pure python + numpy)
 
+_THREADS = W.threads_from_argv()
+
 from benchmarks import flops  # noqa: E402
 
 PROGRAMS = ("jax", "torch", "torch-compile")
+
+
+def set_threads(n: int | None) -> dict:
+    """Limit this process to `n` compute threads, before jax / torch are imported (see the
+    module docstring). Returns what was set (recorded in the JSON)."""
+    if not n:
+        return {}
+    out = {"threads": n}
+    if hasattr(os, "sched_setaffinity"):
+        cpus = sorted(os.sched_getaffinity(0))
+        if n < len(cpus):
+            os.sched_setaffinity(0, cpus[:n])
+        out["affinity"] = sorted(os.sched_getaffinity(0))
+    if n == 1:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_cpu_multi_thread_eigen=false").strip()
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    return out
+
+
+class StandInTokenizer:
+    """What the trainers read from a tokenizer when fed token ids: its length (vocabulary check)
+    and pad / EOS ids (None: fixed-length responses). The benchmark checkpoints have no tokenizer
+    files (a byte-level BPE needs more ids than the demo's 128)."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size, self.pad_token_id, self.eos_token_id = vocab_size, 0, None
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+
+@contextlib.contextmanager
+def cpu_phase_times(cpu: dict):
+    """Also record process CPU time of every `ppo_rlhf.loop.phase_timer` block (in memory only:
+    the trainers' phase timers stay as they are) into cpu[name]."""
+    from ppo_rlhf import loop
+
+    orig = loop.phase_timer
+
+    @contextlib.contextmanager
+    def phase_timer(times, name, block=None):
+        c0 = time.process_time()
+        with orig(times, name, block=block):
+            yield
+        cpu[name] = cpu.get(name, 0.0) + time.process_time() - c0
+
+    loop.phase_timer = phase_timer
+    try:
+        yield
+    finally:
+        loop.phase_timer = orig
 
 
 def make_checkpoints(spec: W.ModelSpec, root: Path) -> tuple[Path, Path]:
@@ -57,17 +119,10 @@ def count_compilations(program: str):
     """Yields a list that grows by one per compilation while the block runs."""
     events: list[str] = []
     if program == "jax":
-        import jax
+        from ppo_rlhf.testing import count_jax_compilations
 
-        def listener(event, duration, **kw):
-            if event == "/jax/core/compile/backend_compile_duration":
-                events.append(event)
-
-        jax.monitoring.register_event_duration_secs_listener(listener)
-        try:
+        with count_jax_compilations() as events:
             yield events
-        finally:
-            jax.monitoring.unregister_event_duration_listener(listener)
     elif program == "torch-compile":
         from torch._dynamo.utils import counters
 
@@ -84,6 +139,7 @@ def main(argv=None) -> dict:
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "ppo-rlhf-bench"))
     W.add_cli_args(p)
     args = p.parse_args(argv)
+    threads = set_threads(args.threads)
     if args.wait_quiet:
         W.wait_quiet(args.wait_quiet)
     spec, wl = W.spec_from_args(args), W.workload_from_args(args)
@@ -95,19 +151,23 @@ def main(argv=None) -> dict:
                        ppo_epochs=wl.ppo_epochs, num_minibatches=wl.minibatches, temperature=wl.temperature,
                        learning_rate=wl.lr, kl_coef=wl.kl_coef, gamma=wl.gamma, lam=wl.lam,
                        clip_eps=wl.cliprange, value_clip_eps=wl.cliprange_value, seed=wl.seed)
-    kw = dict(config=config, eos_token_id=None, pad_token_id=0)  # fixed-length responses
+    kw = dict(config=config, eos_token_id=None, pad_token_id=0,  # fixed-length responses
+              tokenizer=StandInTokenizer(spec.vocab_size))
     if args.program == "jax":
         import jax
 
         from ppo_jax.ppo import PPOTrainer
 
         trainer = PPOTrainer(str(policy_dir), str(rm_dir), **kw)
-        versions = {"jax": jax.__version__, "backend": jax.default_backend()}
+        versions = {"jax": jax.__version__, "backend": jax.default_backend(),
+                    "xla_flags": os.environ.get("XLA_FLAGS", "")}
     else:
         import torch
 
         from ppo_torch.ppo import PPOTrainer
 
+        if args.threads:
+            torch.set_num_threads(args.threads)
         trainer = PPOTrainer(str(policy_dir), str(rm_dir), compile=args.program == "torch-compile", **kw)
         versions = {"torch": torch.__version__, "threads": torch.get_num_threads()}
 
@@ -118,25 +178,28 @@ def main(argv=None) -> dict:
     timer = W.PhaseTimer()
     names = {"time/generate_s": "generation", "time/forward_s": "forward", "time/reward_s": "reward",
              "time/advantages_s": "advantages", "time/update_s": "update"}
-    iteration_times, warmup_times, compiles = [], [], {}
+    iteration_times, warmup_times, cpu_times, compiles = [], [], [], {}
     for i in range(args.warmup + args.iterations):
         phase = "warmup" if i < args.warmup else "timed"
-        with count_compilations(args.program) as events:
-            t0 = time.perf_counter()
+        cpu: dict[str, float] = {}
+        with count_compilations(args.program) as events, cpu_phase_times(cpu):
+            t0, c0 = time.perf_counter(), time.process_time()
             stats = trainer.step(i, query_ids=prompts[i], query_mask=mask)
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
         compiles[phase] = compiles.get(phase, 0) + len(events)
         for k, name in names.items():
-            timer.add(name, stats[k])
+            timer.add(name, stats[k], cpu.get(k))
         timer.end_iteration()
+        cpu_times.append(dc)
         (warmup_times if i < args.warmup else iteration_times).append(dt)
     fl = flops.iteration_flops(spec, wl)
     result = W.build_result(
         program={"jax": "ppo_jax", "torch": "ppo_torch", "torch-compile": "ppo_torch+compile"}[args.program],
         spec=spec, wl=wl, config_extra={"reward": "model"}, iteration_times=iteration_times,
         warmup_times=warmup_times, timer=timer, n_warmup=args.warmup, versions=versions,
+        iteration_cpu_times=cpu_times,
         notes=["forward = policy + reference log-probs, critic values and reward scores"],
-        extra={"compilations": compiles, "flops": fl,
+        extra={"compilations": compiles, "flops": fl, "threads": threads,
                "compile_s": (warmup_times[0] - W.median(iteration_times)) if warmup_times else None},
     )
     W.emit(result, args.out)

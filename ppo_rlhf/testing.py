@@ -10,9 +10,10 @@ and `ppo_jax.models.load_pretrained(dir)` load it offline.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import numpy as np
 
@@ -196,7 +197,26 @@ def make_padded_batch(seed: int, batch_size: int, prompt_len: int, response_len:
     return query_ids, query_mask, response_ids, response_mask
 
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "TINY_CORPUS", "PAD_ID", "BOS_ID", "EOS_ID", "PAD_TOKEN",
+@contextlib.contextmanager
+def count_jax_compilations() -> Iterator[list[str]]:
+    """A list that grows by one per XLA compilation while the block runs (every jit and every
+    eager-op compilation goes through the backend compiler). Imports jax lazily."""
+    import jax
+
+    events: list[str] = []
+
+    def listener(event: str, duration: float, **kw: Any) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+__all__ = ["count_jax_compilations", "SUPPORTED_MODEL_TYPES", "TINY_CORPUS", "PAD_ID", "BOS_ID", "EOS_ID", "PAD_TOKEN",
            "BOS_TOKEN", "EOS_TOKEN", "UNK_TOKEN", "UNK_ID", "NUM_SPECIAL", "make_tiny_tokenizer",
            "tiny_hf_config",
            "make_tiny_checkpoint", "make_padded_batch"]

@@ -3,7 +3,6 @@ a full forward, determinism given a key, no recompilation (new key, new weights)
 
 from __future__ import annotations
 
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,7 @@ import ppo_jax.models as jm
 from ppo_jax.generate import (GenerationOutput, SamplingOptions, filter_logits, generate,
                               make_generate_fn, sample_token)
 from ppo_rlhf import noise as nz
-from ppo_rlhf.testing import make_padded_batch
+from ppo_rlhf.testing import count_jax_compilations, make_padded_batch
 
 V = 512
 NEG = -np.inf
@@ -36,22 +35,6 @@ def ref_logprobs(model, q, qm, r, rm, temperature):
         _LOGPROBS[key] = jax.jit(lambda state, *a: jm.response_logprobs(
             nnx.merge(graphdef, state), *a, temperature=temperature))
     return np.asarray(_LOGPROBS[key](state, *(jnp.asarray(x) for x in (q, qm, r, rm))))
-
-
-@contextlib.contextmanager
-def count_compiles():
-    """Counts XLA backend compilations (every jit / eager-op compilation goes through it)."""
-    events: list[str] = []
-
-    def listener(event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 # ---- the rule on hand-made logits ---------------------------------------------------------------
@@ -205,10 +188,10 @@ def test_no_recompilation_new_key_and_new_weights(tiny_checkpoint):
     new_state = jax.tree.map(lambda x: x * 1.05 + 0.01, state)  # an "updated" policy
     jax.block_until_ready(new_state)
     lm2 = jm.load_pretrained(tiny_checkpoint("gpt2"))  # another instance, same graphdef
-    with count_compiles() as first:
+    with count_jax_compilations() as first:
         a = _np(generate(lm, q, qm, key=keys[0], **kw))
     assert len(first) >= 1  # the counter sees compilations
-    with count_compiles() as again:
+    with count_jax_compilations() as again:
         b = _np(generate(lm, q, qm, key=keys[1], **kw))  # new key
         nnx.update(lm, new_state)  # new weights, same structure
         c = _np(generate(lm, q, qm, key=keys[0], **kw))

@@ -54,13 +54,13 @@ def reward_fn(prompts, responses):
 
 # ---- the subprocess ---------------------------------------------------------------------------------
 def _worker(ckpt: str, out: str, meshes: list[str]) -> None:
-    import contextlib
     import time
 
     import jax
     from flax import nnx
 
     from ppo_jax.generate import SamplingOptions, make_generate_fn
+    from ppo_rlhf.testing import count_jax_compilations
     from ppo_jax.models import model_tensors
     from ppo_jax.ppo import PPOTrainer
     from ppo_jax.sharding import param_spec
@@ -86,20 +86,6 @@ def _worker(ckpt: str, out: str, meshes: list[str]) -> None:
         w.update({f"critic.{k}": v for k, v in model_tensors(t.critic_model()).items()})
         return w
 
-    @contextlib.contextmanager
-    def count_compiles():
-        events: list[str] = []
-
-        def listener(event, duration, **kw):
-            if event == "/jax/core/compile/backend_compile_duration":
-                events.append(event)
-
-        jax.monitoring.register_event_duration_secs_listener(listener)
-        try:
-            yield events
-        finally:
-            jax.monitoring.unregister_event_duration_listener(listener)
-
     t0 = time.perf_counter()
     base = trainer(None)
     runs = {m: trainer(m) for m in meshes}
@@ -113,7 +99,7 @@ def _worker(ckpt: str, out: str, meshes: list[str]) -> None:
         if it == 0:
             res["moved"] = max(float(np.abs(wb[k] - start[k]).max()) for k in start)
         for mesh, t in runs.items():
-            with count_compiles() as compiles:
+            with count_jax_compilations() as compiles:
                 r = t.rollout(q, qm, iteration=it)
                 s = t.step(it, query_ids=q, query_mask=qm)
             w = weights(t)

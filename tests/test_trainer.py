@@ -196,29 +196,13 @@ def test_python_api_ten_lines(backend, tiny_checkpoint, tmp_path):
 
 
 def test_jax_trainer_compiles_nothing_after_the_first_iteration(tiny_checkpoint):
-    import contextlib
-
-    import jax
-
-    @contextlib.contextmanager
-    def count_compiles():
-        events: list[str] = []
-
-        def listener(event, duration, **kw):
-            if event == "/jax/core/compile/backend_compile_duration":
-                events.append(event)
-
-        jax.monitoring.register_event_duration_secs_listener(listener)
-        try:
-            yield events
-        finally:
-            jax.monitoring.unregister_event_duration_listener(listener)
+    from ppo_rlhf.testing import count_jax_compilations
 
     t = _trainer("jax", tiny_checkpoint("gpt2"), adaptive_kl=True, grad_accum_steps=2)
-    with count_compiles() as first:
+    with count_jax_compilations() as first:
         t.step()
     assert len(first) >= 3  # generate, rollout forward, advantages, update (+ small eager ops)
-    with count_compiles() as later:
+    with count_jax_compilations() as later:
         for _ in range(3):
             t.step()
     assert later == [], f"{len(later)} compilations after the first iteration"
