@@ -86,6 +86,8 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         config = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{str(p)!r} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {str(p)!r}: {e.strerror or e}") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{str(p)!r} must hold a JSON object")
     check_model_type(config.get("model_type"), str(p))
@@ -122,7 +124,10 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     d = checkpoint_dir(path)
     index = d / SAFE_WEIGHTS_INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+        except (OSError, ValueError, AttributeError) as e:  # JSONDecodeError is a ValueError
+            raise CheckpointError(f"{str(index)!r} is unreadable or not a valid shard index: {e}") from None
         files = [d / f for f in dict.fromkeys(weight_map.values())]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
@@ -139,13 +144,23 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
 
 def weight_names(path: str | os.PathLike) -> list[str]:
     """Names of all tensors of a checkpoint, read from the headers only."""
-    from safetensors import safe_open
-
     names: list[str] = []
     for f in weight_files(path):
-        with safe_open(str(f), framework="numpy") as fh:
+        with _open_safetensors(f) as fh:
             names.extend(fh.keys())
     return names
+
+
+def _open_safetensors(f: Path) -> Any:
+    """safe_open(f), or CheckpointError naming the file when it cannot be read or is not a valid
+    safetensors file (truncated, overwritten, a half-finished download)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(f), framework="numpy")
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{str(f)!r} is unreadable or not a valid safetensors file ({e}); "
+                              f"the checkpoint is damaged: save or download it again") from None
 
 
 def is_scalar_checkpoint(path: str | os.PathLike) -> bool:
@@ -157,12 +172,10 @@ def load_tensors(path: str | os.PathLike, *,
                  names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
     """All tensors (or only `names`) of a checkpoint as numpy arrays in their stored dtype
     (bfloat16 as `ml_dtypes.bfloat16`). Sharded checkpoints are read shard by shard."""
-    from safetensors import safe_open
-
     wanted = None if names is None else set(names)
     out: dict[str, np.ndarray] = {}
     for f in weight_files(path):
-        with safe_open(str(f), framework="numpy") as fh:
+        with _open_safetensors(f) as fh:
             for k in fh.keys():
                 if wanted is None or k in wanted:
                     out[k] = fh.get_tensor(k)

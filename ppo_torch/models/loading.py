@@ -4,14 +4,17 @@ The same checkpoint dirs as the JAX core (`ppo_rlhf.hf_checkpoint`): the file / 
 checks are shared, so both backends fail the same way (FileNotFoundError for a missing dir,
 config.json or weights; ValueError listing the supported model types). Models are loaded with
 `AutoModelForCausalLM` / `AutoModelForSequenceClassification` from the local dir only, put in
-eval mode, with dropout disabled (the JAX models have none).
+eval mode, with dropout disabled (the JAX models have none). Loading is strict, as in JAX: a
+tensor missing from the checkpoint or of the wrong shape is a CheckpointError (transformers alone
+would initialise it at random). transformers' progress bars and load report are kept off.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -47,6 +50,47 @@ def disable_dropout(model: nn.Module) -> nn.Module:
         if isinstance(getattr(m, "attention_dropout", None), float):
             m.attention_dropout = 0.0
     return model
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' progress bars ("Loading weights", "Writing model shards") and its load
+    report off inside the block -- on every load and save they clutter CLI output, and the
+    problems the report lists are raised as errors here (`_from_pretrained`) -- restored after."""
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _from_pretrained(auto_cls: Any, path: PathLike, *, fresh: tuple[str, ...] = (),
+                     **kw: Any) -> Any:
+    """`auto_cls.from_pretrained(path)` from the local dir only, strict like the JAX loader: a
+    tensor the model needs but the checkpoint lacks (transformers would initialise it at random;
+    except the names in `fresh`) or one whose shape differs from the config's is a
+    CheckpointError naming it."""
+    with quiet_transformers():
+        hf_model, info = auto_cls.from_pretrained(str(path), local_files_only=True,
+                                                  output_loading_info=True,
+                                                  ignore_mismatched_sizes=True, **kw)
+    model_type = hf_model.config.model_type
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        name, stored, expected = mismatched[0]
+        raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(stored)}, the model "
+                              f"expects {tuple(expected)}")
+    missing = sorted(set(info.get("missing_keys") or ()) - set(fresh))
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor(s) {missing[:8]}"
+                              f"{' ...' if len(missing) > 8 else ''} for a {model_type} model")
+    return hf_model
 
 
 def _check_kind(path: PathLike, *, scalar: bool) -> dict:
@@ -104,8 +148,7 @@ def load_pretrained(path: PathLike, dtype: Any = "float32", *, with_value_head: 
 
     _check_kind(path, scalar=False)
     kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
-    hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype),
-                                                    local_files_only=True, **kw)
+    hf_model = _from_pretrained(AutoModelForCausalLM, path, dtype=torch_dtype(dtype), **kw)
     lm = CausalLM(disable_dropout(hf_model)).eval()
     if not with_value_head:
         return lm
@@ -122,8 +165,8 @@ def load_scalar_model(path: PathLike, dtype: Any = "float32", *,
 
     hf = _check_kind(path, scalar=True)
     kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
-    hf_model = AutoModelForSequenceClassification.from_pretrained(
-        str(path), dtype=torch_dtype(dtype), local_files_only=True, **kw)
+    hf_model = _from_pretrained(AutoModelForSequenceClassification, path,
+                                dtype=torch_dtype(dtype), **kw)
     if tuple(hf_model.score.weight.shape) != (1, hf_model.config.hidden_size):
         raise CheckpointError(f"{path}: {hfc.SCORE_NAME} has shape {tuple(hf_model.score.weight.shape)}; "
                          f"a scalar head needs num_labels=1")
@@ -139,7 +182,6 @@ def scalar_model_from_lm(lm: PathLike | CausalLM | PolicyWithValueHead, *, seed:
     with numpy, so both backends build the same model from the same seed. dtype None keeps the
     LM's dtype (float32 for a path)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
     if isinstance(lm, PolicyWithValueHead):
         lm = lm.lm
@@ -153,15 +195,10 @@ def scalar_model_from_lm(lm: PathLike | CausalLM | PolicyWithValueHead, *, seed:
         hf_model.base_model.load_state_dict(src.base_model.state_dict())
     else:
         _check_kind(lm, scalar=False)
-        # transformers reports score.weight as "MISSING, newly initialized" and the LM head as
-        # "UNEXPECTED": both expected here (the head is replaced just below), so keep it quiet
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
-            hf_model = AutoModelForSequenceClassification.from_pretrained(
-                str(lm), num_labels=1, dtype=torch_dtype(dtype), local_files_only=True)
-        finally:
-            hf_logging.set_verbosity(verbosity)
+        # score.weight is missing from a causal LM (the head is drawn just below) and its LM
+        # head is unused: both expected here
+        hf_model = _from_pretrained(AutoModelForSequenceClassification, lm, fresh=(hfc.SCORE_NAME,),
+                                    num_labels=1, dtype=torch_dtype(dtype))
     with torch.no_grad():
         w = hfc.init_score_head(hf_model.config.hidden_size, seed)
         hf_model.score.weight.copy_(torch.from_numpy(w))
@@ -183,7 +220,8 @@ def save_pretrained(model: CausalLM | ScalarHeadModel | PolicyWithValueHead, pat
                 {"reward_gain": model.reward_gain, "reward_bias": model.reward_bias})
     kw = {} if max_shard_bytes is None else {"max_shard_size": int(max_shard_bytes)}
     path.mkdir(parents=True, exist_ok=True)
-    hf_model.save_pretrained(str(path), **kw)
+    with quiet_transformers():
+        hf_model.save_pretrained(str(path), **kw)
     if isinstance(model, PolicyWithValueHead):
         hfc.save_value_head(path, model.value_head.weight.detach().float().cpu().numpy())
     return path
