@@ -135,6 +135,7 @@ class PPOTrainer(TrainerBase):
                          extra_rewards=extra_rewards, eos_token_id=eos_token_id,
                          pad_token_id=pad_token_id, checkpoint_every=checkpoint_every,
                          keep_checkpoints=keep_checkpoints)
+        self._check_tokenizer_dirs(reward_model=reward, reference=reference, critic=critic)
         cfg = self.config
         self.place = sharding.placement(mesh)  # one device, or the sharding rules of a mesh
         self.place.check_config(cfg)

@@ -726,6 +726,9 @@ class _Loop:
 
     def __init__(self, config: Any, *, tokenizer: Any, out_dir: Any, checkpoint_every: int,
                  keep_checkpoints: int, model_path: Any = None):
+        if isinstance(checkpoint_every, bool) or int(checkpoint_every) < 0:
+            raise UsageError(f"checkpoint_every must be an integer >= 0 (0 = only at the end), "
+                             f"got {checkpoint_every!r}")
         self.config = config
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = load_tokenizer_dir(tokenizer)
@@ -746,6 +749,12 @@ class _Loop:
 
         return None if self.out_dir is None else CheckpointManager(self.out_dir / "checkpoints",
                                                                    keep=self.keep_checkpoints)
+
+    def _check_vocab(self, model: Any) -> None:
+        """The tokenizer's ids fit the model's vocabulary (`ppo_rlhf.trainer_common.check_vocab`)."""
+        from ppo_rlhf.trainer_common import check_vocab
+
+        check_vocab(self.tokenizer, {"model": model.config.vocab_size})
 
     def _require_tokenizer(self) -> Any:
         if self.tokenizer is None:

@@ -41,20 +41,65 @@ def resolve_reward_spec(reward: Any, native_cls: type) -> tuple[str, Any]:
     return "host", reward
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def has_tokenizer(path: str | os.PathLike) -> bool:
+    """Does the directory `path` hold tokenizer files?"""
+    return Path(path).is_dir() and any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
+
+
 def load_tokenizer(path: str | os.PathLike) -> Any:
     try:
         from transformers import AutoTokenizer
     except ImportError as e:  # pragma: no cover - transformers is a dependency of both extras
         raise UsageError(f"loading a tokenizer needs transformers: {e}") from None
-    files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in files):
+    if Path(path).is_dir() and not has_tokenizer(path):
         # transformers 5 would build an EMPTY tokenizer from such a dir instead of failing
-        raise UsageError(f"no tokenizer in {str(path)!r} (expected one of {', '.join(files)}); "
-                         f"save one there with tokenizer.save_pretrained(dir) or pass tokenizer=")
+        raise UsageError(f"no tokenizer in {str(path)!r} (expected one of "
+                         f"{', '.join(TOKENIZER_FILES)}); save one there with "
+                         f"tokenizer.save_pretrained(dir) or pass tokenizer=")
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load a tokenizer from {str(path)!r}: {e}") from None
+
+
+REWARD_FN_HINT = ("to score with a reward model of another tokenizer, wrap it in a RewardFn that "
+                  "re-tokenises the decoded text (docs/reliability.md)")
+
+
+def check_vocab(tokenizer: Any, sizes: Mapping[str, int | None]) -> None:
+    """All models share one vocabulary (`sizes`: role -> its vocab_size; None = unknown) and the
+    tokenizer's ids fit in it. Roles are never re-tokenised through text: a model with another
+    vocabulary is refused (UsageError)."""
+    known = {role: int(n) for role, n in sizes.items() if n is not None}
+    if len(set(known.values())) > 1:
+        listed = ", ".join(f"{role} {n}" for role, n in known.items())
+        raise UsageError(f"the models have different vocabulary sizes ({listed}): they must share "
+                         f"one tokenizer; {REWARD_FN_HINT}")
+    if tokenizer is not None and known and len(tokenizer) > min(known.values()):
+        raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
+                         f"{min(known.values())}: they do not belong together")
+
+
+def check_same_tokenizer(tokenizer: Any, path: Any, role: str) -> None:
+    """Refuse a `role` checkpoint dir that holds a tokenizer of its own which maps token ids to
+    other tokens than `tokenizer` (the policy's): that model would read the policy's token ids
+    as other text. A dir without tokenizer files is taken to share the policy's tokenizer (its
+    vocabulary size is still checked, `check_vocab`)."""
+    if (tokenizer is None or not hasattr(tokenizer, "get_vocab")
+            or not isinstance(path, (str, os.PathLike)) or not has_tokenizer(path)):
+        return
+    ours = {i: t for t, i in tokenizer.get_vocab().items()}
+    theirs = {i: t for t, i in load_tokenizer(path).get_vocab().items()}
+    ids = set(ours) | set(theirs)
+    differ = sum(ours.get(i) != theirs.get(i) for i in ids)
+    if differ:
+        hint = REWARD_FN_HINT if role == "reward model" else "use one that shares it"
+        raise UsageError(f"the {role} {str(path)!r} has its own tokenizer, which differs from the "
+                         f"policy's ({differ} of {len(ids)} token ids stand for other tokens): it "
+                         f"would read the policy's tokens as other text; {hint}")
 
 
 class TrainerBase:
@@ -65,6 +110,9 @@ class TrainerBase:
                  pad_token_id: Any, checkpoint_every: int, keep_checkpoints: int):
         if not isinstance(config, PPOConfig):
             raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
+        if isinstance(checkpoint_every, bool) or int(checkpoint_every) < 0:
+            raise UsageError(f"checkpoint_every must be an integer >= 0 (0 = only at the end), "
+                             f"got {checkpoint_every!r}")
         self.config = config
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = load_tokenizer(tokenizer)
@@ -94,18 +142,20 @@ class TrainerBase:
         # main process writes metrics, progress and checkpoint files (ppo_rlhf/parallel.py)
         self.processes: Processes = SINGLE_PROCESS
 
+    def _check_tokenizer_dirs(self, **dirs: Any) -> None:
+        """Before loading anything: each role given as a checkpoint dir that holds a tokenizer
+        of its own must share the policy's (`check_same_tokenizer`)."""
+        for role, path in dirs.items():
+            check_same_tokenizer(self.tokenizer, path, role.replace("_", " "))
+
     def _check_models(self, *models: Any) -> None:
-        """All roles share one vocabulary, the tokenizer's ids fit it and prompt + response fit
-        GPT-2's learned positions. (A reward model with
-        another tokenizer is refused rather than re-tokenised through text: wrap it in a
-        `RewardFn` that tokenises the decoded text itself if that is what you want.)"""
-        sizes = {m.config.vocab_size for m in models if m is not None}
-        if len(sizes) > 1:
-            raise UsageError(f"policy, reference, critic and reward model have different vocabulary "
-                             f"sizes {sorted(sizes)}: they must share one tokenizer")
-        if self.tokenizer is not None and sizes and len(self.tokenizer) > min(sizes):
-            raise UsageError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's "
-                             f"vocabulary has {min(sizes)}: they do not belong together")
+        """All roles (policy, reference, critic, reward model) share one vocabulary, the
+        tokenizer's ids fit it and prompt + response fit GPT-2's learned positions. (A reward
+        model with another tokenizer is refused rather than re-tokenised through text: wrap it
+        in a `RewardFn` that tokenises the decoded text itself if that is what you want.)"""
+        roles = ("policy", "reference", "critic", "reward model")
+        check_vocab(self.tokenizer, {role: m.config.vocab_size for role, m in zip(roles, models)
+                                     if m is not None})
         # learned position embeddings (GPT-2) cannot go past n_positions
         need = self.config.max_prompt_len + self.config.max_new_tokens
         for m in models:

@@ -128,6 +128,7 @@ class PPOTrainer(TrainerBase):
                          extra_rewards=extra_rewards, eos_token_id=eos_token_id,
                          pad_token_id=pad_token_id, checkpoint_every=checkpoint_every,
                          keep_checkpoints=keep_checkpoints)
+        self._check_tokenizer_dirs(reward_model=reward, reference=reference, critic=critic)
         cfg = self.config
         self.dist = setup_distributed(distributed)  # one process, or a rank of a DDP / FSDP2 job
         self.dist.check_config(cfg)
