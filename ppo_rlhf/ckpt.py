@@ -165,6 +165,7 @@ class CheckpointManager:
                 warnings.warn(f"checkpoint {p} is corrupted ({e}); trying the previous one",
                               stacklevel=2)
         if candidates:
-            raise CorruptCheckpoint(f"every checkpoint under {self.root} is corrupted: "
-                                    + ", ".join(p.name for p in candidates))
+            raise CorruptCheckpoint(f"every checkpoint under {self.root} is corrupted ("
+                                    + ", ".join(p.name for p in candidates) + "): there is nothing "
+                                    "to resume from; pass another --out to start afresh")
         return None

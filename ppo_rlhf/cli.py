@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from typing import Sequence
 
 from ppo_rlhf import __version__
@@ -48,12 +49,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(command: str):
+    """A `warnings.formatwarning` that prints `ppo-rlhf COMMAND: warning: MESSAGE` on one line."""
+    def format_warning(message, category, filename, lineno, line=None):  # noqa: ARG001
+        kind = "" if category is UserWarning else f"{category.__name__}: "
+        return f"ppo-rlhf {command}: warning: {kind}{message}\n"
+
+    return format_warning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
+    format_warning = warnings.formatwarning
+    if not args.debug:  # warnings as one line each, like errors (--debug: Python's own format)
+        warnings.formatwarning = _one_line_warning(args.command)
     try:
         return int(args.func(args) or 0)
     except UsageError as e:
@@ -70,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ppo-rlhf {args.command}: error: {type(e).__name__}: {e} (rerun with --debug for "
               f"the traceback)", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = format_warning
 
 
 if __name__ == "__main__":

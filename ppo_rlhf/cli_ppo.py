@@ -128,6 +128,9 @@ def run_train(args: argparse.Namespace) -> int:
     require_dir(args.reward_model, "--reward-model")
     require_dir(args.reference, "--reference")
     require_dir(args.critic, "--critic")
+    if args.checkpoint_every < 0:
+        raise UsageError(f"--checkpoint-every {args.checkpoint_every}: must be >= 0 (0 = only at "
+                         f"the end)")
     config = build_config(args, num_iterations=args.iterations, seed=args.seed)
     scale = _scaling_kwargs(args, config)
     prompts = load_prompts_arg(args.prompts)

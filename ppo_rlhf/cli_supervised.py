@@ -46,6 +46,11 @@ def _require_file(path: str | None, flag: str) -> None:
         raise UsageError(f"{flag} {path!r}: no such file")
 
 
+def _check_checkpoint_every(n: int) -> None:
+    if n < 0:
+        raise UsageError(f"--checkpoint-every {n}: must be >= 0 (0 = only at the end)")
+
+
 def _config(cls: Any, **values: Any) -> Any:
     try:
         return cls(**{k: v for k, v in values.items() if v is not None})
@@ -126,6 +131,7 @@ def run_train_rm(args: argparse.Namespace) -> int:
 
     _require_dir(args.model, "--model")
     out = _check_out(args.out)
+    _check_checkpoint_every(args.checkpoint_every)
     config = _config(RMConfig, learning_rate=args.lr, num_epochs=args.epochs,
                      batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
                      weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
@@ -239,6 +245,9 @@ def run_pretrain(args: argparse.Namespace) -> int:
     task = get_task(args.task) if args.task else None
     if args.steps is not None and args.steps < 0:
         raise UsageError(f"--steps {args.steps}: must be >= 0")
+    if args.eval_samples < 0:
+        raise UsageError(f"--eval-samples {args.eval_samples}: must be >= 0 (0 = skip)")
+    _check_checkpoint_every(args.checkpoint_every)
     if args.data is None and task is None:
         raise UsageError("no data: pass --data FILE or --task")
     train = read_examples(args.data, "--data") if args.data is not None else None

@@ -83,7 +83,14 @@ def run_demo(backend: str, out: str | os.PathLike, config: DemoConfig = DemoConf
 
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    try:  # checked now, not after minutes of pretraining
+        ppo_config = PPOConfig(**{**config.ppo, "num_iterations": config.ppo_iterations,
+                                  "seed": config.seed})
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     task = get_task(config.task)
     t_start = time.perf_counter()
@@ -143,7 +150,6 @@ def run_demo(backend: str, out: str | os.PathLike, config: DemoConfig = DemoConf
     t = time.perf_counter()
     _say(f"5/6 PPO: {config.ppo_iterations} iterations against the reward model (gold logged, not trained on)")
     trainer_cls = _trainer_class(backend)
-    ppo_config = PPOConfig(**{**config.ppo, "num_iterations": config.ppo_iterations, "seed": config.seed})
     trainer = trainer_cls(str(sft), str(out / "reward_model"), train_prompts, config=ppo_config,
                           out_dir=out / "ppo", extra_rewards={"gold": task.gold_reward},
                           checkpoint_every=max(1, config.ppo_iterations // 4))

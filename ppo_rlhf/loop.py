@@ -132,8 +132,9 @@ class BadUpdateCounter:
                 if self.consecutive >= self.limit:
                     raise NonFiniteUpdates(
                         f"iteration {iteration}: {self.consecutive} consecutive PPO updates had a "
-                        f"non-finite loss or gradient (NaN/inf); stopping. The last checkpoint "
-                        f"was written before them and is intact.")
+                        f"non-finite loss or gradient (NaN/inf); stopping. Skipped updates change "
+                        f"nothing, so the newest checkpoint is intact: fix the cause (e.g. a "
+                        f"lower learning_rate, the reward's scale) and continue with --resume")
             else:
                 self.consecutive = 0
 

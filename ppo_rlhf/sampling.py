@@ -142,6 +142,9 @@ class PolicySampler:
                              f"install ppo-rlhf[{backend}]") from None
         except (OSError, ValueError) as e:  # FileNotFoundError included: no config / weights
             raise UsageError(f"cannot load a policy from {str(path)!r}: {e}") from None
+        from ppo_rlhf.trainer_common import check_vocab
+
+        check_vocab(self.tokenizer, {"policy": self.model.config.vocab_size})
         self._generate = generate
 
     def _draw(self, q: Any, qm: Any) -> tuple[Any, Any]:

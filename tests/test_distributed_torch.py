@@ -163,7 +163,7 @@ def _cli_args(tiny_checkpoint, tmp_path) -> list[str]:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the quick\nbrown fox\na good answer\nis short\nkind and\ntrue words\n")
     args = ["-m", "ppo_rlhf.cli", "train", "--backend", "torch", "--policy",
-            str(tiny_checkpoint("gpt2")), "--reward-fn", "tests.test_trainer:length_reward",
+            str(tiny_checkpoint("gpt2")), "--reward-fn", "tests.helpers:length_reward",
             "--prompts", str(prompts), "--no-progress", "--set", "batch_size=4", "--set",
             "max_new_tokens=6", "--set", "max_prompt_len=8", "--set", "ppo_epochs=2", "--set",
             "num_minibatches=2", "--set", "learning_rate=0.001", "--checkpoint-every", "1"]
