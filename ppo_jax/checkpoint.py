@@ -31,21 +31,52 @@ def _checkpointer():
     return ocp.StandardCheckpointer()
 
 
-def save_trainer_state(trainer: Any, path: str | os.PathLike) -> None:
-    path = Path(path).absolute()
+def save_state(path: str | os.PathLike, tree: Any) -> None:
+    """An Orbax PyTree checkpoint of `tree` at `path` (written when this returns)."""
     ckptr = _checkpointer()
-    ckptr.save(path / "state", {"params": trainer.params, "opt_state": trainer.opt_state})
+    ckptr.save(Path(path).absolute(), tree)
     ckptr.wait_until_finished()
-    trainer.save_policy(path / "policy")
 
 
-def load_trainer_state(trainer: Any, path: str | os.PathLike) -> None:
-    path = Path(path).absolute()
-    target = {"params": trainer.params, "opt_state": trainer.opt_state}
+def restore_state(path: str | os.PathLike, target: Any) -> Any:
+    """The tree saved at `path`, restored bit-exactly into `target`'s structure, dtypes AND
+    shardings; CorruptCheckpoint naming the checkpoint when it cannot be."""
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             target)
     try:
-        restored = _checkpointer().restore(path / "state", abstract)
+        return _checkpointer().restore(Path(path).absolute(), abstract)
     except Exception as e:  # noqa: BLE001 -- Orbax raises many types; name the checkpoint
-        raise CorruptCheckpoint(f"{path}: cannot restore the trainer state: {e}") from None
+        raise CorruptCheckpoint(f"{Path(path).parent}: cannot restore the trainer state: {e}") from None
+
+
+def save_trainer_state(trainer: Any, path: str | os.PathLike) -> None:
+    save_state(Path(path) / "state", {"params": trainer.params, "opt_state": trainer.opt_state})
+    trainer.save_policy(Path(path) / "policy")
+
+
+def load_trainer_state(trainer: Any, path: str | os.PathLike) -> None:
+    restored = restore_state(Path(path) / "state",
+                             {"params": trainer.params, "opt_state": trainer.opt_state})
     trainer.params, trainer.opt_state = restored["params"], restored["opt_state"]
+
+
+class SupervisedCheckpoint:
+    """save_checkpoint / load_checkpoint of the reward-model and SFT trainers (anything with
+    `params`, `opt_state` and `save_model(path)`): state/ = Orbax {params, opt_state}, model/ =
+    the Hugging Face checkpoint. The learning rate is a function of the step count, which
+    `ppo_rlhf.ckpt.CheckpointManager` keeps in the trainer state."""
+
+    params: Any
+    opt_state: Any
+
+    def save_model(self, path: str | os.PathLike) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        save_state(Path(path) / "state", {"params": self.params, "opt_state": self.opt_state})
+        self.save_model(Path(path) / "model")
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        restored = restore_state(Path(path) / "state",
+                                 {"params": self.params, "opt_state": self.opt_state})
+        self.params, self.opt_state = restored["params"], restored["opt_state"]

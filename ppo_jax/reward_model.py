@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterable
 
@@ -32,6 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ppo_jax.checkpoint import SupervisedCheckpoint
 from ppo_jax.models import (ScalarHeadModel, load_scalar_model, save_pretrained,
                             scalar_model_from_lm)
 from ppo_jax.ppo import clip_by_global_norm, make_optimizer
@@ -177,7 +177,7 @@ def compiled_steps(graphdef: Any, loss: str, ties: str, max_grad_norm: float | N
     return tx, jax.jit(step, donate_argnums=(0, 1)), jax.jit(evaluate), jax.jit(score)
 
 
-class RewardModelTrainer(RMTrainerBase):
+class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
     """Reward-model trainer (JAX). `model`: a checkpoint dir (causal LM or scalar head; see
     `init_reward_model`) or a `ScalarHeadModel`; `tokenizer`: a transformers tokenizer or its
     dir (default: the model dir's). `fit(train, eval)` trains, evaluates, normalises and saves
@@ -242,28 +242,6 @@ class RewardModelTrainer(RMTrainerBase):
         save_pretrained(self.model(), path)
         self._save_tokenizer(path)
 
-    def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """state/: Orbax checkpoint of {params, opt_state}; model/: the HF checkpoint."""
-        import orbax.checkpoint as ocp
-
-        path = Path(path).absolute()
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(path / "state", {"params": self.params, "opt_state": self.opt_state})
-        ckptr.wait_until_finished()
-        self.save_model(path / "model")
-
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
-        import orbax.checkpoint as ocp
-
-        from ppo_rlhf.ckpt import CorruptCheckpoint
-
-        target = {"params": self.params, "opt_state": self.opt_state}
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
-        try:
-            restored = ocp.StandardCheckpointer().restore(Path(path).absolute() / "state", abstract)
-        except Exception as e:  # noqa: BLE001 -- Orbax raises many types; name the checkpoint
-            raise CorruptCheckpoint(f"{path}: cannot restore the trainer state: {e}") from None
-        self.params, self.opt_state = restored["params"], restored["opt_state"]
 
 
 def train_reward_model(model: Any, train: Iterable[Any], eval: Iterable[Any] | None = None, *,

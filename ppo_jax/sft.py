@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterable, Sequence
 
@@ -30,6 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ppo_jax.checkpoint import SupervisedCheckpoint
 from ppo_jax.losses import logprobs_from_logits
 from ppo_jax.models import CausalLM, load_pretrained, save_pretrained
 from ppo_jax.ppo import clip_by_global_norm, make_optimizer
@@ -90,7 +90,7 @@ def compiled_steps(graphdef: Any, max_grad_norm: float | None, adam_eps: float,
     return tx, jax.jit(step, donate_argnums=(0, 1)), jax.jit(evaluate)
 
 
-class SFTTrainer(SFTTrainerBase):
+class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
     """Causal-LM trainer (JAX). `model`: a checkpoint dir or a `CausalLM` (trained in float32);
     `tokenizer`: a transformers tokenizer or its dir (default: the model dir's). `fit(train,
     eval)` trains config.num_steps steps and saves the model + tokenizer to out_dir (see
@@ -142,28 +142,6 @@ class SFTTrainer(SFTTrainerBase):
         save_pretrained(self.model(), path)
         self._save_tokenizer(path)
 
-    def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """state/: Orbax checkpoint of {params, opt_state}; model/: the HF checkpoint."""
-        import orbax.checkpoint as ocp
-
-        path = Path(path).absolute()
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(path / "state", {"params": self.params, "opt_state": self.opt_state})
-        ckptr.wait_until_finished()
-        self.save_model(path / "model")
-
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
-        import orbax.checkpoint as ocp
-
-        from ppo_rlhf.ckpt import CorruptCheckpoint
-
-        target = {"params": self.params, "opt_state": self.opt_state}
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
-        try:
-            restored = ocp.StandardCheckpointer().restore(Path(path).absolute() / "state", abstract)
-        except Exception as e:  # noqa: BLE001 -- Orbax raises many types; name the checkpoint
-            raise CorruptCheckpoint(f"{path}: cannot restore the trainer state: {e}") from None
-        self.params, self.opt_state = restored["params"], restored["opt_state"]
 
 
 def train_sft(model: Any, train: Iterable[Any], eval: Iterable[Any] | None = None, *,

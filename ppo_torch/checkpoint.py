@@ -86,3 +86,38 @@ def load_trainer_state(trainer: Any, path: str | os.PathLike) -> None:
         s.update({k: trainer.dist.shard_like(v, params[int(i)]) for k, v in s.items()
                   if torch.is_tensor(v) and v.shape == params[int(i)].shape})
     trainer.optimizer.load_state_dict(opt)
+
+
+class SupervisedCheckpoint:
+    """save_checkpoint / load_checkpoint of the reward-model and SFT trainers (anything with a
+    module `_model`, an `optimizer`, a `device` and `save_model(path)`): state/model.safetensors
+    + state/optimizer.pt (AdamW), model/ = the Hugging Face checkpoint. The learning rate is a
+    function of the step count, which `ppo_rlhf.ckpt.CheckpointManager` keeps in the trainer
+    state."""
+
+    _model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    device: Any
+
+    def save_model(self, path: str | os.PathLike) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        state = Path(path) / "state"
+        state.mkdir(parents=True, exist_ok=True)
+        save_file({n: p.detach().cpu().contiguous() for n, p in self._model.named_parameters()},
+                  str(state / "model.safetensors"))
+        torch.save(self.optimizer.state_dict(), state / "optimizer.pt")
+        self.save_model(Path(path) / "model")
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        state = Path(path) / "state"
+        try:
+            tensors = load_file(str(state / "model.safetensors"))
+            opt = torch.load(state / "optimizer.pt", weights_only=True, map_location=self.device)
+        except Exception as e:  # noqa: BLE001 -- name the checkpoint, whatever failed
+            raise CorruptCheckpoint(f"{path}: cannot restore the trainer state: {e}") from None
+        with torch.no_grad():
+            for name, p in self._model.named_parameters():
+                p.copy_(tensors[name].to(p.device, p.dtype))
+        self.optimizer.load_state_dict(opt)

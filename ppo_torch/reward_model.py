@@ -20,13 +20,13 @@ not finite leaves weights and optimiser state unchanged. Dropout is off (the mod
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 
+from ppo_torch.checkpoint import SupervisedCheckpoint
 from ppo_rlhf import hf_checkpoint as hfc
 from ppo_rlhf.supervised import RMConfig, RMTrainerBase
 from ppo_torch.models import (ScalarHeadModel, load_scalar_model, save_pretrained,
@@ -136,7 +136,7 @@ def _tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, Te
     return out
 
 
-class RewardModelTrainer(RMTrainerBase):
+class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
     """Reward-model trainer (PyTorch). `model`: a checkpoint dir (causal LM or scalar head; see
     `init_reward_model`) or a `ScalarHeadModel`; `tokenizer`: a transformers tokenizer or its
     dir (default: the model dir's). `fit(train, eval)` trains, evaluates, normalises and saves
@@ -219,33 +219,6 @@ class RewardModelTrainer(RMTrainerBase):
         save_pretrained(self.model(), path)
         self._save_tokenizer(path)
 
-    def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """state/model.safetensors + state/optimizer.pt (AdamW); model/: the HF checkpoint.
-        The learning rate is a function of the step count in the trainer state."""
-        from safetensors.torch import save_file
-
-        state = Path(path) / "state"
-        state.mkdir(parents=True, exist_ok=True)
-        save_file({n: p.detach().cpu().contiguous() for n, p in self._model.named_parameters()},
-                  str(state / "model.safetensors"))
-        torch.save(self.optimizer.state_dict(), state / "optimizer.pt")
-        self.save_model(Path(path) / "model")
-
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
-        from safetensors.torch import load_file
-
-        from ppo_rlhf.ckpt import CorruptCheckpoint
-
-        state = Path(path) / "state"
-        try:
-            tensors = load_file(str(state / "model.safetensors"))
-            opt = torch.load(state / "optimizer.pt", weights_only=True, map_location=self.device)
-        except Exception as e:  # noqa: BLE001 -- name the checkpoint, whatever failed
-            raise CorruptCheckpoint(f"{path}: cannot restore the trainer state: {e}") from None
-        with torch.no_grad():
-            for name, p in self._model.named_parameters():
-                p.copy_(tensors[name].to(p.device, p.dtype))
-        self.optimizer.load_state_dict(opt)
 
 
 def train_reward_model(model: Any, train: Iterable[Any], eval: Iterable[Any] | None = None, *,

@@ -17,13 +17,13 @@ A fresh model for pretraining: `ppo_rlhf.supervised.write_fresh_checkpoint(dir, 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
 
+from ppo_torch.checkpoint import SupervisedCheckpoint
 from ppo_rlhf.supervised import SFTConfig, SFTTrainerBase
 from ppo_torch.losses import logprobs_from_logits
 from ppo_torch.models import CausalLM, load_pretrained, save_pretrained
@@ -57,7 +57,7 @@ def sft_loss(model: CausalLM, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]
     return total / n.clamp(min=1).to(total.dtype), n
 
 
-class SFTTrainer(SFTTrainerBase):
+class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
     """Causal-LM trainer (PyTorch). `model`: a checkpoint dir or a `CausalLM` (trained in
     float32); `tokenizer`: a transformers tokenizer or its dir (default: the model dir's).
     `fit(train, eval)` trains config.num_steps steps and saves the model + tokenizer to out_dir
@@ -122,33 +122,6 @@ class SFTTrainer(SFTTrainerBase):
         save_pretrained(self._model, path)
         self._save_tokenizer(path)
 
-    def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """state/model.safetensors + state/optimizer.pt (AdamW); model/: the HF checkpoint.
-        The learning rate is a function of the step count in the trainer state."""
-        from safetensors.torch import save_file
-
-        state = Path(path) / "state"
-        state.mkdir(parents=True, exist_ok=True)
-        save_file({n: p.detach().cpu().contiguous() for n, p in self._model.named_parameters()},
-                  str(state / "model.safetensors"))
-        torch.save(self.optimizer.state_dict(), state / "optimizer.pt")
-        self.save_model(Path(path) / "model")
-
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
-        from safetensors.torch import load_file
-
-        from ppo_rlhf.ckpt import CorruptCheckpoint
-
-        state = Path(path) / "state"
-        try:
-            tensors = load_file(str(state / "model.safetensors"))
-            opt = torch.load(state / "optimizer.pt", weights_only=True, map_location=self.device)
-        except Exception as e:  # noqa: BLE001 -- name the checkpoint, whatever failed
-            raise CorruptCheckpoint(f"{path}: cannot restore the trainer state: {e}") from None
-        with torch.no_grad():
-            for name, p in self._model.named_parameters():
-                p.copy_(tensors[name].to(p.device, p.dtype))
-        self.optimizer.load_state_dict(opt)
 
 
 def train_sft(model: Any, train: Iterable[Any], eval: Iterable[Any] | None = None, *,
