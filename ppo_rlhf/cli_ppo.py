@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ppo_rlhf.backends import BACKENDS, backend_module
 from ppo_rlhf.errors import UsageError
-
-BACKENDS = ("jax", "torch")
 
 
 # ---- shared argument helpers ---------------------------------------------------------------------
@@ -57,17 +56,8 @@ def require_dir(path: str | None, what: str) -> str | None:
 
 
 def trainer_class(backend: str):
-    if backend not in BACKENDS:
-        raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    try:
-        if backend == "jax":
-            from ppo_jax.ppo import PPOTrainer
-        else:
-            from ppo_torch.ppo import PPOTrainer
-    except ImportError as e:
-        raise UsageError(f"the {backend} backend is not installed ({e}); "
-                         f"pip install 'ppo-rlhf[{backend}]'") from None
-    return PPOTrainer
+    """The backend's PPOTrainer (UsageError for an unknown or missing backend)."""
+    return backend_module(backend, "ppo").PPOTrainer
 
 
 def load_prompts_arg(path: str) -> list[str]:
@@ -198,11 +188,8 @@ def _scaling_kwargs(args: argparse.Namespace, config: Any) -> dict[str, Any]:
 
 
 def _load_with_value_head(backend: str, path: str, dtype: str, seed: int):
-    if backend == "jax":
-        from ppo_jax.models import load_pretrained
-    else:
-        from ppo_torch.models import load_pretrained
-    return load_pretrained(path, dtype, with_value_head=True, seed=seed)
+    return backend_module(backend, "models").load_pretrained(path, dtype, with_value_head=True,
+                                                            seed=seed)
 
 
 # ---- eval ---------------------------------------------------------------------------------------

@@ -16,24 +16,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
+from ppo_rlhf.backends import BACKENDS, backend_module
 from ppo_rlhf.errors import DataError, UsageError
 
-BACKENDS = ("jax", "torch")
 
-
-def _backend(backend: str, module: str) -> Any:
-    """ppo_<backend>.<module>, or a UsageError naming the missing extra."""
-    if backend not in BACKENDS:
-        raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    try:
-        return importlib.import_module(f"ppo_{backend}.{module}")
-    except ImportError as e:
-        raise UsageError(f"the {backend} backend is not installed ({e}); "
-                         f"pip install 'ppo-rlhf[{backend}]'") from None
 
 
 def _require_dir(path: str | None, flag: str) -> None:
@@ -150,7 +139,7 @@ def run_train_rm(args: argparse.Namespace) -> int:
     reference = None
     if args.norm_data is not None:
         reference = reference_sequences(_read_preferences(args.norm_data, "--norm-data"))
-    rm = _backend(args.backend, "reward_model")
+    rm = backend_module(args.backend, "reward_model")
     try:
         trainer = rm.RewardModelTrainer(args.model, config, out_dir=out,
                                         checkpoint_every=args.checkpoint_every)
@@ -314,7 +303,7 @@ def pretrain_model(backend: str, out: Path, *, task: Any = None, model: str | No
         train = [as_example(x) for x in corpus[:corpus_size]]
         eval = eval or [as_example(x) for x in corpus[corpus_size:]]
 
-    sft = _backend(backend, "sft")
+    sft = backend_module(backend, "sft")
     with tempfile.TemporaryDirectory() as tmp:
         if model:
             model_dir, tokenizer = model, load_tokenizer_dir(model)

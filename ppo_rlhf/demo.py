@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ppo_rlhf.backends import BACKENDS, backend_module, check_backend
 from ppo_rlhf.errors import UsageError
 
-BACKENDS = ("jax", "torch")
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,7 @@ def run_demo(backend: str, out: str | os.PathLike, config: DemoConfig = DemoConf
     from ppo_rlhf.sampling import load_policy_sampler
     from ppo_rlhf.tasks import get_task
 
-    if backend not in BACKENDS:
-        raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    check_backend(backend)
     try:  # checked now, not after minutes of pretraining
         ppo_config = PPOConfig(**{**config.ppo, "num_iterations": config.ppo_iterations,
                                   "seed": config.seed})
@@ -149,7 +148,7 @@ def run_demo(backend: str, out: str | os.PathLike, config: DemoConfig = DemoConf
     # 5. PPO against the reward model --------------------------------------------------------------
     t = time.perf_counter()
     _say(f"5/6 PPO: {config.ppo_iterations} iterations against the reward model (gold logged, not trained on)")
-    trainer_cls = _trainer_class(backend)
+    trainer_cls = backend_module(backend, "ppo").PPOTrainer
     trainer = trainer_cls(str(sft), str(out / "reward_model"), train_prompts, config=ppo_config,
                           out_dir=out / "ppo", extra_rewards={"gold": task.gold_reward},
                           checkpoint_every=max(1, config.ppo_iterations // 4))
@@ -185,19 +184,12 @@ def run_demo(backend: str, out: str | os.PathLike, config: DemoConfig = DemoConf
     return summary
 
 
-def _trainer_class(backend: str) -> Any:
-    from ppo_rlhf.cli_ppo import trainer_class
-
-    return trainer_class(backend)
-
 
 def _train_reward_model(backend: str, sft: Path, records: list, out: Path, config: DemoConfig,
                         max_length: int, progress: bool) -> dict[str, Any]:
-    import importlib
-
     from ppo_rlhf.supervised import RMConfig, holdout_split
 
-    rm = importlib.import_module(f"ppo_{backend}.reward_model")
+    rm = backend_module(backend, "reward_model")
     cfg = RMConfig(num_epochs=config.rm_epochs, learning_rate=config.rm_lr, seed=config.seed,
                    max_length=max_length)
     train_idx, eval_idx = holdout_split(len(records), cfg.eval_fraction, cfg.seed)

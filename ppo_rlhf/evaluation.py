@@ -24,9 +24,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from ppo_rlhf.backends import backend_module
 from ppo_rlhf.errors import UsageError
 
-BACKENDS = ("jax", "torch")
 
 
 @dataclass
@@ -104,18 +104,6 @@ def summarize(s: SampledScores, *, gold: Callable | None = None,
     return result, records
 
 
-def backend_module(backend: str) -> Any:
-    if backend not in BACKENDS:
-        raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    try:
-        if backend == "jax":
-            import ppo_jax.evaluate as mod
-        else:
-            import ppo_torch.evaluate as mod
-    except ImportError as e:
-        raise UsageError(f"the {backend} backend is not installed: {e}") from None
-    return mod
-
 
 def evaluate(backend: str, policy: str | os.PathLike, prompts: Sequence[str], *,
              reference: str | os.PathLike | None = None, reward_model: Any = None,
@@ -149,7 +137,7 @@ def evaluate(backend: str, policy: str | os.PathLike, prompts: Sequence[str], *,
         check_same_tokenizer(tokenizer, dirs[name], name)
     check_vocab(tokenizer, {name: read_config(path).get("vocab_size")
                             for name, path in dirs.items() if path is not None})
-    mod = backend_module(backend)
+    mod = backend_module(backend, "evaluate")
     s = mod.sample_and_score(policy, list(prompts), reference=reference, reward_model=reward_model,
                              max_prompt_len=max_prompt_len, max_new_tokens=max_new_tokens,
                              temperature=temperature, batch_size=batch_size, seed=seed,

@@ -47,7 +47,8 @@ from typing import Any, Sequence, TextIO
 from ppo_rlhf.data import (JsonlWriter, PairwiseRecord, RankingRecord, RatingRecord, Record,
                            ResponsesRecord, fsync_dir, load_prompts, record_from_dict)
 from ppo_rlhf.errors import DataError, UsageError
-from ppo_rlhf.sampling import (BACKENDS, ResponseSampler, ResponsesFileSampler, check_sampled,
+from ppo_rlhf.backends import BACKENDS
+from ppo_rlhf.sampling import (ResponseSampler, ResponsesFileSampler, check_sampled,
                                load_policy_sampler)
 
 __all__ = ["MODES", "LabelSummary", "run_labelling", "check_mode", "skip_path_for", "read_done_prompts",

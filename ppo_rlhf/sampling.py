@@ -16,10 +16,9 @@ import os
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 from ppo_rlhf.data import read_responses
+from ppo_rlhf.backends import backend_module, check_backend
 from ppo_rlhf.errors import UsageError
 
-BACKENDS = ("jax", "torch")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 @runtime_checkable
@@ -95,8 +94,7 @@ class PolicySampler:
                  temperature: float, seed: int):
         from pathlib import Path
 
-        if backend not in BACKENDS:
-            raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        check_backend(backend)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         if not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
@@ -104,11 +102,12 @@ class PolicySampler:
         path = Path(policy_dir)
         if not path.is_dir():
             raise UsageError(f"policy {str(path)!r}: not a directory")
-        if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        from ppo_rlhf.trainer_common import TOKENIZER_FILES, has_tokenizer, load_tokenizer
+
+        if not has_tokenizer(path):
             # transformers 5 would build an EMPTY tokenizer from config.json alone
             raise UsageError(f"policy {str(path)!r}: no tokenizer saved there (none of "
                              f"{', '.join(TOKENIZER_FILES)})")
-        from ppo_rlhf.trainer_common import load_tokenizer
 
         self.backend, self.path = backend, path
         self.max_new_tokens, self.temperature = int(max_new_tokens), float(temperature)
@@ -117,12 +116,11 @@ class PolicySampler:
         self.eos_token_id = tok.eos_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.pad_token_id = 0 if pad is None else int(pad)
+        generate = backend_module(backend, "generate").generate
+        load_pretrained = backend_module(backend, "models").load_pretrained
         try:
             if backend == "jax":
                 import jax
-
-                from ppo_jax.generate import generate
-                from ppo_jax.models import load_pretrained
 
                 self.model = load_pretrained(path)
                 self.max_positions = self.model.config.max_position_embeddings
@@ -130,16 +128,10 @@ class PolicySampler:
             else:
                 import torch
 
-                from ppo_torch.generate import generate
-                from ppo_torch.models import load_pretrained
-
                 device = "cuda" if torch.cuda.is_available() else "cpu"
                 self.model = load_pretrained(path).to(device)
                 self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
                 self._generator = torch.Generator(device=device).manual_seed(int(seed))
-        except ImportError as e:
-            raise UsageError(f"--backend {backend}: the backend is not installed ({e}); "
-                             f"install ppo-rlhf[{backend}]") from None
         except (OSError, ValueError) as e:  # FileNotFoundError included: no config / weights
             raise UsageError(f"cannot load a policy from {str(path)!r}: {e}") from None
         from ppo_rlhf.trainer_common import check_vocab
@@ -200,7 +192,6 @@ def load_policy_sampler(backend: str, policy_dir: str | os.PathLike[str], *,
     missing directory, no tokenizer or model in it, a backend that is not installed, a prompt
     too long for the model) raise `UsageError`. See `PolicySampler`.
     """
-    if backend not in BACKENDS:
-        raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    check_backend(backend)
     return PolicySampler(backend, policy_dir, max_new_tokens=max_new_tokens,
                          temperature=temperature, seed=seed)

@@ -82,7 +82,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
@@ -700,21 +700,14 @@ def write_fresh_checkpoint(path: str | os.PathLike, hf_config: Mapping[str, Any]
     return path
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-
-
 def load_tokenizer_dir(path: str | os.PathLike) -> Any:
-    """A transformers tokenizer from a dir that holds one (UsageError otherwise: transformers 5
-    would build an empty GPT2Tokenizer from a model dir without tokenizer files)."""
+    """A transformers tokenizer from a dir that holds one (UsageError otherwise:
+    `ppo_rlhf.trainer_common.load_tokenizer`)."""
     from ppo_rlhf.trainer_common import load_tokenizer
 
-    p = Path(path)
-    if not p.is_dir():
-        raise UsageError(f"tokenizer directory {str(p)!r} does not exist")
-    if not any((p / f).is_file() for f in TOKENIZER_FILES):
-        raise UsageError(f"no tokenizer in {str(p)!r} (expected one of {', '.join(TOKENIZER_FILES)}); "
-                         f"save the model's tokenizer there")
-    return load_tokenizer(p)
+    if not Path(path).is_dir():
+        raise UsageError(f"tokenizer directory {str(path)!r} does not exist")
+    return load_tokenizer(path)
 
 
 # ---- the host loop ---------------------------------------------------------------------------------

@@ -8,11 +8,8 @@ metrics, progress bar, checkpoints, resume, signals and the non-finite-update gu
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
