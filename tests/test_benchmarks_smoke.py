@@ -1,0 +1,43 @@
+"""The benchmark harness's quick mode runs and writes what it promises (no timing asserts: speed
+targets live in benchmarks/, not in tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_quick_mode_writes_json_table_and_plot(tmp_path):
+    out = tmp_path / "quick.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out),
+                           "--cache-dir", str(tmp_path / "ckpts")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["machine"]["usable_cores"] >= 1
+    assert summary["peak"]["peak_gflops"] > 0
+    results = summary["results"]
+    assert {(r["model"], r["program"]) for r in results} == {
+        (m, p) for m in ("demo", "tiny1m") for p in ("ppo_jax", "ppo_torch")}
+    for r in results:
+        assert "error" not in r, r["error"]
+        assert r["iteration_s"] > 0 and r["tokens_per_s"] > 0
+        # tokens/s is whole-iteration throughput: B x (prompt + response) tokens per iteration
+        wl = r["config"]["workload"]
+        expected = wl["batch"] * (wl["prompt_len"] + wl["response_len"]) / r["iteration_s"]
+        assert abs(r["tokens_per_s"] - expected) <= 1e-6 * expected
+        for phase in ("generation", "forward", "update"):
+            assert r["phases"][phase]["median_s"] > 0, (r["program"], phase)
+            assert 0 < r["phases"][phase]["fraction_of_peak"], (r["program"], phase)
+        if r["program"] == "ppo_jax":
+            assert r["compilations"]["warmup"] > 0
+            assert r["compilations"]["timed"] == 0  # nothing recompiles after the first iteration
+    table = out.with_suffix(".md").read_text()
+    assert "| tiny1m | ppo_jax |" in table and "| demo | ppo_torch |" in table
+    assert out.with_suffix(".png").stat().st_size > 1000
