@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -51,13 +50,13 @@ from flax import nnx
 from ppo_jax import sharding
 from ppo_jax.advantages import gae, kl_for_controller, make_kl_controller, shape_rewards, whiten
 from ppo_jax.generate import generate
-from ppo_jax.losses import aggregate_loss, masked_mean, policy_loss, value_loss
+from ppo_jax.losses import aggregate_loss, policy_loss, value_loss
 from ppo_jax.models import (CausalLM, PolicyWithValueHead, ScalarHeadModel, load_pretrained,
                             load_scalar_model, response_logprobs, response_logprobs_and_values,
                             response_values, scalar_model_from_lm, sequence_scores)
 from ppo_rlhf import loop
 from ppo_rlhf.config import PPOConfig
-from ppo_rlhf.rewards import RewardModel, ScoreRequest, as_reward_model, check_scores
+from ppo_rlhf.rewards import RewardModel, as_reward_model
 from ppo_rlhf.rollout import RolloutBatch
 from ppo_rlhf.trainer_common import TrainerBase, resolve_reward_spec
 
@@ -247,7 +246,7 @@ class PPOTrainer(TrainerBase):
                 prompts: Sequence[str] | None = None, times: dict | None = None) -> RolloutBatch:
         """Sample responses and score them: a `RolloutBatch` (numpy) with extras `contains_eos`
         (and `extra/<name>` scores of `extra_rewards`)."""
-        cfg, times = self.config, ({} if times is None else times)
+        times = {} if times is None else times
         with loop.phase_timer(times, "time/generate_s", block=lambda: jax.block_until_ready(gen)):
             gen = self.generate(query_ids, query_mask, iteration=iteration, noise=noise)
         q, qm = self.place.batch((np.asarray(query_ids, np.int32), np.asarray(query_mask, np.int32)))

@@ -30,9 +30,9 @@ import numpy as np
 import pytest
 
 from ppo_rlhf.ckpt import LATEST, MANIFEST, CheckpointManager, CorruptCheckpoint, verify
-from ppo_rlhf.errors import CheckpointError, DataError, UsageError
+from ppo_rlhf.errors import CheckpointError, UsageError
 from tests.helpers import (SMALL, assert_one_line_error, built_once, cli, copy_of,
-                           length_reward, make_trainer, metrics, train, write_prompts)
+                           make_trainer, metrics, train, write_prompts)
 
 BACKENDS = ["jax", "torch"]
 
