@@ -61,16 +61,21 @@ def load_trainer_state(trainer: Any, path: str | os.PathLike) -> None:
 
 
 class SupervisedCheckpoint:
-    """save_checkpoint / load_checkpoint of the reward-model and SFT trainers (anything with
-    `params`, `opt_state` and `save_model(path)`): state/ = Orbax {params, opt_state}, model/ =
-    the Hugging Face checkpoint. The learning rate is a function of the step count, which
+    """save_model / save_checkpoint / load_checkpoint of the reward-model and SFT trainers
+    (anything with `params`, `opt_state`, `model()` and the base's `_save_tokenizer`): state/ =
+    Orbax {params, opt_state}, model/ = the Hugging Face checkpoint (`save_model`). The learning rate is a function of the step count, which
     `ppo_rlhf.ckpt.CheckpointManager` keeps in the trainer state."""
 
     params: Any
     opt_state: Any
 
-    def save_model(self, path: str | os.PathLike) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
+    def save_model(self, path: str | os.PathLike) -> None:
+        """The trained model (a reward model with its gain / bias) + tokenizer as a Hugging Face
+        checkpoint: loads in both backends and in transformers."""
+        from ppo_jax.models import save_pretrained
+
+        save_pretrained(self.model(), path)
+        self._save_tokenizer(path)
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         save_state(Path(path) / "state", {"params": self.params, "opt_state": self.opt_state})

@@ -31,7 +31,7 @@ from flax import nnx
 
 from ppo_jax.checkpoint import SupervisedCheckpoint
 from ppo_jax.losses import logprobs_from_logits
-from ppo_jax.models import CausalLM, load_pretrained, save_pretrained
+from ppo_jax.models import CausalLM, load_pretrained
 from ppo_jax.ppo import clip_by_global_norm, make_optimizer
 from ppo_rlhf.supervised import SFTConfig, SFTTrainerBase
 
@@ -134,14 +134,6 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
         total, n = jax.device_get(self._evaluate(self.params, self._rest,
                                                  {k: jnp.asarray(v) for k, v in batch.items()}))
         return float(total), float(n)
-
-    # ---- weights out -------------------------------------------------------------------------------
-    def save_model(self, path: str | os.PathLike) -> None:
-        """The model + tokenizer as a Hugging Face causal-LM checkpoint (loads in both backends
-        and in transformers)."""
-        save_pretrained(self.model(), path)
-        self._save_tokenizer(path)
-
 
 
 def train_sft(model: Any, train: Iterable[Any], eval: Iterable[Any] | None = None, *,

@@ -89,9 +89,10 @@ def load_trainer_state(trainer: Any, path: str | os.PathLike) -> None:
 
 
 class SupervisedCheckpoint:
-    """save_checkpoint / load_checkpoint of the reward-model and SFT trainers (anything with a
-    module `_model`, an `optimizer`, a `device` and `save_model(path)`): state/model.safetensors
-    + state/optimizer.pt (AdamW), model/ = the Hugging Face checkpoint. The learning rate is a
+    """save_model / save_checkpoint / load_checkpoint of the reward-model and SFT trainers
+    (anything with a module `_model`, an `optimizer`, a `device`, `model()` and the base's
+    `_save_tokenizer`): state/model.safetensors + state/optimizer.pt (AdamW), model/ = the
+    Hugging Face checkpoint (`save_model`). The learning rate is a
     function of the step count, which `ppo_rlhf.ckpt.CheckpointManager` keeps in the trainer
     state."""
 
@@ -99,8 +100,13 @@ class SupervisedCheckpoint:
     optimizer: torch.optim.Optimizer
     device: Any
 
-    def save_model(self, path: str | os.PathLike) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
+    def save_model(self, path: str | os.PathLike) -> None:
+        """The trained model (a reward model with its gain / bias) + tokenizer as a Hugging Face
+        checkpoint: loads in both backends and in transformers."""
+        from ppo_torch.models import save_pretrained
+
+        save_pretrained(self.model(), path)
+        self._save_tokenizer(path)
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         state = Path(path) / "state"

@@ -26,11 +26,10 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from ppo_torch.checkpoint import SupervisedCheckpoint
 from ppo_rlhf import hf_checkpoint as hfc
 from ppo_rlhf.supervised import RMConfig, RMTrainerBase
-from ppo_torch.models import (ScalarHeadModel, load_scalar_model, save_pretrained,
-                              scalar_model_from_lm)
+from ppo_torch.checkpoint import SupervisedCheckpoint
+from ppo_torch.models import ScalarHeadModel, load_scalar_model, scalar_model_from_lm
 from ppo_torch.ppo import clip_by_global_norm, make_optimizer
 
 Tensor = torch.Tensor
@@ -211,14 +210,6 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
     # ---- weights out -------------------------------------------------------------------------------
     def set_normalisation(self, gain: float, bias: float) -> None:
         self.gain, self.bias = float(gain), float(bias)
-
-    def save_model(self, path: str | os.PathLike) -> None:
-        """The reward model (with its gain / bias) + tokenizer as a Hugging Face scalar-head
-        checkpoint: loads with `load_scalar_model` in both backends and with
-        transformers.AutoModelForSequenceClassification."""
-        save_pretrained(self.model(), path)
-        self._save_tokenizer(path)
-
 
 
 def train_reward_model(model: Any, train: Iterable[Any], eval: Iterable[Any] | None = None, *,

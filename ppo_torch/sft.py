@@ -23,10 +23,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from ppo_torch.checkpoint import SupervisedCheckpoint
 from ppo_rlhf.supervised import SFTConfig, SFTTrainerBase
+from ppo_torch.checkpoint import SupervisedCheckpoint
 from ppo_torch.losses import logprobs_from_logits
-from ppo_torch.models import CausalLM, load_pretrained, save_pretrained
+from ppo_torch.models import CausalLM, load_pretrained
 from ppo_torch.ppo import clip_by_global_norm, make_optimizer
 
 Tensor = torch.Tensor
@@ -114,14 +114,6 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
         logits = self._model(b["input_ids"], attention_mask=b["attention_mask"])
         total, n = token_nll(logits, b["input_ids"], b["loss_mask"])
         return float(total), float(n)
-
-    # ---- weights out -------------------------------------------------------------------------------
-    def save_model(self, path: str | os.PathLike) -> None:
-        """The model + tokenizer as a Hugging Face causal-LM checkpoint (loads in both backends
-        and in transformers)."""
-        save_pretrained(self._model, path)
-        self._save_tokenizer(path)
-
 
 
 def train_sft(model: Any, train: Iterable[Any], eval: Iterable[Any] | None = None, *,
