@@ -31,14 +31,14 @@ def _checkpointer():
     return ocp.StandardCheckpointer()
 
 
-def save_state(path: str | os.PathLike, tree: Any) -> None:
+def _save_state(path: str | os.PathLike, tree: Any) -> None:
     """An Orbax PyTree checkpoint of `tree` at `path` (written when this returns)."""
     ckptr = _checkpointer()
     ckptr.save(Path(path).absolute(), tree)
     ckptr.wait_until_finished()
 
 
-def restore_state(path: str | os.PathLike, target: Any) -> Any:
+def _restore_state(path: str | os.PathLike, target: Any) -> Any:
     """The tree saved at `path`, restored bit-exactly into `target`'s structure, dtypes AND
     shardings; CorruptCheckpoint naming the checkpoint when it cannot be."""
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -50,12 +50,12 @@ def restore_state(path: str | os.PathLike, target: Any) -> Any:
 
 
 def save_trainer_state(trainer: Any, path: str | os.PathLike) -> None:
-    save_state(Path(path) / "state", {"params": trainer.params, "opt_state": trainer.opt_state})
+    _save_state(Path(path) / "state", {"params": trainer.params, "opt_state": trainer.opt_state})
     trainer.save_policy(Path(path) / "policy")
 
 
 def load_trainer_state(trainer: Any, path: str | os.PathLike) -> None:
-    restored = restore_state(Path(path) / "state",
+    restored = _restore_state(Path(path) / "state",
                              {"params": trainer.params, "opt_state": trainer.opt_state})
     trainer.params, trainer.opt_state = restored["params"], restored["opt_state"]
 
@@ -78,10 +78,10 @@ class SupervisedCheckpoint:
         self._save_tokenizer(path)
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
-        save_state(Path(path) / "state", {"params": self.params, "opt_state": self.opt_state})
+        _save_state(Path(path) / "state", {"params": self.params, "opt_state": self.opt_state})
         self.save_model(Path(path) / "model")
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        restored = restore_state(Path(path) / "state",
+        restored = _restore_state(Path(path) / "state",
                                  {"params": self.params, "opt_state": self.opt_state})
         self.params, self.opt_state = restored["params"], restored["opt_state"]
