@@ -197,7 +197,7 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
         if not isinstance(model, ScalarHeadModel):
             raise TypeError(f"model must be a checkpoint dir or a ScalarHeadModel, got "
                             f"{type(model).__name__}")
-        self._check_vocab(model)
+        self._check_model(model)
         model.reward_gain, model.reward_bias = 1.0, 0.0  # train the raw head
         self._def, self.params, self._rest = nnx.split(model, nnx.Param, ...)
         self.tx, self._step, self._evaluate, self._score_fn = compiled_steps(

@@ -110,7 +110,7 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
             model = load_pretrained(model)
         if not isinstance(model, CausalLM):
             raise TypeError(f"model must be a checkpoint dir or a CausalLM, got {type(model).__name__}")
-        self._check_vocab(model)
+        self._check_model(model)
         self._def, self.params, self._rest = nnx.split(model, nnx.Param, ...)
         self.tx, self._step, self._evaluate = compiled_steps(
             self._def, config.max_grad_norm, config.adam_eps, config.weight_decay)

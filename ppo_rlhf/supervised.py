@@ -198,7 +198,8 @@ class RMConfig(_ConfigMixin):
     batch_size: int = 16
     """Records (groups) per optimiser step."""
     max_length: int = 128
-    """Tokens per prompt + response sequence (static shape; longer ones lose their start)."""
+    """Tokens per prompt + response sequence (static shape; longer ones lose their start). A
+    GPT-2 model (learned positions) refuses more than its n_positions."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay (applied to every parameter, as torch.optim.AdamW)."""
     adam_eps: float = 1e-8
@@ -252,7 +253,8 @@ class SFTConfig(_ConfigMixin):
     batch_size: int = 32
     """Sequences per step."""
     max_length: int = 64
-    """Tokens per sequence (static shape); longer examples lose their end."""
+    """Tokens per sequence (static shape); longer examples lose their end. A GPT-2 model
+    (learned positions) refuses more than its n_positions."""
     weight_decay: float = 0.0
     adam_eps: float = 1e-8
     max_grad_norm: float | None = 1.0
@@ -743,11 +745,15 @@ class _Loop:
         return None if self.out_dir is None else CheckpointManager(self.out_dir / "checkpoints",
                                                                    keep=self.keep_checkpoints)
 
-    def _check_vocab(self, model: Any) -> None:
-        """The tokenizer's ids fit the model's vocabulary (`ppo_rlhf.trainer_common.check_vocab`)."""
-        from ppo_rlhf.trainer_common import check_vocab
+    def _check_model(self, model: Any) -> None:
+        """The tokenizer's ids fit the model's vocabulary and max_length fits its positions
+        (`ppo_rlhf.trainer_common.check_vocab`, `check_positions`): a clear error before any
+        compilation, not a shape error inside it."""
+        from ppo_rlhf.trainer_common import check_positions, check_vocab
 
         check_vocab(self.tokenizer, {"model": model.config.vocab_size})
+        check_positions(self.config.max_length, "max_length",
+                        "lower it (--max-length / the config's max_length)", [model.config])
 
     def _require_tokenizer(self) -> Any:
         if self.tokenizer is None:

@@ -66,6 +66,18 @@ REWARD_FN_HINT = ("to score with a reward model of another tokenizer, wrap it in
                   "re-tokenises the decoded text (docs/reliability.md)")
 
 
+def check_positions(need: int, what: str, fix: str, configs: Sequence[Any]) -> None:
+    """Sequences of `need` tokens fit every model whose positions are learned embeddings (GPT-2:
+    nothing past n_positions exists); UsageError naming `what` and the `fix` otherwise. Rotary
+    models (Llama, Qwen2, NeoX) have no hard limit and are not checked."""
+    for c in configs:
+        if getattr(c, "model_type", None) != "gpt2":
+            continue
+        limit = getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None)
+        if limit is not None and need > int(limit):
+            raise UsageError(f"{what} = {need} exceeds the model's n_positions={limit}: {fix}")
+
+
 def check_vocab(tokenizer: Any, sizes: Mapping[str, int | None]) -> None:
     """All models share one vocabulary (`sizes`: role -> its vocab_size; None = unknown) and the
     tokenizer's ids fit in it. Roles are never re-tokenised through text: a model with another
@@ -153,16 +165,10 @@ class TrainerBase:
         roles = ("policy", "reference", "critic", "reward model")
         check_vocab(self.tokenizer, {role: m.config.vocab_size for role, m in zip(roles, models)
                                      if m is not None})
-        # learned position embeddings (GPT-2) cannot go past n_positions
-        need = self.config.max_prompt_len + self.config.max_new_tokens
-        for m in models:
-            if m is None or getattr(m.config, "model_type", None) != "gpt2":
-                continue
-            limit = getattr(m.config, "n_positions", None) or getattr(m.config, "max_position_embeddings", None)
-            if limit is not None and need > int(limit):
-                raise UsageError(f"max_prompt_len + max_new_tokens = {self.config.max_prompt_len} + "
-                                 f"{self.config.max_new_tokens} = {need} exceeds the model's "
-                                 f"n_positions={limit}: lower them (PPOConfig / --set)")
+        cfg = self.config
+        check_positions(cfg.max_prompt_len + cfg.max_new_tokens,
+                        f"max_prompt_len + max_new_tokens = {cfg.max_prompt_len} + {cfg.max_new_tokens}",
+                        "lower them (PPOConfig / --set)", [m.config for m in models if m is not None])
 
     # ---- prompts ---------------------------------------------------------------------------------
     def _prompts_for(self, iteration: int, prompts: Sequence[str] | None, query_ids: Any,

@@ -78,7 +78,7 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
             model = load_pretrained(model)
         if not isinstance(model, CausalLM):
             raise TypeError(f"model must be a checkpoint dir or a CausalLM, got {type(model).__name__}")
-        self._check_vocab(model)
+        self._check_model(model)
         self._model = model.to(self.device).eval()  # eval: no dropout; gradients still flow
 
     def model(self) -> CausalLM:

@@ -141,6 +141,14 @@ CASES = [
     Case("pretrain-tokenizer-too-big", lambda i, o, b: ["pretrain", "--backend", b, "--model",
          i / "small_vocab", "--data", i / "sft.jsonl", "--out", o / "sft", "--steps", "1",
          "--eval-samples", "0", "--no-progress"], (TOKENIZER_TOO_BIG,), backends=BOTH),
+    # sequences longer than GPT-2's learned positions (n_positions=256): refused before compiling
+    Case("train-rm-max-length-past-positions", lambda i, o, b: ["train-rm", "--backend", b, "--model",
+         i / "gpt2", "--data", i / "prefs.jsonl", "--out", o / "rm", "--max-length", "300", "--no-progress"],
+         ("max_length = 300 exceeds the model's n_positions=256: lower it (--max-length",), backends=BOTH),
+    Case("pretrain-max-length-past-positions", lambda i, o, b: ["pretrain", "--backend", b, "--model",
+         i / "gpt2", "--data", i / "sft.jsonl", "--out", o / "sft", "--steps", "1", "--max-length", "300",
+         "--eval-samples", "0", "--no-progress"], ("max_length = 300 exceeds the model's n_positions=256",),
+         backends=BOTH),
     # policy and reward model with different tokenizers: refused (use a RewardFn instead)
     Case("train-reward-model-other-vocabulary", lambda i, o, b: _train(
          i, o, b, reward=("--reward-model", i / "rm_vocab300")),
