@@ -158,6 +158,8 @@ def _print_rm_summary(m: dict[str, Any], out: Path) -> None:
     else:
         ceiling = m.get("noise_ceiling")
         extra = f" (labeller noise ceiling {ceiling:.4f})" if ceiling is not None else ""
+        if m.get("eval_expected_accuracy") is not None:
+            extra += f"; expected over the label noise {m['eval_expected_accuracy']:.4f}"
         print(f"held-out pairwise accuracy: {m['eval_accuracy']:.4f} on {m['eval_pairs']} pairs"
               f"{extra}; train accuracy {m['train_accuracy']:.4f}")
     print(f"reward model -> {out} (reward_gain {m['reward_gain']:.4g}, reward_bias "

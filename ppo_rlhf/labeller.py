@@ -17,7 +17,9 @@ predictor (one that knows the gold reward and predicts the likelier winner):
 mean over pairs of max(p, 1 - p). A reward model's held-out accuracy against these labels can
 approach it but not beat it, except by chance. `LabelledPairs.noise_ceiling` reports it for the
 pairs just labelled; `noise_ceiling(records)` recomputes it for any subset (e.g. a held-out split)
-from the gold scores the labeller stores in each record's `extra["meta"]`.
+from the gold scores the labeller stores in each record's `extra["meta"]`. `expected_accuracy`
+gives a scorer's accuracy on such records in expectation over the label noise (the quantity the
+measured held-out accuracy estimates, without its coin flips).
 
 All randomness comes from one `numpy.random.Generator` seeded at construction: the same seed and
 the same sequence of calls give the same labels.
@@ -35,7 +37,7 @@ from ppo_rlhf.data import PairwiseRecord, RankingRecord, RatingRecord
 from ppo_rlhf.rewards import RewardFn, check_scores
 
 __all__ = ["SyntheticLabeller", "LabelledPairs", "LabelledRankings", "preference_probability",
-           "pair_noise_ceiling", "noise_ceiling"]
+           "pair_noise_ceiling", "noise_ceiling", "expected_accuracy"]
 
 
 def preference_probability(gold_a: Any, gold_b: Any, temperature: float) -> np.ndarray:
@@ -54,35 +56,67 @@ def pair_noise_ceiling(gold_a: Any, gold_b: Any, temperature: float) -> float:
     return float(np.mean(np.maximum(p, 1.0 - p)))
 
 
+def _gold_pairs(records: Iterable[PairwiseRecord | RankingRecord], what: str
+                ) -> tuple[list[tuple[int, int, int]], np.ndarray, np.ndarray, float]:
+    """Every pair of responses of records written by `SyntheticLabeller`: (record, response i,
+    response j) with i < j in the record's response order ((chosen, rejected) for a pair, the
+    listed responses for a ranking), their gold scores, and the labeller's temperature."""
+    pairs: list[tuple[int, int, int]] = []
+    a: list[float] = []
+    b: list[float] = []
+    temps: set[float] = set()
+    for n, rec in enumerate(records):
+        meta = rec.extra.get("meta") if isinstance(rec.extra.get("meta"), dict) else {}
+        if meta.get("labeller") != "synthetic" or "temperature" not in meta:
+            raise ValueError(f"record {n} was not labelled by SyntheticLabeller (no gold scores "
+                             f"in extra['meta'])")
+        temps.add(float(meta["temperature"]))
+        if isinstance(rec, PairwiseRecord):
+            g = [meta["gold_chosen"], meta["gold_rejected"]]
+        elif isinstance(rec, RankingRecord):
+            g = meta["gold"]
+        else:
+            raise TypeError(f"record {n}: {type(rec).__name__} has no {what}")
+        for x in range(len(g)):
+            for y in range(x + 1, len(g)):
+                pairs.append((n, x, y))
+                a.append(g[x])
+                b.append(g[y])
+    if len(temps) > 1:
+        raise ValueError(f"records mix labeller temperatures {sorted(temps)}")
+    if not temps:
+        raise ValueError(f"no records: the {what} of an empty set is undefined")
+    return pairs, np.asarray(a, np.float64), np.asarray(b, np.float64), temps.pop()
+
+
 def noise_ceiling(records: Iterable[PairwiseRecord | RankingRecord]) -> float:
     """The noise ceiling of records written by `SyntheticLabeller` (any subset of them, e.g. a
     held-out split), from the gold scores and temperature in their `extra["meta"]`. A ranking
     counts as its K(K-1)/2 pairs. Raises ValueError for a record without that information."""
-    a: list[float] = []
-    b: list[float] = []
-    temps: set[float] = set()
-    for i, rec in enumerate(records):
-        meta = rec.extra.get("meta") if isinstance(rec.extra.get("meta"), dict) else {}
-        if meta.get("labeller") != "synthetic" or "temperature" not in meta:
-            raise ValueError(f"record {i} was not labelled by SyntheticLabeller (no gold scores "
-                             f"in extra['meta'])")
-        temps.add(float(meta["temperature"]))
-        if isinstance(rec, PairwiseRecord):
-            a.append(meta["gold_chosen"])
-            b.append(meta["gold_rejected"])
-        elif isinstance(rec, RankingRecord):
-            g = meta["gold"]
-            for x in range(len(g)):
-                for y in range(x + 1, len(g)):
-                    a.append(g[x])
-                    b.append(g[y])
-        else:
-            raise TypeError(f"record {i}: {type(rec).__name__} has no noise ceiling")
-    if len(temps) > 1:
-        raise ValueError(f"records mix labeller temperatures {sorted(temps)}")
-    if not temps:
-        raise ValueError("no records: the noise ceiling of an empty set is undefined")
-    return pair_noise_ceiling(a, b, temps.pop())
+    _, a, b, temperature = _gold_pairs(records, "noise ceiling")
+    return pair_noise_ceiling(a, b, temperature)
+
+
+def expected_accuracy(records: Sequence[PairwiseRecord | RankingRecord],
+                      scores: Sequence[Sequence[float]]) -> float:
+    """The accuracy a scorer would have, in expectation over the labeller's noise, on the pairs of
+    these `SyntheticLabeller` records: mean over pairs of P(the labeller prefers the response the
+    scorer ranks higher), 1/2 for equal scores. `scores[n][j]` is the score of response j of record
+    n in its order -- (chosen, rejected) for a pair, the listed responses for a ranking.
+
+    It is what the measured held-out accuracy estimates, without the coin flips of the labels
+    (so with a smaller variance on a small held-out set); the noise ceiling is its maximum,
+    reached by ranking every pair by gold. Raises ValueError for records without the labeller's
+    gold scores."""
+    records = list(records)
+    if len(scores) != len(records):
+        raise ValueError(f"expected_accuracy: {len(records)} records but {len(scores)} rows of scores")
+    pairs, a, b, temperature = _gold_pairs(records, "expected accuracy")
+    p = preference_probability(a, b, temperature)  # P(response i beats response j)
+    d = np.asarray([float(scores[n][i]) - float(scores[n][j]) for n, i, j in pairs], np.float64)
+    if not np.all(np.isfinite(d)):
+        raise ValueError("expected_accuracy: the scores are not all finite")
+    return float(np.mean(np.where(d > 0, p, np.where(d < 0, 1.0 - p, 0.5))))
 
 
 @dataclass(frozen=True)

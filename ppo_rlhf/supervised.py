@@ -51,8 +51,10 @@ record is used every epoch and JAX compiles once). The batch order is a seeded p
 epoch, a pure function of (seed, epoch) (`epoch_order`), so a resumed run sees the same batches.
 
 Held-out accuracy: over the strictly ordered pairs of the held-out groups, the fraction the model
-orders correctly; equal scores count one half; ties are excluded (`group_accuracy`). Without an
-eval set, a seeded `eval_fraction` of the records is held out (`holdout_split`). After training,
+orders correctly; equal scores count one half; ties are excluded (`group_accuracy`). On records of
+the synthetic labeller, the metrics also hold its noise ceiling on the held-out pairs and the
+model's expected accuracy there (`ppo_rlhf.labeller.expected_accuracy`: the same accuracy in
+expectation over the label noise, a lower-variance estimate). Without an eval set, a seeded `eval_fraction` of the records is held out (`holdout_split`). After training,
 with `normalise=True`, reward_gain and reward_bias are set so that the scores of a reference set
 (default: every training sequence) have mean 0 and standard deviation 1 (`normalisation`); they
 are saved in config.json under "ppo_rlhf" (`ppo_rlhf.hf_checkpoint`).
@@ -975,6 +977,8 @@ class RMTrainerBase(_Loop):
             if ceiling is None:
                 ceiling = _noise_ceiling_or_none(eval_g.records)
             metrics["noise_ceiling"] = ceiling
+            metrics["eval_expected_accuracy"] = _expected_accuracy_or_none(
+                eval_g.records, self._last_eval_scores) if last_eval is not None else None
         metrics["train_noise_ceiling"] = _noise_ceiling_or_none(train_g.records)
         if self.out_dir is not None:
             self.save_model(self.out_dir)
@@ -991,6 +995,17 @@ def _noise_ceiling_or_none(records: Sequence[Any]) -> float | None:
 
     try:
         return noise_ceiling(records)
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def _expected_accuracy_or_none(records: Sequence[Any], scores: np.ndarray) -> float | None:
+    """`ppo_rlhf.labeller.expected_accuracy` of the scores [N, K] of these records (group order =
+    the record's response order), or None when the records don't carry the labeller's gold."""
+    from ppo_rlhf.labeller import expected_accuracy
+
+    try:
+        return expected_accuracy(records, scores)
     except (ValueError, TypeError, KeyError):
         return None
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from ppo_rlhf.data import PairwiseRecord, ranking_to_pairs
-from ppo_rlhf.labeller import (SyntheticLabeller, noise_ceiling, pair_noise_ceiling,
-                               preference_probability)
+from ppo_rlhf.labeller import (SyntheticLabeller, expected_accuracy, noise_ceiling,
+                               pair_noise_ceiling, preference_probability)
 from ppo_rlhf.rewards import NonFiniteRewardError
 
 
@@ -100,6 +100,47 @@ def test_noise_ceiling_of_a_subset_of_records():
     assert noise_ceiling(held_out) == pytest.approx(pair_noise_ceiling(a[200:], b[200:], 0.5))
     with pytest.raises(ValueError, match="not labelled by SyntheticLabeller"):
         noise_ceiling([PairwiseRecord("p", "a", "b")])
+
+
+def test_expected_accuracy_is_the_mean_accuracy_over_relabellings():
+    """expected_accuracy(records, scores) = the accuracy against the labels, averaged over the
+    labeller's noise: checked against its extremes and by relabelling the same pairs many times."""
+    n = 400
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=n), rng.normal(size=n)
+    temperature = 0.6
+    out = SyntheticLabeller(numeric_gold, temperature=temperature, seed=1).label_pairs(
+        ["p"] * n, texts(a), texts(b))
+    gold = [[float(r.chosen), float(r.rejected)] for r in out.records]
+    # ranking by gold reaches the ceiling, the reverse order its complement, a constant 1/2
+    assert expected_accuracy(out.records, gold) == pytest.approx(out.noise_ceiling, rel=1e-12)
+    assert expected_accuracy(out.records, [[-x, -y] for x, y in gold]) == pytest.approx(
+        1.0 - out.noise_ceiling, rel=1e-12)
+    assert expected_accuracy(out.records, np.zeros((n, 2))) == 0.5
+    # an imperfect scorer (gold plus noise): its measured accuracy, averaged over 300 fresh
+    # labellings of the same pairs, matches the expectation
+    score = {x: x + rng.normal(scale=0.8) for x in np.concatenate([a, b])}
+    says_a = np.array([score[x] > score[y] for x, y in zip(a, b)])
+    p_a = preference_probability(a, b, temperature)
+    expect = float(np.mean(np.where(says_a, p_a, 1.0 - p_a)))
+    scores = [[score[float(r.chosen)], score[float(r.rejected)]] for r in out.records]
+    assert expected_accuracy(out.records, scores) == pytest.approx(expect, rel=1e-12)
+    lab = SyntheticLabeller(numeric_gold, temperature=temperature, seed=2)
+    measured = [np.mean(lab.label_pairs(["p"] * n, texts(a), texts(b)).a_won == says_a)
+                for _ in range(300)]
+    q = np.where(says_a, p_a, 1.0 - p_a)
+    assert abs(np.mean(measured) - expect) < four_sigma(np.tile(q, 300)), (np.mean(measured), expect)
+    # rankings: every pair of the K responses, in the record's response order
+    rk = SyntheticLabeller(numeric_gold, temperature=temperature, seed=3).label_rankings(
+        ["p"] * 50, [texts(rng.normal(size=3)) for _ in range(50)])
+    assert expected_accuracy(rk.records, rk.gold) == pytest.approx(rk.noise_ceiling, rel=1e-12)
+    # bad input
+    with pytest.raises(ValueError, match="2 records but 1 rows"):
+        expected_accuracy(out.records[:2], gold[:1])
+    with pytest.raises(ValueError, match="not labelled by SyntheticLabeller"):
+        expected_accuracy([PairwiseRecord("p", "a", "b")], [[1.0, 0.0]])
+    with pytest.raises(ValueError, match="not all finite"):
+        expected_accuracy(out.records[:1], [[math.nan, 0.0]])
 
 
 def test_plackett_luce_first_place_frequencies_match_softmax():

@@ -16,6 +16,7 @@ import pytest
 from ppo_rlhf.cli import main
 from ppo_rlhf.data import PairwiseRecord, RankingRecord, RatingRecord, write_records
 from ppo_rlhf.errors import UsageError
+from ppo_rlhf.labeller import expected_accuracy
 from ppo_rlhf.supervised import (RMConfig, encode_preferences, encode_sequences, group_accuracy,
                                  holdout_split, lr_factor, normalisation, pairwise_accuracy,
                                  rating_pair_accuracy, rm_batch_rows)
@@ -366,6 +367,8 @@ def test_cli_train_rm_end_to_end(tiny_checkpoint, prefs, tmp_path, capsys, backe
     m = json.loads((out / "metrics.json").read_text())
     assert f"held-out pairwise accuracy: {m['eval_accuracy']:.4f} on 12 pairs" in printed
     assert "noise ceiling" in printed and 0.5 < m["noise_ceiling"] <= 1.0
+    assert f"expected over the label noise {m['eval_expected_accuracy']:.4f}" in printed
+    assert 1.0 - m["noise_ceiling"] <= m["eval_expected_accuracy"] <= m["noise_ceiling"]
     for key in ("eval_accuracy", "train_loss", "train_accuracy", "eval_loss", "reward_gain", "reward_bias"):
         assert m[key] is not None, key
     assert m["steps"] == 10 and m["backend"] == backend
@@ -463,5 +466,11 @@ def test_held_out_accuracy_approaches_the_noise_ceiling(pretrained_tiny_demo, ba
     before = t.evaluate(t.encode(held_out.records))["accuracy"]
     m = t.fit(train, held_out.records, progress=False)
     assert m["noise_ceiling"] == pytest.approx(held_out.noise_ceiling)
+    # the expected accuracy is that of the final model's scores on the held-out pairs
+    recs = held_out.records
+    s_c = t.sequence_scores([r.prompt for r in recs], [r.chosen for r in recs])
+    s_r = t.sequence_scores([r.prompt for r in recs], [r.rejected for r in recs])
+    assert m["eval_expected_accuracy"] == pytest.approx(
+        expected_accuracy(recs, np.stack([s_c, s_r], 1)), abs=1e-9)
     assert m["eval_accuracy"] >= m["noise_ceiling"] - 0.15, m
     assert m["eval_accuracy"] >= before + 0.1, (before, m["eval_accuracy"])
