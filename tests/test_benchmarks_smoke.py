@@ -1,4 +1,4 @@
-"""The benchmark harness's quick mode runs and writes what it promises (no timing asserts: speed
+"""The benchmark harnesses' quick modes run and write what they promise (no timing asserts: speed
 targets live in benchmarks/, not in tests)."""
 
 from __future__ import annotations
@@ -41,3 +41,22 @@ def test_benchmark_quick_mode_writes_json_table_and_plot(tmp_path):
     table = out.with_suffix(".md").read_text()
     assert "| tiny1m | ppo_jax |" in table and "| demo | ppo_torch |" in table
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_rm_accuracy_quick_mode_reports_both_backends_against_the_ceiling(tmp_path):
+    out = tmp_path / "rm.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.rm_accuracy", "--quick", "--no-progress",
+                           "--out", str(out), "--cache-dir", str(tmp_path / "cache")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert [r["backend"] for r in summary["results"]] == ["jax", "torch"]
+    for r in summary["results"]:
+        assert r["noise_ceiling"] == summary["eval_noise_ceiling"]
+        assert r["eval_pairs"] == 32 and r["steps"] == 4  # 64 pairs, batch 16, one epoch
+        for key in ("eval_accuracy", "eval_expected_accuracy", "train_accuracy"):
+            assert 0.0 <= r[key] <= 1.0, (key, r)
+        assert r["eval_expected_accuracy"] <= r["noise_ceiling"]
+        assert "train-rm --backend " + r["backend"] in r["command"]
+    assert "| jax |" in out.with_suffix(".md").read_text()

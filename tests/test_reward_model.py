@@ -474,3 +474,33 @@ def test_held_out_accuracy_approaches_the_noise_ceiling(pretrained_tiny_demo, ba
         expected_accuracy(recs, np.stack([s_c, s_r], 1)), abs=1e-9)
     assert m["eval_accuracy"] >= m["noise_ceiling"] - 0.15, m
     assert m["eval_accuracy"] >= before + 0.1, (before, m["eval_accuracy"])
+
+
+@pytest.mark.slow
+def test_rm_accuracy_benchmark_comes_close_to_the_noise_ceiling(tmp_path):
+    """The issue's "done when" at full size, as README reports it: `python -m benchmarks.rm_accuracy`
+    pretrains the demo model (1000 steps), then `ppo-rlhf train-rm` in each backend from it on
+    16000 synthetic pairs (4 epochs), held out on 1000 pairs of the eval prompts (~15 min on 2
+    CPUs). Measured: expected accuracy 0.826 in both backends (held-out 0.819 JAX, 0.825 torch)
+    against a noise ceiling of 0.858. Asserted: the expected accuracy (no label-sampling noise)
+    within 0.05 of the ceiling in each backend, the measured one within 0.065 (its binomial sd
+    on 1000 pairs is ~0.012), and the two backends within 0.01 of each other."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "rm-accuracy.json"
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.rm_accuracy", "--no-progress", "--out", str(out),
+                           "--cache-dir", str(tmp_path / "cache")],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=3000)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert [r["backend"] for r in results] == ["jax", "torch"]
+    for r in results:
+        assert r["eval_pairs"] == 1000 and r["steps"] == 4000, r
+        assert r["eval_expected_accuracy"] >= r["noise_ceiling"] - 0.05, r
+        assert r["eval_accuracy"] >= r["noise_ceiling"] - 0.065, r
+    assert abs(results[0]["eval_expected_accuracy"] - results[1]["eval_expected_accuracy"]) <= 0.01
