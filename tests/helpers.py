@@ -53,16 +53,23 @@ def write_prompts(directory: Path, text: str = PROMPTS, name: str = "prompts.txt
 
 
 # ---- the CLI -------------------------------------------------------------------------------------
+def run_module(module: str, *args: Any, env: dict | None = None, check: bool = True,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` in a subprocess (offline, from the repository root); with
+    `check`, a non-zero exit fails the test showing the output."""
+    e = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+         **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)],
+                          capture_output=True, text=True, env=e, cwd=ROOT, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-5000:]}")
+    return proc
+
+
 def cli(*args: Any, env: dict | None = None, check: bool = True,
         timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m ppo_rlhf.cli ARGS` in a subprocess (offline, from the repository root)."""
-    e = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-         **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "ppo_rlhf.cli", *map(str, args)],
-                          capture_output=True, text=True, env=e, cwd=ROOT, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
+    return run_module("ppo_rlhf.cli", *args, env=env, check=check, timeout=timeout)
 
 
 def train(backend: str, ckpt: Path, prompts: Path, out: Path, *extra: Any, env: dict | None = None,

@@ -4,21 +4,13 @@ targets live in benchmarks/, not in tests)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import run_module
 
 
 def test_benchmark_quick_mode_writes_json_table_and_plot(tmp_path):
     out = tmp_path / "quick.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out),
-                           "--cache-dir", str(tmp_path / "ckpts")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_module("benchmarks.run", "--quick", "--out", out, "--cache-dir", tmp_path / "ckpts", timeout=900)
     summary = json.loads(out.read_text())
     assert summary["machine"]["usable_cores"] >= 1
     assert summary["peak"]["peak_gflops"] > 0
@@ -45,11 +37,8 @@ def test_benchmark_quick_mode_writes_json_table_and_plot(tmp_path):
 
 def test_rm_accuracy_quick_mode_reports_both_backends_against_the_ceiling(tmp_path):
     out = tmp_path / "rm.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.rm_accuracy", "--quick", "--no-progress",
-                           "--out", str(out), "--cache-dir", str(tmp_path / "cache")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_module("benchmarks.rm_accuracy", "--quick", "--no-progress", "--out", out,
+               "--cache-dir", tmp_path / "cache", timeout=900)
     summary = json.loads(out.read_text())
     assert [r["backend"] for r in summary["results"]] == ["jax", "torch"]
     for r in summary["results"]:

@@ -20,6 +20,7 @@ from ppo_rlhf.labeller import expected_accuracy
 from ppo_rlhf.supervised import (RMConfig, encode_preferences, encode_sequences, group_accuracy,
                                  holdout_split, lr_factor, normalisation, pairwise_accuracy,
                                  rating_pair_accuracy, rm_batch_rows)
+from tests.helpers import run_module
 
 BACKENDS = ("jax", "torch")
 
@@ -485,18 +486,9 @@ def test_rm_accuracy_benchmark_comes_close_to_the_noise_ceiling(tmp_path):
     against a noise ceiling of 0.858. Asserted: the expected accuracy (no label-sampling noise)
     within 0.05 of the ceiling in each backend, the measured one within 0.065 (its binomial sd
     on 1000 pairs is ~0.012), and the two backends within 0.01 of each other."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
     out = tmp_path / "rm-accuracy.json"
-    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.rm_accuracy", "--no-progress", "--out", str(out),
-                           "--cache-dir", str(tmp_path / "cache")],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=3000)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_module("benchmarks.rm_accuracy", "--no-progress", "--out", out, "--cache-dir", tmp_path / "cache",
+               timeout=3000)
     results = json.loads(out.read_text())["results"]
     assert [r["backend"] for r in results] == ["jax", "torch"]
     for r in results:
