@@ -481,7 +481,7 @@ def test_held_out_accuracy_approaches_the_noise_ceiling(pretrained_tiny_demo, ba
 def test_rm_accuracy_benchmark_comes_close_to_the_noise_ceiling(tmp_path):
     """The issue's "done when" at full size, as README reports it: `python -m benchmarks.rm_accuracy`
     pretrains the demo model (1000 steps), then `ppo-rlhf train-rm` in each backend from it on
-    16000 synthetic pairs (4 epochs), held out on 1000 pairs of the eval prompts (~15 min on 2
+    16000 synthetic pairs (4 epochs), held out on 1000 pairs of the eval prompts (~11 min on 2
     CPUs). Measured: expected accuracy 0.826 in both backends (held-out 0.819 JAX, 0.825 torch)
     against a noise ceiling of 0.858. Asserted: the expected accuracy (no label-sampling noise)
     within 0.05 of the ceiling in each backend, the measured one within 0.065 (its binomial sd
