@@ -62,13 +62,20 @@ def save_trainer_state(trainer: Any, path: str | os.PathLike) -> None:
     trainer.save_policy(Path(path) / "policy")
 
 
-def load_trainer_state(trainer: Any, path: str | os.PathLike) -> None:
+def _read_state(path: str | os.PathLike, device: Any) -> tuple[dict, dict]:
+    """(weights, optimizer state dict) of a checkpoint's state/ dir; CorruptCheckpoint naming
+    the checkpoint whatever fails."""
     state = Path(path) / "state"
     try:
         tensors = load_file(str(state / "model.safetensors"))
-        opt = torch.load(state / "optimizer.pt", weights_only=True, map_location=trainer.device)
+        opt = torch.load(state / "optimizer.pt", weights_only=True, map_location=device)
     except Exception as e:  # noqa: BLE001 -- name the checkpoint, whatever failed
         raise CorruptCheckpoint(f"{path}: cannot restore the trainer state: {e}") from None
+    return tensors, opt
+
+
+def load_trainer_state(trainer: Any, path: str | os.PathLike) -> None:
+    tensors, opt = _read_state(path, trainer.device)
     current = _named_params(trainer)
     if set(tensors) != set(current):
         raise CorruptCheckpoint(f"{path}: parameter names differ from this trainer's "
@@ -117,12 +124,7 @@ class SupervisedCheckpoint:
         self.save_model(Path(path) / "model")
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        state = Path(path) / "state"
-        try:
-            tensors = load_file(str(state / "model.safetensors"))
-            opt = torch.load(state / "optimizer.pt", weights_only=True, map_location=self.device)
-        except Exception as e:  # noqa: BLE001 -- name the checkpoint, whatever failed
-            raise CorruptCheckpoint(f"{path}: cannot restore the trainer state: {e}") from None
+        tensors, opt = _read_state(path, self.device)
         with torch.no_grad():
             for name, p in self._model.named_parameters():
                 p.copy_(tensors[name].to(p.device, p.dtype))
