@@ -1,5 +1,10 @@
 # Quick start:  `make demo`  (set up + run the end-to-end RLHF demo)
 #               `make test`  (set up + run the whole test suite; this is what CI runs)
+# Suites (README "Development" says what each costs):
+#   test-fast        the default suite: unit, parity, CLI, fault tests (-m "not slow and not benchmark")
+#   test-portable    the parity tests again with torch and XLA held to other CPU kernels
+#   test-slow        end-to-end tests and the mutation run (-m slow)
+#   test-benchmarks  tests that rerun a benchmark and check its published figure (not in CI)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +13,7 @@ BACKEND ?= jax
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast bench-quick clean
+.PHONY: setup demo test test-fast test-portable test-slow test-benchmarks bench-quick clean
 
 setup: $(STAMP)
 
@@ -25,12 +30,21 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/ppo-rlhf demo --backend $(BACKEND) --out runs/demo-$(BACKEND)
 
-test: setup
-	$(BIN)/python -m pytest -q -n 2 --timeout 1800 -m "not slow"
-	$(BIN)/python -m pytest -q --timeout 3600 -m slow; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+test: test-fast test-portable test-slow
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -n 2 --timeout 1800 -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --timeout 1800 -m "not slow and not benchmark"
+
+# tools/kernel_variants.py: intel-avx2 = MKL dispatching as on Intel, capped at AVX2; ATen and
+# oneDNN at AVX2; XLA codegen at SSE4.2 -- other kernels than the default on AMD and Intel alike
+test-portable: setup
+	$(BIN)/python tools/kernel_variants.py --variants intel-avx2 -- -q -n 2 --timeout 1800 -p no:cacheprovider parity_tests
+
+test-slow: setup
+	$(BIN)/python -m pytest -q --timeout 3600 -m slow; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+
+test-benchmarks: setup
+	$(BIN)/python -m pytest -q --timeout 7200 -m benchmark
 
 bench-quick: setup
 	$(BIN)/python -m benchmarks.run --quick --out benchmarks/results/quick.json

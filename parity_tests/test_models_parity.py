@@ -71,7 +71,7 @@ def _hf_logits(path, ids, mask, dtype=torch.float32):
     hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
     out = hf(torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
              position_ids=torch.from_numpy(_positions(mask)).long())
-    return out.logits.float().numpy()
+    return out.logits.to(torch.promote_types(dtype, torch.float32)).numpy()
 
 
 def _t(*xs):
@@ -183,6 +183,47 @@ def test_bfloat16(tiny_checkpoint, arch):
     # and against transformers' own bf16 model (bf16 logits, rounded: one more 2^-9 relative)
     hf16 = _hf_logits(path, ids, mask, dtype=torch.bfloat16)
     np.testing.assert_allclose(j[real], hf16[real], atol=0.15, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "gpt2-untied-inverse-layer-scale", "llama", "gpt_neox"])
+def test_float64(tiny_checkpoint, variant):
+    """float64 weights and activations (the precision of the multi-step training parity tests):
+    logits, values and scores against transformers' own float64 model.
+
+    Tolerance: GPT-2 computes everything in float64 in all three: 1e-12 (observed ~3e-15).
+    Rotary models: transformers computes the rotary angles' cos/sin in float32 even for a float64
+    model (its rotary embedding calls .float()), and so do we (`layers.apply_rope`), but XLA's and
+    torch's float32 cos/sin round differently (~1 ulp, 6e-8): observed ~1e-6 on the logits, 1e-5."""
+    arch = variant.split("-")[0]
+    path = tiny_checkpoint(arch, **VARIANTS[variant])
+    q, qm, r, rm = _batch(seed=7)
+    ids, mask = _full(q, qm, r, rm)
+    real = mask == 1
+    tol = 1e-12 if arch == "gpt2" else 1e-5
+    ref = _hf_logits(path, ids, mask, dtype=torch.float64)
+    with jax.enable_x64(True):
+        j = jm.load_pretrained(path, dtype="float64")(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+        sj = jm.scalar_model_from_lm(path, seed=11, dtype="float64")
+        vj, scores_j = jm.response_values(sj, q, qm, r, rm), jm.sequence_scores(sj, q, qm, r, rm)
+        assert j.dtype == vj.dtype == scores_j.dtype == jnp.float64
+        j, vj, scores_j = np.asarray(j), np.asarray(vj), np.asarray(scores_j)
+    with torch.no_grad():
+        t = tm.load_pretrained(path, dtype="float64")(*_t(ids, mask))
+        st = tm.scalar_model_from_lm(path, seed=11, dtype="float64")
+        vt, scores_t = tm.response_values(st, *_t(q, qm, r, rm)), tm.sequence_scores(st, *_t(q, qm, r, rm))
+    assert t.dtype == vt.dtype == scores_t.dtype == torch.float64
+    for got in (j, t.numpy()):
+        np.testing.assert_allclose(got[real], ref[real], atol=tol, rtol=0)
+    np.testing.assert_allclose(vj, vt.numpy(), atol=tol, rtol=0)
+    np.testing.assert_allclose(scores_j, scores_t.numpy(), atol=tol, rtol=0)
+    f32 = _hf_logits(path, ids, mask)
+    assert np.abs(j[real] - f32[real]).max() > 1e-9  # really ran in float64
+
+
+def test_float64_needs_x64():
+    with pytest.raises(ValueError, match="x64"):
+        jm.ModelConfig.from_hf({"model_type": "gpt2", "vocab_size": 8, "n_embd": 4, "n_layer": 1,
+                                "n_head": 1, "n_positions": 8}, dtype="float64")
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -162,15 +162,15 @@ def _generate_impl(graphdef: Any, options: SamplingOptions, cache_sharding: Any,
     def body(carry):
         t, cache, kv_mask, prev, done, ids, mask, lps = carry
         slot = P + t - 1  # where token t - 1 goes
-        kv_mask = jax.lax.dynamic_update_slice(kv_mask, jnp.ones((B, 1), jnp.int32), (0, slot))
+        kv_mask = jax.lax.dynamic_update_slice_in_dim(kv_mask, jnp.ones((B, 1), jnp.int32), slot, axis=1)
         logits, cache = model(prev[:, None], attention_mask=kv_mask, cache=cache, cache_index=slot)
         cache = _constrain(cache, cache_sharding)
         token, lp = sample_token(logits[:, 0], _step_noise(options, rand, t, (B, V)), options)
         alive = ~done
         token = jnp.where(alive, token, pad)  # a finished row is fed pads (its outputs unused)
-        ids = jax.lax.dynamic_update_slice(ids, token[:, None], (0, t))
-        mask = jax.lax.dynamic_update_slice(mask, alive.astype(jnp.int32)[:, None], (0, t))
-        lps = jax.lax.dynamic_update_slice(lps, jnp.where(alive, lp, 0.0)[:, None], (0, t))
+        ids = jax.lax.dynamic_update_slice_in_dim(ids, token[:, None], t, axis=1)
+        mask = jax.lax.dynamic_update_slice_in_dim(mask, alive.astype(jnp.int32)[:, None], t, axis=1)
+        lps = jax.lax.dynamic_update_slice_in_dim(lps, jnp.where(alive, lp, 0.0)[:, None], t, axis=1)
         if eos is not None:
             done = done | (token == eos)
         return t + 1, cache, kv_mask, token, done, ids, mask, lps

@@ -220,7 +220,7 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
     def _train_step(self, batch: dict[str, np.ndarray], lr: float) -> dict[str, Any]:
         arrays = {k: jnp.asarray(v) for k, v in batch.items()}
         self.params, self.opt_state, stats = self._step(self.params, self.opt_state, self._rest,
-                                                        arrays, jnp.float32(lr))
+                                                        arrays, float(lr))  # weakly typed: the params' precision
         return jax.device_get(stats)
 
     def _eval_step(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

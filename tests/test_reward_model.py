@@ -477,7 +477,7 @@ def test_held_out_accuracy_approaches_the_noise_ceiling(pretrained_tiny_demo, ba
     assert m["eval_accuracy"] >= before + 0.1, (before, m["eval_accuracy"])
 
 
-@pytest.mark.slow
+@pytest.mark.benchmark
 def test_rm_accuracy_benchmark_comes_close_to_the_noise_ceiling(tmp_path):
     """The issue's "done when" at full size, as README reports it: `python -m benchmarks.rm_accuracy`
     pretrains the demo model (1000 steps), then `ppo-rlhf train-rm` in each backend from it on

@@ -51,7 +51,7 @@ from flax import nnx
 
 from ppo_jax.models import gpt2, gpt_neox, llama
 from ppo_jax.models.config import ModelConfig
-from ppo_jax.models.layers import Cache, init_cache, linear
+from ppo_jax.models.layers import Cache, init_cache, linear, wide
 
 Array = jax.Array
 
@@ -68,9 +68,9 @@ def make_backbone(config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
 
 
 def project(hidden: Array, kernel: Array) -> Array:
-    """hidden [..., H] @ kernel [H, N] accumulated and returned in float32."""
+    """hidden [..., H] @ kernel [H, N] accumulated and returned in float32 (`layers.wide`)."""
     return jnp.einsum("...h,hn->...n", hidden, kernel.astype(hidden.dtype),
-                      preferred_element_type=jnp.float32)
+                      preferred_element_type=wide(hidden.dtype))
 
 
 class CausalLM(nnx.Module):

@@ -13,9 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import jax
+
 from ppo_rlhf.hf_checkpoint import check_model_type
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float64")
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -34,7 +36,9 @@ class ModelConfig:
     hidden_act: str
     tie_word_embeddings: bool
     dtype: str = "float32"
-    """Weights and activations ("float32" or "bfloat16"); logits and softmaxes are float32."""
+    """Weights and activations: "float32", "bfloat16", or "float64" (for numerics checks: needs
+    jax_enable_x64). Norms, softmaxes and logits run in float32 -- in float64 for a float64
+    model (`layers.upcast`)."""
     # biases
     qkv_bias: bool = False
     o_bias: bool = False
@@ -60,6 +64,9 @@ class ModelConfig:
         check_model_type(self.model_type)
         if self.dtype not in DTYPES:
             raise ValueError(f"ModelConfig.dtype={self.dtype!r} is invalid: allowed {', '.join(DTYPES)}")
+        if self.dtype == "float64" and not jax.config.jax_enable_x64:
+            raise ValueError("ModelConfig.dtype='float64' needs 64-bit JAX: run inside "
+                             "jax.enable_x64(True) or set jax_enable_x64")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_attention_heads={self.num_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_kv_heads}")

@@ -1,8 +1,9 @@
 """Layers shared by the architectures: norms, rotary embeddings, masks, attention, the KV cache.
 
 Conventions (every architecture file follows them):
-  * activations are [B, S, H] in the model dtype (float32 or bfloat16);
-  * norms reduce in float32; attention scores and softmax are float32; logits are float32;
+  * activations are [B, S, H] in the model dtype (float32 or bfloat16; float64 for checks);
+  * norms reduce in float32, attention scores and softmax are float32, logits are float32 --
+    "float32" meaning float32 or wider (`upcast`: a float64 model computes all in float64);
   * q / k / v are [B, S, n_heads, head_dim]; grouped-query attention groups the query heads
     of each KV head (head h uses KV head h // (n_heads // n_kv_heads), as HF's repeat_kv);
   * masks are boolean [B, S, T]: query s may attend key t. Masked scores are set to the most
@@ -33,6 +34,16 @@ def jnp_dtype(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
+def wide(dtype) -> jnp.dtype:
+    """The dtype norms, softmaxes and logits are computed in: float32, or float64 for float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def upcast(x: Array) -> Array:
+    """x in `wide(x.dtype)` (bfloat16 -> float32; float32 and float64 unchanged)."""
+    return x.astype(wide(x.dtype))
+
+
 def linear(in_features: int, out_features: int, *, use_bias: bool, config: ModelConfig,
            rngs: nnx.Rngs) -> nnx.Linear:
     """nnx.Linear (kernel [in, out]) in the model dtype."""
@@ -61,7 +72,7 @@ def activation(name: str):
 
 # ---- norms -------------------------------------------------------------------------------------
 class LayerNorm(nnx.Module):
-    """LayerNorm with scale and bias; statistics in float32, output in the model dtype."""
+    """LayerNorm with scale and bias; statistics in float32 (`upcast`), output in the model dtype."""
 
     def __init__(self, dim: int, eps: float, *, config: ModelConfig):
         dt = jnp_dtype(config.dtype)
@@ -70,11 +81,11 @@ class LayerNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((dim,), dt))
 
     def __call__(self, x: Array) -> Array:
-        x32 = x.astype(jnp.float32)
+        x32 = upcast(x)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        y = y * self.scale[...].astype(x32.dtype) + self.bias[...].astype(x32.dtype)
         return y.astype(x.dtype)
 
 
@@ -86,7 +97,7 @@ class RMSNorm(nnx.Module):
         self.scale = nnx.Param(jnp.ones((dim,), jnp_dtype(config.dtype)))
 
     def __call__(self, x: Array) -> Array:
-        x32 = x.astype(jnp.float32)
+        x32 = upcast(x)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         return self.scale[...] * y.astype(x.dtype)
 
@@ -218,7 +229,7 @@ def attend(q: Array, k: Array, v: Array, mask: Array, scale: float, cache: Layer
         k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
     nkv = k.shape[1]
     qg = q.reshape(B, S, nkv, nh // nkv, D)
-    scores = jnp.einsum("bskgd,bktd->bkgst", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("bskgd,bktd->bkgst", qg, k, preferred_element_type=wide(q.dtype)) * scale
     scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgst,bktd->bskgd", probs, v)

@@ -36,7 +36,7 @@ PathLike = str | os.PathLike
 
 
 def dtype_name(dtype: Any) -> str:
-    """"float32" / "bfloat16" from a name, a numpy/jnp dtype or None (= "float32")."""
+    """"float32" / "bfloat16" / "float64" from a name, a numpy/jnp dtype or None (= "float32")."""
     if dtype is None:
         return "float32"
     name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
@@ -117,7 +117,8 @@ def load_pretrained(path: PathLike, dtype: Any = "float32", *, with_value_head: 
                     seed: int = 0) -> CausalLM | PolicyWithValueHead:
     """A causal LM from a Hugging Face checkpoint dir (gpt2, llama, qwen2, gpt_neox).
 
-    dtype: "float32" (default) or "bfloat16" for weights and activations (logits stay float32).
+    dtype: "float32" (default) or "bfloat16" for weights and activations (logits stay float32);
+    "float64" for numerics checks (everything in float64; needs jax_enable_x64).
     with_value_head=True returns a `PolicyWithValueHead` (shared trunk): its value head is read
     from <path>/value_head.safetensors when present, else drawn fresh from `seed`
     (`ppo_rlhf.hf_checkpoint.init_score_head`, identical in both backends).

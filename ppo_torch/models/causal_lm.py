@@ -37,8 +37,10 @@ def default_positions(attention_mask: Tensor, length: int) -> Tensor:
 
 
 def project(hidden: Tensor, weight: Tensor) -> Tensor:
-    """hidden [..., H] @ weight[N, H].T in float32 (bf16 inputs are upcast, which is exact)."""
-    return F.linear(hidden.float(), weight.float())
+    """hidden [..., H] @ weight[N, H].T in float32 (bf16 inputs are upcast, which is exact;
+    float64 stays float64)."""
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    return F.linear(hidden.to(dtype), weight.to(dtype))
 
 
 def backbone_hidden(hf_model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,

@@ -27,11 +27,12 @@ from ppo_torch.models.causal_lm import CausalLM
 from ppo_torch.models.heads import PolicyWithValueHead, ScalarHeadModel
 
 PathLike = str | os.PathLike
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def torch_dtype(dtype: Any) -> torch.dtype:
-    """torch.float32 / torch.bfloat16 from a name, a torch dtype or None (= float32)."""
+    """torch.float32 / torch.bfloat16 / torch.float64 from a name, a torch dtype or None
+    (= float32)."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
@@ -137,7 +138,8 @@ def load_pretrained(path: PathLike, dtype: Any = "float32", *, with_value_head: 
                     attn_implementation: str | None = None) -> CausalLM | PolicyWithValueHead:
     """A causal LM from a Hugging Face checkpoint dir (gpt2, llama, qwen2, gpt_neox).
 
-    dtype: "float32" (default) or "bfloat16" for weights and activations (logits stay float32).
+    dtype: "float32" (default) or "bfloat16" for weights and activations (logits stay float32);
+    "float64" for numerics checks (everything in float64).
     with_value_head=True returns a `PolicyWithValueHead` (shared trunk): its value head is read
     from <path>/value_head.safetensors when present, else drawn fresh from `seed`
     (`ppo_rlhf.hf_checkpoint.init_score_head`, identical in both backends).

@@ -1,0 +1,168 @@
+"""Mutation testing of the PPO math: do the parity and formula tests notice a planted bug?
+
+    python tools/mutants.py                 # every mutant; exit 1 if any survives
+    python tools/mutants.py --only NAME,... # some of them;  --list prints them
+
+Each mutant is one small, plausible bug -- a mask dropped, a weight made equal, a temperature
+forgotten, a sign flipped -- in the loss, masking, shaping, GAE, accumulation or temperature code
+of one backend, of both (the same bug twice, which the JAX-vs-torch parity cannot see), or of the
+shared host code. For each, the tool copies the working tree to a temporary directory, applies
+the edit there (the checkout is never touched), runs the fast tests that should catch it
+(`pytest -x`: the first failure ends the run) and reports KILLED (a test failed) or SURVIVED
+(every test passed: the test suite has a hole there). A mutant whose text is not found is an
+ERROR: the code moved and the list must follow it.
+
+Run by the slow suite (tests/test_mutants.py); README "Parity" lists what it covers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PPO_PARITY = "parity_tests/test_ppo_parity.py"
+REFERENCE = "parity_tests/test_ppo_reference.py"
+MATH = "parity_tests/test_math_parity.py"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    why: str                          # the bug it stands for
+    edits: tuple[tuple[str, str, str], ...]   # (file, old text, new text), each old text unique
+    tests: tuple[str, ...]            # pytest arguments that must catch it
+
+
+MUTANTS = [
+    Mutant("torch-loss-mask-dropped", "the training loss of one backend counts padding after EOS",
+           (("ppo_torch/ppo.py", 'mask = mb["response_mask"]\n        pg_loss',
+             'mask = torch.ones_like(mb["response_mask"])\n        pg_loss'),),
+           (PPO_PARITY, "-k", "default and float64")),
+    Mutant("jax-loss-mask-dropped", "the same in the JAX trainer",
+           (("ppo_jax/ppo.py", 'mask = mb["response_mask"]\n        pg_loss',
+             'mask = jnp.ones_like(mb["response_mask"])\n        pg_loss'),),
+           (PPO_PARITY, "-k", "default and float64")),
+    Mutant("torch-equal-microbatch-weights", "micro-batches weighted 1/A instead of by real tokens",
+           (("ppo_torch/ppo.py", 'w = microbatch_weight(mb["response_mask"], cfg.loss_agg, total)',
+             'w = torch.tensor(1.0 / cfg.grad_accum_steps)'),),
+           (PPO_PARITY, "-k", "accum and float64")),
+    Mutant("both-equal-microbatch-weights", "the same bug in both backends' shared helper formula",
+           (("ppo_torch/ppo.py", "return _agg_count(mask, loss_agg) / total",
+             "return torch.ones_like(total) / 2"),
+            ("ppo_jax/ppo.py", "return _agg_count(mask, loss_agg) / total",
+             "return jnp.ones_like(total) / 2")),
+           (REFERENCE, "-k", "reward-fn and float64")),
+    Mutant("both-reference-logprobs-without-temperature",
+           "the reference's log-probs at temperature 1 while the policy's use T (negative KL, trl#2358)",
+           (("ppo_torch/ppo.py", "ref_logprobs = response_logprobs(self.ref_policy, q, qm, r, rm, temperature=cfg.temperature)",
+             "ref_logprobs = response_logprobs(self.ref_policy, q, qm, r, rm)"),
+            ("ppo_jax/ppo.py", "ref_logprobs = response_logprobs(ref, q, qm, r, rm, temperature=cfg.temperature)",
+             "ref_logprobs = response_logprobs(ref, q, qm, r, rm)")),
+           (REFERENCE, "-k", "reward-fn and float64")),
+    Mutant("jax-clip-flipped", "the clipped objective takes the optimistic (min) instead of the pessimistic term",
+           (("ppo_jax/losses.py", "losses = jnp.maximum(unclipped, clipped)",
+             "losses = jnp.minimum(unclipped, clipped)"),),
+           (MATH, "-k", "policy_loss")),
+    Mutant("torch-value-clip-flipped", "the clipped value loss takes the smaller term",
+           (("ppo_torch/losses.py", "losses, clip_active = torch.maximum(unclipped, clipped), clipped > unclipped",
+             "losses, clip_active = torch.minimum(unclipped, clipped), clipped > unclipped"),),
+           (MATH, "-k", "value_loss")),
+    Mutant("jax-gae-no-terminal-cut", "GAE bootstraps past the end of a response (V_{T+1} = V_T, not 0)",
+           (("ppo_jax/advantages.py", "next_values = jnp.pad(values[:, 1:], ((0, 0), (0, 1))) * next_real",
+             "next_values = jnp.concatenate([values[:, 1:], values[:, -1:]], axis=1)"),),
+           (MATH, "-k", "gae")),
+    Mutant("torch-score-on-first-token", "the score lands on the first response token instead of the last (trl#3750)",
+           (("ppo_torch/advantages.py", "last = torch.nn.functional.one_hot(last_token_index(mask), mask.shape[-1])",
+             "last = torch.nn.functional.one_hot(torch.zeros_like(last_token_index(mask)), mask.shape[-1])"),),
+           (MATH, "-k", "shape_rewards")),
+    Mutant("both-critic-raw-head", "the critic initialised from a normalised reward model reads its raw head",
+           (("ppo_torch/models/heads.py", "critic.reward_gain, critic.reward_bias = 1.0, reward_model.reward_bias",
+             "critic.reward_gain, critic.reward_bias = 1.0, 0.0"),
+            ("ppo_jax/models/heads.py", "critic.reward_gain, critic.reward_bias = 1.0, reward_model.reward_bias",
+             "critic.reward_gain, critic.reward_bias = 1.0, 0.0")),
+           (REFERENCE, "-k", "reward-model and float64")),
+    Mutant("shared-missing-eos-penalty-sign", "the host adds the missing-EOS penalty instead of subtracting it",
+           (("ppo_rlhf/trainer_common.py", 'a["scores"] - cfg.missing_eos_penalty',
+             'a["scores"] + cfg.missing_eos_penalty'),),
+           (REFERENCE, "-k", "reward-fn and float64")),
+    Mutant("shared-kl-controller-sign", "the adaptive controller raises beta when the KL is below target",
+           (("ppo_rlhf/kl_control.py", "error = float(np.clip(float(current_kl) / target - 1.0, -0.2, 0.2))",
+             "error = float(np.clip(1.0 - float(current_kl) / target, -0.2, 0.2))"),),
+           (MATH, "-k", "kl_controller")),
+    Mutant("jax-whiten-unbiased", "advantages whitened with the unbiased variance where the biased one is asked",
+           (("ppo_jax/losses.py", "denom = (n - 1) if unbiased else n", "denom = n - 1"),),
+           (MATH, "-k", "whiten")),
+]
+
+
+def _copy_tree(dst: Path) -> None:
+    ignore = shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__", ".pytest_cache",
+                                    ".hypothesis", "*.egg-info", "build")
+    shutil.copytree(ROOT, dst, ignore=ignore)
+
+
+def apply(mutant: Mutant, tree: Path) -> None:
+    for rel, old, new in mutant.edits:
+        path = tree / rel
+        text = path.read_text()
+        if text.count(old) != 1:
+            raise LookupError(f"{rel}: the text to mutate occurs {text.count(old)} times, not once: {old!r}")
+        path.write_text(text.replace(old, new))
+
+
+def run(mutant: Mutant, *, verbose: bool) -> tuple[str, float]:
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.name}-") as tmp:
+        tree = Path(tmp) / "tree"
+        _copy_tree(tree)
+        try:
+            apply(mutant, tree)
+        except LookupError as e:
+            print(f"  {e}", file=sys.stderr)
+            return "ERROR", time.monotonic() - t0
+        env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"}
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant.tests]
+        out = subprocess.run(cmd, cwd=tree, env=env, capture_output=not verbose, text=True)
+    # pytest: 0 all passed, 1 tests failed, 5 nothing collected (the -k selects nothing: an error)
+    verdict = {0: "SURVIVED", 1: "KILLED"}.get(out.returncode, "ERROR")
+    if verdict == "ERROR" and not verbose:
+        print((out.stdout or "")[-2000:] + (out.stderr or "")[-2000:], file=sys.stderr)
+    return verdict, time.monotonic() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default="", help="comma-separated mutant names (default: all)")
+    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument("--verbose", action="store_true", help="show pytest's output")
+    args = ap.parse_args(argv)
+    by_name = {m.name: m for m in MUTANTS}
+    if args.list:
+        for m in MUTANTS:
+            print(f"{m.name:45s} {m.why}")
+        return 0
+    names = [n for n in args.only.split(",") if n] or list(by_name)
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        ap.error(f"unknown mutant(s): {', '.join(unknown)}")
+    results = []
+    for name in names:
+        verdict, secs = run(by_name[name], verbose=args.verbose)
+        results.append((name, verdict))
+        print(f"{verdict:9s} {name} ({secs:.0f} s)", flush=True)
+    bad = [n for n, v in results if v != "KILLED"]
+    print(f"{len(results) - len(bad)} of {len(results)} mutants killed" +
+          (f"; not killed: {', '.join(bad)}" if bad else ""))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
