@@ -1,4 +1,5 @@
-"""Reward shaping, GAE, whitening and KL control in JAX. Mirror: `ppo_torch/advantages.py`.
+"""Reward shaping, GAE, whitening and the KL the controller sees, in JAX.
+Mirror: `ppo_torch/advantages.py`.
 
 Conventions (shared with every function in `losses.py`): arrays are [B, T] over response tokens,
 `mask` is 1 on real tokens -- a contiguous block per row, normally a prefix ending at EOS -- and
@@ -7,7 +8,6 @@ padded positions are ignored even if they hold NaN.
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,14 +15,13 @@ import numpy as np
 
 from ppo_rlhf.checks import (check_choice, check_contiguous_rows, check_leading_dim,
                              check_same_shape)
-from ppo_rlhf.config import KL_UNITS, PPOConfig
+from ppo_rlhf.config import KL_UNITS
 from ppo_jax.losses import _bool_mask, _clean, _float, kl_penalty, masked_mean, masked_sum, whiten
 
 Array = jax.Array
 
 __all__ = [
     "last_token_index", "shape_rewards", "gae", "whiten", "kl_for_controller",
-    "adaptive_kl_update", "AdaptiveKLController", "FixedKLController", "make_kl_controller",
 ]
 
 
@@ -88,51 +87,3 @@ def kl_for_controller(kl: Array, mask: Array, *, units: str = "seq-sum") -> Arra
     if units == "token-mean":
         return masked_mean(kl, mask)
     return jnp.mean(masked_sum(kl, mask, axis=-1))
-
-
-def adaptive_kl_update(kl_coef: Any, current_kl: Any, n_steps: Any, *, target: float,
-                       horizon: int) -> Array:
-    """Ziegler et al. (2019) proportional controller:
-    e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n_steps / horizon)."""
-    error = jnp.clip(_float(current_kl) / target - 1.0, -0.2, 0.2)
-    return _float(kl_coef) * (1.0 + error * n_steps / horizon)
-
-
-class AdaptiveKLController:
-    """Stateful wrapper of `adaptive_kl_update` for host-side loops; `value` is a Python float."""
-
-    def __init__(self, init_kl_coef: float, target: float, horizon: int):
-        self.value, self.target, self.horizon = float(init_kl_coef), float(target), int(horizon)
-
-    def update(self, current_kl: Any, n_steps: int) -> float:
-        self.value = float(adaptive_kl_update(self.value, current_kl, n_steps, target=self.target,
-                                              horizon=self.horizon))
-        return self.value
-
-    def state_dict(self) -> dict[str, float]:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = float(state["value"])
-
-
-class FixedKLController:
-    """A KL coefficient that never changes (same interface as `AdaptiveKLController`)."""
-
-    def __init__(self, kl_coef: float):
-        self.value = float(kl_coef)
-
-    def update(self, current_kl: Any, n_steps: int) -> float:
-        return self.value
-
-    def state_dict(self) -> dict[str, float]:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = float(state["value"])
-
-
-def make_kl_controller(config: PPOConfig) -> AdaptiveKLController | FixedKLController:
-    if config.adaptive_kl:
-        return AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
-    return FixedKLController(config.kl_coef)

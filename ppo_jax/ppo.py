@@ -48,14 +48,16 @@ import optax
 from flax import nnx
 
 from ppo_jax import sharding
-from ppo_jax.advantages import gae, kl_for_controller, make_kl_controller, shape_rewards, whiten
+from ppo_jax.advantages import gae, kl_for_controller, shape_rewards, whiten
 from ppo_jax.generate import generate
 from ppo_jax.losses import aggregate_loss, policy_loss, value_loss
-from ppo_jax.models import (CausalLM, PolicyWithValueHead, ScalarHeadModel, load_pretrained,
-                            load_scalar_model, response_logprobs, response_logprobs_and_values,
-                            response_values, scalar_model_from_lm, sequence_scores)
+from ppo_jax.models import (CausalLM, PolicyWithValueHead, ScalarHeadModel, critic_from_reward_model,
+                            load_pretrained, load_scalar_model, response_logprobs,
+                            response_logprobs_and_values, response_values, scalar_model_from_lm,
+                            sequence_scores)
 from ppo_rlhf import loop
 from ppo_rlhf.config import PPOConfig
+from ppo_rlhf.kl_control import make_kl_controller
 from ppo_rlhf.rewards import RewardModel, as_reward_model
 from ppo_rlhf.rollout import RolloutBatch
 from ppo_rlhf.trainer_common import TrainerBase, resolve_reward_spec
@@ -108,7 +110,8 @@ class PPOTrainer(TrainerBase):
     prompts    -- list of strings or a prompt file (JSONL or text); optional if you call `step`
                   with your own prompts.
     config     -- `PPOConfig`.
-    reference  -- dir or `CausalLM`; default: a frozen copy of the initial policy.
+    reference  -- dir or `CausalLM`; default: a frozen copy of the initial policy -- also when
+                  `reference` is the policy object itself (else it would move with the policy).
     critic     -- dir or `ScalarHeadModel`; default: the reward model's weights when the reward is
                   a model (TRL), else the policy's backbone with a fresh head (seeded).
     tokenizer  -- a `transformers` tokenizer or its dir; default: the policy dir's.
@@ -142,6 +145,8 @@ class PPOTrainer(TrainerBase):
         # --- roles: actor (+ shared critic), reference, critic, reward --------------------------
         policy_model = self._load_policy(policy, dtype)
         self.shared_trunk = isinstance(policy_model, PolicyWithValueHead)
+        if reference is policy_model or reference is getattr(policy_model, "lm", None):
+            reference = None  # the policy object itself: take the frozen copy
         ref_model = (load_pretrained(reference, dtype) if isinstance(reference, (str, os.PathLike))
                      else reference if reference is not None
                      else self._frozen_copy(policy_model.lm if self.shared_trunk else policy_model))
@@ -161,8 +166,7 @@ class PPOTrainer(TrainerBase):
             elif critic is not None:
                 critic_model = critic
             elif self.native_reward is not None:
-                critic_model = self._frozen_copy(self.native_reward)
-                critic_model.reward_gain, critic_model.reward_bias = 1.0, 0.0
+                critic_model = critic_from_reward_model(self.native_reward)  # on the reward's scale
             else:
                 critic_model = scalar_model_from_lm(policy_model, seed=cfg.seed)
         self._check_models(policy_model, ref_model, critic_model, self.native_reward)
@@ -276,7 +280,8 @@ class PPOTrainer(TrainerBase):
 
     def compute_advantages(self, batch: Mapping[str, Any], kl_coef: float) -> dict[str, Array]:
         return self._advantages(batch["scores"], batch["logprobs"], batch["ref_logprobs"],
-                                batch["values"], batch["response_mask"], jnp.float32(kl_coef))
+                                batch["values"], batch["response_mask"],
+                                float(kl_coef))  # weakly typed: the log-probs' precision
 
     # ---- 5. the update phase: K epochs x M minibatches in one lax.scan --------------------------
     def _loss(self, params, mb, weight):

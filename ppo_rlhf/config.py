@@ -123,7 +123,9 @@ class PPOConfig:
     missing_eos_penalty: float | None = None
     """Subtracted from the score of a response that ends without EOS (TRL's missing_eos_penalty);
     None = no penalty. The score always lands on the last real response token (the EOS itself
-    when present); tokens after EOS are masked out of every loss and statistic."""
+    when present); tokens after EOS are masked out of every loss and statistic. A reward MODEL
+    was trained on EOS-terminated text, so its score of a cut-off response is extrapolation:
+    with None, the trainer warns once when that happens (set a penalty, e.g. TRL's 1.0)."""
 
     # ---- sampling ------------------------------------------------------------------------------
     temperature: float = 0.7
@@ -156,7 +158,8 @@ class PPOConfig:
     weight_decay: float = 0.0
     """AdamW decoupled weight decay."""
     max_grad_norm: float | None = 1.0
-    """Global-norm gradient clipping (policy and critic separately); None = off."""
+    """Global-norm gradient clipping: ONE norm over policy and critic together (torch's
+    clip_grad_norm_ formula, g * min(1, max_norm / (norm + 1e-6))); None = off."""
     num_iterations: int = 100
     """PPO iterations (rollout + update) that .train() runs."""
     seed: int = 0

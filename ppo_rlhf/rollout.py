@@ -15,6 +15,9 @@ Layout (B samples, P prompt positions, R response positions):
   values        float32[B, R]  V_old(s_t) of the critic at rollout time
   scores        float32[B]     reward(prompt, response), one per sample
 
+Float arrays are float32 (`float_dtype="float64"` keeps them in float64: the rollouts of float64
+models, for numerics checks).
+
 `extras` holds any further per-sample arrays (leading dimension B), e.g. the gold score of the
 demo task. Values at masked positions are ignored by every function of both backends (they may
 even be NaN); use `RolloutBatch.validate()` to check everything at once.
@@ -81,8 +84,13 @@ class RolloutBatch:
     values: np.ndarray
     scores: np.ndarray
     extras: dict[str, np.ndarray] = field(default_factory=dict)
+    float_dtype: str = "float32"
+    """Of logprobs, ref_logprobs, values and scores: "float32", or "float64" (float64 models)."""
 
     def __post_init__(self) -> None:
+        if self.float_dtype not in ("float32", "float64"):
+            raise ValueError(f"RolloutBatch.float_dtype={self.float_dtype!r} is invalid: allowed "
+                             f"'float32', 'float64'")
         for name in ARRAY_FIELDS:
             setattr(self, name, _to_numpy(getattr(self, name)))
         self.extras = {k: _to_numpy(v) for k, v in dict(self.extras).items()}
@@ -90,7 +98,7 @@ class RolloutBatch:
         for name in INT_FIELDS:
             setattr(self, name, getattr(self, name).astype(np.int32, copy=False))
         for name in FLOAT_TOKEN_FIELDS + ("scores",):
-            setattr(self, name, getattr(self, name).astype(np.float32, copy=False))
+            setattr(self, name, getattr(self, name).astype(self.float_dtype, copy=False))
 
     # ---- validation ----------------------------------------------------------------------------
     def _check_shapes_and_dtypes(self) -> None:
@@ -162,7 +170,8 @@ class RolloutBatch:
     def select(self, index: Any) -> "RolloutBatch":
         """Rows `index` (slice, int array or boolean mask) of every array."""
         return RolloutBatch(**{n: getattr(self, n)[index] for n in ARRAY_FIELDS},
-                            extras={k: v[index] for k, v in self.extras.items()})
+                            extras={k: v[index] for k, v in self.extras.items()},
+                            float_dtype=self.float_dtype)
 
     @classmethod
     def concatenate(cls, batches: list["RolloutBatch"]) -> "RolloutBatch":
@@ -171,19 +180,23 @@ class RolloutBatch:
         keys = set(batches[0].extras)
         if any(set(b.extras) != keys for b in batches):
             raise ValueError("RolloutBatch.concatenate: batches have different extras")
+        if len({b.float_dtype for b in batches}) > 1:
+            raise ValueError("RolloutBatch.concatenate: batches have different float_dtype")
         return cls(**{n: np.concatenate([getattr(b, n) for b in batches]) for n in ARRAY_FIELDS},
-                   extras={k: np.concatenate([b.extras[k] for b in batches]) for k in keys})
+                   extras={k: np.concatenate([b.extras[k] for b in batches]) for k in keys},
+                   float_dtype=batches[0].float_dtype)
 
     # ---- backend conversion --------------------------------------------------------------------
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, Any]) -> "RolloutBatch":
+    def from_arrays(cls, arrays: Mapping[str, Any], float_dtype: str = "float32") -> "RolloutBatch":
         """Build from a mapping of numpy / jax / torch arrays; keys beyond the fixed fields
         become extras."""
         missing = [n for n in ARRAY_FIELDS if n not in arrays]
         if missing:
             raise ValueError(f"RolloutBatch.from_arrays: missing field(s) {missing}")
         return cls(**{n: arrays[n] for n in ARRAY_FIELDS},
-                   extras={k: v for k, v in arrays.items() if k not in ARRAY_FIELDS})
+                   extras={k: v for k, v in arrays.items() if k not in ARRAY_FIELDS},
+                   float_dtype=float_dtype)
 
     from_jax = from_arrays
     from_torch = from_arrays
@@ -218,7 +231,7 @@ class RolloutBatch:
         with np.load(path) as z:
             d = {k: z[k] for k in z.files}
         extras = {k[len("extras__"):]: d.pop(k) for k in list(d) if k.startswith("extras__")}
-        return cls(**d, extras=extras)
+        return cls(**d, extras=extras, float_dtype=str(d["logprobs"].dtype))
 
     def replace(self, **changes: Any) -> "RolloutBatch":
         return dataclasses.replace(self, **changes)

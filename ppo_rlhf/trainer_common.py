@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -147,6 +148,7 @@ class TrainerBase:
         self.keep_checkpoints = int(keep_checkpoints)
         self.bad_updates = loop.BadUpdateCounter(config.max_bad_updates)
         self.history: list[dict[str, float]] = []
+        self._warned_eos = False  # the missing-EOS warning is given once per trainer
         # several processes (a multi-host mesh, torchrun): the backend replaces this; only the
         # main process writes metrics, progress and checkpoint files (ppo_rlhf/parallel.py)
         self.processes: Processes = SINGLE_PROCESS
@@ -209,15 +211,22 @@ class TrainerBase:
                                    a["response_mask"], prompts=prompts, responses=texts)
             a["scores"] = check_scores(self.host_reward.score(request), n, source="reward")
         has_eos = loop.contains_eos(a["response_ids"], a["response_mask"], self.eos_token_id)
+        if (cfg.missing_eos_penalty is None and self.eos_token_id is not None
+                and self.native_reward is not None and not has_eos.all() and not self._warned_eos):
+            self._warned_eos = True
+            warnings.warn(f"{int((~has_eos).sum())} of {n} responses end without EOS and are scored "
+                          f"by a reward model that was trained on EOS-terminated text; set "
+                          f"missing_eos_penalty (e.g. 1.0, as TRL) to penalise them", stacklevel=3)
         if cfg.missing_eos_penalty is not None and self.eos_token_id is not None:
-            a["scores"] = np.where(has_eos, a["scores"], a["scores"] - cfg.missing_eos_penalty).astype(np.float32)
+            a["scores"] = np.where(has_eos, a["scores"], a["scores"] - cfg.missing_eos_penalty).astype(a["scores"].dtype)
         extras = {"contains_eos": has_eos.astype(np.int32)}
         for name, fn in self.extra_rewards.items():
             if texts is None:
                 raise ValueError(f"extra reward {name!r} scores text: the trainer needs a tokenizer")
             extras[f"extra/{name}"] = check_scores(fn(list(prompts), texts), n,
                                                    source=f"extra reward {name!r}")
-        return RolloutBatch.from_arrays({**a, **extras})
+        # float64 models (numerics checks) keep their float64 rollouts; otherwise float32
+        return RolloutBatch.from_arrays({**a, **extras}, float_dtype=str(a["logprobs"].dtype))
 
     # ---- stats -----------------------------------------------------------------------------------
     def _collect_stats(self, iteration: int, batch: RolloutBatch, adv: Mapping[str, Any],
@@ -225,7 +234,8 @@ class TrainerBase:
                        times: Mapping[str, float]) -> dict[str, float]:
         cfg = self.config
         mask = batch.response_mask.astype(bool)
-        kl = np.where(mask, np.asarray(adv["kl"], np.float64), 0.0)
+        kl = np.where(mask, np.asarray(adv["kl"], np.float64), 0.0)  # stats in float64
+        scores = batch.scores.astype(np.float64)
         seq_kl = kl.sum(1)
         non_score = (-kl_coef * seq_kl)
         skipped = np.asarray(update["update/skipped"]).astype(bool)
@@ -234,21 +244,21 @@ class TrainerBase:
             "iteration": iteration,
             "episode": (iteration + 1) * cfg.batch_size,
             "objective/kl": float(seq_kl.mean()),
-            "objective/entropy": float((-np.where(mask, batch.logprobs, 0.0).sum(1)).mean()),
+            "objective/entropy": float((-np.where(mask, batch.logprobs.astype(np.float64), 0.0).sum(1)).mean()),
             "objective/non_score_reward": float(non_score.mean()),
-            "objective/rlhf_reward": float((batch.scores + non_score).mean()),
-            "objective/scores": float(batch.scores.mean()),
-            "objective/scores_std": float(batch.scores.std()),
+            "objective/rlhf_reward": float((scores + non_score).mean()),
+            "objective/scores": float(scores.mean()),
+            "objective/scores_std": float(scores.std()),
             "objective/kl_coef": float(kl_coef),
             "gen/response_len_mean": float(mask.sum(1).mean()),
             "gen/eos_frac": float(batch.extras["contains_eos"].mean()),
-            "val/returns_mean": float(np.asarray(adv["returns"])[mask].mean()),
-            "val/advantages_mean": float(np.asarray(adv["advantages"])[mask].mean()),
+            "val/returns_mean": float(np.asarray(adv["returns"], np.float64)[mask].mean()),
+            "val/advantages_mean": float(np.asarray(adv["advantages"], np.float64)[mask].mean()),
             "update/skipped": int(skipped.sum()),
         }
         for k, v in batch.extras.items():
             if k.startswith("extra/"):
-                s["objective/" + k[len("extra/"):]] = float(np.mean(v))
+                s["objective/" + k[len("extra/"):]] = float(np.mean(v, dtype=np.float64))
         for k, v in update.items():
             v = np.asarray(v, np.float64)
             if k == "update/skipped":

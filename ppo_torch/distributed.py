@@ -361,8 +361,11 @@ def _free_port() -> int:
 
 
 def shutdown() -> None:
-    """Leave the process group (end of a torchrun job), if one was joined."""
+    """Leave the process group (end of a torchrun job), if one was joined. The barrier first: a
+    rank that tore down its gloo pairs while another still used them aborted the job at exit
+    ("terminate called without an active exception"), seen once in the FSDP CLI test."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -46,16 +46,18 @@ import torch
 
 from ppo_rlhf import loop
 from ppo_rlhf.config import PPOConfig
+from ppo_rlhf.kl_control import make_kl_controller
 from ppo_rlhf.rewards import RewardModel, as_reward_model
 from ppo_rlhf.rollout import RolloutBatch
 from ppo_rlhf.trainer_common import TrainerBase, resolve_reward_spec
-from ppo_torch.advantages import gae, kl_for_controller, make_kl_controller, shape_rewards, whiten
+from ppo_torch.advantages import gae, kl_for_controller, shape_rewards, whiten
 from ppo_torch.distributed import setup as setup_distributed
 from ppo_torch.generate import generate
 from ppo_torch.losses import aggregate_loss, policy_loss, value_loss
-from ppo_torch.models import (CausalLM, PolicyWithValueHead, ScalarHeadModel, load_pretrained,
-                              load_scalar_model, response_logprobs, response_logprobs_and_values,
-                              response_values, scalar_model_from_lm, sequence_scores)
+from ppo_torch.models import (CausalLM, PolicyWithValueHead, ScalarHeadModel, critic_from_reward_model,
+                              load_pretrained, load_scalar_model, response_logprobs,
+                              response_logprobs_and_values, response_values, scalar_model_from_lm,
+                              sequence_scores)
 
 Tensor = torch.Tensor
 
@@ -101,7 +103,8 @@ class PPOTrainer(TrainerBase):
     prompts    -- list of strings or a prompt file (JSONL or text); optional if you call `step`
                   with your own prompts.
     config     -- `PPOConfig`.
-    reference  -- dir or `CausalLM`; default: a frozen copy of the initial policy.
+    reference  -- dir or `CausalLM`; default: a frozen copy of the initial policy -- also when
+                  `reference` is the policy object itself (else it would move with the policy).
     critic     -- dir or `ScalarHeadModel`; default: the reward model's weights when the reward is
                   a model (TRL), else the policy's backbone with a fresh head (seeded).
     tokenizer  -- a `transformers` tokenizer or its dir; default: the policy dir's.
@@ -137,6 +140,8 @@ class PPOTrainer(TrainerBase):
         # --- roles: actor (+ shared critic), reference, critic, reward --------------------------
         self.policy = self._load_policy(policy, dtype).to(self.device)
         self.shared_trunk = isinstance(self.policy, PolicyWithValueHead)
+        if reference is self.policy or reference is getattr(self.policy, "lm", None):
+            reference = None  # the policy object itself: take the frozen copy
         self.ref_policy = (load_pretrained(reference, dtype) if isinstance(reference, (str, os.PathLike))
                            else reference if reference is not None
                            else self._frozen_copy(self.policy.lm if self.shared_trunk else self.policy))
@@ -159,8 +164,7 @@ class PPOTrainer(TrainerBase):
             elif critic is not None:
                 self.critic = critic
             elif self.native_reward is not None:
-                self.critic = self._frozen_copy(self.native_reward).requires_grad_(True)
-                self.critic.reward_gain, self.critic.reward_bias = 1.0, 0.0
+                self.critic = critic_from_reward_model(self.native_reward)  # on the reward's scale
             else:
                 self.critic = scalar_model_from_lm(self.policy, seed=cfg.seed)
             self.critic = self.critic.to(self.device)
@@ -275,7 +279,8 @@ class PPOTrainer(TrainerBase):
     def compute_advantages(self, batch: Mapping[str, Any], kl_coef: float) -> dict[str, Tensor]:
         b = {k: self._tensor(batch[k]) for k in ("scores", "logprobs", "ref_logprobs", "values", "response_mask")}
         return self._advantages(b["scores"], b["logprobs"], b["ref_logprobs"], b["values"],
-                                b["response_mask"], torch.tensor(kl_coef, dtype=torch.float32, device=self.device))
+                                b["response_mask"],
+                                torch.tensor(kl_coef, dtype=b["logprobs"].dtype, device=self.device))
 
     # ---- 5. the update phase: K epochs x M minibatches ----------------------------------------
     def _loss(self, mb, weight):

@@ -126,9 +126,9 @@ def copy_of(src: Path, dst: Path) -> Path:
 
 
 def make_trainer(backend: str, ckpt: Path, reward: Any = length_reward, prompts: Any = None,
-                 **kw: Any) -> Any:
-    """A PPO trainer of `backend` on the tiny settings; PPOConfig fields and trainer keywords
-    both go in `kw`."""
+                 policy: Any = None, **kw: Any) -> Any:
+    """A PPO trainer of `backend` on the tiny settings (policy: `ckpt`, or a loaded model);
+    PPOConfig fields and trainer keywords both go in `kw`."""
     from ppo_rlhf import PPOConfig
 
     fields = set(PPOConfig.__dataclass_fields__)
@@ -137,5 +137,6 @@ def make_trainer(backend: str, ckpt: Path, reward: Any = length_reward, prompts:
         from ppo_jax.ppo import PPOTrainer
     else:
         from ppo_torch.ppo import PPOTrainer
-    return PPOTrainer(str(ckpt), reward, ["a b", "c d e", "f", "g h"] if prompts is None else prompts,
+    return PPOTrainer(str(ckpt) if policy is None else policy, reward,
+                      ["a b", "c d e", "f", "g h"] if prompts is None else prompts,
                       config=config, **{k: v for k, v in kw.items() if k not in fields})

@@ -210,8 +210,11 @@ def test_scalar_model_values_and_scores(tiny_checkpoint, tmp_path, arch):
     ids, mask = _full(q, qm, r, rm)
     values = np.asarray(sm.values(jnp.asarray(ids), jnp.asarray(mask)))
     assert values.shape == ids.shape and values.dtype == np.float32
+    # values carry the normalisation: gain * (the raw head, what sm2 with gain 1 / bias 0 reads) + bias
+    raw = np.asarray(sm2.values(jnp.asarray(ids), jnp.asarray(mask)))
+    np.testing.assert_allclose(values, 2.0 * raw - 0.5, atol=1e-6)
     last = np.array([np.nonzero(m)[0].max() for m in mask])
-    expected = 2.0 * values[np.arange(len(ids)), last] - 0.5
+    expected = values[np.arange(len(ids)), last]
     np.testing.assert_allclose(np.asarray(sm.score(jnp.asarray(ids), jnp.asarray(mask))), expected, atol=1e-6)
     np.testing.assert_allclose(np.asarray(jm.sequence_scores(sm, q, qm, r, rm)), expected, atol=1e-6)
     np.testing.assert_allclose(np.asarray(sm.score(ScoreRequest(q, qm, r, rm))), expected, atol=1e-6)

@@ -126,8 +126,10 @@ def test_scalar_model_values_and_scores(tiny_checkpoint, tmp_path, arch):
     ids, mask = _full(q, qm, r, rm)
     values = sm.values(ids, mask)
     assert values.shape == ids.shape and values.dtype == torch.float32
+    # values carry the normalisation: gain * (the raw head, what sm2 with gain 1 / bias 0 reads) + bias
+    torch.testing.assert_close(values, 2.0 * sm2.values(ids, mask) - 0.5, atol=1e-6, rtol=0)
     last = torch.tensor([int(torch.nonzero(m).max()) for m in mask])
-    expected = 2.0 * values[torch.arange(len(ids)), last] - 0.5
+    expected = values[torch.arange(len(ids)), last]
     torch.testing.assert_close(sm.score(ids, mask), expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(tm.sequence_scores(sm, q, qm, r, rm), expected, atol=1e-6, rtol=0)
     req = ScoreRequest(q.numpy(), qm.numpy(), r.numpy(), rm.numpy())

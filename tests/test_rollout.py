@@ -28,6 +28,13 @@ def test_normalises_dtypes_and_validates():
     assert rb.query_ids.dtype == np.int32 and rb.response_mask.dtype == np.int32
     assert rb.logprobs.dtype == np.float32 and rb.scores.dtype == np.float32
     assert (rb.batch_size, rb.prompt_len, rb.response_len) == (3, 4, 5)
+    # float64 arrays become float32 (the format) unless float64 is asked for (float64 models)
+    assert make(logprobs=np.zeros((3, 5))).logprobs.dtype == np.float32
+    rb64 = make(float_dtype="float64")
+    assert rb64.logprobs.dtype == rb64.values.dtype == rb64.scores.dtype == np.float64
+    assert rb64.select([0, 1]).float_dtype == "float64"
+    with pytest.raises(ValueError, match="float_dtype"):
+        make(float_dtype="float16")
 
 
 @pytest.mark.parametrize("over,message", [

@@ -42,3 +42,88 @@ def test_jax_trainer_compiles_nothing_after_the_first_iteration(tiny_checkpoint)
         for _ in range(3):
             t.step()
     assert later == [], f"{len(later)} compilations after the first iteration"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_critic_starts_on_the_reward_models_scale(backend, tiny_checkpoint, tmp_path):
+    """A normalised reward model (gain 5, bias -15: far from 1 / 0) as the reward and, by default,
+    the critic's initialisation: at iteration 0 the critic's value at the last real token is the
+    reward model's score of the same sequence (not its raw head), and a saved critic keeps it."""
+    from ppo_rlhf.testing import make_padded_batch
+
+    ckpt = tiny_checkpoint("gpt2")
+    rm = tiny_checkpoint("gpt2", kind="scalar", seed=7, reward_gain=5.0, reward_bias=-15.0)
+    t = make_trainer(backend, ckpt, reward=str(rm))
+    q, qm, r, rm_mask = make_padded_batch(3, 4, 8, 6, vocab_size=500)
+    ids, mask = np.concatenate([q, r], 1), np.concatenate([qm, rm_mask], 1)
+    last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
+
+    def critic_and_scores(critic):
+        if backend == "jax":
+            return np.asarray(critic.values(ids, mask)), np.asarray(t.native_reward.score(ids, mask))
+        import torch
+
+        with torch.no_grad():
+            v = critic.values(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+            return v, t.native_reward.score(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+
+    values, scores = critic_and_scores(t.critic_model())
+    assert np.abs(scores).mean() > 5  # the normalisation really moves the scores
+    np.testing.assert_allclose(values[np.arange(4), last], scores, rtol=1e-5, atol=1e-5)
+    t.save_critic(tmp_path / "critic")
+    if backend == "jax":
+        from ppo_jax.models import load_scalar_model
+    else:
+        from ppo_torch.models import load_scalar_model
+    reloaded, _ = critic_and_scores(load_scalar_model(tmp_path / "critic"))
+    np.testing.assert_allclose(reloaded, values, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reference_given_as_the_policy_object_is_a_frozen_copy(backend, tiny_checkpoint):
+    """reference=<the policy module itself> must not move with the policy: torch would freeze
+    the policy (caught here), JAX would donate the reference's arrays in the first update (on
+    accelerators; CPU ignores donation, so here JAX passes either way). The trainer takes a
+    frozen copy."""
+    ckpt = tiny_checkpoint("gpt2")
+    if backend == "jax":
+        from ppo_jax.models import load_pretrained, model_tensors
+    else:
+        from ppo_torch.models import load_pretrained, model_tensors
+    policy = load_pretrained(ckpt)
+    before = model_tensors(policy)
+    t = make_trainer(backend, ckpt, policy=policy, reference=policy, tokenizer=str(ckpt),
+                     learning_rate=1e-2)
+    t.step()
+    t.step()
+    after = model_tensors(t.policy_model())
+    assert max(float(np.abs(after[k] - before[k]).max()) for k in before) > 1e-4  # policy trained
+    if backend == "jax":
+        from flax import nnx
+
+        ref = model_tensors(nnx.merge(t._ref_def, t._ref_params, t._ref_rest))
+    else:
+        ref = model_tensors(t.ref_policy)
+    for k in before:
+        np.testing.assert_array_equal(ref[k], before[k], err_msg=k)  # the reference stayed put
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_warns_once_when_a_reward_model_scores_responses_without_eos(backend, tiny_checkpoint):
+    import warnings
+
+    ckpt = tiny_checkpoint("gpt2")
+    rm = tiny_checkpoint("gpt2", kind="scalar", seed=7)
+    # EOS is a token the tiny model never samples in 6 steps: every response runs to full length
+    t = make_trainer(backend, ckpt, reward=str(rm), eos_token_id=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.step()
+        t.step()
+    msgs = [str(w.message) for w in caught if "without EOS" in str(w.message)]
+    assert len(msgs) == 1 and "missing_eos_penalty" in msgs[0], msgs
+    t = make_trainer(backend, ckpt, reward=str(rm), eos_token_id=2, missing_eos_penalty=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.step()
+    assert not [w for w in caught if "without EOS" in str(w.message)]

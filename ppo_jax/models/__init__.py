@@ -17,7 +17,8 @@ from ppo_jax.models.causal_lm import CausalLM
 from ppo_jax.models.config import ModelConfig
 from ppo_jax.models.forward import (response_logprobs, response_logprobs_and_values,
                                     response_values, sequence_scores)
-from ppo_jax.models.heads import PolicyWithValueHead, ScalarHeadModel, last_token_index
+from ppo_jax.models.heads import (PolicyWithValueHead, ScalarHeadModel, critic_from_reward_model,
+                                 last_token_index)
 from ppo_jax.models.layers import Cache, LayerCache
 from ppo_jax.models.loading import (load_pretrained, load_scalar_model, model_tensors,
                                     save_pretrained, scalar_model_from_lm)
@@ -27,5 +28,5 @@ __all__ = [
     "CausalLM", "ScalarHeadModel", "PolicyWithValueHead", "ModelConfig", "Cache", "LayerCache",
     "load_pretrained", "load_scalar_model", "scalar_model_from_lm", "save_pretrained",
     "model_tensors", "response_logprobs", "response_values", "response_logprobs_and_values",
-    "sequence_scores", "last_token_index", "init_score_head", "SUPPORTED_MODEL_TYPES",
+    "sequence_scores", "last_token_index", "critic_from_reward_model", "init_score_head", "SUPPORTED_MODEL_TYPES",
 ]

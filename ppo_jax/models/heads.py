@@ -2,12 +2,13 @@
 shared trunk (`PolicyWithValueHead`). Mirror: `ppo_torch/models/heads.py`.
 
 `ScalarHeadModel` is the on-disk format `*ForSequenceClassification` with num_labels=1 (see
-`ppo_rlhf.hf_checkpoint`): a backbone + `score` [H -> 1], no bias.
-  * values(ids, mask) -> [B, T]: the head at every position (the critic, as TRL's value model);
-  * score(ids, mask)  -> [B]: reward_gain * head(h at the last position where mask == 1)
-    + reward_bias (the reward model). The last real token is found from the MASK, never from
-    pad_token_id (pad may equal EOS).
-Both in float32.
+`ppo_rlhf.hf_checkpoint`): a backbone + `score` [H -> 1], no bias, and the output normalisation
+reward_gain / reward_bias (config.json; 1 / 0 unless a reward-model trainer normalised it):
+  * values(ids, mask) -> [B, T]: reward_gain * head + reward_bias at every position (the
+    critic, as TRL's value model; like OpenRLHF's critic, it applies the normalisation);
+  * score(ids, mask)  -> [B]: values at the last position where mask == 1 (the reward model).
+    The last real token is found from the MASK, never from pad_token_id (pad may equal EOS).
+Both in float32. `critic_from_reward_model(rm)` makes a critic whose values start as rm's scores.
 """
 
 from __future__ import annotations
@@ -56,22 +57,37 @@ class ScalarHeadModel(nnx.Module):
 
     def values(self, input_ids: Array, attention_mask: Array | None = None, *,
                positions: Array | None = None) -> Array:
-        """The head at every position, [B, T] float32 (no gain/bias)."""
+        """reward_gain * head + reward_bias at every position, [B, T] float32."""
         hidden, _ = self.backbone(input_ids, attention_mask, positions=positions)
-        return project(hidden, self.score_head.kernel[...])[..., 0]
+        return self.reward_gain * project(hidden, self.score_head.kernel[...])[..., 0] + self.reward_bias
 
     __call__ = values
 
     def score(self, input_ids: Array | ScoreRequest, attention_mask: Array | None = None) -> Array:
-        """Reward [B] float32: gain * head at the last real token + bias. Also accepts a
+        """Reward [B] float32: `values` (gain * head + bias) at the last real token. Also accepts a
         `ppo_rlhf.rewards.ScoreRequest` (prompt and response are concatenated), so a loaded
         reward model satisfies the `RewardModel` protocol."""
         ids, mask = _ids_and_mask(input_ids, attention_mask)
         if mask is None:
             mask = jnp.ones(ids.shape, jnp.int32)
         v = self.values(ids, mask)
-        last = jnp.take_along_axis(v, last_token_index(mask)[:, None], axis=1)[:, 0]
-        return self.reward_gain * last + self.reward_bias
+        return jnp.take_along_axis(v, last_token_index(mask)[:, None], axis=1)[:, 0]
+
+
+def critic_from_reward_model(reward_model: ScalarHeadModel) -> ScalarHeadModel:
+    """A trainable copy of `reward_model` as the critic, on the reward's scale: its values equal
+    the reward model's normalised scores (gain * head + bias) at every position. The gain is
+    folded into the head's weights (gain 1 after), so AdamW moves values at the same speed
+    whatever the normalisation; the bias stays a constant offset. Without this, a critic that
+    reads the raw head starts off by (gain - 1) * head + bias at the EOS token, where GAE's
+    terminal step does not cancel it: every advantage is biased by that offset times
+    (gamma * lam)^(T - t)."""
+    graphdef, state = nnx.split(reward_model)
+    critic = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+    kernel = critic.score_head.kernel[...]
+    critic.score_head.kernel[...] = (kernel * reward_model.reward_gain).astype(kernel.dtype)
+    critic.reward_gain, critic.reward_bias = 1.0, reward_model.reward_bias
+    return critic
 
 
 class PolicyWithValueHead(nnx.Module):

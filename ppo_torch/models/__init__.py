@@ -17,7 +17,8 @@ from ppo_rlhf.hf_checkpoint import SUPPORTED_MODEL_TYPES, init_score_head
 from ppo_torch.models.causal_lm import CausalLM
 from ppo_torch.models.forward import (response_logprobs, response_logprobs_and_values,
                                       response_values, sequence_scores)
-from ppo_torch.models.heads import PolicyWithValueHead, ScalarHeadModel, last_token_index
+from ppo_torch.models.heads import (PolicyWithValueHead, ScalarHeadModel, critic_from_reward_model,
+                                   last_token_index)
 from ppo_torch.models.loading import (disable_dropout, load_pretrained, load_scalar_model,
                                       model_tensors, save_pretrained, scalar_model_from_lm)
 
@@ -25,6 +26,6 @@ __all__ = [
     "CausalLM", "ScalarHeadModel", "PolicyWithValueHead",
     "load_pretrained", "load_scalar_model", "scalar_model_from_lm", "save_pretrained",
     "model_tensors", "response_logprobs", "response_values", "response_logprobs_and_values",
-    "sequence_scores", "last_token_index", "init_score_head", "disable_dropout",
+    "sequence_scores", "last_token_index", "critic_from_reward_model", "init_score_head", "disable_dropout",
     "SUPPORTED_MODEL_TYPES",
 ]

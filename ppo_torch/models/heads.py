@@ -2,16 +2,18 @@
 shared trunk (`PolicyWithValueHead`). Mirror: `ppo_jax/models/heads.py`.
 
 `ScalarHeadModel` wraps a `transformers` `*ForSequenceClassification` with num_labels=1 (see
-`ppo_rlhf.hf_checkpoint`): its backbone + `score` [H -> 1], no bias. We do not use HF's own
-pooling (it finds the last token from pad_token_id, which may equal EOS):
-  * values(ids, mask) -> [B, T]: the head at every position (the critic, as TRL's value model);
-  * score(ids, mask)  -> [B]: reward_gain * head(h at the last position where mask == 1)
-    + reward_bias (the reward model).
-Both in float32.
+`ppo_rlhf.hf_checkpoint`): its backbone + `score` [H -> 1], no bias, and the output normalisation
+reward_gain / reward_bias (config.json; 1 / 0 unless a reward-model trainer normalised it). We
+do not use HF's own pooling (it finds the last token from pad_token_id, which may equal EOS):
+  * values(ids, mask) -> [B, T]: reward_gain * head + reward_bias at every position (the
+    critic, as TRL's value model; like OpenRLHF's critic, it applies the normalisation);
+  * score(ids, mask)  -> [B]: values at the last position where mask == 1 (the reward model).
+Both in float32. `critic_from_reward_model(rm)` makes a critic whose values start as rm's scores.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -56,16 +58,16 @@ class ScalarHeadModel(nn.Module):
 
     def values(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
                positions: Tensor | None = None) -> Tensor:
-        """The head at every position, [B, T] float32 (no gain/bias)."""
+        """reward_gain * head + reward_bias at every position, [B, T] float32."""
         hidden, _ = backbone_hidden(self.hf_model, input_ids, attention_mask, positions)
-        return project(hidden, self.hf_model.score.weight)[..., 0]
+        return self.reward_gain * project(hidden, self.hf_model.score.weight)[..., 0] + self.reward_bias
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
                 positions: Tensor | None = None) -> Tensor:
         return self.values(input_ids, attention_mask, positions=positions)
 
     def score(self, input_ids: Tensor | ScoreRequest, attention_mask: Tensor | None = None) -> Tensor:
-        """Reward [B] float32: gain * head at the last real token + bias. Also accepts a
+        """Reward [B] float32: `values` (gain * head + bias) at the last real token. Also accepts a
         `ppo_rlhf.rewards.ScoreRequest` (prompt and response are concatenated), so a loaded
         reward model satisfies the `RewardModel` protocol."""
         device = self.hf_model.score.weight.device
@@ -73,8 +75,22 @@ class ScalarHeadModel(nn.Module):
         if mask is None:
             mask = torch.ones(ids.shape, dtype=torch.long, device=device)
         v = self.values(ids, mask)
-        last = torch.gather(v, 1, last_token_index(mask)[:, None])[:, 0]
-        return self.reward_gain * last + self.reward_bias
+        return torch.gather(v, 1, last_token_index(mask)[:, None])[:, 0]
+
+
+def critic_from_reward_model(reward_model: ScalarHeadModel) -> ScalarHeadModel:
+    """A trainable copy of `reward_model` as the critic, on the reward's scale: its values equal
+    the reward model's normalised scores (gain * head + bias) at every position. The gain is
+    folded into the head's weights (gain 1 after), so AdamW moves values at the same speed
+    whatever the normalisation; the bias stays a constant offset. Without this, a critic that
+    reads the raw head starts off by (gain - 1) * head + bias at the EOS token, where GAE's
+    terminal step does not cancel it: every advantage is biased by that offset times
+    (gamma * lam)^(T - t)."""
+    critic = copy.deepcopy(reward_model).requires_grad_(True)
+    with torch.no_grad():
+        critic.hf_model.score.weight.mul_(reward_model.reward_gain)
+    critic.reward_gain, critic.reward_bias = 1.0, reward_model.reward_bias
+    return critic
 
 
 class PolicyWithValueHead(nn.Module):

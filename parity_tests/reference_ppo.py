@@ -1,0 +1,283 @@
+"""One whole PPO-RLHF iteration, written apart from the library: plain PyTorch + `transformers`,
+one loop per concept (CleanRL-style), no KV cache, no vectorised tricks, and NOTHING imported
+from `ppo_rlhf`, `ppo_torch` or `ppo_jax`. `parity_tests/test_ppo_reference.py` feeds it and both
+trainers the same weights, prompts, sampling noise and minibatch order and compares rollouts,
+statistics and updated weights: a bug in shared code, or the same bug in both backends, cannot
+pass that test by construction.
+
+What it implements (the library's documented defaults and the options the test uses):
+  1. sampling: token_t = argmax(logits / T + noise[:, t]) (Gumbel-max), full forward each step,
+     positions = cumsum(mask) - 1; a row stops after EOS (later tokens pad, mask 0);
+  2. log pi(a_t | s_t) and log pi_ref(a_t | s_t) from log_softmax(logits / T) at position P-1+t;
+     critic values V(s_t) at the same positions; score = reward function of the decoded text, or
+     gain * head(last real token) + bias of a reward-model checkpoint; minus the missing-EOS
+     penalty for rows without EOS;
+  3. rewards r_t = -beta * (log pi - log pi_ref), + score on the last real token;
+  4. GAE: delta_t = r_t + gamma V_{t+1} - V_t (V = 0 after the last real token),
+     A_t = delta_t + gamma lam A_{t+1}; returns = A + V; A whitened (mean 0, biased variance);
+  5. for each minibatch (rows given), for each micro-batch: clipped policy loss (eq. 4.3), clipped
+     value loss 0.5 max((V - R)^2, (V_old + clip(V - V_old, +-eps_v) - R)^2), aggregated over the
+     MINIBATCH (token-mean, or mean over sequences of each sequence's token mean) so that the
+     micro-batch losses sum to the minibatch loss; then one global-norm clip over policy and
+     critic (g * min(1, max_norm / (norm + 1e-6))) and one AdamW step written out by hand.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _logits(model, ids, mask):
+    return model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits
+
+
+def _head(model, ids, mask):
+    """The scalar head of a *ForSequenceClassification model at every position, [B, T]."""
+    out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask))
+    return model.score(out.last_hidden_state)[..., 0]
+
+
+class Critic(torch.nn.Module):
+    """V = head + bias, a *ForSequenceClassification backbone with its score head."""
+
+    def __init__(self, model, bias: float):
+        super().__init__()
+        self.model, self.bias = model, bias
+
+    def forward(self, ids, mask):
+        return _head(self.model, ids, mask) + self.bias
+
+
+def load_models(policy_dir: str | Path, *, reference_dir: str | Path | None,
+                reward_dir: str | Path | None, critic_head: np.ndarray | None, dtype: torch.dtype):
+    """(policy, reference, critic, reward model or None, (gain, bias)). The reference is a frozen
+    copy of the policy unless `reference_dir` is given; the critic is the reward model with its
+    normalisation gain folded into the head and its bias kept (its values start as the reward's
+    scores), or -- with a reward function -- the policy's backbone with `critic_head`."""
+    policy = AutoModelForCausalLM.from_pretrained(str(policy_dir), dtype=dtype).eval()
+    reference = (copy.deepcopy(policy) if reference_dir is None else
+                 AutoModelForCausalLM.from_pretrained(str(reference_dir), dtype=dtype).eval())
+    reference.requires_grad_(False)
+    reward_model, norm = None, (1.0, 0.0)
+    if reward_dir is not None:
+        reward_model = AutoModelForSequenceClassification.from_pretrained(str(reward_dir), dtype=dtype)
+        reward_model = reward_model.eval().requires_grad_(False)
+        extra = json.loads((Path(reward_dir) / "config.json").read_text()).get("ppo_rlhf", {})
+        norm = (float(extra.get("reward_gain", 1.0)), float(extra.get("reward_bias", 0.0)))
+        critic_model = copy.deepcopy(reward_model).requires_grad_(True)
+        with torch.no_grad():
+            critic_model.score.weight.mul_(norm[0])
+        critic = Critic(critic_model, norm[1])
+    else:
+        critic_model = AutoModelForSequenceClassification.from_pretrained(
+            str(policy_dir), num_labels=1, dtype=dtype).eval()
+        with torch.no_grad():
+            critic_model.score.weight.copy_(torch.as_tensor(critic_head, dtype=dtype))
+        critic = Critic(critic_model, 0.0)
+    return policy, reference, critic.eval(), reward_model, norm
+
+
+@torch.no_grad()
+def sample(policy, q, qm, noise, *, max_new_tokens, temperature, eos_id, pad_id):
+    B = q.shape[0]
+    resp = torch.full((B, max_new_tokens), pad_id, dtype=torch.long)
+    rmask = torch.zeros((B, max_new_tokens), dtype=torch.long)
+    done = torch.zeros(B, dtype=torch.bool)
+    for t in range(max_new_tokens):
+        ids, mask = torch.cat([q, resp[:, :t]], 1), torch.cat([qm, rmask[:, :t]], 1)
+        logits = _logits(policy, ids, mask)[:, -1]
+        token = torch.argmax(logits / temperature + noise[:, t].to(logits.dtype), dim=-1)
+        for b in range(B):
+            if not done[b]:
+                resp[b, t], rmask[b, t] = token[b], 1
+                done[b] = bool(token[b] == eos_id)
+        if bool(done.all()):
+            break
+    return resp, rmask
+
+
+def token_logprobs(model, q, qm, r, rm, temperature, *, with_entropy=False):
+    P, R = q.shape[1], r.shape[1]
+    logits = _logits(model, torch.cat([q, r], 1), torch.cat([qm, rm], 1))[:, P - 1:P - 1 + R]
+    logp_all = torch.log_softmax(logits / temperature, dim=-1)
+    lp = torch.gather(logp_all, -1, r[..., None])[..., 0] * rm
+    if not with_entropy:
+        return lp
+    return lp, -(logp_all.exp() * logp_all).sum(-1) * rm
+
+
+def token_values(critic, q, qm, r, rm):
+    P, R = q.shape[1], r.shape[1]
+    return critic(torch.cat([q, r], 1), torch.cat([qm, rm], 1))[:, P - 1:P - 1 + R] * rm
+
+
+def gae(rewards, values, rm, gamma, lam):
+    B = rewards.shape[0]
+    adv = torch.zeros_like(rewards)
+    for b in range(B):
+        last = int(rm[b].sum()) - 1
+        running = 0.0
+        for t in range(last, -1, -1):
+            next_value = values[b, t + 1] if t < last else 0.0
+            delta = rewards[b, t] + gamma * next_value - values[b, t]
+            running = delta + gamma * lam * running
+            adv[b, t] = running
+    return adv, (adv + values) * rm
+
+
+def aggregate(x, rm, seq_mean):
+    """Mean over real tokens, or the mean over non-empty sequences of each one's token mean."""
+    real = rm.bool()
+    if seq_mean:
+        per_seq = (x * rm).sum(1) / rm.sum(1).clamp(min=1)
+        return per_seq[real.any(1)].mean()
+    return x[real].mean()
+
+
+def whiten(x, rm, eps=1e-8):
+    real = rm.bool()
+    mean = x[real].mean()
+    var = ((x[real] - mean) ** 2).mean()
+    return torch.where(real, (x - mean) / torch.sqrt(var + eps), torch.zeros_like(x))
+
+
+class AdamW:
+    """torch.optim.AdamW's update, written out: decoupled decay first, then the Adam step."""
+
+    def __init__(self, params, lr, eps, weight_decay, betas=(0.9, 0.999)):
+        self.params, self.lr, self.eps, self.wd, self.betas = list(params), lr, eps, weight_decay, betas
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self):
+        self.t += 1
+        b1, b2 = self.betas
+        for p, m, v in zip(self.params, self.m, self.v):
+            g = p.grad
+            p.mul_(1 - self.lr * self.wd)
+            m.mul_(b1).add_((1 - b1) * g)
+            v.mul_(b2).add_((1 - b2) * g * g)
+            m_hat, v_hat = m / (1 - b1 ** self.t), v / (1 - b2 ** self.t)
+            p.sub_(self.lr * m_hat / (v_hat.sqrt() + self.eps))
+
+
+def ppo_iteration(policy_dir, *, query_ids, query_mask, noise, minibatch_rows, cfg: dict,
+                  eos_id: int, pad_id: int, tokenizer, reward_fn: Callable | None = None,
+                  reward_dir=None, reference_dir=None, critic_head=None,
+                  dtype=torch.float32) -> dict[str, Any]:
+    """One iteration from the checkpoints; `cfg` holds the PPOConfig fields used (see the module
+    docstring). Returns {"rollout": {...}, "stats": {...}, "policy": {name: array},
+    "critic": {name: array}} with HF tensor names."""
+    policy, reference, critic, reward_model, (gain, bias) = load_models(
+        policy_dir, reference_dir=reference_dir, reward_dir=reward_dir, critic_head=critic_head,
+        dtype=dtype)
+    q, qm = torch.as_tensor(query_ids).long(), torch.as_tensor(query_mask).long()
+    noise = torch.as_tensor(noise)
+    T = cfg["temperature"]
+
+    # ---- rollout -------------------------------------------------------------------------------
+    r, rm = sample(policy, q, qm, noise, max_new_tokens=cfg["max_new_tokens"], temperature=T,
+                   eos_id=eos_id, pad_id=pad_id)
+    with torch.no_grad():
+        logprobs = token_logprobs(policy, q, qm, r, rm, T)
+        ref_logprobs = token_logprobs(reference, q, qm, r, rm, T)
+        values = token_values(critic, q, qm, r, rm)
+        last = rm.sum(1) - 1
+        has_eos = torch.tensor([bool((r[b, : last[b] + 1] == eos_id).any()) for b in range(len(r))])
+        if reward_model is not None:
+            full, fmask = torch.cat([q, r], 1), torch.cat([qm, rm], 1)
+            end = fmask.shape[1] - 1 - torch.argmax(fmask.flip(-1), dim=-1)  # last real token
+            scores = gain * _head(reward_model, full, fmask)[torch.arange(len(r)), end] + bias
+        else:
+            text = lambda ids, m: [tokenizer.decode([int(t) for t, k in zip(a, b) if k],
+                                                    skip_special_tokens=True) for a, b in zip(ids, m)]
+            # a reward function's scores are float32 (the library's RolloutBatch contract)
+            scores = torch.tensor(reward_fn(text(q, qm), text(r, rm)), dtype=torch.float32)
+        if cfg.get("missing_eos_penalty") is not None:
+            scores = torch.where(has_eos, scores, scores - cfg["missing_eos_penalty"])
+        scores = scores.to(dtype)
+
+        # ---- rewards, GAE, whitening ---------------------------------------------------------------
+        kl = (logprobs - ref_logprobs) * rm
+        rewards = -cfg["kl_coef"] * kl
+        for b in range(len(r)):
+            rewards[b, last[b]] += scores[b]
+        advantages, returns = gae(rewards, values, rm, cfg["gamma"], cfg["lam"])
+        advantages = whiten(advantages, rm)
+
+    # ---- K epochs x M minibatches x A micro-batches -----------------------------------------------
+    params = [p for p in list(policy.parameters()) + list(critic.parameters()) if p.requires_grad]
+    opt = AdamW(params, cfg["learning_rate"], cfg["adam_eps"], cfg["weight_decay"])
+    per_step = []
+    for rows in np.asarray(minibatch_rows):
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        rows = torch.as_tensor(rows).long()
+        seq_mean = cfg["loss_agg"] == "seq-mean-token-mean"
+        total = (rm[rows].sum(1) > 0).sum() if seq_mean else rm[rows].sum()
+        step_stats: dict[str, float] = {}
+        for micro in rows.reshape(cfg["grad_accum_steps"], -1):
+            mq, mqm, mr, mrm = q[micro], qm[micro], r[micro], rm[micro]
+            new_lp, ent = token_logprobs(policy, mq, mqm, mr, mrm, T, with_entropy=True)
+            new_v = token_values(critic, mq, mqm, mr, mrm)
+            adv, ret, old_lp, old_v = advantages[micro], returns[micro], logprobs[micro], values[micro]
+            ratio = torch.exp(new_lp - old_lp)
+            eps = cfg["clip_eps"]
+            pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - eps, 1 + eps))
+            v_clip = old_v + (new_v - old_v).clamp(-cfg["value_clip_eps"], cfg["value_clip_eps"])
+            vf = 0.5 * torch.maximum((new_v - ret) ** 2, (v_clip - ret) ** 2)
+            real = mrm.bool()
+            n_micro = (real.sum(1) > 0).sum() if seq_mean else real.sum()
+            weight = n_micro / total  # this micro-batch's share of the minibatch loss
+
+            pg_loss, vf_loss = aggregate(pg, mrm, seq_mean), aggregate(vf, mrm, seq_mean)
+            loss = pg_loss + cfg["vf_coef"] * vf_loss
+            (loss * weight).backward()
+            w = float(weight)
+            for name, value in (("loss/policy", pg_loss), ("loss/value", vf_loss),
+                                ("policy/entropy", aggregate(ent, mrm, seq_mean)),
+                                ("policy/clipfrac", ((-adv * ratio.clamp(1 - eps, 1 + eps) > -adv * ratio)
+                                                     .to(dtype))[real].mean()),
+                                ("policy/approxkl", (ratio - 1 - torch.log(ratio))[real].mean()),
+                                ("val/clipfrac", (((v_clip - ret) ** 2 > (new_v - ret) ** 2)
+                                                  .to(dtype))[real].mean()),
+                                ("val/ratio", ratio[real].mean())):
+                step_stats[name] = step_stats.get(name, 0.0) + w * float(value.detach())
+        norm = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in params))
+        scale = min(1.0, cfg["max_grad_norm"] / (norm + 1e-6))
+        for p in params:
+            p.grad.mul_(scale)
+        opt.step()
+        step_stats["policy/grad_norm"] = norm
+        per_step.append(step_stats)
+
+    stats = {f"{k}_avg" if k != "val/ratio" else k: float(np.mean([s[k] for s in per_step]))
+             for k in per_step[0]}
+    stats.update({
+        "objective/kl": float(kl.sum(1).mean()),
+        "objective/scores": float(scores.mean()),
+        "objective/entropy": float((-logprobs).sum(1).mean()),
+        "val/returns_mean": float(returns[rm.bool()].mean()),
+        "gen/eos_frac": float(has_eos.double().mean()),
+        "gen/response_len_mean": float(rm.sum(1).double().mean()),
+    })
+    to_np = lambda m: {k: v.detach().numpy().copy() for k, v in m.state_dict().items()}
+    return {"rollout": {"response_ids": r.numpy(), "response_mask": rm.numpy(),
+                        "logprobs": logprobs.numpy(), "ref_logprobs": ref_logprobs.numpy(),
+                        "values": values.numpy(), "scores": scores.numpy()},
+            "stats": stats, "policy": to_np(policy), "critic": to_np(critic.model)}
