@@ -25,6 +25,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[all]'
 	@# tmux lets one test drive the labelling tool in a real terminal (skipped without it)
 	@command -v tmux >/dev/null || (command -v apt-get >/dev/null && apt-get install -y -qq tmux >/dev/null 2>&1) || true
+	@# Debian's chromium: the annotation page's real-browser test drives it with Playwright (skipped without it)
+	@command -v chromium >/dev/null || (command -v apt-get >/dev/null && (apt-get install -y -qq chromium >/dev/null 2>&1 || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1))) || true
 	touch $(STAMP)
 
 demo: setup

@@ -74,11 +74,11 @@ class StandInTokenizer:
 
 @contextlib.contextmanager
 def cpu_phase_times(cpu: dict):
-    """Also record process CPU time of every `ppo_rlhf.loop.phase_timer` block (in memory only:
+    """Also record process CPU time of every `ppo_rlhf.runtime.metrics.phase_timer` block (in memory only:
     the trainers' phase timers stay as they are) into cpu[name]."""
-    from ppo_rlhf import loop
+    from ppo_rlhf.runtime import metrics
 
-    orig = loop.phase_timer
+    orig = metrics.phase_timer
 
     @contextlib.contextmanager
     def phase_timer(times, name, block=None):
@@ -87,11 +87,11 @@ def cpu_phase_times(cpu: dict):
             yield
         cpu[name] = cpu.get(name, 0.0) + time.process_time() - c0
 
-    loop.phase_timer = phase_timer
+    metrics.phase_timer = phase_timer
     try:
         yield
     finally:
-        loop.phase_timer = orig
+        metrics.phase_timer = orig
 
 
 def make_checkpoints(spec: W.ModelSpec, root: Path) -> tuple[Path, Path]:

@@ -14,7 +14,7 @@ What it does, each step through the public interfaces:
   3. runs `ppo-rlhf train-rm --backend B` on them for each backend, from the same checkpoint,
      with the same hyperparameters;
   4. reports per backend the held-out pairwise accuracy (against the sampled labels), the expected
-     accuracy (the same, in expectation over the label noise: `ppo_rlhf.labeller.expected_accuracy`)
+     accuracy (the same, in expectation over the label noise: `ppo_rlhf.feedback.labeller.expected_accuracy`)
      and the labeller's noise ceiling on the held-out pairs, plus train accuracy and wall time.
 
 Writes JSON (with the exact commands) and a markdown table next to it.
@@ -42,13 +42,13 @@ def pretrained(args: argparse.Namespace) -> Path:
         return Path(args.model)
     d = Path(args.cache_dir) / f"pt-{args.model_size}-{args.pretrain_steps}-seed{args.seed}"
     if not (d / "metrics.json").exists():
-        from ppo_rlhf.cli_supervised import pretrain_model
+        from ppo_rlhf.app.pipelines import pretrain_model
 
         print(f"[rm-accuracy] pretraining the {args.model_size} demo model, {args.pretrain_steps} "
               f"steps (JAX) -> {d}", file=sys.stderr, flush=True)
-        pretrain_model("jax", d, task="reviews", steps=args.pretrain_steps,
-                       model_size=args.model_size, seed=args.seed, eval_samples=0,
-                       progress=not args.no_progress)
+        pretrain_model("jax", d, task="reviews",
+                       config={"num_steps": args.pretrain_steps, "seed": args.seed},
+                       model_size=args.model_size, eval_samples=0, progress=not args.no_progress)
     return d
 
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         train_file, eval_file, train_ceiling, eval_ceiling = write_data(args, Path(tmp))
         for b in backends:
             rm_dir = Path(tmp) / f"rm-{b}"
-            cmd = [sys.executable, "-m", "ppo_rlhf.cli", "train-rm", "--backend", b,
+            cmd = [sys.executable, "-m", "ppo_rlhf", "train-rm", "--backend", b,
                    "--model", str(model), "--data", str(train_file), "--eval-data", str(eval_file),
                    "--out", str(rm_dir), "--epochs", str(args.epochs), "--lr", str(args.lr),
                    "--batch-size", str(args.batch_size), "--seed", str(args.seed),

@@ -18,8 +18,13 @@ import torch
 
 import ppo_jax.advantages as jadv
 import ppo_jax.losses as jl
+import ppo_jax.masked as jm
 import ppo_torch.advantages as tadv
 import ppo_torch.losses as tl
+import ppo_torch.masked as tm
+
+_MODULES = {"jax": {"losses": jl, "advantages": jadv, "masked": jm},
+            "torch": {"losses": tl, "advantages": tadv, "masked": tm}}
 
 
 def _x64(dtype) -> contextlib.AbstractContextManager:
@@ -54,7 +59,7 @@ class JaxBackend:
     # options and shape; mask-value checks only run eagerly and are tested in tests/.
     def call(self, fn_name: str, module: str, *arrays: np.ndarray, **kw: Any) -> Any:
         """Value of ppo_jax.<module>.<fn_name>(*arrays, **kw) as numpy."""
-        fn = getattr(jl if module == "losses" else jadv, fn_name)
+        fn = getattr(_MODULES["jax"][module], fn_name)
         dtype = next((a.dtype for a in arrays if np.issubdtype(a.dtype, np.floating)), np.float32)
         arr_kw = {k: v for k, v in kw.items() if isinstance(v, np.ndarray)}
         static_kw = {k: v for k, v in kw.items() if k not in arr_kw}
@@ -64,7 +69,7 @@ class JaxBackend:
 
     def call_eager(self, fn_name: str, module: str, *arrays: np.ndarray, **kw: Any) -> Any:
         """Like `call`, outside jit: concrete inputs, so mask values are checked too."""
-        fn = getattr(jl if module == "losses" else jadv, fn_name)
+        fn = getattr(_MODULES["jax"][module], fn_name)
         dtype = next((a.dtype for a in arrays if np.issubdtype(a.dtype, np.floating)), np.float32)
         with _x64(dtype):
             return _np(fn(*[jnp.asarray(a) for a in arrays],
@@ -76,7 +81,7 @@ class JaxBackend:
         """(scalar, d scalar / d arrays[wrt], aux) for a function returning (scalar, aux) or a
         scalar (aux None). For a function returning arrays: `output` picks one of a tuple and the
         scalar is sum(weights * it) (weights default to ones)."""
-        fn = getattr(jl if module == "losses" else jadv, fn_name)
+        fn = getattr(_MODULES["jax"][module], fn_name)
         dtype = arrays[wrt].dtype
         with _x64(dtype):
             args = [jnp.asarray(a) for a in arrays]
@@ -113,14 +118,14 @@ class TorchBackend:
         return self.call(*a, **kw)
 
     def call(self, fn_name: str, module: str, *arrays: np.ndarray, **kw: Any) -> Any:
-        fn = getattr(tl if module == "losses" else tadv, fn_name)
+        fn = getattr(_MODULES["torch"][module], fn_name)
         return _np(fn(*[_torch(a) for a in arrays], **{k: _torch(v) if isinstance(v, np.ndarray) else v
                                                       for k, v in kw.items()}))
 
     def value_and_grad(self, fn_name: str, module: str, wrt: int, *arrays: np.ndarray,
                        output: int | None = None, weights: np.ndarray | None = None,
                        **kw: Any) -> tuple[Any, np.ndarray, Any]:
-        fn = getattr(tl if module == "losses" else tadv, fn_name)
+        fn = getattr(_MODULES["torch"][module], fn_name)
         args = [_torch(a) for a in arrays]
         kw = {k: _torch(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
         args[wrt] = args[wrt].clone().requires_grad_(True)

@@ -29,7 +29,7 @@ import torch
 import ppo_jax.models as jm
 import ppo_torch.models as tm
 from ppo_jax.generate import generate as jgenerate
-from ppo_rlhf.noise import apply_eos, filter_logits, gumbel_noise
+from ppo_rlhf.sampling import apply_eos, filter_logits, gumbel_noise
 from ppo_rlhf.testing import PAD_ID, make_padded_batch
 from ppo_torch.generate import generate as tgenerate
 

@@ -206,13 +206,13 @@ def test_whiten_mean_var(dtype, shift_mean, unbiased, data):
     grads = []
     for backend in BACKENDS:
         what = f"{backend.name} shift_mean={shift_mean} unbiased={unbiased}"
-        assert_close(backend.call("whiten", "losses", x, data.mask, shift_mean=shift_mean,
+        assert_close(backend.call("whiten", "masked", x, data.mask, shift_mean=shift_mean,
                                   unbiased=unbiased), want, dtype, what)
-        assert_close(backend.call("masked_mean", "losses", x, data.mask), ref.masked_mean(x64, data.mask), dtype, what)
-        assert_close(backend.call("masked_var", "losses", x, data.mask, unbiased=unbiased),
+        assert_close(backend.call("masked_mean", "masked", x, data.mask), ref.masked_mean(x64, data.mask), dtype, what)
+        assert_close(backend.call("masked_var", "masked", x, data.mask, unbiased=unbiased),
                      ref.masked_var(x64, data.mask, unbiased), dtype, what)
         weights = np.random.default_rng(1).normal(size=x.shape).astype(dtype)
-        _, g, _ = backend.value_and_grad("whiten", "losses", 0, x, data.mask, weights=weights,
+        _, g, _ = backend.value_and_grad("whiten", "masked", 0, x, data.mask, weights=weights,
                                          shift_mean=shift_mean, unbiased=unbiased)
         grads.append(g)
     # d whiten(x)_i / dx_j = (delta_ij - 1/n) / sigma - (x_i - m)(x_j - m) / (n sigma^3): terms of
@@ -275,5 +275,5 @@ def test_aggregate_loss(dtype, loss_agg, data):
     d = data.astype(dtype)
     want = ref.aggregate(np.nan_to_num(d.returns.astype(np.float64)), data.mask, loss_agg)
     for backend in BACKENDS:
-        assert_close(backend.call("aggregate_loss", "losses", d.returns, data.mask, loss_agg=loss_agg),
+        assert_close(backend.call("aggregate_loss", "masked", d.returns, data.mask, loss_agg=loss_agg),
                      want, dtype, f"{backend.name} {loss_agg}")

@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from parity_tests import reference_ppo
-from parity_tests.ppo_inputs import (B, N, P, compare_arrays, compare_rollouts, compare_weights,
+from parity_tests.ppo_inputs import (B, N, P, compare_rollouts, compare_stats, compare_weights,
                                      inputs, weights, x64_if)
-from ppo_rlhf import PPOConfig, loop
+from ppo_rlhf import PPOConfig
+from ppo_rlhf.runtime import seeds
 from ppo_rlhf.hf_checkpoint import init_score_head
 from ppo_rlhf.testing import EOS_ID, PAD_ID
 
@@ -77,7 +78,7 @@ def test_trainers_match_the_independent_reference(tiny_checkpoint, setting, dtyp
     ref = reference_ppo.ppo_iteration(
         ckpt, query_ids=q, query_mask=qm, noise=noise, cfg=cfg.to_dict(), eos_id=EOS_ID,
         pad_id=PAD_ID, tokenizer=AutoTokenizer.from_pretrained(str(ckpt)),
-        minibatch_rows=loop.minibatch_indices(cfg.seed, 0, batch_size=B, ppo_epochs=2, num_minibatches=2),
+        minibatch_rows=seeds.minibatch_indices(cfg.seed, 0, batch_size=B, ppo_epochs=2, num_minibatches=2),
         dtype=getattr(torch, dtype), **ref_kw)
     wr = {f"{role}.{k}": v for role in ("policy", "critic") for k, v in ref[role].items()}
     assert 0 < ref["stats"]["gen/eos_frac"] < 1
@@ -85,6 +86,6 @@ def test_trainers_match_the_independent_reference(tiny_checkpoint, setting, dtyp
         assert ref["stats"]["objective/kl"] != 0  # the KL penalty is in play
     for name, rollout, stats, w in (("jax", rj, sj, wj), ("torch", rt, st, wt)):
         compare_rollouts(ref["rollout"], rollout, dtype, "start")
-        compare_arrays({k: ref["stats"][k] for k in STATS}, stats, dtype, "start", f"{name} stat")
+        compare_stats(ref["stats"], stats, dtype, "start", keys=STATS, what=name)
         assert set(w) <= set(wr), set(w) - set(wr)  # (the reference also lists the tied lm_head)
         compare_weights(w, wr, start, dtype)

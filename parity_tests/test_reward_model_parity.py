@@ -9,7 +9,7 @@ How the optimisers map (both backends call their `ppo.make_optimizer` and `ppo.c
   decoupled weight decay lr_t * wd * param applied to every parameter (optax adds wd * param to
   the Adam direction and scales the sum by lr_t; torch multiplies the param by 1 - lr_t * wd
   first -- the same arithmetic, as the Adam direction does not depend on the param).
-- learning rate: `ppo_rlhf.supervised.lr_at(number of APPLIED updates, total)` computed on the
+- learning rate: `ppo_rlhf.runtime.supervised.lr_at(number of APPLIED updates, total)` computed on the
   host and handed to both steps: JAX multiplies the update of optax.adamw(learning_rate=1) by it
   (exactly what optax's scale_by_learning_rate does), torch sets it in the param groups.
 - clipping: grads * min(1, max_norm / (global_norm + 1e-6)) (torch's clip_grad_norm_ formula;
@@ -52,7 +52,8 @@ import torch
 
 import ppo_jax.reward_model as jrm
 import ppo_torch.reward_model as trm
-from ppo_rlhf.supervised import RMConfig, SFTConfig, encode_preferences
+from ppo_rlhf.config import RMConfig, SFTConfig
+from ppo_rlhf.data.encoding import encode_preferences
 
 LOSSES = ("bradley_terry", "plackett_luce", "best_of_k")
 
@@ -198,17 +199,22 @@ def _jax_grads(ckpt, batch, cfg):
     from flax import nnx
 
     from ppo_jax.models import scalar_model_from_lm
-    from ppo_jax.models.loading import hf_name
+    from ppo_jax.models.loading import hf_names
+    from ppo_jax.models.stack import stacked_modules
 
-    gdef, params, rest = nnx.split(scalar_model_from_lm(ckpt, seed=5), nnx.Param, ...)
+    model = scalar_model_from_lm(ckpt, seed=5)
+    stacks = stacked_modules(model)
+    gdef, params, rest = nnx.split(model, nnx.Param, ...)
     b = {k: jnp.asarray(v) for k, v in batch.items()}
-    fn = jax.jit(jax.value_and_grad(lambda p, r, b: jrm.batch_loss(nnx.merge(gdef, p, r), b, cfg),
+    fn = jax.jit(jax.value_and_grad(lambda p, r, b: jrm.batch_loss(nnx.merge(gdef, p, r), b, loss=cfg.loss, ties=cfg.ties),
                                     has_aux=True))  # as the trainer runs it: under jit
     (loss, scores), grads = fn(params, rest, b)
     out = {}
     for path, v in nnx.to_flat_state(grads):
-        name, transpose = hf_name(path, "gpt2")
-        out[name] = np.asarray(v[...]).T if transpose else np.asarray(v[...])
+        names, transpose, stacked = hf_names(path, "gpt2", stacks)
+        g = np.asarray(v[...])
+        for name, a in zip(names, g if stacked else [g]):  # a stacked gradient: one per layer
+            out[name] = a.T if transpose else a
     return float(loss), np.asarray(scores), out
 
 
@@ -216,7 +222,7 @@ def _torch_grads(ckpt, batch, cfg):
     from ppo_torch.models import scalar_model_from_lm
 
     model = scalar_model_from_lm(ckpt, seed=5)
-    loss, scores = trm.batch_loss(model, trm._tensors(batch, torch.device("cpu")), cfg)
+    loss, scores = trm.batch_loss(model, trm._tensors(batch, torch.device("cpu")), loss=cfg.loss, ties=cfg.ties)
     loss.backward()
     return loss.item(), scores.detach().numpy(), {
         n.removeprefix("hf_model."): p.grad.numpy().copy() for n, p in model.named_parameters()}

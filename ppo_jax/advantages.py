@@ -16,7 +16,8 @@ import numpy as np
 from ppo_rlhf.checks import (check_choice, check_contiguous_rows, check_leading_dim,
                              check_same_shape)
 from ppo_rlhf.config import KL_UNITS
-from ppo_jax.losses import _bool_mask, _clean, _float, kl_penalty, masked_mean, masked_sum, whiten
+from ppo_jax.losses import kl_penalty
+from ppo_jax.masked import _bool_mask, _clean, _float, masked_mean, masked_sum, whiten
 
 Array = jax.Array
 

@@ -1,12 +1,15 @@
 """Trainer checkpoints in JAX. Mirror: `ppo_torch/checkpoint.py`.
 
-A checkpoint directory (made atomic by `ppo_rlhf.ckpt.CheckpointManager`, which also writes the
+A checkpoint directory (made atomic by `ppo_rlhf.runtime.checkpoints.CheckpointManager`, which also writes the
 trainer state -- iteration, KL coefficient, counters, config -- and a checksummed manifest) holds:
 
     state/      Orbax PyTree checkpoint of {"params": policy (+ critic) params, "opt_state": AdamW}
                 -- restored bit-exactly into the trainer's own tree structure AND shardings:
                 sharded over a mesh, every process writes and reads only its own shards (a
-                checkpoint restores onto any mesh, or onto one device)
+                checkpoint restores onto any mesh, or onto one device). The tree is the
+                models' own: each model's blocks stacked, one [layers, ...] array per
+                parameter (`ppo_jax.models.stack`), so a state/ written before the layers were
+                stacked (per-layer arrays) does not restore: a CheckpointError naming it
     policy/     the policy in Hugging Face format (+ tokenizer), loadable by `transformers`,
                 `ppo-rlhf eval` and either backend
 
@@ -22,7 +25,7 @@ from typing import Any
 
 import jax
 
-from ppo_rlhf.ckpt import CorruptCheckpoint
+from ppo_rlhf.errors import CheckpointError
 
 
 def _checkpointer():
@@ -40,13 +43,13 @@ def _save_state(path: str | os.PathLike, tree: Any) -> None:
 
 def _restore_state(path: str | os.PathLike, target: Any) -> Any:
     """The tree saved at `path`, restored bit-exactly into `target`'s structure, dtypes AND
-    shardings; CorruptCheckpoint naming the checkpoint when it cannot be."""
+    shardings; CheckpointError naming the checkpoint when it cannot be."""
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             target)
     try:
         return _checkpointer().restore(Path(path).absolute(), abstract)
     except Exception as e:  # noqa: BLE001 -- Orbax raises many types; name the checkpoint
-        raise CorruptCheckpoint(f"{Path(path).parent}: cannot restore the trainer state: {e}") from None
+        raise CheckpointError(f"{Path(path).parent}: cannot restore the trainer state: {e}") from None
 
 
 def save_trainer_state(trainer: Any, path: str | os.PathLike) -> None:
@@ -64,7 +67,7 @@ class SupervisedCheckpoint:
     """save_model / save_checkpoint / load_checkpoint of the reward-model and SFT trainers
     (anything with `params`, `opt_state`, `model()` and the base's `_save_tokenizer`): state/ =
     Orbax {params, opt_state}, model/ = the Hugging Face checkpoint (`save_model`). The learning rate is a function of the step count, which
-    `ppo_rlhf.ckpt.CheckpointManager` keeps in the trainer state."""
+    `ppo_rlhf.runtime.checkpoints.CheckpointManager` keeps in the trainer state."""
 
     params: Any
     opt_state: Any

@@ -1,5 +1,5 @@
 """Sample and score for evaluation (JAX). Mirror: `ppo_torch/evaluate.py`; the numbers are
-computed in `ppo_rlhf.evaluation`."""
+computed in `ppo_rlhf.eval.policy`."""
 
 from __future__ import annotations
 
@@ -7,83 +7,60 @@ import os
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from ppo_jax.generate import generate
 from ppo_jax.models import (ScalarHeadModel, load_pretrained, load_scalar_model, response_logprobs,
                             sequence_scores)
-from ppo_rlhf import loop
-from ppo_rlhf.evaluation import SampledScores
+from ppo_jax.sample_text import sample_texts
+from ppo_rlhf.eval.policy import SampledScores
 from ppo_rlhf.rewards import ScoreRequest, as_reward_model, check_scores
-from ppo_rlhf.trainer_common import load_tokenizer
+from ppo_rlhf.runtime.tokens import load_tokenizer
+from ppo_rlhf.sampling import TextSamples
 
 
-def _score(rm: Any, q, qm, r, rm_mask, prompts, texts) -> np.ndarray:
-    if isinstance(rm, ScalarHeadModel):
-        return np.asarray(jax.jit(sequence_scores)(rm, q, qm, r, rm_mask))
-    req = ScoreRequest(np.asarray(q), np.asarray(qm), np.asarray(r), np.asarray(rm_mask),
-                       prompts=prompts, responses=texts)
-    return check_scores(as_reward_model(rm).score(req), len(prompts), source="reward")
+def _scores(rm: Any, s: TextSamples, batch_size: int) -> np.ndarray:
+    """The reward model's (or reward function's) score of every sample."""
+    if not isinstance(rm, ScalarHeadModel):
+        req = ScoreRequest(s.query_ids, s.query_mask, s.response_ids, s.response_mask,
+                           prompts=s.prompts, responses=s.texts)
+        return check_scores(as_reward_model(rm).score(req), len(s.texts), source="reward")
+    score = jax.jit(sequence_scores)
+    return np.concatenate([np.asarray(score(rm, c["query_ids"], c["query_mask"], c["response_ids"],
+                                            c["response_mask"]))[:n] for n, c in s.chunks(batch_size)])
+
+
+def _logprob_sums(model: Any, s: TextSamples, batch_size: int, temperature: float) -> np.ndarray:
+    lp = jax.jit(response_logprobs, static_argnames=("temperature",))
+    return np.concatenate([np.asarray(lp(model, c["query_ids"], c["query_mask"], c["response_ids"],
+                                         c["response_mask"], temperature=temperature)).sum(1)[:n]
+                           for n, c in s.chunks(batch_size)]).astype(np.float64)
 
 
 def sample_and_score(policy: str | os.PathLike, prompts: Sequence[str], *,
                      reference: str | os.PathLike | None = None, reward_model: Any = None,
                      max_prompt_len: int = 64, max_new_tokens: int = 32, temperature: float = 0.7,
-                     batch_size: int = 16, seed: int = 0, dtype: str = "float32",
-                     progress: bool = False) -> SampledScores:
-    """Sample one response per prompt from `policy` (and from `reference`, for the win-rate),
-    with log-probs under both models (at `temperature`) and reward-model scores."""
+                     batch_size: int = 16, seed: int = 0, dtype: str = "float32") -> SampledScores:
+    """Sample one response per prompt from `policy` (stream 0) and from `reference` (stream 1,
+    for the win-rate) with `sample_texts`, log-probs of the policy's samples under both models (at
+    `temperature`) and reward-model scores."""
     tok = load_tokenizer(policy)
     pol = load_pretrained(policy, dtype)
     ref = load_pretrained(reference, dtype) if reference is not None else None
     if isinstance(reward_model, (str, os.PathLike)):
         reward_model = load_scalar_model(reward_model, dtype)
-    logprobs_fn = jax.jit(response_logprobs, static_argnames=("temperature",))
-    eos, pad = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    out: dict[str, list] = {k: [] for k in ("responses", "lp", "ref_lp", "len", "eos", "rm",
-                                            "ref_responses", "ref_rm")}
-    n = len(prompts)
-    batches = range(0, n, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc="eval (jax)", unit="batch")
-    for b, start in enumerate(batches):
-        chunk = list(prompts[start:start + batch_size])
-        real = len(chunk)
-        chunk += [chunk[-1]] * (batch_size - real)  # static shapes: pad the last batch
-        q, qm, _ = loop.tokenize_prompts(tok, chunk, max_prompt_len)
-        q, qm = jnp.asarray(q), jnp.asarray(qm)
-        key = jax.random.key(loop.sampling_seed(seed, b))
-        models = [("", pol)] + ([("ref_", ref)] if ref is not None else [])
-        for prefix, model in models:
-            g = generate(model, q, qm, max_new_tokens=max_new_tokens, temperature=temperature,
-                         eos_token_id=eos, pad_token_id=pad, key=jax.random.fold_in(key, len(prefix)))
-            texts = loop.decode_responses(tok, np.asarray(g.response_ids), np.asarray(g.response_mask))
-            scores = None if reward_model is None else _score(reward_model, q, qm, g.response_ids,
-                                                              g.response_mask, chunk, texts)
-            if prefix:
-                out["ref_responses"] += texts[:real]
-                if scores is not None:
-                    out["ref_rm"] += list(scores[:real])
-                continue
-            lp = logprobs_fn(pol, q, qm, g.response_ids, g.response_mask, temperature=temperature)
-            ref_lp = lp if ref is None else logprobs_fn(ref, q, qm, g.response_ids, g.response_mask,
-                                                        temperature=temperature)
-            mask = np.asarray(g.response_mask)
-            out["responses"] += texts[:real]
-            out["lp"] += list(np.asarray(lp).sum(1)[:real])
-            out["ref_lp"] += list(np.asarray(ref_lp).sum(1)[:real])
-            out["len"] += list(mask.sum(1)[:real])
-            out["eos"] += list(loop.contains_eos(np.asarray(g.response_ids), mask, eos)[:real])
-            if scores is not None:
-                out["rm"] += list(scores[:real])
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+              max_prompt_len=max_prompt_len, batch_size=batch_size)
+    s = sample_texts(pol, tok, prompts, stream=0, **kw)
+    r = sample_texts(ref, tok, prompts, stream=1, **kw) if ref is not None else None
+    lp = _logprob_sums(pol, s, batch_size, temperature)
     return SampledScores(
-        prompts=list(prompts), responses=out["responses"],
-        logprobs_sum=np.asarray(out["lp"], np.float64), ref_logprobs_sum=np.asarray(out["ref_lp"], np.float64),
-        response_len=np.asarray(out["len"]), contains_eos=np.asarray(out["eos"], bool),
-        rm_scores=np.asarray(out["rm"]) if reward_model is not None else None,
-        ref_responses=out["ref_responses"] if ref is not None else None,
-        ref_rm_scores=np.asarray(out["ref_rm"]) if ref is not None and reward_model is not None else None,
+        prompts=list(prompts), responses=s.texts, logprobs_sum=lp,
+        ref_logprobs_sum=lp if ref is None else _logprob_sums(ref, s, batch_size, temperature),
+        response_len=s.response_mask.sum(1), contains_eos=s.contains_eos,
+        rm_scores=None if reward_model is None else _scores(reward_model, s, batch_size),
+        ref_responses=None if r is None else r.texts,
+        ref_rm_scores=None if r is None or reward_model is None else _scores(reward_model, r, batch_size),
     )
+
+
+__all__ = ["sample_and_score"]

@@ -13,11 +13,11 @@ layout): pads first, then the prompt; every row needs at least one real token. E
 `max_new_tokens` = N positions are returned; `eos_token_id=None` never stops (fixed-length
 responses, as the benchmarks use).
 
-Sampling rule (identical in both backends; see `ppo_rlhf.noise`): scaled = logits / temperature,
+Sampling rule (identical in both backends; see `ppo_rlhf.sampling`): scaled = logits / temperature,
 top-k then top-p (nucleus) set dropped tokens to -inf, token = argmax(filtered + Gumbel noise);
 greedy=True takes argmax(logits). Randomness, exactly one of:
   * greedy=True;
-  * noise: float32 [B, N, V] standard Gumbel draws (`ppo_rlhf.noise.gumbel_noise`), noise[:, t]
+  * noise: float32 [B, N, V] standard Gumbel draws (`ppo_rlhf.sampling.gumbel_noise`), noise[:, t]
     for response position t -- fed to both backends, it makes them pick the same tokens;
   * key: a `jax.random` key; step t uses gumbel(fold_in(key, t)). Split it between calls
     (`key, sub = jax.random.split(key)`): the same key gives the same samples.
@@ -33,9 +33,10 @@ and calls `make_generate_fn(graphdef, options)`, a cached `jax.jit` of one XLA p
 (graphdef, SamplingOptions), specialised by jit on the shapes (B, P) and the state's dtypes:
 prefill of the prompt, then the decode loop in `lax.while_loop` (one token per iteration,
 leaving early once every row has emitted EOS -- outputs keep their static [B, N] shape). The
-KV cache is created inside that program (`init_cache(B, P + N - 1)`), so it never crosses the
-host boundary and XLA updates it in place in the loop carry; nothing syncs with the host per
-token. New weights with the same structure (after a PPO update, or `nnx.update`) reuse the
+KV cache is created inside that program (`init_cache(B, P + N - 1)`: k and v stacked over the
+layers, [layers, B, kv_heads, slots, head_dim]), so it never crosses the host boundary and XLA
+updates it in place in the loop carry -- and, within a step, in the carry of the model's scan
+over layers, each layer writing its one new slot; nothing syncs with the host per token. New weights with the same structure (after a PPO update, or `nnx.update`) reuse the
 compiled program: the state is an argument, not a constant. Bucket prompt lengths (pad P to a
 few fixed sizes) to bound the number of compilations.
 """
@@ -52,7 +53,7 @@ import numpy as np
 from flax import nnx
 
 from ppo_jax.losses import logprobs_from_logits
-from ppo_rlhf.noise import SOURCES, check_generate_args
+from ppo_rlhf.sampling import SOURCES, check_generate_args
 from ppo_rlhf.rollout import check_mask
 
 Array = jax.Array
@@ -139,9 +140,9 @@ def _generate_impl(graphdef: Any, options: SamplingOptions, cache_sharding: Any,
     pad, eos = options.pad_token_id, options.eos_token_id
     # Slots: P prompt slots, then the first N - 1 response tokens (the last one is sampled but
     # never fed back, so it needs no slot).
-    L = P + N - 1
-    cache = _constrain(model.init_cache(B, L), cache_sharding)
-    kv_mask = jnp.zeros((B, L), jnp.int32).at[:, :P].set(query_mask.astype(jnp.int32))
+    slots = P + N - 1
+    cache = _constrain(model.init_cache(B, slots), cache_sharding)
+    kv_mask = jnp.zeros((B, slots), jnp.int32).at[:, :P].set(query_mask.astype(jnp.int32))
     logits, cache = model(query_ids, attention_mask=kv_mask, cache=cache, cache_index=0,
                           logits_to_keep=1)
     V = logits.shape[-1]
@@ -194,8 +195,9 @@ def make_generate_fn(graphdef: Any, options: SamplingOptions,
     with `graphdef, state = nnx.split(model)`; `rand` is a jax.random key (source "random"),
     float32 Gumbel noise [B, N, V] ("noise") or None ("greedy"). Cached per (graphdef, options)
     (the same call returns the same jitted function); jit adds one compilation per input shape
-    / dtype. `cache_sharding`: a `jax.sharding.Sharding` for every KV-cache array (a mesh:
-    `ppo_jax.sharding.Placement.kv_cache`, rows split like the batch); None lets XLA choose.
+    / dtype. `cache_sharding`: a `jax.sharding.Sharding` for the KV cache's k and v arrays,
+    [layers, B, kv_heads, slots, head_dim] (a mesh: `ppo_jax.sharding.Placement.kv_cache`, rows
+    split like the batch); None lets XLA choose.
     No argument checks: `generate` does those."""
     return _make_generate_fn(graphdef, options, cache_sharding)
 

@@ -6,20 +6,24 @@ Mirror: `ppo_torch/ppo.py` (diff them: same steps, same names, same stats).
     trainer.train()
 
 One iteration (`PPOTrainer.step`):
-  1. prompts -> left-padded token ids                                      (host, loop.py)
+  1. prompts -> left-padded token ids                                      (host, runtime/ppo.py)
   2. generate responses with the policy (KV cache, jit)                    `generate`
   3. log-probs of policy and reference (logits / temperature), values of
-     the critic, scores of the reward; missing-EOS penalty                 `_rollout_forward`
+     the critic, scores of a reward model                                  `_rollout_forward`;
+     host rewards and the missing-EOS penalty               (host, runtime/ppo.py `_finish_rollout`)
   4. per-token rewards -beta*KL + score on the last token -> GAE ->
      returns (before whitening) -> whitened advantages                     `_advantages`
   5. K epochs x M minibatches (x A micro-batches) of clipped policy and
      value updates, all in ONE jit-compiled `lax.scan`; a step whose loss
      or gradient is not finite is skipped (params and optimiser unchanged) `_update`
-  6. adaptive KL controller update; stats                                  (host)
+  6. adaptive KL controller update; stats            (host, ppo_rlhf/kl_control.py, runtime/ppo.py)
+
+The loop around iterations -- metrics, progress, checkpoints, resume, signals, the guard against
+non-finite updates -- is the one host loop of every trainer (`ppo_rlhf.runtime.loop`).
 
 Randomness: sampling keys, prompt order and minibatch permutations are pure functions of
-(config.seed, iteration) (`ppo_rlhf.loop`), so a resumed run repeats an uninterrupted one exactly
-and the PyTorch trainer processes the same minibatches in the same order. Static shapes
+(config.seed, iteration) (`ppo_rlhf.runtime.seeds`), so a resumed run repeats an uninterrupted
+one exactly and the PyTorch trainer processes the same minibatches in the same order. Static shapes
 (prompt length = config.max_prompt_len, response length = config.max_new_tokens, fixed batch)
 mean nothing recompiles after the first iteration.
 
@@ -44,44 +48,52 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from ppo_jax import sharding
 from ppo_jax.advantages import gae, kl_for_controller, shape_rewards, whiten
 from ppo_jax.generate import generate
-from ppo_jax.losses import aggregate_loss, policy_loss, value_loss
+from ppo_jax.losses import policy_loss, value_loss
+from ppo_jax.masked import aggregate_loss
+from ppo_jax.optim import guarded_step, make_optimizer
 from ppo_jax.models import (CausalLM, PolicyWithValueHead, ScalarHeadModel, critic_from_reward_model,
                             load_pretrained, load_scalar_model, response_logprobs,
                             response_logprobs_and_values, response_values, scalar_model_from_lm,
                             sequence_scores)
-from ppo_rlhf import loop
+from ppo_rlhf.runtime import metrics, seeds
 from ppo_rlhf.config import PPOConfig
-from ppo_rlhf.kl_control import make_kl_controller
 from ppo_rlhf.rewards import RewardModel, as_reward_model
 from ppo_rlhf.rollout import RolloutBatch
-from ppo_rlhf.trainer_common import TrainerBase, resolve_reward_spec
+from ppo_rlhf.runtime.ppo import TrainerBase, resolve_reward_spec
 
 Array = jax.Array
 
 
 # ---- small pure helpers --------------------------------------------------------------------------
-def clip_by_global_norm(grads: Any, max_norm: float | None) -> tuple[Any, Array]:
-    """Scale gradients by min(1, max_norm / (norm + 1e-6)) -- torch.nn.utils.clip_grad_norm_'s
-    formula exactly (optax's clip_by_global_norm has no 1e-6), so both backends step alike.
-    Returns (clipped grads, global norm before clipping)."""
-    norm = optax.tree.norm(grads)
-    if max_norm is None:
-        return grads, norm
-    scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
-    return jax.tree.map(lambda g: g * scale.astype(g.dtype), grads), norm
+class Role:
+    """One model of the iteration (actor, critic, reference, reward), split for `jax.jit`: its
+    static structure (`graphdef`, and `rest`, the non-parameter state) and, for a frozen role, its
+    parameters. `model(params)` rebuilds the NNX module around a parameter tree. A trainable
+    role's parameters live in the trainer's `params` tree only (the optimiser's, replaced by
+    every update), so no stale copy is kept alive."""
 
+    def __init__(self, graphdef: Any, rest: Any, params: Any = None):
+        self.graphdef, self.rest, self.params = graphdef, rest, params
 
-def make_optimizer(config: PPOConfig) -> optax.GradientTransformation:
-    """AdamW with torch.optim.AdamW's semantics: bias-corrected moments, eps added to sqrt(v_hat)
-    (eps_root = 0), decoupled weight decay lr * wd * param applied to every parameter."""
-    return optax.adamw(config.learning_rate, b1=0.9, b2=0.999, eps=config.adam_eps, eps_root=0.0,
-                       weight_decay=config.weight_decay)
+    @classmethod
+    def trainable(cls, model: nnx.Module) -> tuple["Role", Any]:
+        """(the role, its parameters -- for the trainer's `params` tree)."""
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        return cls(graphdef, rest), params
+
+    @classmethod
+    def frozen(cls, model: nnx.Module, place: Callable[[Any], Any]) -> "Role":
+        """The role holding its own parameters, placed by `place`."""
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        return cls(graphdef, rest, place(params))
+
+    def model(self, params: Any = None) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.params if params is None else params, self.rest)
 
 
 def microbatch_weight(mask: Array, loss_agg: str, total: Array) -> Array:
@@ -171,19 +183,19 @@ class PPOTrainer(TrainerBase):
                 critic_model = scalar_model_from_lm(policy_model, seed=cfg.seed)
         self._check_models(policy_model, ref_model, critic_model, self.native_reward)
 
-        # --- pure state: graphdefs are static, params are pytrees -----------------------------
-        self._policy_def, policy_params, self._policy_rest = nnx.split(policy_model, nnx.Param, ...)
-        self._ref_def, self._ref_params, self._ref_rest = nnx.split(ref_model, nnx.Param, ...)
-        self.params = {"policy": policy_params}
+        # --- pure state: each role's structure is static, its parameters a pytree -------------
+        self.policy, trainable = Role.trainable(policy_model)
+        trainable = {"policy": trainable}  # what the optimiser trains: policy (+ critic), one tree
+        self.critic = None
         if critic_model is not None:
-            self._critic_def, self.params["critic"], self._critic_rest = nnx.split(critic_model, nnx.Param, ...)
-        if self.native_reward is not None:
-            self._rm_def, self._rm_params, self._rm_rest = nnx.split(self.native_reward, nnx.Param, ...)
-            self._rm_params = self.place.params(self._rm_params)
-        self.params, self._ref_params = self.place.params((self.params, self._ref_params))
-        self.tx = make_optimizer(cfg)
+            self.critic, trainable["critic"] = Role.trainable(critic_model)
+        self.params = self.place.params(trainable)
+        self.reference = Role.frozen(ref_model, self.place.params)
+        self.reward = None if self.native_reward is None else Role.frozen(self.native_reward,
+                                                                          self.place.params)
+        self.tx = make_optimizer(learning_rate=cfg.learning_rate, adam_eps=cfg.adam_eps,
+                                 weight_decay=cfg.weight_decay)
         self.opt_state = self.place.params(self.tx.init(self.params))
-        self.kl_ctl = make_kl_controller(cfg)
 
         self._rollout_forward = jax.jit(self._rollout_forward_impl)
         self._advantages = jax.jit(self._advantages_impl)
@@ -206,22 +218,22 @@ class PPOTrainer(TrainerBase):
 
     def policy_model(self) -> CausalLM | PolicyWithValueHead:
         """The current policy as an NNX module (shares arrays with the trainer; don't mutate)."""
-        return nnx.merge(self._policy_def, self.params["policy"], self._policy_rest)
+        return self.policy.model(self.params["policy"])
 
     def critic_model(self) -> ScalarHeadModel | PolicyWithValueHead:
         if self.shared_trunk:
             return self.policy_model()
-        return nnx.merge(self._critic_def, self.params["critic"], self._critic_rest)
+        return self.critic.model(self.params["critic"])
 
     def _models(self, params: Mapping[str, Any]) -> tuple[Any, Any]:
-        policy = nnx.merge(self._policy_def, params["policy"], self._policy_rest)
-        critic = policy if self.shared_trunk else nnx.merge(self._critic_def, params["critic"], self._critic_rest)
+        policy = self.policy.model(params["policy"])
+        critic = policy if self.shared_trunk else self.critic.model(params["critic"])
         return policy, critic
 
     # ---- 2. generation ------------------------------------------------------------------------
     def generate(self, query_ids: Any, query_mask: Any, *, iteration: int = 0, noise: Any = None) -> Any:
         cfg = self.config
-        key = jax.random.key(loop.sampling_seed(cfg.seed, iteration))
+        key = jax.random.key(seeds.sampling_seed(cfg.seed, iteration))
         return generate(self.policy_model(), *self.place.batch((query_ids, query_mask)),
                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                         top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=self.eos_token_id,
@@ -233,7 +245,7 @@ class PPOTrainer(TrainerBase):
     def _rollout_forward_impl(self, params, ref_params, rm_params, q, qm, r, rm):
         cfg = self.config
         policy, critic = self._models(params)
-        ref = nnx.merge(self._ref_def, ref_params, self._ref_rest)
+        ref = self.reference.model(ref_params)
         if self.shared_trunk:
             logprobs, values = response_logprobs_and_values(policy, q, qm, r, rm, temperature=cfg.temperature)
         else:
@@ -243,7 +255,7 @@ class PPOTrainer(TrainerBase):
         if rm_params is None:
             scores = jnp.zeros(q.shape[0], jnp.float32)
         else:
-            scores = sequence_scores(nnx.merge(self._rm_def, rm_params, self._rm_rest), q, qm, r, rm)
+            scores = sequence_scores(self.reward.model(rm_params), q, qm, r, rm)
         return logprobs, ref_logprobs, values, scores
 
     def rollout(self, query_ids: Any, query_mask: Any, *, iteration: int = 0, noise: Any = None,
@@ -251,17 +263,18 @@ class PPOTrainer(TrainerBase):
         """Sample responses and score them: a `RolloutBatch` (numpy) with extras `contains_eos`
         (and `extra/<name>` scores of `extra_rewards`)."""
         times = {} if times is None else times
-        with loop.phase_timer(times, "time/generate_s", block=lambda: jax.block_until_ready(gen)):
+        with metrics.phase_timer(times, "time/generate_s", block=lambda: jax.block_until_ready(gen)):
             gen = self.generate(query_ids, query_mask, iteration=iteration, noise=noise)
         q, qm = self.place.batch((np.asarray(query_ids, np.int32), np.asarray(query_mask, np.int32)))
         r, rm = gen.response_ids.astype(jnp.int32), gen.response_mask.astype(jnp.int32)
-        with loop.phase_timer(times, "time/forward_s", block=lambda: jax.block_until_ready(out)):
-            out = self._rollout_forward(self.params, self._ref_params,
-                                        getattr(self, "_rm_params", None), q, qm, r, rm)
+        with metrics.phase_timer(times, "time/forward_s", block=lambda: jax.block_until_ready(out)):
+            out = self._rollout_forward(self.params, self.reference.params,
+                                        None if self.reward is None else self.reward.params,
+                                        q, qm, r, rm)
         logprobs, ref_logprobs, values, scores = out
         arrays = dict(query_ids=q, query_mask=qm, response_ids=r, response_mask=rm,
                       logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, scores=scores)
-        with loop.phase_timer(times, "time/reward_s"):
+        with metrics.phase_timer(times, "time/reward_s"):
             batch = self._finish_rollout(arrays, prompts)
         return batch
 
@@ -352,14 +365,10 @@ class PPOTrainer(TrainerBase):
         def step(carry, idx):
             params, opt_state = carry
             grads, stats = self._minibatch_grads(params, batch, idx)
-            grads, grad_norm = clip_by_global_norm(grads, cfg.max_grad_norm)
-            updates, new_opt_state = self.tx.update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
-            # a non-finite loss or gradient skips this step: params and optimiser state unchanged
-            ok = jnp.isfinite(stats["loss/total"]) & jnp.isfinite(grad_norm)
-            keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-            params = jax.tree.map(keep, new_params, params)
-            opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+            # one global-norm clip, AdamW; a non-finite loss or gradient skips this step
+            params, opt_state, grad_norm, ok = guarded_step(self.tx, params, opt_state, grads,
+                                                            stats["loss/total"],
+                                                            max_grad_norm=cfg.max_grad_norm)
             params, opt_state = self.place.constrain_params((params, opt_state))
             return (params, opt_state), {**stats, "policy/grad_norm": grad_norm, "update/skipped": ~ok}
 
@@ -370,7 +379,7 @@ class PPOTrainer(TrainerBase):
         """K epochs x M minibatches on a batch holding the rollout arrays plus `advantages` and
         `returns`. Returns the per-step stats as numpy arrays [K * M]."""
         cfg = self.config
-        rows = loop.minibatch_indices(cfg.seed, iteration, batch_size=cfg.batch_size,
+        rows = seeds.minibatch_indices(cfg.seed, iteration, batch_size=cfg.batch_size,
                                       ppo_epochs=cfg.ppo_epochs, num_minibatches=cfg.num_minibatches)
         keys = ("query_ids", "query_mask", "response_ids", "response_mask", "logprobs", "values",
                 "advantages", "returns")
@@ -393,9 +402,9 @@ class PPOTrainer(TrainerBase):
                              prompts=prompts, times=times)
         arrays = self.place.batch({k: v for k, v in batch.arrays().items() if not k.startswith("extra/")})
         kl_coef = self.kl_ctl.value
-        with loop.phase_timer(times, "time/advantages_s", block=lambda: jax.block_until_ready(adv)):
+        with metrics.phase_timer(times, "time/advantages_s", block=lambda: jax.block_until_ready(adv)):
             adv = self.compute_advantages(arrays, kl_coef)
-        with loop.phase_timer(times, "time/update_s"):
+        with metrics.phase_timer(times, "time/update_s"):
             update_stats = self.update({**arrays, **adv}, iteration)
         adv = self.place.fetch(adv)
         self.kl_ctl.update(adv["kl_for_controller"], cfg.batch_size)
@@ -437,4 +446,4 @@ class PPOTrainer(TrainerBase):
         return np.asarray(self.place.fetch(x))
 
 
-__all__ = ["PPOTrainer", "clip_by_global_norm", "make_optimizer", "microbatch_weight"]
+__all__ = ["PPOTrainer", "microbatch_weight"]

@@ -13,8 +13,8 @@ accuracy and the reward normalisation are defined in `ppo_rlhf.supervised` (modu
 One optimiser step is one jit-compiled function (static shapes [batch_size, K, max_length], so
 it compiles once; `compiled_steps` caches it per model structure and loss): scores -> per-group
 loss -> weighted mean -> gradients -> global-norm clip (torch's formula,
-`ppo_jax.ppo.clip_by_global_norm`) -> AdamW (`ppo_jax.ppo.make_optimizer`: optax.adamw with
-eps_root=0, i.e. torch.optim.AdamW) at the learning rate `ppo_rlhf.supervised.lr_at` hands it;
+`ppo_jax.optim.clip_by_global_norm`) -> AdamW (`ppo_jax.optim.make_optimizer`: optax.adamw with
+eps_root=0, i.e. torch.optim.AdamW) at the learning rate `ppo_rlhf.runtime.supervised.lr_at` hands it;
 a step whose loss or gradient is not finite leaves weights and optimiser state unchanged.
 """
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import os
-from types import SimpleNamespace
 from typing import Any, Iterable
 
 import jax
@@ -33,9 +32,10 @@ from flax import nnx
 
 from ppo_jax.checkpoint import SupervisedCheckpoint
 from ppo_jax.models import (ScalarHeadModel, load_scalar_model, scalar_model_from_lm)
-from ppo_jax.ppo import clip_by_global_norm, make_optimizer
+from ppo_jax.optim import guarded_step, make_optimizer
 from ppo_rlhf import hf_checkpoint as hfc
-from ppo_rlhf.supervised import RMConfig, RMTrainerBase
+from ppo_rlhf.config import RMConfig
+from ppo_rlhf.runtime.supervised import RMTrainerBase
 
 Array = jax.Array
 
@@ -112,11 +112,12 @@ def group_scores(model: ScalarHeadModel, input_ids: Array, attention_mask: Array
     return model.score(input_ids.reshape(B * K, T), attention_mask.reshape(B * K, T)).reshape(B, K)
 
 
-def batch_loss(model: ScalarHeadModel, batch: dict[str, Array], config: RMConfig) -> tuple[Array, Array]:
+def batch_loss(model: ScalarHeadModel, batch: dict[str, Array], *, loss: str,
+               ties: str) -> tuple[Array, Array]:
     """(weighted mean of the group losses over the batch, scores [B, K])."""
     scores = group_scores(model, batch["input_ids"], batch["attention_mask"])
     per_group = group_loss(scores, batch["tiers"], batch["margin"], batch["targets"],
-                           loss=config.loss, ties=config.ties)
+                           loss=loss, ties=ties)
     w = batch["weight"]
     return jnp.sum(w * per_group) / jnp.maximum(jnp.sum(w), 1.0), scores
 
@@ -141,26 +142,19 @@ def compiled_steps(graphdef: Any, loss: str, ties: str, max_grad_norm: float | N
       evaluate(params, rest, batch) -> (per-group loss [B], scores [B, K])
       score(params, rest, ids, mask) -> scores [N]
 
-    `tx` is AdamW at learning rate 1 (`ppo_jax.ppo.make_optimizer`); `step` scales its update by
+    `tx` is AdamW at learning rate 1 (`ppo_jax.optim.make_optimizer`); `step` scales its update by
     `lr` -- exactly what optax's own scale_by_learning_rate does -- so the learning rate comes from
-    the host (`ppo_rlhf.supervised.lr_at`) and no schedule is baked into the compiled code."""
-    tx = make_optimizer(SimpleNamespace(learning_rate=1.0, adam_eps=adam_eps, weight_decay=weight_decay))
-    cfg = SimpleNamespace(loss=loss, ties=ties)
+    the host (`ppo_rlhf.runtime.supervised.lr_at`) and no schedule is baked into the compiled code."""
+    tx = make_optimizer(learning_rate=1.0, adam_eps=adam_eps, weight_decay=weight_decay)
 
     def step(params, opt_state, rest, batch, lr):
         def loss_fn(p):
-            return batch_loss(nnx.merge(graphdef, p, rest), batch, cfg)
+            return batch_loss(nnx.merge(graphdef, p, rest), batch, loss=loss, ties=ties)
 
         (loss_value, scores), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        grads, grad_norm = clip_by_global_norm(grads, max_grad_norm)
-        updates, new_opt_state = tx.update(grads, opt_state, params)
-        updates = jax.tree.map(lambda u: lr * u, updates)
-        new_params = optax.apply_updates(params, updates)
-        # a non-finite loss or gradient skips the step: params and optimiser state unchanged
-        ok = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-        params = jax.tree.map(keep, new_params, params)
-        opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+        # clip, AdamW at the host's lr; a non-finite loss or gradient skips the step
+        params, opt_state, grad_norm, ok = guarded_step(tx, params, opt_state, grads, loss_value,
+                                                        max_grad_norm=max_grad_norm, lr=lr)
         return params, opt_state, {"loss": loss_value, "grad_norm": grad_norm, "skipped": ~ok,
                                    "scores": scores}
 
@@ -180,7 +174,7 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
     """Reward-model trainer (JAX). `model`: a checkpoint dir (causal LM or scalar head; see
     `init_reward_model`) or a `ScalarHeadModel`; `tokenizer`: a transformers tokenizer or its
     dir (default: the model dir's). `fit(train, eval)` trains, evaluates, normalises and saves
-    to out_dir (see `ppo_rlhf.supervised.RMTrainerBase.fit`)."""
+    to out_dir (see `ppo_rlhf.runtime.supervised.RMTrainerBase.fit`)."""
 
     backend = "jax"
 

@@ -8,11 +8,11 @@ a plain text, the response tokens (and EOS) of a (prompt, response) pair -- see
 `ppo_rlhf.supervised` for tokenisation, fixed shapes, the seeded batch order and the learning-rate
 schedule. One optimiser step is one jit-compiled function (static [batch_size, max_length], so it
 compiles once; `compiled_steps` caches it per model structure): forward -> masked token-mean NLL ->
-gradients -> global-norm clip (torch's formula, `ppo_jax.ppo.clip_by_global_norm`) -> AdamW
-(`ppo_jax.ppo.make_optimizer`) at the host's learning rate; a non-finite loss or gradient leaves
+gradients -> global-norm clip (torch's formula, `ppo_jax.optim.clip_by_global_norm`) -> AdamW
+(`ppo_jax.optim.make_optimizer`) at the host's learning rate; a non-finite loss or gradient leaves
 weights and optimiser state unchanged.
 
-A fresh model for pretraining: `ppo_rlhf.supervised.write_fresh_checkpoint(dir, hf_config, seed=)`
+A fresh model for pretraining: `ppo_rlhf.hf_checkpoint.write_fresh_checkpoint(dir, hf_config, seed=)`
 (numpy init, identical for both backends), then `SFTTrainer(dir, ...)`.
 """
 
@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
-from types import SimpleNamespace
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +31,9 @@ from flax import nnx
 from ppo_jax.checkpoint import SupervisedCheckpoint
 from ppo_jax.losses import logprobs_from_logits
 from ppo_jax.models import CausalLM, load_pretrained
-from ppo_jax.ppo import clip_by_global_norm, make_optimizer
-from ppo_rlhf.supervised import SFTConfig, SFTTrainerBase
+from ppo_jax.optim import guarded_step, make_optimizer
+from ppo_rlhf.config import SFTConfig
+from ppo_rlhf.runtime.supervised import SFTTrainerBase
 
 Array = jax.Array
 
@@ -62,24 +62,18 @@ def compiled_steps(graphdef: Any, max_grad_norm: float | None, adam_eps: float,
       step(params, opt_state, rest, batch, lr) -> (params, opt_state, stats)
       evaluate(params, rest, batch) -> (summed NLL, number of target tokens)
 
-    `tx` is AdamW at learning rate 1 (`ppo_jax.ppo.make_optimizer`); `step` scales its update by
-    the host's `lr` (`ppo_rlhf.supervised.lr_at`), as optax's scale_by_learning_rate would."""
-    tx = make_optimizer(SimpleNamespace(learning_rate=1.0, adam_eps=adam_eps, weight_decay=weight_decay))
+    `tx` is AdamW at learning rate 1 (`ppo_jax.optim.make_optimizer`); `step` scales its update by
+    the host's `lr` (`ppo_rlhf.runtime.supervised.lr_at`), as optax's scale_by_learning_rate would."""
+    tx = make_optimizer(learning_rate=1.0, adam_eps=adam_eps, weight_decay=weight_decay)
 
     def step(params, opt_state, rest, batch, lr):
         def loss_fn(p):
             return sft_loss(nnx.merge(graphdef, p, rest), batch)
 
         (loss, n), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        grads, grad_norm = clip_by_global_norm(grads, max_grad_norm)
-        updates, new_opt_state = tx.update(grads, opt_state, params)
-        updates = jax.tree.map(lambda u: lr * u, updates)
-        new_params = optax.apply_updates(params, updates)
-        # a non-finite loss or gradient skips the step: params and optimiser state unchanged
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-        params = jax.tree.map(keep, new_params, params)
-        opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+        # clip, AdamW at the host's lr; a non-finite loss or gradient skips the step
+        params, opt_state, grad_norm, ok = guarded_step(tx, params, opt_state, grads, loss,
+                                                        max_grad_norm=max_grad_norm, lr=lr)
         return params, opt_state, {"loss": loss, "tokens": n, "grad_norm": grad_norm, "skipped": ~ok}
 
     def evaluate(params, rest, batch):
@@ -94,7 +88,7 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
     """Causal-LM trainer (JAX). `model`: a checkpoint dir or a `CausalLM` (trained in float32);
     `tokenizer`: a transformers tokenizer or its dir (default: the model dir's). `fit(train,
     eval)` trains config.num_steps steps and saves the model + tokenizer to out_dir (see
-    `ppo_rlhf.supervised.SFTTrainerBase.fit`)."""
+    `ppo_rlhf.runtime.supervised.SFTTrainerBase.fit`)."""
 
     backend = "jax"
 
@@ -145,34 +139,4 @@ def train_sft(model: Any, train: Iterable[Any], eval: Iterable[Any] | None = Non
     return trainer, trainer.fit(train, eval, progress=progress, **fit_kw)
 
 
-def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
-                     temperature: float = 0.7, seed: int = 0, max_prompt_len: int | None = None,
-                     batch_size: int = 64) -> list[str]:
-    """Sample one response per prompt (`ppo_jax.generate.generate`, stopping at EOS) and decode
-    it (special tokens skipped). `model`: a CausalLM or a checkpoint dir. Prompts are processed
-    in left-padded batches of `batch_size` (the last one completed with repeats, so every batch
-    has the same shape); batch i uses the key fold_in(key(seed), i)."""
-    from ppo_jax.generate import generate
-    from ppo_rlhf.loop import decode_responses, tokenize_prompts
-
-    if isinstance(model, (str, os.PathLike)):
-        model = load_pretrained(model)
-    prompts = list(prompts)
-    if max_prompt_len is None:
-        max_prompt_len = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out: list[str] = []
-    key = jax.random.key(seed)
-    for i, start in enumerate(range(0, len(prompts), batch_size)):
-        chunk = prompts[start:start + batch_size]
-        padded = chunk + [chunk[0]] * (min(batch_size, len(prompts)) - len(chunk))
-        q, qm, _ = tokenize_prompts(tokenizer, padded, max_prompt_len)
-        gen = generate(model, q, qm, max_new_tokens=max_new_tokens, temperature=temperature,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=int(pad or 0),
-                       key=jax.random.fold_in(key, i))
-        out += decode_responses(tokenizer, np.asarray(gen.response_ids),
-                                np.asarray(gen.response_mask))[:len(chunk)]
-    return out
-
-
-__all__ = ["SFTTrainer", "train_sft", "compiled_steps", "sft_loss", "token_nll", "sample_responses"]
+__all__ = ["SFTTrainer", "train_sft", "compiled_steps", "sft_loss", "token_nll"]

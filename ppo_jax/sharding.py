@@ -12,15 +12,20 @@ a few intermediate results (`jax.lax.with_sharding_constraint`), and jit propaga
 inserts the collectives (all-gathers of fsdp-sharded weights where a layer runs, reduce-scatters
 or all-reduces of gradients, all-reduces of batch statistics such as advantage whitening).
 
-Sharding rules (axes "data", "fsdp", "tensor"; see `ppo_rlhf.parallel` for what each means):
+Sharding rules (axes "data", "fsdp", "tensor"; see `ppo_rlhf.runtime.processes` for what each means):
   * parameters (policy, critic, reference, reward model) and the AdamW state (its moments have
     the parameters' shapes): the largest dimension divisible by the fsdp size is split over
     `fsdp`; with a `tensor` axis, the largest remaining dimension divisible by its size is split
     over `tensor`; replicated over `data`. Scalars (the step count) and arrays without a
-    divisible dimension are replicated.
+    divisible dimension are replicated. The leading LAYER axis of the blocks' stacked
+    parameters (`ppo_jax.models.stack`; their AdamW moments too) is never split: every device
+    holds its fsdp / tensor slice of every layer, so the scan over layers reads layer i locally
+    and all-gathers only that layer's slices where it runs (FSDP's per-layer gather). Split over
+    fsdp, the layer axis would make XLA gather the whole stack before the scan.
   * rollout batch, minibatches and micro-batches (inside the update's lax.scan), Gumbel noise:
     rows (dim 0) over ("data", "fsdp"); replicated over `tensor`.
-  * KV cache [B, L, kv_heads, head_dim] during generation: rows over ("data", "fsdp").
+  * KV cache [layers, B, kv_heads, slots, head_dim] during generation: rows (dim 1) over
+    ("data", "fsdp"); the layer axis replicated, as the parameters'.
   * minibatch row indices: replicated.
 The update keeps parameters and optimiser state on these shardings from one step to the next
 (pinned in the scan carry), so nothing recompiles after the first iteration.
@@ -51,9 +56,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from ppo_jax.models.stack import is_stacked
 from ppo_rlhf.errors import UsageError
-from ppo_rlhf.parallel import (MESH_AXES, SINGLE_PROCESS, MeshSpec, Processes, check_data_parallel,
-                               parse_mesh)
+from ppo_rlhf.runtime.processes import (MESH_AXES, SINGLE_PROCESS, MeshSpec, Processes, check_data_parallel, parse_mesh)
 
 BATCH_AXES = ("data", "fsdp")
 """The mesh axes the batch rows are split over."""
@@ -99,7 +104,7 @@ def initialize_distributed(force: bool | None = None) -> bool:
 
 
 class JaxProcesses(Processes):
-    """The processes of a multi-host JAX job (`ppo_rlhf.parallel.Processes`)."""
+    """The processes of a multi-host JAX job (`ppo_rlhf.runtime.processes.Processes`)."""
 
     def __init__(self) -> None:
         self.count, self.index = jax.process_count(), jax.process_index()
@@ -151,19 +156,28 @@ def mesh_spec(mesh: Mesh) -> MeshSpec:
 
 
 # ---- the rules -------------------------------------------------------------------------------------
-def param_spec(shape: tuple[int, ...], mesh: Mesh) -> P:
+def param_spec(shape: tuple[int, ...], mesh: Mesh, *, stacked: bool = False) -> P:
     """PartitionSpec of a parameter (or optimiser-state array) of `shape` (see the module
     docstring): the largest dimension divisible by the fsdp size over "fsdp" (the first of equal
-    ones), then the largest remaining one divisible by the tensor size over "tensor"."""
+    ones), then the largest remaining one divisible by the tensor size over "tensor".
+    stacked=True: dim 0 is the layer axis of scanned blocks, never split."""
     spec: list[Any] = [None] * len(shape)
     for axis in ("fsdp", "tensor"):
         n = int(mesh.shape.get(axis, 1))
         if n == 1:
             continue
-        free = [d for d in range(len(shape)) if spec[d] is None and shape[d] % n == 0]
+        free = [d for d in range(int(stacked), len(shape)) if spec[d] is None and shape[d] % n == 0]
         if free:
             spec[max(free, key=lambda d: (shape[d], -d))] = axis
     return P(*spec)
+
+
+def param_specs(tree: Any, mesh: Mesh) -> Any:
+    """`param_spec` of every array of a parameter / optimiser-state tree (a tree of
+    PartitionSpecs of the same structure): arrays whose path goes through a `ScannedBlocks`
+    stack (`ppo_jax.models.stack.is_stacked`) keep their layer axis whole."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: param_spec(np.shape(x), mesh, stacked=is_stacked(path)), tree)
 
 
 def batch_spec(ndim: int) -> P:
@@ -228,7 +242,8 @@ class Placement:
         """Parameters / optimiser state onto the mesh by the parameter rule."""
         if self.mesh is None:
             return tree
-        return jax.tree.map(lambda x: _put(x, self._named(param_spec(np.shape(x), self.mesh))), tree)
+        return jax.tree.map(lambda x, spec: _put(x, self._named(spec)), tree,
+                            param_specs(tree, self.mesh))
 
     def batch(self, tree: Any) -> Any:
         """Batch-major arrays (numpy or jax) onto the mesh, rows over data x fsdp."""
@@ -245,8 +260,8 @@ class Placement:
     def constrain_params(self, tree: Any) -> Any:
         if self.mesh is None:
             return tree
-        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
-            x, self._named(param_spec(x.shape, self.mesh))), tree)
+        return jax.tree.map(lambda x, spec: jax.lax.with_sharding_constraint(x, self._named(spec)),
+                            tree, param_specs(tree, self.mesh))
 
     def constrain_batch(self, tree: Any) -> Any:
         if self.mesh is None:
@@ -256,8 +271,9 @@ class Placement:
 
     @property
     def kv_cache(self) -> NamedSharding | None:
-        """Sharding of each [B, L, kv_heads, head_dim] KV-cache array (None: one device)."""
-        return None if self.mesh is None else self._named(batch_spec(4))
+        """Sharding of each [layers, B, kv_heads, slots, head_dim] KV-cache array (rows over
+        data x fsdp, layers replicated; None: one device)."""
+        return None if self.mesh is None else self._named(P(None, *batch_spec(4)))
 
     # -- devices -> host
     def fetch(self, tree: Any) -> Any:
@@ -297,5 +313,5 @@ def placement(mesh: "Mesh | MeshSpec | str | dict | None") -> Placement:
     return Placement(None if mesh is None else make_mesh(mesh))
 
 
-__all__ = ["initialize_distributed", "make_mesh", "mesh_spec", "param_spec", "batch_spec",
+__all__ = ["initialize_distributed", "make_mesh", "mesh_spec", "param_spec", "param_specs", "batch_spec",
            "fetch", "Placement", "placement", "builds_on_host", "JaxProcesses", "BATCH_AXES"]

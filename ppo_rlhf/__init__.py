@@ -1,11 +1,23 @@
 """ppo-rlhf: PPO-based RLHF for language models, in JAX/Flax and in PyTorch.
 
-This package is backend-neutral: configs, the `RolloutBatch` exchange format, the reward
-protocols, data formats, the demo task and the CLI. It imports neither jax nor torch at module
-level; `ppo_jax` and `ppo_torch` are the two cores.
+This package is backend-neutral; it imports neither jax nor torch at module level, and nothing in
+it but the application layer (`app/`) imports `ppo_jax` or `ppo_torch`, the two cores. Its rooms:
+
+    config.py rollout.py rewards.py errors.py   the contracts: configs, the RolloutBatch
+    kl_control.py sampling.py checks.py         exchange format, reward protocols, errors, the
+    hf_checkpoint.py                            KL controller, the sampling rule, argument checks
+                                                of the math, the on-disk model format
+    runtime/    the host runtime: the one training loop, checkpoints, seeds, tokenizers
+    data/       record formats, readers and writers, batch encoding
+    feedback/   human feedback: synthetic labeller, terminal tool, web annotation app
+    eval/       evaluation numbers and plots
+    tasks/      the demo task (reviews)
+    app/        the CLI, the demo and pipelines: the only part that picks a backend
+    testing.py  tiny offline checkpoints for tests, benchmarks and the demo
 """
 
-from ppo_rlhf.config import PPOConfig
+from ppo_rlhf.config import PPOConfig, RMConfig, SFTConfig
+from ppo_rlhf.errors import CheckpointError, DataError, NonFiniteUpdates, UsageError
 from ppo_rlhf.rewards import (NonFiniteRewardError, RewardFn, RewardModel, ScoreRequest,
                               TextRewardModel, as_reward_model, check_scores)
 from ppo_rlhf.rollout import RolloutBatch
@@ -13,6 +25,7 @@ from ppo_rlhf.rollout import RolloutBatch
 __version__ = "0.1.0"
 
 __all__ = [
-    "PPOConfig", "RolloutBatch", "RewardFn", "RewardModel", "ScoreRequest", "TextRewardModel",
-    "NonFiniteRewardError", "as_reward_model", "check_scores", "__version__",
+    "PPOConfig", "RMConfig", "SFTConfig", "RolloutBatch", "RewardFn", "RewardModel", "ScoreRequest",
+    "TextRewardModel", "NonFiniteRewardError", "as_reward_model", "check_scores", "UsageError",
+    "DataError", "CheckpointError", "NonFiniteUpdates", "__version__",
 ]

@@ -1,9 +1,10 @@
-"""Input checks shared by both backends' math (numpy only).
+"""Input checks shared by both backends' math and by `RolloutBatch.validate` (numpy only).
 
 Shapes are checked on every call (they are static, even inside `jax.jit`). Mask *values* are
 checked whenever they are concrete and cheap to read -- a JAX array outside of tracing, a torch
 tensor on the CPU; inside `jit`, or on an accelerator where reading them would force a host sync,
-they are trusted. See each backend's `_concrete_mask`.
+they are trusted (each backend's `masked._bool_mask` decides). One mask checker for all:
+`check_mask`.
 """
 
 from __future__ import annotations
@@ -30,15 +31,35 @@ def check_leading_dim(fn: str, name: str, arr: Any, n: int) -> None:
         raise ValueError(f"{fn}: {name} must have shape ({n},) (one per row), got {tuple(arr.shape)}")
 
 
-def check_mask_values(fn: str, mask: np.ndarray, *, allow_all_zero: bool = False) -> None:
-    """A mask holds only 0/1 (or bools) and, unless allowed, has at least one real token."""
-    if mask.dtype != np.bool_:
-        bad = (mask != 0) & (mask != 1)
+def check_mask(what: str, mask: np.ndarray, *, layout: str | None = None,
+               allow_all_zero: bool = False) -> None:
+    """A mask holds only 0/1 (or bools). Without `layout`: at least one real token (unless
+    `allow_all_zero`). With layout="left" / "right" (a [batch, time] mask of left-padded prompts
+    / right-padded responses): every row has a real token, and the real tokens of a row are a
+    contiguous suffix / prefix. ValueError starting with `what` otherwise."""
+    m = np.asarray(mask)
+    if m.dtype != np.bool_:
+        bad = (m != 0) & (m != 1)
         if bad.any():
             where = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(f"{fn}: mask must hold only 0/1, found {mask[where].item()!r} at {where}")
-    if not allow_all_zero and not mask.any():
-        raise ValueError(f"{fn}: mask is all zeros: there is no real token to compute over")
+            raise ValueError(f"{what} must hold only 0/1, found {m[where].item()!r} at {where}")
+    if layout is None:
+        if not allow_all_zero and not m.any():
+            raise ValueError(f"{what} is all zeros: there is no real token to compute over")
+        return
+    if m.ndim != 2:
+        raise ValueError(f"{what} must be 2-D [batch, time], got shape {m.shape}")
+    m = m.astype(np.int32)
+    empty = np.where(m.sum(axis=1) == 0)[0]
+    if empty.size:
+        raise ValueError(f"{what} has rows with no real token (rows {empty[:10].tolist()})")
+    # A contiguous prefix is non-increasing along time; a contiguous suffix non-decreasing.
+    d = np.diff(m, axis=1)
+    bad_rows = np.where((d > 0).any(axis=1) if layout == "right" else (d < 0).any(axis=1))[0]
+    if bad_rows.size:
+        want = ("a contiguous prefix (right padding)" if layout == "right"
+                else "a contiguous suffix (left padding)")
+        raise ValueError(f"{what}: real tokens must form {want}; rows {bad_rows[:10].tolist()} do not")
 
 
 def check_contiguous_rows(fn: str, mask: np.ndarray) -> None:

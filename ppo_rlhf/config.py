@@ -1,8 +1,10 @@
-"""Every hyperparameter of the PPO math and loop, in one frozen dataclass shared by both backends.
+"""The configs: every hyperparameter of PPO (`PPOConfig`), reward-model training (`RMConfig`) and
+pretraining / SFT (`SFTConfig`), each a frozen dataclass shared by both backends.
 
 Each field is documented with its default and the reason for it. Where published implementations
 disagree (GUIDE §3) the choice is a field here, so that both backends and the parity tests can
-exercise every variant.
+exercise every variant. An invalid value is a ValueError naming the field and what is allowed
+(`Config._check_range`, `_check_choice`, `_check_bool`: one set of checks for all three).
 
 The formulas (seed ../shared/seed, GUIDE §1):
   policy gradient   (4.1)  grad J = E[ sum_t grad log pi(a_t|s_t) * A_t ]
@@ -16,7 +18,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 PolicyLossKind = Literal["pg", "is", "clip"]
 KLEstimator = Literal["k1", "k2", "k3"]
@@ -29,42 +31,87 @@ KL_UNITS = ("seq-sum", "token-mean")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean")
 
 
-def _fail(name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"PPOConfig.{name}={value!r} is invalid: allowed {allowed}")
+RM_LOSSES = ("bradley_terry", "plackett_luce", "best_of_k", "rating")
+TIES = ("drop", "keep")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+RMLoss = Literal["bradley_terry", "plackett_luce", "best_of_k", "rating"]
 
 
-def _check_range(name: str, value: Any, lo: float | None, hi: float | None, *,
-                 lo_open: bool = False, hi_open: bool = False, integer: bool = False) -> None:
-    """Raise ValueError naming the field and its allowed range unless lo (<|<=) value (<|<=) hi."""
-    lo_s = "-inf" if lo is None else repr(lo)
-    hi_s = "inf" if hi is None else repr(hi)
-    allowed = f"{'(' if lo_open or lo is None else '['}{lo_s}, {hi_s}{')' if hi_open or hi is None else ']'}"
-    if integer:
-        allowed = "an integer in " + allowed
-        if isinstance(value, bool) or not isinstance(value, int):
-            _fail(name, value, allowed)
-    else:
-        allowed = "a finite number in " + allowed
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            _fail(name, value, allowed)
-    if lo is not None and (value < lo or (lo_open and value == lo)):
-        _fail(name, value, allowed)
-    if hi is not None and (value > hi or (hi_open and value == hi)):
-        _fail(name, value, allowed)
+class Config:
+    """What the three configs share: (de)serialisation and the field checks."""
 
+    def _fail(self, name: str, value: Any, allowed: str) -> None:
+        raise ValueError(f"{type(self).__name__}.{name}={value!r} is invalid: allowed {allowed}")
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        _fail(name, value, "one of " + ", ".join(repr(c) for c in choices))
+    def _check_range(self, name: str, lo: float | None, hi: float | None, *, lo_open: bool = False,
+                     hi_open: bool = False, integer: bool = False, optional: bool = False) -> None:
+        """ValueError naming the field and its allowed range unless lo (<|<=) value (<|<=) hi
+        (None is allowed too with `optional`)."""
+        value = getattr(self, name)
+        if optional and value is None:
+            return
+        lo_s = "-inf" if lo is None else repr(lo)
+        hi_s = "inf" if hi is None else repr(hi)
+        allowed = f"{'(' if lo_open or lo is None else '['}{lo_s}, {hi_s}{')' if hi_open or hi is None else ']'}"
+        if integer:
+            allowed = "an integer in " + allowed
+            if isinstance(value, bool) or not isinstance(value, int):
+                self._fail(name, value, allowed)
+        else:
+            allowed = "a finite number in " + allowed
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                self._fail(name, value, allowed)
+        if lo is not None and (value < lo or (lo_open and value == lo)):
+            self._fail(name, value, allowed)
+        if hi is not None and (value > hi or (hi_open and value == hi)):
+            self._fail(name, value, allowed)
 
+    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        if getattr(self, name) not in choices:
+            self._fail(name, getattr(self, name), "one of " + ", ".join(repr(c) for c in choices))
 
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        _fail(name, value, "True or False")
+    def _check_bool(self, *names: str) -> None:
+        for name in names:
+            if not isinstance(getattr(self, name), bool):
+                self._fail(name, getattr(self, name), "True or False")
+
+    def _check_optimiser(self) -> None:
+        """The fields of the optimiser and the schedule (RMConfig, SFTConfig)."""
+        self._check_range("learning_rate", 0.0, None)
+        self._check_range("weight_decay", 0.0, None)
+        self._check_range("adam_eps", 0.0, None)
+        self._check_range("max_grad_norm", 0.0, None, lo_open=True, optional=True)
+        self._check_choice("lr_schedule", LR_SCHEDULES)
+        self._check_range("warmup_steps", 0, None, integer=True)
+        self._check_range("min_lr_ratio", 0.0, 1.0)
+        self._check_range("batch_size", 1, None, integer=True)
+        self._check_range("max_length", 2, None, integer=True)
+        self._check_range("seed", 0, 2**32 - 1, integer=True)
+        self._check_range("eval_every", 0, None, integer=True)
+        self._check_range("max_bad_updates", 1, None, integer=True)
+        self._check_bool("append_eos")
+
+    # ---- (de)serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self, **kw: Any) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, **kw)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
 @dataclass(frozen=True)
-class PPOConfig:
+class PPOConfig(Config):
     """Hyperparameters of PPO-RLHF. Defaults follow TRL's PPO / "The N Implementation Details of
     RLHF with PPO" unless a comment says otherwise."""
 
@@ -171,61 +218,50 @@ class PPOConfig:
     """Free-form, JSON-serialisable notes that travel with the config (not used by the math)."""
 
     def __post_init__(self) -> None:
-        _check_choice("policy_loss", self.policy_loss, POLICY_LOSS_KINDS)
-        _check_range("clip_eps", self.clip_eps, 0.0, 1.0, lo_open=True, hi_open=True)
-        if self.clip_eps_high is not None:
-            _check_range("clip_eps_high", self.clip_eps_high, 0.0, None, lo_open=True)
-        if self.dual_clip is not None:
-            _check_range("dual_clip", self.dual_clip, 1.0, None, lo_open=True)
-        if self.value_clip_eps is not None:
-            _check_range("value_clip_eps", self.value_clip_eps, 0.0, None, lo_open=True)
-        _check_range("vf_coef", self.vf_coef, 0.0, None)
-        _check_range("ent_coef", self.ent_coef, 0.0, None)
-        _check_choice("loss_agg", self.loss_agg, LOSS_AGGS)
-        _check_range("gamma", self.gamma, 0.0, 1.0)
-        _check_range("lam", self.lam, 0.0, 1.0)
-        _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        _check_range("kl_coef", self.kl_coef, 0.0, None)
-        _check_bool("adaptive_kl", self.adaptive_kl)
-        _check_range("kl_target", self.kl_target, 0.0, None, lo_open=True)
-        _check_range("kl_horizon", self.kl_horizon, 1, None, integer=True)
-        _check_choice("kl_units", self.kl_units, KL_UNITS)
-        for name in ("whiten_rewards", "whiten_advantages", "advantages_shift_mean", "whiten_unbiased"):
-            _check_bool(name, getattr(self, name))
-        if self.missing_eos_penalty is not None:
-            _check_range("missing_eos_penalty", self.missing_eos_penalty, None, None)
-        _check_range("temperature", self.temperature, 0.0, None, lo_open=True)
-        _check_range("top_k", self.top_k, 0, None, integer=True)
-        _check_range("top_p", self.top_p, 0.0, 1.0, lo_open=True)
-        _check_range("max_new_tokens", self.max_new_tokens, 1, None, integer=True)
-        _check_range("max_prompt_len", self.max_prompt_len, 1, None, integer=True)
-        _check_range("batch_size", self.batch_size, 1, None, integer=True)
-        _check_range("ppo_epochs", self.ppo_epochs, 1, None, integer=True)
-        _check_range("num_minibatches", self.num_minibatches, 1, None, integer=True)
-        _check_range("grad_accum_steps", self.grad_accum_steps, 1, None, integer=True)
+        self._check_choice("policy_loss", POLICY_LOSS_KINDS)
+        self._check_range("clip_eps", 0.0, 1.0, lo_open=True, hi_open=True)
+        self._check_range("clip_eps_high", 0.0, None, lo_open=True, optional=True)
+        self._check_range("dual_clip", 1.0, None, lo_open=True, optional=True)
+        self._check_range("value_clip_eps", 0.0, None, lo_open=True, optional=True)
+        self._check_range("vf_coef", 0.0, None)
+        self._check_range("ent_coef", 0.0, None)
+        self._check_choice("loss_agg", LOSS_AGGS)
+        self._check_range("gamma", 0.0, 1.0)
+        self._check_range("lam", 0.0, 1.0)
+        self._check_choice("kl_estimator", KL_ESTIMATORS)
+        self._check_range("kl_coef", 0.0, None)
+        self._check_bool("adaptive_kl")
+        self._check_range("kl_target", 0.0, None, lo_open=True)
+        self._check_range("kl_horizon", 1, None, integer=True)
+        self._check_choice("kl_units", KL_UNITS)
+        self._check_bool("whiten_rewards", "whiten_advantages", "advantages_shift_mean", "whiten_unbiased")
+        self._check_range("missing_eos_penalty", None, None, optional=True)
+        self._check_range("temperature", 0.0, None, lo_open=True)
+        self._check_range("top_k", 0, None, integer=True)
+        self._check_range("top_p", 0.0, 1.0, lo_open=True)
+        self._check_range("max_new_tokens", 1, None, integer=True)
+        self._check_range("max_prompt_len", 1, None, integer=True)
+        self._check_range("batch_size", 1, None, integer=True)
+        self._check_range("ppo_epochs", 1, None, integer=True)
+        self._check_range("num_minibatches", 1, None, integer=True)
+        self._check_range("grad_accum_steps", 1, None, integer=True)
         if self.batch_size % self.num_minibatches:
-            _fail("num_minibatches", self.num_minibatches,
+            self._fail("num_minibatches", self.num_minibatches,
                   f"a divisor of batch_size={self.batch_size}")
         if (self.batch_size // self.num_minibatches) % self.grad_accum_steps:
-            _fail("grad_accum_steps", self.grad_accum_steps,
+            self._fail("grad_accum_steps", self.grad_accum_steps,
                   f"a divisor of the minibatch size {self.batch_size // self.num_minibatches}")
-        _check_range("learning_rate", self.learning_rate, 0.0, None)
-        _check_range("adam_eps", self.adam_eps, 0.0, None)
-        _check_range("weight_decay", self.weight_decay, 0.0, None)
-        if self.max_grad_norm is not None:
-            _check_range("max_grad_norm", self.max_grad_norm, 0.0, None, lo_open=True)
-        _check_range("num_iterations", self.num_iterations, 0, None, integer=True)
-        _check_range("seed", self.seed, 0, 2**32 - 1, integer=True)
-        _check_range("max_bad_updates", self.max_bad_updates, 1, None, integer=True)
+        self._check_range("learning_rate", 0.0, None)
+        self._check_range("adam_eps", 0.0, None)
+        self._check_range("weight_decay", 0.0, None)
+        self._check_range("max_grad_norm", 0.0, None, lo_open=True, optional=True)
+        self._check_range("num_iterations", 0, None, integer=True)
+        self._check_range("seed", 0, 2**32 - 1, integer=True)
+        self._check_range("max_bad_updates", 1, None, integer=True)
         if not isinstance(self.extra, dict):
-            _fail("extra", self.extra, "a dict")
+            self._fail("extra", self.extra, "a dict")
 
     # ---- derived -------------------------------------------------------------------------------
-    @property
-    def clip_eps_upper(self) -> float:
-        """The upper clip epsilon actually used (clip_eps_high, or clip_eps when that is None)."""
-        return self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
-
     @property
     def minibatch_size(self) -> int:
         return self.batch_size // self.num_minibatches
@@ -234,20 +270,109 @@ class PPOConfig:
     def microbatch_size(self) -> int:
         return self.minibatch_size // self.grad_accum_steps
 
-    # ---- (de)serialisation ---------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    def to_json(self, **kw: Any) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True, **kw)
+@dataclass(frozen=True)
+class RMConfig(Config):
+    """Hyperparameters of reward-model training (see the module docstring for the losses)."""
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PPOConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"PPOConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
+    loss: RMLoss = "bradley_terry"
+    """"bradley_terry" (pairs), "plackett_luce" (K-wise rankings), "best_of_k" (softmax choice of
+    the best of K) or "rating" (MSE on standardised ratings)."""
+    ties: str = "drop"
+    """"drop": ties give no loss term (and no accuracy pair); "keep": tied pairs are pulled
+    together (-log sigma(d)/2 - log sigma(-d)/2; Breslow's rule in plackett_luce / best_of_k)."""
+    margin_key: str | None = None
+    """bradley_terry only: read a margin from each record's extra[margin_key] (a number; records
+    without it are an error); the loss becomes -log sigma(s_chosen - s_rejected - margin)."""
+    learning_rate: float = 3e-4
+    """AdamW learning rate (peak, after warm-up). 3e-4 suits the ~1M-parameter demo model (1e-4
+    underfits it, 1e-3 is noisier); use ~1e-5 for models of 100M+ parameters."""
+    num_epochs: int = 1
+    """Passes over the training records (reward models overfit fast: 1-2 is usual)."""
+    batch_size: int = 16
+    """Records (groups) per optimiser step."""
+    max_length: int = 128
+    """Tokens per prompt + response sequence (static shape; longer ones lose their start). A
+    GPT-2 model (learned positions) refuses more than its n_positions."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (applied to every parameter, as torch.optim.AdamW)."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon, added to sqrt(v_hat) (outside the root) in both backends."""
+    max_grad_norm: float | None = 1.0
+    """Global-norm gradient clipping (torch's formula in both backends); None = off."""
+    lr_schedule: str = "linear"
+    """After warm-up: "constant", "linear" (to min_lr_ratio * lr; TRL's default shape) or "cosine"."""
+    warmup_steps: int = 0
+    """Linear warm-up from lr / warmup_steps to lr over this many steps."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate of the linear / cosine decay, as a fraction of learning_rate."""
+    seed: int = 0
+    """Seeds the batch order, the hold-out split and a fresh score head (scalar_model_from_lm)."""
+    max_steps: int = 0
+    """Stop after this many optimiser steps (0 = num_epochs full epochs)."""
+    eval_every: int = 0
+    """Evaluate on the held-out set every this many steps (0 = at the end of each epoch only)."""
+    eval_fraction: float = 0.1
+    """Share of the records held out for evaluation when no eval set is given (seeded)."""
+    normalise: bool = True
+    """After training, set reward_gain / reward_bias so reference scores have mean 0, std 1."""
+    append_eos: bool = True
+    """Append the tokenizer's EOS to each response (PPO scores responses at their EOS)."""
+    max_bad_updates: int = 3
+    """A non-finite loss or gradient skips that step; this many in a row stop training."""
 
-    def replace(self, **changes: Any) -> "PPOConfig":
-        return dataclasses.replace(self, **changes)
+    def __post_init__(self) -> None:
+        self._check_choice("loss", RM_LOSSES)
+        self._check_choice("ties", TIES)
+        if self.margin_key is not None:
+            if not isinstance(self.margin_key, str) or not self.margin_key:
+                self._fail("margin_key", self.margin_key, "None or a non-empty string")
+            if self.loss != "bradley_terry":
+                self._fail("margin_key", self.margin_key, "None unless loss='bradley_terry'")
+        self._check_optimiser()
+        self._check_range("num_epochs", 1, None, integer=True)
+        self._check_range("max_steps", 0, None, integer=True)
+        self._check_range("eval_fraction", 0.0, 0.9)
+        self._check_bool("normalise")
+
+
+@dataclass(frozen=True)
+class SFTConfig(Config):
+    """Hyperparameters of causal-LM pretraining / supervised fine-tuning."""
+
+    learning_rate: float = 1e-3
+    """AdamW peak learning rate (1e-3 for a ~1M-parameter model from scratch; ~1e-5 to fine-tune
+    a large pretrained one)."""
+    num_steps: int = 1000
+    """Optimiser steps (full batches)."""
+    batch_size: int = 32
+    """Sequences per step."""
+    max_length: int = 64
+    """Tokens per sequence (static shape); longer examples lose their end. A GPT-2 model
+    (learned positions) refuses more than its n_positions."""
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    lr_schedule: str = "cosine"
+    """After warm-up: "constant", "linear" or "cosine" decay to min_lr_ratio * learning_rate."""
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    seed: int = 0
+    """Seeds the example order."""
+    eval_every: int = 0
+    """Loss on the eval examples every this many steps (0 = only at the end)."""
+    train_on_prompt: bool = False
+    """(prompt, response) examples: also train on the prompt tokens (default: response only)."""
+    append_eos: bool = True
+    """Append EOS to every example, so the model learns to stop."""
+    max_bad_updates: int = 3
+    """A non-finite loss or gradient skips that step; this many in a row stop training."""
+
+    def __post_init__(self) -> None:
+        self._check_optimiser()
+        self._check_range("num_steps", 0, None, integer=True)
+        self._check_bool("train_on_prompt")
+
+
+__all__ = ["Config", "PPOConfig", "RMConfig", "SFTConfig", "POLICY_LOSS_KINDS", "KL_ESTIMATORS",
+           "KL_UNITS", "LOSS_AGGS", "RM_LOSSES", "TIES", "LR_SCHEDULES"]

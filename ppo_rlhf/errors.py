@@ -18,9 +18,15 @@ class DataError(UsageError):
 
 
 class CheckpointError(UsageError):
-    """A model directory cannot be used: an unsupported architecture, a malformed config.json,
-    tensors that don't fit the config, a tokenizer that doesn't fit the model."""
+    """A model or checkpoint directory cannot be used: an unsupported architecture, a malformed
+    config.json, tensors that don't fit the config, a tokenizer that doesn't fit the model, a
+    training checkpoint that is incomplete, damaged or unreadable."""
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """A model directory, or a file it needs (config.json, weights, shards), does not exist."""
+
+
+class NonFiniteUpdates(RuntimeError):
+    """Too many consecutive optimiser steps had a non-finite loss or gradient (NaN / inf): training
+    stops with the newest checkpoint intact (skipped steps change nothing)."""

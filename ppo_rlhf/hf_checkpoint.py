@@ -246,3 +246,49 @@ def load_value_head(path: str | os.PathLike) -> np.ndarray | None:
 
     f = Path(path) / VALUE_HEAD_NAME
     return load_file(str(f))[SCORE_NAME] if f.is_file() else None
+
+
+# ---- a fresh GPT-2 -------------------------------------------------------------------------------
+def init_gpt2_tensors(hf_config: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:
+    """GPT-2 weights under their Hugging Face names, drawn with numpy (so both backends start
+    from the same model): GPT-2's init -- N(0, initializer_range) for embeddings and projections,
+    N(0, initializer_range / sqrt(2 * n_layer)) for the residual output projections (attn.c_proj,
+    mlp.c_proj), zero biases, unit LayerNorms. Embeddings tied to the LM head."""
+    c = dict(hf_config)
+    if c.get("model_type") != "gpt2":
+        raise ValueError(f"init_gpt2_tensors: model_type must be 'gpt2', got {c.get('model_type')!r}")
+    if not c.get("tie_word_embeddings", True):
+        raise ValueError("init_gpt2_tensors: only tied embeddings are supported")
+    rng = np.random.default_rng(seed)
+    V, P, H, L = int(c["vocab_size"]), int(c["n_positions"]), int(c["n_embd"]), int(c["n_layer"])
+    inner = int(c.get("n_inner") or 4 * H)
+    std = float(c.get("initializer_range", 0.02))
+    proj_std = std / math.sqrt(2 * L)
+
+    def normal(shape, s):
+        return (rng.standard_normal(shape) * s).astype(np.float32)
+
+    t = {"transformer.wte.weight": normal((V, H), std), "transformer.wpe.weight": normal((P, H), std)}
+    for i in range(L):
+        p = f"transformer.h.{i}."
+        t[p + "ln_1.weight"], t[p + "ln_1.bias"] = np.ones(H, np.float32), np.zeros(H, np.float32)
+        t[p + "attn.c_attn.weight"], t[p + "attn.c_attn.bias"] = normal((H, 3 * H), std), np.zeros(3 * H, np.float32)
+        t[p + "attn.c_proj.weight"], t[p + "attn.c_proj.bias"] = normal((H, H), proj_std), np.zeros(H, np.float32)
+        t[p + "ln_2.weight"], t[p + "ln_2.bias"] = np.ones(H, np.float32), np.zeros(H, np.float32)
+        t[p + "mlp.c_fc.weight"], t[p + "mlp.c_fc.bias"] = normal((H, inner), std), np.zeros(inner, np.float32)
+        t[p + "mlp.c_proj.weight"], t[p + "mlp.c_proj.bias"] = normal((inner, H), proj_std), np.zeros(H, np.float32)
+    t["transformer.ln_f.weight"], t["transformer.ln_f.bias"] = np.ones(H, np.float32), np.zeros(H, np.float32)
+    return t
+
+
+def write_fresh_checkpoint(path: str | os.PathLike, hf_config: Mapping[str, Any], *, seed: int = 0,
+                           tokenizer: Any = None) -> Path:
+    """A freshly initialised GPT-2 (`init_gpt2_tensors`) as a Hugging Face checkpoint dir (+ the
+    tokenizer, a `transformers` tokenizer, when given): loads in both backends and transformers."""
+    path = Path(path)
+    config = {**dict(hf_config), "architectures": [CAUSAL_LM_ARCH["gpt2"]], "dtype": "float32"}
+    save_tensors(path, init_gpt2_tensors(config, seed))
+    write_config(path, config)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+    return path

@@ -31,6 +31,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ppo_rlhf.checks import check_mask  # noqa: F401 -- also imported from here by generate
+
 INT_FIELDS = ("query_ids", "query_mask", "response_ids", "response_mask")
 FLOAT_TOKEN_FIELDS = ("logprobs", "ref_logprobs", "values")
 ARRAY_FIELDS = INT_FIELDS + FLOAT_TOKEN_FIELDS + ("scores",)
@@ -46,31 +48,6 @@ def _to_numpy(x: Any) -> np.ndarray:
             x = x.float()
         return x.numpy()
     return np.asarray(x)  # jax.Array, lists, scalars
-
-
-def check_mask(name: str, mask: np.ndarray, *, layout: str | None = None,
-               nonempty: bool = True) -> None:
-    """Raise ValueError unless `mask` holds only 0/1, every row has a real token (if `nonempty`),
-    and the real tokens are a contiguous prefix (layout="right") or suffix (layout="left")."""
-    m = np.asarray(mask)
-    if m.ndim != 2:
-        raise ValueError(f"{name} must be 2-D [batch, time], got shape {m.shape}")
-    if m.dtype != np.bool_ and not np.all((m == 0) | (m == 1)):
-        bad = np.argwhere((m != 0) & (m != 1))[0]
-        raise ValueError(f"{name} must hold only 0/1; found {m[tuple(bad)].item()!r} at {tuple(int(i) for i in bad)}")
-    m = m.astype(np.int32)
-    if nonempty:
-        empty = np.where(m.sum(axis=1) == 0)[0]
-        if empty.size:
-            raise ValueError(f"{name} has rows with no real token (rows {empty[:10].tolist()})")
-    if layout is not None:
-        # A contiguous prefix is non-increasing along time; a contiguous suffix non-decreasing.
-        d = np.diff(m, axis=1)
-        bad_rows = np.where((d > 0).any(axis=1) if layout == "right" else (d < 0).any(axis=1))[0]
-        if bad_rows.size:
-            want = ("a contiguous prefix (right padding)" if layout == "right"
-                    else "a contiguous suffix (left padding)")
-            raise ValueError(f"{name}: real tokens must form {want}; rows {bad_rows[:10].tolist()} do not")
 
 
 @dataclass
@@ -198,8 +175,6 @@ class RolloutBatch:
                    extras={k: v for k, v in arrays.items() if k not in ARRAY_FIELDS},
                    float_dtype=float_dtype)
 
-    from_jax = from_arrays
-    from_torch = from_arrays
 
     def to_jax(self) -> dict[str, Any]:
         """Every array as a jax.Array (int32 / float32), keyed by field name."""

@@ -1,6 +1,6 @@
 """Trainer checkpoints in PyTorch. Mirror: `ppo_jax/checkpoint.py`.
 
-A checkpoint directory (made atomic by `ppo_rlhf.ckpt.CheckpointManager`, which also writes the
+A checkpoint directory (made atomic by `ppo_rlhf.runtime.checkpoints.CheckpointManager`, which also writes the
 trainer state -- iteration, KL coefficient, counters, config -- and a checksummed manifest) holds:
 
     state/model.safetensors   policy (+ critic) parameters, keys "policy.*" / "critic.*"
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ppo_rlhf.ckpt import CorruptCheckpoint
+from ppo_rlhf.errors import CheckpointError
 
 
 def _named_params(trainer: Any) -> dict[str, torch.nn.Parameter]:
@@ -63,14 +63,14 @@ def save_trainer_state(trainer: Any, path: str | os.PathLike) -> None:
 
 
 def _read_state(path: str | os.PathLike, device: Any) -> tuple[dict, dict]:
-    """(weights, optimizer state dict) of a checkpoint's state/ dir; CorruptCheckpoint naming
+    """(weights, optimizer state dict) of a checkpoint's state/ dir; CheckpointError naming
     the checkpoint whatever fails."""
     state = Path(path) / "state"
     try:
         tensors = load_file(str(state / "model.safetensors"))
         opt = torch.load(state / "optimizer.pt", weights_only=True, map_location=device)
     except Exception as e:  # noqa: BLE001 -- name the checkpoint, whatever failed
-        raise CorruptCheckpoint(f"{path}: cannot restore the trainer state: {e}") from None
+        raise CheckpointError(f"{path}: cannot restore the trainer state: {e}") from None
     return tensors, opt
 
 
@@ -78,7 +78,7 @@ def load_trainer_state(trainer: Any, path: str | os.PathLike) -> None:
     tensors, opt = _read_state(path, trainer.device)
     current = _named_params(trainer)
     if set(tensors) != set(current):
-        raise CorruptCheckpoint(f"{path}: parameter names differ from this trainer's "
+        raise CheckpointError(f"{path}: parameter names differ from this trainer's "
                                 f"(missing {sorted(set(current) - set(tensors))[:5]}, "
                                 f"unexpected {sorted(set(tensors) - set(current))[:5]})")
     modules = {"policy": trainer.policy, "critic": trainer.critic}
@@ -100,7 +100,7 @@ class SupervisedCheckpoint:
     (anything with a module `_model`, an `optimizer`, a `device`, `model()` and the base's
     `_save_tokenizer`): state/model.safetensors + state/optimizer.pt (AdamW), model/ = the
     Hugging Face checkpoint (`save_model`). The learning rate is a
-    function of the step count, which `ppo_rlhf.ckpt.CheckpointManager` keeps in the trainer
+    function of the step count, which `ppo_rlhf.runtime.checkpoints.CheckpointManager` keeps in the trainer
     state."""
 
     _model: torch.nn.Module

@@ -1,7 +1,7 @@
 """PyTorch distributed: data parallelism with DDP or FSDP2 under `torchrun`. The JAX counterpart
 is `ppo_jax/sharding.py` (a device mesh and XLA's SPMD partitioner).
 
-    torchrun --nproc-per-node 8 -m ppo_rlhf.cli train --backend torch --distributed fsdp ...
+    torchrun --nproc-per-node 8 -m ppo_rlhf train --backend torch --distributed fsdp ...
     # Python, under torchrun:
     trainer = PPOTrainer(..., distributed="ddp")     # or "fsdp"; None = one process
 
@@ -17,7 +17,7 @@ MASTER_PORT). The trainable models (policy, critic) are wrapped in
 
 How N ranks compute exactly what one process computes with the same global batch (only the
 order of floating-point sums differs; tests/test_distributed_torch.py):
-  * prompts, their order and the minibatch permutations (`ppo_rlhf.loop`) are the same on every
+  * prompts, their order and the minibatch permutations (`ppo_rlhf.runtime.seeds`) are the same on every
     rank; rank r owns rows [r B/N, (r + 1) B/N) of the batch (`local_rows`) and of every minibatch;
   * rollout: each rank generates, runs the forward passes and scores (host rewards included) its
     own rows only. Sampling draws each step's Gumbel noise for the WHOLE batch from the shared
@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 
 from ppo_rlhf.errors import UsageError
-from ppo_rlhf.parallel import Processes, check_data_parallel
+from ppo_rlhf.runtime.processes import Processes, check_data_parallel
 from ppo_rlhf.rollout import RolloutBatch
 
 STRATEGIES = ("ddp", "fsdp")

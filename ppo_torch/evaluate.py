@@ -1,5 +1,5 @@
 """Sample and score for evaluation (PyTorch). Mirror: `ppo_jax/evaluate.py`; the numbers are
-computed in `ppo_rlhf.evaluation`."""
+computed in `ppo_rlhf.eval.policy`."""
 
 from __future__ import annotations
 
@@ -9,80 +9,60 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ppo_rlhf import loop
-from ppo_rlhf.evaluation import SampledScores
+from ppo_rlhf.eval.policy import SampledScores
 from ppo_rlhf.rewards import ScoreRequest, as_reward_model, check_scores
-from ppo_rlhf.trainer_common import load_tokenizer
-from ppo_torch.generate import generate
+from ppo_rlhf.runtime.tokens import load_tokenizer
+from ppo_rlhf.sampling import TextSamples
 from ppo_torch.models import (ScalarHeadModel, load_pretrained, load_scalar_model, response_logprobs,
                               sequence_scores)
+from ppo_torch.sample_text import sample_texts
 
 
-def _score(rm: Any, q, qm, r, rm_mask, prompts, texts) -> np.ndarray:
-    if isinstance(rm, ScalarHeadModel):
-        return sequence_scores(rm, q, qm, r, rm_mask).cpu().numpy()
-    req = ScoreRequest(q.cpu().numpy(), qm.cpu().numpy(), r.cpu().numpy(), rm_mask.cpu().numpy(),
-                       prompts=prompts, responses=texts)
-    return check_scores(as_reward_model(rm).score(req), len(prompts), source="reward")
+def _t(c: dict[str, np.ndarray]) -> list[torch.Tensor]:
+    return [torch.from_numpy(c[k]).long() for k in ("query_ids", "query_mask", "response_ids", "response_mask")]
 
 
 @torch.no_grad()
+def _scores(rm: Any, s: TextSamples, batch_size: int) -> np.ndarray:
+    """The reward model's (or reward function's) score of every sample."""
+    if not isinstance(rm, ScalarHeadModel):
+        req = ScoreRequest(s.query_ids, s.query_mask, s.response_ids, s.response_mask,
+                           prompts=s.prompts, responses=s.texts)
+        return check_scores(as_reward_model(rm).score(req), len(s.texts), source="reward")
+    return np.concatenate([sequence_scores(rm, *_t(c)).numpy()[:n] for n, c in s.chunks(batch_size)])
+
+
+@torch.no_grad()
+def _logprob_sums(model: Any, s: TextSamples, batch_size: int, temperature: float) -> np.ndarray:
+    return np.concatenate([response_logprobs(model, *_t(c), temperature=temperature).sum(1).numpy()[:n]
+                           for n, c in s.chunks(batch_size)]).astype(np.float64)
+
+
 def sample_and_score(policy: str | os.PathLike, prompts: Sequence[str], *,
                      reference: str | os.PathLike | None = None, reward_model: Any = None,
                      max_prompt_len: int = 64, max_new_tokens: int = 32, temperature: float = 0.7,
-                     batch_size: int = 16, seed: int = 0, dtype: str = "float32",
-                     progress: bool = False) -> SampledScores:
-    """Sample one response per prompt from `policy` (and from `reference`, for the win-rate),
-    with log-probs under both models (at `temperature`) and reward-model scores."""
+                     batch_size: int = 16, seed: int = 0, dtype: str = "float32") -> SampledScores:
+    """Sample one response per prompt from `policy` (stream 0) and from `reference` (stream 1,
+    for the win-rate) with `sample_texts`, log-probs of the policy's samples under both models (at
+    `temperature`) and reward-model scores."""
     tok = load_tokenizer(policy)
     pol = load_pretrained(policy, dtype)
     ref = load_pretrained(reference, dtype) if reference is not None else None
     if isinstance(reward_model, (str, os.PathLike)):
         reward_model = load_scalar_model(reward_model, dtype)
-    eos, pad = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    out: dict[str, list] = {k: [] for k in ("responses", "lp", "ref_lp", "len", "eos", "rm",
-                                            "ref_responses", "ref_rm")}
-    n = len(prompts)
-    batches = range(0, n, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc="eval (torch)", unit="batch")
-    for b, start in enumerate(batches):
-        chunk = list(prompts[start:start + batch_size])
-        real = len(chunk)
-        chunk += [chunk[-1]] * (batch_size - real)  # same batch shapes as the JAX twin
-        q, qm, _ = loop.tokenize_prompts(tok, chunk, max_prompt_len)
-        q, qm = torch.from_numpy(q).long(), torch.from_numpy(qm).long()
-        seed_b = loop.sampling_seed(seed, b)
-        models = [("", pol)] + ([("ref_", ref)] if ref is not None else [])
-        for prefix, model in models:
-            gen = torch.Generator().manual_seed(seed_b + len(prefix))
-            g = generate(model, q, qm, max_new_tokens=max_new_tokens, temperature=temperature,
-                         eos_token_id=eos, pad_token_id=pad, generator=gen)
-            r, rmask = g.response_ids.long(), g.response_mask.long()
-            texts = loop.decode_responses(tok, r.numpy(), rmask.numpy())
-            scores = None if reward_model is None else _score(reward_model, q, qm, r, rmask, chunk, texts)
-            if prefix:
-                out["ref_responses"] += texts[:real]
-                if scores is not None:
-                    out["ref_rm"] += list(scores[:real])
-                continue
-            lp = response_logprobs(pol, q, qm, r, rmask, temperature=temperature)
-            ref_lp = lp if ref is None else response_logprobs(ref, q, qm, r, rmask, temperature=temperature)
-            mask = rmask.numpy()
-            out["responses"] += texts[:real]
-            out["lp"] += list(lp.sum(1).numpy()[:real])
-            out["ref_lp"] += list(ref_lp.sum(1).numpy()[:real])
-            out["len"] += list(mask.sum(1)[:real])
-            out["eos"] += list(loop.contains_eos(r.numpy(), mask, eos)[:real])
-            if scores is not None:
-                out["rm"] += list(scores[:real])
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+              max_prompt_len=max_prompt_len, batch_size=batch_size)
+    s = sample_texts(pol, tok, prompts, stream=0, **kw)
+    r = sample_texts(ref, tok, prompts, stream=1, **kw) if ref is not None else None
+    lp = _logprob_sums(pol, s, batch_size, temperature)
     return SampledScores(
-        prompts=list(prompts), responses=out["responses"],
-        logprobs_sum=np.asarray(out["lp"], np.float64), ref_logprobs_sum=np.asarray(out["ref_lp"], np.float64),
-        response_len=np.asarray(out["len"]), contains_eos=np.asarray(out["eos"], bool),
-        rm_scores=np.asarray(out["rm"]) if reward_model is not None else None,
-        ref_responses=out["ref_responses"] if ref is not None else None,
-        ref_rm_scores=np.asarray(out["ref_rm"]) if ref is not None and reward_model is not None else None,
+        prompts=list(prompts), responses=s.texts, logprobs_sum=lp,
+        ref_logprobs_sum=lp if ref is None else _logprob_sums(ref, s, batch_size, temperature),
+        response_len=s.response_mask.sum(1), contains_eos=s.contains_eos,
+        rm_scores=None if reward_model is None else _scores(reward_model, s, batch_size),
+        ref_responses=None if r is None else r.texts,
+        ref_rm_scores=None if r is None or reward_model is None else _scores(reward_model, r, batch_size),
     )
+
+
+__all__ = ["sample_and_score"]

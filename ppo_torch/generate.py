@@ -12,11 +12,11 @@
 layout); every row needs at least one real token. Exactly `max_new_tokens` = N positions are
 returned; `eos_token_id=None` never stops (fixed-length responses, as the benchmarks use).
 
-Sampling rule (identical in both backends; see `ppo_rlhf.noise`): scaled = logits / temperature,
+Sampling rule (identical in both backends; see `ppo_rlhf.sampling`): scaled = logits / temperature,
 top-k then top-p (nucleus) set dropped tokens to -inf, token = argmax(filtered + Gumbel noise);
 greedy=True takes argmax(logits). Randomness, exactly one of:
   * greedy=True;
-  * noise: float32 [B, N, V] standard Gumbel draws (`ppo_rlhf.noise.gumbel_noise`), noise[:, t]
+  * noise: float32 [B, N, V] standard Gumbel draws (`ppo_rlhf.sampling.gumbel_noise`), noise[:, t]
     for response position t -- fed to both backends, it makes them pick the same tokens;
   * generator: a `torch.Generator` on the model's device (it advances: draw after draw differs);
     None uses torch's global RNG (`torch.manual_seed`). Step t draws uniform u [B, V] and uses
@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ppo_rlhf.noise import check_generate_args
+from ppo_rlhf.sampling import check_generate_args
 from ppo_rlhf.rollout import check_mask
 from ppo_torch.losses import logprobs_from_logits
 

@@ -1,8 +1,9 @@
 """PPO losses, KL estimators and log-probs in PyTorch. Mirror: `ppo_jax/losses.py`.
 
-Every function is masked: `mask` is 1 on real tokens and 0 on padding; values at padded positions
-never reach a result or a gradient, even if they are NaN or inf (each input is replaced by 0 there
-*before* any arithmetic, so no NaN*0 can leak into a gradient). A NaN at a real position
+Every function is masked (the masked reductions are in `masked.py`): `mask` is 1 on real tokens
+and 0 on padding; values at padded positions never reach a result or a gradient, even if they are
+NaN or inf (each input is replaced by 0 there *before* any arithmetic, so no NaN*0 can leak into
+a gradient). A NaN at a real position
 propagates into the result -- the trainer detects it (a non-finite loss skips the update). Math
 runs in float32 at least (bfloat16 inputs are upcast; float64 stays float64).
 
@@ -18,101 +19,14 @@ Seed formulas (../shared/seed, GUIDE §1), with r_t = pi(a_t|s_t) / pi_old(a_t|s
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from ppo_rlhf.checks import check_choice, check_mask_values, check_same_shape
+from ppo_rlhf.checks import check_choice, check_same_shape
 from ppo_rlhf.config import KL_ESTIMATORS, LOSS_AGGS, POLICY_LOSS_KINDS
+from ppo_torch.masked import _bool_mask, _clean, _float, aggregate_loss, masked_mean, masked_var
 
 Tensor = torch.Tensor
 Stats = dict[str, Tensor]
-
-
-# ---- helpers shared by losses and advantages ----------------------------------------------------
-def _float(x: Any) -> Tensor:
-    """At least float32: bf16/f16 are upcast, f64 stays f64 (for the float64 parity tests)."""
-    x = torch.as_tensor(x)
-    return x if x.dtype == torch.float64 else x.to(torch.float32)
-
-
-def _bool_mask(fn: str, mask: Any, *, allow_all_zero: bool = False) -> Tensor:
-    """The mask as bool; its values are checked when that costs no host sync."""
-    mask = torch.as_tensor(mask)
-    if mask.device.type == "cpu" and not torch.compiler.is_compiling():
-        check_mask_values(fn, mask.detach().numpy(), allow_all_zero=allow_all_zero)
-    return mask if mask.dtype == torch.bool else mask != 0
-
-
-def _clean(x: Any, mask: Tensor) -> Tensor:
-    """x at real positions, 0 at padded ones (so NaN padding cannot poison values or gradients)."""
-    x = _float(x)
-    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-def masked_sum(x: Tensor, mask: Tensor, axis: int | None = None) -> Tensor:
-    """Sum of x over the real positions (all positions, or along `axis`)."""
-    mask = _bool_mask("masked_sum", mask, allow_all_zero=True)
-    check_same_shape("masked_sum", "mask", mask.shape, x=x)
-    x = _clean(x, mask)
-    return x.sum() if axis is None else x.sum(dim=axis)
-
-
-def masked_mean(x: Tensor, mask: Tensor, axis: int | None = None) -> Tensor:
-    """Mean of x over the real positions. An all-zero mask is an error where mask values are
-    checked and gives 0 otherwise (and along `axis`, a row without real tokens gives 0)."""
-    mask = _bool_mask("masked_mean", mask, allow_all_zero=axis is not None)
-    check_same_shape("masked_mean", "mask", mask.shape, x=x)
-    x = _clean(x, mask)
-    if axis is None:
-        return x.sum() / mask.sum().clamp(min=1).to(x.dtype)
-    return x.sum(dim=axis) / mask.sum(dim=axis).clamp(min=1).to(x.dtype)
-
-
-def masked_var(x: Tensor, mask: Tensor, *, unbiased: bool = False) -> Tensor:
-    """Variance of x over all real positions: sum((x - mean)^2) / n, or / (n - 1) if `unbiased`
-    (Bessel's correction; needs n >= 2 where mask values are checked, gives 0 for n = 1 otherwise)."""
-    mask = _bool_mask("masked_var", mask)
-    check_same_shape("masked_var", "mask", mask.shape, x=x)
-    n = mask.sum()
-    if unbiased and n.device.type == "cpu" and not torch.compiler.is_compiling() and int(n) < 2:
-        raise ValueError("masked_var: unbiased variance needs at least 2 real tokens, mask has "
-                         f"{int(n)}")
-    x = _clean(x, mask)
-    mean = x.sum() / n.clamp(min=1).to(x.dtype)
-    sq = torch.where(mask, (x - mean) ** 2, torch.zeros((), dtype=x.dtype, device=x.device)).sum()
-    denom = (n - 1) if unbiased else n
-    return sq / denom.clamp(min=1).to(x.dtype)
-
-
-def whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, unbiased: bool = False,
-           eps: float = 1e-8) -> Tensor:
-    """(x - mean) / sqrt(var + eps) over the real positions; with shift_mean=False the mean is
-    added back (only the scale changes, as TRL does for rewards). Padded positions come out 0."""
-    mask = _bool_mask("whiten", mask)
-    check_same_shape("whiten", "mask", mask.shape, x=x)
-    x = _clean(x, mask)
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=unbiased)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return torch.where(mask, out, torch.zeros((), dtype=out.dtype, device=out.device))
-
-
-def aggregate_loss(losses: Tensor, mask: Tensor, loss_agg: str = "token-mean") -> Tensor:
-    """Per-token losses [B, T] -> scalar.
-    "token-mean": sum over every real token / number of real tokens.
-    "seq-mean-token-mean": each sequence's token mean, averaged over sequences that have at
-    least one real token."""
-    check_choice("aggregate_loss", "loss_agg", loss_agg, LOSS_AGGS)
-    mask = _bool_mask("aggregate_loss", mask)
-    check_same_shape("aggregate_loss", "mask", mask.shape, losses=losses)
-    if loss_agg == "token-mean":
-        return masked_mean(losses, mask)
-    per_seq = masked_mean(losses, mask, axis=-1)
-    has_tokens = mask.any(dim=-1)
-    return masked_mean(per_seq, has_tokens)
 
 
 # ---- log-probs and entropy ----------------------------------------------------------------------

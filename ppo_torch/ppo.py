@@ -6,20 +6,24 @@ Mirror: `ppo_jax/ppo.py` (diff them: same steps, same names, same stats).
     trainer.train()
 
 One iteration (`PPOTrainer.step`):
-  1. prompts -> left-padded token ids                                      (host, loop.py)
+  1. prompts -> left-padded token ids                                      (host, runtime/ppo.py)
   2. generate responses with the policy (KV cache)                         `generate`
   3. log-probs of policy and reference (logits / temperature), values of
-     the critic, scores of the reward; missing-EOS penalty                 `_rollout_forward`
+     the critic, scores of a reward model                                  `_rollout_forward`;
+     host rewards and the missing-EOS penalty               (host, runtime/ppo.py `_finish_rollout`)
   4. per-token rewards -beta*KL + score on the last token -> GAE ->
      returns (before whitening) -> whitened advantages                     `_advantages`
   5. K epochs x M minibatches (x A micro-batches) of clipped policy and
      value updates; a step whose loss or gradient is not finite is
      skipped (params and optimiser unchanged)                              `update`
-  6. adaptive KL controller update; stats                                  (host)
+  6. adaptive KL controller update; stats            (host, ppo_rlhf/kl_control.py, runtime/ppo.py)
+
+The loop around iterations -- metrics, progress, checkpoints, resume, signals, the guard against
+non-finite updates -- is the one host loop of every trainer (`ppo_rlhf.runtime.loop`).
 
 Randomness: sampling seeds, prompt order and minibatch permutations are pure functions of
-(config.seed, iteration) (`ppo_rlhf.loop`), so a resumed run repeats an uninterrupted one exactly
-and the JAX trainer processes the same minibatches in the same order.
+(config.seed, iteration) (`ppo_rlhf.runtime.seeds`), so a resumed run repeats an uninterrupted
+one exactly and the JAX trainer processes the same minibatches in the same order.
 
 Scaling: `distributed="ddp"` or `"fsdp"` under torchrun runs one rank of a data-parallel job
 (DDP or FSDP2): each rank generates and scores its rows of the batch and takes its rows of every
@@ -44,16 +48,17 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ppo_rlhf import loop
+from ppo_rlhf.runtime import metrics, seeds
 from ppo_rlhf.config import PPOConfig
-from ppo_rlhf.kl_control import make_kl_controller
 from ppo_rlhf.rewards import RewardModel, as_reward_model
 from ppo_rlhf.rollout import RolloutBatch
-from ppo_rlhf.trainer_common import TrainerBase, resolve_reward_spec
+from ppo_rlhf.runtime.ppo import TrainerBase, resolve_reward_spec
 from ppo_torch.advantages import gae, kl_for_controller, shape_rewards, whiten
 from ppo_torch.distributed import setup as setup_distributed
 from ppo_torch.generate import generate
-from ppo_torch.losses import aggregate_loss, policy_loss, value_loss
+from ppo_torch.losses import policy_loss, value_loss
+from ppo_torch.masked import aggregate_loss
+from ppo_torch.optim import guarded_step, make_optimizer
 from ppo_torch.models import (CausalLM, PolicyWithValueHead, ScalarHeadModel, critic_from_reward_model,
                               load_pretrained, load_scalar_model, response_logprobs,
                               response_logprobs_and_values, response_values, scalar_model_from_lm,
@@ -63,20 +68,6 @@ Tensor = torch.Tensor
 
 
 # ---- small pure helpers --------------------------------------------------------------------------
-def clip_by_global_norm(parameters: Sequence[torch.nn.Parameter], max_norm: float | None) -> Tensor:
-    """torch.nn.utils.clip_grad_norm_ (scale by min(1, max_norm / (norm + 1e-6))); the JAX twin
-    uses the same formula. Returns the global norm before clipping."""
-    norm = torch.nn.utils.clip_grad_norm_(parameters, float("inf") if max_norm is None else max_norm)
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
-
-
-def make_optimizer(parameters: Sequence[torch.nn.Parameter], config: PPOConfig) -> torch.optim.Optimizer:
-    """AdamW (bias-corrected moments, eps added to sqrt(v_hat), decoupled weight decay on every
-    parameter) -- what optax.adamw(eps_root=0) computes in the JAX twin."""
-    return torch.optim.AdamW(parameters, lr=config.learning_rate, betas=(0.9, 0.999),
-                             eps=config.adam_eps, weight_decay=config.weight_decay)
-
-
 def microbatch_weight(mask: Tensor, loss_agg: str, total: Tensor) -> Tensor:
     """A micro-batch's share of its minibatch's loss, so that summing micro-batch losses gives
     exactly the minibatch loss: its real tokens (token-mean) or its non-empty sequences
@@ -142,10 +133,10 @@ class PPOTrainer(TrainerBase):
         self.shared_trunk = isinstance(self.policy, PolicyWithValueHead)
         if reference is self.policy or reference is getattr(self.policy, "lm", None):
             reference = None  # the policy object itself: take the frozen copy
-        self.ref_policy = (load_pretrained(reference, dtype) if isinstance(reference, (str, os.PathLike))
+        self.reference = (load_pretrained(reference, dtype) if isinstance(reference, (str, os.PathLike))
                            else reference if reference is not None
                            else self._frozen_copy(self.policy.lm if self.shared_trunk else self.policy))
-        self.ref_policy = self.ref_policy.to(self.device).requires_grad_(False)
+        self.reference = self.reference.to(self.device).requires_grad_(False)
         reward_kind, reward_obj = resolve_reward_spec(reward, ScalarHeadModel)
         self.native_reward = None
         self.host_reward: RewardModel | None = None
@@ -168,14 +159,14 @@ class PPOTrainer(TrainerBase):
             else:
                 self.critic = scalar_model_from_lm(self.policy, seed=cfg.seed)
             self.critic = self.critic.to(self.device)
-        self._check_models(self.policy, self.ref_policy, self.critic, self.native_reward)
-        for m in (self.policy, self.ref_policy, self.critic, self.native_reward):
+        self._check_models(self.policy, self.reference, self.critic, self.native_reward)
+        for m in (self.policy, self.reference, self.critic, self.native_reward):
             if m is not None:
                 m.eval()  # no dropout, ever (as TRL); gradients still flow in eval mode
-        self.dist.wrap([self.policy, self.critic], frozen=[self.ref_policy, self.native_reward])
+        self.dist.wrap([self.policy, self.critic], frozen=[self.reference, self.native_reward])
 
-        self.optimizer = make_optimizer(self._trainable(), cfg)
-        self.kl_ctl = make_kl_controller(cfg)
+        self.optimizer = make_optimizer(self._trainable(), learning_rate=cfg.learning_rate,
+                                        adam_eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
         self._fwd = {}
         if compile:
             for name in ("policy", "ref_policy", "critic", "native_reward"):
@@ -216,7 +207,7 @@ class PPOTrainer(TrainerBase):
     @torch.no_grad()
     def generate(self, query_ids: Any, query_mask: Any, *, iteration: int = 0, noise: Any = None) -> Any:
         cfg = self.config
-        gen = torch.Generator(device=self.device).manual_seed(loop.sampling_seed(cfg.seed, iteration))
+        gen = torch.Generator(device=self.device).manual_seed(seeds.sampling_seed(cfg.seed, iteration))
         with self.dist.generating(self.policy):
             return generate(self.policy, self._tensor(query_ids), self._tensor(query_mask),
                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -235,7 +226,7 @@ class PPOTrainer(TrainerBase):
         else:
             logprobs = response_logprobs(policy, q, qm, r, rm, temperature=cfg.temperature)
             values = response_values(critic, q, qm, r, rm)
-        ref_logprobs = response_logprobs(self.ref_policy, q, qm, r, rm, temperature=cfg.temperature)
+        ref_logprobs = response_logprobs(self.reference, q, qm, r, rm, temperature=cfg.temperature)
         if self.native_reward is None:
             scores = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
         else:
@@ -250,15 +241,15 @@ class PPOTrainer(TrainerBase):
         rows = self.dist.local_rows(len(query_ids))  # this rank's rows (all of them on one process)
         query_ids, query_mask = query_ids[rows], query_mask[rows]
         noise, prompts = (None if x is None else x[rows] for x in (noise, prompts))
-        with loop.phase_timer(times, "time/generate_s", block=self._sync):
+        with metrics.phase_timer(times, "time/generate_s", block=self._sync):
             gen = self.generate(query_ids, query_mask, iteration=iteration, noise=noise)
         q, qm = self._tensor(query_ids), self._tensor(query_mask)
         r, rm = gen.response_ids.long(), gen.response_mask.long()
-        with loop.phase_timer(times, "time/forward_s", block=self._sync):
+        with metrics.phase_timer(times, "time/forward_s", block=self._sync):
             logprobs, ref_logprobs, values, scores = self._rollout_forward(q, qm, r, rm)
         arrays = dict(query_ids=q, query_mask=qm, response_ids=r, response_mask=rm,
                       logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, scores=scores)
-        with loop.phase_timer(times, "time/reward_s"):
+        with metrics.phase_timer(times, "time/reward_s"):
             batch = self.dist.gather_rollout(self._finish_rollout(arrays, prompts))
         return batch
 
@@ -343,7 +334,7 @@ class PPOTrainer(TrainerBase):
         """K epochs x M minibatches on a batch holding the rollout tensors plus `advantages` and
         `returns`. Returns the per-step stats as numpy arrays [K * M]."""
         cfg = self.config
-        rows = loop.minibatch_indices(cfg.seed, iteration, batch_size=cfg.batch_size,
+        rows = seeds.minibatch_indices(cfg.seed, iteration, batch_size=cfg.batch_size,
                                       ppo_epochs=cfg.ppo_epochs, num_minibatches=cfg.num_minibatches)
         keys = ("query_ids", "query_mask", "response_ids", "response_mask", "logprobs", "values",
                 "advantages", "returns")
@@ -353,12 +344,9 @@ class PPOTrainer(TrainerBase):
         for idx in torch.from_numpy(rows).to(self.device):
             self.optimizer.zero_grad(set_to_none=True)
             stats = self._minibatch_grads(batch, idx)
-            grad_norm = clip_by_global_norm(params, cfg.max_grad_norm)
-            # a non-finite loss or gradient skips this step: params and optimiser state unchanged.
-            # (one host sync per optimiser step, like torch.amp.GradScaler's inf check)
-            ok = bool(torch.isfinite(stats["loss/total"]) & torch.isfinite(grad_norm))
-            if ok:
-                self.optimizer.step()
+            # one global-norm clip, AdamW; a non-finite loss or gradient skips this step
+            grad_norm, ok = guarded_step(self.optimizer, params, stats["loss/total"],
+                                         max_grad_norm=cfg.max_grad_norm)
             steps.append({**stats, "policy/grad_norm": grad_norm.detach(),
                           "update/skipped": torch.tensor(not ok)})
         self.optimizer.zero_grad(set_to_none=True)
@@ -378,9 +366,9 @@ class PPOTrainer(TrainerBase):
                              prompts=prompts, times=times)
         arrays = {k: self._tensor(v) for k, v in batch.arrays().items() if not k.startswith("extra/")}
         kl_coef = self.kl_ctl.value
-        with loop.phase_timer(times, "time/advantages_s", block=self._sync):
+        with metrics.phase_timer(times, "time/advantages_s", block=self._sync):
             adv = self.compute_advantages(arrays, kl_coef)
-        with loop.phase_timer(times, "time/update_s"):
+        with metrics.phase_timer(times, "time/update_s"):
             update_stats = self.update({**arrays, **adv}, iteration)
         adv = {k: v.cpu().numpy() for k, v in adv.items()}
         self.kl_ctl.update(adv["kl_for_controller"], cfg.batch_size)
@@ -430,4 +418,4 @@ class PPOTrainer(TrainerBase):
             torch.cuda.synchronize(self.device)
 
 
-__all__ = ["PPOTrainer", "clip_by_global_norm", "make_optimizer", "microbatch_weight"]
+__all__ = ["PPOTrainer", "microbatch_weight"]

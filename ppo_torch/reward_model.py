@@ -11,26 +11,26 @@ head at its last real token; gain 1 and bias 0 while training). Losses, batching
 accuracy and the reward normalisation are defined in `ppo_rlhf.supervised` (module docstring).
 
 One optimiser step: scores -> per-group loss -> weighted mean -> backward -> global-norm clip
-(`ppo_torch.ppo.clip_by_global_norm`, torch.nn.utils.clip_grad_norm_) -> AdamW
-(`ppo_torch.ppo.make_optimizer`, torch.optim.AdamW) at the learning rate
-`ppo_rlhf.supervised.lr_at` hands it (set in the param groups); a step whose loss or gradient is
+(`ppo_torch.optim.clip_by_global_norm`, torch.nn.utils.clip_grad_norm_) -> AdamW
+(`ppo_torch.optim.make_optimizer`, torch.optim.AdamW) at the learning rate
+`ppo_rlhf.runtime.supervised.lr_at` hands it (set in the param groups); a step whose loss or gradient is
 not finite leaves weights and optimiser state unchanged. Dropout is off (the model is in eval mode).
 """
 
 from __future__ import annotations
 
 import os
-from types import SimpleNamespace
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 
 from ppo_rlhf import hf_checkpoint as hfc
-from ppo_rlhf.supervised import RMConfig, RMTrainerBase
+from ppo_rlhf.config import RMConfig
+from ppo_rlhf.runtime.supervised import RMTrainerBase
 from ppo_torch.checkpoint import SupervisedCheckpoint
 from ppo_torch.models import ScalarHeadModel, load_scalar_model, scalar_model_from_lm
-from ppo_torch.ppo import clip_by_global_norm, make_optimizer
+from ppo_torch.optim import guarded_step, make_optimizer
 
 Tensor = torch.Tensor
 
@@ -109,11 +109,12 @@ def group_scores(model: ScalarHeadModel, input_ids: Tensor, attention_mask: Tens
     return model.score(input_ids.reshape(B * K, T), attention_mask.reshape(B * K, T)).reshape(B, K)
 
 
-def batch_loss(model: ScalarHeadModel, batch: dict[str, Tensor], config: RMConfig) -> tuple[Tensor, Tensor]:
+def batch_loss(model: ScalarHeadModel, batch: dict[str, Tensor], *, loss: str,
+               ties: str) -> tuple[Tensor, Tensor]:
     """(weighted mean of the group losses over the batch, scores [B, K])."""
     scores = group_scores(model, batch["input_ids"], batch["attention_mask"])
     per_group = group_loss(scores, batch["tiers"], batch["margin"], batch["targets"],
-                           loss=config.loss, ties=config.ties)
+                           loss=loss, ties=ties)
     w = batch["weight"]
     return (w * per_group).sum() / w.sum().clamp(min=1.0), scores
 
@@ -139,7 +140,7 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
     """Reward-model trainer (PyTorch). `model`: a checkpoint dir (causal LM or scalar head; see
     `init_reward_model`) or a `ScalarHeadModel`; `tokenizer`: a transformers tokenizer or its
     dir (default: the model dir's). `fit(train, eval)` trains, evaluates, normalises and saves
-    to out_dir (see `ppo_rlhf.supervised.RMTrainerBase.fit`). `device`: default "cuda" when
+    to out_dir (see `ppo_rlhf.runtime.supervised.RMTrainerBase.fit`). `device`: default "cuda" when
     available, else "cpu"."""
 
     backend = "torch"
@@ -174,22 +175,19 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
     def _init_optimizer(self, total_steps: int) -> None:  # noqa: ARG002 -- lr comes per step
         cfg = self.config
         self.params = [p for p in self._model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.params, SimpleNamespace(
-            learning_rate=cfg.learning_rate, adam_eps=cfg.adam_eps, weight_decay=cfg.weight_decay))
+        self.optimizer = make_optimizer(self.params, learning_rate=cfg.learning_rate,
+                                        adam_eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
 
     def _train_step(self, batch: dict[str, np.ndarray], lr: float) -> dict[str, Any]:
         cfg = self.config
         b = _tensors(batch, self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        loss, scores = batch_loss(self._model, b, cfg)
+        loss, scores = batch_loss(self._model, b, loss=cfg.loss, ties=cfg.ties)
         loss.backward()
-        grad_norm = clip_by_global_norm(self.params, cfg.max_grad_norm)
-        # a non-finite loss or gradient skips the step: params, optimiser and schedule unchanged
-        ok = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
-        if ok:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr  # the host's schedule (ppo_rlhf.supervised.lr_at)
-            self.optimizer.step()
+        # clip, AdamW at the host's lr (ppo_rlhf.runtime.supervised.lr_at); a non-finite loss or
+        # gradient skips the step: params, optimiser and schedule unchanged
+        grad_norm, ok = guarded_step(self.optimizer, self.params, loss,
+                                     max_grad_norm=cfg.max_grad_norm, lr=lr)
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss.item(), "grad_norm": grad_norm.item(), "skipped": not ok,
                 "scores": scores.detach().cpu().numpy()}

@@ -7,27 +7,27 @@ Next-token cross-entropy averaged over the batch's target tokens: every token af
 a plain text, the response tokens (and EOS) of a (prompt, response) pair -- see
 `ppo_rlhf.supervised` for tokenisation, fixed shapes, the seeded batch order and the learning-rate
 schedule. One optimiser step: forward -> masked token-mean NLL -> backward -> global-norm clip
-(`ppo_torch.ppo.clip_by_global_norm`) -> AdamW (`ppo_torch.ppo.make_optimizer`) at the host's
+(`ppo_torch.optim.clip_by_global_norm`) -> AdamW (`ppo_torch.optim.make_optimizer`) at the host's
 learning rate; a non-finite loss or gradient leaves weights and optimiser state unchanged. Dropout is off.
 
-A fresh model for pretraining: `ppo_rlhf.supervised.write_fresh_checkpoint(dir, hf_config, seed=)`
+A fresh model for pretraining: `ppo_rlhf.hf_checkpoint.write_fresh_checkpoint(dir, hf_config, seed=)`
 (numpy init, identical for both backends), then `SFTTrainer(dir, ...)`.
 """
 
 from __future__ import annotations
 
 import os
-from types import SimpleNamespace
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 
-from ppo_rlhf.supervised import SFTConfig, SFTTrainerBase
+from ppo_rlhf.config import SFTConfig
+from ppo_rlhf.runtime.supervised import SFTTrainerBase
 from ppo_torch.checkpoint import SupervisedCheckpoint
 from ppo_torch.losses import logprobs_from_logits
 from ppo_torch.models import CausalLM, load_pretrained
-from ppo_torch.ppo import clip_by_global_norm, make_optimizer
+from ppo_torch.optim import guarded_step, make_optimizer
 
 Tensor = torch.Tensor
 
@@ -61,7 +61,7 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
     """Causal-LM trainer (PyTorch). `model`: a checkpoint dir or a `CausalLM` (trained in
     float32); `tokenizer`: a transformers tokenizer or its dir (default: the model dir's).
     `fit(train, eval)` trains config.num_steps steps and saves the model + tokenizer to out_dir
-    (see `ppo_rlhf.supervised.SFTTrainerBase.fit`). `device`: default "cuda" when available."""
+    (see `ppo_rlhf.runtime.supervised.SFTTrainerBase.fit`). `device`: default "cuda" when available."""
 
     backend = "torch"
 
@@ -89,8 +89,8 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
     def _init_optimizer(self, total_steps: int) -> None:  # noqa: ARG002 -- lr comes per step
         cfg = self.config
         self.params = [p for p in self._model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.params, SimpleNamespace(
-            learning_rate=cfg.learning_rate, adam_eps=cfg.adam_eps, weight_decay=cfg.weight_decay))
+        self.optimizer = make_optimizer(self.params, learning_rate=cfg.learning_rate,
+                                        adam_eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
 
     def _train_step(self, batch: dict[str, np.ndarray], lr: float) -> dict[str, Any]:
         cfg = self.config
@@ -98,13 +98,10 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
         self.optimizer.zero_grad(set_to_none=True)
         loss, n = sft_loss(self._model, b)
         loss.backward()
-        grad_norm = clip_by_global_norm(self.params, cfg.max_grad_norm)
-        # a non-finite loss or gradient skips the step: params, optimiser and schedule unchanged
-        ok = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
-        if ok:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr  # the host's schedule (ppo_rlhf.supervised.lr_at)
-            self.optimizer.step()
+        # clip, AdamW at the host's lr (ppo_rlhf.runtime.supervised.lr_at); a non-finite loss or
+        # gradient skips the step: params, optimiser and schedule unchanged
+        grad_norm, ok = guarded_step(self.optimizer, self.params, loss,
+                                     max_grad_norm=cfg.max_grad_norm, lr=lr)
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss.item(), "tokens": int(n), "grad_norm": grad_norm.item(), "skipped": not ok}
 
@@ -125,33 +122,4 @@ def train_sft(model: Any, train: Iterable[Any], eval: Iterable[Any] | None = Non
     return trainer, trainer.fit(train, eval, progress=progress, **fit_kw)
 
 
-def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
-                     temperature: float = 0.7, seed: int = 0, max_prompt_len: int | None = None,
-                     batch_size: int = 64) -> list[str]:
-    """Sample one response per prompt (`ppo_torch.generate.generate`, stopping at EOS) and
-    decode it (special tokens skipped). `model`: a CausalLM or a checkpoint dir. Prompts are
-    processed in left-padded batches of `batch_size`; batch i uses a torch.Generator seeded with
-    seed + i (the samples differ from the JAX twin's, which draws from jax.random)."""
-    from ppo_rlhf.loop import decode_responses, tokenize_prompts
-    from ppo_torch.generate import generate
-
-    if isinstance(model, (str, os.PathLike)):
-        model = load_pretrained(model)
-    prompts = list(prompts)
-    if max_prompt_len is None:
-        max_prompt_len = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    out: list[str] = []
-    for i, start in enumerate(range(0, len(prompts), batch_size)):
-        chunk = prompts[start:start + batch_size]
-        q, qm, _ = tokenize_prompts(tokenizer, chunk, max_prompt_len)
-        gen = generate(model, q, qm, max_new_tokens=max_new_tokens, temperature=temperature,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=int(pad or 0),
-                       generator=torch.Generator(device=device).manual_seed(seed + i))
-        out += decode_responses(tokenizer, gen.response_ids.cpu().numpy(),
-                                gen.response_mask.cpu().numpy())
-    return out
-
-
-__all__ = ["SFTTrainer", "train_sft", "sft_loss", "token_nll", "sample_responses"]
+__all__ = ["SFTTrainer", "train_sft", "sft_loss", "token_nll"]

@@ -68,8 +68,8 @@ def run_module(module: str, *args: Any, env: dict | None = None, check: bool = T
 
 def cli(*args: Any, env: dict | None = None, check: bool = True,
         timeout: float = 600) -> subprocess.CompletedProcess:
-    """`python -m ppo_rlhf.cli ARGS` in a subprocess (offline, from the repository root)."""
-    return run_module("ppo_rlhf.cli", *args, env=env, check=check, timeout=timeout)
+    """`python -m ppo_rlhf ARGS` in a subprocess (offline, from the repository root)."""
+    return run_module("ppo_rlhf", *args, env=env, check=check, timeout=timeout)
 
 
 def train(backend: str, ckpt: Path, prompts: Path, out: Path, *extra: Any, env: dict | None = None,

@@ -1,4 +1,4 @@
-"""ppo_rlhf.backends: the one place backend-neutral code reaches ppo_jax / ppo_torch."""
+"""ppo_rlhf.app.backends: the one place backend-neutral code reaches ppo_jax / ppo_torch."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import builtins
 
 import pytest
 
-from ppo_rlhf.backends import BACKENDS, backend_module
+from ppo_rlhf.app.backends import BACKENDS, backend_module
 from ppo_rlhf.errors import UsageError
 
 

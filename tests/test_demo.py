@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_demo_quick_writes_every_artifact(backend, tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "ppo_rlhf.cli", "demo", "--quick", "--backend", backend,
+    proc = subprocess.run([sys.executable, "-m", "ppo_rlhf", "demo", "--quick", "--backend", backend,
                            "--out", str(out), "--no-progress"], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -35,7 +35,7 @@ def test_demo_quick_writes_every_artifact(backend, tmp_path):
     metrics = [json.loads(l) for l in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == summary["ppo_iterations"] and "objective/gold" in metrics[0]
     # a second run into the same directory is refused instead of mixing runs
-    again = subprocess.run([sys.executable, "-m", "ppo_rlhf.cli", "demo", "--quick", "--backend", backend,
+    again = subprocess.run([sys.executable, "-m", "ppo_rlhf", "demo", "--quick", "--backend", backend,
                             "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert again.returncode == 2 and "holds a finished demo run" in again.stderr

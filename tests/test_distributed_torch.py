@@ -62,7 +62,7 @@ def _worker(strategies: list[str], ckpt: str, out: str) -> None:
 
 def _iterations(strategy: str, ckpt: str, out_dir: Path, accum: int) -> None:
     from ppo_rlhf import PPOConfig
-    from ppo_rlhf.noise import gumbel_noise
+    from ppo_rlhf.sampling import gumbel_noise
     from ppo_rlhf.testing import EOS_ID, PAD_ID, make_padded_batch
     from ppo_torch.ppo import PPOTrainer
 
@@ -162,7 +162,7 @@ def test_two_ranks_match_one_process(runs, strategy):
 def _cli_args(tiny_checkpoint, tmp_path) -> list[str]:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the quick\nbrown fox\na good answer\nis short\nkind and\ntrue words\n")
-    args = ["-m", "ppo_rlhf.cli", "train", "--backend", "torch", "--policy",
+    args = ["-m", "ppo_rlhf", "train", "--backend", "torch", "--policy",
             str(tiny_checkpoint("gpt2")), "--reward-fn", "tests.helpers:length_reward",
             "--prompts", str(prompts), "--no-progress", "--set", "batch_size=4", "--set",
             "max_new_tokens=6", "--set", "max_prompt_len=8", "--set", "ppo_epochs=2", "--set",
@@ -181,7 +181,7 @@ def _cli(cmd: list[str]) -> subprocess.CompletedProcess:
 
 
 def test_torchrun_cli_logs_and_checkpoints_on_rank_0(tiny_checkpoint, tmp_path):
-    """`torchrun -m ppo_rlhf.cli train --backend torch` (DDP chosen by default under torchrun):
+    """`torchrun -m ppo_rlhf train --backend torch` (DDP chosen by default under torchrun):
     rank 0 alone writes the metrics (one line per iteration), prints, saves the policy; the
     checkpoint is complete."""
     run = tmp_path / "run"
@@ -217,7 +217,7 @@ def test_torchrun_cli_fsdp_matches_one_process_and_resumes(tiny_checkpoint, tmp_
 def test_config_must_split_over_the_ranks():
     from ppo_rlhf import PPOConfig
     from ppo_rlhf.errors import UsageError
-    from ppo_rlhf.parallel import check_data_parallel
+    from ppo_rlhf.runtime.processes import check_data_parallel
 
     check_data_parallel(PPOConfig(batch_size=8, num_minibatches=2, grad_accum_steps=2), 2, "x")
     with pytest.raises(UsageError, match=r"--distributed ddp over 4 ranks: the micro-batch"):

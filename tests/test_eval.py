@@ -1,4 +1,4 @@
-"""`ppo-rlhf eval` and `ppo_rlhf.evaluation`: the numbers it reports, in both backends."""
+"""`ppo-rlhf eval` and `ppo_rlhf.eval.policy`: the numbers it reports, in both backends."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ppo_rlhf.evaluation import SampledScores, summarize, win_rate
+from ppo_rlhf.eval.policy import SampledScores, summarize, win_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def test_cli_eval_policy_against_itself(backend, tiny_checkpoint, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("the quick\nbrown fox\na good answer\n")
     out = tmp_path / "eval"
-    proc = subprocess.run([sys.executable, "-m", "ppo_rlhf.cli", "eval", "--backend", backend,
+    proc = subprocess.run([sys.executable, "-m", "ppo_rlhf", "eval", "--backend", backend,
                            "--policy", str(ckpt), "--reference", str(ckpt), "--reward-model", str(rm),
                            "--prompts", str(prompts), "--max-new-tokens", "8", "--max-prompt-len", "8",
                            "--batch-size", "2", "--out", str(out)], cwd=ROOT, capture_output=True,

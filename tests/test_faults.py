@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from ppo_rlhf.ckpt import LATEST, MANIFEST, CheckpointManager, CorruptCheckpoint, verify
+from ppo_rlhf.runtime.checkpoints import LATEST, MANIFEST, CheckpointManager, verify
 from ppo_rlhf.errors import CheckpointError, UsageError
 from tests.helpers import (SMALL, assert_one_line_error, built_once, cli, copy_of,
                            make_trainer, metrics, train, write_prompts)
@@ -233,8 +233,8 @@ def test_cli_long_prompt_is_truncated_from_the_left_with_a_warning(inputs, tmp_p
 
 # ---- 1. bad input through the Python API ----------------------------------------------------------
 def test_tokenize_prompts_keeps_the_end_of_a_long_prompt(inputs):
-    from ppo_rlhf.loop import tokenize_prompts
-    from ppo_rlhf.trainer_common import load_tokenizer
+    from ppo_rlhf.runtime.tokens import tokenize_prompts
+    from ppo_rlhf.runtime.tokens import load_tokenizer
 
     tok = load_tokenizer(inputs / "gpt2")
     long = "one two three four five six seven eight nine ten"
@@ -313,7 +313,7 @@ def test_api_a_reward_model_with_the_policys_tokenizer_is_accepted(inputs):
 
 
 def test_api_evaluate_bad_arguments(inputs):
-    from ppo_rlhf.evaluation import evaluate
+    from ppo_rlhf.app.evaluate import evaluate
 
     for kw, message in [(dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
                         (dict(batch_size=-1), "batch_size must be an integer >= 1"),
@@ -383,6 +383,47 @@ def test_sigterm_and_sigint_checkpoint_and_exit_cleanly(backend, sig, inputs, re
     assert metrics(run) == metrics(reference_run(backend))[:3]
 
 
+# The reward-model and SFT trainers run through the same host loop as PPO: SIGTERM / SIGINT
+# checkpoint and exit 0, --resume continues and reproduces the uninterrupted run's metrics.
+SUPERVISED = {
+    "train-rm": ("--model", "gpt2", "--data", "prefs.jsonl", "--epochs", "3", "--batch-size", "2",
+                 "--max-length", "16", "--eval-fraction", "0.25"),
+    "pretrain": ("--model", "gpt2", "--data", "sft.jsonl", "--steps", "6", "--batch-size", "2",
+                 "--max-length", "16", "--eval-samples", "0"),
+}
+
+
+def _supervised(command: str, backend: str, inputs: Path, out: Path, *extra: str,
+                signal_at: int | None = None, sig: str = "TERM"):
+    from tests.helpers import run_module
+
+    args = [a if a not in ("gpt2", "prefs.jsonl", "sft.jsonl") else inputs / a for a in SUPERVISED[command]]
+    argv = [command, "--backend", backend, *args, "--out", out, "--no-progress", *extra]
+    if signal_at is None:
+        return cli(*argv)
+    return run_module("tests.signal_at", *argv, check=False,
+                      env={"PPO_TEST_SIGNAL_AT_RECORD": str(signal_at), "PPO_TEST_SIGNAL": sig})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("command,sig", [("train-rm", "TERM"), ("pretrain", "INT")])
+def test_supervised_sigterm_checkpoints_and_resume_repeats_the_uninterrupted_run(
+        command, sig, backend, inputs, tmp_path):
+    _supervised(command, backend, inputs, tmp_path / "ref")
+    proc = _supervised(command, backend, inputs, tmp_path / "run", signal_at=3, sig=sig)
+    assert proc.returncode == 0, proc.stderr
+    assert f"SIG{sig}: stopped after step 3; checkpoint written, resume with --resume" in proc.stderr
+    assert (tmp_path / "run" / "checkpoints" / LATEST).read_text().strip() == "iter_00000003"
+    assert verify(tmp_path / "run" / "checkpoints" / "iter_00000003")["step"] == 3
+    assert not (tmp_path / "run" / "metrics.json").exists()  # nothing finalised
+    _supervised(command, backend, inputs, tmp_path / "run", "--resume")
+    assert metrics(tmp_path / "run") == metrics(tmp_path / "ref")
+    final = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("ref", "run")]
+    for m in final:
+        m.pop("time_s"), m.pop("step_time_s", None)
+    assert final[0] == final[1]
+
+
 def _flip_bytes(checkpoint: Path) -> Path:
     """Flip 16 bytes in the middle of the biggest file of the checkpoint's state/ (its weights)."""
     target = max((p for p in (checkpoint / "state").rglob("*") if p.is_file()),
@@ -430,10 +471,11 @@ def test_every_checkpoint_corrupted_is_a_clear_error(backend, inputs, reference_
     warning_lines = [l for l in proc.stderr.splitlines() if ": warning: checkpoint " in l]
     assert len(warning_lines) == 2, proc.stderr
     proc.stderr = "".join(l + "\n" for l in proc.stderr.splitlines() if l not in warning_lines)
-    assert_one_line_error(proc, 1, f"CorruptCheckpoint: every checkpoint under {run / 'checkpoints'} "
+    # a damaged run directory is the user's to fix (another --out): a usage error, exit code 2
+    assert_one_line_error(proc, 2, f"error: every checkpoint under {run / 'checkpoints'} "
                                    f"is corrupted (iter_00000004, iter_00000003)",
                           "pass another --out to start afresh")
-    with pytest.raises(CorruptCheckpoint, match="every checkpoint under"), warnings.catch_warnings():
+    with pytest.raises(CheckpointError, match="every checkpoint under"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         CheckpointManager(run / "checkpoints").latest()
 
@@ -496,7 +538,8 @@ def _flat(t) -> np.ndarray:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_finite_updates_are_skipped_then_training_stops(backend, inputs):
-    from ppo_rlhf.loop import NonFiniteUpdates, tokenize_prompts
+    from ppo_rlhf.errors import NonFiniteUpdates
+    from ppo_rlhf.runtime.tokens import tokenize_prompts
 
     t = make_trainer(backend, inputs / "gpt2", max_bad_updates=6)
     t.step()
@@ -514,7 +557,7 @@ def test_non_finite_updates_are_skipped_then_training_stops(backend, inputs):
     assert t.bad_updates.total == 0  # update() alone does not count; step() does (below)
     # poisoned weights: iterations keep skipping until max_bad_updates in a row stop training
     _poison(t)
-    with pytest.raises(NonFiniteUpdates, match="6 consecutive PPO updates had a non-finite loss"):
+    with pytest.raises(NonFiniteUpdates, match="6 consecutive optimiser updates had a non-finite loss"):
         for _ in range(4):
             t.step()
     assert t.bad_updates.consecutive == 6 and t.bad_updates.total == 6
@@ -529,7 +572,7 @@ def test_nan_stop_keeps_the_last_checkpoint_and_resume_works(backend, inputs, re
     ckpt, prompts, run = inputs / "gpt2", inputs / "prompts.txt", tmp_path / "run"
     proc = train(backend, ckpt, prompts, run, "--iterations", "4", "--checkpoint-every", "1",
                  "--set", "max_bad_updates=4", env={"PPO_TEST_HUGE_FROM": "3"}, check=False)
-    assert_one_line_error(proc, 1, "NonFiniteUpdates: iteration 2: 4 consecutive PPO updates had a "
+    assert_one_line_error(proc, 1, "NonFiniteUpdates: iteration 2: 4 consecutive optimiser updates had a "
                                    "non-finite loss or gradient (NaN/inf); stopping",
                           "continue with --resume")
     assert [r["iteration"] for r in metrics(run)] == [0, 1]

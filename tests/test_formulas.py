@@ -153,12 +153,12 @@ def test_gae_lam_zero_is_one_step_td_residual(backend, gamma):
 def test_whitened_advantages_have_mean_zero_variance_one(backend, unbiased):
     rng, mask, _ = _batch(6)
     adv = rng.normal(3.0, 5.0, size=(B, T))
-    w = backend.call("whiten", "losses", adv, mask, unbiased=unbiased)
+    w = backend.call("whiten", "masked", adv, mask, unbiased=unbiased)
     real = w[mask == 1]
     assert abs(real.mean()) < 1e-12
     assert abs(real.var(ddof=1 if unbiased else 0) - 1.0) < 1e-6  # eps=1e-8 in the denominator
     np.testing.assert_array_equal(w[mask == 0], 0.0)
-    kept = backend.call("whiten", "losses", adv, mask, shift_mean=False, unbiased=unbiased)
+    kept = backend.call("whiten", "masked", adv, mask, shift_mean=False, unbiased=unbiased)
     assert abs(kept[mask == 1].mean() - adv[mask == 1].mean()) < 1e-9
 
 

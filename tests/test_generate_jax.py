@@ -13,7 +13,7 @@ from flax import nnx
 import ppo_jax.models as jm
 from ppo_jax.generate import (GenerationOutput, SamplingOptions, filter_logits, generate,
                               make_generate_fn, sample_token)
-from ppo_rlhf import noise as nz
+from ppo_rlhf import sampling as nz
 from ppo_rlhf.testing import count_jax_compilations, make_padded_batch
 
 V = 512

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ppo_torch.models as tm
-from ppo_rlhf import noise as nz
+from ppo_rlhf import sampling as nz
 from ppo_rlhf.testing import make_padded_batch
 from ppo_torch.generate import GenerationOutput, filter_logits, generate, sample_token
 

@@ -22,9 +22,8 @@ import pytest
 from ppo_rlhf.data import (DataError, PairwiseRecord, RankingRecord, RatingRecord,
                            ResponsesRecord, read_records, write_records)
 from ppo_rlhf.errors import UsageError
-from ppo_rlhf.label_tool import (Answer, AnswerError, parse_answer, read_done_prompts,
-                                 run_labelling, skip_path_for)
-from ppo_rlhf.sampling import ResponsesFileSampler
+from ppo_rlhf.feedback.terminal import (Answer, AnswerError, parse_answer, read_done_prompts, run_labelling, skip_path_for)
+from ppo_rlhf.feedback.samplers import ResponsesFileSampler
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -199,7 +198,7 @@ def test_a_bad_line_in_the_middle_is_an_error_not_a_repair(tmp_path):
 
 def test_a_second_session_on_the_same_file_is_refused(tmp_path):
     pytest.importorskip("fcntl")
-    from ppo_rlhf.label_tool import _FileLock
+    from ppo_rlhf.feedback.terminal import _FileLock
 
     out = tmp_path / "o.jsonl"
     with _FileLock(out):
@@ -225,7 +224,7 @@ def test_responses_file_sampler(tmp_path):
 # ---- the CLI in a subprocess ---------------------------------------------------------------
 
 def cli(*args):
-    return [sys.executable, "-m", "ppo_rlhf.cli", "label", *map(str, args)]
+    return [sys.executable, "-m", "ppo_rlhf", "label", *map(str, args)]
 
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -373,8 +372,8 @@ def test_in_a_real_terminal_with_tmux(tmp_path):
 
 
 def test_neutral_modules_import_neither_backend():
-    code = ("import sys, ppo_rlhf.cli, ppo_rlhf.data, ppo_rlhf.labeller, ppo_rlhf.label_tool, "
-            "ppo_rlhf.sampling, ppo_rlhf.tasks.reviews; ppo_rlhf.cli.build_parser(); "
+    code = ("import sys, ppo_rlhf.app.cli, ppo_rlhf.data, ppo_rlhf.feedback.labeller, ppo_rlhf.feedback.terminal, "
+            "ppo_rlhf.feedback.samplers, ppo_rlhf.tasks.reviews; ppo_rlhf.app.cli.build_parser(); "
             "bad = [m for m in ('jax', 'torch', 'transformers', 'tokenizers', 'datasets') "
             "if m in sys.modules]; assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV,

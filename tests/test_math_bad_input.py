@@ -39,15 +39,15 @@ def test_non_binary_mask(backend, bad):
     with pytest.raises(ValueError, match=rf"mask must hold only 0/1, found {bad} at \(1, 3\)"):
         backend.call_eager("policy_loss", "losses", _x(), _x(1), _x(2), mask)
     with pytest.raises(ValueError, match="mask must hold only 0/1"):
-        backend.call_eager("whiten", "losses", _x(), mask)
+        backend.call_eager("whiten", "masked", _x(), mask)
 
 
 def test_all_zero_mask(backend):
     zero = np.zeros((B, T), np.int32)
     for fn, module, args in [("policy_loss", "losses", (_x(), _x(1), _x(2), zero)),
                              ("value_loss", "losses", (_x(), _x(1), _x(2), zero)),
-                             ("masked_mean", "losses", (_x(), zero)),
-                             ("whiten", "losses", (_x(), zero)),
+                             ("masked_mean", "masked", (_x(), zero)),
+                             ("whiten", "masked", (_x(), zero)),
                              ("gae", "advantages", (_x(), _x(1), zero))]:
         kw = dict(gamma=1.0, lam=0.9) if fn == "gae" else {}
         with pytest.raises(ValueError, match=f"{fn}: mask is all zeros"):
@@ -65,7 +65,7 @@ def test_unbiased_variance_of_one_token(backend):
     one = np.zeros((B, T), np.int32)
     one[0, 0] = 1
     with pytest.raises(ValueError, match="unbiased variance needs at least 2 real tokens"):
-        backend.call_eager("masked_var", "losses", _x(), one, unbiased=True)
+        backend.call_eager("masked_var", "masked", _x(), one, unbiased=True)
 
 
 def test_invalid_options(backend):

@@ -63,8 +63,9 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(tiny_checkpoint, arch)
     full = np.asarray(lm(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
 
     cache = lm.init_cache(B, P + R)
-    assert len(cache) == lm.config.num_layers
-    assert cache[0].k.shape == (B, lm.config.num_kv_heads, P + R, lm.config.head_dim)
+    c = lm.config
+    # one stacked, head-major array per k / v: [layers, B, kv heads, slots, head dim]
+    assert cache.k.shape == cache.v.shape == (c.num_layers, B, c.num_kv_heads, P + R, c.head_dim)
     kv_mask = np.concatenate([qm, np.zeros_like(rm)], 1)
     logits, cache = lm(jnp.asarray(q), attention_mask=jnp.asarray(kv_mask), cache=cache, cache_index=0)
     steps = [np.asarray(logits)]
@@ -272,7 +273,7 @@ def test_save_roundtrip_sharded_is_exact(tiny_checkpoint, tmp_path, arch):
 def test_bfloat16_weights_float32_logits(tiny_checkpoint):
     path = tiny_checkpoint("qwen2")
     f32, bf16 = jm.load_pretrained(path), jm.load_pretrained(path, dtype="bfloat16")
-    kernel = bf16.backbone.layers[0].self_attn.q_proj.kernel[...]
+    kernel = bf16.backbone.layers.stack.self_attn.q_proj.kernel[...]
     assert kernel.dtype == jnp.bfloat16
     q, qm, r, rm = _batch()
     ids, mask = _full(q, qm, r, rm)

@@ -1,4 +1,4 @@
-"""`ppo_rlhf.sampling.load_policy_sampler` (the labelling tool's `--policy`) with both backends, and
+"""`ppo_rlhf.feedback.samplers.load_policy_sampler` (the labelling tool's `--policy`) with both backends, and
 `ppo-rlhf label --policy DIR --backend {jax,torch}` driven through stdin on a tiny checkpoint."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import pytest
 
 from ppo_rlhf.data import PairwiseRecord, read_records
 from ppo_rlhf.errors import UsageError
-from ppo_rlhf.sampling import ResponseSampler, load_policy_sampler
+from ppo_rlhf.app.backends import load_policy_sampler
+from ppo_rlhf.feedback.samplers import ResponseSampler
 from ppo_rlhf.testing import EOS_ID, EOS_TOKEN, PAD_TOKEN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ def test_cli_label_with_policy(tiny_checkpoint, tmp_path, backend):
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "labels.jsonl"
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "ppo_rlhf.cli", "label", "--policy", str(tiny_checkpoint("gpt2")),
+    args = [sys.executable, "-m", "ppo_rlhf", "label", "--policy", str(tiny_checkpoint("gpt2")),
             "--backend", backend, "--prompts", str(prompts), "--out", str(out), "--k", "2",
             "--max-new-tokens", "6", "--seed", "1", "--no-shuffle"]
     r = subprocess.run(args, input="1\n2\n", capture_output=True, text=True, env=env, timeout=120)

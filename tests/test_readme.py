@@ -20,13 +20,14 @@ def readme_python_block() -> str:
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_readme_python_example_runs(backend, tmp_path, monkeypatch):
-    from ppo_rlhf.supervised import load_tokenizer_dir, write_fresh_checkpoint
+    from ppo_rlhf.runtime.tokens import load_tokenizer
+    from ppo_rlhf.hf_checkpoint import write_fresh_checkpoint
     from ppo_rlhf.tasks import reviews
 
     monkeypatch.chdir(tmp_path)
     sft = tmp_path / "runs" / f"demo-{backend}" / "sft"
     reviews.build_tokenizer(tmp_path / "tok")
-    tok = load_tokenizer_dir(tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok")
     write_fresh_checkpoint(sft, reviews.demo_model_config("tiny", vocab_size=len(tok)), seed=0, tokenizer=tok)
 
     code = readme_python_block()

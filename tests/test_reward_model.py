@@ -13,13 +13,15 @@ import warnings
 import numpy as np
 import pytest
 
-from ppo_rlhf.cli import main
+from ppo_rlhf.app.cli import main
 from ppo_rlhf.data import PairwiseRecord, RankingRecord, RatingRecord, write_records
 from ppo_rlhf.errors import UsageError
-from ppo_rlhf.labeller import expected_accuracy
-from ppo_rlhf.supervised import (RMConfig, encode_preferences, encode_sequences, group_accuracy,
-                                 holdout_split, lr_factor, normalisation, pairwise_accuracy,
-                                 rating_pair_accuracy, rm_batch_rows)
+from ppo_rlhf.feedback.labeller import expected_accuracy
+from ppo_rlhf.config import RMConfig
+from ppo_rlhf.data.encoding import encode_preferences, encode_sequences
+from ppo_rlhf.eval.preferences import (group_accuracy, normalisation, pairwise_accuracy, rating_pair_accuracy)
+from ppo_rlhf.runtime.seeds import holdout_split, rm_batch_rows
+from ppo_rlhf.runtime.supervised import lr_factor
 from tests.helpers import run_module
 
 BACKENDS = ("jax", "torch")
@@ -241,7 +243,7 @@ def _loss_and_grads(backend, ckpt, batch, cfg):
         key = (gdef, cfg)
         if key not in _JITTED:
             _JITTED[key] = jax.jit(jax.value_and_grad(
-                lambda p, r, b: batch_loss(nnx.merge(gdef, p, r), b, cfg), has_aux=True))
+                lambda p, r, b: batch_loss(nnx.merge(gdef, p, r), b, loss=cfg.loss, ties=cfg.ties), has_aux=True))
         (loss, _), grads = _JITTED[key](params, rest, b)
         return float(loss), {str(k): np.asarray(v[...]) for k, v in nnx.to_flat_state(grads)}
     import torch
@@ -250,7 +252,7 @@ def _loss_and_grads(backend, ckpt, batch, cfg):
     from ppo_torch.reward_model import _tensors, batch_loss
 
     model = scalar_model_from_lm(ckpt, seed=0)
-    loss, _ = batch_loss(model, _tensors(batch, torch.device("cpu")), cfg)
+    loss, _ = batch_loss(model, _tensors(batch, torch.device("cpu")), loss=cfg.loss, ties=cfg.ties)
     loss.backward()
     return loss.item(), {n: p.grad.numpy().copy() for n, p in model.named_parameters()}
 
@@ -434,7 +436,8 @@ def pretrained_tiny_demo(tmp_path_factory):
     from transformers import AutoTokenizer
 
     from ppo_jax.sft import train_sft
-    from ppo_rlhf.supervised import SFTConfig, write_fresh_checkpoint
+    from ppo_rlhf.config import SFTConfig
+    from ppo_rlhf.hf_checkpoint import write_fresh_checkpoint
     from ppo_rlhf.tasks import reviews
 
     d = tmp_path_factory.mktemp("demo")

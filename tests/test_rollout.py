@@ -53,7 +53,7 @@ def test_shape_and_dtype_errors(over, message):
 def test_mask_errors():
     m = make().response_mask.copy()
     m[0, 1] = 2
-    with pytest.raises(ValueError, match=r"response_mask must hold only 0/1; found 2 at \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"response_mask must hold only 0/1, found 2 at \(0, 1\)"):
         make(response_mask=m).validate()
     m = make().response_mask.copy()
     m[2, :] = 0
@@ -84,10 +84,10 @@ def test_backend_conversions_round_trip(tmp_path):
     rb = make(extras={"gold": np.arange(3.0)})
     j = rb.to_jax()
     assert j["query_ids"].dtype.name == "int32" and j["logprobs"].dtype.name == "float32"
-    back = RolloutBatch.from_jax(j)
+    back = RolloutBatch.from_arrays(j)
     t = rb.to_torch()
     assert t["response_ids"].dtype == torch.int64 and t["values"].dtype == torch.float32
-    back2 = RolloutBatch.from_torch(t)
+    back2 = RolloutBatch.from_arrays(t)
     for other in (back, back2, RolloutBatch.load(_save(rb, tmp_path))):
         for k, v in rb.arrays().items():
             np.testing.assert_array_equal(other.arrays()[k], v)

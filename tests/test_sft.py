@@ -12,10 +12,12 @@ import json
 import numpy as np
 import pytest
 
-from ppo_rlhf.cli import main
+from ppo_rlhf.app.cli import main
 from ppo_rlhf.errors import UsageError
-from ppo_rlhf.supervised import (SFTConfig, encode_sft, init_gpt2_tensors, sft_batch_indices,
-                                 write_fresh_checkpoint)
+from ppo_rlhf.config import SFTConfig
+from ppo_rlhf.data.encoding import encode_sft
+from ppo_rlhf.hf_checkpoint import init_gpt2_tensors, write_fresh_checkpoint
+from ppo_rlhf.runtime.seeds import sft_batch_indices
 from ppo_rlhf.tasks import reviews
 
 BACKENDS = ("jax", "torch")

@@ -5,7 +5,8 @@ The comparison runs in a subprocess with 8 simulated CPU devices
 in the pytest process): one single-device trainer and one trainer per mesh start from the same
 checkpoint and run the same two PPO iterations (same prompts, sampling from the same keys);
 their rollouts, stats and updated weights must agree, and the parameters, the AdamW state and
-the KV cache must really be split across the devices.
+the KV cache must really be split across the devices -- the blocks' stacked parameters (and KV
+cache) split along their other dimensions, never along the leading layer axis.
 
 Tolerances (float32), all for reduction order only -- the sharded program is the single-device
 program with some sums split into per-device partial sums plus an all-reduce:
@@ -63,6 +64,7 @@ def _worker(ckpt: str, out: str, meshes: list[str]) -> None:
     from ppo_rlhf.testing import count_jax_compilations
     from ppo_jax.models import model_tensors
     from ppo_jax.ppo import PPOTrainer
+    from ppo_jax.models.stack import is_stacked
     from ppo_jax.sharding import param_spec
     from ppo_rlhf import PPOConfig
     from ppo_rlhf.testing import EOS_ID, PAD_ID, make_padded_batch
@@ -116,12 +118,17 @@ def _worker(ckpt: str, out: str, meshes: list[str]) -> None:
     # -- are they really sharded?
     for mesh, t in runs.items():
         d0 = jax.devices()[0]
-        info = {"specs_follow_rule": True, "leaves": 0, "bytes_total": 0, "bytes_device0": 0}
-        for tree in (t.params, t.opt_state, t._ref_params):
-            for x in jax.tree.leaves(tree):
+        info = {"specs_follow_rule": True, "leaves": 0, "bytes_total": 0, "bytes_device0": 0,
+                "stacked_leaves": 0, "layer_axis_split": False}
+        for tree in (t.params, t.opt_state, t.reference.params):
+            for path, x in jax.tree_util.tree_leaves_with_path(tree):
                 info["leaves"] += 1
-                if not same_spec(x, param_spec(x.shape, t.place.mesh)):
+                stacked = is_stacked(path)
+                if not same_spec(x, param_spec(x.shape, t.place.mesh, stacked=stacked)):
                     info["specs_follow_rule"] = False
+                if stacked:
+                    info["stacked_leaves"] += 1
+                    info["layer_axis_split"] |= full_spec(x)[0] is not None
                 info["bytes_total"] += x.nbytes
                 info["bytes_device0"] += sum(s.data.nbytes for s in x.addressable_shards
                                              if s.device == d0)
@@ -135,14 +142,15 @@ def _worker(ckpt: str, out: str, meshes: list[str]) -> None:
         fn = make_generate_fn(graphdef, opts, t.place.kv_cache)
         qs, qms = t.place.batch((q, qm))
         hlo = fn.lower(state, qs, qms, jax.random.key(0)).compile().as_text()
-        # the partitioned program's arrays are per device; XLA may transpose the cache, so
-        # look for its dimensions in any order: [B / dp, slots, kv heads, head dim]
+        # the partitioned program's arrays are per device: the stacked cache
+        # [layers, B / dp, kv heads, slots, head dim] (head-major, never transposed)
         cfg = t.policy_model().config
-        shapes = {tuple(sorted(map(int, s.split(","))))
-                  for s in re.findall(r"f32\[(\d+,\d+,\d+,\d+)\]", hlo)}
-        cache = (P + N - 1, cfg.num_kv_heads, cfg.head_dim)
-        info["kv_cache_local_shape_in_hlo"] = tuple(sorted((B // t.place.data_parallel,) + cache)) in shapes
-        info["kv_cache_global_shape_in_hlo"] = tuple(sorted((B,) + cache)) in shapes
+        shapes = {tuple(map(int, s.split(","))) for s in re.findall(r"f32\[(\d+,\d+,\d+,\d+,\d+)\]", hlo)}
+        local, slots = B // t.place.data_parallel, P + N - 1
+        info["kv_cache_local_shape_in_hlo"] = (cfg.num_layers, local, cfg.num_kv_heads, slots,
+                                               cfg.head_dim) in shapes
+        info["kv_cache_global_shape_in_hlo"] = (cfg.num_layers, B, cfg.num_kv_heads, slots,
+                                                cfg.head_dim) in shapes
         info["batch_spec"] = [str(a) for a in t.place.batch(q).sharding.spec]
         res["meshes"][mesh]["sharding"] = info
 
@@ -169,7 +177,8 @@ def _worker(ckpt: str, out: str, meshes: list[str]) -> None:
             for x, y in zip(jax.tree.leaves(src.state_tensors()), jax.tree.leaves(same.state_tensors()))),
         "other_mesh_max_abs": max_diff(src.state_tensors(), other.state_tensors()),
         "other_mesh_keeps_its_sharding": all(
-            same_spec(x, param_spec(x.shape, other.place.mesh)) for x in jax.tree.leaves(other.params)),
+            same_spec(x, param_spec(x.shape, other.place.mesh, stacked=is_stacked(path)))
+            for path, x in jax.tree_util.tree_leaves_with_path(other.params)),
         "one_device_max_abs": max_diff(src.state_tensors(), base.state_tensors()),
         "policy_dir": (path / "policy" / "model.safetensors").is_file(),
     }
@@ -227,6 +236,8 @@ def test_sharded_iterations_match_one_device(sharded, mesh):
 def test_parameters_optimizer_state_and_kv_cache_are_sharded(sharded):
     fsdp = sharded["meshes"]["data=2,fsdp=4"]["sharding"]
     assert fsdp["specs_follow_rule"]
+    # the blocks' parameters are stacked [layers, ...]; the layer axis is never split
+    assert fsdp["stacked_leaves"] > 0 and not fsdp["layer_axis_split"]
     # every leaf of this model has a dimension divisible by 4: device 0 holds exactly a quarter
     # of the parameters, of AdamW's moments and of the reference (the step count is replicated)
     assert fsdp["bytes_device0"] == pytest.approx(fsdp["bytes_total"] / 4, abs=64)
@@ -282,7 +293,7 @@ def _free_port() -> int:
 def _train(ckpt, prompts, out, iterations, *extra, processes=1, devices=1):
     """`ppo-rlhf train --backend jax` in `processes` processes of `devices` CPU devices each
     (several: a multi-host job, joined through JAX_COORDINATOR_ADDRESS & co)."""
-    cmd = [sys.executable, "-m", "ppo_rlhf.cli", "train", "--backend", "jax", "--policy", str(ckpt),
+    cmd = [sys.executable, "-m", "ppo_rlhf", "train", "--backend", "jax", "--policy", str(ckpt),
            "--reward-fn", "tests.helpers:length_reward", "--prompts", str(prompts), "--out",
            str(out), "--iterations", str(iterations), *CLI_ARGS, *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu",
@@ -331,10 +342,47 @@ def test_multihost_cli_matches_one_device_and_resumes(tiny_checkpoint, tmp_path)
     assert worst <= 3 * WEIGHT_ATOL_PER_ITER, f"final policies differ by {worst:.2e}"
 
 
+# ---- the parameter rule, in this process -----------------------------------------------------------
+def test_layer_axis_of_stacked_parameters_is_never_split(tiny_checkpoint):
+    """The rule alone (no devices needed: it reads the mesh's axis sizes): a stacked parameter's
+    leading layer axis is never chosen, even where it is the only dimension that divides; the
+    paths of a model's params AND of its AdamW moments are recognised as stacked."""
+    from types import SimpleNamespace
+
+    import jax
+    import optax
+    from flax import nnx
+    from jax.sharding import PartitionSpec as P
+
+    import ppo_jax.models as jm
+    from ppo_jax.models.stack import is_stacked
+    from ppo_jax.sharding import param_spec, param_specs
+
+    mesh = SimpleNamespace(shape={"data": 1, "fsdp": 4, "tensor": 2})
+    assert param_spec((8, 6), mesh) == P("fsdp", "tensor")
+    assert param_spec((8, 6), mesh, stacked=True) == P(None, "tensor")
+    assert param_spec((8, 64, 192), mesh, stacked=True) == P(None, "tensor", "fsdp")
+    assert param_spec((4, 5), mesh, stacked=True) == P(None, None)
+
+    lm = jm.load_pretrained(tiny_checkpoint("llama"))
+    _, params, _ = nnx.split(lm, nnx.Param, ...)
+    opt_state = optax.adamw(1e-3).init(params)
+    for tree in (params, opt_state):
+        paths = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(tree)
+                 if is_stacked(p)]
+        assert paths and all("layers" in p for p in paths), paths
+    specs = param_specs({"policy": params}, SimpleNamespace(shape={"fsdp": 2}))
+    q = specs["policy"]["backbone"]["layers"]["stack"]["self_attn"]["q_proj"]["kernel"]
+    emb = specs["policy"]["backbone"]["embed_tokens"]["embedding"]
+    assert lm.backbone.layers.stack.self_attn.q_proj.kernel.shape == (2, 64, 64)
+    assert q.get_value() == P(None, "fsdp", None)  # [L, in, out]: not the 2 layers
+    assert emb.get_value() == P("fsdp", None)
+
+
 # ---- errors (this process: one CPU device; the CLI's one-line answers: tests/test_faults.py) --
 def test_mesh_spec_parsing_and_errors():
     from ppo_rlhf.errors import UsageError
-    from ppo_rlhf.parallel import MeshSpec, parse_mesh
+    from ppo_rlhf.runtime.processes import MeshSpec, parse_mesh
 
     assert parse_mesh("data=2,fsdp=4") == MeshSpec(data=2, fsdp=4)
     assert parse_mesh({"fsdp": 8}).data_parallel == 8
@@ -353,7 +401,7 @@ def test_mesh_that_does_not_fit_the_devices_and_indivisible_batches():
     from ppo_jax.sharding import make_mesh
     from ppo_rlhf import PPOConfig
     from ppo_rlhf.errors import UsageError
-    from ppo_rlhf.parallel import check_data_parallel
+    from ppo_rlhf.runtime.processes import check_data_parallel
 
     n = jax.device_count()
     with pytest.raises(UsageError, match=rf"mesh data=2,fsdp=4 needs .* = 8 devices, but there "

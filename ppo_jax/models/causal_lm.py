@@ -13,8 +13,8 @@ LEFT-padded, responses RIGHT-padded). Positions come from the mask, cumsum(mask)
 
 KV cache (generation): the cache has a static number of slots, max_len, fixed at creation:
 
-    cache = model.init_cache(batch_size, max_len, dtype=None)   # tuple of LayerCache(k, v),
-                                                                 # each [B, n_kv, max_len, head_dim]
+    cache = model.init_cache(batch_size, max_len, dtype=None)   # Cache(k, v), each
+                                                                 # [L, B, n_kv, max_len, head_dim]
     logits, cache = model(input_ids, attention_mask=kv_mask, positions=None,
                           cache=cache, cache_index=idx)
 

@@ -5,7 +5,9 @@ LayerNorm blocks with a parallel residual (x + attn(ln1(x)) + mlp(ln2(x)), the P
 first rotary_pct of each head is rotated), GELU MLP. The fused `query_key_value` projection is
 laid out per head, [n_heads, 3, head_dim] along its output (HF views it as [..., n_heads,
 3 * head_dim] and chunks q, k, v from each head's slice). Attribute names follow HF's
-`GPTNeoXModel` (embed_in, layers.{i}.attention.query_key_value, final_layer_norm, ...).
+`GPTNeoXModel` (embed_in, layers, attention.query_key_value, final_layer_norm, ...); the layers
+are one stacked module run by a scan (`stack.ScannedBlocks`): HF's
+`layers.{i}.attention.dense.weight` is slice i of `layers.stack.attention.dense.kernel`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from flax import nnx
 
 from ppo_jax.models.config import ModelConfig
 from ppo_jax.models.layers import (Cache, LayerCache, LayerNorm, activation, apply_rope, attend,
-                                   attention_inputs, embed, linear, rope_inv_freq)
+                                   attention_inputs, embed, linear, rope_cos_sin, rope_inv_freq)
+from ppo_jax.models.stack import ScannedBlocks
 
 Array = jax.Array
 
@@ -29,15 +32,13 @@ class GPTNeoXAttention(nnx.Module):
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
         self.query_key_value = linear(h, 3 * h, use_bias=config.qkv_bias, config=config, rngs=rngs)
         self.dense = linear(h, h, use_bias=config.o_bias, config=config, rngs=rngs)
-        self.config = config
 
-    def __call__(self, x: Array, positions: Array, mask: Array, cache: LayerCache | None,
+    def __call__(self, x: Array, rope: tuple[Array, Array], mask: Array, cache: LayerCache | None,
                  cache_index) -> tuple[Array, LayerCache | None]:
         B, S, _ = x.shape
         qkv = self.query_key_value(x).reshape(B, S, self.num_heads, 3, self.head_dim)
         q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
-        inv_freq = rope_inv_freq(self.config)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         out, cache = attend(q, k, v, mask, self.head_dim ** -0.5, cache, cache_index)
         return self.dense(out), cache
 
@@ -62,8 +63,8 @@ class GPTNeoXLayer(nnx.Module):
         self.attention = GPTNeoXAttention(config, rngs=rngs)
         self.mlp = GPTNeoXMLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, mask, cache, cache_index):
-        a, cache = self.attention(self.input_layernorm(x), positions, mask, cache, cache_index)
+    def __call__(self, x, rope, mask, cache, cache_index):
+        a, cache = self.attention(self.input_layernorm(x), rope, mask, cache, cache_index)
         if self.use_parallel_residual:
             return x + a + self.mlp(self.post_attention_layernorm(x)), cache
         x = x + a
@@ -76,7 +77,8 @@ class GPTNeoXModel(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.embed_in = embed(config.vocab_size, config.hidden_size, config=config, rngs=rngs)
-        self.layers = nnx.List([GPTNeoXLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.layers = ScannedBlocks(lambda rngs: GPTNeoXLayer(config, rngs=rngs), config.num_layers,
+                                    rngs=rngs)
         self.final_layer_norm = LayerNorm(config.hidden_size, config.norm_eps, config=config)
 
     def token_embedding(self) -> nnx.Embed:
@@ -87,8 +89,6 @@ class GPTNeoXModel(nnx.Module):
                  cache_index=None) -> tuple[Array, Cache | None]:
         positions, mask = attention_inputs(input_ids, attention_mask, positions, cache, cache_index)
         x = self.embed_in(input_ids)
-        new_cache = []
-        for i, layer in enumerate(self.layers):
-            x, c = layer(x, positions, mask, None if cache is None else cache[i], cache_index)
-            new_cache.append(c)
-        return self.final_layer_norm(x), (None if cache is None else tuple(new_cache))
+        rope = rope_cos_sin(positions, rope_inv_freq(self.config))  # once, for every layer
+        x, cache = self.layers(x, rope, mask, cache=cache, cache_index=cache_index)
+        return self.final_layer_norm(x), cache

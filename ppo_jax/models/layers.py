@@ -6,12 +6,16 @@ Conventions (every architecture file follows them):
     "float32" meaning float32 or wider (`upcast`: a float64 model computes all in float64);
   * q / k / v are [B, S, n_heads, head_dim]; grouped-query attention groups the query heads
     of each KV head (head h uses KV head h // (n_heads // n_kv_heads), as HF's repeat_kv);
-  * masks are boolean [B, S, T]: query s may attend key t. Masked scores are set to the most
-    negative float32 (not -inf), so a row with no key at all (a left-padding query) gives a
-    uniform softmax instead of NaN -- such rows are padding and never read, but a NaN there
-    would reach real rows through 0 * NaN in the next layer's attention.
+  * masks are boolean [B, S, T]: query s may attend key t. Masked scores are set to a large
+    negative FINITE number (not -inf), so a row with no key at all (a left-padding query) gives
+    a uniform softmax instead of NaN -- such rows are padding and never read, but a NaN there
+    would reach real rows through 0 * NaN in the next layer's attention;
+  * a model's blocks are ONE stacked module run by a scan (`ppo_jax.models.stack`): a block
+    sees one layer's parameters, and the KV cache through a `LayerCache` view.
 
-KV cache: see `LayerCache` and `attention_inputs`.
+Attention: `jax.nn.dot_product_attention` (`dot_product_attention` below), JAX's entry point to
+the platform's fused kernels; see there for dtypes. KV cache: see `Cache`, `LayerCache` and
+`attention_inputs`.
 """
 
 from __future__ import annotations
@@ -126,14 +130,21 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     return inv
 
 
-def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
-    """Rotate the first 2 * len(inv_freq) dims of each head of x [B, S, n, D] by the angles
-    positions [B, S] * inv_freq (HF's rotate_half convention: pairs (i, i + rotary_dim / 2));
-    the remaining dims (partial rotary, GPT-NeoX) pass through."""
-    rd = 2 * inv_freq.shape[0]
+def rope_cos_sin(positions: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
+    """(cos, sin) [B, S, 1, 2 * len(inv_freq)] float32 of the angles positions [B, S] * inv_freq,
+    computed once per forward pass and shared by every layer (as HF's rotary_emb). float32 even
+    for a float64 model, as transformers computes them (its rotary embedding calls .float())."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, S, rd/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, S, 1, rd]
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos_sin: tuple[Array, Array]) -> Array:
+    """Rotate the first rotary_dim = cos.shape[-1] dims of each head of x [B, S, n, D] by the
+    angles of `rope_cos_sin` (HF's rotate_half convention: pairs (i, i + rotary_dim / 2)); the
+    remaining dims (partial rotary, GPT-NeoX) pass through."""
+    cos, sin = (c.astype(x.dtype) for c in cos_sin)
+    rd = cos.shape[-1]
     x_rot, x_pass = x[..., :rd], x[..., rd:]
     x1, x2 = x_rot[..., : rd // 2], x_rot[..., rd // 2:]
     rotated = x_rot * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
@@ -141,10 +152,13 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
 
 
 # ---- KV cache ----------------------------------------------------------------------------------
-class LayerCache(NamedTuple):
-    """Keys and values of one layer for every cache slot: k, v [B, n_kv_heads, max_len, head_dim].
+class Cache(NamedTuple):
+    """A model's KV cache: keys and values of every layer for every slot,
+    k, v [num_layers, B, n_kv_heads, max_len, head_dim] (a pytree: donate it, carry it in lax.scan).
 
-    Head-major, so that the attention dots of a decode step read the cache as it lies: with
+    Stacked like the blocks' parameters and carried through the scan over layers: block i
+    writes its new keys/values into k[i], v[i] in place (`LayerCache`). Head-major, so that
+    the attention dots of a decode step read a layer's cache as it lies: with
     [B, max_len, n_kv, D], XLA transposed (copied) the whole cache of every layer at every
     step, which halved decode speed on CPU."""
 
@@ -152,16 +166,21 @@ class LayerCache(NamedTuple):
     v: Array
 
 
-Cache = tuple[LayerCache, ...]
-"""A model's KV cache: one `LayerCache` per layer (a pytree: donate it, carry it in lax.scan)."""
+class LayerCache(NamedTuple):
+    """What one block sees of the model's `Cache` inside the scan over layers: the whole cache
+    and its own layer index (a traced int32). `attend` writes the block's new keys/values at
+    [layer, :, :, cache_index : cache_index + S] of the whole cache (in place: the cache is
+    the scan's carry, not sliced out and written back) and returns the updated view."""
+
+    cache: Cache
+    layer: Array
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> Cache:
     """Zeros for every layer; dtype defaults to the model dtype."""
     dt = jnp.dtype(dtype or config.dtype)
-    shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
-    return tuple(LayerCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
-                 for _ in range(config.num_layers))
+    shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
+    return Cache(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
 
 
 def attention_inputs(input_ids: Array, attention_mask: Array | None, positions: Array | None,
@@ -187,7 +206,7 @@ def attention_inputs(input_ids: Array, attention_mask: Array | None, positions: 
         k_slots = jnp.arange(S)
         start = 0
     else:
-        max_len = cache[0].k.shape[2]
+        max_len = cache.k.shape[3]
         if attention_mask is None or attention_mask.shape != (B, max_len):
             raise ValueError(f"with a cache, attention_mask must be the [B, max_len] = {(B, max_len)} "
                              f"mask of real cache slots; got "
@@ -209,28 +228,57 @@ def attention_inputs(input_ids: Array, attention_mask: Array | None, positions: 
     return positions.astype(jnp.int32), mask
 
 
+# ---- attention ---------------------------------------------------------------------------------
 def attend(q: Array, k: Array, v: Array, mask: Array, scale: float, cache: LayerCache | None,
            cache_index) -> tuple[Array, LayerCache | None]:
     """Scaled dot-product attention with grouped-query heads and an optional KV cache.
 
     q [B, S, n_heads, D]; k, v [B, S, n_kv_heads, D] (this step's keys/values); mask [B, S, T].
-    With a cache, k and v are first written at slots [cache_index, cache_index + S) and the
-    queries attend the whole cache (T = max_len; the cache is head-major, [B, n_kv, T, D]).
-    Scores and softmax in float32; the weighted sum of values in the value dtype. Returns
-    ([B, S, n_heads * D], updated cache or None)."""
+    With a cache, k and v are first written at slots [cache_index, cache_index + S) of the
+    block's layer, and the queries attend that layer's whole cache (T = max_len). Returns
+    ([B, S, n_heads * D] in q's dtype, updated cache view or None)."""
     B, S, nh, D = q.shape
-    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, n_kv, S, D], the cache layout
     if cache is not None:
-        idx = jnp.asarray(cache_index, jnp.int32)
+        whole, layer = cache
         zero = jnp.zeros((), jnp.int32)
-        k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (zero, zero, idx, zero))
-        v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (zero, zero, idx, zero))
-        cache = LayerCache(k_all, v_all)
-        k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
-    nkv = k.shape[1]
+        at = (jnp.asarray(layer, jnp.int32), zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
+
+        def write(buf: Array, new: Array) -> Array:  # new [B, S, n_kv, D] -> the head-major slots
+            new = jnp.swapaxes(new, 1, 2)[None].astype(buf.dtype)  # [1, B, n_kv, S, D]
+            return jax.lax.dynamic_update_slice(buf, new, at)
+
+        whole = Cache(write(whole.k, k), write(whole.v, v))
+        cache = LayerCache(whole, layer)
+        # this layer's keys and values as jax.nn's [B, max_len, n_kv, D]: XLA folds the swap
+        # into the attention dots (no transposed copy of the cache is made)
+        k, v = (jnp.swapaxes(jax.lax.dynamic_index_in_dim(buf, layer, 0, keepdims=False), 1, 2)
+                .astype(q.dtype) for buf in whole)
+    out = dot_product_attention(q, k, v, mask, scale)
+    return out.reshape(B, S, nh * D), cache
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
+    """softmax(q k^T * scale where mask, else a large negative number) v, per query head:
+    q [B, S, n_heads, D], k, v [B, T, n_kv_heads, D], mask [B, S, T] bool -> [B, S, n_heads, D].
+
+    `jax.nn.dot_product_attention` with implementation=None: JAX picks the implementation for
+    the platform (today XLA's fused einsums everywhere; cuDNN flash attention is its GPU
+    candidate), exact on CPU. It computes scores in float32 (bfloat16 inputs: float32
+    accumulation), its softmax in float32, masks with -0.7 * float32 max (finite: an empty row
+    gives a uniform softmax, not NaN) and returns q's dtype. Its softmax is float32 whatever the
+    input, so a float64 model (numerics checks) takes the same math written out in float64."""
+    if q.dtype == jnp.float64:
+        return _attention_wide(q, k, v, mask, scale)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,
+                                        implementation=None)
+
+
+def _attention_wide(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
+    """`dot_product_attention` with scores and softmax in `wide(q.dtype)` (float64 here)."""
+    B, S, nh, D = q.shape
+    nkv = k.shape[2]
     qg = q.reshape(B, S, nkv, nh // nkv, D)
-    scores = jnp.einsum("bskgd,bktd->bkgst", qg, k, preferred_element_type=wide(q.dtype)) * scale
+    scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=wide(q.dtype)) * scale
     scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgst,bktd->bskgd", probs, v)
-    return out.reshape(B, S, nh * D), cache
+    return jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(B, S, nh, D)

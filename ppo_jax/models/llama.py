@@ -4,7 +4,9 @@ Pre-norm blocks with RMSNorm, rotary position embeddings (rope_theta; "linear" a
 scaling), grouped-query attention (num_key_value_heads <= num_attention_heads), SwiGLU MLP
 down(silu(gate(x)) * up(x)). Qwen2 is Llama with biases on q/k/v (not on o); Llama's own
 `attention_bias` / `mlp_bias` flags are honoured. Attribute names follow HF's `LlamaModel`
-(embed_tokens, layers.{i}.self_attn.q_proj, mlp.gate_proj, input_layernorm, norm, ...).
+(embed_tokens, layers, self_attn.q_proj, mlp.gate_proj, input_layernorm, norm, ...); the
+decoder layers are one stacked module run by a scan (`stack.ScannedBlocks`): HF's
+`layers.{i}.self_attn.q_proj.weight` is slice i of `layers.stack.self_attn.q_proj.kernel`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from flax import nnx
 
 from ppo_jax.models.config import ModelConfig
 from ppo_jax.models.layers import (Cache, LayerCache, RMSNorm, activation, apply_rope, attend,
-                                   attention_inputs, embed, linear, rope_inv_freq)
+                                   attention_inputs, embed, linear, rope_cos_sin, rope_inv_freq)
+from ppo_jax.models.stack import ScannedBlocks
 
 Array = jax.Array
 
@@ -30,14 +33,12 @@ class LlamaAttention(nnx.Module):
         self.k_proj = linear(h, nkv * d, use_bias=config.qkv_bias, config=config, rngs=rngs)
         self.v_proj = linear(h, nkv * d, use_bias=config.qkv_bias, config=config, rngs=rngs)
         self.o_proj = linear(nh * d, h, use_bias=config.o_bias, config=config, rngs=rngs)
-        self.config = config
 
-    def __call__(self, x: Array, positions: Array, mask: Array, cache: LayerCache | None,
+    def __call__(self, x: Array, rope: tuple[Array, Array], mask: Array, cache: LayerCache | None,
                  cache_index) -> tuple[Array, LayerCache | None]:
         B, S, _ = x.shape
-        inv_freq = rope_inv_freq(self.config)
-        q = apply_rope(self.q_proj(x).reshape(B, S, self.num_heads, self.head_dim), positions, inv_freq)
-        k = apply_rope(self.k_proj(x).reshape(B, S, self.num_kv_heads, self.head_dim), positions, inv_freq)
+        q = apply_rope(self.q_proj(x).reshape(B, S, self.num_heads, self.head_dim), rope)
+        k = apply_rope(self.k_proj(x).reshape(B, S, self.num_kv_heads, self.head_dim), rope)
         v = self.v_proj(x).reshape(B, S, self.num_kv_heads, self.head_dim)
         out, cache = attend(q, k, v, mask, self.head_dim ** -0.5, cache, cache_index)
         return self.o_proj(out), cache
@@ -63,8 +64,8 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps, config=config)
         self.mlp = LlamaMLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, mask, cache, cache_index):
-        a, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache, cache_index)
+    def __call__(self, x, rope, mask, cache, cache_index):
+        a, cache = self.self_attn(self.input_layernorm(x), rope, mask, cache, cache_index)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -75,7 +76,8 @@ class LlamaModel(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.embed_tokens = embed(config.vocab_size, config.hidden_size, config=config, rngs=rngs)
-        self.layers = nnx.List([LlamaDecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.layers = ScannedBlocks(lambda rngs: LlamaDecoderLayer(config, rngs=rngs), config.num_layers,
+                                    rngs=rngs)
         self.norm = RMSNorm(config.hidden_size, config.norm_eps, config=config)
 
     def token_embedding(self) -> nnx.Embed:
@@ -86,8 +88,6 @@ class LlamaModel(nnx.Module):
                  cache_index=None) -> tuple[Array, Cache | None]:
         positions, mask = attention_inputs(input_ids, attention_mask, positions, cache, cache_index)
         x = self.embed_tokens(input_ids)
-        new_cache = []
-        for i, layer in enumerate(self.layers):
-            x, c = layer(x, positions, mask, None if cache is None else cache[i], cache_index)
-            new_cache.append(c)
-        return self.norm(x), (None if cache is None else tuple(new_cache))
+        rope = rope_cos_sin(positions, rope_inv_freq(self.config))  # once, for every layer
+        x, cache = self.layers(x, rope, mask, cache=cache, cache_index=cache_index)
+        return self.norm(x), cache

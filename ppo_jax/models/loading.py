@@ -5,10 +5,14 @@ Weights are read with `safetensors` (numpy; bfloat16 via ml_dtypes), single-file
 JAX-trained model loads in `transformers`.
 
 Name mapping. Our module attributes carry HF's names below the top level, so a parameter path
-maps to an HF tensor name mechanically:
-  ('backbone', 'layers', 0, 'self_attn', 'q_proj', 'kernel')  <->  'model.layers.0.self_attn.q_proj.weight'
+maps to HF tensor names mechanically:
+  ('backbone', 'layers', 'stack', 'self_attn', 'q_proj', 'kernel')  [L, in, out]
+      <->  'model.layers.{i}.self_attn.q_proj.weight' for i < L   (slice i of the stacked array)
   top level: backbone -> transformer / model / gpt_neox; lm_head -> lm_head / embed_out;
              score_head (ScalarHeadModel) -> score
+  stacked:   a `stack.ScannedBlocks` at path p (GPT-2's `h`, the others' `layers`) holds every
+             layer's parameters with a leading layer axis under p + ('stack',): HF's p.{i}.rest
+             is slice i (loading stacks the L tensors, saving unstacks them)
   leaf:      kernel -> weight (transposed: HF nn.Linear is [out, in], our kernel [in, out];
              except GPT-2's Conv1D blocks, already [in, out]); embedding, scale -> weight;
              bias -> bias.
@@ -29,6 +33,7 @@ from flax import nnx
 from ppo_jax.models.causal_lm import TRANSPOSE_BACKBONE_KERNELS, CausalLM
 from ppo_jax.models.config import DTYPES, ModelConfig
 from ppo_jax.models.heads import PolicyWithValueHead, ScalarHeadModel
+from ppo_jax.models.stack import STACK, stacked_modules
 from ppo_rlhf import hf_checkpoint as hfc
 from ppo_rlhf.errors import CheckpointError
 
@@ -46,7 +51,13 @@ def dtype_name(dtype: Any) -> str:
 
 
 def hf_name(path: tuple, model_type: str) -> tuple[str, bool]:
-    """(HF tensor name, transpose?) of an NNX parameter path; see the module docstring."""
+    """(HF tensor name, transpose?) of an unstacked NNX parameter path, with layer i of a stack
+    written as its index (('backbone', 'h', 0, 'attn', ...)); see the module docstring. A path
+    into a stack is one array for every layer: ValueError (use `hf_names` or `model_tensors`)."""
+    if STACK in path:
+        raise ValueError(f"parameter {path} is stacked (one array for all layers): its HF names "
+                         f"come from hf_names(path, model_type, stacked_modules(model)), or use "
+                         f"model_tensors(model)")
     top, *mid, leaf = path
     if top == "backbone":
         prefix, transpose = hfc.BACKBONE_PREFIX[model_type], TRANSPOSE_BACKBONE_KERNELS[model_type]
@@ -61,6 +72,19 @@ def hf_name(path: tuple, model_type: str) -> tuple[str, bool]:
     return name, transpose and leaf == "kernel"
 
 
+def hf_names(path: tuple, model_type: str, stacks: dict[tuple, int]) -> tuple[list[str], bool, bool]:
+    """(HF tensor names, transpose?, stacked?) of an NNX parameter path: one name, or for a
+    parameter of a stack (`stacks`: `stack.stacked_modules(model)`) the name of each layer's
+    slice, in layer order."""
+    for prefix, num_layers in stacks.items():
+        k = len(prefix)
+        if path[:k] == prefix and path[k:k + 1] == (STACK,):
+            names = [hf_name(prefix + (i,) + path[k + 1:], model_type) for i in range(num_layers)]
+            return [n for n, _ in names], names[0][1], True
+    name, transpose = hf_name(path, model_type)
+    return [name], transpose, False
+
+
 def _ignored(name: str, config: ModelConfig) -> bool:
     """Checkpoint tensors that are fine to leave unused."""
     if name.endswith(hfc.IGNORED_SUFFIXES):
@@ -73,22 +97,30 @@ def _build(make: Callable[[], nnx.Module], tensors: dict[str, np.ndarray], confi
            *, where: str) -> nnx.Module:
     """Construct `make()` abstractly (no weight is ever initialised) and fill every parameter
     from `tensors` (HF names), cast to config.dtype."""
-    graphdef, state = nnx.split(nnx.eval_shape(make))
+    abstract = nnx.eval_shape(make)
+    stacks = stacked_modules(abstract)
+    graphdef, state = nnx.split(abstract)
     dt = jnp.dtype(config.dtype)
     filled, missing, used = [], [], set()
     for path, var in nnx.to_flat_state(state):
-        name, transpose = hf_name(path, config.model_type)
-        if name not in tensors:
-            missing.append(name)
+        names, transpose, stacked = hf_names(path, config.model_type, stacks)
+        absent = [n for n in names if n not in tensors]
+        if absent:
+            missing.extend(absent)
             continue
-        arr = np.asarray(tensors[name])
-        arr = arr.T if transpose else arr
-        if arr.shape != tuple(var.shape):
-            raise CheckpointError(f"{where}: tensor {name!r} has shape {arr.shape}"
-                             f"{' (transposed)' if transpose else ''}, the model expects "
-                             f"{tuple(var.shape)}")
+        expected = tuple(var.shape)[1:] if stacked else tuple(var.shape)
+        arrs = []
+        for name in names:
+            arr = np.asarray(tensors[name])
+            arr = arr.T if transpose else arr
+            if arr.shape != expected:
+                raise CheckpointError(f"{where}: tensor {name!r} has shape {arr.shape}"
+                                 f"{' (transposed)' if transpose else ''}, the model expects "
+                                 f"{expected}")
+            arrs.append(arr)
+        arr = np.stack(arrs) if stacked else arrs[0]
         filled.append((path, var.replace(jnp.asarray(arr, dtype=dt))))
-        used.add(name)
+        used.update(names)
     if missing:
         raise CheckpointError(f"{where}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
                          f"for a {config.model_type} model")
@@ -101,14 +133,17 @@ def _build(make: Callable[[], nnx.Module], tensors: dict[str, np.ndarray], confi
 
 def model_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
     """A model's weights under their HF names, as numpy (bfloat16 as ml_dtypes.bfloat16), in HF
-    layout -- what `save_pretrained` writes. A PolicyWithValueHead gives its LM's tensors."""
+    layout -- one tensor per layer (`h.{i}....`), unstacked -- what `save_pretrained` writes. A
+    PolicyWithValueHead gives its LM's tensors."""
     if isinstance(model, PolicyWithValueHead):
         model = model.lm
+    stacks = stacked_modules(model)
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name, transpose = hf_name(path, model.config.model_type)
+        names, transpose, stacked = hf_names(path, model.config.model_type, stacks)
         arr = np.asarray(var[...])
-        out[name] = arr.T if transpose else arr
+        for name, a in zip(names, arr if stacked else [arr]):  # a stack: one tensor per layer
+            out[name] = a.T if transpose else a
     return out
 
 

@@ -421,7 +421,7 @@ def preference_data(n: int, *, kind: str = "pairwise", k: int = 4, seed: int = 0
     corpus-like responses, labelled with Bradley-Terry / Plackett-Luce noise at `temperature`
     (gold is in [-1, 1], so 0.2 makes a 0.2 gold gap a 73:27 call). Returns the labeller's
     `LabelledPairs` or `LabelledRankings` (records, gold scores, noise ceiling)."""
-    from ppo_rlhf.labeller import SyntheticLabeller
+    from ppo_rlhf.feedback.labeller import SyntheticLabeller
 
     rng = np.random.default_rng(seed)
     prompts = sample_prompts(n, seed=rng, split=split)

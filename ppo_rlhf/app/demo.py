@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ppo_rlhf.backends import BACKENDS, backend_module, check_backend
+from ppo_rlhf.app.backends import BACKENDS, backend_module, check_backend
 from ppo_rlhf.errors import UsageError
 
 
@@ -73,12 +73,13 @@ def _say(msg: str) -> None:
 def run_demo(backend: str, out: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
              progress: bool = True) -> dict[str, Any]:
     """Run the six steps; returns summary.json's contents."""
-    from ppo_rlhf.cli_supervised import pretrain_model
+    from ppo_rlhf.app.pipelines import pretrain_model
     from ppo_rlhf.config import PPOConfig
-    from ppo_rlhf.evaluation import evaluate, write_samples
-    from ppo_rlhf.labeller import SyntheticLabeller
-    from ppo_rlhf.plots import plot_metrics
-    from ppo_rlhf.sampling import load_policy_sampler
+    from ppo_rlhf.app.evaluate import evaluate
+    from ppo_rlhf.eval.policy import write_samples
+    from ppo_rlhf.feedback.labeller import SyntheticLabeller
+    from ppo_rlhf.eval.plots import plot_metrics
+    from ppo_rlhf.app.backends import load_policy_sampler
     from ppo_rlhf.tasks import get_task
 
     check_backend(backend)
@@ -100,9 +101,10 @@ def run_demo(backend: str, out: str | os.PathLike, config: DemoConfig = DemoConf
     t = time.perf_counter()
     sft = out / "sft"
     _say(f"1/6 pretraining a {config.model_size} GPT-2-style model on the {task.name} corpus ({backend})")
-    sft_metrics = pretrain_model(backend, sft, task=task, steps=config.pretrain_steps,
+    sft_metrics = pretrain_model(backend, sft, task=task,
+                                 config={"num_steps": config.pretrain_steps, "seed": config.seed},
                                  model_size=config.model_size, corpus_size=config.corpus_size,
-                                 seed=config.seed, eval_samples=0, progress=progress)
+                                 eval_samples=0, progress=progress)
     times["pretrain_s"] = time.perf_counter() - t
 
     # 2. the reward definition: the task's gold reward, the stand-in for human judgement -------
@@ -187,7 +189,8 @@ def run_demo(backend: str, out: str | os.PathLike, config: DemoConfig = DemoConf
 
 def _train_reward_model(backend: str, sft: Path, records: list, out: Path, config: DemoConfig,
                         max_length: int, progress: bool) -> dict[str, Any]:
-    from ppo_rlhf.supervised import RMConfig, holdout_split
+    from ppo_rlhf.config import RMConfig
+    from ppo_rlhf.runtime.seeds import holdout_split
 
     rm = backend_module(backend, "reward_model")
     cfg = RMConfig(num_epochs=config.rm_epochs, learning_rate=config.rm_lr, seed=config.seed,

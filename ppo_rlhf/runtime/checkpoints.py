@@ -12,7 +12,8 @@ A checkpoint is written into a temporary sibling directory, every file fsynced, 
 written, then renamed into place (a rename is atomic on POSIX) and only then is LATEST replaced
 (again by an atomic rename). A crash at any moment leaves either the old or the new checkpoint,
 never a half-written "latest". On load, a checkpoint whose files don't match its manifest is
-reported (a warning naming it and the reason) and the previous complete one is used.
+reported (a warning naming it and the reason) and the previous complete one is used. Every
+failure to use a checkpoint -- incomplete, damaged, unreadable -- is a `CheckpointError`.
 """
 
 from __future__ import annotations
@@ -25,15 +26,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from ppo_rlhf.parallel import SINGLE_PROCESS, Processes
+from ppo_rlhf.data.jsonl import fsync_dir
+from ppo_rlhf.errors import CheckpointError
+from ppo_rlhf.runtime.processes import SINGLE_PROCESS, Processes
 
 MANIFEST = "MANIFEST.json"
 STATE = "trainer_state.json"
 LATEST = "LATEST"
-
-
-class CorruptCheckpoint(RuntimeError):
-    """A checkpoint directory is incomplete or its files don't match its manifest."""
 
 
 def _sha256(path: Path) -> str:
@@ -55,14 +54,6 @@ def _fsync_tree(root: Path) -> None:
         fsync_dir(dirpath)
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -75,21 +66,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def verify(path: str | os.PathLike) -> dict[str, Any]:
-    """Check a checkpoint against its manifest; return its trainer state. Raises CorruptCheckpoint."""
+    """Check a checkpoint against its manifest; return its trainer state. Raises CheckpointError."""
     path = Path(path)
     man_path = path / MANIFEST
     if not man_path.is_file():
-        raise CorruptCheckpoint(f"{path}: no {MANIFEST} (the checkpoint was never completed)")
+        raise CheckpointError(f"{path}: no {MANIFEST} (the checkpoint was never completed)")
     try:
         manifest = json.loads(man_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptCheckpoint(f"{path}: unreadable {MANIFEST}: {e}") from None
+        raise CheckpointError(f"{path}: unreadable {MANIFEST}: {e}") from None
     for rel, meta in manifest["files"].items():
         f = path / rel
         if not f.is_file():
-            raise CorruptCheckpoint(f"{path}: missing file {rel}")
+            raise CheckpointError(f"{path}: missing file {rel}")
         if f.stat().st_size != meta["size"] or _sha256(f) != meta["sha256"]:
-            raise CorruptCheckpoint(f"{path}: file {rel} does not match its checksum")
+            raise CheckpointError(f"{path}: file {rel} does not match its checksum")
     return json.loads((path / STATE).read_text())
 
 
@@ -104,7 +95,7 @@ class CheckpointManager:
     def save(self, iteration: int, write: Callable[[Path], None], state: dict[str, Any], *,
              processes: Processes = SINGLE_PROCESS) -> Path:
         """Write a checkpoint atomically: `write(tmp_dir)` puts the backend's files in place.
-        Several processes (`ppo_rlhf.parallel.Processes`; a shared filesystem): every process
+        Several processes (`ppo_rlhf.runtime.processes.Processes`; a shared filesystem): every process
         calls this and runs `write` into the same temporary directory (saving sharded state is
         collective: Orbax, FSDP gathers); the main process does everything else."""
         final = self.path_for(iteration)
@@ -161,11 +152,11 @@ class CheckpointManager:
         for p in candidates:
             try:
                 return p, verify(p)
-            except (CorruptCheckpoint, OSError, json.JSONDecodeError, KeyError) as e:
+            except (CheckpointError, OSError, json.JSONDecodeError, KeyError) as e:
                 warnings.warn(f"checkpoint {p} is corrupted ({e}); trying the previous one",
                               stacklevel=2)
         if candidates:
-            raise CorruptCheckpoint(f"every checkpoint under {self.root} is corrupted ("
+            raise CheckpointError(f"every checkpoint under {self.root} is corrupted ("
                                     + ", ".join(p.name for p in candidates) + "): there is nothing "
                                     "to resume from; pass another --out to start afresh")
         return None

@@ -1,4 +1,4 @@
-"""The `ppo-rlhf` command line.
+"""The `ppo-rlhf` command line (also `python -m ppo_rlhf`).
 
 Each subcommand is registered in `SUBCOMMANDS` as (name, "module[:function]", help): the function
 (default `add_parser`) adds the sub-parser(s) and sets `func` to the code that runs it. These
@@ -20,12 +20,13 @@ from ppo_rlhf.errors import UsageError
 # (name, "module[:function]", one-line help); function(sub) (default add_parser) must create the
 # sub-parser `name`. A module:function shared by several names is called once.
 SUBCOMMANDS: list[tuple[str, str, str]] = [
-    ("demo", "ppo_rlhf.demo", "the whole RLHF loop on the built-in task"),
-    ("pretrain", "ppo_rlhf.cli_supervised:add_pretrain_parser", "pretrain / SFT a policy"),
-    ("label", "ppo_rlhf.label_tool", "label responses by hand (choose / rank / rate)"),
-    ("train", "ppo_rlhf.cli_ppo:add_train_parser", "PPO fine-tuning against a reward"),
-    ("eval", "ppo_rlhf.cli_ppo:add_eval_parser", "evaluate a policy"),
-    ("train-rm", "ppo_rlhf.cli_supervised:add_train_rm_parser", "train a reward model"),
+    ("demo", "ppo_rlhf.app.demo", "the whole RLHF loop on the built-in task"),
+    ("pretrain", "ppo_rlhf.app.supervised:add_pretrain_parser", "pretrain / SFT a policy"),
+    ("label", "ppo_rlhf.app.label", "label responses by hand (choose / rank / rate)"),
+    ("annotate", "ppo_rlhf.app.annotate", "label in browsers, as a team (web app)"),
+    ("train", "ppo_rlhf.app.train:add_train_parser", "PPO fine-tuning against a reward"),
+    ("eval", "ppo_rlhf.app.train:add_eval_parser", "evaluate a policy"),
+    ("train-rm", "ppo_rlhf.app.supervised:add_train_rm_parser", "train a reward model"),
 ]
 
 

@@ -14,12 +14,10 @@ is a one-line error and exit code 2. Neither backend is imported until the comma
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 from pathlib import Path
 from typing import Any
 
-from ppo_rlhf.backends import BACKENDS, backend_module
+from ppo_rlhf.app.backends import BACKENDS, backend_module
 from ppo_rlhf.errors import DataError, UsageError
 
 
@@ -68,6 +66,9 @@ def _add_optim_args(p: argparse.ArgumentParser, *, lr_default: str) -> None:
                    help="atomic checkpoint every N steps (and at the end); 0 = only at the end")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--report-to", choices=("none", "tensorboard"), default="none",
+                   help="also write the metrics as TensorBoard scalars to OUT/tensorboard "
+                        "(needs tensorboardX; default: none)")
 
 
 # ---- train-rm ------------------------------------------------------------------------------------
@@ -116,7 +117,9 @@ def _read_preferences(path: str, flag: str) -> list[Any]:
 
 
 def run_train_rm(args: argparse.Namespace) -> int:
-    from ppo_rlhf.supervised import RMConfig, holdout_split, reference_sequences
+    from ppo_rlhf.config import RMConfig
+    from ppo_rlhf.runtime.seeds import holdout_split
+    from ppo_rlhf.data.encoding import reference_sequences
 
     _require_dir(args.model, "--model")
     out = _check_out(args.out)
@@ -146,8 +149,9 @@ def run_train_rm(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"--model {args.model!r}: {e}") from None
     m = trainer.fit(train_records, eval_records, reference=reference,
-                    progress=not args.no_progress, resume=args.resume)
-    _print_rm_summary(m, out)
+                    progress=not args.no_progress, resume=args.resume, report_to=args.report_to)
+    if not m.get("stopped"):  # a signal: checkpoint written, the loop said so
+        _print_rm_summary(m, out)
     return 0
 
 
@@ -220,15 +224,8 @@ def read_examples(path: str, flag: str) -> list[Any]:
     return out
 
 
-def _demo_config(task: Any, size: str, vocab_size: int) -> dict[str, Any]:
-    module = importlib.import_module(task.build_tokenizer.__module__)
-    make = getattr(module, "demo_model_config", None)
-    if make is None:
-        raise UsageError(f"task {task.name!r} defines no demo_model_config; pass --model DIR")
-    return make(size, vocab_size=vocab_size)
-
-
 def run_pretrain(args: argparse.Namespace) -> int:
+    from ppo_rlhf.app.pipelines import pretrain_model
     from ppo_rlhf.tasks import get_task
 
     _require_dir(args.model, "--model")
@@ -243,13 +240,18 @@ def run_pretrain(args: argparse.Namespace) -> int:
         raise UsageError("no data: pass --data FILE or --task")
     train = read_examples(args.data, "--data") if args.data is not None else None
     eval_ex = read_examples(args.eval_data, "--eval-data") if args.eval_data is not None else None
+    overrides = dict(num_steps=args.steps, seed=args.seed, batch_size=args.batch_size,
+                     max_length=args.max_length, learning_rate=args.lr,
+                     warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+                     lr_schedule=args.lr_schedule, max_grad_norm=args.max_grad_norm)
     m = pretrain_model(args.backend, out, task=task, model=args.model, train=train, eval=eval_ex,
-                       steps=args.steps, model_size=args.model_size, corpus_size=args.corpus_size,
-                       seed=args.seed, eval_samples=args.eval_samples, progress=not args.no_progress,
+                       config={k: v for k, v in overrides.items() if v is not None},
+                       model_size=args.model_size, corpus_size=args.corpus_size,
+                       eval_samples=args.eval_samples, progress=not args.no_progress,
                        resume=args.resume, checkpoint_every=args.checkpoint_every,
-                       batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
-                       warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-                       lr_schedule=args.lr_schedule, max_grad_norm=args.max_grad_norm)
+                       report_to=args.report_to)
+    if m.get("stopped"):
+        return 0
     n_params = _num_params(out)
     print(f"{m['steps']} steps in {m['time_s']:.1f} s ({args.backend}, {n_params:,} parameters): "
           f"final loss {m['final_loss']:.4f}"
@@ -260,105 +262,6 @@ def run_pretrain(args: argparse.Namespace) -> int:
               f"{100 * m['gold_well_formed_frac']:.0f}% fully well formed")
     print(f"model -> {out}; metrics -> {out / 'metrics.json'}")
     return 0
-
-
-def pretrain_model(backend: str, out: Path, *, task: Any = None, model: str | None = None,
-                   train: list | None = None, eval: list | None = None, steps: int = 1000,
-                   model_size: str = "small", corpus_size: int = 20000, seed: int | None = None,
-                   eval_samples: int = 240, progress: bool = True, resume: bool = False,
-                   checkpoint_every: int = 0, batch_size: int | None = None,
-                   max_length: int | None = None, lr: float | None = None,
-                   warmup_steps: int | None = None, weight_decay: float | None = None,
-                   lr_schedule: str | None = None, max_grad_norm: float | None = None) -> dict[str, Any]:
-    """Pretrain a fresh demo model of `task` (model=None) or fine-tune `model` (a checkpoint dir)
-    on `train` (default: the task corpus); save it with its tokenizer to `out`. With a task and
-    eval_samples > 0, also sample the task's eval prompts and report the gold score. Returns the
-    metrics (as written to out/metrics.json). `task`: a Task or its name. `ppo-rlhf pretrain`
-    and the demo call this."""
-    import tempfile
-
-    from ppo_rlhf.supervised import SFTConfig, _jsonable, load_tokenizer_dir, write_fresh_checkpoint
-
-    if isinstance(task, str):
-        from ppo_rlhf.tasks import get_task
-
-        task = get_task(task)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    seed_ = 0 if seed is None else seed
-    default_len = 32 if task is None else task.max_prompt_tokens + task.max_response_tokens + 2
-    config = _config(SFTConfig, num_steps=steps, seed=seed, batch_size=batch_size,
-                     max_length=max_length or default_len,
-                     learning_rate=lr if lr is not None else (1e-4 if model else 1e-3),
-                     warmup_steps=warmup_steps if warmup_steps is not None else (
-                         0 if model else min(50, steps // 10)),
-                     weight_decay=weight_decay, lr_schedule=lr_schedule,
-                     max_grad_norm=max_grad_norm)
-    if train is None:  # the task corpus (+ the next 500 examples of it as the eval set)
-        if task is None:
-            raise UsageError("no data: pass --data FILE or --task")
-        if corpus_size < 1:
-            raise UsageError(f"--corpus-size {corpus_size}: must be >= 1")
-        corpus = task.generate_corpus(corpus_size + 500, seed=seed_)
-        # from scratch: plain text, loss on every token; SFT: pairs, loss on the response
-        as_example = (lambda pr: pr) if model else (lambda pr: f"{pr[0]} {pr[1]}")
-        train = [as_example(x) for x in corpus[:corpus_size]]
-        eval = eval or [as_example(x) for x in corpus[corpus_size:]]
-
-    sft = backend_module(backend, "sft")
-    with tempfile.TemporaryDirectory() as tmp:
-        if model:
-            model_dir, tokenizer = model, load_tokenizer_dir(model)
-        else:
-            task.build_tokenizer(Path(tmp) / "tokenizer")
-            tokenizer = load_tokenizer_dir(Path(tmp) / "tokenizer")
-            hf_config = _demo_config(task, model_size, len(tokenizer))
-            model_dir = write_fresh_checkpoint(Path(tmp) / "init", hf_config, seed=seed_,
-                                               tokenizer=tokenizer)
-        try:
-            trainer = sft.SFTTrainer(str(model_dir), config, tokenizer=tokenizer, out_dir=out,
-                                     checkpoint_every=checkpoint_every)
-        except (FileNotFoundError, ValueError) as e:
-            raise UsageError(f"--model {model!r}: {e}") from None
-        m = trainer.fit(train, eval, progress=progress, resume=resume)
-    if task is not None and eval_samples > 0:
-        m.update(gold_of_samples(sft, trainer.model(), tokenizer, task, n=eval_samples,
-                                 seed=seed_, out=out))
-        (out / "metrics.json").write_text(json.dumps(_jsonable(m), indent=2, sort_keys=True) + "\n")
-    return m
-
-
-def gold_of_samples(sft: Any, model: Any, tokenizer: Any, task: Any, *, n: int, seed: int,
-                    out: Path | None = None, temperature: float = 0.7) -> dict[str, float]:
-    """Sample n responses (cycling over task.eval_prompts()) at `temperature` with the backend
-    module `sft`'s `sample_responses` and score them with the task's gold reward: gold_mean,
-    gold_positive_frac (share with gold > 0) and gold_well_formed_frac (`_well_formed_frac`).
-    Writes out/samples.jsonl (prompt, response, gold) when `out` is given."""
-    import numpy as np
-
-    prompts = [task.eval_prompts()[i % len(task.eval_prompts())] for i in range(n)]
-    responses = sft.sample_responses(model, tokenizer, prompts, max_new_tokens=task.max_response_tokens,
-                                     temperature=temperature, seed=seed,
-                                     max_prompt_len=task.max_prompt_tokens)
-    gold = np.asarray(task.gold_reward(prompts, responses), np.float64)
-    if out is not None:
-        with open(Path(out) / "samples.jsonl", "w", encoding="utf-8") as f:
-            for p, r, g in zip(prompts, responses, gold):
-                f.write(json.dumps({"prompt": p, "response": r, "gold": float(g)}) + "\n")
-    return {"gold_mean": float(gold.mean()), "gold_positive_frac": float((gold > 0).mean()),
-            "gold_well_formed_frac": float(_well_formed_frac(task, prompts, responses)),
-            "gold_samples": int(n), "sample_temperature": temperature}
-
-
-def _well_formed_frac(task: Any, prompts: list[str], responses: list[str]) -> float:
-    """Share of responses all of whose sentences are well formed (the task's gold_details f == 1,
-    when the task module has gold_details; else the share with gold > -1)."""
-    module = importlib.import_module(task.gold_reward.__module__)
-    details = getattr(module, "gold_details", None)
-    if details is None:
-        gold = task.gold_reward(prompts, responses)
-        return sum(g > -1 for g in gold) / len(gold)
-    return sum(details(p, r)["f"] == 1.0 for p, r in zip(prompts, responses)) / len(prompts)
 
 
 def _num_params(path: Path) -> int:
@@ -377,4 +280,4 @@ def add_parser(sub: Any) -> None:
 
 
 __all__ = ["add_train_rm_parser", "add_pretrain_parser", "add_parser", "run_train_rm",
-           "run_pretrain", "pretrain_model", "read_examples", "gold_of_samples"]
+           "run_pretrain", "read_examples"]

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ppo_rlhf.backends import BACKENDS, backend_module
+from ppo_rlhf.app.backends import BACKENDS, backend_module
 from ppo_rlhf.errors import UsageError
 
 
@@ -97,6 +97,9 @@ def add_train_parser(sub: Any) -> None:
                    help="checkpoint every N iterations (and at the end); 0 = only at the end")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--report-to", choices=("none", "tensorboard"), default="none",
+                   help="also write the metrics as TensorBoard scalars to OUT/tensorboard "
+                        "(needs tensorboardX; default: none)")
     s = p.add_argument_group("several devices (docs/distributed.md)")
     s.add_argument("--mesh", metavar="AXIS=N,...",
                    help="jax: shard over a device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, "
@@ -143,7 +146,7 @@ def run_train(args: argparse.Namespace) -> int:
                       (args.policy if args.shared_trunk else None), critic=args.critic,
                       tokenizer=args.policy, out_dir=out, dtype=args.dtype,
                       checkpoint_every=args.checkpoint_every, **scale)
-    history = trainer.train(resume=args.resume, progress=not args.no_progress)
+    history = trainer.train(resume=args.resume, progress=not args.no_progress, report_to=args.report_to)
     trainer.save_policy(out / "policy")  # several processes: all take part, the main one writes
     if history and trainer.processes.is_main:
         last = history[-1]
@@ -160,7 +163,7 @@ def run_train(args: argparse.Namespace) -> int:
 def _scaling_kwargs(args: argparse.Namespace, config: Any) -> dict[str, Any]:
     """The trainer's mesh= (jax) or distributed= (torch) from --mesh / --multihost /
     --distributed, checked before any backend is imported where possible."""
-    from ppo_rlhf.parallel import check_data_parallel, parse_mesh
+    from ppo_rlhf.runtime.processes import check_data_parallel, parse_mesh
 
     if args.backend == "torch":
         if args.mesh or args.multihost:
@@ -217,7 +220,8 @@ def add_eval_parser(sub: Any) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ppo_rlhf.evaluation import evaluate, write_samples
+    from ppo_rlhf.app.evaluate import evaluate
+    from ppo_rlhf.eval.policy import write_samples
 
     for path, what in ((args.policy, "--policy"), (args.reference, "--reference"),
                        (args.reward_model, "--reward-model")):
@@ -242,7 +246,7 @@ def run_eval(args: argparse.Namespace) -> int:
                                gold=None if task is None else task.gold_reward,
                                max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, batch_size=args.batch_size,
-                               seed=args.seed, progress=sys.stderr.isatty())
+                               seed=args.seed)
     print(json.dumps(result.to_dict(), indent=2))
     if args.out:
         out = Path(args.out)

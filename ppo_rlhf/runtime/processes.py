@@ -2,9 +2,9 @@
 
 Two engines do the actual work, each the standard one of its framework:
 
-* JAX (`ppo_jax/sharding.py`): one program over a `jax.sharding.Mesh` with named axes, partitioned
+* JAX (`ppo_jax/parallel.py`): one program over a `jax.sharding.Mesh` with named axes, partitioned
   by XLA's SPMD partitioner (GSPMD); several hosts join through `jax.distributed.initialize`.
-* PyTorch (`ppo_torch/distributed.py`): one process per GPU under `torchrun`, `torch.distributed`
+* PyTorch (`ppo_torch/parallel.py`): one process per GPU under `torchrun`, `torch.distributed`
   (NCCL on GPU, gloo on CPU), the models wrapped in DDP or FSDP2 (`fully_shard`).
 
 This module holds what both need and what the CLI checks before importing either backend:
@@ -28,7 +28,7 @@ axis with the most traffic last -- `tensor`, then `fsdp`; `data` may span hosts 
 Rollout batches, minibatches and the KV cache are split along the batch dimension over
 data x fsdp ("the data-parallel size"), so every micro-batch must divide evenly by it.
 
-`Processes` is how the shared host loop (`ppo_rlhf.trainer_common`) coordinates several
+`Processes` is how the host loop (`ppo_rlhf.runtime.loop`) coordinates several
 processes: only the main one writes metrics, checkpoints and the progress bar; a stop request
 (SIGTERM) is agreed on by all; checkpoints are written collectively. One process: trivial.
 """
@@ -130,8 +130,8 @@ def check_data_parallel(config: Any, ways: int, where: str) -> None:
 
 class Processes:
     """Coordination of the processes of one training job, as the host loop needs it. This
-    base class is the single-process case; `ppo_jax.sharding` (jax.distributed) and
-    `ppo_torch.distributed` (torch.distributed) subclass it."""
+    base class is the single-process case; `ppo_jax.parallel` (jax.distributed) and
+    `ppo_torch.parallel` (torch.distributed) subclass it."""
 
     count: int = 1
     index: int = 0

@@ -1,0 +1,105 @@
+"""Masked reductions in JAX: the sums, means, variances, whitening and loss aggregation that
+`losses.py` and `advantages.py` compute over real tokens only. Mirror: `ppo_torch/masked.py`.
+
+`mask` is 1 on real tokens and 0 on padding; values at padded positions never reach a result or a
+gradient, even if they are NaN or inf: each input is replaced by 0 there BEFORE any arithmetic
+(`_clean`), so no NaN * 0 can leak into a gradient. Math runs in float32 at least (bfloat16 inputs
+are upcast; float64 stays float64). Mask values (0/1, not all zero) are checked when reading them
+is free (see `_bool_mask`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ppo_rlhf.checks import check_choice, check_mask, check_same_shape
+from ppo_rlhf.config import LOSS_AGGS
+
+Array = jax.Array
+
+
+def _float(x: Any) -> Array:
+    """At least float32: bf16/f16 are upcast, f64 stays f64 (for the float64 parity tests)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _bool_mask(fn: str, mask: Any, *, allow_all_zero: bool = False) -> Array:
+    """The mask as bool; its values are checked when concrete (outside jit)."""
+    if not isinstance(mask, jax.core.Tracer):
+        check_mask(f"{fn}: mask", np.asarray(mask), allow_all_zero=allow_all_zero)
+    mask = jnp.asarray(mask)
+    return mask if mask.dtype == jnp.bool_ else mask != 0
+
+
+def _clean(x: Any, mask: Array) -> Array:
+    """x at real positions, 0 at padded ones (so NaN padding cannot poison values or gradients)."""
+    return jnp.where(mask, _float(x), 0.0)
+
+
+def masked_sum(x: Array, mask: Array, axis: int | None = None) -> Array:
+    """Sum of x over the real positions (all positions, or along `axis`)."""
+    mask = _bool_mask("masked_sum", mask, allow_all_zero=True)
+    check_same_shape("masked_sum", "mask", mask.shape, x=x)
+    return jnp.sum(_clean(x, mask), axis=axis)
+
+
+def masked_mean(x: Array, mask: Array, axis: int | None = None) -> Array:
+    """Mean of x over the real positions. An all-zero mask is an error outside jit and gives 0
+    inside jit (and along `axis`, a row without real tokens gives 0)."""
+    mask = _bool_mask("masked_mean", mask, allow_all_zero=axis is not None)
+    check_same_shape("masked_mean", "mask", mask.shape, x=x)
+    count = jnp.sum(mask, axis=axis)
+    return jnp.sum(_clean(x, mask), axis=axis) / jnp.maximum(count, 1).astype(_float(x).dtype)
+
+
+def masked_var(x: Array, mask: Array, *, unbiased: bool = False) -> Array:
+    """Variance of x over all real positions: sum((x - mean)^2) / n, or / (n - 1) if `unbiased`
+    (Bessel's correction; needs n >= 2 outside jit, gives 0 for n = 1 inside jit)."""
+    mask = _bool_mask("masked_var", mask)
+    check_same_shape("masked_var", "mask", mask.shape, x=x)
+    n = jnp.sum(mask)
+    if unbiased and not isinstance(n, jax.core.Tracer) and int(n) < 2:
+        raise ValueError("masked_var: unbiased variance needs at least 2 real tokens, mask has "
+                         f"{int(n)}")
+    x = _clean(x, mask)
+    mean = jnp.sum(x) / jnp.maximum(n, 1).astype(x.dtype)
+    sq = jnp.sum(jnp.where(mask, (x - mean) ** 2, 0.0))
+    denom = (n - 1) if unbiased else n
+    return sq / jnp.maximum(denom, 1).astype(x.dtype)
+
+
+def whiten(x: Array, mask: Array, *, shift_mean: bool = True, unbiased: bool = False,
+           eps: float = 1e-8) -> Array:
+    """(x - mean) / sqrt(var + eps) over the real positions; with shift_mean=False the mean is
+    added back (only the scale changes, as TRL does for rewards). Padded positions come out 0."""
+    mask = _bool_mask("whiten", mask)
+    check_same_shape("whiten", "mask", mask.shape, x=x)
+    x = _clean(x, mask)
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask, unbiased=unbiased)
+    out = (x - mean) * jax.lax.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return jnp.where(mask, out, 0.0)
+
+
+def aggregate_loss(losses: Array, mask: Array, loss_agg: str = "token-mean") -> Array:
+    """Per-token losses [B, T] -> scalar.
+    "token-mean": sum over every real token / number of real tokens.
+    "seq-mean-token-mean": each sequence's token mean, averaged over sequences that have at
+    least one real token."""
+    check_choice("aggregate_loss", "loss_agg", loss_agg, LOSS_AGGS)
+    mask = _bool_mask("aggregate_loss", mask)
+    check_same_shape("aggregate_loss", "mask", mask.shape, losses=losses)
+    if loss_agg == "token-mean":
+        return masked_mean(losses, mask)
+    per_seq = masked_mean(losses, mask, axis=-1)
+    has_tokens = jnp.any(mask, axis=-1)
+    return masked_mean(per_seq, has_tokens)
+
+__all__ = ["masked_sum", "masked_mean", "masked_var", "whiten", "aggregate_loss"]

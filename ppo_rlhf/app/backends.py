@@ -1,0 +1,72 @@
+"""The two backends by name: the one place where the application (CLI, demo, pipelines, the
+labelling tools) reaches `ppo_jax.<module>` or `ppo_torch.<module>`. Imports are lazy: `ppo_rlhf`
+imports neither backend at module level, and a missing one is a UsageError naming its extra."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ppo_rlhf.errors import UsageError
+
+BACKENDS = ("jax", "torch")
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+
+
+def backend_module(backend: str, module: str) -> ModuleType:
+    """`ppo_<backend>.<module>` (e.g. backend_module("jax", "ppo") is `ppo_jax.ppo`)."""
+    check_backend(backend)
+    try:
+        return importlib.import_module(f"ppo_{backend}.{module}")
+    except ImportError as e:
+        raise UsageError(f"the {backend} backend is not installed ({e}); "
+                         f"pip install 'ppo-rlhf[{backend}]'") from None
+
+
+def load_policy_sampler(backend: str, policy_dir: str | os.PathLike[str], *,
+                        max_new_tokens: int = 64, temperature: float = 1.0, seed: int = 0) -> Any:
+    """A `ppo_rlhf.feedback.samplers.PolicySampler` drawing from the policy checkpoint in
+    `policy_dir` with `backend`'s `sample_text.sample_texts`: `sample(prompts, k)` gives `k`
+    independent responses per prompt of at most `max_new_tokens` tokens at `temperature`
+    (stopping at the tokenizer's EOS), decoded without the prompt and special tokens. Bad
+    arguments (a missing directory, no tokenizer or model in it, a backend that is not installed,
+    a prompt too long for the model) raise `UsageError`."""
+    from ppo_rlhf.feedback.samplers import PolicySampler
+    from ppo_rlhf.runtime import tokens
+
+    check_backend(backend)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise UsageError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
+        raise UsageError(f"temperature must be a number > 0, got {temperature!r}")
+    path = Path(policy_dir)
+    if not path.is_dir():
+        raise UsageError(f"policy {str(path)!r}: not a directory")
+    if not tokens.has_tokenizer(path):
+        # transformers 5 would build an EMPTY tokenizer from config.json alone
+        raise UsageError(f"policy {str(path)!r}: no tokenizer saved there (none of "
+                         f"{', '.join(tokens.TOKENIZER_FILES)})")
+    tokenizer = tokens.load_tokenizer(path)
+    sample_texts = backend_module(backend, "sample_text").sample_texts
+    try:
+        model = backend_module(backend, "models").load_pretrained(path)
+    except (OSError, ValueError) as e:  # FileNotFoundError included: no config / weights
+        raise UsageError(f"cannot load a policy from {str(path)!r}: {e}") from None
+    if backend == "torch":
+        import torch
+
+        model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+    tokens.check_vocab(tokenizer, {"policy": model.config.vocab_size})
+
+    def draw(prompts: list[str], call: int) -> list[str]:
+        return sample_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                            temperature=temperature, seed=seed, stream=call).texts
+
+    return PolicySampler(draw, eos_token_id=tokens.pad_and_eos(tokenizer)[1])

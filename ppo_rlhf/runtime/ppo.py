@@ -1,0 +1,219 @@
+"""The host side of PPO that both trainers share (backend-neutral, numpy only).
+
+The backend files (`ppo_jax/ppo.py`, `ppo_torch/ppo.py`) hold the math of an iteration; this base
+class holds what is the same in both and touches no array library: the roles' tokenizer checks,
+prompts (the seeded prompt stream, tokenisation), host-side rewards, the missing-EOS penalty, the
+iteration's stats under TRL's names, and `train()` -- the iterations run through the one host loop
+(`ppo_rlhf.runtime.loop.HostLoop`: metrics, progress, checkpoints, resume, signals, the
+non-finite-update guard).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from ppo_rlhf.config import PPOConfig
+from ppo_rlhf.errors import UsageError
+from ppo_rlhf.kl_control import make_kl_controller
+from ppo_rlhf.rewards import ScoreRequest, check_scores
+from ppo_rlhf.rollout import RolloutBatch
+from ppo_rlhf.runtime import seeds, tokens
+from ppo_rlhf.runtime.loop import HostLoop, fmt
+
+_FROM_TOKENIZER = -1
+
+
+def resolve_reward_spec(reward: Any, native_cls: type) -> tuple[str, Any]:
+    """("dir", path) for a reward-model checkpoint dir, ("native", model) for the backend's own
+    scalar model, ("host", obj) for a RewardModel/RewardFn scored on the host."""
+    if isinstance(reward, (str, os.PathLike)):
+        if not Path(reward).is_dir():
+            raise UsageError(f"reward model dir {str(reward)!r} does not exist")
+        return "dir", reward
+    if isinstance(reward, native_cls):
+        return "native", reward
+    return "host", reward
+
+
+class TrainerBase(HostLoop):
+    """The PPO trainer's host side; the backend subclass (`PPOTrainer`) supplies the models, the
+    rollout's device work, `compute_advantages`, `update`, `step` and the checkpoint tensors."""
+
+    counter, counter_offset, config_file = "iteration", 1, "config.json"
+
+    def __init__(self, policy: Any, prompts: Any, *, config: PPOConfig, tokenizer: Any,
+                 out_dir: Any, extra_rewards: Mapping[str, Callable] | None, eos_token_id: Any,
+                 pad_token_id: Any, checkpoint_every: int, keep_checkpoints: int):
+        if not isinstance(config, PPOConfig):
+            raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
+        super().__init__(config, out_dir=out_dir, checkpoint_every=checkpoint_every,
+                         keep_checkpoints=keep_checkpoints)
+        self.tokenizer = tokenizer = tokens.resolve_tokenizer(tokenizer, policy)
+        pad, eos = tokens.pad_and_eos(tokenizer)
+        self.eos_token_id = eos if eos_token_id == _FROM_TOKENIZER else eos_token_id
+        self.pad_token_id = int(pad_token_id if pad_token_id is not None else (pad or 0))
+        if isinstance(prompts, (str, os.PathLike)):
+            from ppo_rlhf.data import load_prompts
+
+            prompts = load_prompts(prompts)
+        self.prompt_stream = (None if prompts is None
+                              else seeds.PromptStream(prompts, config.batch_size, seed=config.seed))
+        self.extra_rewards = dict(extra_rewards or {})
+        self.kl_ctl = make_kl_controller(config)
+        self._warned_eos = False  # the missing-EOS warning is given once per trainer
+
+    def _check_tokenizer_dirs(self, **dirs: Any) -> None:
+        """Before loading anything: each role given as a checkpoint dir that holds a tokenizer
+        of its own must share the policy's (`check_same_tokenizer`)."""
+        for role, path in dirs.items():
+            tokens.check_same_tokenizer(self.tokenizer, path, role.replace("_", " "))
+
+    def _check_models(self, *models: Any) -> None:
+        """All roles (policy, reference, critic, reward model) share one vocabulary, the
+        tokenizer's ids fit it and prompt + response fit GPT-2's learned positions. (A reward
+        model with another tokenizer is refused rather than re-tokenised through text: wrap it
+        in a `RewardFn` that tokenises the decoded text itself if that is what you want.)"""
+        roles = ("policy", "reference", "critic", "reward model")
+        tokens.check_vocab(self.tokenizer, {role: m.config.vocab_size for role, m in zip(roles, models)
+                                     if m is not None})
+        cfg = self.config
+        tokens.check_positions(cfg.max_prompt_len + cfg.max_new_tokens,
+                        f"max_prompt_len + max_new_tokens = {cfg.max_prompt_len} + {cfg.max_new_tokens}",
+                        "lower them (PPOConfig / --set)", [m.config for m in models if m is not None])
+
+    # ---- prompts ---------------------------------------------------------------------------------
+    def _prompts_for(self, iteration: int, prompts: Sequence[str] | None, query_ids: Any,
+                     query_mask: Any) -> tuple[list[str] | None, np.ndarray, np.ndarray]:
+        cfg = self.config
+        if query_ids is not None:
+            if query_mask is None:
+                raise ValueError("query_ids given without query_mask")
+            q, qm = np.asarray(query_ids, np.int32), np.asarray(query_mask, np.int32)
+            if q.shape != (cfg.batch_size, cfg.max_prompt_len):
+                raise ValueError(f"query_ids must have shape (batch_size, max_prompt_len) = "
+                                 f"({cfg.batch_size}, {cfg.max_prompt_len}), got {q.shape}")
+            return (list(prompts) if prompts is not None else None), q, qm
+        if prompts is None:
+            if self.prompt_stream is None:
+                raise ValueError("no prompts: pass prompts= to the trainer or to step()")
+            prompts = self.prompt_stream.batch(iteration)
+        prompts = list(prompts)
+        if len(prompts) != cfg.batch_size:
+            raise ValueError(f"step() needs batch_size={cfg.batch_size} prompts, got {len(prompts)}")
+        if self.tokenizer is None:
+            raise ValueError("text prompts need a tokenizer: pass tokenizer= to the trainer")
+        q, qm, _ = tokens.tokenize_prompts(self.tokenizer, prompts, cfg.max_prompt_len)
+        return prompts, q, qm
+
+    # ---- rollout: host rewards, missing-EOS penalty, extras ----------------------------------------
+    def _finish_rollout(self, arrays: Mapping[str, Any], prompts: Sequence[str] | None) -> RolloutBatch:
+        cfg = self.config
+        a = {k: self._to_numpy(v) for k, v in arrays.items()}
+        n = len(a["response_ids"])  # batch_size, or this rank's share of it (torch distributed)
+        texts = None
+        if self.tokenizer is not None and (self.host_reward is not None or self.extra_rewards):
+            texts = tokens.decode_responses(self.tokenizer, a["response_ids"], a["response_mask"])
+            if prompts is None:
+                prompts = tokens.decode_responses(self.tokenizer, a["query_ids"], a["query_mask"])
+        if self.host_reward is not None:
+            request = ScoreRequest(a["query_ids"], a["query_mask"], a["response_ids"],
+                                   a["response_mask"], prompts=prompts, responses=texts)
+            a["scores"] = check_scores(self.host_reward.score(request), n, source="reward")
+        has_eos = tokens.contains_eos(a["response_ids"], a["response_mask"], self.eos_token_id)
+        if (cfg.missing_eos_penalty is None and self.eos_token_id is not None
+                and self.native_reward is not None and not has_eos.all() and not self._warned_eos):
+            self._warned_eos = True
+            warnings.warn(f"{int((~has_eos).sum())} of {n} responses end without EOS and are scored "
+                          f"by a reward model that was trained on EOS-terminated text; set "
+                          f"missing_eos_penalty (e.g. 1.0, as TRL) to penalise them", stacklevel=3)
+        if cfg.missing_eos_penalty is not None and self.eos_token_id is not None:
+            a["scores"] = np.where(has_eos, a["scores"], a["scores"] - cfg.missing_eos_penalty).astype(a["scores"].dtype)
+        extras = {"contains_eos": has_eos.astype(np.int32)}
+        for name, fn in self.extra_rewards.items():
+            if texts is None:
+                raise ValueError(f"extra reward {name!r} scores text: the trainer needs a tokenizer")
+            extras[f"extra/{name}"] = check_scores(fn(list(prompts), texts), n,
+                                                   source=f"extra reward {name!r}")
+        # float64 models (numerics checks) keep their float64 rollouts; otherwise float32
+        return RolloutBatch.from_arrays({**a, **extras}, float_dtype=str(a["logprobs"].dtype))
+
+    # ---- stats -----------------------------------------------------------------------------------
+    def _collect_stats(self, iteration: int, batch: RolloutBatch, adv: Mapping[str, Any],
+                       update: Mapping[str, np.ndarray], kl_coef: float,
+                       times: Mapping[str, float]) -> dict[str, float]:
+        cfg = self.config
+        mask = batch.response_mask.astype(bool)
+        kl = np.where(mask, np.asarray(adv["kl"], np.float64), 0.0)  # stats in float64
+        scores = batch.scores.astype(np.float64)
+        seq_kl = kl.sum(1)
+        non_score = (-kl_coef * seq_kl)
+        skipped = np.asarray(update["update/skipped"]).astype(bool)
+        self.bad_updates.record(skipped.tolist(), f"iteration {iteration}")
+        s: dict[str, float] = {
+            "iteration": iteration,
+            "episode": (iteration + 1) * cfg.batch_size,
+            "objective/kl": float(seq_kl.mean()),
+            "objective/entropy": float((-np.where(mask, batch.logprobs.astype(np.float64), 0.0).sum(1)).mean()),
+            "objective/non_score_reward": float(non_score.mean()),
+            "objective/rlhf_reward": float((scores + non_score).mean()),
+            "objective/scores": float(scores.mean()),
+            "objective/scores_std": float(scores.std()),
+            "objective/kl_coef": float(kl_coef),
+            "gen/response_len_mean": float(mask.sum(1).mean()),
+            "gen/eos_frac": float(batch.extras["contains_eos"].mean()),
+            "val/returns_mean": float(np.asarray(adv["returns"], np.float64)[mask].mean()),
+            "val/advantages_mean": float(np.asarray(adv["advantages"], np.float64)[mask].mean()),
+            "update/skipped": int(skipped.sum()),
+        }
+        for k, v in batch.extras.items():
+            if k.startswith("extra/"):
+                s["objective/" + k[len("extra/"):]] = float(np.mean(v, dtype=np.float64))
+        for k, v in update.items():
+            v = np.asarray(v, np.float64)
+            if k == "update/skipped":
+                continue
+            if k.endswith("_max"):
+                s[k] = float(v.max())
+            elif k.endswith("_min"):
+                s[k] = float(v.min())
+            elif k == "val/ratio":
+                s[k] = float(v.mean())
+                s["val/ratio_var"] = float(v.var())
+            else:
+                s[k + "_avg"] = float(v.mean())
+        s.update({k: float(v) for k, v in times.items()})
+        n_tokens = cfg.batch_size * (cfg.max_prompt_len + cfg.max_new_tokens)
+        s["time/tokens_per_s"] = n_tokens / max(times.get("time/iteration_s", 0.0), 1e-9)
+        self.history.append(s)
+        return s
+
+    # ---- the training loop ---------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        return {"kl_coef": self.kl_ctl.value}
+
+    def restore_extra_state(self, state: Mapping[str, Any]) -> None:
+        self.kl_ctl.load_state_dict({"value": state["kl_coef"]})
+
+    def train(self, num_iterations: int | None = None, *, resume: bool = False,
+              progress: bool = True, on_iteration: Callable[[dict], None] | None = None,
+              report_to: str = "none") -> list[dict]:
+        """Run PPO until `num_iterations` (default config.num_iterations) iterations are done in
+        total, through the host loop (`ppo_rlhf.runtime.loop`): out_dir/metrics.jsonl,
+        checkpoints every `checkpoint_every` iterations and at the end, SIGTERM/SIGINT finish the
+        current iteration, checkpoint and return. With resume=True, continue from the newest
+        valid checkpoint. report_to="tensorboard": the stats also as TensorBoard scalars under
+        out_dir/tensorboard (`runtime/tracking.py`). Returns the stats of every iteration run."""
+        total = self.config.num_iterations if num_iterations is None else int(num_iterations)
+        self.run_loop(total, self.step, resume=resume, progress=progress, on_record=on_iteration,
+                      desc=f"PPO ({self.backend})", report_to=report_to,
+                      postfix=lambda s: {"score": fmt(s["objective/scores"]), "kl": fmt(s["objective/kl"])})
+        return self.history
+
+    def _save_tokenizer(self, path: str | os.PathLike) -> None:
+        if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+            self.tokenizer.save_pretrained(str(path))
