@@ -37,15 +37,10 @@ def measure(arch: str, layers: int, *, iterations: int, remat: str | None, root:
     ckpt = make_tiny_checkpoint(root / f"{arch}-{layers}", arch, **{depth_key: layers})
     config = PPOConfig(batch_size=8, max_prompt_len=8, max_new_tokens=8, ppo_epochs=2,
                        num_minibatches=2, learning_rate=1e-4)
-    policy, critic = str(ckpt), None
-    if remat is not None:  # as PPOConfig.remat would: the policy and critic models carry it
-        import ppo_jax.models as jm
-
-        policy = jm.set_remat(jm.load_pretrained(ckpt), remat)
-        critic = jm.set_remat(jm.scalar_model_from_lm(policy, seed=config.seed), remat)
-    trainer = PPOTrainer(policy, lambda prompts, responses: [0.1 * len(r) for r in responses],
-                         config=config, critic=critic, tokenizer=str(ckpt), eos_token_id=EOS_ID,
-                         pad_token_id=PAD_ID)
+    if remat is not None:  # PPOConfig.remat: the trainer sets it on its policy and critic
+        config = config.replace(remat=remat)
+    trainer = PPOTrainer(str(ckpt), lambda prompts, responses: [0.1 * len(r) for r in responses],
+                         config=config, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     compile_s: list[float] = []
 
     def listener(event: str, duration: float, **kw) -> None:

@@ -17,21 +17,14 @@ from ppo_rlhf.checks import (check_choice, check_contiguous_rows, check_leading_
                              check_same_shape)
 from ppo_rlhf.config import KL_UNITS
 from ppo_jax.losses import kl_penalty
-from ppo_jax.masked import _bool_mask, _clean, _float, masked_mean, masked_sum, whiten
+from ppo_jax.masked import (_bool_mask, _clean, _float, last_token_index, masked_mean, masked_sum,
+                            whiten)
 
 Array = jax.Array
 
 __all__ = [
     "last_token_index", "shape_rewards", "gae", "whiten", "kl_for_controller",
 ]
-
-
-def last_token_index(mask: Array) -> Array:
-    """Index of the last real token of each row ([B, T] -> [B]); 0 for a row without one."""
-    mask = jnp.asarray(mask) != 0
-    t = mask.shape[-1]
-    idx = jnp.where(mask, jnp.arange(t), -1).max(axis=-1)
-    return jnp.maximum(idx, 0)
 
 
 def shape_rewards(scores: Array, logprobs: Array, ref_logprobs: Array, mask: Array,

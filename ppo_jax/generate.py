@@ -87,6 +87,11 @@ class SamplingOptions:
         if self.source not in SOURCES:
             raise ValueError(f"SamplingOptions.source={self.source!r}: allowed {', '.join(SOURCES)}")
 
+    def rule(self) -> dict[str, Any]:
+        """The keyword arguments of `sample_token`."""
+        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                    greedy=self.source == "greedy")
+
 
 # ---- the sampling rule ----------------------------------------------------------------------------
 def filter_logits(scaled: Array, top_k: int = 0, top_p: float = 1.0) -> Array:
@@ -108,18 +113,18 @@ def filter_logits(scaled: Array, top_k: int = 0, top_p: float = 1.0) -> Array:
     return scaled
 
 
-def sample_token(logits: Array, gumbel: Array | None, options: SamplingOptions
+def sample_token(logits: Array, gumbel: Array | None, *, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, greedy: bool = False
                  ) -> tuple[Array, Array]:
     """(token [B] int32, logprob [B] float32) from logits [B, V] by the rule of the module
-    docstring; `gumbel` [B, V] float32 (ignored when options.source == "greedy")."""
+    docstring; `gumbel` [B, V] float32 (ignored when greedy). The options are static Python
+    numbers (`SamplingOptions.rule()` gives them)."""
     logits = logits.astype(jnp.float32)
-    if options.source == "greedy":
+    if greedy:
         token = jnp.argmax(logits, axis=-1)
     else:
-        scaled = filter_logits(logits / options.temperature, options.top_k, options.top_p)
-        token = jnp.argmax(scaled + gumbel, axis=-1)
-    token = token.astype(jnp.int32)
-    return token, logprobs_from_logits(logits, token, options.temperature)
+        token = jnp.argmax(filter_logits(logits / temperature, top_k, top_p) + gumbel, axis=-1)
+    return token.astype(jnp.int32), logprobs_from_logits(logits, token, temperature)
 
 
 def _step_noise(options: SamplingOptions, rand: Any, t: Array, shape: tuple[int, int]) -> Array | None:
@@ -150,7 +155,7 @@ def _generate_impl(graphdef: Any, options: SamplingOptions, cache_sharding: Any,
         raise ValueError(f"generate: noise has vocab dimension {rand.shape[-1]}, the model's "
                          f"logits {V}")
     t0 = jnp.zeros((), jnp.int32)
-    token, lp = sample_token(logits[:, -1], _step_noise(options, rand, t0, (B, V)), options)
+    token, lp = sample_token(logits[:, -1], _step_noise(options, rand, t0, (B, V)), **options.rule())
     ids = jnp.full((B, N), pad, jnp.int32).at[:, 0].set(token)
     mask = jnp.zeros((B, N), jnp.int32).at[:, 0].set(1)
     lps = jnp.zeros((B, N), jnp.float32).at[:, 0].set(lp)
@@ -166,7 +171,7 @@ def _generate_impl(graphdef: Any, options: SamplingOptions, cache_sharding: Any,
         kv_mask = jax.lax.dynamic_update_slice_in_dim(kv_mask, jnp.ones((B, 1), jnp.int32), slot, axis=1)
         logits, cache = model(prev[:, None], attention_mask=kv_mask, cache=cache, cache_index=slot)
         cache = _constrain(cache, cache_sharding)
-        token, lp = sample_token(logits[:, 0], _step_noise(options, rand, t, (B, V)), options)
+        token, lp = sample_token(logits[:, 0], _step_noise(options, rand, t, (B, V)), **options.rule())
         alive = ~done
         token = jnp.where(alive, token, pad)  # a finished row is fed pads (its outputs unused)
         ids = jax.lax.dynamic_update_slice_in_dim(ids, token[:, None], t, axis=1)
@@ -196,7 +201,7 @@ def make_generate_fn(graphdef: Any, options: SamplingOptions,
     float32 Gumbel noise [B, N, V] ("noise") or None ("greedy"). Cached per (graphdef, options)
     (the same call returns the same jitted function); jit adds one compilation per input shape
     / dtype. `cache_sharding`: a `jax.sharding.Sharding` for the KV cache's k and v arrays,
-    [layers, B, kv_heads, slots, head_dim] (a mesh: `ppo_jax.sharding.Placement.kv_cache`, rows
+    [layers, B, kv_heads, slots, head_dim] (a mesh: `ppo_jax.parallel.Placement.kv_cache`, rows
     split like the batch); None lets XLA choose.
     No argument checks: `generate` does those."""
     return _make_generate_fn(graphdef, options, cache_sharding)

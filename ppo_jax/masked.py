@@ -102,4 +102,13 @@ def aggregate_loss(losses: Array, mask: Array, loss_agg: str = "token-mean") -> 
     has_tokens = jnp.any(mask, axis=-1)
     return masked_mean(per_seq, has_tokens)
 
-__all__ = ["masked_sum", "masked_mean", "masked_var", "whiten", "aggregate_loss"]
+def last_token_index(mask: Array) -> Array:
+    """[B, T] -> [B]: the index of each row's last real (non-zero) position; 0 for a row without
+    one (such a row's result is masked out wherever it is used: an empty response's terminal
+    reward, a padded row's score). Used by the reward placement (advantages.py) and the scalar
+    heads (models/heads.py)."""
+    mask = jnp.asarray(mask) != 0
+    return jnp.maximum(jnp.where(mask, jnp.arange(mask.shape[-1]), -1).max(axis=-1), 0)
+
+
+__all__ = ["last_token_index", "masked_sum", "masked_mean", "masked_var", "whiten", "aggregate_loss"]

@@ -28,7 +28,7 @@ one exactly and the PyTorch trainer processes the same minibatches in the same o
 mean nothing recompiles after the first iteration.
 
 Scaling: `mesh=` (e.g. "data=2,fsdp=4") shards parameters, optimiser state, KV cache and batches
-over a device mesh and lets XLA's SPMD partitioner do the rest (`ppo_jax/sharding.py`, where all
+over a device mesh and lets XLA's SPMD partitioner do the rest (`ppo_jax/parallel.py`, where all
 the sharding rules are); mesh=None is one device.
 
 Implementation details, each a config field (see `ppo_rlhf.config.PPOConfig`): the reference is
@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ppo_jax import sharding
+from ppo_jax.parallel import builds_on_host, placement
 from ppo_jax.advantages import gae, kl_for_controller, shape_rewards, whiten
 from ppo_jax.generate import generate
 from ppo_jax.losses import policy_loss, value_loss
@@ -59,7 +59,7 @@ from ppo_jax.optim import guarded_step, make_optimizer
 from ppo_jax.models import (CausalLM, PolicyWithValueHead, ScalarHeadModel, critic_from_reward_model,
                             load_pretrained, load_scalar_model, response_logprobs,
                             response_logprobs_and_values, response_values, scalar_model_from_lm,
-                            sequence_scores)
+                            sequence_scores, set_compute_dtype, set_remat)
 from ppo_rlhf.runtime import metrics, seeds
 from ppo_rlhf.config import PPOConfig
 from ppo_rlhf.rewards import RewardModel, as_reward_model
@@ -132,13 +132,13 @@ class PPOTrainer(TrainerBase):
                   (e.g. a gold reward, to watch over-optimisation); not trained on.
     dtype      -- "float32" or "bfloat16" weights (the math stays float32).
     mesh       -- None (one device), a `jax.sharding.Mesh` or a spec such as "data=2,fsdp=4"
-                  (`ppo_jax.sharding.make_mesh`); several hosts: call
-                  `ppo_jax.sharding.initialize_distributed()` first.
+                  (`ppo_jax.parallel.make_mesh`); several hosts: call
+                  `ppo_jax.parallel.initialize_distributed()` first.
     """
 
     backend = "jax"
 
-    @sharding.builds_on_host  # a mesh: load into host memory, then shard onto the devices
+    @builds_on_host  # a mesh: load into host memory, then shard onto the devices
     def __init__(self, policy: Any, reward: Any, prompts: Any = None, *,
                  config: PPOConfig = PPOConfig(), reference: Any = None, critic: Any = None,
                  tokenizer: Any = None, out_dir: str | os.PathLike | None = None,
@@ -151,9 +151,9 @@ class PPOTrainer(TrainerBase):
                          keep_checkpoints=keep_checkpoints)
         self._check_tokenizer_dirs(reward_model=reward, reference=reference, critic=critic)
         cfg = self.config
-        self.place = sharding.placement(mesh)  # one device, or the sharding rules of a mesh
-        self.place.check_config(cfg)
-        self.processes = self.place.processes
+        self.parallel = placement(mesh)  # one device, or the sharding rules of a mesh
+        self.parallel.check_config(cfg)
+        self.processes = self.parallel.processes
         # --- roles: actor (+ shared critic), reference, critic, reward --------------------------
         policy_model = self._load_policy(policy, dtype)
         self.shared_trunk = isinstance(policy_model, PolicyWithValueHead)
@@ -182,6 +182,16 @@ class PPOTrainer(TrainerBase):
             else:
                 critic_model = scalar_model_from_lm(policy_model, seed=cfg.seed)
         self._check_models(policy_model, ref_model, critic_model, self.native_reward)
+        # mixed precision: weights (and so AdamW state) keep their dtype, matmuls in compute_dtype
+        if cfg.compute_dtype is not None:
+            for m in (policy_model, ref_model, critic_model, self.native_reward):
+                if m is not None:
+                    set_compute_dtype(m, cfg.compute_dtype)
+        # activation checkpointing of the differentiated models (the reference and the reward
+        # model are never differentiated); static, so set before the split into graphdefs
+        set_remat(policy_model, cfg.remat)
+        if critic_model is not None:
+            set_remat(critic_model, cfg.remat)
 
         # --- pure state: each role's structure is static, its parameters a pytree -------------
         self.policy, trainable = Role.trainable(policy_model)
@@ -189,13 +199,13 @@ class PPOTrainer(TrainerBase):
         self.critic = None
         if critic_model is not None:
             self.critic, trainable["critic"] = Role.trainable(critic_model)
-        self.params = self.place.params(trainable)
-        self.reference = Role.frozen(ref_model, self.place.params)
+        self.params = self.parallel.params(trainable)
+        self.reference = Role.frozen(ref_model, self.parallel.params)
         self.reward = None if self.native_reward is None else Role.frozen(self.native_reward,
-                                                                          self.place.params)
+                                                                          self.parallel.params)
         self.tx = make_optimizer(learning_rate=cfg.learning_rate, adam_eps=cfg.adam_eps,
                                  weight_decay=cfg.weight_decay)
-        self.opt_state = self.place.params(self.tx.init(self.params))
+        self.opt_state = self.parallel.params(self.tx.init(self.params))
 
         self._rollout_forward = jax.jit(self._rollout_forward_impl)
         self._advantages = jax.jit(self._advantages_impl)
@@ -234,12 +244,12 @@ class PPOTrainer(TrainerBase):
     def generate(self, query_ids: Any, query_mask: Any, *, iteration: int = 0, noise: Any = None) -> Any:
         cfg = self.config
         key = jax.random.key(seeds.sampling_seed(cfg.seed, iteration))
-        return generate(self.policy_model(), *self.place.batch((query_ids, query_mask)),
+        return generate(self.policy_model(), *self.parallel.batch((query_ids, query_mask)),
                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                         top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=self.eos_token_id,
                         pad_token_id=self.pad_token_id,
-                        noise=None if noise is None else self.place.batch(noise), key=key,
-                        cache_sharding=self.place.kv_cache)
+                        noise=None if noise is None else self.parallel.batch(noise), key=key,
+                        cache_sharding=self.parallel.kv_cache)
 
     # ---- 3. forward passes of the four roles ----------------------------------------------------
     def _rollout_forward_impl(self, params, ref_params, rm_params, q, qm, r, rm):
@@ -247,11 +257,14 @@ class PPOTrainer(TrainerBase):
         policy, critic = self._models(params)
         ref = self.reference.model(ref_params)
         if self.shared_trunk:
-            logprobs, values = response_logprobs_and_values(policy, q, qm, r, rm, temperature=cfg.temperature)
+            logprobs, values = response_logprobs_and_values(policy, q, qm, r, rm, temperature=cfg.temperature,
+                                                            chunk=cfg.logprob_chunk)
         else:
-            logprobs = response_logprobs(policy, q, qm, r, rm, temperature=cfg.temperature)
+            logprobs = response_logprobs(policy, q, qm, r, rm, temperature=cfg.temperature,
+                                         chunk=cfg.logprob_chunk)
             values = response_values(critic, q, qm, r, rm)
-        ref_logprobs = response_logprobs(ref, q, qm, r, rm, temperature=cfg.temperature)
+        ref_logprobs = response_logprobs(ref, q, qm, r, rm, temperature=cfg.temperature,
+                                         chunk=cfg.logprob_chunk)
         if rm_params is None:
             scores = jnp.zeros(q.shape[0], jnp.float32)
         else:
@@ -265,7 +278,7 @@ class PPOTrainer(TrainerBase):
         times = {} if times is None else times
         with metrics.phase_timer(times, "time/generate_s", block=lambda: jax.block_until_ready(gen)):
             gen = self.generate(query_ids, query_mask, iteration=iteration, noise=noise)
-        q, qm = self.place.batch((np.asarray(query_ids, np.int32), np.asarray(query_mask, np.int32)))
+        q, qm = self.parallel.batch((np.asarray(query_ids, np.int32), np.asarray(query_mask, np.int32)))
         r, rm = gen.response_ids.astype(jnp.int32), gen.response_mask.astype(jnp.int32)
         with metrics.phase_timer(times, "time/forward_s", block=lambda: jax.block_until_ready(out)):
             out = self._rollout_forward(self.params, self.reference.params,
@@ -303,10 +316,11 @@ class PPOTrainer(TrainerBase):
         args = (mb["query_ids"], mb["query_mask"], mb["response_ids"], mb["response_mask"])
         if self.shared_trunk:
             logprobs, values, entropy = response_logprobs_and_values(
-                policy, *args, temperature=cfg.temperature, return_entropy=True)
+                policy, *args, temperature=cfg.temperature, return_entropy=True,
+                chunk=cfg.logprob_chunk)
         else:
             logprobs, entropy = response_logprobs(policy, *args, temperature=cfg.temperature,
-                                                  return_entropy=True)
+                                                  return_entropy=True, chunk=cfg.logprob_chunk)
             values = response_values(critic, *args)
         mask = mb["response_mask"]
         pg_loss, pg_stats = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask,
@@ -337,7 +351,7 @@ class PPOTrainer(TrainerBase):
         total = _agg_count(batch["response_mask"][idx], cfg.loss_agg)
 
         def one(rows):
-            mb = self.place.constrain_batch(jax.tree.map(lambda x: x[rows], batch))
+            mb = self.parallel.constrain_batch(jax.tree.map(lambda x: x[rows], batch))
             w = microbatch_weight(mb["response_mask"], cfg.loss_agg, total)
             (_, stats), grads = grad_fn(params, mb, w)
             return grads, stats, w
@@ -369,7 +383,7 @@ class PPOTrainer(TrainerBase):
             params, opt_state, grad_norm, ok = guarded_step(self.tx, params, opt_state, grads,
                                                             stats["loss/total"],
                                                             max_grad_norm=cfg.max_grad_norm)
-            params, opt_state = self.place.constrain_params((params, opt_state))
+            params, opt_state = self.parallel.constrain_params((params, opt_state))
             return (params, opt_state), {**stats, "policy/grad_norm": grad_norm, "update/skipped": ~ok}
 
         (params, opt_state), stats = jax.lax.scan(step, (params, opt_state), minibatch_rows)
@@ -383,10 +397,10 @@ class PPOTrainer(TrainerBase):
                                       ppo_epochs=cfg.ppo_epochs, num_minibatches=cfg.num_minibatches)
         keys = ("query_ids", "query_mask", "response_ids", "response_mask", "logprobs", "values",
                 "advantages", "returns")
-        arrays = self.place.batch({k: batch[k] for k in keys})
+        arrays = self.parallel.batch({k: batch[k] for k in keys})
         self.params, self.opt_state, stats = self._update(self.params, self.opt_state, arrays,
-                                                          self.place.replicated(rows))
-        return self.place.fetch(stats)
+                                                          self.parallel.replicated(rows))
+        return self.parallel.fetch(stats)
 
     # ---- one whole iteration ----------------------------------------------------------------
     def step(self, iteration: int | None = None, *, prompts: Sequence[str] | None = None,
@@ -400,13 +414,13 @@ class PPOTrainer(TrainerBase):
         prompts, query_ids, query_mask = self._prompts_for(iteration, prompts, query_ids, query_mask)
         batch = self.rollout(query_ids, query_mask, iteration=iteration, noise=noise,
                              prompts=prompts, times=times)
-        arrays = self.place.batch({k: v for k, v in batch.arrays().items() if not k.startswith("extra/")})
+        arrays = self.parallel.batch({k: v for k, v in batch.arrays().items() if not k.startswith("extra/")})
         kl_coef = self.kl_ctl.value
         with metrics.phase_timer(times, "time/advantages_s", block=lambda: jax.block_until_ready(adv)):
             adv = self.compute_advantages(arrays, kl_coef)
         with metrics.phase_timer(times, "time/update_s"):
             update_stats = self.update({**arrays, **adv}, iteration)
-        adv = self.place.fetch(adv)
+        adv = self.parallel.fetch(adv)
         self.kl_ctl.update(adv["kl_for_controller"], cfg.batch_size)
         self.iteration = iteration + 1
         times["time/iteration_s"] = time.perf_counter() - t0
@@ -420,7 +434,7 @@ class PPOTrainer(TrainerBase):
         """The current policy in Hugging Face format (loads in `transformers` and both backends)."""
         from ppo_jax.models import save_pretrained
 
-        model = self.place.gathered(self.policy_model())  # several hosts: all gather ...
+        model = self.parallel.gathered(self.policy_model())  # several hosts: all gather ...
         if self.processes.is_main:                         # ... and process 0 writes
             save_pretrained(model, path)
             self._save_tokenizer(path)
@@ -428,7 +442,7 @@ class PPOTrainer(TrainerBase):
     def save_critic(self, path: str | os.PathLike) -> None:
         from ppo_jax.models import save_pretrained
 
-        model = self.place.gathered(self.critic_model())
+        model = self.parallel.gathered(self.critic_model())
         if self.processes.is_main:
             save_pretrained(model, path)
 
@@ -443,7 +457,7 @@ class PPOTrainer(TrainerBase):
         load_trainer_state(self, path)
 
     def _to_numpy(self, x: Any) -> np.ndarray:
-        return np.asarray(self.place.fetch(x))
+        return np.asarray(self.parallel.fetch(x))
 
 
 __all__ = ["PPOTrainer", "microbatch_weight"]

@@ -31,7 +31,8 @@ import optax
 from flax import nnx
 
 from ppo_jax.checkpoint import SupervisedCheckpoint
-from ppo_jax.models import (ScalarHeadModel, load_scalar_model, scalar_model_from_lm)
+from ppo_jax.models import (ScalarHeadModel, load_scalar_model, scalar_model_from_lm,
+                            set_compute_dtype, set_remat)
 from ppo_jax.optim import guarded_step, make_optimizer
 from ppo_rlhf import hf_checkpoint as hfc
 from ppo_rlhf.config import RMConfig
@@ -193,6 +194,9 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
                             f"{type(model).__name__}")
         self._check_model(model)
         model.reward_gain, model.reward_bias = 1.0, 0.0  # train the raw head
+        set_remat(model, config.remat)  # activation checkpointing: static, before the split
+        if config.compute_dtype is not None:  # mixed precision: weights keep their dtype
+            set_compute_dtype(model, config.compute_dtype)
         self._def, self.params, self._rest = nnx.split(model, nnx.Param, ...)
         self.tx, self._step, self._evaluate, self._score_fn = compiled_steps(
             self._def, config.loss, config.ties, config.max_grad_norm, config.adam_eps,

@@ -30,7 +30,7 @@ from flax import nnx
 
 from ppo_jax.checkpoint import SupervisedCheckpoint
 from ppo_jax.losses import logprobs_from_logits
-from ppo_jax.models import CausalLM, load_pretrained
+from ppo_jax.models import CausalLM, load_pretrained, set_compute_dtype, set_remat
 from ppo_jax.optim import guarded_step, make_optimizer
 from ppo_rlhf.config import SFTConfig
 from ppo_rlhf.runtime.supervised import SFTTrainerBase
@@ -105,6 +105,9 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
         if not isinstance(model, CausalLM):
             raise TypeError(f"model must be a checkpoint dir or a CausalLM, got {type(model).__name__}")
         self._check_model(model)
+        set_remat(model, config.remat)  # activation checkpointing: static, before the split
+        if config.compute_dtype is not None:  # mixed precision: weights keep their dtype
+            set_compute_dtype(model, config.compute_dtype)
         self._def, self.params, self._rest = nnx.split(model, nnx.Param, ...)
         self.tx, self._step, self._evaluate = compiled_steps(
             self._def, config.max_grad_norm, config.adam_eps, config.weight_decay)

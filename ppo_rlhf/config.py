@@ -34,6 +34,12 @@ LOSS_AGGS = ("token-mean", "seq-mean-token-mean")
 RM_LOSSES = ("bradley_terry", "plackett_luce", "best_of_k", "rating")
 TIES = ("drop", "keep")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+"""Allowed `compute_dtype`s (mixed precision; None = the weights' dtype)."""
+REMATS = ("none", "full", "dots")
+"""Activation-checkpointing policies (the `remat` field of every config): the names of
+`ppo_jax.models.stack.REMAT_POLICIES` and `ppo_torch.models.remat.REMAT_POLICIES`."""
+Remat = Literal["none", "full", "dots"]
 RMLoss = Literal["bradley_terry", "plackett_luce", "best_of_k", "rating"]
 
 
@@ -74,6 +80,12 @@ class Config:
         for name in names:
             if not isinstance(getattr(self, name), bool):
                 self._fail(name, getattr(self, name), "True or False")
+
+    def _check_memory(self) -> None:
+        """remat and compute_dtype (all three configs)."""
+        self._check_choice("remat", REMATS)
+        if self.compute_dtype is not None:
+            self._check_choice("compute_dtype", COMPUTE_DTYPES)
 
     def _check_optimiser(self) -> None:
         """The fields of the optimiser and the schedule (RMConfig, SFTConfig)."""
@@ -214,6 +226,36 @@ class PPOConfig(Config):
     max_bad_updates: int = 3
     """A non-finite loss or gradient skips that update; this many in a row stop training."""
 
+    # ---- memory --------------------------------------------------------------------------------
+    remat: Remat = "none"
+    """Activation checkpointing of the transformer layers of the models the update differentiates
+    (policy and critic; the frozen reference and reward model never are). "none" keeps every
+    intermediate of every layer for the backward (fastest, most memory); "full" keeps only each
+    layer's input and recomputes the layer's whole forward in the backward (activation memory
+    ~ one [batch, length, hidden] per layer, ~1/3 more compute); "dots" keeps the outputs of
+    the weight matmuls (q/k/v/o and MLP projections) and recomputes norms, activations and
+    attention (MaxText's "minimal"). The gradients are the same with any of the three up to
+    float32 rounding; only memory and time change. JAX: the policy of the scan over layers
+    (`ppo_jax.models.stack`); torch: `torch.utils.checkpoint` around each decoder layer, "dots"
+    with selective checkpointing (`ppo_torch.models.remat`)."""
+
+    logprob_chunk: int = 0
+    """Response positions per chunk of the LM head + float32 log-softmax (+ entropy) in the
+    update's and the rollout's log-prob passes; 0 = no chunking (the whole [batch, response,
+    vocab] float32 logits at once). With chunk c, only [batch, c, vocab] float32 logits are live
+    at a time, forward and backward (each chunk is recomputed in the backward: JAX
+    `jax.checkpoint` in a `lax.map`, torch `torch.utils.checkpoint`); JAX pads the response to a
+    multiple of c (static shapes). Same log-probs and entropies, gradients equal up to float32
+    rounding. Worth it for large vocabularies (Qwen: 151,936 columns): e.g. 32-128."""
+    compute_dtype: str | None = None
+    """Mixed precision: the dtype of the matmuls ("bfloat16" or "float16"; "float32" too) while
+    the weights keep their own dtype (the trainer's `dtype`, float32 by default: float32 master
+    weights and optimiser state). None = compute in the weights' dtype (no mixed precision).
+    Norms, softmaxes, the residual stream, logits, log-softmax, losses and advantages stay
+    float32. JAX: every projection casts its input and weight to compute_dtype and accumulates
+    in float32 (`ppo_jax.models.set_compute_dtype`); torch: `torch.autocast` around the
+    backbones of every forward (`ppo_torch.models.set_compute_dtype`)."""
+
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     """Free-form, JSON-serialisable notes that travel with the config (not used by the math)."""
 
@@ -258,6 +300,8 @@ class PPOConfig(Config):
         self._check_range("num_iterations", 0, None, integer=True)
         self._check_range("seed", 0, 2**32 - 1, integer=True)
         self._check_range("max_bad_updates", 1, None, integer=True)
+        self._check_memory()
+        self._check_range("logprob_chunk", 0, None, integer=True)
         if not isinstance(self.extra, dict):
             self._fail("extra", self.extra, "a dict")
 
@@ -320,6 +364,14 @@ class RMConfig(Config):
     """Append the tokenizer's EOS to each response (PPO scores responses at their EOS)."""
     max_bad_updates: int = 3
     """A non-finite loss or gradient skips that step; this many in a row stop training."""
+    remat: Remat = "none"
+    """Activation checkpointing of the model's transformer layers in the backward: "none",
+    "full" (recompute each layer) or "dots" (keep the weight matmuls' outputs, recompute the
+    rest); see `PPOConfig.remat`. Same gradients up to float32 rounding, less memory."""
+    compute_dtype: str | None = None
+    """Mixed precision: matmuls in "bfloat16" / "float16" ("float32" too) while the weights and
+    the optimiser state keep the trainer's `dtype`; None = the weights' dtype. See
+    `PPOConfig.compute_dtype`."""
 
     def __post_init__(self) -> None:
         self._check_choice("loss", RM_LOSSES)
@@ -330,6 +382,7 @@ class RMConfig(Config):
             if self.loss != "bradley_terry":
                 self._fail("margin_key", self.margin_key, "None unless loss='bradley_terry'")
         self._check_optimiser()
+        self._check_memory()
         self._check_range("num_epochs", 1, None, integer=True)
         self._check_range("max_steps", 0, None, integer=True)
         self._check_range("eval_fraction", 0.0, 0.9)
@@ -367,12 +420,18 @@ class SFTConfig(Config):
     """Append EOS to every example, so the model learns to stop."""
     max_bad_updates: int = 3
     """A non-finite loss or gradient skips that step; this many in a row stop training."""
+    remat: Remat = "none"
+    """As `RMConfig.remat`."""
+    compute_dtype: str | None = None
+    """As `RMConfig.compute_dtype`."""
 
     def __post_init__(self) -> None:
         self._check_optimiser()
+        self._check_memory()
         self._check_range("num_steps", 0, None, integer=True)
         self._check_bool("train_on_prompt")
 
 
 __all__ = ["Config", "PPOConfig", "RMConfig", "SFTConfig", "POLICY_LOSS_KINDS", "KL_ESTIMATORS",
-           "KL_UNITS", "LOSS_AGGS", "RM_LOSSES", "TIES", "LR_SCHEDULES"]
+           "KL_UNITS", "LOSS_AGGS", "RM_LOSSES", "TIES", "LR_SCHEDULES", "REMATS",
+           "COMPUTE_DTYPES"]

@@ -15,22 +15,14 @@ from ppo_rlhf.checks import (check_choice, check_contiguous_rows, check_leading_
                              check_same_shape)
 from ppo_rlhf.config import KL_UNITS
 from ppo_torch.losses import kl_penalty
-from ppo_torch.masked import _bool_mask, _clean, _float, masked_mean, masked_sum, whiten
+from ppo_torch.masked import (_bool_mask, _clean, _float, last_token_index, masked_mean, masked_sum,
+                              whiten)
 
 Tensor = torch.Tensor
 
 __all__ = [
     "last_token_index", "shape_rewards", "gae", "whiten", "kl_for_controller",
 ]
-
-
-def last_token_index(mask: Tensor) -> Tensor:
-    """Index of the last real token of each row ([B, T] -> [B]); 0 for a row without one."""
-    mask = torch.as_tensor(mask) != 0
-    t = mask.shape[-1]
-    positions = torch.arange(t, device=mask.device).expand_as(mask)
-    idx = torch.where(mask, positions, torch.full_like(positions, -1)).max(dim=-1).values
-    return idx.clamp(min=0)
 
 
 def shape_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor,

@@ -11,7 +11,7 @@ trainer state -- iteration, KL coefficient, counters, config -- and a checksumme
 Prompt order, minibatch order and sampling seeds are functions of (seed, iteration), so the
 iteration number is all the "data position" and RNG state a resume needs.
 
-Distributed (`ppo_torch/distributed.py`): rank 0 writes the files. With FSDP2 every rank first
+Distributed (`ppo_torch/parallel.py`): rank 0 writes the files. With FSDP2 every rank first
 takes part in gathering the full tensors, so the files are the single-process ones; on load every
 rank reads them and keeps its own shards. A checkpoint resumes with or without distribution.
 """
@@ -40,13 +40,13 @@ def _named_params(trainer: Any) -> dict[str, torch.nn.Parameter]:
 
 
 def _named_tensors(trainer: Any) -> dict[str, torch.Tensor]:
-    full = trainer.dist.full_tensor  # FSDP2: gathered from the shards (every rank calls)
+    full = trainer.parallel.full_tensor  # FSDP2: gathered from the shards (every rank calls)
     return {k: full(p.detach()).cpu().contiguous() for k, p in _named_params(trainer).items()}
 
 
 def _optimizer_state(trainer: Any) -> dict:
     sd = trainer.optimizer.state_dict()
-    full = trainer.dist.full_tensor
+    full = trainer.parallel.full_tensor
     sd["state"] = {i: {k: full(v) if torch.is_tensor(v) else v for k, v in s.items()}
                    for i, s in sd["state"].items()}
     return sd
@@ -87,10 +87,10 @@ def load_trainer_state(trainer: Any, path: str | os.PathLike) -> None:
             if m is None:
                 continue
             for name, p in m.named_parameters(remove_duplicate=True):
-                p.copy_(trainer.dist.shard_like(tensors[f"{prefix}.{name}"].to(p.device, p.dtype), p))
+                p.copy_(trainer.parallel.shard_like(tensors[f"{prefix}.{name}"].to(p.device, p.dtype), p))
     params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
     for i, s in opt["state"].items():  # FSDP2: AdamW's moments are sharded like their parameter
-        s.update({k: trainer.dist.shard_like(v, params[int(i)]) for k, v in s.items()
+        s.update({k: trainer.parallel.shard_like(v, params[int(i)]) for k, v in s.items()
                   if torch.is_tensor(v) and v.shape == params[int(i)].shape})
     trainer.optimizer.load_state_dict(opt)
 

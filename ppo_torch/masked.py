@@ -104,4 +104,14 @@ def aggregate_loss(losses: Tensor, mask: Tensor, loss_agg: str = "token-mean") -
     has_tokens = mask.any(dim=-1)
     return masked_mean(per_seq, has_tokens)
 
-__all__ = ["masked_sum", "masked_mean", "masked_var", "whiten", "aggregate_loss"]
+def last_token_index(mask: Tensor) -> Tensor:
+    """[B, T] -> [B]: the index of each row's last real (non-zero) position; 0 for a row without
+    one (such a row's result is masked out wherever it is used: an empty response's terminal
+    reward, a padded row's score). Used by the reward placement (advantages.py) and the scalar
+    heads (models/heads.py)."""
+    mask = torch.as_tensor(mask) != 0
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    return torch.where(mask, positions, torch.full_like(positions, -1)).max(dim=-1).values.clamp(min=0)
+
+
+__all__ = ["last_token_index", "masked_sum", "masked_mean", "masked_var", "whiten", "aggregate_loss"]

@@ -27,7 +27,7 @@ one exactly and the JAX trainer processes the same minibatches in the same order
 
 Scaling: `distributed="ddp"` or `"fsdp"` under torchrun runs one rank of a data-parallel job
 (DDP or FSDP2): each rank generates and scores its rows of the batch and takes its rows of every
-minibatch, and N ranks compute what one process computes (`ppo_torch/distributed.py`, where all
+minibatch, and N ranks compute what one process computes (`ppo_torch/parallel.py`, where all
 of it is); distributed=None is one process.
 
 Implementation details, each a config field (see `ppo_rlhf.config.PPOConfig`): the reference is
@@ -54,7 +54,7 @@ from ppo_rlhf.rewards import RewardModel, as_reward_model
 from ppo_rlhf.rollout import RolloutBatch
 from ppo_rlhf.runtime.ppo import TrainerBase, resolve_reward_spec
 from ppo_torch.advantages import gae, kl_for_controller, shape_rewards, whiten
-from ppo_torch.distributed import setup as setup_distributed
+from ppo_torch.parallel import setup as setup_distributed
 from ppo_torch.generate import generate
 from ppo_torch.losses import policy_loss, value_loss
 from ppo_torch.masked import aggregate_loss
@@ -62,7 +62,7 @@ from ppo_torch.optim import guarded_step, make_optimizer
 from ppo_torch.models import (CausalLM, PolicyWithValueHead, ScalarHeadModel, critic_from_reward_model,
                               load_pretrained, load_scalar_model, response_logprobs,
                               response_logprobs_and_values, response_values, scalar_model_from_lm,
-                              sequence_scores)
+                              sequence_scores, set_compute_dtype, set_remat)
 
 Tensor = torch.Tensor
 
@@ -124,10 +124,10 @@ class PPOTrainer(TrainerBase):
                          keep_checkpoints=keep_checkpoints)
         self._check_tokenizer_dirs(reward_model=reward, reference=reference, critic=critic)
         cfg = self.config
-        self.dist = setup_distributed(distributed)  # one process, or a rank of a DDP / FSDP2 job
-        self.dist.check_config(cfg)
-        self.processes = self.dist
-        self.device = torch.device(device or self.dist.default_device())
+        self.parallel = setup_distributed(distributed)  # one process, or a rank of a DDP / FSDP2 job
+        self.parallel.check_config(cfg)
+        self.processes = self.parallel
+        self.device = torch.device(device or self.parallel.default_device())
         # --- roles: actor (+ shared critic), reference, critic, reward --------------------------
         self.policy = self._load_policy(policy, dtype).to(self.device)
         self.shared_trunk = isinstance(self.policy, PolicyWithValueHead)
@@ -160,10 +160,20 @@ class PPOTrainer(TrainerBase):
                 self.critic = scalar_model_from_lm(self.policy, seed=cfg.seed)
             self.critic = self.critic.to(self.device)
         self._check_models(self.policy, self.reference, self.critic, self.native_reward)
+        # mixed precision: weights (and so AdamW state) keep their dtype, autocast to compute_dtype
+        if cfg.compute_dtype is not None:
+            for m in (self.policy, self.reference, self.critic, self.native_reward):
+                if m is not None:
+                    set_compute_dtype(m, cfg.compute_dtype)
+        # activation checkpointing of the differentiated models (the reference and the reward
+        # model are never differentiated)
+        set_remat(self.policy, cfg.remat)
+        if self.critic is not None:
+            set_remat(self.critic, cfg.remat)
         for m in (self.policy, self.reference, self.critic, self.native_reward):
             if m is not None:
                 m.eval()  # no dropout, ever (as TRL); gradients still flow in eval mode
-        self.dist.wrap([self.policy, self.critic], frozen=[self.reference, self.native_reward])
+        self.parallel.wrap([self.policy, self.critic], frozen=[self.reference, self.native_reward])
 
         self.optimizer = make_optimizer(self._trainable(), learning_rate=cfg.learning_rate,
                                         adam_eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
@@ -208,13 +218,13 @@ class PPOTrainer(TrainerBase):
     def generate(self, query_ids: Any, query_mask: Any, *, iteration: int = 0, noise: Any = None) -> Any:
         cfg = self.config
         gen = torch.Generator(device=self.device).manual_seed(seeds.sampling_seed(cfg.seed, iteration))
-        with self.dist.generating(self.policy):
+        with self.parallel.generating(self.policy):
             return generate(self.policy, self._tensor(query_ids), self._tensor(query_mask),
                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                             top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=self.eos_token_id,
                             pad_token_id=self.pad_token_id,
                             noise=None if noise is None else self._tensor(noise), generator=gen,
-                            generator_rows=self.dist.generator_rows(len(query_ids)))
+                            generator_rows=self.parallel.generator_rows(len(query_ids)))
 
     # ---- 3. forward passes of the four roles ----------------------------------------------------
     @torch.no_grad()
@@ -222,11 +232,14 @@ class PPOTrainer(TrainerBase):
         cfg = self.config
         policy, critic = self._models()
         if self.shared_trunk:
-            logprobs, values = response_logprobs_and_values(policy, q, qm, r, rm, temperature=cfg.temperature)
+            logprobs, values = response_logprobs_and_values(policy, q, qm, r, rm, temperature=cfg.temperature,
+                                                            chunk=cfg.logprob_chunk)
         else:
-            logprobs = response_logprobs(policy, q, qm, r, rm, temperature=cfg.temperature)
+            logprobs = response_logprobs(policy, q, qm, r, rm, temperature=cfg.temperature,
+                                         chunk=cfg.logprob_chunk)
             values = response_values(critic, q, qm, r, rm)
-        ref_logprobs = response_logprobs(self.reference, q, qm, r, rm, temperature=cfg.temperature)
+        ref_logprobs = response_logprobs(self.reference, q, qm, r, rm, temperature=cfg.temperature,
+                                         chunk=cfg.logprob_chunk)
         if self.native_reward is None:
             scores = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
         else:
@@ -238,7 +251,7 @@ class PPOTrainer(TrainerBase):
         """Sample responses and score them: a `RolloutBatch` (numpy) with extras `contains_eos`
         (and `extra/<name>` scores of `extra_rewards`)."""
         times = {} if times is None else times
-        rows = self.dist.local_rows(len(query_ids))  # this rank's rows (all of them on one process)
+        rows = self.parallel.local_rows(len(query_ids))  # this rank's rows (all of them on one process)
         query_ids, query_mask = query_ids[rows], query_mask[rows]
         noise, prompts = (None if x is None else x[rows] for x in (noise, prompts))
         with metrics.phase_timer(times, "time/generate_s", block=self._sync):
@@ -250,7 +263,7 @@ class PPOTrainer(TrainerBase):
         arrays = dict(query_ids=q, query_mask=qm, response_ids=r, response_mask=rm,
                       logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, scores=scores)
         with metrics.phase_timer(times, "time/reward_s"):
-            batch = self.dist.gather_rollout(self._finish_rollout(arrays, prompts))
+            batch = self.parallel.gather_rollout(self._finish_rollout(arrays, prompts))
         return batch
 
     # ---- 4. rewards -> advantages ------------------------------------------------------------
@@ -276,14 +289,15 @@ class PPOTrainer(TrainerBase):
     # ---- 5. the update phase: K epochs x M minibatches ----------------------------------------
     def _loss(self, mb, weight):
         cfg = self.config
-        policy, critic = map(self.dist.training_view, self._models())
+        policy, critic = map(self.parallel.training_view, self._models())
         args = (mb["query_ids"], mb["query_mask"], mb["response_ids"], mb["response_mask"])
         if self.shared_trunk:
             logprobs, values, entropy = response_logprobs_and_values(
-                policy, *args, temperature=cfg.temperature, return_entropy=True)
+                policy, *args, temperature=cfg.temperature, return_entropy=True,
+                chunk=cfg.logprob_chunk)
         else:
             logprobs, entropy = response_logprobs(policy, *args, temperature=cfg.temperature,
-                                                  return_entropy=True)
+                                                  return_entropy=True, chunk=cfg.logprob_chunk)
             values = response_values(critic, *args)
         mask = mb["response_mask"]
         pg_loss, pg_stats = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask,
@@ -310,16 +324,16 @@ class PPOTrainer(TrainerBase):
         """Backward of one minibatch (rows `idx`), summed over its micro-batches; returns stats.
         Distributed: this rank's rows of the minibatch, weighted within the whole minibatch."""
         cfg = self.config
-        micro = idx[self.dist.local_rows(len(idx))].reshape(cfg.grad_accum_steps, -1)
+        micro = idx[self.parallel.local_rows(len(idx))].reshape(cfg.grad_accum_steps, -1)
         total = _agg_count(batch["response_mask"][idx], cfg.loss_agg)
         acc: dict[str, Tensor] = {}
         for i, rows in enumerate(micro):
             mb = {k: v[rows] for k, v in batch.items()}
             w = microbatch_weight(mb["response_mask"], cfg.loss_agg, total)
             loss, stats = self._loss(mb, w)
-            with self.dist.grad_sync(last=i == len(micro) - 1):
-                self.dist.scale_loss(loss).backward()
-            if cfg.grad_accum_steps == 1 and self.dist.count == 1:
+            with self.parallel.grad_sync(last=i == len(micro) - 1):
+                self.parallel.scale_loss(loss).backward()
+            if cfg.grad_accum_steps == 1 and self.parallel.count == 1:
                 return stats
             for k, v in stats.items():
                 if k in _MAX_STATS:
@@ -328,7 +342,7 @@ class PPOTrainer(TrainerBase):
                     acc[k] = torch.minimum(acc[k], v) if k in acc else v
                 else:
                     acc[k] = acc.get(k, 0.0) + w * v
-        return self.dist.reduce_stats(acc, _MAX_STATS, _MIN_STATS)
+        return self.parallel.reduce_stats(acc, _MAX_STATS, _MIN_STATS)
 
     def update(self, batch: Mapping[str, Any], iteration: int = 0) -> dict[str, np.ndarray]:
         """K epochs x M minibatches on a batch holding the rollout tensors plus `advantages` and
@@ -381,7 +395,7 @@ class PPOTrainer(TrainerBase):
         """The current policy in Hugging Face format (loads in `transformers` and both backends)."""
         from ppo_torch.models import save_pretrained
 
-        model = self.dist.full_model(self.policy)  # FSDP2: all ranks gather ...
+        model = self.parallel.full_model(self.policy)  # FSDP2: all ranks gather ...
         if self.processes.is_main:                 # ... and rank 0 writes
             save_pretrained(model, path)
             self._save_tokenizer(path)
@@ -389,7 +403,7 @@ class PPOTrainer(TrainerBase):
     def save_critic(self, path: str | os.PathLike) -> None:
         from ppo_torch.models import save_pretrained
 
-        model = self.dist.full_model(self.critic_model())
+        model = self.parallel.full_model(self.critic_model())
         if self.processes.is_main:
             save_pretrained(model, path)
 

@@ -49,3 +49,28 @@ def test_rm_accuracy_quick_mode_reports_both_backends_against_the_ceiling(tmp_pa
         assert r["eval_expected_accuracy"] <= r["noise_ceiling"]
         assert "train-rm --backend " + r["backend"] in r["command"]
     assert "| jax |" in out.with_suffix(".md").read_text()
+
+
+def test_scale_tiny_and_gpu_tiny_suites_run_both_backends(tmp_path):
+    """benchmarks.scale: the CPU suite's code (remat + chunking off and on, one process per run)
+    and the GPU suite's (bf16 compute, minibatches, MFU and roofline figures) on a tiny shape."""
+    from benchmarks.scale import update_flops
+
+    cache = tmp_path / "ckpts"
+    for suite, configs in (("tiny", {"off", "on"}), ("gpu-tiny", {"on"})):
+        out = tmp_path / f"scale-{suite}.json"
+        run_module("benchmarks.scale", "--suite", suite, "--out", out, "--cache-dir", cache, timeout=900)
+        s = json.loads(out.read_text())
+        assert {(r["backend"], r["config"]) for r in s["results"]} == {
+            (b, c) for b in ("jax", "torch") for c in configs}
+        for r in s["results"]:
+            assert "error" not in r, r
+            assert r["iteration_s"] > 0 and r["load_s"] > 0 and r["peak_rss_gib"] >= r["rss_built_gib"] > 0
+            assert set(r["phases_s"]) >= {"generation", "forward", "update"}
+            if r["config"] == "on":
+                assert (r["remat"], r["logprob_chunk"]) == ("full", 16)
+            if suite == "gpu-tiny":
+                assert r["mfu_update"] > 0 and r["decode_hbm"] > 0
+                upd = r["phases_s"]["update"]
+                assert abs(r["update_tflops"] - update_flops("tiny", 8, 16, 8, 1) / upd / 1e12) < 1e-9
+        assert f"| jax | on |" in out.with_suffix(".md").read_text()

@@ -40,6 +40,7 @@ def test_defaults_are_valid_and_documented():
     ("num_minibatches", 3, r"PPOConfig.num_minibatches=3 is invalid: allowed a divisor of batch_size=16"),
     ("max_grad_norm", 0.0, r"PPOConfig.max_grad_norm=0.0"),
     ("seed", -1, r"PPOConfig.seed=-1"),
+    ("remat", "some", r"PPOConfig.remat='some' is invalid: allowed one of 'none', 'full', 'dots'"),
 ])
 def test_invalid_values_name_the_field_and_range(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -54,7 +55,8 @@ def test_grad_accum_must_divide_minibatch():
 
 
 def test_frozen_json_round_trip_and_unknown_fields():
-    cfg = PPOConfig(clip_eps_high=0.28, adaptive_kl=True, value_clip_eps=None, extra={"note": "x"})
+    cfg = PPOConfig(clip_eps_high=0.28, adaptive_kl=True, value_clip_eps=None, extra={"note": "x"},
+                    remat="dots")
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.clip_eps = 0.3  # type: ignore[misc]
     again = PPOConfig.from_dict(json.loads(cfg.to_json()))

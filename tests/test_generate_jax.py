@@ -3,6 +3,7 @@ a full forward, determinism given a key, no recompilation (new key, new weights)
 
 from __future__ import annotations
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -70,7 +71,7 @@ def test_sample_token_matches_numpy_reference(kw):
     opts = SamplingOptions(max_new_tokens=1, temperature=kw.get("temperature", 1.0),
                            top_k=kw.get("top_k", 0), top_p=kw.get("top_p", 1.0),
                            source="greedy" if kw.get("greedy") else "noise")
-    tok, lp = jax.jit(sample_token, static_argnums=2)(jnp.asarray(logits), jnp.asarray(g), opts)
+    tok, lp = jax.jit(functools.partial(sample_token, **opts.rule()))(jnp.asarray(logits), jnp.asarray(g))
     ref_tok, ref_lp = nz.sample_reference(logits, g, **kw)
     np.testing.assert_array_equal(np.asarray(tok), ref_tok)
     np.testing.assert_allclose(np.asarray(lp), ref_lp, rtol=0, atol=2e-6)
@@ -92,7 +93,7 @@ def test_key_sampling_follows_the_filtered_distribution(kw):
     opts = SamplingOptions(max_new_tokens=1, temperature=kw.get("temperature", 1.0),
                            top_k=kw.get("top_k", 0), top_p=kw.get("top_p", 1.0))
     g = jax.random.gumbel(jax.random.key(3), (n, 6), jnp.float32)
-    tok, lp = sample_token(jnp.broadcast_to(logits, (n, 6)), g, opts)
+    tok, lp = sample_token(jnp.broadcast_to(logits, (n, 6)), g, **opts.rule())
     freq = np.bincount(np.asarray(tok), minlength=6) / n
     f = nz.filter_logits(np.asarray(logits), temperature=opts.temperature, top_k=opts.top_k,
                          top_p=opts.top_p)

@@ -247,9 +247,9 @@ def test_attention_kernel_masks_and_empty_rows():
 
 
 def test_ppo_trainer_with_remat_compiles_once_and_steps_alike(tiny_checkpoint):
-    """A policy and critic with remat="dots" given to the JAX PPO trainer (how PPOConfig.remat
-    reaches the models): nothing recompiles after the first iteration, and the iteration's stats
-    and updated weights are those of the trainer without remat."""
+    """The JAX PPO trainer with PPOConfig(remat="dots") (its policy and critic models carry the
+    policy): nothing recompiles after the first iteration, and the iteration's stats and updated
+    weights are those of the trainer without remat."""
     from ppo_jax.ppo import PPOTrainer
     from ppo_rlhf import PPOConfig
     from ppo_rlhf.testing import EOS_ID, PAD_ID, count_jax_compilations
@@ -259,10 +259,8 @@ def test_ppo_trainer_with_remat_compiles_once_and_steps_alike(tiny_checkpoint):
                        num_minibatches=2, learning_rate=1e-3)
 
     def trainer(remat):
-        policy = jm.set_remat(jm.load_pretrained(ckpt), remat)
-        critic = jm.set_remat(jm.scalar_model_from_lm(policy, seed=0), remat)
-        return PPOTrainer(policy, lambda p, r: [0.1 * len(x) for x in r], config=config,
-                          critic=critic, tokenizer=str(ckpt), eos_token_id=EOS_ID,
+        return PPOTrainer(str(ckpt), lambda p, r: [0.1 * len(x) for x in r],
+                          config=config.replace(remat=remat), eos_token_id=EOS_ID,
                           pad_token_id=PAD_ID)
 
     plain, remat = trainer("none"), trainer("dots")
@@ -278,7 +276,7 @@ def test_ppo_trainer_with_remat_compiles_once_and_steps_alike(tiny_checkpoint):
     w_plain, w_remat = jm.model_tensors(plain.policy_model()), jm.model_tensors(remat.policy_model())
     start = jm.model_tensors(jm.load_pretrained(ckpt))
     assert max(np.abs(w_plain[k] - start[k]).max() for k in start) > 1e-4  # the update moved them
-    for k in w_plain:  # AdamW turns rounding into lr * (relative error): see test_sharding_jax.py
+    for k in w_plain:  # AdamW turns rounding into lr * (relative error): see test_parallel_jax.py
         np.testing.assert_allclose(w_remat[k], w_plain[k], atol=5e-6, rtol=0, err_msg=k)
     with count_jax_compilations() as later:
         remat.step(1, query_ids=q, query_mask=qm)

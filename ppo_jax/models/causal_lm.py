@@ -89,11 +89,22 @@ class CausalLM(nnx.Module):
         return self.backbone(input_ids, attention_mask, positions=positions, cache=cache,
                              cache_index=cache_index)
 
+    def head_kernel(self) -> Array:
+        """The LM head's [H, V] kernel (the token embedding transposed when tied)."""
+        if self.lm_head is None:
+            return self.backbone.token_embedding().embedding[...].T
+        return self.lm_head.kernel[...]
+
+    def project_head(self, hidden: Array, kernel: Array) -> Array:
+        """hidden [..., H] @ kernel [H, V] -> float32 logits (`project`); with a compute dtype
+        (mixed precision), both inputs rounded to it first, accumulation still float32."""
+        if self.config.compute_dtype is not None:
+            hidden = hidden.astype(self.config.compute_dtype)
+        return project(hidden, kernel)
+
     def logits_from_hidden(self, hidden: Array) -> Array:
         """LM head in float32: [..., H] -> [..., V]."""
-        if self.lm_head is None:
-            return project(hidden, self.backbone.token_embedding().embedding[...].T)
-        return project(hidden, self.lm_head.kernel[...])
+        return self.project_head(hidden, self.head_kernel())
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None, *,
                  positions: Array | None = None, cache: Cache | None = None, cache_index=None,
@@ -108,5 +119,5 @@ class CausalLM(nnx.Module):
         return logits if cache is None else (logits, new_cache)
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> Cache:
-        """An empty (zero) KV cache of `max_len` slots; dtype defaults to the model dtype."""
+        """An empty (zero) KV cache of `max_len` slots; dtype defaults to the compute dtype."""
         return init_cache(self.config, batch_size, max_len, dtype)

@@ -18,6 +18,7 @@ import jax
 from ppo_rlhf.hf_checkpoint import check_model_type
 
 DTYPES = ("float32", "bfloat16", "float64")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -39,6 +40,13 @@ class ModelConfig:
     """Weights and activations: "float32", "bfloat16", or "float64" (for numerics checks: needs
     jax_enable_x64). Norms, softmaxes and logits run in float32 -- in float64 for a float64
     model (`layers.upcast`)."""
+    compute_dtype: str | None = None
+    """Mixed precision: the dtype every projection (`layers.linear`, the LM head) casts its input
+    and weight to, accumulating in float32 ("float32", "bfloat16" or "float16"); the weights
+    stay in `dtype`. None = `dtype` (no mixed precision). As `torch.autocast`: the embeddings,
+    the residual stream and the norms stay in `dtype`, only the matmuls' inputs are rounded (so
+    the matmul outputs, attention and the MLP activations are in compute_dtype); logits are
+    float32. Set on a built model with `ppo_jax.models.set_compute_dtype`."""
     # biases
     qkv_bias: bool = False
     o_bias: bool = False
@@ -67,6 +75,9 @@ class ModelConfig:
         if self.dtype == "float64" and not jax.config.jax_enable_x64:
             raise ValueError("ModelConfig.dtype='float64' needs 64-bit JAX: run inside "
                              "jax.enable_x64(True) or set jax_enable_x64")
+        if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"ModelConfig.compute_dtype={self.compute_dtype!r} is invalid: allowed "
+                             f"None, {', '.join(COMPUTE_DTYPES)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_attention_heads={self.num_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_kv_heads}")

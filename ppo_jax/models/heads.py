@@ -23,15 +23,10 @@ from flax import nnx
 from ppo_jax.models.causal_lm import CausalLM, make_backbone, project
 from ppo_jax.models.config import ModelConfig
 from ppo_jax.models.layers import Cache, linear
+from ppo_jax.masked import last_token_index
 from ppo_rlhf.rewards import ScoreRequest
 
 Array = jax.Array
-
-
-def last_token_index(attention_mask: Array) -> Array:
-    """[B, T] -> [B]: index of the last position where the mask is 1 (T - 1 for an all-zero row)."""
-    T = attention_mask.shape[-1]
-    return T - 1 - jnp.argmax(jnp.flip(attention_mask != 0, axis=-1), axis=-1)
 
 
 def _ids_and_mask(input_ids: Any, attention_mask: Any) -> tuple[Array, Array | None]:
@@ -117,11 +112,15 @@ class PolicyWithValueHead(nnx.Module):
         if cache is not None or logits_to_keep:
             raise ValueError("return_values=True computes every position without a cache")
         hidden, _ = self.lm.hidden_states(input_ids, attention_mask, positions=positions)
-        return self.lm.logits_from_hidden(hidden), project(hidden, self.value_head.kernel[...])[..., 0]
+        return self.lm.logits_from_hidden(hidden), self.values_from_hidden(hidden)
 
     def values(self, input_ids: Array, attention_mask: Array | None = None, *,
                positions: Array | None = None) -> Array:
         hidden, _ = self.lm.hidden_states(input_ids, attention_mask, positions=positions)
+        return self.values_from_hidden(hidden)
+
+    def values_from_hidden(self, hidden: Array) -> Array:
+        """The value head in float32: [..., H] -> [...]."""
         return project(hidden, self.value_head.kernel[...])[..., 0]
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> Cache:

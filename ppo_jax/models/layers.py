@@ -2,6 +2,8 @@
 
 Conventions (every architecture file follows them):
   * activations are [B, S, H] in the model dtype (float32 or bfloat16; float64 for checks);
+    with a compute dtype (mixed precision, `ModelConfig.compute_dtype`, `precision.py`) the
+    projections (`linear`) compute and return it, the residual stream stays in the model dtype;
   * norms reduce in float32, attention scores and softmax are float32, logits are float32 --
     "float32" meaning float32 or wider (`upcast`: a float64 model computes all in float64);
   * q / k / v are [B, S, n_heads, head_dim]; grouped-query attention groups the query heads
@@ -48,11 +50,17 @@ def upcast(x: Array) -> Array:
     return x.astype(wide(x.dtype))
 
 
+def compute_dtype(config: ModelConfig) -> jnp.dtype:
+    """The dtype of the matmuls: config.compute_dtype (mixed precision), else the model dtype."""
+    return jnp_dtype(config.compute_dtype or config.dtype)
+
+
 def linear(in_features: int, out_features: int, *, use_bias: bool, config: ModelConfig,
            rngs: nnx.Rngs) -> nnx.Linear:
-    """nnx.Linear (kernel [in, out]) in the model dtype."""
-    dt = jnp_dtype(config.dtype)
-    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dt, param_dtype=dt, rngs=rngs)
+    """nnx.Linear (kernel [in, out]) with parameters in the model dtype, computing in
+    `compute_dtype(config)` (input, kernel and bias cast to it; output in it)."""
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=compute_dtype(config),
+                      param_dtype=jnp_dtype(config.dtype), rngs=rngs)
 
 
 def embed(num: int, features: int, *, config: ModelConfig, rngs: nnx.Rngs) -> nnx.Embed:
@@ -177,8 +185,9 @@ class LayerCache(NamedTuple):
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> Cache:
-    """Zeros for every layer; dtype defaults to the model dtype."""
-    dt = jnp.dtype(dtype or config.dtype)
+    """Zeros for every layer; dtype defaults to the compute dtype (`compute_dtype`: the dtype
+    of the keys and values the projections produce)."""
+    dt = jnp.dtype(dtype or compute_dtype(config))
     shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
     return Cache(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
 
@@ -267,14 +276,17 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, scale: floa
     accumulation), its softmax in float32, masks with -0.7 * float32 max (finite: an empty row
     gives a uniform softmax, not NaN) and returns q's dtype. Its softmax is float32 whatever the
     input, so a float64 model (numerics checks) takes the same math written out in float64."""
-    if q.dtype == jnp.float64:
+    if q.dtype == jnp.float64 or (q.dtype == jnp.float16 and jax.default_backend() == "cpu"):
+        # float16 (mixed precision): XLA:CPU has no float16 dot accumulating in float32, which
+        # jax.nn asks for; the written-out math does the same (scores and softmax in float32)
         return _attention_wide(q, k, v, mask, scale)
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,
                                         implementation=None)
 
 
 def _attention_wide(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
-    """`dot_product_attention` with scores and softmax in `wide(q.dtype)` (float64 here)."""
+    """`dot_product_attention` with scores and softmax in `wide(q.dtype)` (float64, or float32
+    for float16 inputs)."""
     B, S, nh, D = q.shape
     nkv = k.shape[2]
     qg = q.reshape(B, S, nkv, nh // nkv, D)

@@ -38,7 +38,9 @@ dynamic slice (TPU fusions; XLA:GPU's dynamic-slice fusion).
 
 Activation checkpointing (`remat`, a static attribute: part of the graphdef, so the jitted
 programs of a trainer are specialised on it; `set_remat(model, policy)` sets it on every
-`ScannedBlocks` of a model):
+`ScannedBlocks` of a model; the trainers set it from their config's `remat` field on the models
+they differentiate -- PPO's policy and critic, the reward model, the SFT model; the torch twin
+is `ppo_torch.models.remat`):
   * "none": the backward keeps every intermediate of every layer (fastest, most memory);
   * "full": each layer keeps only its input; the backward recomputes the layer's forward
     (`jax.checkpoint` with nothing saveable): activation memory ~ one [B, S, H] per layer;

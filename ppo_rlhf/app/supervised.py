@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ppo_rlhf.app.backends import BACKENDS, backend_module
+from ppo_rlhf.app.args import add_memory_args, add_run_args
 from ppo_rlhf.errors import DataError, UsageError
 
 
@@ -52,7 +53,7 @@ def _check_out(out: str) -> Path:
     return path
 
 
-def _add_optim_args(p: argparse.ArgumentParser, *, lr_default: str) -> None:
+def _add_optim_args(p: argparse.ArgumentParser, *, lr_default: str, config: str) -> None:
     p.add_argument("--lr", type=float, help=f"AdamW peak learning rate (default: {lr_default})")
     p.add_argument("--batch-size", type=int, help="examples per optimiser step")
     p.add_argument("--max-length", type=int, help="tokens per sequence (static shape)")
@@ -62,13 +63,8 @@ def _add_optim_args(p: argparse.ArgumentParser, *, lr_default: str) -> None:
                    help="learning-rate decay after warm-up")
     p.add_argument("--max-grad-norm", type=float, help="global-norm clipping (default: 1.0)")
     p.add_argument("--seed", type=int, help="seed of the batch order (and fresh weights)")
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                   help="atomic checkpoint every N steps (and at the end); 0 = only at the end")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--report-to", choices=("none", "tensorboard"), default="none",
-                   help="also write the metrics as TensorBoard scalars to OUT/tensorboard "
-                        "(needs tensorboardX; default: none)")
+    add_memory_args(p, config=config, models="the model's")
+    add_run_args(p, checkpoint_every=0, unit="steps")
 
 
 # ---- train-rm ------------------------------------------------------------------------------------
@@ -78,7 +74,7 @@ def add_train_rm_parser(sub: Any) -> None:
         description="Reward-model training (seed step 4). --model is a Hugging Face causal-LM "
                     "checkpoint (it gets a fresh score head) or a scalar-head checkpoint, with its "
                     "tokenizer. --data holds pairwise, ranking and/or rating records (JSONL; see "
-                    "ppo_rlhf/data.py). Without --eval-data a seeded --eval-fraction of the records "
+                    "docs/data.md or ppo_rlhf/data/records.py). Without --eval-data a seeded --eval-fraction of the records "
                     "is held out. Prints the held-out pairwise accuracy; --out gets the reward model "
                     "(scores normalised to mean 0 / std 1 on the training sequences unless "
                     "--no-normalise), metrics.json and metrics.jsonl.")
@@ -100,7 +96,7 @@ def add_train_rm_parser(sub: Any) -> None:
     p.add_argument("--no-normalise", action="store_true", help="keep reward gain 1 and bias 0")
     p.add_argument("--norm-data", metavar="FILE.jsonl",
                    help="normalise on the responses of these records instead of the training set")
-    _add_optim_args(p, lr_default="3e-4")
+    _add_optim_args(p, lr_default="3e-4", config="RMConfig")
     p.set_defaults(func=run_train_rm)
 
 
@@ -130,7 +126,8 @@ def run_train_rm(args: argparse.Namespace) -> int:
                      lr_schedule=args.lr_schedule, max_grad_norm=args.max_grad_norm,
                      loss=args.loss, ties=args.ties, margin_key=args.margin_key,
                      eval_fraction=args.eval_fraction, eval_every=args.eval_every,
-                     max_steps=args.max_steps, normalise=False if args.no_normalise else None)
+                     max_steps=args.max_steps, normalise=False if args.no_normalise else None,
+                     remat=args.remat, compute_dtype=args.compute_dtype)
     records = _read_preferences(args.data, "--data")
     if args.eval_data is not None:
         eval_records = _read_preferences(args.eval_data, "--eval-data")
@@ -195,7 +192,7 @@ def add_pretrain_parser(sub: Any) -> None:
     p.add_argument("--eval-samples", type=int, default=240,
                    help="responses sampled on the task's eval prompts for the gold score "
                         "(default: 240; 0 = skip)")
-    _add_optim_args(p, lr_default="1e-3 from scratch, 1e-4 with --model")
+    _add_optim_args(p, lr_default="1e-3 from scratch, 1e-4 with --model", config="SFTConfig")
     p.set_defaults(func=run_pretrain)
 
 
@@ -243,7 +240,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
     overrides = dict(num_steps=args.steps, seed=args.seed, batch_size=args.batch_size,
                      max_length=args.max_length, learning_rate=args.lr,
                      warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-                     lr_schedule=args.lr_schedule, max_grad_norm=args.max_grad_norm)
+                     lr_schedule=args.lr_schedule, max_grad_norm=args.max_grad_norm,
+                     remat=args.remat, compute_dtype=args.compute_dtype)
     m = pretrain_model(args.backend, out, task=task, model=args.model, train=train, eval=eval_ex,
                        config={k: v for k, v in overrides.items() if v is not None},
                        model_size=args.model_size, corpus_size=args.corpus_size,

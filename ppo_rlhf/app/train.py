@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ppo_rlhf.app.backends import BACKENDS, backend_module
+from ppo_rlhf.app.args import add_memory_args, add_run_args
 from ppo_rlhf.errors import UsageError
 
 
@@ -92,14 +93,14 @@ def add_train_parser(sub: Any) -> None:
                    help="override one PPOConfig field, e.g. --set kl_coef=0.1 (repeatable)")
     p.add_argument("--iterations", type=int, help="PPO iterations (PPOConfig.num_iterations)")
     p.add_argument("--seed", type=int, help="PPOConfig.seed")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--checkpoint-every", type=int, default=10, metavar="N",
-                   help="checkpoint every N iterations (and at the end); 0 = only at the end")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--report-to", choices=("none", "tensorboard"), default="none",
-                   help="also write the metrics as TensorBoard scalars to OUT/tensorboard "
-                        "(needs tensorboardX; default: none)")
+    add_memory_args(p, config="PPOConfig", models="the policy's and critic's")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of the weights (and of the optimiser state); default float32")
+    p.add_argument("--logprob-chunk", type=int, metavar="N",
+                   help="compute log-probs and entropies N response positions at a time, so the "
+                        "float32 [batch, response, vocab] logits never exist at once "
+                        "(PPOConfig.logprob_chunk; default 0: all at once)")
+    add_run_args(p, checkpoint_every=10, unit="iterations")
     s = p.add_argument_group("several devices (docs/distributed.md)")
     s.add_argument("--mesh", metavar="AXIS=N,...",
                    help="jax: shard over a device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, "
@@ -124,7 +125,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.checkpoint_every < 0:
         raise UsageError(f"--checkpoint-every {args.checkpoint_every}: must be >= 0 (0 = only at "
                          f"the end)")
-    config = build_config(args, num_iterations=args.iterations, seed=args.seed)
+    config = build_config(args, num_iterations=args.iterations, seed=args.seed, remat=args.remat,
+                          compute_dtype=args.compute_dtype, logprob_chunk=args.logprob_chunk)
     scale = _scaling_kwargs(args, config)
     prompts = load_prompts_arg(args.prompts)
     if args.reward_fn:
@@ -154,7 +156,7 @@ def run_train(args: argparse.Namespace) -> int:
                                                 "objective/kl_coef", "time/iteration_s") if k in last}))
         print(f"policy saved to {out / 'policy'}")
     if scale.get("distributed"):
-        from ppo_torch.distributed import shutdown
+        from ppo_torch.parallel import shutdown
 
         shutdown()
     return 0
@@ -181,7 +183,7 @@ def _scaling_kwargs(args: argparse.Namespace, config: Any) -> dict[str, Any]:
     if mesh is not None:
         check_data_parallel(config, mesh.data_parallel, f"--mesh {mesh}")
     try:
-        from ppo_jax.sharding import initialize_distributed
+        from ppo_jax.parallel import initialize_distributed
     except ImportError as e:
         raise UsageError(f"the jax backend is not installed ({e}); pip install 'ppo-rlhf[jax]'") from None
     if initialize_distributed(force=True if args.multihost else None) and mesh is None:

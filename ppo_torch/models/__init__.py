@@ -8,6 +8,8 @@ the same API as `ppo_jax.models`; value / reward heads; log-probs.
     critic = scalar_model_from_lm("ckpt/", seed=0)           # fresh head, same in both backends
     lp = response_logprobs(lm, q_ids, q_mask, r_ids, r_mask, temperature=0.7)
     save_pretrained(lm, "out/")
+    set_remat(lm, "dots")                                    # activation checkpointing policy
+    set_compute_dtype(lm, "bfloat16")                        # mixed precision (float32 weights)
 
 KV cache: HF's own Cache through `lm(..., use_cache=True)` / `lm(..., cache=cache)`; see
 `ppo_torch.models.causal_lm`.
@@ -21,11 +23,13 @@ from ppo_torch.models.heads import (PolicyWithValueHead, ScalarHeadModel, critic
                                    last_token_index)
 from ppo_torch.models.loading import (disable_dropout, load_pretrained, load_scalar_model,
                                       model_tensors, save_pretrained, scalar_model_from_lm)
+from ppo_torch.models.precision import set_compute_dtype
+from ppo_torch.models.remat import REMAT_POLICIES, set_remat
 
 __all__ = [
     "CausalLM", "ScalarHeadModel", "PolicyWithValueHead",
     "load_pretrained", "load_scalar_model", "scalar_model_from_lm", "save_pretrained",
     "model_tensors", "response_logprobs", "response_values", "response_logprobs_and_values",
     "sequence_scores", "last_token_index", "critic_from_reward_model", "init_score_head", "disable_dropout",
-    "SUPPORTED_MODEL_TYPES",
+    "SUPPORTED_MODEL_TYPES", "set_remat", "REMAT_POLICIES", "set_compute_dtype",
 ]

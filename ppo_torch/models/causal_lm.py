@@ -6,7 +6,9 @@
 cumsum(mask) - 1 clipped at 0, so left-padded prompts start at position 0 (HF's default
 positions, 0..T-1, ignore padding); pass `positions` to override. The LM head runs in float32 on
 the backbone's hidden states (bfloat16 models: bf16 activations, float32 logits -- the same
-arithmetic as the JAX core, where HF would round the logits to bf16).
+arithmetic as the JAX core, where HF would round the logits to bf16). Mixed precision
+(`set_compute_dtype`, `precision.py`): float32 weights, the backbone under `torch.autocast`, the
+LM head on bf16-rounded inputs with float32 logits.
 
 KV cache (generation) uses HF's own `Cache` (a `DynamicCache` that grows):
 
@@ -24,6 +26,8 @@ models have none).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -36,16 +40,32 @@ def default_positions(attention_mask: Tensor, length: int) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
 
 
-def project(hidden: Tensor, weight: Tensor) -> Tensor:
+def autocast(device: torch.device, compute_dtype: torch.dtype | None):
+    """`torch.autocast` to compute_dtype on `device` (mixed precision), or nothing for None /
+    float32 (float32 weights compute in float32 anyway)."""
+    if compute_dtype is None or compute_dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=compute_dtype)
+
+
+def project(hidden: Tensor, weight: Tensor, compute_dtype: torch.dtype | None = None) -> Tensor:
     """hidden [..., H] @ weight[N, H].T in float32 (bf16 inputs are upcast, which is exact;
-    float64 stays float64)."""
+    float64 stays float64), never under autocast. With a compute dtype (mixed precision, the LM
+    head) both inputs are first rounded to it: the arithmetic of a bf16 matmul accumulating and
+    returning float32 (products of two bf16 numbers are exact in float32), as JAX's
+    `preferred_element_type=float32` -- autocast would round the logits to bf16."""
+    if compute_dtype is not None:
+        hidden, weight = hidden.to(compute_dtype), weight.to(compute_dtype)
     dtype = torch.promote_types(hidden.dtype, torch.float32)
-    return F.linear(hidden.to(dtype), weight.to(dtype))
+    with torch.autocast(hidden.device.type, enabled=False):
+        return F.linear(hidden.to(dtype), weight.to(dtype))
 
 
 def backbone_hidden(hf_model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
-                    positions: Tensor | None, cache=None, use_cache: bool = False):
-    """(final-norm hidden states [B, S, H], cache or None) of an HF model's backbone."""
+                    positions: Tensor | None, cache=None, use_cache: bool = False,
+                    compute_dtype: torch.dtype | None = None):
+    """(final-norm hidden states [B, S, H], cache or None) of an HF model's backbone, under
+    `torch.autocast(compute_dtype)` when one is given (mixed precision)."""
     if attention_mask is None:
         past = 0 if cache is None else cache.get_seq_length()
         attention_mask = torch.ones((input_ids.shape[0], past + input_ids.shape[1]),
@@ -53,9 +73,40 @@ def backbone_hidden(hf_model: nn.Module, input_ids: Tensor, attention_mask: Tens
     if positions is None:
         positions = default_positions(attention_mask, input_ids.shape[1])
     use_cache = use_cache or cache is not None
-    out = hf_model.base_model(input_ids=input_ids.long(), attention_mask=attention_mask.long(),
-                              position_ids=positions.long(), cache=cache, use_cache=use_cache)
+    with autocast(input_ids.device, compute_dtype):
+        out = hf_model.base_model(input_ids=input_ids.long(), attention_mask=attention_mask.long(),
+                                  position_ids=positions.long(), cache=cache, use_cache=use_cache)
     return out.last_hidden_state, (out.cache if use_cache else None)
+
+
+def token_stats(head, hidden: Tensor, labels: Tensor, temperature: float, chunk: int,
+                return_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    """(log softmax(head(hidden) / temperature)[labels], its entropy or None), each [B, R]
+    float32, from hidden [B, R, H] and labels [B, R]; `head(h)` -> float32 logits.
+
+    chunk > 0: `chunk` positions at a time, each chunk under `torch.utils.checkpoint`
+    (use_reentrant=False) when autograd records: the forward keeps only each chunk's [B, chunk]
+    results and the backward recomputes one chunk's [B, chunk, V] float32 logits at a time, so
+    no [B, R, V] tensor is live (without autograd, only one chunk's logits exist at a time).
+    Mirror: `ppo_jax.models.forward._chunk_stats`."""
+    from torch.utils.checkpoint import checkpoint
+
+    from ppo_torch.losses import logprobs_from_logits, token_entropy
+
+    def one(h: Tensor, lab: Tensor) -> tuple[Tensor, ...]:
+        logits = head(h)
+        lp = logprobs_from_logits(logits, lab, temperature)
+        return (lp, token_entropy(logits, temperature)) if return_entropy else (lp,)
+
+    if not chunk:
+        out = one(hidden, labels)
+    else:
+        grad = torch.is_grad_enabled()
+        parts = [checkpoint(one, hidden[:, s:s + chunk], labels[:, s:s + chunk], use_reentrant=False)
+                 if grad else one(hidden[:, s:s + chunk], labels[:, s:s + chunk])
+                 for s in range(0, hidden.shape[1], chunk)]
+        out = tuple(torch.cat(o, dim=1) for o in zip(*parts))
+    return out[0], (out[1] if return_entropy else None)
 
 
 class CausalLM(nn.Module):
@@ -64,6 +115,7 @@ class CausalLM(nn.Module):
     def __init__(self, hf_model: nn.Module):
         super().__init__()
         self.hf_model = hf_model
+        self.compute_dtype: torch.dtype | None = None  # mixed precision: `set_compute_dtype`
 
     @property
     def config(self):
@@ -72,19 +124,29 @@ class CausalLM(nn.Module):
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
                       positions: Tensor | None = None, cache=None, use_cache: bool = False):
         """(final-norm hidden states [B, S, H] in the model dtype, cache or None)."""
-        return backbone_hidden(self.hf_model, input_ids, attention_mask, positions, cache, use_cache)
+        return backbone_hidden(self.hf_model, input_ids, attention_mask, positions, cache, use_cache,
+                               self.compute_dtype)
 
     def logits_from_hidden(self, hidden: Tensor) -> Tensor:
         """LM head in float32: [..., H] -> [..., V]."""
-        return project(hidden, self.hf_model.get_output_embeddings().weight)
+        return project(hidden, self.hf_model.get_output_embeddings().weight, self.compute_dtype)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
                 positions: Tensor | None = None, cache=None, use_cache: bool = False,
-                logits_to_keep: int = 0):
+                logits_to_keep: int = 0, labels: Tensor | None = None, temperature: float = 1.0,
+                chunk: int = 0, return_entropy: bool = False):
         """Logits [B, S, V] float32 (the last `logits_to_keep` positions if > 0); with
-        use_cache=True or a cache, (logits, cache). See the module docstring."""
+        use_cache=True or a cache, (logits, cache). See the module docstring.
+
+        labels [B, R] (the last R tokens of input_ids): instead, (log-probs, entropy or None)
+        of those tokens, [B, R] float32, under logits / temperature, computed by `token_stats`
+        (`chunk` positions at a time if > 0). Inside forward, so DDP / FSDP see the LM head."""
         hidden, new_cache = self.hidden_states(input_ids, attention_mask, positions=positions,
                                                cache=cache, use_cache=use_cache)
+        if labels is not None:
+            R = labels.shape[1]
+            return token_stats(self.logits_from_hidden, hidden[:, -R - 1:-1], labels, temperature,
+                               chunk, return_entropy)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.logits_from_hidden(hidden)

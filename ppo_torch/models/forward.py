@@ -39,22 +39,40 @@ def _zero_pad(x: Tensor, real: Tensor) -> Tensor:
     return torch.where(real, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def _check_chunk(chunk: int) -> int:
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+        raise ValueError(f"chunk={chunk!r} is invalid: allowed an integer >= 0 (0 = no chunking)")
+    return chunk
+
+
 def response_logprobs(model, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor,
                       response_mask: Tensor, *, temperature: float = 1.0,
-                      return_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                      return_entropy: bool = False, chunk: int = 0) -> Tensor | tuple[Tensor, Tensor]:
     """log softmax(logits / temperature)[response token], [B, R] float32, 0 where response_mask
     is 0; with return_entropy, also the entropy of the same distribution [B, R]. `model` is
     anything called as model(ids, attention_mask=mask, logits_to_keep=n) -> logits (CausalLM,
-    PolicyWithValueHead). Use the sampling temperature for policy AND reference (trl#2358)."""
+    PolicyWithValueHead). Use the sampling temperature for policy AND reference (trl#2358).
+
+    chunk > 0 (`PPOConfig.logprob_chunk`): the LM head and log-softmax run over `chunk`
+    response positions at a time (`causal_lm.token_stats`, called through the model's forward),
+    so the float32 [B, R, V] logits are never materialised, forward or backward; same values,
+    gradients equal up to float32 rounding."""
     ids, mask, P, R = _concat("response_logprobs", query_ids, query_mask, response_ids, response_mask)
-    # only the last R + 1 positions' logits are needed; the very last predicts past the response
-    logits = model(ids, attention_mask=mask, logits_to_keep=R + 1)[:, :R]
-    real = torch.as_tensor(response_mask).to(logits.device) != 0
-    labels = torch.as_tensor(response_ids).to(logits.device)
-    lp = _zero_pad(logprobs_from_logits(logits, labels, temperature), real)
+    real = torch.as_tensor(response_mask).to(ids.device) != 0
+    labels = torch.as_tensor(response_ids).to(ids.device).long()
+    if _check_chunk(chunk):
+        lp, ent = model(ids, attention_mask=mask, labels=labels, temperature=temperature,
+                        chunk=chunk, return_entropy=return_entropy)
+    else:
+        # only the last R + 1 positions' logits are needed; the very last predicts past the response
+        logits = model(ids, attention_mask=mask, logits_to_keep=R + 1)[:, :R]
+        real, labels = real.to(logits.device), labels.to(logits.device)
+        lp = logprobs_from_logits(logits, labels, temperature)
+        ent = token_entropy(logits, temperature) if return_entropy else None
+    lp = _zero_pad(lp, real.to(lp.device))
     if not return_entropy:
         return lp
-    return lp, _zero_pad(token_entropy(logits, temperature), real)
+    return lp, _zero_pad(ent, real.to(ent.device))
 
 
 def response_values(value_model, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor,
@@ -68,18 +86,26 @@ def response_values(value_model, query_ids: Tensor, query_mask: Tensor, response
 
 def response_logprobs_and_values(model, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor,
                                  response_mask: Tensor, *, temperature: float = 1.0,
-                                 return_entropy: bool = False) -> tuple[Tensor, ...]:
+                                 return_entropy: bool = False, chunk: int = 0) -> tuple[Tensor, ...]:
     """(logprobs, values[, entropy]) of a shared-trunk `PolicyWithValueHead` from ONE forward
-    pass; each [B, R] float32 exactly as `response_logprobs` and `response_values` compute them."""
+    pass; each [B, R] float32 exactly as `response_logprobs` and `response_values` compute them
+    (`chunk` as there)."""
     ids, mask, P, R = _concat("response_logprobs_and_values", query_ids, query_mask, response_ids,
                               response_mask)
-    logits, values = model(ids, attention_mask=mask, return_values=True)
-    logits, values = _response_slice(logits, P, R), _response_slice(values, P, R)
-    real = torch.as_tensor(response_mask).to(logits.device) != 0
-    labels = torch.as_tensor(response_ids).to(logits.device)
-    out = (_zero_pad(logprobs_from_logits(logits, labels, temperature), real), _zero_pad(values, real))
+    labels = torch.as_tensor(response_ids).to(ids.device).long()
+    if _check_chunk(chunk):
+        lp, ent, values = model(ids, attention_mask=mask, return_values=True, labels=labels,
+                                temperature=temperature, chunk=chunk, return_entropy=return_entropy)
+    else:
+        logits, values = model(ids, attention_mask=mask, return_values=True)
+        logits, values = _response_slice(logits, P, R), _response_slice(values, P, R)
+        labels = labels.to(logits.device)
+        lp = logprobs_from_logits(logits, labels, temperature)
+        ent = token_entropy(logits, temperature) if return_entropy else None
+    real = torch.as_tensor(response_mask).to(lp.device) != 0
+    out = (_zero_pad(lp, real), _zero_pad(values, real))
     if return_entropy:
-        out += (_zero_pad(token_entropy(logits, temperature), real),)
+        out += (_zero_pad(ent, real),)
     return out
 
 

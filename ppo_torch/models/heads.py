@@ -21,15 +21,10 @@ import torch
 from torch import nn
 
 from ppo_rlhf.rewards import ScoreRequest
-from ppo_torch.models.causal_lm import CausalLM, backbone_hidden, project
+from ppo_torch.masked import last_token_index
+from ppo_torch.models.causal_lm import CausalLM, backbone_hidden, project, token_stats
 
 Tensor = torch.Tensor
-
-
-def last_token_index(attention_mask: Tensor) -> Tensor:
-    """[B, T] -> [B]: index of the last position where the mask is 1 (T - 1 for an all-zero row)."""
-    T = attention_mask.shape[-1]
-    return T - 1 - torch.argmax(torch.flip(attention_mask != 0, dims=[-1]).int(), dim=-1)
 
 
 def _ids_and_mask(input_ids: Any, attention_mask: Any, device) -> tuple[Tensor, Tensor | None]:
@@ -49,6 +44,7 @@ class ScalarHeadModel(nn.Module):
     def __init__(self, hf_model: nn.Module, *, reward_gain: float = 1.0, reward_bias: float = 0.0):
         super().__init__()
         self.hf_model = hf_model
+        self.compute_dtype: torch.dtype | None = None  # mixed precision: `set_compute_dtype`
         self.reward_gain = float(reward_gain)
         self.reward_bias = float(reward_bias)
 
@@ -59,7 +55,8 @@ class ScalarHeadModel(nn.Module):
     def values(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
                positions: Tensor | None = None) -> Tensor:
         """reward_gain * head + reward_bias at every position, [B, T] float32."""
-        hidden, _ = backbone_hidden(self.hf_model, input_ids, attention_mask, positions)
+        hidden, _ = backbone_hidden(self.hf_model, input_ids, attention_mask, positions,
+                                    compute_dtype=self.compute_dtype)
         return self.reward_gain * project(hidden, self.hf_model.score.weight)[..., 0] + self.reward_bias
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
@@ -119,13 +116,23 @@ class PolicyWithValueHead(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
                 return_values: bool = False, positions: Tensor | None = None, cache=None,
-                use_cache: bool = False, logits_to_keep: int = 0):
+                use_cache: bool = False, logits_to_keep: int = 0, labels: Tensor | None = None,
+                temperature: float = 1.0, chunk: int = 0, return_entropy: bool = False):
+        """As `CausalLM.forward`; return_values=True: (logits, values [B, T]) from one trunk
+        pass, or with `labels` [B, R], (log-probs, entropy or None, values) [B, R] of the
+        positions predicting them (`causal_lm.token_stats`)."""
         if not return_values:
             return self.lm(input_ids, attention_mask, positions=positions, cache=cache,
-                           use_cache=use_cache, logits_to_keep=logits_to_keep)
+                           use_cache=use_cache, logits_to_keep=logits_to_keep, labels=labels,
+                           temperature=temperature, chunk=chunk, return_entropy=return_entropy)
         if cache is not None or use_cache or logits_to_keep:
             raise ValueError("return_values=True computes every position without a cache")
         hidden, _ = self.lm.hidden_states(input_ids, attention_mask, positions=positions)
+        if labels is not None:
+            hidden = hidden[:, -labels.shape[1] - 1:-1]
+            lp, ent = token_stats(self.lm.logits_from_hidden, hidden, labels, temperature, chunk,
+                                  return_entropy)
+            return lp, ent, project(hidden, self.value_head.weight)[..., 0]
         return self.lm.logits_from_hidden(hidden), project(hidden, self.value_head.weight)[..., 0]
 
     def values(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,

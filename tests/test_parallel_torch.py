@@ -1,4 +1,4 @@
-"""PyTorch DDP and FSDP2 (`ppo_torch/distributed.py`) against one process with the same global
+"""PyTorch DDP and FSDP2 (`ppo_torch/parallel.py`) against one process with the same global
 batch: 2 ranks under `torchrun` with gloo on the CPU.
 
 Each run (a subprocess: this file's `worker`) starts from the same tiny checkpoint and runs four
@@ -17,7 +17,7 @@ Observed: weights <= 5e-7 apart after four iterations at lr = 1e-3 (they move by
 moments <= 2e-8; stats within 1e-6 relative except ratio maxima (~1e-6 relative of values ~8);
 checked at 2e-6 absolute for weights and 2e-5 relative / 1e-5 absolute for stats. The clip
 fractions may differ by one token flipping at the clip boundary in one step (see
-tests/test_sharding_jax.py). The FSDP2 run also uses grad_accum_steps=2 (two micro-batches of its
+tests/test_parallel_jax.py). The FSDP2 run also uses grad_accum_steps=2 (two micro-batches of its
 rows per rank, one reduce-scatter per step): for token-mean losses that is the same sum again.
 """
 
@@ -53,7 +53,7 @@ RUNS = {"none": 1, "ddp": 1, "fsdp": 2}  # strategy -> grad_accum_steps
 def _worker(strategies: list[str], ckpt: str, out: str) -> None:
     """Run the iterations for each strategy in turn (one torchrun job serves DDP then FSDP2:
     the second trainer joins the process group the first one created)."""
-    from ppo_torch.distributed import shutdown
+    from ppo_torch.parallel import shutdown
 
     for strategy in strategies:
         _iterations(strategy, ckpt, Path(out) / strategy, RUNS[strategy])

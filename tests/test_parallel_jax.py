@@ -1,4 +1,4 @@
-"""Sharded JAX training (`ppo_jax/sharding.py`) against the single-device trainer.
+"""Sharded JAX training (`ppo_jax/parallel.py`) against the single-device trainer.
 
 The comparison runs in a subprocess with 8 simulated CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=8 must be set before jax is imported, so not
@@ -65,7 +65,7 @@ def _worker(ckpt: str, out: str, meshes: list[str]) -> None:
     from ppo_jax.models import model_tensors
     from ppo_jax.ppo import PPOTrainer
     from ppo_jax.models.stack import is_stacked
-    from ppo_jax.sharding import param_spec
+    from ppo_jax.parallel import param_spec
     from ppo_rlhf import PPOConfig
     from ppo_rlhf.testing import EOS_ID, PAD_ID, make_padded_batch
 
@@ -124,7 +124,7 @@ def _worker(ckpt: str, out: str, meshes: list[str]) -> None:
             for path, x in jax.tree_util.tree_leaves_with_path(tree):
                 info["leaves"] += 1
                 stacked = is_stacked(path)
-                if not same_spec(x, param_spec(x.shape, t.place.mesh, stacked=stacked)):
+                if not same_spec(x, param_spec(x.shape, t.parallel.mesh, stacked=stacked)):
                     info["specs_follow_rule"] = False
                 if stacked:
                     info["stacked_leaves"] += 1
@@ -139,19 +139,19 @@ def _worker(ckpt: str, out: str, meshes: list[str]) -> None:
         graphdef, state = nnx.split(t.policy_model())
         opts = SamplingOptions(max_new_tokens=N, temperature=config.temperature,
                                eos_token_id=EOS_ID, pad_token_id=PAD_ID, source="random")
-        fn = make_generate_fn(graphdef, opts, t.place.kv_cache)
-        qs, qms = t.place.batch((q, qm))
+        fn = make_generate_fn(graphdef, opts, t.parallel.kv_cache)
+        qs, qms = t.parallel.batch((q, qm))
         hlo = fn.lower(state, qs, qms, jax.random.key(0)).compile().as_text()
         # the partitioned program's arrays are per device: the stacked cache
         # [layers, B / dp, kv heads, slots, head dim] (head-major, never transposed)
         cfg = t.policy_model().config
         shapes = {tuple(map(int, s.split(","))) for s in re.findall(r"f32\[(\d+,\d+,\d+,\d+,\d+)\]", hlo)}
-        local, slots = B // t.place.data_parallel, P + N - 1
+        local, slots = B // t.parallel.data_parallel, P + N - 1
         info["kv_cache_local_shape_in_hlo"] = (cfg.num_layers, local, cfg.num_kv_heads, slots,
                                                cfg.head_dim) in shapes
         info["kv_cache_global_shape_in_hlo"] = (cfg.num_layers, B, cfg.num_kv_heads, slots,
                                                 cfg.head_dim) in shapes
-        info["batch_spec"] = [str(a) for a in t.place.batch(q).sharding.spec]
+        info["batch_spec"] = [str(a) for a in t.parallel.batch(q).sharding.spec]
         res["meshes"][mesh]["sharding"] = info
 
     # -- Orbax: save sharded, restore onto the same mesh, onto another mesh, onto one device
@@ -177,7 +177,7 @@ def _worker(ckpt: str, out: str, meshes: list[str]) -> None:
             for x, y in zip(jax.tree.leaves(src.state_tensors()), jax.tree.leaves(same.state_tensors()))),
         "other_mesh_max_abs": max_diff(src.state_tensors(), other.state_tensors()),
         "other_mesh_keeps_its_sharding": all(
-            same_spec(x, param_spec(x.shape, other.place.mesh, stacked=is_stacked(path)))
+            same_spec(x, param_spec(x.shape, other.parallel.mesh, stacked=is_stacked(path)))
             for path, x in jax.tree_util.tree_leaves_with_path(other.params)),
         "one_device_max_abs": max_diff(src.state_tensors(), base.state_tensors()),
         "policy_dir": (path / "policy" / "model.safetensors").is_file(),
@@ -356,7 +356,7 @@ def test_layer_axis_of_stacked_parameters_is_never_split(tiny_checkpoint):
 
     import ppo_jax.models as jm
     from ppo_jax.models.stack import is_stacked
-    from ppo_jax.sharding import param_spec, param_specs
+    from ppo_jax.parallel import param_spec, param_specs
 
     mesh = SimpleNamespace(shape={"data": 1, "fsdp": 4, "tensor": 2})
     assert param_spec((8, 6), mesh) == P("fsdp", "tensor")
@@ -398,7 +398,7 @@ def test_mesh_spec_parsing_and_errors():
 def test_mesh_that_does_not_fit_the_devices_and_indivisible_batches():
     import jax
 
-    from ppo_jax.sharding import make_mesh
+    from ppo_jax.parallel import make_mesh
     from ppo_rlhf import PPOConfig
     from ppo_rlhf.errors import UsageError
     from ppo_rlhf.runtime.processes import check_data_parallel

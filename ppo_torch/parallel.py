@@ -1,5 +1,5 @@
 """PyTorch distributed: data parallelism with DDP or FSDP2 under `torchrun`. The JAX counterpart
-is `ppo_jax/sharding.py` (a device mesh and XLA's SPMD partitioner).
+is `ppo_jax/parallel.py` (a device mesh and XLA's SPMD partitioner).
 
     torchrun --nproc-per-node 8 -m ppo_rlhf train --backend torch --distributed fsdp ...
     # Python, under torchrun:
@@ -16,7 +16,7 @@ MASTER_PORT). The trainable models (policy, critic) are wrapped in
             sharded the same way (forward only).
 
 How N ranks compute exactly what one process computes with the same global batch (only the
-order of floating-point sums differs; tests/test_distributed_torch.py):
+order of floating-point sums differs; tests/test_parallel_torch.py):
   * prompts, their order and the minibatch permutations (`ppo_rlhf.runtime.seeds`) are the same on every
     rank; rank r owns rows [r B/N, (r + 1) B/N) of the batch (`local_rows`) and of every minibatch;
   * rollout: each rank generates, runs the forward passes and scores (host rewards included) its

@@ -1,7 +1,7 @@
 """Sharded JAX: a device mesh with named axes, the sharding rules of the trainer's arrays, and
-multi-host start-up. The PyTorch counterpart is `ppo_torch/distributed.py` (DDP / FSDP2).
+multi-host start-up. The PyTorch counterpart is `ppo_torch/parallel.py` (DDP / FSDP2).
 
-    from ppo_jax.sharding import initialize_distributed, make_mesh
+    from ppo_jax.parallel import initialize_distributed, make_mesh
     initialize_distributed()                  # several hosts: jax.distributed.initialize()
     mesh = make_mesh("data=2,fsdp=4")         # a jax.sharding.Mesh over all (global) devices
     trainer = PPOTrainer(..., mesh=mesh)      # or mesh="data=2,fsdp=4"; None = one device

@@ -1,0 +1,36 @@
+"""Command-line arguments every training command shares (train, train-rm, pretrain): the memory
+switches of the update (activation checkpointing, mixed precision) and the run's bookkeeping
+(checkpoint cadence, resume, progress bar, TensorBoard). One definition, so the three commands
+cannot drift apart."""
+
+from __future__ import annotations
+
+import argparse
+
+from ppo_rlhf.config import COMPUTE_DTYPES, REMATS
+
+
+def add_memory_args(p: argparse.ArgumentParser, *, config: str, models: str) -> None:
+    """--remat and --compute-dtype (None when not given: the config's own value stands)."""
+    p.add_argument("--remat", choices=REMATS,
+                   help=f"activation checkpointing of {models} layers: none (keep every "
+                        "activation), full (recompute each layer in the backward), dots (keep the "
+                        "weight matmuls' outputs, recompute the rest); the same steps up to float32 "
+                        f"rounding, less memory, more compute ({config}.remat; default: none)")
+    p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES,
+                   help="mixed precision: matmuls in this dtype, weights and optimiser state in "
+                        "the weights' dtype (e.g. bfloat16 compute with float32 master weights); "
+                        "norms, softmaxes, log-probs and losses stay float32 "
+                        f"({config}.compute_dtype; default: the weights' dtype)")
+
+
+def add_run_args(p: argparse.ArgumentParser, *, checkpoint_every: int, unit: str) -> None:
+    """--checkpoint-every (in `unit`s), --resume, --no-progress, --report-to."""
+    p.add_argument("--checkpoint-every", type=int, default=checkpoint_every, metavar="N",
+                   help=f"atomic checkpoint every N {unit} (and at the end); 0 = only at the end "
+                        f"(default: {checkpoint_every})")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--report-to", choices=("none", "tensorboard"), default="none",
+                   help="also write the metrics as TensorBoard scalars to OUT/tensorboard "
+                        "(needs tensorboardX; default: none)")
