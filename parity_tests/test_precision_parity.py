@@ -23,6 +23,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -81,6 +83,11 @@ def test_chunked_shared_trunk_parity(tiny_checkpoint):
 @pytest.mark.parametrize("compute_dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_mixed_precision_logprobs_parity(tiny_checkpoint, arch, compute_dtype):
+    if compute_dtype == "float16" and "--xla_cpu_max_isa=SSE" in os.environ.get("XLA_FLAGS", ""):
+        # XLA:CPU capped below AVX (tools/kernel_variants.py's xla-sse and intel-avx2) has no F16C
+        # conversions and emits calls its JIT cannot link ("Failed to materialize symbols"):
+        # float16 compute does not run there at all -- a platform gap, not a tolerance
+        pytest.skip("XLA:CPU cannot compile float16 below AVX (no F16C)")
     path = tiny_checkpoint(arch)
     batch = _batch(seed=5)
     (lp32, _), _ = _both(path, batch)
