@@ -74,7 +74,7 @@ def add_train_rm_parser(sub: Any) -> None:
         description="Reward-model training (seed step 4). --model is a Hugging Face causal-LM "
                     "checkpoint (it gets a fresh score head) or a scalar-head checkpoint, with its "
                     "tokenizer. --data holds pairwise, ranking and/or rating records (JSONL; see "
-                    "docs/data.md or ppo_rlhf/data/records.py). Without --eval-data a seeded --eval-fraction of the records "
+                    "ppo_rlhf/data/records.py). Without --eval-data a seeded --eval-fraction of the records "
                     "is held out. Prints the held-out pairwise accuracy; --out gets the reward model "
                     "(scores normalised to mean 0 / std 1 on the training sequences unless "
                     "--no-normalise), metrics.json and metrics.jsonl.")
