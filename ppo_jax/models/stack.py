@@ -9,7 +9,8 @@ architecture files use it), so each architecture file reads like nanoGPT:
 Why a scan: an unrolled Python loop puts num_layers copies of the block into every XLA program,
 so compile time grows with depth; the scan's body is traced and compiled once, whatever the
 depth (MaxText's `scan_layers`): a PPO iteration of a 24-layer model compiles in about the time
-of a 2-layer one (`benchmarks/compile_depth.py`: 1.0-1.15x; unrolled, 15x). In the backward the
+of a 2-layer one (`python -m benchmarks.compile_depth`: 1.03x in process CPU time,
+benchmarks/results/compile-depth.json; issue 16 measured ~5x with unrolled layers). In the backward the
 residual-stream gradient is the scan's carry, materialised once per layer (unrolled, XLA:CPU
 fused and recomputed it inside every layer's weight-gradient fusion: benchmarks/README.md).
 
@@ -31,9 +32,9 @@ decode step writes one slot per layer, not a copy of the cache). Returns (x, cac
 
 Cost: the scan reads layer i's weights (and cache) as dynamic slices of the stacked arrays.
 XLA:CPU copies such a slice before a matmul, so a decode step, which reads every weight for
-only B tokens, pays a copy of the weights: generation of the tiny1m benchmark (4 x 128) took
-~14% longer than with unrolled layers; the scoring forwards and the update (B x T tokens per
-weight read) did not move. Not measured on accelerators, where XLA can feed a matmul from a
+only B tokens, pays a copy of the weights: in one before/after run of `benchmarks.run` on
+tiny1m, generation took ~14% longer than with unrolled layers; the scoring forwards and the
+update (B x T tokens per weight read) did not move. Not measured on accelerators, where XLA can feed a matmul from a
 dynamic slice (TPU fusions; XLA:GPU's dynamic-slice fusion).
 
 Activation checkpointing (`remat`, a static attribute: part of the graphdef, so the jitted
