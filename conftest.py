@@ -8,6 +8,36 @@ import re
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download (Makefile sets it too)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _jax_compilation_cache_dir() -> str:
+    """One persistent XLA compilation cache for the whole test run (every xdist worker and every
+    CLI subprocess a test starts inherits it): the suite compiles the same tiny programs hundreds
+    of times - each fault test's resume run, each CLI test, each parity case's second backend
+    call - and reading an executable back is ~100x cheaper than compiling it. Results are the same
+    executable either way. The directory is keyed by this CPU's feature flags, because XLA:CPU
+    compiles for the host's instruction set; JAX's own key covers the program, XLA_FLAGS, the
+    devices and the jax/jaxlib versions. Set PPO_RLHF_TEST_JAX_CACHE=0 to compile everything."""
+    import hashlib
+    import platform
+
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    host = hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:12]
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), ".pytest_cache", f"jax-{host}")
+
+
+if os.environ.get("PPO_RLHF_TEST_JAX_CACHE", "1") != "0":
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _jax_compilation_cache_dir())
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    # a size bound turns on JAX's file lock around every read and write: xdist workers and
+    # subprocesses share the directory, and an unlocked write can be read half-written
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+
 import pytest  # noqa: E402
 
 

@@ -1,0 +1,15 @@
+"""The benchmarks (see benchmarks/README.md)."""
+
+import os
+import sys
+
+
+def compile_every_program() -> None:
+    """Turn JAX's persistent compilation cache off in this benchmark process and the processes
+    it starts. Compile time is something the benchmarks measure (the first iteration minus the
+    median), and a cache turned on from outside (the test suite sets JAX_COMPILATION_CACHE_DIR for
+    everything it starts) would make it a file read. Does not import jax (a torch run's peak RSS
+    must not carry it)."""
+    os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+    if "jax" in sys.modules:
+        sys.modules["jax"].config.update("jax_enable_compilation_cache", False)

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import compile_every_program
+
 
 def measure(arch: str, layers: int, *, iterations: int, remat: str | None, root: Path) -> dict:
     import jax
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--remat", default=None, choices=(None, "none", "full", "dots"))
     ap.add_argument("--out", default=None, help="write the results as JSON here too")
     args = ap.parse_args(argv)
+    compile_every_program()  # compile time is measured here
     with tempfile.TemporaryDirectory() as tmp:
         # an untimed first run: JAX's one-time costs (backend start-up, eager helper programs)
         # must not land on the first depth measured

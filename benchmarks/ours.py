@@ -37,6 +37,7 @@ import workload as W  # noqa: E402  (benchmarks/peers/workload.py: pure python +
 _THREADS = W.threads_from_argv()
 
 from benchmarks import flops  # noqa: E402
+from benchmarks import compile_every_program  # noqa: E402
 
 PROGRAMS = ("jax", "torch", "torch-compile")
 
@@ -139,6 +140,7 @@ def main(argv=None) -> dict:
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "ppo-rlhf-bench"))
     W.add_cli_args(p)
     args = p.parse_args(argv)
+    compile_every_program()  # compile time is measured here
     threads = set_threads(args.threads)
     if args.wait_quiet:
         W.wait_quiet(args.wait_quiet)
