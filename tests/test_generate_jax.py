@@ -4,9 +4,11 @@ a full forward, determinism given a key, no recompilation (new key, new weights)
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -270,3 +272,36 @@ def test_bad_arguments(gpt2):
         generate(gpt2, q, empty, **ok)
     with pytest.raises(ValueError, match="must match"):
         generate(gpt2, q, qm[:, 1:], **ok)
+
+
+def test_a_persistent_cache_hit_still_counts_as_a_compilation():
+    """The suite runs with JAX's persistent compilation cache on (conftest.py). A retrace whose
+    program is read back from that cache must still show up in `count_jax_compilations`, or the
+    no-recompilation tests would pass on a warm cache whatever the code does."""
+    import jax.numpy as jnp
+
+    from jax._src import compilation_cache
+
+    if os.environ.get("PPO_RLHF_TEST_JAX_CACHE") == "0":
+        pytest.skip("the persistent compilation cache is off (PPO_RLHF_TEST_JAX_CACHE=0)")
+    assert compilation_cache.is_cache_used(jax.devices()[0].client)  # conftest turned it on
+
+    def f(x):
+        return jnp.tanh(x) * 3.0 + 0.123456  # a program no other test compiles
+
+    x = jnp.arange(7.0)
+    jax.jit(f)(x).block_until_ready()  # compiled, and written to the persistent cache
+    jax.clear_caches()  # the in-memory caches only: the next call reads the file back
+    hits = []
+
+    def on_event(event, **kw):
+        if event == "/jax/compilation_cache/cache_hits":
+            hits.append(event)
+
+    jax.monitoring.register_event_listener(on_event)
+    try:
+        with count_jax_compilations() as events:
+            jax.jit(f)(x).block_until_ready()
+    finally:
+        jax.monitoring.unregister_event_listener(on_event)
+    assert hits and len(events) == 1
