@@ -423,6 +423,7 @@ def summarize_setting(backend: str, pairs: int, kl: float, records: list[dict]) 
     per_seed = [fit_gao([p["d"] for p in r], gains(r, "gold")) for r in fitted]
     per_seed_proxy = [fit_gao([p["d"] for p in r], gains(r, "proxy")) for r in fitted]
     max_d = max(pooled_d)
+    in_range = lambda f, r: f["peak_d"] is not None and f["peak_d"] <= max(p["d"] for p in r)
     return {
         "backend": backend, "rm_pairs": int(pairs), "kl_coef": float(kl),
         "seeds": [r["seed"] for r in records], "runs": runs,
@@ -436,8 +437,11 @@ def summarize_setting(backend: str, pairs: int, kl: float, records: list[dict]) 
         "max_d_all": max(p["d"] for r in runs for p in r),
         "proxy_alpha": proxy_fit["alpha"], "proxy_beta": proxy_fit["beta"],
         "proxy_peak_d": proxy_fit["peak_d"],
-        "seed_fits": {k: _mean_std([f[src] for f in per_seed]) for k, src in
-                      (("alpha", "alpha"), ("beta", "beta"), ("peak_gold", "peak"), ("peak_d", "peak_d"))},
+        # a seed's fitted peak counts only where it lies within that seed's data: beta ~ 0 (no
+        # fall yet, as with a strong KL penalty) puts d* = exp(alpha/beta - 1) anywhere, 1e100 too
+        "seed_fits": {**{k: _mean_std([f[k] for f in per_seed]) for k in ("alpha", "beta")},
+                      **{k: _mean_std([f[src] if in_range(f, r) else None for f, r in zip(per_seed, fitted)])
+                         for k, src in (("peak_gold", "peak"), ("peak_d", "peak_d"))}},
         "seed_proxy_fits": {k: _mean_std([f[k] for f in per_seed_proxy]) for k in ("alpha", "beta")},
         "empirical": peak_and_fall(runs),
         "wall_s": float(sum(r["wall_s"] for r in records)),
@@ -493,14 +497,18 @@ def _pm(s: dict, fmt: str = ".2f") -> str:
 
 def table(summary: dict) -> str:
     st = summary["study"]
-    lines = [f"`{summary['command']}`", "",
+    cost = (f"{summary['finished_runs']} of {summary['planned_runs']} runs; compute, summed over the runs "
+            f"as each was measured on its machine: PPO {summary['ppo_wall_s'] / 3600:.2f} h, proxies "
+            f"{summary['proxy_wall_s'] / 60:.0f} min, pretraining {summary['pretrain_s'] / 60:.0f} min")
+    lines = [f"`{summary['command']}` ({cost}; the runs are cached, so a rerun of "
+             f"`python -m benchmarks.overoptimization` resumes and `--only-report` rebuilds these files)", "",
              f"Reviews task, {st['model_size']} demo policy ({st['pretrain_steps']} pretraining steps, JAX); "
              f"proxies trained once in JAX ({st['rm_epochs']} epochs, labeller temperature {st['temperature']}), "
              f"loaded by both backends; PPO {st['iterations']} iterations of {st['ppo']['batch_size']} prompts, "
              f"lr {st['ppo']['learning_rate']}, evaluated every {st['eval_every']} iterations on "
              f"{st['eval_prompts']} held-out prompts. Gains are over the initial policy; d = sqrt(KL) "
              f"in sqrt(nats per response). Fit: gold gain = d (alpha - beta log d), pooled over seeds; "
-             f"+- is the std over per-seed fits (number of seeds with a peak in parentheses).", "",
+             f"+- is the std over per-seed fits (in parentheses: the number of seeds whose fitted peak lies within their data).", "",
              "| proxy pairs | held-out acc. (ceiling) |", "|---|---|"]
     for p in summary["proxies"]:
         lines.append(f"| {p['pairs']} | {_f(p['eval_expected_accuracy'], '.3f')} ({_f(p['noise_ceiling'], '.3f')}) |")
@@ -510,11 +518,13 @@ def table(summary: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary["settings"]:
         sf = s["seed_fits"]
-        peak = _f(s["peak_d"]) + ("" if s["peak_in_range"] or s["peak_d"] is None else " (beyond data)")
+        beyond = s["peak_d"] is not None and not s["peak_in_range"]
+        peak = f"beyond the data (> {s['max_d']:.2f})" if beyond else _f(s["peak_d"])
+        peak_gold = "--" if beyond else _f(s["peak_gold"], "+.3f")
         lines.append(
             f"| {s['backend']} | {s['rm_pairs']} | {s['kl_coef']:g} | {len(s['runs'])} | {s['gold_init']:+.3f} "
             f"| {_f(s['alpha'])} ({_pm(sf['alpha'])}) | {_f(s['beta'])} ({_pm(sf['beta'])}) "
-            f"| {peak} ({_pm(sf['peak_d'])}) | {_f(s['peak_gold'], '+.3f')} ({_pm(sf['peak_gold'], '.3f')}) "
+            f"| {peak} ({_pm(sf['peak_d'])}) | {peak_gold} ({_pm(sf['peak_gold'], '.3f')}) "
             f"| {_f(s['fit_r2'])} | {s['max_d']:.2f} | {_f(s['proxy_alpha'])}, {_f(s['proxy_beta'])} |")
     lines += ["", "Empirical peak and fall (no fit; peak located on the seed-mean gold, smoothed over 3 "
                   "evaluations; fall = gold around the peak - gold over the last 3 evaluations, per seed):", "",

@@ -89,3 +89,23 @@ def test_quick_mode_end_to_end_and_resume(tmp_path):
                        "--cache-dir", cache, timeout=600)
     assert "4 of 4 runs cached" in again.stderr
     assert json.loads(out.read_text())["settings"] == s["settings"]
+
+
+def test_a_fitted_peak_beyond_the_data_is_not_reported_as_a_peak():
+    """With a strong KL penalty the gold gain is still rising at the end (beta ~ 0): the fitted
+    d* = exp(alpha/beta - 1) then lies anywhere beyond the data (1e100 in the real study). The
+    setting's peak and the per-seed peak spread must say "no peak in the data", not a number."""
+    from benchmarks.overoptimization import summarize_setting
+
+    def record(seed, slope, bend):
+        d = np.linspace(0.0, 1.8, 20)
+        return {"seed": seed, "wall_s": 1.0, "points": [
+            {"iteration": i, "d": float(x), "proxy": float(x), "gold": float(-0.3 + slope * x - bend * x * x)}
+            for i, x in enumerate(d)]}
+
+    rising = summarize_setting("jax", 1000, 0.2, [record(s, 0.25 + 0.01 * s, 0.001 * s) for s in range(3)])
+    assert not rising["peak_in_range"]
+    assert rising["seed_fits"]["peak_d"]["n"] == 0 and rising["seed_fits"]["peak_gold"]["mean"] is None
+    assert rising["seed_fits"]["alpha"]["n"] == 3  # the fits themselves are kept
+    peaked = summarize_setting("jax", 1000, 0.0, [record(s, 0.6, 0.3 + 0.01 * s) for s in range(3)])
+    assert peaked["peak_in_range"] and peaked["seed_fits"]["peak_d"]["n"] == 3
