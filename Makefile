@@ -2,7 +2,7 @@
 #               `make test`  (set up + run the whole test suite; this is what CI runs)
 # Suites (README "Development" says what each costs):
 #   test-fast        the default suite: unit, parity, CLI, fault tests (-m "not slow and not benchmark")
-#   test-portable    the float32 parity tests again with torch and XLA held to other CPU kernels
+#   test-portable    the parity tests again with torch and XLA held to other CPU kernels
 #   test-slow        end-to-end tests and the mutation run (-m slow)
 #   test-benchmarks  tests that rerun a benchmark and check its published figure (not in CI)
 PY ?= python3
@@ -39,11 +39,8 @@ test-fast: setup
 
 # tools/kernel_variants.py: intel-avx2 = MKL dispatching as on Intel, capped at AVX2; ATen and
 # oneDNN at AVX2; XLA codegen at SSE4.2 -- other kernels than the default on AMD and Intel alike
-# float32 cases only: their tolerances are the ones a kernel's summation order can break (float64
-# sums differ by ~1e-16 relative between kernels, against tolerances of 1e-12 and up);
-# `tools/kernel_variants.py` with no arguments runs every case under every variant
 test-portable: setup
-	$(BIN)/python tools/kernel_variants.py --variants intel-avx2 -- -q -n 2 --timeout 1800 -p no:cacheprovider parity_tests -k "not float64"
+	$(BIN)/python tools/kernel_variants.py --variants intel-avx2 -- -q -n 2 --timeout 1800 -p no:cacheprovider parity_tests
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -n 2 --timeout 3600 -m slow; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
