@@ -151,13 +151,10 @@ def run_name(backend: str, pairs: int, kl: float, seed: int) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    from ppo_rlhf.runtime.checkpoints import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 # ---- 1. and 2.: the starting checkpoints ----------------------------------------------------------
