@@ -420,7 +420,7 @@ def summarize_setting(backend: str, pairs: int, kl: float, records: list[dict]) 
     per_seed = [fit_gao([p["d"] for p in r], gains(r, "gold")) for r in fitted]
     per_seed_proxy = [fit_gao([p["d"] for p in r], gains(r, "proxy")) for r in fitted]
     max_d = max(pooled_d)
-    in_range = lambda f, r: f["peak_d"] is not None and f["peak_d"] <= max(p["d"] for p in r)
+    in_range = lambda fit, points: fit["peak_d"] is not None and fit["peak_d"] <= max(p["d"] for p in points)
     return {
         "backend": backend, "rm_pairs": int(pairs), "kl_coef": float(kl),
         "seeds": [r["seed"] for r in records], "runs": runs,
@@ -428,7 +428,7 @@ def summarize_setting(backend: str, pairs: int, kl: float, records: list[dict]) 
         "proxy_init": float(np.mean([r[0]["proxy"] for r in runs])),
         "alpha": gold_fit["alpha"], "beta": gold_fit["beta"],
         "peak_gold": gold_fit["peak"], "peak_d": gold_fit["peak_d"],
-        "peak_in_range": gold_fit["peak_d"] is not None and gold_fit["peak_d"] <= max_d,
+        "peak_in_range": in_range(gold_fit, [p for r in fitted for p in r]),
         "fit_r2": gold_fit["r2"], "max_d": max_d, "fit_points": gold_fit["points"],
         "points_at_floor_left_out": sum(len(r) - len(f) for r, f in zip(runs, fitted)),
         "max_d_all": max(p["d"] for r in runs for p in r),
