@@ -74,3 +74,13 @@ def test_scale_tiny_and_gpu_tiny_suites_run_both_backends(tmp_path):
                 upd = r["phases_s"]["update"]
                 assert abs(r["update_tflops"] - update_flops("tiny", 8, 16, 8, 1) / upd / 1e12) < 1e-9
         assert f"| jax | on |" in out.with_suffix(".md").read_text()
+
+
+def test_supervised_step_reports_each_backend_and_the_jax_scratch_size(tmp_path):
+    out = tmp_path / "sft-step.json"
+    run_module("benchmarks.supervised_step", "--steps", "1", "--remat", "full", "--out", out, timeout=600)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["backend"], r["remat"]) for r in rows] == [("jax", "full"), ("torch", "full")]
+    for r in rows:
+        assert r["step_ms"] > 0 and r["minor_faults"] >= 0 and r["sys_ms"] >= 0
+    assert rows[0]["temp_mb"] > 0 and "temp_mb" not in rows[1]

@@ -32,6 +32,12 @@ def test_demo_quick_writes_every_artifact(backend, tmp_path):
               "plots/rm_score.png", "plots/kl.png", "plots/entropy.png"):
         assert (out / f).is_file(), f
     assert (out / "ppo" / "checkpoints" / "LATEST").is_file()
+    # the supervised stages ran with the backend's remat policy (DemoConfig.supervised_remat)
+    from ppo_rlhf.app.demo import DemoConfig
+
+    want = DemoConfig().supervised_remat[backend]
+    for stage in ("sft", "reward_model"):
+        assert json.loads((out / stage / "train_config.json").read_text())["remat"] == want, stage
     metrics = [json.loads(l) for l in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == summary["ppo_iterations"] and "objective/gold" in metrics[0]
     # a second run into the same directory is refused instead of mixing runs

@@ -54,6 +54,14 @@ class DemoConfig:
     # kl_coef: at 0.05 (TRL's default) PPO finds the reward model's blind spot within ~20
     # iterations ("love it.." scores +3.5 on the RM and -1 on gold); 0.2 keeps the KL near 2-3
     # nats and gold rises instead. `ppo-rlhf demo --kl-coef 0.05` shows the hack.
+    supervised_remat: dict = dataclasses.field(default_factory=lambda: {"jax": "full", "torch": "none"})
+    # SFTConfig.remat / RMConfig.remat of the pretraining and reward-model stages, per backend:
+    # the faster for each at these shapes on CPU (same gradients up to float32 rounding).
+    # `python -m benchmarks.supervised_step` (the demo's pretraining step, 32 x 32 tokens):
+    # without remat, XLA:CPU's scratch buffer for the JAX step is 96 MB, above glibc's 64 MiB
+    # per-thread heap, so it is mmapped and page-faulted afresh at every step (23k faults,
+    # half the step); "full" shrinks it to 25 MB and the step from 90 to 66 ms. torch reuses
+    # its memory, and recomputing the layers costs it 58 -> 87 ms.
     eval_prompts: int = 96               # held-out prompts for before/after evaluation
     sample_temperature: float = 1.0      # evaluation samples at the PPO sampling temperature
 
@@ -102,7 +110,8 @@ def run_demo(backend: str, out: str | os.PathLike, config: DemoConfig = DemoConf
     sft = out / "sft"
     _say(f"1/6 pretraining a {config.model_size} GPT-2-style model on the {task.name} corpus ({backend})")
     sft_metrics = pretrain_model(backend, sft, task=task,
-                                 config={"num_steps": config.pretrain_steps, "seed": config.seed},
+                                 config={"num_steps": config.pretrain_steps, "seed": config.seed,
+                                         "remat": config.supervised_remat.get(backend, "none")},
                                  model_size=config.model_size, corpus_size=config.corpus_size,
                                  eval_samples=0, progress=progress)
     times["pretrain_s"] = time.perf_counter() - t
@@ -194,7 +203,7 @@ def _train_reward_model(backend: str, sft: Path, records: list, out: Path, confi
 
     rm = backend_module(backend, "reward_model")
     cfg = RMConfig(num_epochs=config.rm_epochs, learning_rate=config.rm_lr, seed=config.seed,
-                   max_length=max_length)
+                   max_length=max_length, remat=config.supervised_remat.get(backend, "none"))
     train_idx, eval_idx = holdout_split(len(records), cfg.eval_fraction, cfg.seed)
     trainer = rm.RewardModelTrainer(str(sft), cfg, out_dir=out)
     return trainer.fit([records[i] for i in train_idx], [records[i] for i in eval_idx], progress=progress)
