@@ -159,6 +159,18 @@ def assert_close(actual: Any, expected: Any, dtype, what: str = "") -> None:
                                np.asarray(expected, dtype=np.float64), err_msg=what, **tol(dtype))
 
 
+def assert_close_scaled(actual: Any, expected: Any, scale: Any, dtype, what: str = "") -> None:
+    """|actual - expected| <= rtol * scale + atol elementwise: for results whose rounding error is
+    relative to the size of the intermediate sums (`scale` >= |expected|), not to the result."""
+    actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    t = tol(dtype)
+    bound = t["rtol"] * np.asarray(scale, dtype=np.float64) + t["atol"]
+    bad = ~(np.abs(actual - expected) <= bound)
+    assert not bad.any(), (f"{what}: {bad.sum()} of {bad.size} beyond rtol*scale+atol; worst "
+                           f"|diff|/bound {np.max(np.abs(actual - expected)[bad] / bound[bad]):.3g} at "
+                           f"{np.argwhere(bad)[0].tolist()}")
+
+
 def assert_stats_close(actual: dict, expected: dict, dtype, what: str = "") -> None:
     missing = set(expected) - set(actual)
     assert not missing, f"{what}: stats missing {missing}"

@@ -203,6 +203,22 @@ def gae(rewards, values, mask, gamma, lam):
     return adv, (adv + values) * mask
 
 
+def gae_magnitude(rewards, values, mask, gamma, lam):
+    """The size of what GAE's recurrence adds up to reach A_t: M_t = |r_t| + gamma |V_{t+1}| +
+    |V_t| + gamma lam M_{t+1} (the recurrence on absolute values). Floating-point error of any
+    evaluation of the recurrence is relative to M_t, not to A_t: where the partial sums cancel
+    (|A_t| << M_t) the rounding of those sums remains (the condition number is M_t / |A_t|)."""
+    out = np.zeros(rewards.shape)
+    for b in range(rewards.shape[0]):
+        real = [t for t in range(rewards.shape[1]) if mask[b, t]]
+        next_value, running = 0.0, 0.0
+        for t in reversed(real):
+            running = abs(rewards[b, t]) + gamma * abs(next_value) + abs(values[b, t]) + gamma * lam * running
+            out[b, t] = running
+            next_value = values[b, t]
+    return out
+
+
 def reward_to_go(rewards, mask):
     """sum_{k >= t} r_k over the real tokens of each row (GAE with gamma = lam = 1, plus V_t)."""
     out = np.zeros(rewards.shape)

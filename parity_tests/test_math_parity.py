@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from parity_tests import reference as ref
-from parity_tests.backends import BACKENDS, assert_close, assert_stats_close, tol
+from parity_tests.backends import BACKENDS, assert_close, assert_close_scaled, assert_stats_close, tol
 from ppo_rlhf.kl_control import adaptive_kl_update
 
 DTYPES = [np.float64, np.float32]
@@ -52,9 +52,10 @@ class Batch:
 
 @st.composite
 def batches(draw, layout=None, allow_empty_rows=False):
-    # A few shapes only: each new shape costs a jit compilation; the masks inside vary freely.
-    b = draw(st.sampled_from([1, 2, 5]))
-    t = draw(st.sampled_from([1, 3, 16, 64]))
+    # A few shapes only: each new shape costs a jit compilation (most of these tests' time: CI,
+    # issue 13); the masks inside vary freely. One row and several; one token, a few, many.
+    b = draw(st.sampled_from([1, 5]))
+    t = draw(st.sampled_from([1, 3, 64]))
     layout = layout or draw(st.sampled_from(["right", "left"]))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     lengths = rng.integers(1, t + 1, size=b)
@@ -174,15 +175,20 @@ def test_gae(dtype, layout, data, gamma, lam):
         data = dataclasses.replace(data, mask=mask)
     d = data.astype(dtype)
     rewards = d.advantages  # any numbers will do as rewards
-    want_adv, want_ret = ref.gae(np.nan_to_num(rewards.astype(np.float64)),
-                                 np.nan_to_num(d.values.astype(np.float64)), data.mask, gamma, lam)
+    r64, v64 = np.nan_to_num(rewards.astype(np.float64)), np.nan_to_num(d.values.astype(np.float64))
+    want_adv, want_ret = ref.gae(r64, v64, data.mask, gamma, lam)
+    # Tolerance relative to the size of the sums the recurrence carries (ref.gae_magnitude), not
+    # to A_t alone: A_t = delta_t + gamma lam A_{t+1} over up to 64 steps can cancel to a small
+    # value whose float32 rounding error is that of partial sums ~30 (seen: |A| 0.5, error 8.5e-6
+    # = 3e-7 of M_t, on gamma=1, lam=0.95, 64 steps; each backend sums in its own order).
+    magnitude = ref.gae_magnitude(r64, v64, data.mask, gamma, lam)
     weights = np.random.default_rng(0).normal(size=data.mask.shape).astype(dtype)
     grads = []
     for backend in BACKENDS:
         what = f"{backend.name} gamma={gamma} lam={lam} {np.dtype(dtype).name}"
         adv, ret = backend.call("gae", "advantages", rewards, d.values, data.mask, gamma=gamma, lam=lam)
-        assert_close(adv, want_adv, dtype, what + " advantages")
-        assert_close(ret, want_ret, dtype, what + " returns")
+        assert_close_scaled(adv, want_adv, magnitude, dtype, what + " advantages")
+        assert_close_scaled(ret, want_ret, magnitude + np.abs(v64), dtype, what + " returns")
         _, g, _ = backend.value_and_grad("gae", "advantages", 1, rewards, d.values, data.mask,
                                          output=0, weights=weights, gamma=gamma, lam=lam)
         assert np.all(np.isfinite(g)), what

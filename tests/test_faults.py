@@ -369,8 +369,9 @@ def test_sigkill_mid_iteration_then_resume_is_exact(backend, inputs, reference_r
     assert metrics(run) == ref
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("sig", ["TERM", "INT"])
+# Each signal once, each backend once: the handler is the shared host loop's (the other pairs
+# ran the same code and cost CI a minute on the slower machine: issue 13)
+@pytest.mark.parametrize("backend,sig", [("jax", "TERM"), ("torch", "INT")])
 def test_sigterm_and_sigint_checkpoint_and_exit_cleanly(backend, sig, inputs, reference_run, tmp_path):
     ckpt, prompts, run = inputs / "gpt2", inputs / "prompts.txt", tmp_path / "run"
     proc = train(backend, ckpt, prompts, run, "--iterations", "5", "--checkpoint-every", "0",
