@@ -139,6 +139,8 @@ def main(argv=None) -> dict:
     p.add_argument("--program", choices=PROGRAMS, required=True)
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "ppo-rlhf-bench"))
     W.add_cli_args(p)
+    p.add_argument("--scan-unroll", action="store_true",
+                   help="PPOConfig.scan_unroll: the JAX scan over layers fully unrolled (torch: no effect)")
     args = p.parse_args(argv)
     compile_every_program()  # compile time is measured here
     threads = set_threads(args.threads)
@@ -152,7 +154,8 @@ def main(argv=None) -> dict:
     config = PPOConfig(batch_size=wl.batch, max_prompt_len=wl.prompt_len, max_new_tokens=wl.response_len,
                        ppo_epochs=wl.ppo_epochs, num_minibatches=wl.minibatches, temperature=wl.temperature,
                        learning_rate=wl.lr, kl_coef=wl.kl_coef, gamma=wl.gamma, lam=wl.lam,
-                       clip_eps=wl.cliprange, value_clip_eps=wl.cliprange_value, seed=wl.seed)
+                       clip_eps=wl.cliprange, value_clip_eps=wl.cliprange_value, seed=wl.seed,
+                       scan_unroll=args.scan_unroll)
     kw = dict(config=config, eos_token_id=None, pad_token_id=0,  # fixed-length responses
               tokenizer=StandInTokenizer(spec.vocab_size))
     if args.program == "jax":
@@ -197,7 +200,7 @@ def main(argv=None) -> dict:
     fl = flops.iteration_flops(spec, wl)
     result = W.build_result(
         program={"jax": "ppo_jax", "torch": "ppo_torch", "torch-compile": "ppo_torch+compile"}[args.program],
-        spec=spec, wl=wl, config_extra={"reward": "model"}, iteration_times=iteration_times,
+        spec=spec, wl=wl, config_extra={"reward": "model", "scan_unroll": args.scan_unroll}, iteration_times=iteration_times,
         warmup_times=warmup_times, timer=timer, n_warmup=args.warmup, versions=versions,
         iteration_cpu_times=cpu_times,
         notes=["forward = policy + reference log-probs, critic values and reward scores"],

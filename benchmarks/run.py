@@ -44,6 +44,8 @@ def run_program(program: str, model: str, args: argparse.Namespace, out_json: Pa
               "--out", str(out_json)]
     if program in OURS:
         cmd = [sys.executable, "-m", "benchmarks.ours", "--program", program, *common]
+        if args.scan_unroll:
+            cmd += ["--scan-unroll"]
         if args.cache_dir:
             cmd += ["--cache-dir", args.cache_dir]
     else:
@@ -178,6 +180,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="JSON file (default: benchmarks/results/<timestamp>.json)")
     p.add_argument("--cache-dir", help="where our programs keep the random-weight checkpoints "
                                        "(default: a ppo-rlhf-bench dir in the system temp dir)")
+    p.add_argument("--scan-unroll", action="store_true",
+                   help="our programs with PPOConfig.scan_unroll=True (JAX: the layer scan unrolled)")
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.programs, args.iterations, args.warmup = "demo,tiny1m", "jax,torch", 2, 1

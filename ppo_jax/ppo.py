@@ -59,7 +59,8 @@ from ppo_jax.optim import guarded_step, make_optimizer
 from ppo_jax.models import (CausalLM, PolicyWithValueHead, ScalarHeadModel, critic_from_reward_model,
                             load_pretrained, load_scalar_model, response_logprobs,
                             response_logprobs_and_values, response_values, scalar_model_from_lm,
-                            sequence_scores, set_compute_dtype, set_remat)
+                            sequence_scores, set_compute_dtype, set_remat,
+                            set_scan_unroll)
 from ppo_rlhf.runtime import metrics, seeds
 from ppo_rlhf.config import PPOConfig
 from ppo_rlhf.rewards import RewardModel, as_reward_model
@@ -192,6 +193,9 @@ class PPOTrainer(TrainerBase):
         set_remat(policy_model, cfg.remat)
         if critic_model is not None:
             set_remat(critic_model, cfg.remat)
+        for m in (policy_model, ref_model, critic_model, self.native_reward):
+            if m is not None:  # the scan over layers as a loop or unrolled (static)
+                set_scan_unroll(m, cfg.scan_unroll)
 
         # --- pure state: each role's structure is static, its parameters a pytree -------------
         self.policy, trainable = Role.trainable(policy_model)

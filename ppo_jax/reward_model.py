@@ -32,7 +32,8 @@ from flax import nnx
 
 from ppo_jax.checkpoint import SupervisedCheckpoint
 from ppo_jax.models import (ScalarHeadModel, load_scalar_model, scalar_model_from_lm,
-                            set_compute_dtype, set_remat)
+                            set_compute_dtype, set_remat,
+                            set_scan_unroll)
 from ppo_jax.optim import guarded_step, make_optimizer
 from ppo_rlhf import hf_checkpoint as hfc
 from ppo_rlhf.config import RMConfig
@@ -195,6 +196,7 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
         self._check_model(model)
         model.reward_gain, model.reward_bias = 1.0, 0.0  # train the raw head
         set_remat(model, config.remat)  # activation checkpointing: static, before the split
+        set_scan_unroll(model, config.scan_unroll)  # the layer scan as a loop or unrolled: static too
         if config.compute_dtype is not None:  # mixed precision: weights keep their dtype
             set_compute_dtype(model, config.compute_dtype)
         self._def, self.params, self._rest = nnx.split(model, nnx.Param, ...)

@@ -30,7 +30,7 @@ from flax import nnx
 
 from ppo_jax.checkpoint import SupervisedCheckpoint
 from ppo_jax.losses import logprobs_from_logits
-from ppo_jax.models import CausalLM, load_pretrained, set_compute_dtype, set_remat
+from ppo_jax.models import CausalLM, load_pretrained, set_compute_dtype, set_remat, set_scan_unroll
 from ppo_jax.optim import guarded_step, make_optimizer
 from ppo_rlhf.config import SFTConfig
 from ppo_rlhf.runtime.supervised import SFTTrainerBase
@@ -106,6 +106,7 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
             raise TypeError(f"model must be a checkpoint dir or a CausalLM, got {type(model).__name__}")
         self._check_model(model)
         set_remat(model, config.remat)  # activation checkpointing: static, before the split
+        set_scan_unroll(model, config.scan_unroll)  # the layer scan as a loop or unrolled: static too
         if config.compute_dtype is not None:  # mixed precision: weights keep their dtype
             set_compute_dtype(model, config.compute_dtype)
         self._def, self.params, self._rest = nnx.split(model, nnx.Param, ...)

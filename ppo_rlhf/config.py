@@ -82,8 +82,9 @@ class Config:
                 self._fail(name, getattr(self, name), "True or False")
 
     def _check_memory(self) -> None:
-        """remat and compute_dtype (all three configs)."""
+        """remat, compute_dtype and scan_unroll (all three configs)."""
         self._check_choice("remat", REMATS)
+        self._check_bool("scan_unroll")
         if self.compute_dtype is not None:
             self._check_choice("compute_dtype", COMPUTE_DTYPES)
 
@@ -255,6 +256,11 @@ class PPOConfig(Config):
     float32. JAX: every projection casts its input and weight to compute_dtype and accumulates
     in float32 (`ppo_jax.models.set_compute_dtype`); torch: `torch.autocast` around the
     backbones of every forward (`ppo_torch.models.set_compute_dtype`)."""
+    scan_unroll: bool = False
+    """JAX: run the scan over the transformer layers fully unrolled, in every model of the
+    trainer (`ppo_jax.models.stack.set_scan_unroll`): the same arithmetic without the loop and
+    its per-layer weight slices, faster for shallow models on CPU, but each program grows with
+    depth again (compile time ~ layers). torch: no effect (its layers are a Python loop)."""
 
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     """Free-form, JSON-serialisable notes that travel with the config (not used by the math)."""
@@ -372,6 +378,8 @@ class RMConfig(Config):
     """Mixed precision: matmuls in "bfloat16" / "float16" ("float32" too) while the weights and
     the optimiser state keep the trainer's `dtype`; None = the weights' dtype. See
     `PPOConfig.compute_dtype`."""
+    scan_unroll: bool = False
+    """JAX: the scan over layers fully unrolled; see `PPOConfig.scan_unroll`. torch: no effect."""
 
     def __post_init__(self) -> None:
         self._check_choice("loss", RM_LOSSES)
@@ -424,6 +432,8 @@ class SFTConfig(Config):
     """As `RMConfig.remat`."""
     compute_dtype: str | None = None
     """As `RMConfig.compute_dtype`."""
+    scan_unroll: bool = False
+    """As `RMConfig.scan_unroll` (JAX only)."""
 
     def __post_init__(self) -> None:
         self._check_optimiser()

@@ -168,6 +168,7 @@ class PPOTrainer(TrainerBase):
         # activation checkpointing of the differentiated models (the reference and the reward
         # model are never differentiated)
         set_remat(self.policy, cfg.remat)
+        # cfg.scan_unroll: JAX only (the layers here are a Python loop already)
         if self.critic is not None:
             set_remat(self.critic, cfg.remat)
         for m in (self.policy, self.reference, self.critic, self.native_reward):

@@ -164,6 +164,7 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
         model.reward_gain, model.reward_bias = 1.0, 0.0  # train the raw head
         self._model = model.to(self.device).eval()  # eval: no dropout; gradients still flow
         set_remat(self._model, config.remat)  # activation checkpointing (ppo_torch.models.remat)
+        # config.scan_unroll: JAX only (the layers here are a Python loop already)
         if config.compute_dtype is not None:  # mixed precision: weights keep their dtype
             set_compute_dtype(self._model, config.compute_dtype)
         self._group_size = 2

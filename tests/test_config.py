@@ -41,6 +41,7 @@ def test_defaults_are_valid_and_documented():
     ("max_grad_norm", 0.0, r"PPOConfig.max_grad_norm=0.0"),
     ("seed", -1, r"PPOConfig.seed=-1"),
     ("remat", "some", r"PPOConfig.remat='some' is invalid: allowed one of 'none', 'full', 'dots'"),
+    ("scan_unroll", 1, r"PPOConfig.scan_unroll=1 is invalid: allowed True or False"),
 ])
 def test_invalid_values_name_the_field_and_range(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -56,7 +57,7 @@ def test_grad_accum_must_divide_minibatch():
 
 def test_frozen_json_round_trip_and_unknown_fields():
     cfg = PPOConfig(clip_eps_high=0.28, adaptive_kl=True, value_clip_eps=None, extra={"note": "x"},
-                    remat="dots")
+                    remat="dots", scan_unroll=True)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.clip_eps = 0.3  # type: ignore[misc]
     again = PPOConfig.from_dict(json.loads(cfg.to_json()))

@@ -53,12 +53,23 @@ def test_remat_field_is_validated_documented_and_round_trips(cls):
     assert cls.from_dict(old).remat == "none"
 
 
+@pytest.mark.parametrize("cls", [PPOConfig, RMConfig, SFTConfig])
+def test_scan_unroll_field_is_validated_and_round_trips(cls):
+    assert cls().scan_unroll is False
+    with pytest.raises(ValueError, match=rf"{cls.__name__}.scan_unroll='yes' is invalid: allowed True or False"):
+        cls(scan_unroll="yes")
+    cfg = cls(scan_unroll=True)
+    assert cls.from_dict(json.loads(cfg.to_json())) == cfg
+    old = {k: v for k, v in cfg.to_dict().items() if k != "scan_unroll"}  # saved before the field
+    assert cls.from_dict(old).scan_unroll is False
+
+
 # ---- the CLI flags ---------------------------------------------------------------------------------
 class _Stop(UsageError):
     pass
 
 
-@pytest.mark.parametrize("flag", [["--remat", "dots"], ["--set", "remat=full"], []])
+@pytest.mark.parametrize("flag", [["--remat", "dots", "--scan-unroll"], ["--set", "remat=full"], []])
 def test_cli_train_remat_flag_reaches_the_ppo_config(monkeypatch, tmp_path, flag):
     import ppo_rlhf.app.train as train_cli
 
@@ -74,6 +85,7 @@ def test_cli_train_remat_flag_reaches_the_ppo_config(monkeypatch, tmp_path, flag
                  "--prompts", "p.txt", "--out", str(tmp_path / "o"), *flag])
     assert code == 2 and len(seen) == 1
     assert seen[0].remat == {"--remat": "dots", "--set": "full"}.get(flag[0] if flag else "", "none")
+    assert seen[0].scan_unroll is ("--scan-unroll" in flag)
 
 
 @pytest.mark.parametrize("remat", [None, "full", "dots"])
@@ -94,13 +106,14 @@ def test_cli_train_rm_and_pretrain_remat_flag_reaches_their_configs(monkeypatch,
 
     monkeypatch.setattr(supervised_cli, "_config", capture_rm)
     monkeypatch.setattr(pipelines, "pretrain_model", capture_sft)
-    flag = [] if remat is None else ["--remat", remat]
+    flag = ([] if remat is None else ["--remat", remat]) + (["--scan-unroll"] if remat == "dots" else [])
     (tmp_path / "d.jsonl").write_text("")
     assert main(["train-rm", "--model", str(tmp_path), "--data", str(tmp_path / "d.jsonl"),
                  "--out", str(tmp_path / "rm"), *flag]) == 2
     assert main(["pretrain", "--out", str(tmp_path / "sft"), "--steps", "1", *flag]) == 2
     assert isinstance(seen["rm"], RMConfig) and seen["rm"].remat == (remat or "none")
     assert seen["sft"].remat == (remat or "none")
+    assert seen["rm"].scan_unroll is seen["sft"].scan_unroll is (remat == "dots")
 
 
 # ---- JAX: the remat equations of a step ------------------------------------------------------------

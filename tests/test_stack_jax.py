@@ -126,16 +126,39 @@ def test_scan_equals_a_loop_over_the_layers(tiny_checkpoint, monkeypatch, arch):
         return [np.asarray(a) for a in (full, pre, dec, cache.k, cache.v)]
 
     scanned = run()
+    jm.set_scan_unroll(lm, True)
+    unrolled = run()
+    jm.set_scan_unroll(lm, False)
     monkeypatch.setattr(stack.ScannedBlocks, "__call__", _unrolled)
     looped = run()
     real = mask == 1
     # the loop runs op by op, the scan as one compiled body: float32 rounding differs (observed
     # ~1.4e-6 on logits of ~1.4); a wrong layer order or cache slot moves them by > 1e-2
-    np.testing.assert_allclose(scanned[0][real], looped[0][real], atol=1e-5, rtol=0)
-    for a, b in zip(scanned[1:], looped[1:]):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    for name, got in (("scan", scanned), ("scan_unroll", unrolled)):
+        np.testing.assert_allclose(got[0][real], looped[0][real], atol=1e-5, rtol=0, err_msg=name)
+        for a, b in zip(got[1:], looped[1:]):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=name)
     k = scanned[3]
     assert k.shape[0] == 3 and np.abs(k[2]).max() > 0  # every layer's slots were written
+
+
+def test_scan_unroll_takes_the_loop_out_of_the_program(tiny_checkpoint):
+    """set_scan_unroll(model, True): the lowered forward has no while loop and grows with depth
+    (the trade it makes); False (the default) keeps one loop whose body does not grow."""
+    _, _, _, _, ids, mask = _batch(seed=3)
+    ops = {}
+    for depth in (2, 4):
+        lm = jm.load_pretrained(_checkpoint(tiny_checkpoint, "llama", layers=depth))
+        assert all(not b.unroll for _, b in nnx.iter_graph(lm) if isinstance(b, stack.ScannedBlocks))
+        for unroll in (False, True):
+            graphdef, state = nnx.split(jm.set_scan_unroll(lm, unroll))
+            text = jax.jit(lambda s: nnx.merge(graphdef, s)(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+                           ).lower(state).as_text()
+            ops[depth, unroll] = ("stablehlo.while" in text, len(text.splitlines()))
+    assert ops[2, False][0] and ops[4, False][0] and ops[2, False][1] == ops[4, False][1]
+    assert not ops[2, True][0] and not ops[4, True][0] and ops[4, True][1] > ops[2, True][1]
+    with pytest.raises(ValueError, match="scan_unroll=1 is invalid"):
+        jm.set_scan_unroll(lm, 1)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -163,6 +186,20 @@ def test_compiled_program_does_not_grow_with_depth(tiny_checkpoint, arch):
         sizes[depth] = tuple(len(jax.jit(f).lower(*args).as_text().splitlines())
                              for f, args in ((jax.grad(loss), (state,)), (decode, (state, cache))))
     assert sizes[2] == sizes[5], sizes
+
+
+def test_rm_and_sft_trainers_apply_scan_unroll(tiny_checkpoint):
+    from ppo_jax.reward_model import RewardModelTrainer
+    from ppo_jax.sft import SFTTrainer
+    from ppo_rlhf.config import RMConfig, SFTConfig
+
+    path = str(_checkpoint(tiny_checkpoint, "gpt2"))
+    for unroll in (True, False):
+        models = (SFTTrainer(path, SFTConfig(scan_unroll=unroll)).model(),
+                  RewardModelTrainer(path, RMConfig(scan_unroll=unroll)).model())
+        for model in models:
+            blocks = [b for _, b in nnx.iter_graph(model) if isinstance(b, stack.ScannedBlocks)]
+            assert blocks and all(b.unroll is unroll for b in blocks), type(model).__name__
 
 
 # ---- activation checkpointing -----------------------------------------------------------------------
@@ -247,9 +284,10 @@ def test_attention_kernel_masks_and_empty_rows():
 
 
 def test_ppo_trainer_with_remat_compiles_once_and_steps_alike(tiny_checkpoint):
-    """The JAX PPO trainer with PPOConfig(remat="dots") (its policy and critic models carry the
-    policy): nothing recompiles after the first iteration, and the iteration's stats and updated
-    weights are those of the trainer without remat."""
+    """The JAX PPO trainer with PPOConfig(remat="dots", scan_unroll=True) (the policy and critic
+    models carry the remat policy, every model the unrolled scan): nothing recompiles after the
+    first iteration, and the iteration's stats and updated weights are those of the trainer
+    with neither."""
     from ppo_jax.ppo import PPOTrainer
     from ppo_rlhf import PPOConfig
     from ppo_rlhf.testing import EOS_ID, PAD_ID, count_jax_compilations
@@ -260,11 +298,15 @@ def test_ppo_trainer_with_remat_compiles_once_and_steps_alike(tiny_checkpoint):
 
     def trainer(remat):
         return PPOTrainer(str(ckpt), lambda p, r: [0.1 * len(x) for x in r],
-                          config=config.replace(remat=remat), eos_token_id=EOS_ID,
-                          pad_token_id=PAD_ID)
+                          config=config.replace(remat=remat, scan_unroll=remat != "none"),
+                          eos_token_id=EOS_ID, pad_token_id=PAD_ID)
 
     plain, remat = trainer("none"), trainer("dots")
     assert nnx.split(remat.policy_model())[0] != nnx.split(plain.policy_model())[0]
+    for t, unroll in ((plain, False), (remat, True)):  # policy, reference and critic alike
+        for model in (t.policy_model(), t.reference.model(), t.critic_model()):
+            blocks = [b for _, b in nnx.iter_graph(model) if isinstance(b, stack.ScannedBlocks)]
+            assert blocks and all(b.unroll == unroll for b in blocks)
     q, qm, _, _ = make_padded_batch(0, 4, 6, 1, V)
     s_plain = plain.step(0, query_ids=q, query_mask=qm)
     with count_jax_compilations() as first:

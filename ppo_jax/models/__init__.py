@@ -10,6 +10,7 @@ architectures ourselves in gpt2.py, llama.py, gpt_neox.py and load the same chec
     lp = response_logprobs(lm, q_ids, q_mask, r_ids, r_mask, temperature=0.7)
     save_pretrained(lm, "out/")                              # loads in transformers
     set_remat(lm, "dots")                                    # activation checkpointing policy
+    set_scan_unroll(lm, True)                                # the layer scan unrolled (shallow models)
     set_compute_dtype(lm, "bfloat16")                        # mixed precision (float32 weights)
 
 Each model's blocks are one stacked module run by a scan (`ppo_jax.models.stack`); KV-cache
@@ -26,7 +27,7 @@ from ppo_jax.models.layers import Cache, LayerCache
 from ppo_jax.models.loading import (load_pretrained, load_scalar_model, model_tensors,
                                     save_pretrained, scalar_model_from_lm)
 from ppo_jax.models.precision import set_compute_dtype
-from ppo_jax.models.stack import REMAT_POLICIES, ScannedBlocks, set_remat
+from ppo_jax.models.stack import REMAT_POLICIES, ScannedBlocks, set_remat, set_scan_unroll
 from ppo_rlhf.hf_checkpoint import SUPPORTED_MODEL_TYPES, init_score_head
 
 __all__ = [
@@ -34,5 +35,5 @@ __all__ = [
     "load_pretrained", "load_scalar_model", "scalar_model_from_lm", "save_pretrained",
     "model_tensors", "response_logprobs", "response_values", "response_logprobs_and_values",
     "sequence_scores", "last_token_index", "critic_from_reward_model", "init_score_head", "SUPPORTED_MODEL_TYPES",
-    "ScannedBlocks", "set_remat", "REMAT_POLICIES", "set_compute_dtype",
+    "ScannedBlocks", "set_remat", "set_scan_unroll", "REMAT_POLICIES", "set_compute_dtype",
 ]

@@ -51,6 +51,14 @@ is `ppo_torch.models.remat`):
 Gradients are the same with any of the three, up to float32 rounding where XLA fuses the
 recomputed forward differently (tested); only memory and time change. Without
 differentiation (generation, scoring) the policy changes nothing.
+
+Unrolling (`unroll`, static like `remat`; `set_scan_unroll(model, True)`; the trainers set it
+from their config's `scan_unroll` on every model they run): `jax.lax.scan(..., unroll=True)`
+lowers the scan as L copies of the block with static slices of the stacked parameters instead
+of a loop with dynamic ones -- the same arithmetic, no loop and no per-layer weight copies, but
+a program that grows with depth again (compile time ~ L). For shallow models on CPU, where the
+loop's overhead and the copies are a visible share of each layer's work (measured in
+benchmarks/README.md); the default stays the loop.
 """
 
 from __future__ import annotations
@@ -76,6 +84,12 @@ REMAT_POLICIES = {
 }
 
 
+def check_unroll(unroll: bool) -> bool:
+    if not isinstance(unroll, bool):
+        raise ValueError(f"scan_unroll={unroll!r} is invalid: allowed True or False")
+    return unroll
+
+
 def check_remat(remat: str) -> str:
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r} is invalid: allowed {', '.join(REMAT_POLICIES)}")
@@ -87,9 +101,10 @@ class ScannedBlocks(nnx.Module):
     module docstring)."""
 
     def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int, *,
-                 rngs: nnx.Rngs, remat: str = "none"):
+                 rngs: nnx.Rngs, remat: str = "none", unroll: bool = False):
         self.num_layers = num_layers
         self.remat = check_remat(remat)
+        self.unroll = check_unroll(unroll)
 
         @nnx.split_rngs(splits=num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=num_layers)
@@ -118,7 +133,7 @@ class ScannedBlocks(nnx.Module):
 
         xs = (jnp.arange(self.num_layers, dtype=jnp.int32), params,
               tuple(jnp.asarray(a) for a in per_layer))
-        (x, cache), _ = jax.lax.scan(body, (x, cache), xs)
+        (x, cache), _ = jax.lax.scan(body, (x, cache), xs, unroll=check_unroll(self.unroll))
         return x, cache
 
 
@@ -130,6 +145,16 @@ def set_remat(model: nnx.Module, remat: str) -> nnx.Module:
     for _, node in nnx.iter_graph(model):
         if isinstance(node, ScannedBlocks):
             node.remat = remat
+    return model
+
+
+def set_scan_unroll(model: nnx.Module, unroll: bool) -> nnx.Module:
+    """Run every `ScannedBlocks` in `model` fully unrolled (True) or as a loop (False, the
+    default; see the module docstring), in place; returns `model`. Static: split after this."""
+    check_unroll(unroll)
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, ScannedBlocks):
+            node.unroll = unroll
     return model
 
 
@@ -146,5 +171,6 @@ def is_stacked(path: Sequence[Any]) -> bool:
     return any(getattr(k, "key", getattr(k, "name", k)) == STACK for k in path)
 
 
-__all__ = ["ScannedBlocks", "set_remat", "stacked_modules", "is_stacked", "check_remat",
+__all__ = ["ScannedBlocks", "set_remat", "set_scan_unroll", "stacked_modules", "is_stacked",
+           "check_remat", "check_unroll",
            "REMAT_POLICIES", "STACK"]

@@ -11,7 +11,8 @@ from ppo_rlhf.config import COMPUTE_DTYPES, REMATS
 
 
 def add_memory_args(p: argparse.ArgumentParser, *, config: str, models: str) -> None:
-    """--remat and --compute-dtype (None when not given: the config's own value stands)."""
+    """--remat, --compute-dtype and --scan-unroll (None when not given: the config's own value
+    stands)."""
     p.add_argument("--remat", choices=REMATS,
                    help=f"activation checkpointing of {models} layers: none (keep every "
                         "activation), full (recompute each layer in the backward), dots (keep the "
@@ -22,6 +23,10 @@ def add_memory_args(p: argparse.ArgumentParser, *, config: str, models: str) -> 
                         "the weights' dtype (e.g. bfloat16 compute with float32 master weights); "
                         "norms, softmaxes, log-probs and losses stay float32 "
                         f"({config}.compute_dtype; default: the weights' dtype)")
+    p.add_argument("--scan-unroll", action="store_true", default=None,
+                   help="JAX: run the scan over the layers fully unrolled (faster for shallow "
+                        "models on CPU; compile time grows with depth); torch: no effect "
+                        f"({config}.scan_unroll; default: a loop)")
 
 
 def add_run_args(p: argparse.ArgumentParser, *, checkpoint_every: int, unit: str) -> None:

@@ -127,7 +127,8 @@ def run_train_rm(args: argparse.Namespace) -> int:
                      loss=args.loss, ties=args.ties, margin_key=args.margin_key,
                      eval_fraction=args.eval_fraction, eval_every=args.eval_every,
                      max_steps=args.max_steps, normalise=False if args.no_normalise else None,
-                     remat=args.remat, compute_dtype=args.compute_dtype)
+                     remat=args.remat, compute_dtype=args.compute_dtype,
+                     scan_unroll=args.scan_unroll)
     records = _read_preferences(args.data, "--data")
     if args.eval_data is not None:
         eval_records = _read_preferences(args.eval_data, "--eval-data")
@@ -241,7 +242,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
                      max_length=args.max_length, learning_rate=args.lr,
                      warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
                      lr_schedule=args.lr_schedule, max_grad_norm=args.max_grad_norm,
-                     remat=args.remat, compute_dtype=args.compute_dtype)
+                     remat=args.remat, compute_dtype=args.compute_dtype,
+                     scan_unroll=args.scan_unroll)
     m = pretrain_model(args.backend, out, task=task, model=args.model, train=train, eval=eval_ex,
                        config={k: v for k, v in overrides.items() if v is not None},
                        model_size=args.model_size, corpus_size=args.corpus_size,

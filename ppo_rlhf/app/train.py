@@ -126,7 +126,8 @@ def run_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--checkpoint-every {args.checkpoint_every}: must be >= 0 (0 = only at "
                          f"the end)")
     config = build_config(args, num_iterations=args.iterations, seed=args.seed, remat=args.remat,
-                          compute_dtype=args.compute_dtype, logprob_chunk=args.logprob_chunk)
+                          compute_dtype=args.compute_dtype, logprob_chunk=args.logprob_chunk,
+                          scan_unroll=args.scan_unroll)
     scale = _scaling_kwargs(args, config)
     prompts = load_prompts_arg(args.prompts)
     if args.reward_fn:
