@@ -62,7 +62,8 @@ from ppo_torch.optim import guarded_step, make_optimizer
 from ppo_torch.models import (CausalLM, PolicyWithValueHead, ScalarHeadModel, critic_from_reward_model,
                               load_pretrained, load_scalar_model, response_logprobs,
                               response_logprobs_and_values, response_values, scalar_model_from_lm,
-                              sequence_scores, set_compute_dtype, set_remat)
+                              sequence_scores, set_compute_dtype, set_remat,
+                              set_scan_unroll)
 
 Tensor = torch.Tensor
 
@@ -168,7 +169,7 @@ class PPOTrainer(TrainerBase):
         # activation checkpointing of the differentiated models (the reference and the reward
         # model are never differentiated)
         set_remat(self.policy, cfg.remat)
-        # cfg.scan_unroll: JAX only (the layers here are a Python loop already)
+        set_scan_unroll(self.policy, cfg.scan_unroll)  # a no-op here: mirrors the JAX trainer
         if self.critic is not None:
             set_remat(self.critic, cfg.remat)
         for m in (self.policy, self.reference, self.critic, self.native_reward):

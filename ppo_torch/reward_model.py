@@ -30,7 +30,8 @@ from ppo_rlhf.config import RMConfig
 from ppo_rlhf.runtime.supervised import RMTrainerBase
 from ppo_torch.checkpoint import SupervisedCheckpoint
 from ppo_torch.models import (ScalarHeadModel, load_scalar_model, scalar_model_from_lm,
-                              set_compute_dtype, set_remat)
+                              set_compute_dtype, set_remat,
+                              set_scan_unroll)
 from ppo_torch.optim import guarded_step, make_optimizer
 
 Tensor = torch.Tensor
@@ -164,7 +165,7 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
         model.reward_gain, model.reward_bias = 1.0, 0.0  # train the raw head
         self._model = model.to(self.device).eval()  # eval: no dropout; gradients still flow
         set_remat(self._model, config.remat)  # activation checkpointing (ppo_torch.models.remat)
-        # config.scan_unroll: JAX only (the layers here are a Python loop already)
+        set_scan_unroll(self._model, config.scan_unroll)  # a no-op here: mirrors the JAX trainer
         if config.compute_dtype is not None:  # mixed precision: weights keep their dtype
             set_compute_dtype(self._model, config.compute_dtype)
         self._group_size = 2

@@ -434,3 +434,19 @@ def test_resume_with_another_remat_continues_the_run(tiny_checkpoint, tmp_path, 
     start = model_tensors(sft.SFTTrainer(str(ckpt), SFTConfig(**base)).model())
     _assert_weights_close(model_tensors(resumed.model()), model_tensors(straight.model()),
                           exact=backend == "torch", start=start)
+
+
+def test_torch_set_scan_unroll_mirrors_the_jax_name_and_changes_nothing(tiny_checkpoint):
+    """ppo_torch.models.set_scan_unroll: same name and check as JAX's, and the model (a Python
+    loop over its layers) computes what it did."""
+    import torch
+
+    from ppo_torch.models import load_pretrained, set_scan_unroll
+
+    lm = load_pretrained(tiny_checkpoint("gpt2"))
+    ids = torch.arange(1, 9).reshape(1, 8)
+    before = lm(ids)  # logits
+    assert set_scan_unroll(lm, True) is lm
+    assert torch.equal(lm(ids), before)
+    with pytest.raises(ValueError, match="scan_unroll=1 is invalid: allowed True or False"):
+        set_scan_unroll(lm, 1)

@@ -24,12 +24,12 @@ from ppo_torch.models.heads import (PolicyWithValueHead, ScalarHeadModel, critic
 from ppo_torch.models.loading import (disable_dropout, load_pretrained, load_scalar_model,
                                       model_tensors, save_pretrained, scalar_model_from_lm)
 from ppo_torch.models.precision import set_compute_dtype
-from ppo_torch.models.remat import REMAT_POLICIES, set_remat
+from ppo_torch.models.remat import REMAT_POLICIES, set_remat, set_scan_unroll
 
 __all__ = [
     "CausalLM", "ScalarHeadModel", "PolicyWithValueHead",
     "load_pretrained", "load_scalar_model", "scalar_model_from_lm", "save_pretrained",
     "model_tensors", "response_logprobs", "response_values", "response_logprobs_and_values",
     "sequence_scores", "last_token_index", "critic_from_reward_model", "init_score_head", "disable_dropout",
-    "SUPPORTED_MODEL_TYPES", "set_remat", "REMAT_POLICIES", "set_compute_dtype",
+    "SUPPORTED_MODEL_TYPES", "set_remat", "set_scan_unroll", "REMAT_POLICIES", "set_compute_dtype",
 ]

@@ -109,6 +109,15 @@ def set_remat(model: nn.Module, remat: str) -> nn.Module:
     return model
 
 
+def set_scan_unroll(model: nn.Module, unroll: bool) -> nn.Module:
+    """Mirror of `ppo_jax.models.set_scan_unroll` (the configs' `scan_unroll`): checks the value
+    and returns `model` unchanged -- the decoder layers here already run as a Python loop, so
+    there is no scan to unroll."""
+    if not isinstance(unroll, bool):
+        raise ValueError(f"scan_unroll={unroll!r} is invalid: allowed True or False")
+    return model
+
+
 def get_remat(model: nn.Module) -> str:
     """The policy `set_remat` gave `model`'s decoder layers ("none" if never set)."""
     policies = {getattr(layer, "remat", "none") for layer in decoder_layers(model)}
@@ -117,4 +126,5 @@ def get_remat(model: nn.Module) -> str:
     return policies.pop() if policies else "none"
 
 
-__all__ = ["REMAT_POLICIES", "SAVED_OPS", "check_remat", "decoder_layers", "get_remat", "set_remat"]
+__all__ = ["REMAT_POLICIES", "SAVED_OPS", "check_remat", "decoder_layers", "get_remat", "set_remat",
+           "set_scan_unroll"]
