@@ -37,6 +37,8 @@ if os.environ.get("PPO_RLHF_TEST_JAX_CACHE", "1") != "0":
     # a size bound turns on JAX's file lock around every read and write: xdist workers and
     # subprocesses share the directory, and an unlocked write can be read half-written
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+else:  # and not the CLI's own cache in ~/.cache either (ppo_rlhf.runtime.compile_cache)
+    os.environ.setdefault("PPO_RLHF_COMPILE_CACHE", "off")
 
 import pytest  # noqa: E402
 

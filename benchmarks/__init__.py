@@ -11,5 +11,6 @@ def compile_every_program() -> None:
     everything it starts) would make it a file read. Does not import jax (a torch run's peak RSS
     must not carry it)."""
     os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+    os.environ["PPO_RLHF_COMPILE_CACHE"] = "off"  # the CLI's cache (ppo_rlhf.runtime.compile_cache)
     if "jax" in sys.modules:
         sys.modules["jax"].config.update("jax_enable_compilation_cache", False)

@@ -116,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
                 cmd.append("--no-progress")
             print(f"[rm-accuracy] {b}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
-            proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            # wall time includes compilation, every run: no persistent compilation cache
+            proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                                      "PPO_RLHF_COMPILE_CACHE": "off",
+                                                      "JAX_ENABLE_COMPILATION_CACHE": "false"},
                                   stdout=subprocess.PIPE, text=True)
             if proc.returncode != 0:
                 print(f"[rm-accuracy] {b} failed (exit {proc.returncode})", file=sys.stderr)

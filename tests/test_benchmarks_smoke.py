@@ -78,9 +78,11 @@ def test_scale_tiny_and_gpu_tiny_suites_run_both_backends(tmp_path):
 
 def test_supervised_step_reports_each_backend_and_the_jax_scratch_size(tmp_path):
     out = tmp_path / "sft-step.json"
-    run_module("benchmarks.supervised_step", "--steps", "1", "--remat", "full", "--out", out, timeout=600)
+    run_module("benchmarks.supervised_step", "--steps", "1", "--remat", "full", "--scan-unroll", "on",
+               "--out", out, timeout=600)
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["backend"], r["remat"]) for r in rows] == [("jax", "full"), ("torch", "full")]
+    assert [(r["backend"], r["remat"], r["scan_unroll"]) for r in rows] == [("jax", "full", True),
+                                                                           ("torch", "full", True)]
     for r in rows:
         assert r["step_ms"] > 0 and r["minor_faults"] >= 0 and r["sys_ms"] >= 0
     assert rows[0]["temp_mb"] > 0 and "temp_mb" not in rows[1]

@@ -20,9 +20,28 @@ def check_backend(backend: str) -> None:
         raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
 
 
+_COMPILE_CACHE = {"wanted": False, "done": False}
+
+
+def use_compile_cache() -> None:
+    """Called by the CLI: the first JAX module reached through `backend_module` turns on XLA's
+    persistent compilation cache before it is imported (`ppo_rlhf.runtime.compile_cache`; before
+    anything compiles, which JAX requires). A command that fails before it reaches a backend
+    never imports jax; the Python API never turns the cache on."""
+    _COMPILE_CACHE["wanted"] = True
+
+
 def backend_module(backend: str, module: str) -> ModuleType:
     """`ppo_<backend>.<module>` (e.g. backend_module("jax", "ppo") is `ppo_jax.ppo`)."""
     check_backend(backend)
+    if backend == "jax" and _COMPILE_CACHE["wanted"] and not _COMPILE_CACHE["done"]:
+        _COMPILE_CACHE["done"] = True
+        try:
+            from ppo_rlhf.runtime.compile_cache import enable_jax_compile_cache
+
+            enable_jax_compile_cache()
+        except ImportError:
+            pass  # jax is not installed: the import below says so
     try:
         return importlib.import_module(f"ppo_{backend}.{module}")
     except ImportError as e:

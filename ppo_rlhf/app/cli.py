@@ -15,6 +15,7 @@ import warnings
 from typing import Sequence
 
 from ppo_rlhf import __version__
+from ppo_rlhf.app import backends
 from ppo_rlhf.errors import UsageError
 
 # (name, "module[:function]", one-line help); function(sub) (default add_parser) must create the
@@ -34,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ppo-rlhf",
         description="PPO-based RLHF for language models, in JAX/Flax and in PyTorch.",
-        epilog="Run `ppo-rlhf COMMAND --help` for a command's options.",
+        epilog="Run `ppo-rlhf COMMAND --help` for a command's options. With --backend jax, "
+               "compiled programs are kept in ~/.cache/ppo-rlhf/jax for the next run "
+               "(PPO_RLHF_COMPILE_CACHE=off turns that off, =DIR moves it).",
     )
     parser.add_argument("--version", action="version", version=f"ppo-rlhf {__version__}")
     parser.add_argument("--debug", action="store_true",
@@ -69,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.debug:  # warnings as one line each, like errors (--debug: Python's own format)
         warnings.formatwarning = _one_line_warning(args.command)
     try:
+        # JAX runs keep their compiled programs on disk for the next run
+        # (ppo_rlhf.runtime.compile_cache; PPO_RLHF_COMPILE_CACHE=off|DIR)
+        backends.use_compile_cache()
         return int(args.func(args) or 0)
     except UsageError as e:
         if args.debug:

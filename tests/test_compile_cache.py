@@ -1,0 +1,94 @@
+"""The CLI's persistent XLA compilation cache (ppo_rlhf/runtime/compile_cache.py): on by default
+for JAX runs, off or moved by PPO_RLHF_COMPILE_CACHE, JAX's own settings respected, and a second
+run of the same command compiles nothing new."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, built_once, train, write_prompts
+
+PROBE = """
+import json, warnings
+import jax
+from ppo_rlhf.runtime.compile_cache import enable_jax_compile_cache
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    got = enable_jax_compile_cache()
+print(json.dumps({"got": got, "dir": jax.config.jax_compilation_cache_dir,
+                  "min_s": jax.config.jax_persistent_cache_min_compile_time_secs,
+                  "warnings": [str(x.message) for x in w]}))
+"""
+
+
+def _probe(env: dict) -> dict:
+    # without the test suite's own cache settings (conftest.py)
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE",
+         "JAX_PERSISTENT_CACHE", "JAX_ENABLE_COMPILATION_CACHE", "PPO_RLHF_COMPILE_CACHE"))}
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, cwd=ROOT,
+                         env={**e, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **env}, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_default_directory_moved_and_off(tmp_path):
+    r = _probe({"XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    want = str(tmp_path / "xdg" / "ppo-rlhf" / "jax")
+    assert r["got"] == r["dir"] == want and Path(want).is_dir() and r["min_s"] == 0.5
+    r = _probe({"PPO_RLHF_COMPILE_CACHE": str(tmp_path / "mine")})
+    assert r["got"] == r["dir"] == str(tmp_path / "mine") and (tmp_path / "mine").is_dir()
+    for off in ("off", "0", "OFF"):
+        r = _probe({"PPO_RLHF_COMPILE_CACHE": off, "XDG_CACHE_HOME": str(tmp_path / "off")})
+        assert r["got"] is None and r["dir"] is None and not (tmp_path / "off").exists()
+
+
+def test_jax_own_settings_win(tmp_path):
+    r = _probe({"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "theirs"),
+                "PPO_RLHF_COMPILE_CACHE": str(tmp_path / "mine")})
+    assert r["got"] == r["dir"] == str(tmp_path / "theirs") and not (tmp_path / "mine").exists()
+    assert r["min_s"] == 1.0  # JAX's default, untouched
+    r = _probe({"JAX_ENABLE_COMPILATION_CACHE": "false", "PPO_RLHF_COMPILE_CACHE": str(tmp_path / "m2")})
+    assert r["got"] is None and not (tmp_path / "m2").exists()
+
+
+def test_a_directory_that_cannot_be_made_is_a_warning(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    r = _probe({"PPO_RLHF_COMPILE_CACHE": str(tmp_path / "file" / "cache")})
+    assert r["got"] is None and r["dir"] is None
+    assert len(r["warnings"]) == 1 and "XLA compilation cache off: cannot create" in r["warnings"][0]
+
+
+def test_second_cli_run_compiles_nothing_new(tmp_path_factory, tmp_path):
+    from ppo_rlhf.testing import make_tiny_checkpoint
+
+    ckpt = built_once(tmp_path_factory, "compile-cache-gpt2", lambda d: make_tiny_checkpoint(d, "gpt2"))
+    prompts = write_prompts(tmp_path)
+    cache = tmp_path / "cache"
+    # JAX_COMPILATION_CACHE_DIR="" undoes the test suite's own cache (conftest.py) for these runs
+    env = {"PPO_RLHF_COMPILE_CACHE": str(cache), "JAX_COMPILATION_CACHE_DIR": ""}
+    entries = lambda: sorted(p.name for p in cache.glob("*-cache"))  # noqa: E731 (atime files aside)
+    train("jax", ckpt, prompts, tmp_path / "a", "--iterations", "1", env=env)
+    first = entries()
+    assert first, "the first run wrote no compiled program to the cache"
+    train("jax", ckpt, prompts, tmp_path / "b", "--iterations", "1", env=env)
+    assert entries() == first  # every program of the second run was found there
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_commands_that_never_reach_jax_do_not_import_it(backend, tmp_path):
+    """A torch command, or a JAX one refused before it reaches the backend (bad input), neither
+    imports jax for the cache nor creates its directory."""
+    e = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    code = ("import sys; from ppo_rlhf.app.cli import main; "
+            f"main(['eval', '--backend', '{backend}', '--policy', 'nope', '--prompts', 'x']); "
+            "print('jax' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**e, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(tmp_path),
+                              "PPO_RLHF_COMPILE_CACHE": ""})
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stderr
+    assert not (tmp_path / "ppo-rlhf").exists()
