@@ -199,12 +199,12 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
                 "scores": scores.detach().cpu().numpy()}
 
     @torch.no_grad()
-    def _eval_step(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def _group_loss(self, scores: np.ndarray, batch: dict[str, np.ndarray]) -> np.ndarray:
         cfg = self.config
-        b = _tensors(batch, self.device)
-        scores = group_scores(self._model, b["input_ids"], b["attention_mask"])
-        loss = group_loss(scores, b["tiers"], b["margin"], b["targets"], loss=cfg.loss, ties=cfg.ties)
-        return loss.cpu().numpy(), scores.cpu().numpy()
+        b = _tensors({"scores": scores, **{k: batch[k] for k in ("tiers", "margin", "targets")}},
+                     self.device)
+        return group_loss(b["scores"], b["tiers"], b["margin"], b["targets"], loss=cfg.loss,
+                          ties=cfg.ties).cpu().numpy()
 
     @torch.no_grad()
     def _score(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:

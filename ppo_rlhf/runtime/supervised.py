@@ -124,7 +124,7 @@ class SupervisedTrainer(HostLoop):
 class RMTrainerBase(SupervisedTrainer):
     """The reward-model training loop; backends implement `_init_optimizer(total_steps)`,
     `_train_step(batch, lr) -> {loss, grad_norm, skipped, scores [B, K]}`,
-    `_eval_step(batch) -> (per-row loss [B], scores [B, K])`, `_score(ids, mask) -> [N]`,
+    `_score(ids, mask) -> [N]`, `_group_loss(scores [B, K], batch) -> per-row loss [B]`,
     `set_normalisation(gain, bias)`, `save_model`, `save_checkpoint`, `load_checkpoint`."""
 
     def encode(self, records: Iterable[Any], **kw: Any) -> PreferenceGroups:
@@ -145,7 +145,11 @@ class RMTrainerBase(SupervisedTrainer):
             rows = np.arange(start, min(start + B, len(data)))
             w = np.ones(B, np.float32)
             w[len(rows):] = 0.0
-            loss, s = self._eval_step(data.batch(np.resize(rows, B), w))
+            batch = data.batch(np.resize(rows, B), w)
+            _, K, T = batch["input_ids"].shape  # scored flat: the program `sequence_scores` uses
+            s = np.asarray(self._score(batch["input_ids"].reshape(B * K, T),
+                                       batch["attention_mask"].reshape(B * K, T))).reshape(B, K)
+            loss = self._group_loss(s, batch)
             losses.append(np.asarray(loss)[:len(rows)])
             scores.append(np.asarray(s)[:len(rows)])
         loss_all, s_all = np.concatenate(losses), np.concatenate(scores)
