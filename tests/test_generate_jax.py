@@ -290,7 +290,13 @@ def test_a_persistent_cache_hit_still_counts_as_a_compilation():
         return jnp.tanh(x) * 3.0 + 0.123456  # a program no other test compiles
 
     x = jnp.arange(7.0)
-    jax.jit(f)(x).block_until_ready()  # compiled, and written to the persistent cache
+    # conftest writes only programs of >= 0.1 s to the cache; this one takes milliseconds
+    min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    try:
+        jax.jit(f)(x).block_until_ready()  # compiled, and written to the persistent cache
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
     jax.clear_caches()  # the in-memory caches only: the next call reads the file back
     hits = []
 
