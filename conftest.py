@@ -36,8 +36,8 @@ if os.environ.get("PPO_RLHF_TEST_JAX_CACHE", "1") != "0":
     # run eagerly, outside jit, compiles a program of its own in ~10-30 ms) cost more to write
     # than to compile again. Measured (issue 13; test_models_jax + RM parity + the fault tests
     # without the signal and bad-input ones, -n 2, an empty cache each run, both orders):
-    # threshold 0 -> 1880 entries, 139-142 s; 0.1 s -> 156-164 entries, 118-122 s; the whole
-    # default suite on two fresh clones: 6398 entries, 1079 s vs 1624 entries, 942 s.
+    # threshold 0 -> 940 programs written, 139-142 s; 0.1 s -> 78-82, 118-122 s; the whole
+    # default suite on fresh clones: 3199 programs, 1079 s vs 812, 942 s (0.3 s: 416, 960 s).
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
     # a size bound turns on JAX's file lock around every read and write: xdist workers and
