@@ -42,11 +42,13 @@ test-fast: setup
 test-portable: setup
 	$(BIN)/python tools/kernel_variants.py --variants intel-avx2 -- -q -n 2 --timeout 1800 -p no:cacheprovider parity_tests
 
+# the slow suite compiles XLA:CPU's code at LLVM's default -O2, as users run it (the others at -O0:
+# conftest.py, PPO_RLHF_TEST_XLA_OPT)
 test-slow: setup
-	$(BIN)/python -m pytest -q -n 2 --timeout 3600 -m slow; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+	PPO_RLHF_TEST_XLA_OPT=default $(BIN)/python -m pytest -q -n 2 --timeout 3600 -m slow; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 test-benchmarks: setup
-	$(BIN)/python -m pytest -q --timeout 7200 -m benchmark
+	PPO_RLHF_TEST_XLA_OPT=default $(BIN)/python -m pytest -q --timeout 7200 -m benchmark
 
 bench-quick: setup
 	$(BIN)/python -m benchmarks.run --quick --out benchmarks/results/quick.json

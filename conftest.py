@@ -30,6 +30,27 @@ def _jax_compilation_cache_dir() -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), ".pytest_cache", f"jax-{host}")
 
 
+def _xla_test_flags(flags: str, level: str) -> str:
+    """XLA_FLAGS for the tests: `flags` plus LLVM's optimisation level `level` for XLA:CPU's
+    generated code, unless `level` is "default" or `flags` already sets one."""
+    if level == "default" or "xla_backend_optimization_level" in flags:
+        return flags
+    if not re.fullmatch(r"[0-3]", level):
+        raise ValueError(f"PPO_RLHF_TEST_XLA_OPT must be 0-3 or 'default', got {level!r}")
+    return f"{flags} --xla_backend_optimization_level={level}".strip()
+
+
+# XLA:CPU compiles each program's fusions to machine code with LLVM, at -O2 by default. The tests'
+# programs are tiny and many, so compiling is most of their JAX time. At -O0 (the HLO passes,
+# fusion and buffer assignment are the same; matmuls are library calls either way) the default
+# suite took 745 s instead of 935 s (fresh state, quiet machine, issue 13). The generated code
+# is another kernel set: float results differ in the last bits (e.g. FMA contraction), which
+# the parity tolerances absorb by their mechanism anyway (README "Parity"). The slow suite
+# (`make test-slow`: the demo, multi-device runs) sets PPO_RLHF_TEST_XLA_OPT=default and so runs
+# the code users run. Every CLI subprocess a test starts inherits XLA_FLAGS.
+os.environ["XLA_FLAGS"] = _xla_test_flags(os.environ.get("XLA_FLAGS", ""),
+                                          os.environ.get("PPO_RLHF_TEST_XLA_OPT", "0"))
+
 if os.environ.get("PPO_RLHF_TEST_JAX_CACHE", "1") != "0":
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _jax_compilation_cache_dir())
     # Only programs that take 0.1 s or more to compile are written: the many tiny ones (each op

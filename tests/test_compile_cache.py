@@ -92,3 +92,20 @@ def test_commands_that_never_reach_jax_do_not_import_it(backend, tmp_path):
                               "PPO_RLHF_COMPILE_CACHE": ""})
     assert out.stdout.strip().splitlines()[-1] == "False", out.stderr
     assert not (tmp_path / "ppo-rlhf").exists()
+
+
+def test_the_suite_compiles_xla_code_at_the_level_it_is_given():
+    """conftest.py: the tests' XLA:CPU code is generated at LLVM -O0 (PPO_RLHF_TEST_XLA_OPT,
+    "default" for the slow suite), appended to any XLA_FLAGS and never overriding one set there."""
+    from conftest import _xla_test_flags
+
+    level = os.environ.get("PPO_RLHF_TEST_XLA_OPT", "0")
+    if level != "default":  # what this process (and every subprocess it starts) compiles with
+        assert "--xla_backend_optimization_level=" in os.environ["XLA_FLAGS"]
+    assert _xla_test_flags("", "0") == "--xla_backend_optimization_level=0"
+    assert (_xla_test_flags("--xla_force_host_platform_device_count=8", "1")
+            == "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=1")
+    assert _xla_test_flags("--xla_backend_optimization_level=2", "0") == "--xla_backend_optimization_level=2"
+    assert _xla_test_flags("--xla_cpu_max_isa=SSE4_2", "default") == "--xla_cpu_max_isa=SSE4_2"
+    with pytest.raises(ValueError, match="PPO_RLHF_TEST_XLA_OPT"):
+        _xla_test_flags("", "fast")

@@ -186,9 +186,14 @@ def _worker(ckpt: str, out: str, meshes: list[str]) -> None:
     Path(out).write_text(json.dumps(res, indent=1))
 
 
+def _xla_flags(devices: int) -> str:
+    """The suite's XLA_FLAGS (conftest.py: the optimisation level) with `devices` CPU devices."""
+    return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+
+
 def _run_worker(ckpt: Path, tmp_path: Path, meshes: list[str]) -> dict:
     out = tmp_path / "sharded.json"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    env = {**os.environ, "XLA_FLAGS": _xla_flags(8),
            "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, __file__, "worker", str(ckpt), str(out), ";".join(meshes)],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -297,7 +302,7 @@ def _train(ckpt, prompts, out, iterations, *extra, processes=1, devices=1):
            "--reward-fn", "tests.helpers:length_reward", "--prompts", str(prompts), "--out",
            str(out), "--iterations", str(iterations), *CLI_ARGS, *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+           "XLA_FLAGS": _xla_flags(devices)}
     port = _free_port()
     procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**env, **({} if processes == 1 else {

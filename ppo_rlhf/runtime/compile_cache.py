@@ -1,7 +1,7 @@
 """XLA's persistent compilation cache for the command line's JAX runs.
 
 A JAX run compiles each of its programs (the sampler, the scoring forwards, the update) before
-its first step: in the demo, 50 programs and ~26 s of its ~170 s on a 2-core CPU (measured with
+its first step: in the demo, about 50 programs and ~26 s of its ~170 s on a 2-core CPU (measured with
 JAX_LOG_COMPILES=1), which is all of the time it trails PyTorch by. The next run of the same
 shapes and settings compiles the same programs; with the cache it reads them from disk instead.
 JAX's own key covers the program, the compiler flags, the devices and the jax/jaxlib versions,
