@@ -128,7 +128,9 @@ def run(mutant: Mutant, *, verbose: bool) -> tuple[str, float]:
         except LookupError as e:
             print(f"  {e}", file=sys.stderr)
             return "ERROR", time.monotonic() - t0
-        env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"}
+        # the fast tests as the default suite runs them: XLA:CPU code at LLVM -O0 (conftest.py),
+        # also when this run is itself a test of the slow suite (which runs at XLA's default)
+        env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "PPO_RLHF_TEST_XLA_OPT": "0"}
         cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant.tests]
         out = subprocess.run(cmd, cwd=tree, env=env, capture_output=not verbose, text=True)
     # pytest: 0 all passed, 1 tests failed, 5 nothing collected (the -k selects nothing: an error)
