@@ -360,13 +360,30 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def shutdown() -> None:
-    """Leave the process group (end of a torchrun job), if one was joined. The barrier first: a
-    rank that tore down its gloo pairs while another still used them aborted the job at exit
-    ("terminate called without an active exception"), seen once in the FSDP CLI test."""
+def shutdown(*, exit_code: int | None = None) -> None:
+    """Leave the process group (end of a torchrun job), if one was joined: a barrier (a rank that
+    tore down its gloo pairs while another still used them could abort the job), then
+    destroy_process_group.
+
+    With `exit_code`, then end this process at once with that status (`os._exit`, after flushing
+    stdout, stderr and logging), skipping the interpreter's finalization: FSDP2's device mesh
+    keeps the gloo process group referenced after destroy_process_group, so its worker threads
+    (pt_gloo_runloop, gloo_tcp_loop) live on until finalization, and one that touches Python
+    there aborts the rank ("terminate called without an active exception", exit -6: seen twice
+    in the FSDP CLI test, after the run had finished and saved). The CLI's ranks exit this way;
+    a caller with more to do after the job leaves `exit_code` out."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    if exit_code is not None:
+        import logging
+        import sys
+
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(exit_code)
 
 
 def setup(distributed: "str | SingleProcess | None") -> SingleProcess:

@@ -57,7 +57,7 @@ def _worker(strategies: list[str], ckpt: str, out: str) -> None:
 
     for strategy in strategies:
         _iterations(strategy, ckpt, Path(out) / strategy, RUNS[strategy])
-    shutdown()
+    shutdown(exit_code=0)  # its results are written: exit without the interpreter's finalization
 
 
 def _iterations(strategy: str, ckpt: str, out_dir: Path, accum: int) -> None:
@@ -178,6 +178,28 @@ def _cli(cmd: list[str]) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
+
+
+EXIT_PROBE = """
+import atexit, sys
+from ppo_torch.parallel import Distributed, shutdown
+Distributed("fsdp")  # outside torchrun: a group of one
+atexit.register(lambda: print("finalized"))
+sys.stdout.write("saved, still in the buffer")
+shutdown(exit_code=3)
+print("after")
+"""
+
+
+def test_shutdown_leaves_the_group_then_exits_without_finalization():
+    """A torchrun rank of the CLI ends with `shutdown(exit_code=...)`: the group left, output
+    flushed, the status given, and nothing of the interpreter's finalization run (where gloo's
+    still-referenced worker threads can abort the rank)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered
+    proc = subprocess.run([sys.executable, "-c", EXIT_PROBE], cwd=ROOT, capture_output=True, text=True,
+                          env={**env, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert proc.stdout == "saved, still in the buffer"
 
 
 def test_torchrun_cli_logs_and_checkpoints_on_rank_0(tiny_checkpoint, tmp_path):

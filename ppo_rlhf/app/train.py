@@ -156,10 +156,10 @@ def run_train(args: argparse.Namespace) -> int:
         print(json.dumps({k: last[k] for k in ("iteration", "objective/scores", "objective/kl",
                                                 "objective/kl_coef", "time/iteration_s") if k in last}))
         print(f"policy saved to {out / 'policy'}")
-    if scale.get("distributed"):
+    if scale.get("distributed"):  # a torchrun rank: leave the group and exit here (see shutdown)
         from ppo_torch.parallel import shutdown
 
-        shutdown()
+        shutdown(exit_code=0)
     return 0
 
 
