@@ -361,9 +361,8 @@ def _free_port() -> int:
 
 
 def shutdown(*, exit_code: int | None = None) -> None:
-    """Leave the process group (end of a torchrun job), if one was joined: a barrier (a rank that
-    tore down its gloo pairs while another still used them could abort the job), then
-    destroy_process_group.
+    """Leave the process group (end of a torchrun job), if one was joined: a barrier (no rank tears
+    down its gloo pairs while another may still use them), then destroy_process_group.
 
     With `exit_code`, then end this process at once with that status (`os._exit`, after flushing
     stdout, stderr and logging), skipping the interpreter's finalization: FSDP2's device mesh
