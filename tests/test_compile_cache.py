@@ -42,6 +42,9 @@ def test_default_directory_moved_and_off(tmp_path):
     assert r["got"] == r["dir"] == want and Path(want).is_dir() and r["min_s"] == 0.5
     r = _probe({"PPO_RLHF_COMPILE_CACHE": str(tmp_path / "mine")})
     assert r["got"] == r["dir"] == str(tmp_path / "mine") and (tmp_path / "mine").is_dir()
+    # a threshold set through JAX is JAX's
+    r = _probe({"PPO_RLHF_COMPILE_CACHE": str(tmp_path / "mine"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2"})
+    assert r["got"] == str(tmp_path / "mine") and r["min_s"] == 0.2
     for off in ("off", "0", "OFF"):
         r = _probe({"PPO_RLHF_COMPILE_CACHE": off, "XDG_CACHE_HOME": str(tmp_path / "off")})
         assert r["got"] is None and r["dir"] is None and not (tmp_path / "off").exists()
@@ -69,8 +72,11 @@ def test_second_cli_run_compiles_nothing_new(tmp_path_factory, tmp_path):
     ckpt = built_once(tmp_path_factory, "compile-cache-gpt2", lambda d: make_tiny_checkpoint(d, "gpt2"))
     prompts = write_prompts(tmp_path)
     cache = tmp_path / "cache"
-    # JAX_COMPILATION_CACHE_DIR="" undoes the test suite's own cache (conftest.py) for these runs
-    env = {"PPO_RLHF_COMPILE_CACHE": str(cache), "JAX_COMPILATION_CACHE_DIR": ""}
+    # JAX_COMPILATION_CACHE_DIR="" undoes the test suite's own cache (conftest.py) for these runs;
+    # every program is written (threshold 0): with the CLI's 0.5 s, a program that compiled in
+    # 0.45 s in one run and 0.55 s in the next was written by the second only (seen in CI)
+    env = {"PPO_RLHF_COMPILE_CACHE": str(cache), "JAX_COMPILATION_CACHE_DIR": "",
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     entries = lambda: sorted(p.name for p in cache.glob("*-cache"))  # noqa: E731 (atime files aside)
     train("jax", ckpt, prompts, tmp_path / "a", "--iterations", "1", env=env)
     first = entries()

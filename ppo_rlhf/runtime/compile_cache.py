@@ -11,7 +11,8 @@ so a hit is the executable a fresh compilation would give.
 JAX backend (`ppo_rlhf.app.backends.use_compile_cache`; the library does not: importing
 `ppo_jax` changes no global setting). PPO_RLHF_COMPILE_CACHE=off turns it off, =DIR moves it
 (default: $XDG_CACHE_HOME/ppo-rlhf/jax, else ~/.cache/ppo-rlhf/jax). A cache configured through
-JAX itself (JAX_COMPILATION_CACHE_DIR) is left as it is.
+JAX itself (JAX_COMPILATION_CACHE_DIR) is left as it is, and so is a threshold set there
+(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS; default here MIN_COMPILE_S).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def enable_jax_compile_cache(setting: str | None = None) -> str | None:
                       f"set {ENV}=DIR or {ENV}=off")
         return None
     jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # else JAX's, as set there
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
     jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return str(path)
