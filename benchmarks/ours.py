@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "peers"))
@@ -134,6 +135,37 @@ def count_compilations(program: str):
         yield events
 
 
+def build_trainer(program: str, spec: W.ModelSpec, wl: W.Workload, policy_dir: Path, rm_dir: Path, *,
+                  scan_unroll: bool = False, threads: int | None = None) -> tuple[Any, dict]:
+    """The PPO trainer of `program` on the shared workload (fixed-length responses, the reward
+    model at `rm_dir`), and the versions to record."""
+    from ppo_rlhf import PPOConfig
+
+    config = PPOConfig(batch_size=wl.batch, max_prompt_len=wl.prompt_len, max_new_tokens=wl.response_len,
+                       ppo_epochs=wl.ppo_epochs, num_minibatches=wl.minibatches, temperature=wl.temperature,
+                       learning_rate=wl.lr, kl_coef=wl.kl_coef, gamma=wl.gamma, lam=wl.lam,
+                       clip_eps=wl.cliprange, value_clip_eps=wl.cliprange_value, seed=wl.seed,
+                       scan_unroll=scan_unroll)
+    kw = dict(config=config, eos_token_id=None, pad_token_id=0,  # fixed-length responses
+              tokenizer=StandInTokenizer(spec.vocab_size))
+    if program == "jax":
+        import jax
+
+        from ppo_jax.ppo import PPOTrainer
+
+        trainer = PPOTrainer(str(policy_dir), str(rm_dir), **kw)
+        return trainer, {"jax": jax.__version__, "backend": jax.default_backend(),
+                         "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    import torch
+
+    from ppo_torch.ppo import PPOTrainer
+
+    if threads:
+        torch.set_num_threads(threads)
+    trainer = PPOTrainer(str(policy_dir), str(rm_dir), compile=program == "torch-compile", **kw)
+    return trainer, {"torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--program", choices=PROGRAMS, required=True)
@@ -149,33 +181,8 @@ def main(argv=None) -> dict:
     spec, wl = W.spec_from_args(args), W.workload_from_args(args)
     policy_dir, rm_dir = make_checkpoints(spec, Path(args.cache_dir))
 
-    from ppo_rlhf import PPOConfig
-
-    config = PPOConfig(batch_size=wl.batch, max_prompt_len=wl.prompt_len, max_new_tokens=wl.response_len,
-                       ppo_epochs=wl.ppo_epochs, num_minibatches=wl.minibatches, temperature=wl.temperature,
-                       learning_rate=wl.lr, kl_coef=wl.kl_coef, gamma=wl.gamma, lam=wl.lam,
-                       clip_eps=wl.cliprange, value_clip_eps=wl.cliprange_value, seed=wl.seed,
-                       scan_unroll=args.scan_unroll)
-    kw = dict(config=config, eos_token_id=None, pad_token_id=0,  # fixed-length responses
-              tokenizer=StandInTokenizer(spec.vocab_size))
-    if args.program == "jax":
-        import jax
-
-        from ppo_jax.ppo import PPOTrainer
-
-        trainer = PPOTrainer(str(policy_dir), str(rm_dir), **kw)
-        versions = {"jax": jax.__version__, "backend": jax.default_backend(),
-                    "xla_flags": os.environ.get("XLA_FLAGS", "")}
-    else:
-        import torch
-
-        from ppo_torch.ppo import PPOTrainer
-
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        trainer = PPOTrainer(str(policy_dir), str(rm_dir), compile=args.program == "torch-compile", **kw)
-        versions = {"torch": torch.__version__, "threads": torch.get_num_threads()}
-
+    trainer, versions = build_trainer(args.program, spec, wl, policy_dir, rm_dir,
+                                      scan_unroll=args.scan_unroll, threads=args.threads)
     prompts = W.prompt_ids(spec, wl, args.warmup + args.iterations)
     import numpy as np
 

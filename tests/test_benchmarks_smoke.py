@@ -86,3 +86,49 @@ def test_supervised_step_reports_each_backend_and_the_jax_scratch_size(tmp_path)
     for r in rows:
         assert r["step_ms"] > 0 and r["minor_faults"] >= 0 and r["sys_ms"] >= 0
     assert rows[0]["temp_mb"] > 0 and "temp_mb" not in rows[1]
+
+
+def test_kernel_spans_end_when_the_thunk_executor_marks_them_done():
+    from types import SimpleNamespace as E
+
+    from benchmarks.kernels import kernel_spans, kind_of
+
+    thread_a = [E(name="dot.1", start_ns=0, duration_ns=5, stats=[("hlo_op", "dot.1"), ("_p", 7)]),
+                E(name="copy.2", start_ns=6, duration_ns=3, stats=[("hlo_op", "copy.2"), ("_p", 8)]),
+                E(name="end: copy.2", start_ns=9, duration_ns=1, stats=[("_c", 8)]),
+                E(name="ThunkExecutor::Execute", start_ns=0, duration_ns=50, stats=[])]
+    thread_b = [E(name="end: dot.1", start_ns=100, duration_ns=1, stats=[("_c", 7)])]  # async: done later
+    assert sorted(kernel_spans([thread_a, thread_b])) == [(0, 101, "dot.1"), (6, 10, "copy.2")]
+    assert [kind_of(n) for n in ("ynn_fusion.12", "fusion.1.2", "dot", "copy_bitcast_fusion.44")] == [
+        "ynn_fusion", "fusion", "dot", "copy_bitcast_fusion"]
+
+
+def test_wall_shares_split_each_instant_among_the_running_kernels():
+    from benchmarks.kernels import wall_shares
+
+    spans = [(0, 30, "while.1"), (2, 20, "while.2"), (5, 10, "ynn_fusion.3"), (8, 12, "dot.4"),
+             (35, 50, "copy.5")]  # runs past the window: clipped
+    shares, idle = wall_shares(spans, 0, 40)
+    # ynn alone 5-8, shared with the dot 8-10; the dot alone 10-12; the loops when nothing in
+    # them runs (0-2 and 20-30 the outer, 2-5 and 12-20 the inner); nothing 30-35
+    assert shares == {"ynn_fusion": 4, "dot": 3, "while": 23, "copy": 5} and idle == 5
+    assert sum(shares.values()) + idle == 40
+
+
+def test_kernels_charges_each_phase_its_xla_kernels(tmp_path):
+    """benchmarks.kernels on the demo shape: every phase of the iteration is in the trace, the
+    update's wall time is split among its kernels (its dots among them) and what is left."""
+    out = tmp_path / "kernels.json"
+    run_module("benchmarks.kernels", "--model", "demo", "--iterations", "1", "--out", out,
+               "--cache-dir", tmp_path / "ckpts", timeout=600)
+    phases = json.loads(out.read_text())["phases"]
+    assert {"time/generate_s", "time/forward_s", "time/update_s"} <= set(phases)
+    update = phases["time/update_s"]
+    assert update["wall_s"] > 0
+    assert update["kernels"]["ynn_fusion"]["s"] > 0 and update["kernels"]["ynn_fusion"]["calls"] > 0
+    for name, ph in phases.items():
+        total = sum(k["s"] for k in ph["kernels"].values()) + ph["no_kernel_s"]
+        assert all(k["s"] >= 0 for k in ph["kernels"].values()), name
+        assert abs(total - ph["wall_s"]) < 1e-6, name
+    assert update["no_kernel_s"] < 0.7 * update["wall_s"]  # the update's kernels were found in it
+    assert "| ynn_fusion |" in out.with_suffix(".md").read_text()

@@ -34,8 +34,12 @@ Cost: the scan reads layer i's weights (and cache) as dynamic slices of the stac
 XLA:CPU copies such a slice before a matmul, so a decode step, which reads every weight for
 only B tokens, pays a copy of the weights: in one before/after run of `benchmarks.run` on
 tiny1m, generation took ~14% longer than with unrolled layers; the scoring forwards and the
-update (B x T tokens per weight read) did not move. Not measured on accelerators, where XLA can feed a matmul from a
-dynamic slice (TPU fusions; XLA:GPU's dynamic-slice fusion).
+update (B x T tokens per weight read) did not move. Per kernel (`python -m benchmarks.kernels`,
+benchmarks/README.md) the larger part of generation's slices is the KV cache's: layer i's
+[B, n_kv, max_len, D] keys and values copied out of the stacked cache before the attention
+dots, 27-30% of generation on tiny1m and gpt2s, unrolled or not. Not measured on
+accelerators, where XLA can feed a matmul from a dynamic slice (TPU fusions; XLA:GPU's
+dynamic-slice fusion).
 
 Activation checkpointing (`remat`, a static attribute: part of the graphdef, so the jitted
 programs of a trainer are specialised on it; `set_remat(model, policy)` sets it on every
