@@ -94,7 +94,7 @@ def kernel_spans(lines: Iterable[Iterable[Any]]) -> list[tuple[int, int, str]]:
     return [tuple(s) for s in spans.values()]
 
 
-def wall_shares(spans: list[tuple[int, int, str]], start: int, end: int) -> tuple[dict[str, int], int]:
+def wall_shares(spans: list[tuple[int, int, str]], start: int, end: int) -> tuple[dict[str, float], int]:
     """Split the window [start, end) among the kernels running in it: each instant goes in equal
     parts to the kernels running then (a container kind -- a loop -- only when nothing inside it
     runs: then to the innermost), or to no kernel. Returns ({kind: ns}, ns with no kernel); the
@@ -105,7 +105,7 @@ def wall_shares(spans: list[tuple[int, int, str]], start: int, end: int) -> tupl
         if s < e:
             edges += [(s, 1, name), (e, -1, name)]
     edges.sort(key=lambda x: (x[0], x[1]))
-    shares: dict[str, int] = defaultdict(int)
+    shares: dict[str, float] = defaultdict(float)
     active: dict[str, int] = {}  # running kernels (name -> start, for the innermost container)
     t, idle = start, 0
     for when, step, name in edges + [(end, 0, "")]:
@@ -130,9 +130,8 @@ def attribute(xplane: str) -> dict[str, dict[str, Any]]:
     """Per phase: its wall time (s, summed over its occurrences), the part of it no kernel ran
     (`no_kernel_s`) and, per kernel kind, its share of the wall time (`s`, see `wall_shares`)
     and the number of its kernels that started in the phase."""
-    from jax._src.lib import (
-        _profile_data,  # the reader behind jax.profiler's ProfileData
-    )
+    # the reader behind jax.profiler's ProfileData
+    from jax._src.lib import _profile_data
 
     data = _profile_data.ProfileData.from_file(xplane)
     windows: list[tuple[int, int, str]] = []
