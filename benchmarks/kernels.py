@@ -42,6 +42,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "peers"))
 import workload as W
 
+from ppo_rlhf.config import REMATS
+
 MARK = "ppo-phase:"  # prefix of the trace annotation around each trainer phase
 
 
@@ -184,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "ppo-rlhf-bench"))
     W.add_cli_args(p)
     p.add_argument("--scan-unroll", action="store_true", help="PPOConfig.scan_unroll")
+    p.add_argument("--remat", default="none", choices=REMATS, help="PPOConfig.remat")
     p.add_argument("--phases", default="time/update_s",
                    help="comma-separated phases to print (all: 'all'); the JSON has them all")
     p.add_argument("--top", type=int, default=15, help="kernel kinds per phase in the table")
@@ -198,7 +201,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import jax
     import numpy as np
 
-    trainer, versions = build_trainer("jax", spec, wl, policy_dir, rm_dir, scan_unroll=args.scan_unroll)
+    trainer, versions = build_trainer("jax", spec, wl, policy_dir, rm_dir, scan_unroll=args.scan_unroll,
+                                      remat=args.remat)
     prompts = W.prompt_ids(spec, wl, args.warmup + args.iterations)
     mask = np.ones(prompts.shape[1:], np.int32)
     for i in range(args.warmup):
@@ -216,10 +220,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     missing = [ph for ph in wanted if ph not in phases]
     if missing:
         raise SystemExit(f"no phase {missing} in the trace; phases: {', '.join(phases)}")
-    head = f"ppo_jax, {spec.name}, {args.iterations} iteration(s), scan_unroll={args.scan_unroll}\n\n"
+    head = (f"ppo_jax, {spec.name}, {args.iterations} iteration(s), scan_unroll={args.scan_unroll}, "
+            f"remat={args.remat}\n\n")
     md = head + table({ph: phases[ph] for ph in wanted}, args.top)
     print(md)
-    result = {"model": spec.name, "iterations": args.iterations, "scan_unroll": args.scan_unroll,
+    result = {"model": spec.name, "iterations": args.iterations, "scan_unroll": trainer.config.scan_unroll,
+              "remat": trainer.config.remat,
               "versions": versions, "machine": W.machine_info(), "phases": phases}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))

@@ -38,6 +38,7 @@ import workload as W  # noqa: E402  (benchmarks/peers/workload.py: pure python +
 _THREADS = W.threads_from_argv()
 
 from benchmarks import flops  # noqa: E402
+from ppo_rlhf.config import REMATS  # noqa: E402  (pure python: imports neither jax nor torch)
 from benchmarks import compile_every_program  # noqa: E402
 
 PROGRAMS = ("jax", "torch", "torch-compile")
@@ -136,7 +137,8 @@ def count_compilations(program: str):
 
 
 def build_trainer(program: str, spec: W.ModelSpec, wl: W.Workload, policy_dir: Path, rm_dir: Path, *,
-                  scan_unroll: bool = False, threads: int | None = None) -> tuple[Any, dict]:
+                  scan_unroll: bool = False, remat: str = "none",
+                  threads: int | None = None) -> tuple[Any, dict]:
     """The PPO trainer of `program` on the shared workload (fixed-length responses, the reward
     model at `rm_dir`), and the versions to record."""
     from ppo_rlhf import PPOConfig
@@ -145,7 +147,7 @@ def build_trainer(program: str, spec: W.ModelSpec, wl: W.Workload, policy_dir: P
                        ppo_epochs=wl.ppo_epochs, num_minibatches=wl.minibatches, temperature=wl.temperature,
                        learning_rate=wl.lr, kl_coef=wl.kl_coef, gamma=wl.gamma, lam=wl.lam,
                        clip_eps=wl.cliprange, value_clip_eps=wl.cliprange_value, seed=wl.seed,
-                       scan_unroll=scan_unroll)
+                       scan_unroll=scan_unroll, remat=remat)
     kw = dict(config=config, eos_token_id=None, pad_token_id=0,  # fixed-length responses
               tokenizer=StandInTokenizer(spec.vocab_size))
     if program == "jax":
@@ -173,6 +175,8 @@ def main(argv=None) -> dict:
     W.add_cli_args(p)
     p.add_argument("--scan-unroll", action="store_true",
                    help="PPOConfig.scan_unroll: the JAX scan over layers fully unrolled (torch: no effect)")
+    p.add_argument("--remat", default="none", choices=REMATS,
+                   help="PPOConfig.remat: activation checkpointing of the update's forwards")
     args = p.parse_args(argv)
     compile_every_program()  # compile time is measured here
     threads = set_threads(args.threads)
@@ -182,7 +186,7 @@ def main(argv=None) -> dict:
     policy_dir, rm_dir = make_checkpoints(spec, Path(args.cache_dir))
 
     trainer, versions = build_trainer(args.program, spec, wl, policy_dir, rm_dir,
-                                      scan_unroll=args.scan_unroll, threads=args.threads)
+                                      scan_unroll=args.scan_unroll, remat=args.remat, threads=args.threads)
     prompts = W.prompt_ids(spec, wl, args.warmup + args.iterations)
     import numpy as np
 
@@ -207,7 +211,8 @@ def main(argv=None) -> dict:
     fl = flops.iteration_flops(spec, wl)
     result = W.build_result(
         program={"jax": "ppo_jax", "torch": "ppo_torch", "torch-compile": "ppo_torch+compile"}[args.program],
-        spec=spec, wl=wl, config_extra={"reward": "model", "scan_unroll": args.scan_unroll}, iteration_times=iteration_times,
+        spec=spec, wl=wl, config_extra={"reward": "model", "scan_unroll": trainer.config.scan_unroll,
+                                            "remat": trainer.config.remat}, iteration_times=iteration_times,
         warmup_times=warmup_times, timer=timer, n_warmup=args.warmup, versions=versions,
         iteration_cpu_times=cpu_times,
         notes=["forward = policy + reference log-probs, critic values and reward scores"],

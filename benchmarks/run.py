@@ -29,6 +29,7 @@ sys.path.insert(0, str(HERE / "peers"))
 import workload as W  # noqa: E402
 
 from benchmarks import flops as F  # noqa: E402
+from ppo_rlhf.config import REMATS  # noqa: E402
 
 OURS = ("jax", "torch", "torch-compile")
 PEERS = {"trl": HERE / "peers" / ".venv-trl" / "bin" / "python",
@@ -46,6 +47,8 @@ def run_program(program: str, model: str, args: argparse.Namespace, out_json: Pa
         cmd = [sys.executable, "-m", "benchmarks.ours", "--program", program, *common]
         if args.scan_unroll:
             cmd += ["--scan-unroll"]
+        if args.remat != "none":
+            cmd += ["--remat", args.remat]
         if args.cache_dir:
             cmd += ["--cache-dir", args.cache_dir]
     else:
@@ -182,6 +185,8 @@ def main(argv=None) -> int:
                                        "(default: a ppo-rlhf-bench dir in the system temp dir)")
     p.add_argument("--scan-unroll", action="store_true",
                    help="our programs with PPOConfig.scan_unroll=True (JAX: the layer scan unrolled)")
+    p.add_argument("--remat", default="none", choices=REMATS,
+                   help="our programs with this PPOConfig.remat (activation checkpointing in the update)")
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.programs, args.iterations, args.warmup = "demo,tiny1m", "jax,torch", 2, 1

@@ -35,6 +35,31 @@ def test_benchmark_quick_mode_writes_json_table_and_plot(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
+def test_benchmark_passes_remat_and_unroll_to_our_programs_only(tmp_path, monkeypatch):
+    """benchmarks.run's command lines (the subprocess is not started): --remat / --scan-unroll
+    reach our programs (benchmarks.ours records the trainer's own settings: the kernels test
+    below runs one), not the peers."""
+    import argparse
+    import subprocess
+
+    from benchmarks import run as bench_run
+
+    cmds = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: cmds.append(cmd) or
+                        subprocess.CompletedProcess(cmd, 1, "", "not run"))
+    monkeypatch.setitem(bench_run.PEERS, "trl", tmp_path)  # "set up", so that its command is built
+    for remat, unroll in (("dots", True), ("none", False)):
+        args = argparse.Namespace(iterations=1, warmup=1, scan_unroll=unroll, remat=remat, cache_dir=None,
+                                  timeout=1)
+        for program in ("jax", "torch", "trl"):
+            assert "error" in bench_run.run_program(program, "demo", args, tmp_path / "r.json")
+    jax_dots, torch_dots, trl_dots, jax_none, torch_none, trl_none = (" ".join(map(str, c)) for c in cmds)
+    for cmd in (jax_dots, torch_dots):
+        assert "--remat dots" in cmd and "--scan-unroll" in cmd
+    for cmd in (jax_none, torch_none, trl_dots, trl_none):
+        assert "--remat" not in cmd and "--scan-unroll" not in cmd
+
+
 def test_rm_accuracy_quick_mode_reports_both_backends_against_the_ceiling(tmp_path):
     out = tmp_path / "rm.json"
     run_module("benchmarks.rm_accuracy", "--quick", "--no-progress", "--out", out,
@@ -119,9 +144,11 @@ def test_kernels_charges_each_phase_its_xla_kernels(tmp_path):
     """benchmarks.kernels on the demo shape: every phase of the iteration is in the trace, the
     update's wall time is split among its kernels (its dots among them) and what is left."""
     out = tmp_path / "kernels.json"
-    run_module("benchmarks.kernels", "--model", "demo", "--iterations", "1", "--out", out,
-               "--cache-dir", tmp_path / "ckpts", timeout=600)
-    phases = json.loads(out.read_text())["phases"]
+    run_module("benchmarks.kernels", "--model", "demo", "--iterations", "1", "--remat", "dots",
+               "--out", out, "--cache-dir", tmp_path / "ckpts", timeout=600)
+    result = json.loads(out.read_text())
+    assert result["remat"] == "dots"  # as the trainer was configured (benchmarks.ours.build_trainer)
+    phases = result["phases"]
     assert {"time/generate_s", "time/forward_s", "time/update_s"} <= set(phases)
     update = phases["time/update_s"]
     assert update["wall_s"] > 0
