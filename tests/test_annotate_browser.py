@@ -28,6 +28,12 @@ if not Path(CHROMIUM).exists():
     pytest.skip("Debian's chromium is not installed (apt-get install chromium; `make setup` "
                 "does it)", allow_module_level=True)
 expect = sync_api.expect
+# Each page action waits on a round trip to the server, a separate process that commits every
+# answer to SQLite (fsync). Playwright's default of 5 s was once too short in the full parallel
+# suite (the error line of `test_lost_replies_...` still empty after 5 s: what a label request
+# still in flight looks like; the test passed 9 of 9 runs alone and beside two busy loops): the
+# waits allow 20 s. A step that never happens still fails, only later.
+expect.set_options(timeout=20_000)
 
 
 @pytest.fixture(scope="module")
