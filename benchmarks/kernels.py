@@ -27,14 +27,13 @@ and the table next to it (`.md`).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import json
 import re
 import sys
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -47,25 +46,13 @@ from ppo_rlhf.config import REMATS
 MARK = "ppo-phase:"  # prefix of the trace annotation around each trainer phase
 
 
-@contextlib.contextmanager
-def marked_phases() -> Iterator[None]:
+def marked_phases():
     """Mark every `phase_timer` block in the profiler trace (`jax.profiler.TraceAnnotation`)."""
     import jax
 
-    from ppo_rlhf.runtime import metrics
+    from benchmarks.ours import around_each_phase
 
-    orig = metrics.phase_timer
-
-    @contextlib.contextmanager
-    def phase_timer(times, name, block=None):
-        with jax.profiler.TraceAnnotation(MARK + name), orig(times, name, block=block):
-            yield
-
-    metrics.phase_timer = phase_timer
-    try:
-        yield
-    finally:
-        metrics.phase_timer = orig
+    return around_each_phase(lambda name: jax.profiler.TraceAnnotation(MARK + name))
 
 
 def kind_of(name: str) -> str:

@@ -76,25 +76,36 @@ class StandInTokenizer:
 
 
 @contextlib.contextmanager
-def cpu_phase_times(cpu: dict):
-    """Also record process CPU time of every `ppo_rlhf.runtime.metrics.phase_timer` block (in memory only:
-    the trainers' phase timers stay as they are) into cpu[name]."""
+def around_each_phase(around):
+    """While the block runs, every `ppo_rlhf.runtime.metrics.phase_timer` block also runs inside
+    `around(name)` (a context manager; entered before the phase's timer, left after it). In
+    memory only: the trainers' phase timers stay as they are."""
     from ppo_rlhf.runtime import metrics
 
     orig = metrics.phase_timer
 
     @contextlib.contextmanager
     def phase_timer(times, name, block=None):
-        c0 = time.process_time()
-        with orig(times, name, block=block):
+        with around(name), orig(times, name, block=block):
             yield
-        cpu[name] = cpu.get(name, 0.0) + time.process_time() - c0
 
     metrics.phase_timer = phase_timer
     try:
         yield
     finally:
         metrics.phase_timer = orig
+
+
+def cpu_phase_times(cpu: dict):
+    """Also record process CPU time of every phase into cpu[name] (`around_each_phase`)."""
+
+    @contextlib.contextmanager
+    def cpu_time(name):
+        c0 = time.process_time()
+        yield
+        cpu[name] = cpu.get(name, 0.0) + time.process_time() - c0
+
+    return around_each_phase(cpu_time)
 
 
 def make_checkpoints(spec: W.ModelSpec, root: Path) -> tuple[Path, Path]:
