@@ -5,24 +5,31 @@
 #   test-portable    the parity tests again with torch and XLA held to other CPU kernels
 #   test-slow        end-to-end tests and the mutation run (-m slow)
 #   test-benchmarks  tests that rerun a benchmark and check its published figure (not in CI)
+#   test-latest      the canary: the parity suite on the newest versions the ranges allow (not in CI)
+# Installs: `make setup` installs exactly the versions in requirements.lock; `make lock` refreshes it.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+# torch is pinned apart from the lock's resolution: its CPU wheel lies on this disk, and an
+# unpinned torch pulls a multi-GB CUDA build (pyproject.toml leaves it out on purpose)
+TORCH := torch==2.13.0
 BACKEND ?= jax
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast test-portable test-slow test-benchmarks bench-quick clean
+.PHONY: setup lock demo test test-fast test-portable test-slow test-benchmarks test-latest bench-quick clean
 
 setup: $(STAMP)
 
-# torch==2.13.0 goes first: its CPU wheel lies on this disk; an unpinned torch pulls a CUDA build.
-$(STAMP): pyproject.toml
+# every package at the version requirements.lock names (pip's constraints: what the lock pins is
+# installed at that version, nothing else is added); torch first, from the lock too
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[all]'
+	$(BIN)/pip install -q -c $(LOCK) pip setuptools
+	$(BIN)/pip install -q -c $(LOCK) $(TORCH)
+	$(BIN)/pip install -q -c $(LOCK) -e '.[all]'
 	@# tmux lets one test drive the labelling tool in a real terminal (skipped without it)
 	@command -v tmux >/dev/null || (command -v apt-get >/dev/null && apt-get install -y -qq tmux >/dev/null 2>&1) || true
 	@# Debian's chromium: the annotation page's real-browser test drives it with Playwright (skipped without it)
@@ -50,8 +57,35 @@ test-slow: setup
 test-benchmarks: setup
 	PPO_RLHF_TEST_XLA_OPT=default $(BIN)/python -m pytest -q --timeout 7200 -m benchmark
 
+# requirements.lock: what `pip install -e '.[all]'` resolves to today, in a fresh venv (after
+# $(TORCH)), frozen with pip itself. Commit the result; `make setup` then installs exactly it.
+lock:
+	rm -rf .venv-lock
+	$(PY) -m venv .venv-lock
+	.venv-lock/bin/pip install -q --upgrade pip setuptools
+	.venv-lock/bin/pip install -q $(TORCH)
+	.venv-lock/bin/pip install -q -e '.[all]'
+	{ echo "# make lock: pinned versions of everything make setup installs (pip freeze --all of a fresh"; \
+	  echo "# venv after $(TORCH) and pip install -e '.[all]'). Refresh with make lock; pyproject.toml keeps"; \
+	  echo "# the ranges users install from."; \
+	  .venv-lock/bin/pip freeze --all --exclude-editable; } > $(LOCK)
+	rm -rf .venv-lock
+	@echo "wrote $(LOCK): $$(grep -vc '^#' $(LOCK)) packages"
+
+# The canary: the newest versions pyproject.toml's ranges allow today (torch stays $(TORCH):
+# see above), in .venv-latest, then the parity suite. A failure here with `make test` green
+# names the release that changed a result before a refreshed lock brings it in.
+test-latest:
+	rm -rf .venv-latest
+	$(PY) -m venv .venv-latest
+	.venv-latest/bin/pip install -q --upgrade pip setuptools
+	.venv-latest/bin/pip install -q $(TORCH)
+	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[all]'
+	.venv-latest/bin/python tools/versions.py
+	.venv-latest/bin/python -m pytest -q -n 2 --timeout 1800 -p no:cacheprovider parity_tests
+
 bench-quick: setup
 	$(BIN)/python -m benchmarks.run --quick --out benchmarks/results/quick.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-lock .venv-latest build *.egg-info .pytest_cache .hypothesis

@@ -70,6 +70,13 @@ else:  # and not the CLI's own cache in ~/.cache either (ppo_rlhf.runtime.compil
 import pytest  # noqa: E402
 
 
+def pytest_report_header(config):
+    """The numerical stack of the run (tools/versions.py), so a failure reads against it."""
+    from tools.versions import line
+
+    return f"stack: {line()}"
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """tiny_checkpoint(arch, **kw) -> Path: `ppo_rlhf.testing.make_tiny_checkpoint(dir, arch, **kw)`,

@@ -253,3 +253,18 @@ def logprobs_from_logits(logits, labels, temperature=1.0):
 def adaptive_kl_update(kl_coef, current_kl, n_steps, target, horizon):
     error = clip(current_kl / target - 1, -0.2, 0.2)
     return kl_coef * (1 + error * n_steps / horizon)
+
+
+def adamw(params, grads, lr, weight_decay, eps, b1=0.9, b2=0.999):
+    """torch.optim.AdamW's arithmetic, step by step, in float64: the params after each of the
+    `grads` (decoupled decay lr * wd * p; bias-corrected moments; eps outside the root)."""
+    p = np.asarray(params, np.float64).copy()
+    m, v, out = np.zeros_like(p), np.zeros_like(p), []
+    for t, g in enumerate(grads, 1):
+        g = np.asarray(g, np.float64)
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+        p = p - lr * weight_decay * p - lr * m_hat / (np.sqrt(v_hat) + eps)
+        out.append(p.copy())
+    return out

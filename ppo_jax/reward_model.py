@@ -13,8 +13,8 @@ accuracy and the reward normalisation are defined in `ppo_rlhf.supervised` (modu
 One optimiser step is one jit-compiled function (static shapes [batch_size, K, max_length], so
 it compiles once; `compiled_steps` caches it per model structure and loss): scores -> per-group
 loss -> weighted mean -> gradients -> global-norm clip (torch's formula,
-`ppo_jax.optim.clip_by_global_norm`) -> AdamW (`ppo_jax.optim.make_optimizer`: optax.adamw with
-eps_root=0, i.e. torch.optim.AdamW) at the learning rate `ppo_rlhf.runtime.supervised.lr_at` hands it;
+`ppo_jax.optim.clip_by_global_norm`) -> AdamW (`ppo_jax.optim.make_optimizer`: torch.optim.AdamW's
+arithmetic) at the learning rate `ppo_rlhf.runtime.supervised.lr_at` hands it;
 a step whose loss or gradient is not finite leaves weights and optimiser state unchanged.
 """
 

@@ -5,7 +5,7 @@
     grad_norm, ok = guarded_step(optimizer, params, loss, max_grad_norm=1.0)
 
 * AdamW (torch.optim.AdamW: bias-corrected moments, eps added to sqrt(v_hat), decoupled weight
-  decay on every parameter) -- what optax.adamw(eps_root=0) computes in the JAX twin;
+  decay on every parameter) -- what `ppo_jax.optim.make_optimizer` computes in the JAX twin;
 * one global-norm clip over every gradient (torch.nn.utils.clip_grad_norm_: g * min(1, max_norm /
   (norm + 1e-6)); the JAX twin uses the same formula);
 * the guard: a step whose loss or gradient norm is not finite is skipped (parameters and

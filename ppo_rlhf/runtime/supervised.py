@@ -8,8 +8,8 @@ non-finite-update guard); this module holds the rest: the learning-rate schedule
 records, the held-out evaluation and, for a reward model, the normalisation and the final
 metrics.
 
-Optimiser (both): AdamW through each backend's `optim.make_optimizer` (optax.adamw(eps_root=0) ==
-torch.optim.AdamW) and global-norm clipping with torch's formula (`optim.clip_by_global_norm`).
+Optimiser (both): AdamW through each backend's `optim.make_optimizer` (torch.optim.AdamW's
+arithmetic in both) and global-norm clipping with torch's formula (`optim.clip_by_global_norm`).
 The learning rate of each update is `lr_at(applied updates, total steps)` (warm-up, then constant /
 linear / cosine decay), computed on the host and passed to the step. A step whose loss or gradient
 is not finite is skipped (weights and optimiser state unchanged, the schedule does not advance);
