@@ -105,7 +105,8 @@ class PPOTrainer(TrainerBase):
                   (e.g. a gold reward, to watch over-optimisation); not trained on.
     dtype      -- "float32" or "bfloat16" weights (the math stays float32).
     device     -- torch device; default "cuda" when available, else "cpu".
-    compile    -- wrap the models' forward in torch.compile.
+    compile    -- wrap every role's forward in `torch.compile`: True for its default backend
+                  (inductor), or the name of a dynamo backend (e.g. "eager": traced, not compiled).
     distributed -- None (one process), "ddp" or "fsdp" (one rank of a torchrun job; the device
                   defaults to cuda:LOCAL_RANK, or the CPU with gloo).
     """
@@ -118,7 +119,7 @@ class PPOTrainer(TrainerBase):
                  extra_rewards: Mapping[str, Callable] | None = None, dtype: Any = "float32",
                  eos_token_id: int | None = -1, pad_token_id: int | None = None,
                  checkpoint_every: int = 0, keep_checkpoints: int = 2,
-                 device: Any = None, compile: bool = False, distributed: Any = None):
+                 device: Any = None, compile: bool | str = False, distributed: Any = None):
         super().__init__(policy, prompts, config=config, tokenizer=tokenizer, out_dir=out_dir,
                          extra_rewards=extra_rewards, eos_token_id=eos_token_id,
                          pad_token_id=pad_token_id, checkpoint_every=checkpoint_every,
@@ -181,10 +182,10 @@ class PPOTrainer(TrainerBase):
                                         adam_eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
         self._fwd = {}
         if compile:
-            for name in ("policy", "ref_policy", "critic", "native_reward"):
-                m = getattr(self, name)
+            backend = {"backend": compile} if isinstance(compile, str) else {}
+            for m in (self.policy, self.reference, self.critic, self.native_reward):
                 if m is not None:
-                    m.forward = torch.compile(m.forward, dynamic=False)
+                    m.forward = torch.compile(m.forward, dynamic=False, **backend)
 
     # ---- construction helpers -------------------------------------------------------------------
     @staticmethod
