@@ -183,6 +183,7 @@ def proxy_model(study: Study, pairs: int, policy: Path, cache: Path, progress: b
     if not (d / "metrics.json").exists():
         from ppo_jax.reward_model import RewardModelTrainer
         from ppo_rlhf import RMConfig
+        from ppo_rlhf.feedback.labeller import SYNTHETIC_LABELS
         from ppo_rlhf.tasks import reviews
 
         _say(f"training the proxy reward model on {pairs} pairs (JAX, {study.rm_epochs} epochs) -> {d}")
@@ -197,7 +198,7 @@ def proxy_model(study: Study, pairs: int, policy: Path, cache: Path, progress: b
         t0 = time.perf_counter()
         m = RewardModelTrainer(str(policy), cfg, out_dir=tmp).fit(
             list(train.records), list(held_out.records), progress=progress,
-            eval_noise_ceiling=held_out.noise_ceiling)
+            eval_noise_ceiling=held_out.noise_ceiling, label_quality=SYNTHETIC_LABELS)
         m.update(pairs=pairs, wall_s=time.perf_counter() - t0, train_noise_ceiling=train.noise_ceiling)
         (tmp / "metrics.json").write_text(json.dumps(m, indent=2, default=str) + "\n")
         shutil.rmtree(d, ignore_errors=True)
@@ -214,12 +215,14 @@ class _Evaluator:
     def __init__(self, backend: str, init_policy: Path, proxy: Path, prompts: list[str], *,
                  max_prompt_len: int, max_new_tokens: int, temperature: float, seed: int,
                  batch_size: int):
-        from ppo_rlhf.app.backends import backend_module
-        from ppo_rlhf.runtime.tokens import load_tokenizer
+        import importlib
+
+        from ppo_rlhf.app.backends import get_backend
+        from ppo_rlhf.tokens import load_tokenizer
 
         self.backend, self.prompts = backend, prompts
-        self.models = backend_module(backend, "models")
-        self.sample_texts = backend_module(backend, "sample_text").sample_texts
+        self.models = importlib.import_module(f"ppo_{backend}.models")  # + the scoring functions
+        self.sample_texts = get_backend(backend).sample_texts
         self.tokenizer = load_tokenizer(init_policy)
         self.reference = self.models.load_pretrained(init_policy)
         self.proxy = self.models.load_scalar_model(proxy)
@@ -265,7 +268,7 @@ def run_ppo(study: Study, backend: str, policy: Path, proxy: Path, kl_coef: floa
             progress: bool = True, label: str = "") -> dict[str, Any]:
     """One PPO run against `proxy`, evaluated every `study.eval_every` iterations: its record."""
     from ppo_rlhf import PPOConfig
-    from ppo_rlhf.app.backends import backend_module
+    from ppo_rlhf.app.backends import get_backend
     from ppo_rlhf.tasks import reviews
 
     t_start = time.perf_counter()
@@ -275,7 +278,7 @@ def run_ppo(study: Study, backend: str, policy: Path, proxy: Path, kl_coef: floa
     evaluator = _Evaluator(backend, policy, proxy, eval_prompts, max_prompt_len=cfg.max_prompt_len,
                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                            seed=10_000 + seed, batch_size=min(64, study.eval_prompts))
-    trainer = backend_module(backend, "ppo").PPOTrainer(
+    trainer = get_backend(backend).PPOTrainer(
         str(policy), str(proxy), reviews.train_prompts(), config=cfg,
         extra_rewards={"gold": reviews.gold_reward})
     points: list[dict[str, Any]] = []

@@ -3,7 +3,7 @@
 Written to be read, not to be fast: explicit loops over sequences and tokens, one formula per
 line, float64 throughout. Both backends are checked against these functions.
 
-Seed (../shared/seed, GUIDE §1), with r_t = pi(a_t|s_t) / pi_old(a_t|s_t):
+The formulas of docs/formulas.md, with r_t = pi(a_t|s_t) / pi_old(a_t|s_t):
   (4.1) policy gradient      grad J = E[ sum_t grad log pi(a_t|s_t) * A_t ]
   (4.2) importance sampling  grad J ~ 1/N sum_i r_i * grad log pi(a_i|s_i) * A_i
   (4.3) clipped objective    L_CLIP = E_t[ min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t) ]

@@ -52,8 +52,8 @@ class Batch:
 
 @st.composite
 def batches(draw, layout=None, allow_empty_rows=False):
-    # A few shapes only: each new shape costs a jit compilation (most of these tests' time: CI,
-    # issue 13); the masks inside vary freely. One row and several; one token, a few, many.
+    # A few shapes only: each new shape costs a jit compilation (most of these tests' time);
+    # the masks inside vary freely. One row and several; one token, a few, many.
     b = draw(st.sampled_from([1, 5]))
     t = draw(st.sampled_from([1, 3, 64]))
     layout = layout or draw(st.sampled_from(["right", "left"]))

@@ -1,6 +1,6 @@
 """ppo_jax.models vs transformers / ppo_torch.models on the same tiny random checkpoints.
 
-Tolerances (GUIDE §4): float32 logits agree to 1e-4 absolute (observed ~2e-6: the two compute
+Tolerances: float32 logits agree to 1e-4 absolute (observed ~2e-6: the two compute
 the same float32 arithmetic in different orders; |logits| <~ 4 on these checkpoints). bfloat16
 is looser, explained at that test. Comparisons are made at real (mask == 1) positions only: at a
 left-padding position nothing is attended and each implementation returns its own placeholder.

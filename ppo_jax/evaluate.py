@@ -14,7 +14,7 @@ from ppo_jax.models import (ScalarHeadModel, load_pretrained, load_scalar_model,
 from ppo_jax.sample_text import sample_texts
 from ppo_rlhf.eval.policy import SampledScores
 from ppo_rlhf.rewards import ScoreRequest, as_reward_model, check_scores
-from ppo_rlhf.runtime.tokens import load_tokenizer
+from ppo_rlhf.tokens import load_tokenizer
 from ppo_rlhf.sampling import TextSamples
 
 

@@ -185,17 +185,10 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
     def __init__(self, model: Any, config: RMConfig = RMConfig(), *, tokenizer: Any = None,
                  out_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
                  keep_checkpoints: int = 2):
-        if not isinstance(config, RMConfig):
-            raise TypeError(f"config must be an RMConfig, got {type(config).__name__}")
         super().__init__(config, tokenizer=tokenizer, out_dir=out_dir,
                          checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                          model_path=model)
-        if isinstance(model, (str, os.PathLike)):
-            model = init_reward_model(model, seed=config.seed)
-        if not isinstance(model, ScalarHeadModel):
-            raise TypeError(f"model must be a checkpoint dir or a ScalarHeadModel, got "
-                            f"{type(model).__name__}")
-        self._check_model(model)
+        model = self._model_from(model, lambda path: init_reward_model(path, seed=config.seed), ScalarHeadModel)
         model.reward_gain, model.reward_bias = 1.0, 0.0  # train the raw head
         set_remat(model, config.remat)  # activation checkpointing: static, before the split
         set_scan_unroll(model, config.scan_unroll)  # the layer scan as a loop or unrolled: static too

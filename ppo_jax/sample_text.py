@@ -4,7 +4,7 @@ the SFT trainer's samples, the labelling tools). Mirror: `ppo_torch/sample_text.
     s = sample_texts(policy, tokenizer, ["a prompt", ...], max_new_tokens=32, temperature=0.7)
     s.texts                                   # one response per prompt, special tokens skipped
 
-Prompts are tokenised as the PPO trainer does (`ppo_rlhf.runtime.tokens.tokenize_prompts`: no
+Prompts are tokenised as the PPO trainer does (`ppo_rlhf.tokens.tokenize_prompts`: no
 special tokens, left padding) to `max_prompt_len`, or to a power-of-two bucket of the longest
 (`ppo_rlhf.sampling.prompt_width`); they run in batches of `batch_size` (default: all at once),
 the last one completed with copies so every batch has the same shape (one compilation);
@@ -21,7 +21,8 @@ import jax
 import numpy as np
 
 from ppo_jax.generate import generate
-from ppo_rlhf.runtime import seeds, tokens
+from ppo_rlhf import tokens
+from ppo_rlhf.runtime import seeds
 from ppo_rlhf.sampling import TextSamples, prompt_width
 
 

@@ -95,16 +95,10 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
     def __init__(self, model: Any, config: SFTConfig = SFTConfig(), *, tokenizer: Any = None,
                  out_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
                  keep_checkpoints: int = 2):
-        if not isinstance(config, SFTConfig):
-            raise TypeError(f"config must be an SFTConfig, got {type(config).__name__}")
         super().__init__(config, tokenizer=tokenizer, out_dir=out_dir,
                          checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                          model_path=model)
-        if isinstance(model, (str, os.PathLike)):
-            model = load_pretrained(model)
-        if not isinstance(model, CausalLM):
-            raise TypeError(f"model must be a checkpoint dir or a CausalLM, got {type(model).__name__}")
-        self._check_model(model)
+        model = self._model_from(model, load_pretrained, CausalLM)
         set_remat(model, config.remat)  # activation checkpointing: static, before the split
         set_scan_unroll(model, config.scan_unroll)  # the layer scan as a loop or unrolled: static too
         if config.compute_dtype is not None:  # mixed precision: weights keep their dtype

@@ -5,9 +5,10 @@ it but the application layer (`app/`) imports `ppo_jax` or `ppo_torch`, the two 
 
     config.py rollout.py rewards.py errors.py   the contracts: configs, the RolloutBatch
     kl_control.py sampling.py checks.py         exchange format, reward protocols, errors, the
-    hf_checkpoint.py                            KL controller, the sampling rule, argument checks
-                                                of the math, the on-disk model format
-    runtime/    the host runtime: the one training loop, checkpoints, seeds, tokenizers
+    hf_checkpoint.py tokens.py backend.py       KL controller, the sampling rule, argument checks
+                                                of the math, the on-disk model format, tokenizer
+                                                rules, the face every backend shows the app
+    runtime/    the host runtime: the one training loop, checkpoints, seeds
     data/       record formats, readers and writers, batch encoding
     feedback/   human feedback: synthetic labeller, terminal tool, web annotation app
     eval/       evaluation numbers and plots

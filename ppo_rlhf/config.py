@@ -2,11 +2,11 @@
 pretraining / SFT (`SFTConfig`), each a frozen dataclass shared by both backends.
 
 Each field is documented with its default and the reason for it. Where published implementations
-disagree (GUIDE §3) the choice is a field here, so that both backends and the parity tests can
+disagree (TRL, OpenRLHF, verl, ...) the choice is a field here, so that both backends and the parity tests can
 exercise every variant. An invalid value is a ValueError naming the field and what is allowed
 (`Config._check_range`, `_check_choice`, `_check_bool`: one set of checks for all three).
 
-The formulas (seed ../shared/seed, GUIDE §1):
+The formulas (docs/formulas.md):
   policy gradient   (4.1)  grad J = E[ sum_t grad log pi(a_t|s_t) * A_t ]
   importance ratio  (4.2)  r_t = pi(a_t|s_t) / pi_old(a_t|s_t)
   clipped objective (4.3)  L_CLIP = E_t[ min(r_t A_t, clip(r_t, 1-eps, 1+eps) A_t) ]

@@ -11,7 +11,7 @@ import torch
 
 from ppo_rlhf.eval.policy import SampledScores
 from ppo_rlhf.rewards import ScoreRequest, as_reward_model, check_scores
-from ppo_rlhf.runtime.tokens import load_tokenizer
+from ppo_rlhf.tokens import load_tokenizer
 from ppo_rlhf.sampling import TextSamples
 from ppo_torch.models import (ScalarHeadModel, load_pretrained, load_scalar_model, response_logprobs,
                               sequence_scores)

@@ -11,7 +11,7 @@ Shapes are checked on every call. Mask values (0/1 only, not all zero) are check
 them is free -- a CPU tensor outside `torch.compile`; on an accelerator they are trusted (reading
 them would force a host sync) and an all-zero mask gives 0 instead of an error.
 
-Seed formulas (../shared/seed, GUIDE §1), with r_t = pi(a_t|s_t) / pi_old(a_t|s_t):
+The formulas of docs/formulas.md, with r_t = pi(a_t|s_t) / pi_old(a_t|s_t):
   (4.1) policy gradient     loss_t = -log pi(a_t|s_t) * A_t
   (4.2) importance sampling loss_t = -r_t * A_t
   (4.3) clipped objective   loss_t = -min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t)

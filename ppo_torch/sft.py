@@ -68,17 +68,11 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
     def __init__(self, model: Any, config: SFTConfig = SFTConfig(), *, tokenizer: Any = None,
                  out_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
                  keep_checkpoints: int = 2, device: Any = None):
-        if not isinstance(config, SFTConfig):
-            raise TypeError(f"config must be an SFTConfig, got {type(config).__name__}")
         super().__init__(config, tokenizer=tokenizer, out_dir=out_dir,
                          checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                          model_path=model)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if isinstance(model, (str, os.PathLike)):
-            model = load_pretrained(model)
-        if not isinstance(model, CausalLM):
-            raise TypeError(f"model must be a checkpoint dir or a CausalLM, got {type(model).__name__}")
-        self._check_model(model)
+        model = self._model_from(model, load_pretrained, CausalLM)
         self._model = model.to(self.device).eval()  # eval: no dropout; gradients still flow
         set_remat(self._model, config.remat)  # activation checkpointing (ppo_torch.models.remat)
         set_scan_unroll(self._model, config.scan_unroll)  # a no-op here: mirrors the JAX trainer

@@ -1,24 +1,56 @@
-"""ppo_rlhf.app.backends: the one place backend-neutral code reaches ppo_jax / ppo_torch."""
+"""ppo_rlhf.app.backends: the one place the application reaches a core, as the `Backend` each core
+exports -- the same face, filled the same way, by both."""
 
 from __future__ import annotations
 
 import builtins
+import dataclasses
+import inspect
 
 import pytest
 
-from ppo_rlhf.app.backends import BACKENDS, backend_module
+from ppo_rlhf.app.backends import BACKENDS, get_backend
+from ppo_rlhf.backend import Backend
 from ppo_rlhf.errors import UsageError
+
+CALLABLES = ("load_pretrained", "load_scalar_model", "sample_texts", "sample_and_score")
+SCALING = {"mesh", "distributed", "device", "compile"}  # how each core is placed: its own words
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_backend_module_imports_the_mirror_module(backend):
-    mod = backend_module(backend, "losses")
-    assert mod.__name__ == f"ppo_{backend}.losses" and callable(mod.policy_loss)
+def test_each_core_exports_its_backend(backend):
+    core = get_backend(backend)
+    assert isinstance(core, Backend) and core.name == backend
+    for name in ("PPOTrainer", "RewardModelTrainer", "SFTTrainer"):
+        assert getattr(core, name).__module__.startswith(f"ppo_{backend}."), name
+
+
+def _parameters(fn) -> list[str]:
+    return [p for p in inspect.signature(fn).parameters if p not in SCALING | {"attn_implementation"}]
+
+
+def test_both_cores_fill_the_face_with_the_same_signatures():
+    """The app calls either core the same way: every callable and trainer constructor takes the
+    same parameters in both (but the scaling ones, and torch's attention-kernel choice)."""
+    jax_core, torch_core = get_backend("jax"), get_backend("torch")
+    for name in CALLABLES:
+        assert _parameters(getattr(jax_core, name)) == _parameters(getattr(torch_core, name)), name
+    for name in ("PPOTrainer", "RewardModelTrainer", "SFTTrainer"):
+        assert (_parameters(getattr(jax_core, name).__init__)
+                == _parameters(getattr(torch_core, name).__init__)), name
+    assert {jax_core.scale_out, torch_core.scale_out} == {"mesh", "torchrun"}
+
+
+def test_a_core_must_say_how_it_scales_out():
+    fields = {f.name: None for f in dataclasses.fields(Backend) if f.default is dataclasses.MISSING}
+    with pytest.raises(ValueError, match="a mesh core gives join_processes"):
+        Backend(**{**fields, "name": "x", "scale_out": "mesh"})
+    Backend(**{**fields, "name": "x", "scale_out": "mesh", "join_processes": lambda force=None: False})
 
 
 def test_unknown_backend_is_a_usage_error():
     with pytest.raises(UsageError, match="unknown backend 'tf': choose one of jax, torch"):
-        backend_module("tf", "ppo")
+        get_backend("tf")
 
 
 def test_missing_backend_names_the_extra_to_install(monkeypatch):
@@ -30,7 +62,7 @@ def test_missing_backend_names_the_extra_to_install(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_torch)
-    monkeypatch.delitem(__import__("sys").modules, "ppo_torch.evaluate", raising=False)
+    monkeypatch.delitem(__import__("sys").modules, "ppo_torch.backend", raising=False)
     with pytest.raises(UsageError, match=r"the torch backend is not installed \(No module named "
                                          r"'torch'\); pip install 'ppo-rlhf\[torch\]'"):
-        backend_module("torch", "evaluate")
+        get_backend("torch")

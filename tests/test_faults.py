@@ -233,8 +233,8 @@ def test_cli_long_prompt_is_truncated_from_the_left_with_a_warning(inputs, tmp_p
 
 # ---- 1. bad input through the Python API ----------------------------------------------------------
 def test_tokenize_prompts_keeps_the_end_of_a_long_prompt(inputs):
-    from ppo_rlhf.runtime.tokens import tokenize_prompts
-    from ppo_rlhf.runtime.tokens import load_tokenizer
+    from ppo_rlhf.tokens import tokenize_prompts
+    from ppo_rlhf.tokens import load_tokenizer
 
     tok = load_tokenizer(inputs / "gpt2")
     long = "one two three four five six seven eight nine ten"
@@ -540,7 +540,7 @@ def _flat(t) -> np.ndarray:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_finite_updates_are_skipped_then_training_stops(backend, inputs):
     from ppo_rlhf.errors import NonFiniteUpdates
-    from ppo_rlhf.runtime.tokens import tokenize_prompts
+    from ppo_rlhf.tokens import tokenize_prompts
 
     t = make_trainer(backend, inputs / "gpt2", max_bad_updates=6)
     t.step()

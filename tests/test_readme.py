@@ -20,7 +20,7 @@ def readme_python_block() -> str:
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_readme_python_example_runs(backend, tmp_path, monkeypatch):
-    from ppo_rlhf.runtime.tokens import load_tokenizer
+    from ppo_rlhf.tokens import load_tokenizer
     from ppo_rlhf.hf_checkpoint import write_fresh_checkpoint
     from ppo_rlhf.tasks import reviews
 

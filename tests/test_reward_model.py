@@ -16,7 +16,7 @@ import pytest
 from ppo_rlhf.app.cli import main
 from ppo_rlhf.data import PairwiseRecord, RankingRecord, RatingRecord, write_records
 from ppo_rlhf.errors import UsageError
-from ppo_rlhf.feedback.labeller import expected_accuracy
+from ppo_rlhf.feedback.labeller import SYNTHETIC_LABELS, expected_accuracy
 from ppo_rlhf.config import RMConfig
 from ppo_rlhf.data.encoding import encode_preferences, encode_sequences
 from ppo_rlhf.eval.preferences import (group_accuracy, normalisation, pairwise_accuracy, rating_pair_accuracy)
@@ -471,7 +471,7 @@ def test_held_out_accuracy_approaches_the_noise_ceiling(pretrained_tiny_demo, ba
     cfg = RMConfig(num_epochs=2, batch_size=32, max_length=32, learning_rate=1e-3)
     t = _rm(backend).RewardModelTrainer(str(pretrained_tiny_demo), cfg)
     before = t.evaluate(t.encode(held_out.records))["accuracy"]
-    m = t.fit(train, held_out.records, progress=False)
+    m = t.fit(train, held_out.records, progress=False, label_quality=SYNTHETIC_LABELS)
     assert m["noise_ceiling"] == pytest.approx(held_out.noise_ceiling)
     # the expected accuracy is that of the final model's scores on the held-out pairs
     recs = held_out.records

@@ -261,7 +261,7 @@ def attend(q: Array, k: Array, v: Array, mask: Array, scale: float, cache: Layer
         # this layer's keys and values as jax.nn's [B, max_len, n_kv, D]: XLA folds the swap
         # into the attention dots (no transposed copy of the cache is made), but XLA:CPU does
         # copy the layer's slice out of the stacked cache first (benchmarks/README.md, "Where
-        # the time goes"; reading it in place through multiply-reduce fusions was 3.7x slower)
+        # the time goes", also what reading it in place through multiply-reduce fusions cost)
         k, v = (jnp.swapaxes(jax.lax.dynamic_index_in_dim(buf, layer, 0, keepdims=False), 1, 2)
                 .astype(q.dtype) for buf in whole)
     out = dot_product_attention(q, k, v, mask, scale)

@@ -8,11 +8,8 @@ architecture files use it), so each architecture file reads like nanoGPT:
 
 Why a scan: an unrolled Python loop puts num_layers copies of the block into every XLA program,
 so compile time grows with depth; the scan's body is traced and compiled once, whatever the
-depth (MaxText's `scan_layers`): a PPO iteration of a 24-layer model compiles in about the time
-of a 2-layer one (`python -m benchmarks.compile_depth`: 1.03x in process CPU time,
-benchmarks/results/compile-depth.json; issue 16 measured ~5x with unrolled layers). In the backward the
-residual-stream gradient is the scan's carry, materialised once per layer (unrolled, XLA:CPU
-fused and recomputed it inside every layer's weight-gradient fusion: benchmarks/README.md).
+depth (MaxText's `scan_layers`; measured by `python -m benchmarks.compile_depth`). In the backward
+the residual-stream gradient is the scan's carry, materialised once per layer.
 
 Parameters. `ScannedBlocks.stack` is ONE block module built by `nnx.vmap` over `nnx.split_rngs`, each of
 its parameters with a leading axis of size num_layers: `model.backbone.h.stack.attn.c_attn.kernel`
@@ -32,14 +29,10 @@ decode step writes one slot per layer, not a copy of the cache). Returns (x, cac
 
 Cost: the scan reads layer i's weights (and cache) as dynamic slices of the stacked arrays.
 XLA:CPU copies such a slice before a matmul, so a decode step, which reads every weight for
-only B tokens, pays a copy of the weights: in one before/after run of `benchmarks.run` on
-tiny1m, generation took ~14% longer than with unrolled layers; the scoring forwards and the
-update (B x T tokens per weight read) did not move. Per kernel (`python -m benchmarks.kernels`,
-benchmarks/README.md) the larger part of generation's slices is the KV cache's: layer i's
-[B, n_kv, max_len, D] keys and values copied out of the stacked cache before the attention
-dots, 27-30% of generation on tiny1m and gpt2s, unrolled or not. Not measured on
-accelerators, where XLA can feed a matmul from a dynamic slice (TPU fusions; XLA:GPU's
-dynamic-slice fusion).
+only B tokens, pays a copy of the weights and of layer i's KV cache; the scoring forwards and
+the update (B x T tokens per weight read) hardly notice. Where the time goes, per kernel:
+`python -m benchmarks.kernels` and benchmarks/README.md. On accelerators XLA can feed a matmul
+from a dynamic slice (TPU fusions; XLA:GPU's dynamic-slice fusion).
 
 Activation checkpointing (`remat`, a static attribute: part of the graphdef, so the jitted
 programs of a trainer are specialised on it; `set_remat(model, policy)` sets it on every
@@ -61,8 +54,8 @@ from their config's `scan_unroll` on every model they run): `jax.lax.scan(..., u
 lowers the scan as L copies of the block with static slices of the stacked parameters instead
 of a loop with dynamic ones -- the same arithmetic, no loop and no per-layer weight copies, but
 a program that grows with depth again (compile time ~ L). For shallow models on CPU, where the
-loop's overhead and the copies are a visible share of each layer's work (measured in
-benchmarks/README.md); the default stays the loop.
+loop's overhead and the copies are a visible share of each layer's work (benchmarks/README.md);
+the default stays the loop.
 """
 
 from __future__ import annotations

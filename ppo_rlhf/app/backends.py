@@ -1,15 +1,16 @@
 """The two backends by name: the one place where the application (CLI, demo, pipelines, the
-labelling tools) reaches `ppo_jax.<module>` or `ppo_torch.<module>`. Imports are lazy: `ppo_rlhf`
-imports neither backend at module level, and a missing one is a UsageError naming its extra."""
+labelling tools) reaches a core, as the `ppo_rlhf.backend.Backend` it exports
+(`ppo_<name>.backend.BACKEND`). Imports are lazy: `ppo_rlhf` imports neither core at module level,
+and a missing one is a UsageError naming its extra."""
 
 from __future__ import annotations
 
 import importlib
 import os
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+from ppo_rlhf.backend import Backend
 from ppo_rlhf.errors import UsageError
 
 BACKENDS = ("jax", "torch")
@@ -24,41 +25,37 @@ _COMPILE_CACHE = {"wanted": False, "done": False}
 
 
 def use_compile_cache() -> None:
-    """Called by the CLI: the first JAX module reached through `backend_module` turns on XLA's
-    persistent compilation cache before it is imported (`ppo_rlhf.runtime.compile_cache`; before
-    anything compiles, which JAX requires). A command that fails before it reaches a backend
+    """Called by the CLI: the first `get_backend` of a core that has a persistent compilation cache
+    (jax: XLA's, `ppo_rlhf.runtime.compile_cache`) turns it on, before anything compiles (which
+    JAX requires). A command that fails before it reaches a backend
     never imports jax; the Python API never turns the cache on."""
     _COMPILE_CACHE["wanted"] = True
 
 
-def backend_module(backend: str, module: str) -> ModuleType:
-    """`ppo_<backend>.<module>` (e.g. backend_module("jax", "ppo") is `ppo_jax.ppo`)."""
+def get_backend(backend: str) -> Backend:
+    """The core named `backend` ("jax" or "torch"): `ppo_<backend>.backend.BACKEND`."""
     check_backend(backend)
-    if backend == "jax" and _COMPILE_CACHE["wanted"] and not _COMPILE_CACHE["done"]:
-        _COMPILE_CACHE["done"] = True
-        try:
-            from ppo_rlhf.runtime.compile_cache import enable_jax_compile_cache
-
-            enable_jax_compile_cache()
-        except ImportError:
-            pass  # jax is not installed: the import below says so
     try:
-        return importlib.import_module(f"ppo_{backend}.{module}")
+        core = importlib.import_module(f"ppo_{backend}.backend").BACKEND
     except ImportError as e:
         raise UsageError(f"the {backend} backend is not installed ({e}); "
                          f"pip install 'ppo-rlhf[{backend}]'") from None
+    if _COMPILE_CACHE["wanted"] and not _COMPILE_CACHE["done"] and core.enable_compile_cache is not None:
+        _COMPILE_CACHE["done"] = True  # importing a core compiles nothing: still in time
+        core.enable_compile_cache()
+    return core
 
 
 def load_policy_sampler(backend: str, policy_dir: str | os.PathLike[str], *,
                         max_new_tokens: int = 64, temperature: float = 1.0, seed: int = 0) -> Any:
     """A `ppo_rlhf.feedback.samplers.PolicySampler` drawing from the policy checkpoint in
-    `policy_dir` with `backend`'s `sample_text.sample_texts`: `sample(prompts, k)` gives `k`
+    `policy_dir` with `backend`'s `sample_texts`: `sample(prompts, k)` gives `k`
     independent responses per prompt of at most `max_new_tokens` tokens at `temperature`
     (stopping at the tokenizer's EOS), decoded without the prompt and special tokens. Bad
     arguments (a missing directory, no tokenizer or model in it, a backend that is not installed,
     a prompt too long for the model) raise `UsageError`."""
     from ppo_rlhf.feedback.samplers import PolicySampler
-    from ppo_rlhf.runtime import tokens
+    from ppo_rlhf import tokens
 
     check_backend(backend)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -73,19 +70,15 @@ def load_policy_sampler(backend: str, policy_dir: str | os.PathLike[str], *,
         raise UsageError(f"policy {str(path)!r}: no tokenizer saved there (none of "
                          f"{', '.join(tokens.TOKENIZER_FILES)})")
     tokenizer = tokens.load_tokenizer(path)
-    sample_texts = backend_module(backend, "sample_text").sample_texts
+    core = get_backend(backend)
     try:
-        model = backend_module(backend, "models").load_pretrained(path)
+        model = core.for_sampling(core.load_pretrained(path))
     except (OSError, ValueError) as e:  # FileNotFoundError included: no config / weights
         raise UsageError(f"cannot load a policy from {str(path)!r}: {e}") from None
-    if backend == "torch":
-        import torch
-
-        model = model.to("cuda" if torch.cuda.is_available() else "cpu")
     tokens.check_vocab(tokenizer, {"policy": model.config.vocab_size})
 
     def draw(prompts: list[str], call: int) -> list[str]:
-        return sample_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+        return core.sample_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                             temperature=temperature, seed=seed, stream=call).texts
 
     return PolicySampler(draw, eos_token_id=tokens.pad_and_eos(tokenizer)[1])

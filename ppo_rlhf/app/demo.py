@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ppo_rlhf.app.backends import BACKENDS, backend_module, check_backend
+from ppo_rlhf.app.backends import BACKENDS, check_backend, get_backend
 from ppo_rlhf.errors import UsageError
+from ppo_rlhf.feedback.labeller import SYNTHETIC_LABELS
 
 
 
@@ -55,7 +56,7 @@ class DemoConfig:
     # iterations ("love it.." scores +3.5 on the RM and -1 on gold); 0.2 keeps the KL near 2-3
     # nats and gold rises instead. `ppo-rlhf demo --kl-coef 0.05` shows the hack.
     # scan_unroll: JAX runs the demo's 4 layers unrolled, not as a loop (PPOConfig.scan_unroll;
-    # torch: no effect): 1.19x faster PPO iterations at these shallow shapes (benchmarks README).
+    # torch: no effect): faster PPO iterations at these shallow shapes (benchmarks/README.md).
     supervised_remat: dict = dataclasses.field(default_factory=lambda: {"jax": "full", "torch": "none"})
     # SFTConfig.remat / RMConfig.remat of the pretraining and reward-model stages, per backend:
     # the faster for each at these shapes on CPU (same gradients up to float32 rounding).
@@ -161,7 +162,7 @@ def run_demo(backend: str, out: str | os.PathLike, config: DemoConfig = DemoConf
     # 5. PPO against the reward model --------------------------------------------------------------
     t = time.perf_counter()
     _say(f"5/6 PPO: {config.ppo_iterations} iterations against the reward model (gold logged, not trained on)")
-    trainer_cls = backend_module(backend, "ppo").PPOTrainer
+    trainer_cls = get_backend(backend).PPOTrainer
     trainer = trainer_cls(str(sft), str(out / "reward_model"), train_prompts, config=ppo_config,
                           out_dir=out / "ppo", extra_rewards={"gold": task.gold_reward},
                           checkpoint_every=max(1, config.ppo_iterations // 4))
@@ -203,12 +204,13 @@ def _train_reward_model(backend: str, sft: Path, records: list, out: Path, confi
     from ppo_rlhf.config import RMConfig
     from ppo_rlhf.runtime.seeds import holdout_split
 
-    rm = backend_module(backend, "reward_model")
+    rm = get_backend(backend)
     cfg = RMConfig(num_epochs=config.rm_epochs, learning_rate=config.rm_lr, seed=config.seed,
                    max_length=max_length, remat=config.supervised_remat.get(backend, "none"))
     train_idx, eval_idx = holdout_split(len(records), cfg.eval_fraction, cfg.seed)
     trainer = rm.RewardModelTrainer(str(sft), cfg, out_dir=out)
-    return trainer.fit([records[i] for i in train_idx], [records[i] for i in eval_idx], progress=progress)
+    return trainer.fit([records[i] for i in train_idx], [records[i] for i in eval_idx], progress=progress,
+                       label_quality=SYNTHETIC_LABELS)
 
 
 def _report(s: dict, before: Any, after: Any, before_records: list, after_records: list,

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ppo_rlhf.app.backends import backend_module
+from ppo_rlhf.app.backends import get_backend
 from ppo_rlhf.errors import UsageError
 from ppo_rlhf.eval.policy import EvalResult, summarize
 
@@ -20,10 +20,10 @@ def evaluate(backend: str, policy: str | os.PathLike, prompts: Sequence[str], *,
              dtype: str = "float32") -> tuple[EvalResult, list[dict]]:
     """Sample from `policy` (and `reference`) with `backend` and compute the numbers above.
     Bad input -- a missing dir, a non-positive length / batch size / temperature, models or
-    tokenizers that do not belong together (`ppo_rlhf.runtime.tokens.check_vocab`,
+    tokenizers that do not belong together (`ppo_rlhf.tokens.check_vocab`,
     `check_same_tokenizer`) -- is a UsageError before anything is loaded or sampled."""
     from ppo_rlhf.hf_checkpoint import read_config
-    from ppo_rlhf.runtime.tokens import check_same_tokenizer, check_vocab, load_tokenizer
+    from ppo_rlhf.tokens import check_same_tokenizer, check_vocab, load_tokenizer
 
     dirs = {"policy": policy, "reference": reference,
             "reward model": reward_model if isinstance(reward_model, (str, os.PathLike)) else None}
@@ -44,8 +44,7 @@ def evaluate(backend: str, policy: str | os.PathLike, prompts: Sequence[str], *,
         check_same_tokenizer(tokenizer, dirs[name], name)
     check_vocab(tokenizer, {name: read_config(path).get("vocab_size")
                             for name, path in dirs.items() if path is not None})
-    mod = backend_module(backend, "evaluate")
-    s = mod.sample_and_score(policy, list(prompts), reference=reference, reward_model=reward_model,
+    s = get_backend(backend).sample_and_score(policy, list(prompts), reference=reference, reward_model=reward_model,
                              max_prompt_len=max_prompt_len, max_new_tokens=max_new_tokens,
                              temperature=temperature, batch_size=batch_size, seed=seed,
                              dtype=dtype)

@@ -6,7 +6,6 @@ picked, several library steps in a row.
 
 from __future__ import annotations
 
-import importlib
 import json
 import tempfile
 from pathlib import Path
@@ -14,12 +13,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ppo_rlhf.app.backends import backend_module
+from ppo_rlhf.app.backends import get_backend
 from ppo_rlhf.config import SFTConfig
 from ppo_rlhf.errors import UsageError
 from ppo_rlhf.hf_checkpoint import write_fresh_checkpoint
 from ppo_rlhf.runtime.metrics import jsonable
-from ppo_rlhf.runtime.tokens import load_tokenizer
+from ppo_rlhf.tokens import load_tokenizer
 
 
 def pretrain_model(backend: str, out: str | Path, *, task: Any = None, model: str | None = None,
@@ -61,7 +60,7 @@ def pretrain_model(backend: str, out: str | Path, *, task: Any = None, model: st
         train = [as_example(x) for x in corpus[:corpus_size]]
         eval = eval or [as_example(x) for x in corpus[corpus_size:]]
 
-    sft = backend_module(backend, "sft")
+    core = get_backend(backend)
     with tempfile.TemporaryDirectory() as tmp:
         if model:
             model_dir, tokenizer = model, load_tokenizer(model)
@@ -72,7 +71,7 @@ def pretrain_model(backend: str, out: str | Path, *, task: Any = None, model: st
             model_dir = write_fresh_checkpoint(Path(tmp) / "init", hf_config, seed=seed,
                                                tokenizer=tokenizer)
         try:
-            trainer = sft.SFTTrainer(str(model_dir), cfg, tokenizer=tokenizer, out_dir=out,
+            trainer = core.SFTTrainer(str(model_dir), cfg, tokenizer=tokenizer, out_dir=out,
                                      checkpoint_every=checkpoint_every)
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(f"--model {model!r}: {e}") from None
@@ -85,21 +84,19 @@ def pretrain_model(backend: str, out: str | Path, *, task: Any = None, model: st
 
 
 def _demo_config(task: Any, size: str, vocab_size: int) -> dict[str, Any]:
-    module = importlib.import_module(task.build_tokenizer.__module__)
-    make = getattr(module, "demo_model_config", None)
-    if make is None:
+    if task.demo_model_config is None:
         raise UsageError(f"task {task.name!r} defines no demo_model_config; pass --model DIR")
-    return make(size, vocab_size=vocab_size)
+    return task.demo_model_config(size, vocab_size=vocab_size)
 
 
 def gold_of_samples(backend: str, model: Any, tokenizer: Any, task: Any, *, n: int, seed: int,
                     out: Path | None = None, temperature: float = 0.7) -> dict[str, float]:
     """Sample n responses (cycling over task.eval_prompts()) at `temperature` with the backend's
-    `sample_text.sample_texts` and score them with the task's gold reward: gold_mean,
+    `sample_texts` and score them with the task's gold reward: gold_mean,
     gold_positive_frac (share with gold > 0) and gold_well_formed_frac (`_well_formed_frac`).
     Writes out/samples.jsonl (prompt, response, gold) when `out` is given."""
     prompts = [task.eval_prompts()[i % len(task.eval_prompts())] for i in range(n)]
-    responses = backend_module(backend, "sample_text").sample_texts(
+    responses = get_backend(backend).sample_texts(
         model, tokenizer, prompts, max_new_tokens=task.max_response_tokens, temperature=temperature,
         seed=seed, max_prompt_len=task.max_prompt_tokens, batch_size=64).texts
     gold = np.asarray(task.gold_reward(prompts, responses), np.float64)
@@ -113,14 +110,12 @@ def gold_of_samples(backend: str, model: Any, tokenizer: Any, task: Any, *, n: i
 
 
 def _well_formed_frac(task: Any, prompts: list[str], responses: list[str]) -> float:
-    """Share of responses all of whose sentences are well formed (the task's gold_details f == 1,
-    when the task module has gold_details; else the share with gold > -1)."""
-    module = importlib.import_module(task.gold_reward.__module__)
-    details = getattr(module, "gold_details", None)
-    if details is None:
+    """Share of well-formed responses: the task's `well_formed` when it has one, else the share
+    with gold > -1."""
+    if task.well_formed is None:
         gold = task.gold_reward(prompts, responses)
         return sum(g > -1 for g in gold) / len(gold)
-    return sum(details(p, r)["f"] == 1.0 for p, r in zip(prompts, responses)) / len(prompts)
+    return sum(bool(task.well_formed(p, r)) for p, r in zip(prompts, responses)) / len(prompts)
 
 
 __all__ = ["pretrain_model", "gold_of_samples"]

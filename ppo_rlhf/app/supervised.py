@@ -17,9 +17,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ppo_rlhf.app.backends import BACKENDS, backend_module
+from ppo_rlhf.app.backends import BACKENDS, get_backend
 from ppo_rlhf.app.args import add_memory_args, add_run_args
 from ppo_rlhf.errors import DataError, UsageError
+from ppo_rlhf.feedback.labeller import SYNTHETIC_LABELS
 
 
 
@@ -140,14 +141,15 @@ def run_train_rm(args: argparse.Namespace) -> int:
     reference = None
     if args.norm_data is not None:
         reference = reference_sequences(_read_preferences(args.norm_data, "--norm-data"))
-    rm = backend_module(args.backend, "reward_model")
+    rm = get_backend(args.backend)
     try:
         trainer = rm.RewardModelTrainer(args.model, config, out_dir=out,
                                         checkpoint_every=args.checkpoint_every)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"--model {args.model!r}: {e}") from None
     m = trainer.fit(train_records, eval_records, reference=reference,
-                    progress=not args.no_progress, resume=args.resume, report_to=args.report_to)
+                    progress=not args.no_progress, resume=args.resume, report_to=args.report_to,
+                    label_quality=SYNTHETIC_LABELS)  # None for records it did not write
     if not m.get("stopped"):  # a signal: checkpoint written, the loop said so
         _print_rm_summary(m, out)
     return 0

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ppo_rlhf.app.backends import BACKENDS, backend_module
+from ppo_rlhf.app.backends import BACKENDS, get_backend
 from ppo_rlhf.app.args import add_memory_args, add_run_args
 from ppo_rlhf.errors import UsageError
 
@@ -54,11 +54,6 @@ def require_dir(path: str | None, what: str) -> str | None:
     if path is not None and not Path(path).is_dir():
         raise UsageError(f"{what} {path!r} is not a directory")
     return path
-
-
-def trainer_class(backend: str):
-    """The backend's PPOTrainer (UsageError for an unknown or missing backend)."""
-    return backend_module(backend, "ppo").PPOTrainer
 
 
 def load_prompts_arg(path: str) -> list[str]:
@@ -128,7 +123,8 @@ def run_train(args: argparse.Namespace) -> int:
     config = build_config(args, num_iterations=args.iterations, seed=args.seed, remat=args.remat,
                           compute_dtype=args.compute_dtype, logprob_chunk=args.logprob_chunk,
                           scan_unroll=args.scan_unroll)
-    scale = _scaling_kwargs(args, config)
+    core = get_backend(args.backend)  # UsageError for a backend that is not installed
+    scale = _scaling_kwargs(core, args, config)
     prompts = load_prompts_arg(args.prompts)
     if args.reward_fn:
         try:
@@ -141,11 +137,10 @@ def run_train(args: argparse.Namespace) -> int:
     if not args.resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("iter_*")):
         raise UsageError(f"{out} already holds checkpoints: pass --resume to continue that run, "
                          f"or choose another --out")
-    Trainer = trainer_class(args.backend)
     policy: Any = args.policy
     if args.shared_trunk:
-        policy = _load_with_value_head(args.backend, args.policy, args.dtype, config.seed)
-    trainer = Trainer(policy, reward, prompts, config=config, reference=args.reference or
+        policy = core.load_pretrained(args.policy, args.dtype, with_value_head=True, seed=config.seed)
+    trainer = core.PPOTrainer(policy, reward, prompts, config=config, reference=args.reference or
                       (args.policy if args.shared_trunk else None), critic=args.critic,
                       tokenizer=args.policy, out_dir=out, dtype=args.dtype,
                       checkpoint_every=args.checkpoint_every, **scale)
@@ -156,19 +151,17 @@ def run_train(args: argparse.Namespace) -> int:
         print(json.dumps({k: last[k] for k in ("iteration", "objective/scores", "objective/kl",
                                                 "objective/kl_coef", "time/iteration_s") if k in last}))
         print(f"policy saved to {out / 'policy'}")
-    if scale.get("distributed"):  # a torchrun rank: leave the group and exit here (see shutdown)
-        from ppo_torch.parallel import shutdown
-
-        shutdown(exit_code=0)
+    if scale.get("distributed"):  # a torchrun rank: leave the group and exit here
+        core.leave_processes(exit_code=0)
     return 0
 
 
-def _scaling_kwargs(args: argparse.Namespace, config: Any) -> dict[str, Any]:
-    """The trainer's mesh= (jax) or distributed= (torch) from --mesh / --multihost /
-    --distributed, checked before any backend is imported where possible."""
+def _scaling_kwargs(core: Any, args: argparse.Namespace, config: Any) -> dict[str, Any]:
+    """The trainer's mesh= (a mesh core: jax) or distributed= (a torchrun core: torch) from
+    --mesh / --multihost / --distributed."""
     from ppo_rlhf.runtime.processes import check_data_parallel, parse_mesh
 
-    if args.backend == "torch":
+    if core.scale_out == "torchrun":
         if args.mesh or args.multihost:
             raise UsageError("--mesh and --multihost are for --backend jax; with --backend torch "
                              "start ranks with torchrun and pass --distributed ddp|fsdp")
@@ -183,19 +176,10 @@ def _scaling_kwargs(args: argparse.Namespace, config: Any) -> dict[str, Any]:
     mesh = parse_mesh(args.mesh) if args.mesh else None
     if mesh is not None:
         check_data_parallel(config, mesh.data_parallel, f"--mesh {mesh}")
-    try:
-        from ppo_jax.parallel import initialize_distributed
-    except ImportError as e:
-        raise UsageError(f"the jax backend is not installed ({e}); pip install 'ppo-rlhf[jax]'") from None
-    if initialize_distributed(force=True if args.multihost else None) and mesh is None:
+    if core.join_processes(force=True if args.multihost else None) and mesh is None:
         raise UsageError("this is a multi-process JAX job: give --mesh (e.g. --mesh "
                          "data=2,fsdp=4) so that the processes train one model together")
     return {"mesh": mesh} if mesh is not None else {}
-
-
-def _load_with_value_head(backend: str, path: str, dtype: str, seed: int):
-    return backend_module(backend, "models").load_pretrained(path, dtype, with_value_head=True,
-                                                            seed=seed)
 
 
 # ---- eval ---------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ from ppo_rlhf.config import RMConfig, SFTConfig
 from ppo_rlhf.data.records import PairwiseRecord, RankingRecord, RatingRecord, ResponsesRecord
 from ppo_rlhf.data.convert import ratings_to_pairs
 from ppo_rlhf.errors import UsageError
-from ppo_rlhf.runtime.tokens import pad_and_eos
+from ppo_rlhf.tokens import pad_and_eos
 
 # ---- tokenisation ------------------------------------------------------------------------------
 def _token_lists(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
@@ -88,7 +88,7 @@ def _token_lists(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
 
 
 def _special_ids(tokenizer: Any, append_eos: bool) -> tuple[int | None, int]:
-    """(EOS to append or None, pad id) by the one pad / EOS rule (`runtime.tokens.pad_and_eos`)."""
+    """(EOS to append or None, pad id) by the one pad / EOS rule (`ppo_rlhf.tokens.pad_and_eos`)."""
     pad, eos = pad_and_eos(tokenizer)
     if append_eos and eos is None:
         raise UsageError("the tokenizer has no EOS token; set tokenizer.eos_token or use "

@@ -37,7 +37,7 @@ from ppo_rlhf.data import PairwiseRecord, RankingRecord, RatingRecord
 from ppo_rlhf.rewards import RewardFn, check_scores
 
 __all__ = ["SyntheticLabeller", "LabelledPairs", "LabelledRankings", "preference_probability",
-           "pair_noise_ceiling", "noise_ceiling", "expected_accuracy"]
+           "pair_noise_ceiling", "noise_ceiling", "expected_accuracy", "SYNTHETIC_LABELS"]
 
 
 def preference_probability(gold_a: Any, gold_b: Any, temperature: float) -> np.ndarray:
@@ -274,3 +274,14 @@ class SyntheticLabeller:
         ratings = self.rating_of(gold)
         return [RatingRecord(p, r, float(x), extra=self._meta(gold=float(g)))
                 for p, r, x, g in zip(prompts, responses, ratings, gold)]
+
+
+class _SyntheticLabelQuality:
+    """The `ppo_rlhf.runtime.supervised.LabelQuality` of records written by `SyntheticLabeller`:
+    reward-model training reports their noise ceiling and expected accuracy through it."""
+
+    noise_ceiling = staticmethod(noise_ceiling)
+    expected_accuracy = staticmethod(expected_accuracy)
+
+
+SYNTHETIC_LABELS = _SyntheticLabelQuality()

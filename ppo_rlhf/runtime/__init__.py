@@ -11,6 +11,5 @@ the standard library only; no jax, no torch).
     checkpoints.py  atomic, checksummed checkpoint directories
     metrics.py      metrics.jsonl, phase timers
     seeds.py        every random choice as a pure function of (seed, position)
-    tokens.py       tokenizers: loading, the pad / EOS rule, the checks every role passes
     processes.py    mesh specs and coordination of several processes
 """

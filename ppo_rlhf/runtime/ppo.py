@@ -22,7 +22,8 @@ from ppo_rlhf.errors import UsageError
 from ppo_rlhf.kl_control import make_kl_controller
 from ppo_rlhf.rewards import ScoreRequest, check_scores
 from ppo_rlhf.rollout import RolloutBatch
-from ppo_rlhf.runtime import seeds, tokens
+from ppo_rlhf import tokens
+from ppo_rlhf.runtime import seeds
 from ppo_rlhf.runtime.loop import HostLoop, fmt
 
 _FROM_TOKENIZER = -1

@@ -22,7 +22,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
@@ -30,10 +30,22 @@ from ppo_rlhf.config import RMConfig, SFTConfig
 from ppo_rlhf.data.encoding import (PreferenceGroups, SFTData, encode_preferences, encode_sequences,
                                     encode_sft)
 from ppo_rlhf.eval.preferences import group_accuracy, normalisation, rating_pair_accuracy
-from ppo_rlhf.runtime import tokens
+from ppo_rlhf import tokens
 from ppo_rlhf.runtime.loop import HostLoop, fmt
 from ppo_rlhf.runtime.metrics import jsonable
 from ppo_rlhf.runtime.seeds import rm_batch_rows, sft_batch_indices
+
+
+class LabelQuality(Protocol):
+    """How good the labels themselves are, for labels whose source knows it (the synthetic
+    labeller: `ppo_rlhf.feedback.labeller.SYNTHETIC_LABELS`): the best accuracy any scorer can
+    expect on these records, and a scorer's accuracy in expectation over the label noise. Either
+    may raise ValueError / TypeError / KeyError for records it knows nothing of (human labels):
+    the metric is then None."""
+
+    def noise_ceiling(self, records: Sequence[Any]) -> float: ...
+
+    def expected_accuracy(self, records: Sequence[Any], scores: np.ndarray) -> float: ...
 
 
 def lr_factor(step: int, total_steps: int, config: RMConfig | SFTConfig) -> float:
@@ -63,16 +75,32 @@ class SupervisedTrainer(HostLoop):
     model checks, the learning-rate schedule over APPLIED updates (`applied`, a counter of their
     own in the checkpoint) and the skipped-step accounting."""
 
+    config_class: type = object  # what `config` must be: RMConfig / SFTConfig
+
     def __init__(self, config: Any, *, tokenizer: Any, out_dir: Any, checkpoint_every: int,
                  keep_checkpoints: int, model_path: Any = None):
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"config must be an {self.config_class.__name__}, got {type(config).__name__}")
         super().__init__(config, out_dir=out_dir, checkpoint_every=checkpoint_every,
                          keep_checkpoints=keep_checkpoints)
         self.tokenizer = tokens.resolve_tokenizer(tokenizer, model_path)
         self.applied = 0  # optimiser updates applied (skipped steps excluded)
 
+    def _model_from(self, model: Any, load: Callable[[Any], Any], model_class: type) -> Any:
+        """The backend's trainers' one way in: `model` loaded with `load` when it is a checkpoint
+        dir, then required to be a `model_class` and checked against the tokenizer and
+        max_length (`_check_model`)."""
+        if isinstance(model, (str, os.PathLike)):
+            model = load(model)
+        if not isinstance(model, model_class):
+            raise TypeError(f"model must be a checkpoint dir or a {model_class.__name__}, got "
+                            f"{type(model).__name__}")
+        self._check_model(model)
+        return model
+
     def _check_model(self, model: Any) -> None:
         """The tokenizer's ids fit the model's vocabulary and max_length fits its positions
-        (`runtime.tokens.check_vocab`, `check_positions`): a clear error before any compilation,
+        (`ppo_rlhf.tokens.check_vocab`, `check_positions`): a clear error before any compilation,
         not a shape error inside it."""
         tokens.check_vocab(self.tokenizer, {"model": model.config.vocab_size})
         tokens.check_positions(self.config.max_length, "max_length",
@@ -127,6 +155,8 @@ class RMTrainerBase(SupervisedTrainer):
     `_score(ids, mask) -> [N]`, `_group_loss(scores [B, K], batch) -> per-row loss [B]`,
     `set_normalisation(gain, bias)`, `save_model`, `save_checkpoint`, `load_checkpoint`."""
 
+    config_class = RMConfig
+
     def encode(self, records: Iterable[Any], **kw: Any) -> PreferenceGroups:
         return encode_preferences(records, self._require_tokenizer(), self.config, **kw)
 
@@ -179,10 +209,12 @@ class RMTrainerBase(SupervisedTrainer):
     def fit(self, train: Iterable[Any] | PreferenceGroups, eval: Iterable[Any] | PreferenceGroups | None = None, *,
             reference: tuple[Sequence[str], Sequence[str]] | None = None, progress: bool = True,
             resume: bool = False, eval_noise_ceiling: float | None = None,
-            report_to: str = "none") -> dict[str, Any]:
+            label_quality: LabelQuality | None = None, report_to: str = "none") -> dict[str, Any]:
         """Train on `train` (records or encoded groups), evaluate on `eval`, normalise on
         `reference` = (prompts, responses) (default: every training sequence), save the model to
-        out_dir. Returns the final metrics (also written to out_dir/metrics.json); when a signal
+        out_dir. `label_quality` (e.g. the synthetic labeller's) adds the noise ceilings of the
+        train and held-out records and the held-out accuracy expected over the label noise; a
+        given `eval_noise_ceiling` overrides the held-out one. Returns the final metrics (also written to out_dir/metrics.json); when a signal
         stopped training, {"stopped": True, ...} (a checkpoint holds the state: resume=True
         continues). report_to="tensorboard": per-step metrics also as TensorBoard scalars."""
         cfg = self.config
@@ -273,32 +305,22 @@ class RMTrainerBase(SupervisedTrainer):
         if eval_g is not None:
             ceiling = eval_noise_ceiling
             if ceiling is None:
-                ceiling = _noise_ceiling_or_none(eval_g.records)
+                ceiling = _quality_or_none(label_quality, "noise_ceiling", eval_g.records)
             metrics["noise_ceiling"] = ceiling
-            metrics["eval_expected_accuracy"] = _expected_accuracy_or_none(
-                eval_g.records, self._last_eval_scores) if last_eval is not None else None
-        metrics["train_noise_ceiling"] = _noise_ceiling_or_none(train_g.records)
+            metrics["eval_expected_accuracy"] = _quality_or_none(
+                label_quality, "expected_accuracy", eval_g.records,
+                self._last_eval_scores) if last_eval is not None else None
+        metrics["train_noise_ceiling"] = _quality_or_none(label_quality, "noise_ceiling", train_g.records)
         return self._finish(metrics)
 
 
-def _noise_ceiling_or_none(records: Sequence[Any]) -> float | None:
-    """The synthetic labeller's noise ceiling of these records, or None when they don't carry
-    its metadata (real human labels, ratings, ...)."""
-    from ppo_rlhf.feedback.labeller import noise_ceiling
-
-    try:
-        return noise_ceiling(records)
-    except (ValueError, TypeError, KeyError):
+def _quality_or_none(quality: LabelQuality | None, measure: str, *args: Any) -> float | None:
+    """`quality.<measure>(*args)` (scores [N, K] in each record's response order), or None when
+    there is no quality hook or the records do not carry what it needs (human labels, ratings)."""
+    if quality is None:
         return None
-
-
-def _expected_accuracy_or_none(records: Sequence[Any], scores: np.ndarray) -> float | None:
-    """`ppo_rlhf.feedback.labeller.expected_accuracy` of the scores [N, K] of these records (group order =
-    the record's response order), or None when the records don't carry the labeller's gold."""
-    from ppo_rlhf.feedback.labeller import expected_accuracy
-
     try:
-        return expected_accuracy(records, scores)
+        return getattr(quality, measure)(*args)
     except (ValueError, TypeError, KeyError):
         return None
 
@@ -307,6 +329,8 @@ class SFTTrainerBase(SupervisedTrainer):
     """The pretraining / SFT loop; backends implement `_init_optimizer(total_steps)`,
     `_train_step(batch, lr) -> {loss, tokens, grad_norm, skipped}`, `_eval_step(batch) ->
     (loss_sum, tokens)`, `save_model`, `save_checkpoint`, `load_checkpoint`."""
+
+    config_class = SFTConfig
 
     def encode(self, examples: Iterable[Any]) -> SFTData:
         return encode_sft(examples, self._require_tokenizer(), self.config)

@@ -28,6 +28,10 @@ class Task:
     build_tokenizer(out_dir=None) -> tokenizers.Tokenizer (saved as a HF tokenizer dir)
     max_prompt_tokens, max_response_tokens           lengths the task is designed for
     gold_range                                       (lo, hi) bounds of the gold reward
+    demo_model_config(size, *, vocab_size) -> dict   optional: config.json of a model to pre-train
+                                                     from scratch (`pretrain` without --model)
+    well_formed(prompt, response) -> bool            optional: is the response well formed (the
+                                                     evaluation's share); default: gold > -1
     """
 
     name: str
@@ -41,6 +45,8 @@ class Task:
     max_prompt_tokens: int
     max_response_tokens: int
     gold_range: tuple[float, float]
+    demo_model_config: Callable[..., dict[str, Any]] | None = None
+    well_formed: Callable[[str, str], bool] | None = None
 
 
 _BUILTIN: dict[str, str] = {"reviews": "ppo_rlhf.tasks.reviews:TASK"}

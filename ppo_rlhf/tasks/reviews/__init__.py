@@ -83,6 +83,8 @@ def _task() -> Any:
         max_prompt_tokens=MAX_PROMPT_TOKENS,
         max_response_tokens=MAX_RESPONSE_TOKENS,
         gold_range=GOLD_RANGE,
+        demo_model_config=demo_model_config,
+        well_formed=lambda prompt, response: gold_details(prompt, response)["f"] == 1.0,
     )
 
 
