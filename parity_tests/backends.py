@@ -179,3 +179,64 @@ def assert_stats_close(actual: dict, expected: dict, dtype, what: str = "") -> N
 
 
 Fn = Callable[..., Any]
+
+
+class ModelCore:
+    """One core's `models` package as the backend-parametrised unit tests of tests/test_models.py
+    see it: arguments go in as numpy, results come back as numpy (tuples and dicts included), run
+    without autograd; and the few places where the two cores name a weight differently."""
+
+    def __init__(self, name: str):
+        import importlib
+
+        self.name = name
+        self.models = importlib.import_module(f"ppo_{name}.models")
+
+    def _in(self, a: Any) -> Any:
+        if not isinstance(a, np.ndarray):
+            return a
+        return jnp.asarray(a) if self.name == "jax" else _torch(a)
+
+    def run(self, fn: Callable, *args: Any, **kw: Any) -> Any:
+        """fn(*args, **kw) with numpy arrays as the core's arrays; the result as numpy."""
+        args = [self._in(a) for a in args]
+        kw = {k: self._in(v) for k, v in kw.items()}
+        if self.name == "jax":
+            return _np(fn(*args, **kw))
+        with torch.no_grad():
+            return _np(fn(*args, **kw))
+
+    def score_head(self, model: Any) -> np.ndarray:
+        """A scalar model's head as [1, H] (the on-disk `score.weight`)."""
+        if self.name == "jax":
+            return np.asarray(model.score_head.kernel[...]).T
+        return model.hf_model.score.weight.detach().numpy()
+
+    def value_head(self, model: Any) -> np.ndarray:
+        """A PolicyWithValueHead's head as [1, H]."""
+        if self.name == "jax":
+            return np.asarray(model.value_head.kernel[...]).T
+        return model.value_head.weight.detach().numpy()
+
+    def scale_value_head(self, model: Any, factor: float) -> None:
+        if self.name == "jax":
+            model.value_head.kernel[...] = model.value_head.kernel[...] * factor
+        else:
+            with torch.no_grad():
+                model.value_head.weight.mul_(factor)
+
+    def trunk(self, model: Any, ids: np.ndarray) -> np.ndarray:
+        """A scalar model's backbone output (last hidden states) on ids."""
+        if self.name == "jax":
+            return np.asarray(model.backbone(jnp.asarray(ids))[0])
+        with torch.no_grad():
+            return model.hf_model.base_model(_torch(ids)).last_hidden_state.numpy()
+
+    def q_proj_dtype(self, model: Any) -> str:
+        """The dtype of the first layer's query projection (a Llama-family model)."""
+        if self.name == "jax":
+            return str(model.backbone.layers.stack.self_attn.q_proj.kernel[...].dtype)
+        return str(model.hf_model.model.layers[0].self_attn.q_proj.weight.dtype).removeprefix("torch.")
+
+
+MODEL_CORES = [ModelCore("jax"), ModelCore("torch")]

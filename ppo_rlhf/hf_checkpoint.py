@@ -182,6 +182,16 @@ def load_tensors(path: str | os.PathLike, *,
     return out
 
 
+def remove_weight_files(path: str | os.PathLike) -> None:
+    """Delete the weight files (model*.safetensors and the shard index) of an earlier save in
+    `path`: a save that writes fewer or differently named files must not leave a stale index
+    naming shards, or shards beside a single file."""
+    d = Path(path)
+    for old in list(d.glob("model*.safetensors")) + [d / SAFE_WEIGHTS_INDEX_NAME]:
+        if old.exists():
+            old.unlink()
+
+
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], *,
                  max_shard_bytes: int | None = None) -> list[Path]:
     """Write `tensors` as model.safetensors, or, if they exceed `max_shard_bytes`, as
@@ -191,9 +201,7 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], *,
 
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
-    for old in list(d.glob("model*.safetensors")) + [d / SAFE_WEIGHTS_INDEX_NAME]:
-        if old.exists():
-            old.unlink()
+    remove_weight_files(d)
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0

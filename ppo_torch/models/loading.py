@@ -72,11 +72,12 @@ def quiet_transformers() -> Iterator[None]:
 
 
 def _from_pretrained(auto_cls: Any, path: PathLike, *, fresh: tuple[str, ...] = (),
-                     **kw: Any) -> Any:
+                     unused: tuple[str, ...] = (), **kw: Any) -> Any:
     """`auto_cls.from_pretrained(path)` from the local dir only, strict like the JAX loader: a
     tensor the model needs but the checkpoint lacks (transformers would initialise it at random;
-    except the names in `fresh`) or one whose shape differs from the config's is a
-    CheckpointError naming it."""
+    except the names in `fresh`), one whose shape differs from the config's, or one the model
+    does not use (transformers would drop it: an unsupported variant; except buffers and the
+    names in `unused`) is a CheckpointError naming it."""
     with quiet_transformers():
         hf_model, info = auto_cls.from_pretrained(str(path), local_files_only=True,
                                                   output_loading_info=True,
@@ -91,6 +92,11 @@ def _from_pretrained(auto_cls: Any, path: PathLike, *, fresh: tuple[str, ...] = 
     if missing:
         raise CheckpointError(f"{path}: missing tensor(s) {missing[:8]}"
                               f"{' ...' if len(missing) > 8 else ''} for a {model_type} model")
+    surplus = sorted(k for k in set(info.get("unexpected_keys") or ()) - set(unused)
+                     if not k.endswith(hfc.IGNORED_SUFFIXES))
+    if surplus:
+        raise CheckpointError(f"{path}: checkpoint tensor(s) {surplus[:8]}{' ...' if len(surplus) > 8 else ''}"
+                              f" are not used by the {model_type} model (unsupported variant?)")
     return hf_model
 
 
@@ -199,7 +205,9 @@ def scalar_model_from_lm(lm: PathLike | CausalLM | PolicyWithValueHead, *, seed:
         _check_kind(lm, scalar=False)
         # score.weight is missing from a causal LM (the head is drawn just below) and its LM
         # head is unused: both expected here
+        hf = hfc.read_config(lm)
         hf_model = _from_pretrained(AutoModelForSequenceClassification, lm, fresh=(hfc.SCORE_NAME,),
+                                    unused=(f"{hfc.LM_HEAD_NAME[hf['model_type']]}.weight",),
                                     num_labels=1, dtype=torch_dtype(dtype))
     with torch.no_grad():
         w = hfc.init_score_head(hf_model.config.hidden_size, seed)
@@ -222,6 +230,7 @@ def save_pretrained(model: CausalLM | ScalarHeadModel | PolicyWithValueHead, pat
                 {"reward_gain": model.reward_gain, "reward_bias": model.reward_bias})
     kw = {} if max_shard_bytes is None else {"max_shard_size": int(max_shard_bytes)}
     path.mkdir(parents=True, exist_ok=True)
+    hfc.remove_weight_files(path)  # transformers leaves an earlier save's shards and index behind
     with quiet_transformers():
         hf_model.save_pretrained(str(path), **kw)
     if isinstance(model, PolicyWithValueHead):
