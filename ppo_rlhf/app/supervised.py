@@ -74,8 +74,9 @@ def add_train_rm_parser(sub: Any) -> None:
         description="Reward-model training (seed step 4). --model is a Hugging Face causal-LM "
                     "checkpoint (it gets a fresh score head) or a scalar-head checkpoint, with its "
                     "tokenizer. --data holds pairwise, ranking and/or rating records (JSONL; see "
-                    "ppo_rlhf/data/records.py). Without --eval-data a seeded --eval-fraction of the records "
-                    "is held out. Prints the held-out pairwise accuracy; --out gets the reward model "
+                    "ppo_rlhf/data/records.py). Without --eval-data a seeded --eval-fraction of the prompts "
+                    "is held out, with all their records (so no prompt is both trained on and held "
+                    "out). Prints the held-out pairwise accuracy; --out gets the reward model "
                     "(scores normalised to mean 0 / std 1 on the training sequences unless "
                     "--no-normalise), metrics.json and metrics.jsonl.")
     p.add_argument("--backend", choices=BACKENDS, default="jax")
@@ -84,7 +85,8 @@ def add_train_rm_parser(sub: Any) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output: the reward model + metrics")
     p.add_argument("--eval-data", metavar="FILE.jsonl", help="held-out preferences")
     p.add_argument("--eval-fraction", type=float,
-                   help="share of --data held out when --eval-data is absent (default: 0.1)")
+                   help="share of --data's prompts held out (all records of each) when --eval-data "
+                        "is absent (default: 0.1)")
     p.add_argument("--loss", choices=("bradley_terry", "plackett_luce", "best_of_k", "rating"),
                    help="default: bradley_terry")
     p.add_argument("--ties", choices=("drop", "keep"), help="tied preferences (default: drop)")
@@ -114,8 +116,8 @@ def _read_preferences(path: str, flag: str) -> list[Any]:
 
 def run_train_rm(args: argparse.Namespace) -> int:
     from ppo_rlhf.config import RMConfig
-    from ppo_rlhf.runtime.seeds import holdout_split
     from ppo_rlhf.data.encoding import reference_sequences
+    from ppo_rlhf.runtime.split import group_key, grouped_holdout_split
 
     _require_dir(args.model, "--model")
     out = _check_out(args.out)
@@ -134,7 +136,8 @@ def run_train_rm(args: argparse.Namespace) -> int:
         eval_records = _read_preferences(args.eval_data, "--eval-data")
         train_records = records
     else:
-        train_idx, eval_idx = holdout_split(len(records), config.eval_fraction, config.seed)
+        train_idx, eval_idx, _ = grouped_holdout_split([group_key(r) for r in records],
+                                                       config.eval_fraction, config.seed)
         train_records = [records[i] for i in train_idx]
         eval_records = [records[i] for i in eval_idx] or None
     reference = None
@@ -149,11 +152,12 @@ def run_train_rm(args: argparse.Namespace) -> int:
     m = trainer.fit(train_records, eval_records, reference=reference,
                     progress=not args.no_progress, resume=args.resume, report_to=args.report_to)
     if not m.get("stopped"):  # a signal: checkpoint written, the loop said so
-        _print_rm_summary(m, out)
+        groups = len({group_key(r) for r in eval_records}) if eval_records else 0
+        _print_rm_summary(m, out, groups)
     return 0
 
 
-def _print_rm_summary(m: dict[str, Any], out: Path) -> None:
+def _print_rm_summary(m: dict[str, Any], out: Path, groups: int) -> None:
     if m["eval_accuracy"] is None:
         print(f"no held-out data (eval_fraction=0 and no --eval-data); train accuracy "
               f"{m['train_accuracy']:.4f}")
@@ -162,8 +166,8 @@ def _print_rm_summary(m: dict[str, Any], out: Path) -> None:
         extra = f" (labeller noise ceiling {ceiling:.4f})" if ceiling is not None else ""
         if m.get("eval_expected_accuracy") is not None:
             extra += f"; expected over the label noise {m['eval_expected_accuracy']:.4f}"
-        print(f"held-out pairwise accuracy: {m['eval_accuracy']:.4f} on {m['eval_pairs']} pairs"
-              f"{extra}; train accuracy {m['train_accuracy']:.4f}")
+        print(f"held-out pairwise accuracy: {m['eval_accuracy']:.4f} on {m['eval_pairs']} pairs "
+              f"({groups} prompts){extra}; train accuracy {m['train_accuracy']:.4f}")
     print(f"reward model -> {out} (reward_gain {m['reward_gain']:.4g}, reward_bias "
           f"{m['reward_bias']:.4g}); metrics -> {out / 'metrics.json'}")
 
