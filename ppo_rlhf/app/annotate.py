@@ -222,7 +222,7 @@ def run_export(args: argparse.Namespace) -> int:
     from ppo_rlhf.feedback.annotate.export import write_export
     from ppo_rlhf.feedback.annotate.store import Store
 
-    with Store(args.db) as store:
+    with Store(args.db, readonly=True) as store:
         n = write_export(store, args.out, args.resolve, args.ties)
         kind = {"choose": "pairwise", "rank": "ranking", "rate": "rating"}[store.mode]
     print(f"{n} {kind} records ({args.resolve}) -> {args.out}")
@@ -233,7 +233,7 @@ def run_stats(args: argparse.Namespace) -> int:
     from ppo_rlhf.feedback.annotate.export import agreement_stats, format_stats
     from ppo_rlhf.feedback.annotate.store import Store
 
-    with Store(args.db) as store:
+    with Store(args.db, readonly=True) as store:
         s = agreement_stats(store)
     print(json.dumps(s, indent=2) if args.json else format_stats(s, args.db))
     sys.stdout.flush()

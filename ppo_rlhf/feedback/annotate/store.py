@@ -151,7 +151,9 @@ class Store:
                 if mode.lower() != "wal":
                     raise UsageError(f"{self.path}: cannot switch to WAL mode (journal_mode={mode})")
         except sqlite3.DatabaseError as e:
-            raise UsageError(f"{self.path}: not an SQLite database ({e})") from None
+            if "not a database" in str(e) or not _is_damage(e):
+                raise UsageError(f"{self.path}: not an SQLite database ({e})") from None
+            raise self._damaged(e) from None
         # Durability where it matters: NORMAL (no fsync) for reservations, which a crash may lose
         # harmlessly; each answer's transaction switches to FULL (`_durable`), so its commit
         # fsyncs the WAL -- and with it every earlier frame -- before the API acknowledges it.
