@@ -239,3 +239,54 @@ def test_read_only_commands_write_nothing(tmp_path, command):
     proc = cli("annotate", command, "--db", db, *extra, check=False, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert db.read_bytes() == before
+
+
+# ---- Fleiss' and Cohen's kappa, against hand computation -----------------------------------------
+
+HAND_UNITS = {  # four items judged by a, b, c (two categories); one judged by a alone (ignored)
+    1: {"a": 0, "b": 0, "c": 0},
+    2: {"a": 0, "b": 1, "c": 1},
+    3: {"a": 1, "b": 1, "c": 1},
+    4: {"a": 0, "b": 0, "c": 1},
+    5: {"a": 1},
+}
+
+
+def test_fleiss_kappa_by_hand():
+    from ppo_rlhf.feedback.annotate.agreement import fleiss_kappa
+
+    # P_u = 1, 1/3, 1, 1/3 -> P_o = 2/3; p_0 = p_1 = 6/12 -> P_e = 1/2; kappa = (2/3 - 1/2) / (1/2)
+    assert fleiss_kappa(HAND_UNITS) == pytest.approx(1 / 3)
+    # units with different numbers of annotators: {0,0}: P=1; {0,1,1}: P=1/3 -> P_o = 2/3;
+    # p_0 = 3/5, p_1 = 2/5 -> P_e = 13/25; kappa = (2/3 - 13/25) / (12/25) = 11/36
+    assert fleiss_kappa({1: {"a": 0, "b": 0}, 2: {"a": 0, "b": 1, "c": 1}}) == pytest.approx(11 / 36)
+    assert fleiss_kappa({1: {"a": 0, "b": 0}}) is None  # one category throughout
+    assert fleiss_kappa({1: {"a": 0}}) is None
+
+
+def test_cohen_kappa_per_pair_by_hand():
+    from ppo_rlhf.feedback.annotate.agreement import cohen_kappas
+
+    k = cohen_kappas(HAND_UNITS)
+    assert set(k) == {("a", "b"), ("a", "c"), ("b", "c")}
+    # a = 0 0 1 0, b = 0 1 1 0: p_o = 3/4, p_e = 3/4 * 1/2 + 1/4 * 1/2 = 1/2 -> 1/2
+    assert k["a", "b"] == (pytest.approx(0.5), 4)
+    # a vs c = 0 1 1 1: p_o = 1/2, p_e = 3/4 * 1/4 + 1/4 * 3/4 = 3/8 -> (1/8) / (5/8) = 1/5
+    assert k["a", "c"] == (pytest.approx(0.2), 4)
+    # b vs c: p_o = 3/4, p_e = 1/2 * 1/4 + 1/2 * 3/4 = 1/2 -> 1/2
+    assert k["b", "c"] == (pytest.approx(0.5), 4)
+
+
+def test_stats_prints_the_kappas(tmp_path):
+    from ppo_rlhf.feedback.annotate.export import agreement_stats, format_stats
+
+    store = make_store(tmp_path / "db.sqlite", prompts=PROMPTS[:5])
+    for item, values in HAND_UNITS.items():
+        for name, v in values.items():
+            shown = store._item(item, name).order.index(v)  # the answer in original index v
+            store.record(item, name, Answer(False, shown))
+    s = agreement_stats(store)
+    assert s["fleiss_kappa"] == pytest.approx(1 / 3)
+    assert s["cohen_kappa"][1] == {"annotators": ["a", "c"], "kappa": pytest.approx(0.2), "units": 4}
+    text = format_stats(s, "db.sqlite")
+    assert "Fleiss' kappa: 0.333" in text and "Cohen's kappa a / c: 0.200 (4 items)" in text
