@@ -43,8 +43,8 @@ def test_edge_cases():
 class _FakeTrainer:
     seen: dict = {}
 
-    def __init__(self, *args, **kwargs):
-        pass
+    def __init__(self, model, config, **kwargs):
+        _FakeTrainer.config = config
 
     def fit(self, train, eval, **kwargs):
         _FakeTrainer.seen = {"train": train, "eval": eval}
@@ -68,3 +68,22 @@ def test_train_rm_holds_out_whole_prompts(tmp_path, monkeypatch, capsys):
     assert held and {r.prompt for r in train}.isdisjoint({r.prompt for r in held})
     assert len(train) + len(held) == 120
     assert "held-out pairwise accuracy: 0.5000 on 12 pairs (4 prompts)" in capsys.readouterr().out
+
+
+def test_train_rm_default_max_length_fits_a_gpt2_model(tmp_path, monkeypatch, capsys):
+    import json
+
+    import ppo_rlhf.app.supervised as sup
+
+    monkeypatch.setattr(sup, "backend_module",
+                        lambda backend, module: types.SimpleNamespace(RewardModelTrainer=_FakeTrainer))
+    data = tmp_path / "prefs.jsonl"
+    write_records(data, _records())
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_positions": 64}))
+    args = ["train-rm", "--model", str(tmp_path), "--data", str(data), "--out", str(tmp_path / "rm"),
+            "--no-progress"]
+    assert main(args) == 0 and _FakeTrainer.config.max_length == 64  # the demo model's positions
+    assert "--max-length 64 (the model's n_positions; default 128)" in capsys.readouterr().out
+    assert main([*args, "--max-length", "32"]) == 0 and _FakeTrainer.config.max_length == 32
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))  # rotary: no limit
+    assert main(args) == 0 and _FakeTrainer.config.max_length == 128

@@ -14,6 +14,7 @@ is a one-line error and exit code 2. Neither backend is imported until the comma
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,7 @@ def add_train_rm_parser(sub: Any) -> None:
                     "tokenizer. --data holds pairwise, ranking and/or rating records (JSONL; see "
                     "ppo_rlhf/data/records.py). Without --eval-data a seeded --eval-fraction of the prompts "
                     "is held out, with all their records (so no prompt is both trained on and held "
-                    "out). Prints the held-out pairwise accuracy; --out gets the reward model "
+                    "out). --max-length defaults to 128, or the model's n_positions if fewer (GPT-2). Prints the held-out pairwise accuracy; --out gets the reward model "
                     "(scores normalised to mean 0 / std 1 on the training sequences unless "
                     "--no-normalise), metrics.json and metrics.jsonl.")
     p.add_argument("--backend", choices=BACKENDS, default="jax")
@@ -122,8 +123,11 @@ def run_train_rm(args: argparse.Namespace) -> int:
     _require_dir(args.model, "--model")
     out = _check_out(args.out)
     _check_checkpoint_every(args.checkpoint_every)
+    max_length = args.max_length
+    if max_length is None:  # the default, cut to what the model can take (GPT-2: n_positions)
+        max_length = _positions_limit(args.model, RMConfig.max_length)
     config = _config(RMConfig, learning_rate=args.lr, num_epochs=args.epochs,
-                     batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+                     batch_size=args.batch_size, max_length=max_length, seed=args.seed,
                      weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                      lr_schedule=args.lr_schedule, max_grad_norm=args.max_grad_norm,
                      loss=args.loss, ties=args.ties, margin_key=args.margin_key,
@@ -155,6 +159,19 @@ def run_train_rm(args: argparse.Namespace) -> int:
         groups = len({group_key(r) for r in eval_records}) if eval_records else 0
         _print_rm_summary(m, out, groups)
     return 0
+
+
+def _positions_limit(model: str, default: int) -> int:
+    """`default`, or less for a model with learned positions (GPT-2) that has fewer."""
+    try:
+        c = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return default  # the trainer reports a missing or bad config
+    limit = c.get("n_positions") if isinstance(c, dict) and c.get("model_type") == "gpt2" else None
+    if isinstance(limit, int) and 2 <= limit < default:
+        print(f"--max-length {limit} (the model's n_positions; default {default})", flush=True)
+        return limit
+    return default
 
 
 def _print_rm_summary(m: dict[str, Any], out: Path, groups: int) -> None:
