@@ -7,7 +7,6 @@ from __future__ import annotations
 import types
 
 import numpy as np
-import pytest
 
 from ppo_rlhf.app.cli import main
 from ppo_rlhf.data import PairwiseRecord, write_records
@@ -41,7 +40,7 @@ def test_edge_cases():
 
 
 class _FakeTrainer:
-    seen: dict = {}
+    seen: dict = {}  # noqa: RUF012 -- filled by fit(), read by the tests
 
     def __init__(self, model, config, **kwargs):
         _FakeTrainer.config = config

@@ -75,9 +75,10 @@ def add_train_rm_parser(sub: Any) -> None:
         description="Reward-model training (seed step 4). --model is a Hugging Face causal-LM "
                     "checkpoint (it gets a fresh score head) or a scalar-head checkpoint, with its "
                     "tokenizer. --data holds pairwise, ranking and/or rating records (JSONL; see "
-                    "ppo_rlhf/data/records.py). Without --eval-data a seeded --eval-fraction of the prompts "
-                    "is held out, with all their records (so no prompt is both trained on and held "
-                    "out). --max-length defaults to 128, or the model's n_positions if fewer (GPT-2). Prints the held-out pairwise accuracy; --out gets the reward model "
+                    "ppo_rlhf/data/records.py). Without --eval-data a seeded --eval-fraction of the "
+                    "prompts is held out, with all their records (so no prompt is both trained on "
+                    "and held out). --max-length defaults to 128, or the model's n_positions if "
+                    "fewer (GPT-2). Prints the held-out pairwise accuracy; --out gets the reward model "
                     "(scores normalised to mean 0 / std 1 on the training sequences unless "
                     "--no-normalise), metrics.json and metrics.jsonl.")
     p.add_argument("--backend", choices=BACKENDS, default="jax")
