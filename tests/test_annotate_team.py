@@ -34,6 +34,22 @@ def test_an_item_never_served_cannot_take_a_reserved_last_slot(tmp_path):
     assert n_answers(tmp_path / "db.sqlite") == 2
 
 
+def test_an_expired_reservation_handed_on_is_not_answered_twice_over_http(tmp_path):
+    import time
+
+    store = make_store(tmp_path / "db.sqlite", prompts=PROMPTS[:1])
+    with serving(store, per_item=1, reserve_s=0.3) as server:
+        port = server.server_port
+        item = get_next(port, "alice")["item_id"]
+        time.sleep(0.5)  # alice's reservation expires ...
+        assert get_next(port, "bob")["item_id"] == item  # ... and the slot goes to bob
+        status, obj = label(port, "alice", item, choice=0)
+        assert status == 400 and "not open to alice" in obj["error"], obj
+        assert label(port, "bob", item, choice=1)[0] == 200
+    out = [(a.annotator, a.skipped) for a in store.answers()]
+    assert out == [("bob", False)]
+
+
 def test_an_expired_reservation_does_not_let_two_annotators_fill_one_slot(tmp_path):
     store = make_store(tmp_path / "db.sqlite", prompts=PROMPTS[:1])
     t = 1000.0

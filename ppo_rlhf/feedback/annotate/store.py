@@ -1,34 +1,46 @@
 """The annotation database: one SQLite file in WAL mode.
 
-Durability: the connection runs with `journal_mode=WAL` and `synchronous=FULL`, so a commit
-returns only after its WAL frames are fsynced -- an answer survives SIGKILL of the server (which
-loses nothing that reached the OS anyway) and a power cut. The server acknowledges an answer only
-after its transaction committed. Each write is one `BEGIN IMMEDIATE` transaction (the check that
-an annotator has not answered, the insert, and the release of their reservation together), so two
-server threads -- or two processes on the same file -- cannot interleave inside one; within a
-process one lock guards the single connection.
+Durability: `journal_mode=WAL`; the transactions that store or undo an answer run with
+`synchronous=FULL`, so their commit returns only after their WAL frames (and every earlier one)
+are fsynced -- an acknowledged answer survives SIGKILL of the server and a power cut. The other
+writes (reservations, counter recounts) commit with `synchronous=NORMAL`, without an fsync: a
+crash can lose at most a reservation, and the item is then handed out again. The server
+acknowledges an answer only after its transaction committed. Each write is one `BEGIN IMMEDIATE`
+transaction (the checks, the insert, the release of the reservation and the counters together),
+so two server threads -- or two processes on the same file -- cannot interleave inside one;
+within a process one lock guards the single connection.
 
-Schema (version 1):
+Schema (version 2; a version-1 file -- the same tables without the counters -- is migrated when it
+is opened for writing, and read as it is by read-only opens):
 
   meta(key TEXT PRIMARY KEY, value TEXT)
-      schema_version "1"; mode "choose"|"rank"|"rate"; k; scale (ratings 1..scale);
+      schema_version "2"; mode "choose"|"rank"|"rate"; k; scale (ratings 1..scale);
       salt (hex: seeds each annotator's response order, see answers.shown_order); created (UNIX s)
-  items(id INTEGER PRIMARY KEY, prompt TEXT UNIQUE, responses TEXT)
+  items(id INTEGER PRIMARY KEY, prompt TEXT UNIQUE, responses TEXT, answered INTEGER, taken INTEGER)
       one per prompt; responses: a JSON array of the K response texts in the source's order --
-      the ORIGINAL order, which stored answers index
+      the ORIGINAL order, which stored answers index; answered: its non-skipped answers; taken:
+      answered + its reservations (index items_by_taken(taken, id))
   answers(id INTEGER PRIMARY KEY, item_id -> items.id, annotator TEXT, skipped INTEGER 0|1,
           value TEXT, shown TEXT, time REAL, UNIQUE(item_id, annotator))
       value: the answer as JSON in original indices (answers.to_original), NULL when skipped;
       shown: JSON of the order the annotator saw (shown[j] = original index at position j);
-      time: UNIX seconds of the commit. One answer per (item, annotator), ever.
+      time: UNIX seconds of the commit. One answer per (item, annotator) -- `undo` can delete an
+      annotator's latest one.
   reservations(item_id -> items.id, annotator TEXT, expires REAL, PRIMARY KEY(item_id, annotator))
-      the item an annotator was last given and has not answered yet; it counts towards the item's
-      `per_item` quota until `expires`, so two annotators are not handed the same last slot.
+      the item an annotator was last given and has not answered yet (one per annotator); it
+      counts towards the item's `per_item` quota until `expires`, so two annotators are not
+      handed the same last slot (indexed by annotator and by expiry).
+  annotators(name TEXT PRIMARY KEY, answered, skipped, open_touched)
+      per annotator: answers, skips, and the items they answered or skipped that are not full.
+  counters(key TEXT PRIMARY KEY, value INTEGER)
+      items; per_item: the quota the counters hold; full: items with answered >= per_item.
 
 Assignment (`next_item`): an annotator gets again their live reservation if they have one (a
 reload, a restarted server), else the first item (by id) that they have not answered and whose
 non-skipped answers plus other annotators' live reservations number fewer than `per_item`. Skips
-do not count towards `per_item`; a skipped item is not offered to the same annotator again.
+do not count towards `per_item`; a skipped item is not offered to the same annotator again
+(unless the skip is undone). The counters make this and `progress` O(log n) index lookups
+instead of a scan of every item; they are updated in the same transactions as the rows they count.
 """
 
 from __future__ import annotations
