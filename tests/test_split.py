@@ -86,3 +86,29 @@ def test_train_rm_default_max_length_fits_a_gpt2_model(tmp_path, monkeypatch, ca
     assert main([*args, "--max-length", "32"]) == 0 and _FakeTrainer.config.max_length == 32
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))  # rotary: no limit
     assert main(args) == 0 and _FakeTrainer.config.max_length == 128
+
+
+def test_pretrain_eval_fraction_holds_out_whole_prompts(tmp_path, monkeypatch, capsys):
+    import json
+
+    import ppo_rlhf.app.pipelines as pipelines
+
+    seen = {}
+
+    def fake_pretrain(backend, out, *, train, eval, **kwargs):
+        seen.update(train=train, eval=eval)
+        return {"stopped": True}
+
+    monkeypatch.setattr(pipelines, "pretrain_model", fake_pretrain)
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"prompt {p}", "response": f"answer {p}.{j}"}) + "\n"
+                            for j in range(3) for p in range(20)))
+    args = ["pretrain", "--model", str(tmp_path), "--data", str(data), "--out", str(tmp_path / "o"),
+            "--eval-samples", "0", "--no-progress"]
+    assert main([*args, "--eval-fraction", "0.2"]) == 0
+    train, held = seen["train"], seen["eval"]
+    assert len(held) == 4 * 3 and len(train) == 48
+    assert {p for p, _ in train}.isdisjoint({p for p, _ in held})
+    assert "held out 12 of 60 examples (4 prompts)" in capsys.readouterr().out
+    assert main(args) == 0 and seen["eval"] is None and len(seen["train"]) == 60  # default: none
+    assert main([*args, "--eval-fraction", "0.95"]) == 2

@@ -207,6 +207,10 @@ def add_pretrain_parser(sub: Any) -> None:
     p.add_argument("--model", metavar="DIR", help="checkpoint to fine-tune (default: a fresh model)")
     p.add_argument("--data", metavar="FILE", help="training examples (default: the task corpus)")
     p.add_argument("--eval-data", metavar="FILE", help="held-out examples for the eval loss")
+    p.add_argument("--eval-fraction", type=float, default=0.0, metavar="F",
+                   help="without --eval-data: hold out this share of --data's prompts, with all "
+                        "their examples, for the eval loss (a {\"text\"} example is its own "
+                        "group; default: 0, none)")
     p.add_argument("--steps", type=int, default=1000, help="optimiser steps (default: 1000)")
     p.add_argument("--model-size", choices=("tiny", "small"), default="small",
                    help="fresh model size (default: small, ~0.8M parameters)")
@@ -260,6 +264,20 @@ def run_pretrain(args: argparse.Namespace) -> int:
         raise UsageError("no data: pass --data FILE or --task")
     train = read_examples(args.data, "--data") if args.data is not None else None
     eval_ex = read_examples(args.eval_data, "--eval-data") if args.eval_data is not None else None
+    if not 0.0 <= args.eval_fraction <= 0.9:
+        raise UsageError(f"--eval-fraction {args.eval_fraction}: must be in [0, 0.9]")
+    if args.eval_fraction > 0:
+        if train is None or eval_ex is not None:
+            raise UsageError("--eval-fraction splits --data: give it with --data and without "
+                             "--eval-data")
+        from ppo_rlhf.runtime.split import grouped_holdout_split
+
+        # the group of a (prompt, response) example is its prompt; a plain text is its own
+        keys = [x[0] if isinstance(x, tuple) else x for x in train]
+        train_idx, eval_idx, groups = grouped_holdout_split(keys, args.eval_fraction, args.seed or 0)
+        train, eval_ex = [train[i] for i in train_idx], [train[i] for i in eval_idx]
+        print(f"held out {len(eval_ex)} of {len(train) + len(eval_ex)} examples ({groups} prompts) "
+              f"for the eval loss", flush=True)
     overrides = dict(num_steps=args.steps, seed=args.seed, batch_size=args.batch_size,
                      max_length=args.max_length, learning_rate=args.lr,
                      warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
