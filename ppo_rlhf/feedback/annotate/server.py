@@ -200,7 +200,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(200, self._undo())
             return self._page(url.path)
         except ApiError as e:
-            if e.status == 403 and url is not None and url.path in self.server.pages:
+            if (e.status == 403 and self.server.token is not None and url is not None
+                    and url.path in self.server.pages):  # a person opened the link without it
                 return self._send(403, "text/html; charset=utf-8", TOKEN_PAGE)
             self._json(e.status, {"error": str(e)})
         except AnswerError as e:
