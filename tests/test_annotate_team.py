@@ -306,3 +306,27 @@ def test_stats_prints_the_kappas(tmp_path):
     assert s["cohen_kappa"][1] == {"annotators": ["a", "c"], "kappa": pytest.approx(0.2), "units": 4}
     text = format_stats(s, "db.sqlite")
     assert "Fleiss' kappa: 0.333" in text and "Cohen's kappa a / c: 0.200 (4 items)" in text
+
+
+def test_the_listen_backlog_holds_a_team_connecting_at_once(tmp_path):
+    """60 connections arrive before the server accepts any: with socketserver's default backlog
+    of 5 the kernel drops the SYNs past it (the clients stall ~1 s and retry); with 128 every
+    connection completes at once."""
+    import socket
+
+    from ppo_rlhf.feedback.annotate.server import AnnotateServer
+
+    store = make_store(tmp_path / "db.sqlite")
+    server = AnnotateServer(store)  # listening, not accepting yet
+    socks = []
+    try:
+        for _ in range(60):
+            s = socket.socket()
+            s.settimeout(0.5)
+            s.connect(("127.0.0.1", server.server_port))  # times out past a full backlog
+            socks.append(s)
+    finally:
+        for s in socks:
+            s.close()
+        server.server_close()
+    assert len(socks) == 60
