@@ -253,8 +253,8 @@ def test_undo_brings_back_a_skip_and_an_answer_and_skips_are_not_counted(server,
     first, _ = shown(page)
     page.keyboard.press("s")  # skip by mistake ...
     expect(page.locator("#undo-text")).to_have_text("Item skipped.")
+    expect(page.locator("#prompt")).not_to_have_text(first)  # the next item has come
     second, _ = shown(page)
-    assert second != first
     page.keyboard.press("u")  # ... and take it back: the skipped item comes again
     expect(page.locator("#prompt")).to_have_text(first)
     expect(page.locator("#undo-bar")).to_be_hidden()
