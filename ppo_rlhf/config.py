@@ -363,7 +363,8 @@ class RMConfig(Config):
     eval_every: int = 0
     """Evaluate on the held-out set every this many steps (0 = at the end of each epoch only)."""
     eval_fraction: float = 0.1
-    """Share of the records held out for evaluation when no eval set is given (seeded)."""
+    """Share of the prompts held out for evaluation, with all their records, when no eval set is
+    given (seeded; `ppo_rlhf.runtime.split`)."""
     normalise: bool = True
     """After training, set reward_gain / reward_bias so reference scores have mean 0, std 1."""
     append_eos: bool = True

@@ -82,6 +82,17 @@ def request(port: int, method: str, path: str, body: object = None, *, raw: byte
     return resp.status, decoded, dict(resp.getheaders())
 
 
+def raw_request(port: int, method: str, path: str, headers: dict | None = None,
+                body: bytes | None = None) -> tuple[int, bytes, dict]:
+    """(status, body bytes, headers) of one request, whatever it answers."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request(method, path, body=body, headers=headers or {})
+    resp = conn.getresponse()
+    payload = resp.read()
+    conn.close()
+    return resp.status, payload, dict(resp.getheaders())
+
+
 def get_next(port: int, name: str, **kw) -> dict:
     from urllib.parse import quote
 
@@ -174,7 +185,7 @@ def test_assignment_reservations_and_per_item_quota(tmp_path):
     assert store.next_item("dee", per_item=1, reserve_s=60, now=t + 61).id == 1  # expired
     store.record(2, "bob", Answer(False, 0), now=t + 62)
     assert store.next_item("bob", per_item=1, reserve_s=60, now=t + 62).id == 3  # 1 is dee's
-    assert store.progress("bob", per_item=1) == {"done": 1, "total": 3}
+    assert store.progress("bob", per_item=1) == {"done": 1, "skipped": 0, "total": 3}
     # N = 2: a second annotator is given the same item; a skip does not count towards N
     assert store.next_item("eve", per_item=2, reserve_s=60, now=t + 100).id == 1
     store.record(1, "eve", Answer(True), now=t)
@@ -222,10 +233,19 @@ def test_store_refuses_what_is_not_its_database(tmp_path):
         Store(tmp_path / "other.sqlite")
 
 
-def test_database_is_wal_with_full_sync(tmp_path):
+def test_database_is_wal_and_answers_commit_with_full_sync(tmp_path):
     store = make_store(tmp_path / "db.sqlite")
     assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    statements = []
+    store._db.set_trace_callback(statements.append)
+    store.next_item("ann", per_item=1, reserve_s=60)
+    assert "PRAGMA synchronous=FULL" not in statements  # a reservation: no fsync
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    statements.clear()
+    store.record(1, "ann", Answer(False, 0), per_item=1)
+    # the answer's COMMIT runs under FULL (its WAL frames fsynced before it returns)
+    full, commit = statements.index("PRAGMA synchronous=FULL"), statements.index("COMMIT")
+    assert full < commit and "PRAGMA synchronous=NORMAL" not in statements[full:commit]
 
 
 # ---- the API -----------------------------------------------------------------------------------
@@ -245,12 +265,12 @@ def test_api_round_trip_maps_the_shown_order_back(tmp_path, mode, k, answer, exp
     with serving(store) as server:
         item = get_next(server.server_port, "ann")
         assert set(item) == {"item_id", "prompt", "responses", "mode", "k", "scale", "progress"}
-        assert (item["mode"], item["k"], item["progress"]) == (mode, k, {"done": 0, "total": 6})
+        assert (item["mode"], item["k"], item["progress"]) == (mode, k, {"done": 0, "skipped": 0, "total": 6})
         prompt, original = store.items()[item["item_id"]]
         order = [original.index(r) for r in item["responses"]]
         assert item["prompt"] == prompt and sorted(order) == list(range(k))
         status, obj = label(server.server_port, "ann", item["item_id"], **answer)
-        assert status == 200 and obj == {"ok": True, "progress": {"done": 1, "total": 6}}
+        assert status == 200 and obj == {"ok": True, "progress": {"done": 1, "skipped": 0, "total": 6}}
     [stored] = store.answers()
     if expected == "order[0]":
         assert stored.value == order[0]
@@ -268,7 +288,7 @@ def test_api_says_done_when_nothing_is_left(tmp_path):
         item = get_next(server.server_port, "ann")
         assert label(server.server_port, "ann", item["item_id"], skip=True)[0] == 200
         obj = get_next(server.server_port, "ann")
-        assert obj["done"] is True and obj["progress"] == {"done": 1, "total": 1}
+        assert obj["done"] is True and obj["progress"] == {"done": 0, "skipped": 1, "total": 0}
 
 
 BAD_REQUESTS = {
@@ -294,12 +314,22 @@ BAD_REQUESTS = {
 }
 
 
+BAD_REQUESTS.update({
+    "item_id past 64 bits": dict(body={"item_id": 99999999999999999999999, "annotator": "ann",
+                                       "choice": 0}),
+    "item_id negative": dict(body={"item_id": -(2 ** 70), "annotator": "ann", "choice": 0}),
+    "30000 nested [": dict(raw=b"[" * 30000),
+    "12000 nested {": dict(raw=b'{"a":' * 12000),
+})
+
+
 @pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
 def test_bad_label_requests_get_400_one_line_and_store_nothing(tmp_path, case):
     store = make_store(tmp_path / "db.sqlite")
     with serving(store) as server:
-        status, obj, _ = request(server.server_port, "POST", "/api/label", **BAD_REQUESTS[case])
-    assert status == 400, obj
+        status, obj, headers = request(server.server_port, "POST", "/api/label", **BAD_REQUESTS[case])
+    assert status == (413 if "too large" in case else 400), obj
+    assert headers["Content-Security-Policy"] and headers["X-Content-Type-Options"] == "nosniff"
     assert set(obj) == {"error"} and obj["error"] and "\n" not in obj["error"], obj
     assert n_answers(tmp_path / "db.sqlite") == 0
 
@@ -370,9 +400,13 @@ def test_with_a_token_every_request_must_carry_it(tmp_path):
     store = make_store(tmp_path / "db.sqlite")
     with serving(store, token=token) as server:
         port = server.server_port
-        for path in ("/", "/app.js", "/api/next?annotator=ann", "/nope"):
+        for path in ("/api/next?annotator=ann", "/nope"):
             status, obj, _ = request(port, "GET", path)
             assert status == 403 and obj == {"error": "missing or wrong token"}, path
+        for path in ("/", "/app.js"):  # the page's paths: a sentence saying what to do
+            status, body, headers = raw_request(port, "GET", path)
+            assert status == 403 and b"needs its token" in body and b"?token=" in body
+            assert headers["Content-Type"].startswith("text/html") and headers["Content-Security-Policy"]
         assert request(port, "GET", "/?token=wrong-token-0123456789")[0] == 403
         assert request(port, "GET", "/", headers={"Authorization": "Bearer nope"})[0] == 403
         status, obj = label(port, "ann", 1, choice=0)
@@ -752,7 +786,7 @@ def test_cli_serve_adds_new_prompts_on_restart_and_stops_on_sigterm(tmp_path):
     assert proc.returncode == 0 and "stopped" in out and err == ""
     proc, port = start_server(["--responses", write_responses(tmp_path / "b.jsonl", PROMPTS[:4]),
                                "--db", db])
-    assert get_next(port, "ann")["progress"] == {"done": 1, "total": 4}
+    assert get_next(port, "ann")["progress"] == {"done": 1, "skipped": 0, "total": 4}
     proc.kill()
     proc.communicate()
     proc, port = start_server(["--db", db], env={"PPO_RLHF_ANNOTATE_TOKEN": "t" * 20})
@@ -772,7 +806,7 @@ def test_cli_serve_samples_from_a_policy_once(tmp_path, tiny_checkpoint):
                                "--mode", "rank", "--k", "3"])
     item = get_next(port, "ann")
     assert item["prompt"] == "the quick" and len(item["responses"]) == 3
-    assert item["progress"] == {"done": 0, "total": 2}
+    assert item["progress"] == {"done": 0, "skipped": 0, "total": 2}
     proc.kill()
     proc.communicate()
     with Store(db) as store:

@@ -243,3 +243,47 @@ def test_lost_replies_neither_lose_nor_repeat_an_answer(server, open_page, tmp_p
     expect(page.locator("#done")).to_be_visible()
     records = export(db, tmp_path)
     assert sorted(r.prompt for r in records) == ["first", "second", "third"]
+
+
+def test_undo_brings_back_a_skip_and_an_answer_and_skips_are_not_counted(server, open_page, tmp_path):
+    url, db = server({"first": ["f0", "f1"], "second": ["s0", "s1"]})
+    page = open_page(url)
+    expect(page.locator("#login .hint")).to_contain_text("case-sensitive")
+    login(page, "fay")
+    first, _ = shown(page)
+    page.keyboard.press("s")  # skip by mistake ...
+    expect(page.locator("#undo-text")).to_have_text("Item skipped.")
+    expect(page.locator("#prompt")).not_to_have_text(first)  # the next item has come
+    second, _ = shown(page)
+    page.keyboard.press("u")  # ... and take it back: the skipped item comes again
+    expect(page.locator("#prompt")).to_have_text(first)
+    expect(page.locator("#undo-bar")).to_be_hidden()
+    expect(page.locator("#progress")).to_have_text("0 / 2 done")
+    page.keyboard.press("1")
+    page.keyboard.press("Enter")
+    expect(page.locator("#progress")).to_have_text("1 / 2 done")
+    page.keyboard.press("s")  # the last item skipped: the done page counts it as skipped
+    expect(page.locator("#done-text")).to_contain_text("you have answered 1 item(s) and skipped 1")
+    page.locator("#undo").click()  # undo from the done page
+    expect(page.locator("#item")).to_be_visible()
+    expect(page.locator("#prompt")).to_have_text(second)
+    page.keyboard.press("2")
+    page.keyboard.press("Enter")
+    expect(page.locator("#done-text")).to_contain_text("you have answered 2 item(s).")
+    page.keyboard.press("u")  # an answer can be undone too: it is asked again
+    expect(page.locator("#item")).to_be_visible()
+    expect(page.locator("#prompt")).to_have_text(second)
+    page.keyboard.press("1")
+    page.keyboard.press("Enter")
+    expect(page.locator("#done")).to_be_visible()
+    records = export(db, tmp_path)
+    assert sorted(r.prompt for r in records) == ["first", "second"]  # each once, no skip kept
+
+
+def test_opening_the_page_without_the_token_says_what_to_do(server, open_page):
+    url, _ = server({"first": ["f0", "f1"]}, "--token", "t0ken-for-the-browser-test")
+    page = open_page(url)
+    expect(page.locator("h1")).to_have_text("This annotation server needs its token")
+    expect(page.locator("body")).to_contain_text("/?token=")
+    page = open_page(url + "?token=t0ken-for-the-browser-test")
+    login(page, "gil")

@@ -159,3 +159,17 @@ def test_kernels_charges_each_phase_its_xla_kernels(tmp_path):
         assert abs(total - ph["wall_s"]) < 1e-6, name
     assert update["no_kernel_s"] < 0.7 * update["wall_s"]  # the update's kernels were found in it
     assert "| ynn_fusion |" in out.with_suffix(".md").read_text()
+
+
+def test_annotate_scale_quick_mode_counts_every_acknowledged_answer(tmp_path):
+    out = tmp_path / "annotate"
+    run_module("benchmarks.annotate_scale", "--quick", "--out", out, timeout=300)
+    r = json.loads(out.with_suffix(".json").read_text())
+    start, late = r["phases"]["start"], r["phases"]["late"]
+    assert start["errors"] == 0 and late["errors"] == 0
+    assert start["answers"] > 0 and start["stored_answers_after"] == start["answers"]
+    # the second phase starts with (at least) 1,800 of 2,000 items done: at most 200 more answers
+    before = max(1800, start["answers"])
+    assert 0 < late["answers"] <= 2000 - before and late["stored_answers_after"] == before + late["answers"]
+    assert start["p50_ms"] <= start["p99_ms"] and start["answers_per_s"] > 0
+    assert "| start (0 done) |" in out.with_suffix(".md").read_text()

@@ -20,7 +20,7 @@ from ppo_rlhf.feedback.labeller import SYNTHETIC_LABELS, expected_accuracy
 from ppo_rlhf.config import RMConfig
 from ppo_rlhf.data.encoding import encode_preferences, encode_sequences
 from ppo_rlhf.eval.preferences import (group_accuracy, normalisation, pairwise_accuracy, rating_pair_accuracy)
-from ppo_rlhf.runtime.seeds import holdout_split, rm_batch_rows
+from ppo_rlhf.runtime.seeds import rm_batch_rows
 from ppo_rlhf.runtime.supervised import lr_factor
 from tests.helpers import run_module
 
@@ -145,13 +145,6 @@ def test_batch_rows_cover_each_epoch_once_and_pad_the_last_batch():
     assert not np.array_equal(a, b)  # a fresh permutation per epoch
     np.testing.assert_array_equal(rm_batch_rows(7, 4, n, B)[0], rm_batch_rows(7, 4, n, B)[0])
     assert not np.array_equal(rm_batch_rows(8, 0, n, B)[0], a)
-
-
-def test_holdout_split():
-    tr, ev = holdout_split(100, 0.1, seed=3)
-    assert len(ev) == 10 and len(tr) == 90 and set(tr).isdisjoint(ev) and set(tr) | set(ev) == set(range(100))
-    np.testing.assert_array_equal(holdout_split(100, 0.1, seed=3)[1], ev)
-    assert len(holdout_split(5, 0.01, 0)[1]) == 1 and len(holdout_split(5, 0.0, 0)[1]) == 0
 
 
 def test_group_accuracy_counts_equal_scores_half_and_skips_ties():

@@ -40,7 +40,7 @@ def add_parser(sub: Any) -> None:
                     "from --responses or --policy/--prompts; later runs continue it (new prompts "
                     "are added; --db alone serves what it holds).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="API: GET /api/next?annotator=NAME, POST /api/label (see README).\n"
+        epilog="API: GET /api/next?annotator=NAME, POST /api/label, POST /api/undo (see README).\n"
                "Off loopback, --token is required (or $" + TOKEN_ENV + "); open "
                "http://HOST:PORT/?token=T.")
     src = s.add_mutually_exclusive_group()
@@ -57,7 +57,8 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--k", type=int, help="responses per item (default: 2)")
     s.add_argument("--scale", type=int, metavar="N", help="rate mode: ratings 1..N (default: 7)")
     s.add_argument("--per-item", type=int, default=1, metavar="N",
-                   help="annotators per item, to measure agreement (default: 1)")
+                   help="annotators per item, to measure agreement (default: 1); enforced when an "
+                        "answer is stored")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     s.add_argument("--port", type=int, default=8765, help="port (default: 8765; 0 = any free one)")
     s.add_argument("--token", help=f"secret every request must carry (16+ URL-safe characters; "
@@ -74,7 +75,8 @@ def add_parser(sub: Any) -> None:
 
     e = cmds.add_parser("export", help="write the answers as pairwise / ranking / rating JSONL",
                         description="Write the answers as the records `ppo-rlhf train-rm` reads "
-                                    "(with annotator, time and item_id fields).")
+                                    "(with annotator, time and item_id fields). Opens --db "
+                                    "read-only.")
     e.add_argument("--db", metavar="FILE", required=True)
     e.add_argument("--out", metavar="FILE.jsonl", required=True)
     e.add_argument("--resolve", choices=("all", "majority"), default="all",
@@ -83,7 +85,10 @@ def add_parser(sub: Any) -> None:
                    help="keep tie records (train-rm drops them unless --ties keep) or drop them")
     e.set_defaults(func=run_export)
 
-    t = cmds.add_parser("stats", help="answers per annotator and inter-annotator agreement")
+    t = cmds.add_parser("stats", help="answers per annotator and inter-annotator agreement",
+                        description="Answers and skips per annotator; agreement: the pairwise rate, "
+                                    "Krippendorff's alpha, Fleiss' kappa and Cohen's kappa per pair "
+                                    "of annotators. Opens --db read-only.")
     t.add_argument("--db", metavar="FILE", required=True)
     t.add_argument("--json", action="store_true", help="print the numbers as JSON")
     t.set_defaults(func=run_stats)
@@ -222,7 +227,7 @@ def run_export(args: argparse.Namespace) -> int:
     from ppo_rlhf.feedback.annotate.export import write_export
     from ppo_rlhf.feedback.annotate.store import Store
 
-    with Store(args.db) as store:
+    with Store(args.db, readonly=True) as store:
         n = write_export(store, args.out, args.resolve, args.ties)
         kind = {"choose": "pairwise", "rank": "ranking", "rate": "rating"}[store.mode]
     print(f"{n} {kind} records ({args.resolve}) -> {args.out}")
@@ -233,7 +238,7 @@ def run_stats(args: argparse.Namespace) -> int:
     from ppo_rlhf.feedback.annotate.export import agreement_stats, format_stats
     from ppo_rlhf.feedback.annotate.store import Store
 
-    with Store(args.db) as store:
+    with Store(args.db, readonly=True) as store:
         s = agreement_stats(store)
     print(json.dumps(s, indent=2) if args.json else format_stats(s, args.db))
     sys.stdout.flush()

@@ -202,12 +202,13 @@ def run_demo(backend: str, out: str | os.PathLike, config: DemoConfig = DemoConf
 def _train_reward_model(backend: str, sft: Path, records: list, out: Path, config: DemoConfig,
                         max_length: int, progress: bool) -> dict[str, Any]:
     from ppo_rlhf.config import RMConfig
-    from ppo_rlhf.runtime.seeds import holdout_split
+    from ppo_rlhf.runtime.split import group_key, grouped_holdout_split
 
     rm = get_backend(backend)
     cfg = RMConfig(num_epochs=config.rm_epochs, learning_rate=config.rm_lr, seed=config.seed,
                    max_length=max_length, remat=config.supervised_remat.get(backend, "none"))
-    train_idx, eval_idx = holdout_split(len(records), cfg.eval_fraction, cfg.seed)
+    train_idx, eval_idx, _ = grouped_holdout_split([group_key(r) for r in records], cfg.eval_fraction,
+                                                   cfg.seed)  # by prompt: none on both sides
     trainer = rm.RewardModelTrainer(str(sft), cfg, out_dir=out)
     return trainer.fit([records[i] for i in train_idx], [records[i] for i in eval_idx], progress=progress,
                        label_quality=SYNTHETIC_LABELS)

@@ -14,6 +14,7 @@ is a one-line error and exit code 2. Neither backend is imported until the comma
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +76,10 @@ def add_train_rm_parser(sub: Any) -> None:
         description="Reward-model training (seed step 4). --model is a Hugging Face causal-LM "
                     "checkpoint (it gets a fresh score head) or a scalar-head checkpoint, with its "
                     "tokenizer. --data holds pairwise, ranking and/or rating records (JSONL; see "
-                    "ppo_rlhf/data/records.py). Without --eval-data a seeded --eval-fraction of the records "
-                    "is held out. Prints the held-out pairwise accuracy; --out gets the reward model "
+                    "ppo_rlhf/data/records.py). Without --eval-data a seeded --eval-fraction of the "
+                    "prompts is held out, with all their records (so no prompt is both trained on "
+                    "and held out). --max-length defaults to 128, or the model's n_positions if "
+                    "fewer (GPT-2). Prints the held-out pairwise accuracy; --out gets the reward model "
                     "(scores normalised to mean 0 / std 1 on the training sequences unless "
                     "--no-normalise), metrics.json and metrics.jsonl.")
     p.add_argument("--backend", choices=BACKENDS, default="jax")
@@ -85,7 +88,8 @@ def add_train_rm_parser(sub: Any) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output: the reward model + metrics")
     p.add_argument("--eval-data", metavar="FILE.jsonl", help="held-out preferences")
     p.add_argument("--eval-fraction", type=float,
-                   help="share of --data held out when --eval-data is absent (default: 0.1)")
+                   help="share of --data's prompts held out (all records of each) when --eval-data "
+                        "is absent (default: 0.1)")
     p.add_argument("--loss", choices=("bradley_terry", "plackett_luce", "best_of_k", "rating"),
                    help="default: bradley_terry")
     p.add_argument("--ties", choices=("drop", "keep"), help="tied preferences (default: drop)")
@@ -115,14 +119,17 @@ def _read_preferences(path: str, flag: str) -> list[Any]:
 
 def run_train_rm(args: argparse.Namespace) -> int:
     from ppo_rlhf.config import RMConfig
-    from ppo_rlhf.runtime.seeds import holdout_split
     from ppo_rlhf.data.encoding import reference_sequences
+    from ppo_rlhf.runtime.split import group_key, grouped_holdout_split
 
     _require_dir(args.model, "--model")
     out = _check_out(args.out)
     _check_checkpoint_every(args.checkpoint_every)
+    max_length = args.max_length
+    if max_length is None:  # the default, cut to what the model can take (GPT-2: n_positions)
+        max_length = _positions_limit(args.model, RMConfig.max_length)
     config = _config(RMConfig, learning_rate=args.lr, num_epochs=args.epochs,
-                     batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+                     batch_size=args.batch_size, max_length=max_length, seed=args.seed,
                      weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                      lr_schedule=args.lr_schedule, max_grad_norm=args.max_grad_norm,
                      loss=args.loss, ties=args.ties, margin_key=args.margin_key,
@@ -135,7 +142,8 @@ def run_train_rm(args: argparse.Namespace) -> int:
         eval_records = _read_preferences(args.eval_data, "--eval-data")
         train_records = records
     else:
-        train_idx, eval_idx = holdout_split(len(records), config.eval_fraction, config.seed)
+        train_idx, eval_idx, _ = grouped_holdout_split([group_key(r) for r in records],
+                                                       config.eval_fraction, config.seed)
         train_records = [records[i] for i in train_idx]
         eval_records = [records[i] for i in eval_idx] or None
     reference = None
@@ -151,11 +159,25 @@ def run_train_rm(args: argparse.Namespace) -> int:
                     progress=not args.no_progress, resume=args.resume, report_to=args.report_to,
                     label_quality=SYNTHETIC_LABELS)  # None for records it did not write
     if not m.get("stopped"):  # a signal: checkpoint written, the loop said so
-        _print_rm_summary(m, out)
+        groups = len({group_key(r) for r in eval_records}) if eval_records else 0
+        _print_rm_summary(m, out, groups)
     return 0
 
 
-def _print_rm_summary(m: dict[str, Any], out: Path) -> None:
+def _positions_limit(model: str, default: int) -> int:
+    """`default`, or less for a model with learned positions (GPT-2) that has fewer."""
+    try:
+        c = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return default  # the trainer reports a missing or bad config
+    limit = c.get("n_positions") if isinstance(c, dict) and c.get("model_type") == "gpt2" else None
+    if isinstance(limit, int) and 2 <= limit < default:
+        print(f"--max-length {limit} (the model's n_positions; default {default})", flush=True)
+        return limit
+    return default
+
+
+def _print_rm_summary(m: dict[str, Any], out: Path, groups: int) -> None:
     if m["eval_accuracy"] is None:
         print(f"no held-out data (eval_fraction=0 and no --eval-data); train accuracy "
               f"{m['train_accuracy']:.4f}")
@@ -164,8 +186,8 @@ def _print_rm_summary(m: dict[str, Any], out: Path) -> None:
         extra = f" (labeller noise ceiling {ceiling:.4f})" if ceiling is not None else ""
         if m.get("eval_expected_accuracy") is not None:
             extra += f"; expected over the label noise {m['eval_expected_accuracy']:.4f}"
-        print(f"held-out pairwise accuracy: {m['eval_accuracy']:.4f} on {m['eval_pairs']} pairs"
-              f"{extra}; train accuracy {m['train_accuracy']:.4f}")
+        print(f"held-out pairwise accuracy: {m['eval_accuracy']:.4f} on {m['eval_pairs']} pairs "
+              f"({groups} prompts){extra}; train accuracy {m['train_accuracy']:.4f}")
     print(f"reward model -> {out} (reward_gain {m['reward_gain']:.4g}, reward_bias "
           f"{m['reward_bias']:.4g}); metrics -> {out / 'metrics.json'}")
 
@@ -187,6 +209,10 @@ def add_pretrain_parser(sub: Any) -> None:
     p.add_argument("--model", metavar="DIR", help="checkpoint to fine-tune (default: a fresh model)")
     p.add_argument("--data", metavar="FILE", help="training examples (default: the task corpus)")
     p.add_argument("--eval-data", metavar="FILE", help="held-out examples for the eval loss")
+    p.add_argument("--eval-fraction", type=float, default=0.0, metavar="F",
+                   help="without --eval-data: hold out this share of --data's prompts, with all "
+                        "their examples, for the eval loss (a {\"text\"} example is its own "
+                        "group; default: 0, none)")
     p.add_argument("--steps", type=int, default=1000, help="optimiser steps (default: 1000)")
     p.add_argument("--model-size", choices=("tiny", "small"), default="small",
                    help="fresh model size (default: small, ~0.8M parameters)")
@@ -240,6 +266,20 @@ def run_pretrain(args: argparse.Namespace) -> int:
         raise UsageError("no data: pass --data FILE or --task")
     train = read_examples(args.data, "--data") if args.data is not None else None
     eval_ex = read_examples(args.eval_data, "--eval-data") if args.eval_data is not None else None
+    if not 0.0 <= args.eval_fraction <= 0.9:
+        raise UsageError(f"--eval-fraction {args.eval_fraction}: must be in [0, 0.9]")
+    if args.eval_fraction > 0:
+        if train is None or eval_ex is not None:
+            raise UsageError("--eval-fraction splits --data: give it with --data and without "
+                             "--eval-data")
+        from ppo_rlhf.runtime.split import grouped_holdout_split
+
+        # the group of a (prompt, response) example is its prompt; a plain text is its own
+        keys = [x[0] if isinstance(x, tuple) else x for x in train]
+        train_idx, eval_idx, groups = grouped_holdout_split(keys, args.eval_fraction, args.seed or 0)
+        train, eval_ex = [train[i] for i in train_idx], [train[i] for i in eval_idx]
+        print(f"held out {len(eval_ex)} of {len(train) + len(eval_ex)} examples ({groups} prompts) "
+              f"for the eval loss", flush=True)
     overrides = dict(num_steps=args.steps, seed=args.seed, batch_size=args.batch_size,
                      max_length=args.max_length, learning_rate=args.lr,
                      warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,

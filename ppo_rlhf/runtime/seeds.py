@@ -104,13 +104,5 @@ def sft_batch_indices(seed: int, step: int, n: int, batch_size: int) -> np.ndarr
     return np.asarray(out, np.int64)
 
 
-def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, eval rows): a seeded round(fraction * n) of n records held out (at least one
-    when fraction > 0 and n >= 2), both sorted."""
-    n_eval = 0 if fraction <= 0 or n < 2 else min(n - 1, max(1, round(fraction * n)))
-    perm = rng(seed, STREAM_HOLDOUT).permutation(n)
-    return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])
-
-
 __all__ = ["rng", "PromptStream", "minibatch_indices", "sampling_seed", "epoch_order",
-           "rm_batch_rows", "sft_batch_indices", "holdout_split"]
+           "rm_batch_rows", "sft_batch_indices"]

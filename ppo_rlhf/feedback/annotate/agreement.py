@@ -1,4 +1,5 @@
-"""Inter-annotator agreement: the pairwise agreement rate and Krippendorff's alpha.
+"""Inter-annotator agreement: the pairwise agreement rate, Krippendorff's alpha, Fleiss' kappa and
+Cohen's kappa per annotator pair.
 
 Both work on *units*: one thing that several annotators judged, with one value per annotator
 (`{unit: {annotator: value}}`); units with fewer than two values are not pairable and are ignored.
@@ -15,6 +16,14 @@ Both work on *units*: one thing that several annotators judged, with one value p
   for agreement at chance level, negative below it; None when D_e = 0 (one value throughout:
   nothing to tell apart) or no unit is pairable.
 
+* `fleiss_kappa(units)` (Fleiss 1971, nominal categories; units may have different numbers of
+  annotators): per unit `P_u = (sum_c n_uc^2 - n_u) / (n_u (n_u - 1))`, `P_o` = the mean of P_u
+  over pairable units, `p_c = sum_u n_uc / sum_u n_u`, `P_e = sum_c p_c^2`,
+  `kappa = (P_o - P_e) / (1 - P_e)`; None when P_e = 1 or no unit is pairable.
+* `cohen_kappas(units)` (Cohen 1960): for each pair of annotators, over the units both judged,
+  `p_o` = the share they agree on, `p_e = sum_c p_a(c) p_b(c)` from each one's own category shares
+  on those units, `kappa = (p_o - p_e) / (1 - p_e)` -> `{(a, b): (kappa or None, units)}`, a < b.
+
 `units_for(mode, answers)` builds the units of each labelling mode from stored answers:
 choose -> one unit per item, nominal values 0 / 1 / "tie"; rank -> one unit per item and pair of
 responses (i < j), nominal values "i" / "j" / "tie" (who is ranked higher); rate -> one unit per
@@ -27,7 +36,8 @@ import itertools
 from collections import Counter, defaultdict
 from typing import Any, Hashable, Iterable, Mapping
 
-__all__ = ["krippendorff_alpha", "pairwise_agreement", "units_for", "annotator_agreement"]
+__all__ = ["krippendorff_alpha", "pairwise_agreement", "units_for", "annotator_agreement",
+           "fleiss_kappa", "cohen_kappas"]
 
 Units = Mapping[Hashable, Mapping[str, Any]]
 
@@ -79,6 +89,41 @@ def krippendorff_alpha(units: Units, metric: str = "nominal") -> float | None:
     if d_e == 0:
         return None
     return 1.0 - d_o / d_e
+
+
+def fleiss_kappa(units: Units) -> float | None:
+    """Fleiss' kappa of `units` (nominal values; see the module docstring)."""
+    per_unit = [Counter(_hashable(v) for v in values) for values in _pairable(units)]
+    if not per_unit:
+        return None
+    p_o = sum((sum(n * n for n in c.values()) - sum(c.values()))
+              / (sum(c.values()) * (sum(c.values()) - 1)) for c in per_unit) / len(per_unit)
+    totals: Counter = Counter()
+    for c in per_unit:
+        totals.update(c)
+    n = sum(totals.values())
+    p_e = sum((t / n) ** 2 for t in totals.values())
+    return None if p_e >= 1.0 else (p_o - p_e) / (1.0 - p_e)
+
+
+def cohen_kappas(units: Units) -> dict[tuple[str, str], tuple[float | None, int]]:
+    """Cohen's kappa of every pair of annotators who judged a unit in common."""
+    shared: dict[tuple[str, str], list[tuple[Any, Any]]] = defaultdict(list)
+    for values in units.values():
+        for a, b in itertools.combinations(sorted(values), 2):
+            shared[a, b].append((_hashable(values[a]), _hashable(values[b])))
+    out = {}
+    for pair, rows in sorted(shared.items()):
+        m = len(rows)
+        p_o = sum(x == y for x, y in rows) / m
+        ca, cb = Counter(x for x, _ in rows), Counter(y for _, y in rows)
+        p_e = sum(ca[c] * cb[c] for c in ca) / (m * m)
+        out[pair] = (None if p_e >= 1.0 else (p_o - p_e) / (1.0 - p_e), m)
+    return out
+
+
+def _hashable(v: Any) -> Hashable:
+    return tuple(map(_hashable, v)) if isinstance(v, list) else v
 
 
 def _distance(metric: str, categories: list[Any], n_c: Mapping[Any, float]):

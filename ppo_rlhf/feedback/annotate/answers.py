@@ -68,6 +68,9 @@ def check_annotator(name: Any) -> str:
 def check_item_id(item_id: Any) -> int:
     if isinstance(item_id, bool) or not isinstance(item_id, int):
         raise AnswerError('"item_id" must be an integer')
+    if not 1 <= item_id < 2 ** 63:  # item ids are SQLite's positive 64-bit row ids
+        raise AnswerError(f"unknown item {item_id}" if abs(item_id) < 10 ** 30
+                          else '"item_id" is out of range')
     return item_id
 
 

@@ -33,8 +33,8 @@ from typing import Any
 
 from ppo_rlhf.data import Record, write_records
 from ppo_rlhf.errors import UsageError
-from ppo_rlhf.feedback.annotate.agreement import (annotator_agreement, krippendorff_alpha,
-                                                  pairwise_agreement, units_for)
+from ppo_rlhf.feedback.annotate.agreement import (annotator_agreement, cohen_kappas, fleiss_kappa,
+                                                  krippendorff_alpha, pairwise_agreement, units_for)
 from ppo_rlhf.feedback.annotate.store import Store, StoredAnswer
 from ppo_rlhf.feedback.terminal import records_for
 
@@ -149,6 +149,9 @@ def agreement_stats(store: Store) -> dict[str, Any]:
         "agreement": {"agree": agree, "pairs": pairs,
                       "rate": agree / pairs if pairs else None},
         "alpha": {m: krippendorff_alpha(units, m) for m in metrics},
+        "fleiss_kappa": fleiss_kappa(units),
+        "cohen_kappa": [{"annotators": list(pair), "kappa": kappa, "units": n}
+                        for pair, (kappa, n) in cohen_kappas(units).items()],
     }
 
 
@@ -171,4 +174,9 @@ def format_stats(s: dict[str, Any], db: str | Path) -> str:
                  f"pairs agree, over {s['units']} {s['unit']}s judged by 2 or more)")
     for metric, alpha in s["alpha"].items():
         lines.append(f"Krippendorff's alpha ({metric}): {_num(alpha)}")
+    lines.append(f"Fleiss' kappa{' (ratings as categories)' if s['mode'] == 'rate' else ''}: "
+                 f"{_num(s['fleiss_kappa'])}")
+    for c in s["cohen_kappa"]:
+        a, b = c["annotators"]
+        lines.append(f"Cohen's kappa {a} / {b}: {_num(c['kappa'])} ({c['units']} {s['unit']}s)")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ let item = null;       // the item shown: the answer of api/next
 let sel = null;        // the answer being built, in shown indices (0-based)
 let tieNext = false;   // rank mode: the next response joins the last group ("=")
 let busy = false;      // a request is in flight: input is ignored
+let last = null;       // {item_id, skipped} of this annotator's latest answer: it can be undone
 
 function show(section) {
   for (const id of ["login", "item", "done"]) $(id).hidden = id !== section;
@@ -62,8 +63,9 @@ async function loadNext() {
     setProgress(data.progress);
     if (data.done) {
       item = null;
+      const skipped = data.progress.skipped ? " and skipped " + data.progress.skipped : "";
       $("done-text").textContent = "All done, " + annotator + ": you have answered " +
-        data.progress.done + " item(s). Thank you! (Reload later to check for more.)";
+        data.progress.done + " item(s)" + skipped + ". Thank you! (Reload later to check for more.)";
       show("done");
     } else {
       item = data;
@@ -85,6 +87,7 @@ function logout(forget) {
   if (forget) localStorage.removeItem(NAME_KEY);
   annotator = null;
   item = null;
+  setLast(null);
   $("who").textContent = "";
   $("progress").textContent = "";
   $("bar").hidden = true;
@@ -96,25 +99,53 @@ function logout(forget) {
 async function post(answer) {
   if (busy || !item) return;
   busy = true;
+  const answered = {item_id: item.item_id, skipped: answer.skip === true};
   try {
     await api("api/label", Object.assign({item_id: item.item_id, annotator: annotator}, answer));
   } catch (e) {
-    await afterFailure(e.message);
+    await afterFailure(e.message, answered);
     busy = false;
     return;
   }
+  setLast(answered);
   await loadNext();  // only now, with the answer committed, comes the next item
+}
+
+// The latest answer or skip can be taken back while it is still this annotator's latest: the
+// server deletes it and hands the item out to them again, next.
+function setLast(value) {
+  last = value;
+  $("undo-bar").hidden = last === null;
+  if (last !== null) {
+    $("undo-text").textContent = last.skipped ? "Item skipped." : "Answer saved.";
+  }
+}
+
+async function undoLast() {
+  if (busy || last === null || !annotator) return;
+  busy = true;
+  const target = last;
+  setLast(null);
+  try {
+    await api("api/undo", {item_id: target.item_id, annotator: annotator});
+  } catch (e) {
+    setError("Cannot undo: " + e.message);
+    busy = false;
+    return;
+  }
+  await loadNext();  // the undone item, reserved for this annotator again
 }
 
 // A failed answer may still have been stored: the server committed it and then died before its
 // reply (or the reply was lost). If the server now hands out another item, this one is done;
 // otherwise the answer stays on screen, to be sent again.
-async function afterFailure(message) {
+async function afterFailure(message, answered) {
   let data = null;
   try {
     data = await api("api/next?annotator=" + encodeURIComponent(annotator));
   } catch (e) { /* still unreachable */ }
   if (data && (data.done || data.item_id !== item.item_id)) {
+    setLast(answered);
     await loadNext();
     setError("Your answer to the previous item had already been saved.");
   } else {
@@ -292,7 +323,8 @@ function renderHelp() {
            "t: all tied"],
     rate: ["1..SCALE: rate the next unrated response"],
   }[item.mode].concat(["Enter: submit", "Backspace: undo the last step", "Escape: start over",
-                       "s: skip this item (it will not come back)", "?: show or hide this help"]);
+                       "s: skip this item (u right after brings it back)",
+                       "u: undo your last answer or skip", "?: show or hide this help"]);
   $("help-list").replaceChildren(...lines.map((line) => {
     const li = document.createElement("li");
     li.textContent = line.replace("SCALE", String(item.scale)).replace("K", String(item.k));
@@ -302,8 +334,14 @@ function renderHelp() {
 
 // ---- input ---------------------------------------------------------------------------------
 document.addEventListener("keydown", (e) => {
-  if (e.ctrlKey || e.metaKey || e.altKey || busy || !item || $("item").hidden) return;
+  if (e.ctrlKey || e.metaKey || e.altKey || busy) return;
   if (e.target instanceof HTMLInputElement || e.target instanceof HTMLTextAreaElement) return;
+  if (e.key === "u" && last !== null && annotator) {  // on the item page and the done page
+    e.preventDefault();
+    undoLast();
+    return;
+  }
+  if (!item || $("item").hidden) return;
   const key = e.key;
   if (key === "Enter") submit();
   else if (key === "s") post({skip: true});
@@ -325,6 +363,7 @@ onClick("tie", tieAll);
 onClick("clear", () => { resetAnswer(); renderAnswer(); });
 onClick("skip", () => post({skip: true}));
 $("change-name").addEventListener("click", () => logout(true));
+$("undo").addEventListener("click", (e) => { e.currentTarget.blur(); undoLast(); });
 
 $("login-form").addEventListener("submit", (e) => {
   e.preventDefault();
