@@ -56,8 +56,8 @@ def test_train_rm_holds_out_whole_prompts(tmp_path, monkeypatch, capsys):
     about 11 of 12 held-out prompts in the training set too."""
     import ppo_rlhf.app.supervised as sup
 
-    monkeypatch.setattr(sup, "backend_module",
-                        lambda backend, module: types.SimpleNamespace(RewardModelTrainer=_FakeTrainer))
+    monkeypatch.setattr(sup, "get_backend",
+                        lambda backend: types.SimpleNamespace(RewardModelTrainer=_FakeTrainer))
     data = tmp_path / "prefs.jsonl"
     write_records(data, _records())
     rc = main(["train-rm", "--backend", "torch", "--model", str(tmp_path),
@@ -74,8 +74,8 @@ def test_train_rm_default_max_length_fits_a_gpt2_model(tmp_path, monkeypatch, ca
 
     import ppo_rlhf.app.supervised as sup
 
-    monkeypatch.setattr(sup, "backend_module",
-                        lambda backend, module: types.SimpleNamespace(RewardModelTrainer=_FakeTrainer))
+    monkeypatch.setattr(sup, "get_backend",
+                        lambda backend: types.SimpleNamespace(RewardModelTrainer=_FakeTrainer))
     data = tmp_path / "prefs.jsonl"
     write_records(data, _records())
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_positions": 64}))
