@@ -255,15 +255,18 @@ class _Handler(BaseHTTPRequestHandler):
             return {"done": True, **common}
         return {"item_id": item.id, "prompt": item.prompt, "responses": item.shown, **common}
 
-    def _label(self) -> dict[str, Any]:
+    def _item_and_annotator(self) -> tuple[dict[str, Any], int, str]:
+        """The JSON object body of an answer or an undo, and its checked item id and annotator."""
         body = self._read_json()
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
         for key in ("item_id", "annotator"):
             if key not in body:
                 raise ApiError(400, f'"{key}" is missing')
-        item_id = check_item_id(body["item_id"])
-        annotator = check_annotator(body["annotator"])
+        return body, check_item_id(body["item_id"]), check_annotator(body["annotator"])
+
+    def _label(self) -> dict[str, Any]:
+        body, item_id, annotator = self._item_and_annotator()
         s = self.server
         answer = parse_answer(body, s.store.mode, s.store.k, s.store.scale)
         # the quota is checked in the answer's own transaction; committed (fsynced) on return
@@ -271,17 +274,10 @@ class _Handler(BaseHTTPRequestHandler):
         return {"ok": True, "progress": s.store.progress(annotator, per_item=s.per_item)}
 
     def _undo(self) -> dict[str, Any]:
-        body = self._read_json()
-        if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object")
+        body, item_id, annotator = self._item_and_annotator()
         unknown = sorted(set(body) - {"item_id", "annotator"})
         if unknown:
             raise ApiError(400, f'unknown field "{unknown[0][:40]}"')
-        for key in ("item_id", "annotator"):
-            if key not in body:
-                raise ApiError(400, f'"{key}" is missing')
-        item_id = check_item_id(body["item_id"])
-        annotator = check_annotator(body["annotator"])
         s = self.server
         s.store.undo(item_id, annotator, per_item=s.per_item, reserve_s=s.reserve_s)
         return {"ok": True, "progress": s.store.progress(annotator, per_item=s.per_item)}
