@@ -206,6 +206,24 @@ class ModelCore:
         with torch.no_grad():
             return _np(fn(*args, **kw))
 
+    @property
+    def generation(self) -> Any:
+        """The core's `generate` module (generate, filter_logits, sample_token)."""
+        import importlib
+
+        return importlib.import_module(f"ppo_{self.name}.generate")
+
+    def random(self, seed: int) -> dict[str, Any]:
+        """generate's keyword for its own random source, seeded: a JAX key or a torch Generator."""
+        if self.name == "jax":
+            return {"key": jax.random.key(seed)}
+        return {"generator": torch.Generator().manual_seed(seed)}
+
+    def generate(self, model: Any, *args: Any, **kw: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`generate(model, ...)` (numpy prompts and noise are taken by both): (response ids,
+        mask, log-probs) as numpy."""
+        return tuple(_np(x) for x in self.generation.generate(model, *args, **kw))
+
     def score_head(self, model: Any) -> np.ndarray:
         """A scalar model's head as [1, H] (the on-disk `score.weight`)."""
         if self.name == "jax":

@@ -1,5 +1,6 @@
-"""ppo_jax.generate: the sampling rule on hand-made logits, EOS / masks / pads, log-probs equal to
-a full forward, determinism given a key, no recompilation (new key, new weights), bfloat16."""
+"""What only ppo_jax.generate has: the jitted sampling rule, keys and their determinism, log-probs equal
+to a full forward, no recompilation (new key, new weights), tracing inside jit, bfloat16. Both cores'
+shared tests: tests/test_generate.py."""
 
 from __future__ import annotations
 
@@ -41,29 +42,6 @@ def ref_logprobs(model, q, qm, r, rm, temperature):
 
 
 # ---- the rule on hand-made logits ---------------------------------------------------------------
-def test_filters_on_hand_made_logits():
-    x = jnp.log(jnp.asarray([[0.5, 0.25, 0.125, 0.0625, 0.0625]], jnp.float32))
-    keep = lambda f: np.isfinite(np.asarray(f))[0].tolist()  # noqa: E731
-    assert keep(filter_logits(x, top_k=2)) == [True, True, False, False, False]
-    assert keep(filter_logits(x, top_k=5)) == [True] * 5
-    # nucleus: the smallest prefix with mass >= p
-    assert keep(filter_logits(x, top_p=0.5)) == [True, False, False, False, False]
-    assert keep(filter_logits(x, top_p=0.51)) == [True, True, False, False, False]
-    assert keep(filter_logits(x, top_p=0.75)) == [True, True, False, False, False]
-    assert keep(filter_logits(x, top_p=0.8)) == [True, True, True, False, False]
-    assert keep(filter_logits(x, top_p=1e-6)) == [True, False, False, False, False]  # top kept
-    # the last two are tied: keeping one keeps both, whatever order a sort puts them in
-    assert keep(filter_logits(x, top_p=0.9)) == [True] * 5
-    # top-p runs on the top-k-renormalised distribution: {0.5, 0.25, 0.125} / 0.875
-    assert keep(filter_logits(x, top_k=3, top_p=0.8)) == [True, True, False, False, False]
-    assert keep(filter_logits(x, top_k=3, top_p=0.86)) == [True, True, True, False, False]
-    # ties at the k-th value are kept
-    t = jnp.asarray([[3.0, 1.0, 3.0, 2.0]])
-    assert keep(filter_logits(t, top_k=1)) == [True, False, True, False]
-    # kept logits are unchanged
-    np.testing.assert_array_equal(np.asarray(filter_logits(x, top_k=2))[0, :2], np.asarray(x)[0, :2])
-
-
 @pytest.mark.parametrize("kw", [dict(), dict(temperature=0.6), dict(top_k=7), dict(top_p=0.6),
                                 dict(temperature=1.7, top_k=40, top_p=0.9), dict(greedy=True)])
 def test_sample_token_matches_numpy_reference(kw):
@@ -137,51 +115,6 @@ def test_logprobs_equal_full_forward_and_key_determinism(gpt2):
     np.testing.assert_allclose(lps, ref, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("source", ["greedy", "noise", "key"])
-def test_eos_ends_a_row_pads_after(gpt2, source):
-    q, qm = _batch(seed=1)
-    N = 10
-    rand = dict(greedy=dict(greedy=True), noise=dict(noise=nz.gumbel_noise(5, 4, N, V)),
-                key=dict(key=jax.random.key(5)))[source]
-    ids0, _, lps0 = _np(generate(gpt2, q, qm, max_new_tokens=N, **rand))
-    eos, pad = int(ids0[0, 3]), 7
-    out = _np(generate(gpt2, q, qm, max_new_tokens=N, eos_token_id=eos, pad_token_id=pad, **rand))
-    want = nz.apply_eos(ids0, lps0, eos, pad)
-    for got, exp, name in zip(out, want, ("ids", "mask", "logprobs")):
-        np.testing.assert_array_equal(got, exp, err_msg=name)
-    assert out[1][0].sum() <= 4 and out[0][0, -1] == pad
-    # masks are contiguous prefixes, at least one token long; the last real token of a row that
-    # stopped is the EOS
-    m = out[1]
-    assert (np.diff(m, axis=1) <= 0).all() and m[:, 0].all()
-    stopped = m.sum(1) < N
-    assert (out[0][stopped, m[stopped].sum(1) - 1] == eos).all()
-
-
-def test_every_row_finishes_early(gpt2):
-    """All rows hit EOS at step 0: the while_loop leaves at once; shapes stay static."""
-    q, qm = _batch(seed=3)
-    first = np.asarray(generate(gpt2, q, qm, max_new_tokens=1, greedy=True).response_ids)[:, 0]
-    q, qm = q[:1], qm[:1]
-    out = _np(generate(gpt2, q, qm, max_new_tokens=16, greedy=True, eos_token_id=int(first[0]),
-                       pad_token_id=5))
-    assert out[0].shape == (1, 16)
-    assert out[0][0, 0] == first[0] and (out[0][0, 1:] == 5).all()
-    assert out[1].tolist() == [[1] + [0] * 15] and (out[2][0, 1:] == 0).all() and out[2][0, 0] < 0
-
-
-def test_single_new_token_and_policy_with_value_head(tiny_checkpoint, gpt2):
-    q, qm = _batch(seed=3)
-    pv = jm.load_pretrained(tiny_checkpoint("gpt2"), with_value_head=True)
-    a = _np(generate(gpt2, q, qm, max_new_tokens=1, greedy=True))
-    b = _np(generate(pv, q, qm, max_new_tokens=1, greedy=True))
-    assert a[0].shape == (4, 1)
-    for x, y in zip(a, b):
-        np.testing.assert_array_equal(x, y)
-    logits = np.asarray(gpt2(jnp.asarray(q), attention_mask=jnp.asarray(qm)))[:, -1]
-    np.testing.assert_array_equal(a[0][:, 0], logits.argmax(-1))
-
-
 def test_no_recompilation_new_key_and_new_weights(tiny_checkpoint):
     lm = jm.load_pretrained(tiny_checkpoint("gpt2"))
     q, qm = _batch(seed=4)
@@ -250,28 +183,12 @@ def test_bfloat16(tiny_checkpoint, arch):
     assert np.abs(ref_logprobs(lm32, q, qm, ids, mask, temperature=0.8) - lps).max() > 1e-3
 
 
-def test_bad_arguments(gpt2):
+def test_generate_needs_a_random_source(gpt2):
+    """JAX has no global RNG: sampling without greedy, noise or a key is an error naming the key
+    (the other bad arguments, both cores: tests/test_generate.py)."""
     q, qm = _batch()
-    ok = dict(max_new_tokens=4, greedy=True)
     with pytest.raises(ValueError, match="key=jax.random.key"):
         generate(gpt2, q, qm, max_new_tokens=4)
-    for kw, msg in [(dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=0.0), "temperature"),
-                    (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
-                    (dict(eos_token_id=-1), "eos_token_id")]:
-        with pytest.raises(ValueError, match=msg):
-            generate(gpt2, q, qm, **{**ok, **kw})
-    with pytest.raises(ValueError, match="noise must be"):
-        generate(gpt2, q, qm, max_new_tokens=4, noise=np.zeros((4, 3, V), np.float32))
-    with pytest.raises(ValueError, match="vocab dimension"):
-        generate(gpt2, q, qm, max_new_tokens=4, noise=np.zeros((4, 4, V - 1), np.float32))
-    with pytest.raises(ValueError, match="left padding"):
-        generate(gpt2, q, qm[:, ::-1], **ok)  # right-padded prompts
-    empty = qm.copy()
-    empty[2] = 0
-    with pytest.raises(ValueError, match="no real token"):
-        generate(gpt2, q, empty, **ok)
-    with pytest.raises(ValueError, match="must match"):
-        generate(gpt2, q, qm[:, 1:], **ok)
 
 
 def test_a_persistent_cache_hit_still_counts_as_a_compilation():
