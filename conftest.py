@@ -94,3 +94,16 @@ def tiny_checkpoint(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one intra-op thread for a module (`pytestmark = pytest.mark.usefixtures(...)`):
+    tiny models gain nothing from intra-op threads, and on a busy 2-core machine (pytest -n 2)
+    OpenMP threads spinning against each other make a 40 ms generation take seconds."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

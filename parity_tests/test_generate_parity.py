@@ -40,14 +40,7 @@ MIN_MARGIN = 1e-4
 SEED = 15  # prompts and noise; smallest margin over all archs and paths: 1.7e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine (pytest -n 2)
-    OpenMP threads spinning against each other make a 40 ms generation take seconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(autouse=True)

@@ -15,14 +15,7 @@ from ppo_torch.generate import GenerationOutput, filter_logits, generate, sample
 V = 512
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine (pytest -n 2)
-    OpenMP threads spinning against each other make a 40 ms generation take seconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def _np(out: GenerationOutput):
