@@ -113,7 +113,14 @@ def compile_program(name: str, fn: Callable, args: tuple, state_args: tuple,
         if "RESOURCE_EXHAUSTED" not in text and "exceeds" not in text:
             raise
         line = next((ln for ln in text.splitlines() if "RESOURCE_EXHAUSTED" in ln or "exceeds" in ln), text)
-        return ProgramPlan(name, compile_s=time.perf_counter() - t0, error=line.strip()[:300])
+        p = ProgramPlan(name, compile_s=time.perf_counter() - t0, error=line.strip()[:300])
+        # "... HLO temporaries (56.08G) exceeds available HBM (15.75G)": XLA's own figure (GiB)
+        need = re.search(r"temporaries \(([0-9.]+)([KMGT])\)", line)
+        if need:
+            p.temp_bytes = int(float(need.group(1)) * 1024 ** ("KMGT".index(need.group(2)) + 1))
+        p.resident_bytes = resident_state_bytes
+        p.peak_bytes = p.resident_bytes + p.temp_bytes
+        return p
     compile_s = time.perf_counter() - t0
     m = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -251,7 +258,7 @@ def format_plan(plan: Plan, config: Any) -> str:
              ]
     for p in plan.programs:
         if p.error:
-            lines.append(f"{p.name:<16}  XLA refused: {p.error}")
+            lines.append(f"{p.name:<16}  XLA refused it: {p.error}")
             continue
         lines.append(f"{p.name:<16} {g(p.argument_bytes)} {g(p.temp_bytes)} {g(p.output_bytes)} "
                      f"{g(p.alias_bytes)} {g(p.resident_bytes)} {g(p.peak_bytes)}  "

@@ -68,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     # several processes may load libtpu here at once (tests, a table): it allows one by default
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    if "JAX_PLATFORMS" not in os.environ:  # compile-only: no TPU runtime to start (and no noise)
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
     from ppo_jax.plan import format_plan, max_batch_size, plan_ppo, topology_devices
 
     devices, _ = topology_devices(args.topology)  # a bad name: exit 2 before anything else

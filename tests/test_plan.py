@@ -1,0 +1,142 @@
+"""`ppo-rlhf plan`: a tiny model's whole PPO iteration compiled for a v5e:2x2 slice (four
+compile-only TPU chips from libtpu) from this CPU machine, the report's bytes checked against
+what the chips must hold (bounds from parameter counts), a too-large batch a clean "does not
+fit" (exit 1), bad input exit 2; and the abstract trainer is the real one (same shardings)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+pytest.importorskip("libtpu", reason="ppo-rlhf plan compiles for TPU: needs libtpu (make setup)")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # xdist workers load libtpu each
+
+from ppo_rlhf.app.cli import main  # noqa: E402
+
+CHIPS = 4
+TINY = dict(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
+            tie_word_embeddings=True, eos_token_id=1, hidden_act="silu")
+
+
+def qwen2_params(c: dict, *, scalar: bool = False) -> int:
+    """Parameters of a qwen2 model from its config, by hand (tied embeddings): the bound's source."""
+    h, i, L, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    hd = h // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    layer = (h * q + q) + 2 * (h * kv + kv) + q * h + 3 * h * i + 2 * h  # qkv (+bias), o, mlp, norms
+    return V * h + L * layer + h + (h if scalar else 0)
+
+
+def _write(tmp_path, name, cfg):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_plan_tiny_ppo_iteration_v5e(tmp_path, capsys):
+    model = _write(tmp_path, "tiny", TINY)
+    out = tmp_path / "plan.json"
+    rc = main(["plan", "--model", str(model), "--reward-model", str(model / "config.json"),
+               "--topology", "v5e:2x2", "--set", "batch_size=8", "--set", "max_prompt_len=16",
+               "--set", "max_new_tokens=16", "--json", str(out)])
+    assert rc == 0, capsys.readouterr()
+    report = json.loads(out.read_text())
+    assert report["topology"] == "v5e:2x2" and report["chips"] == CHIPS and report["fits"] is True
+    assert report["hbm_bytes_per_chip"] == 16 * 1024 ** 3
+    progs = {p["name"]: p for p in report["programs"]}
+    assert set(progs) == {"generate", "rollout_forward", "advantages", "update"}
+    for p in progs.values():
+        for k in ("argument_bytes", "temp_bytes", "output_bytes", "alias_bytes", "resident_bytes",
+                  "peak_bytes", "flops"):
+            assert k in p
+        assert p["error"] is None and p["peak_bytes"] == p["resident_bytes"] + p["temp_bytes"]
+    # what the chips must hold, from parameter counts (float32): policy + critic with AdamW's two
+    # moments (12 bytes each), reference + reward model (4 bytes each). Spread over 4 chips at
+    # best (a dimension that does not divide is replicated), all of it on one chip at worst.
+    n_lm, n_rm = qwen2_params(TINY), qwen2_params(TINY, scalar=True)
+    trained = 12 * (n_lm + n_rm)  # policy + critic (copied from the reward model)
+    frozen = 4 * (n_lm + n_rm)  # reference + reward model
+    assert (trained + frozen) / CHIPS <= report["resident_state_bytes"] <= trained + frozen
+    upd = progs["update"]
+    assert upd["argument_bytes"] >= trained / CHIPS  # params + both moments are its arguments
+    assert upd["alias_bytes"] >= trained / CHIPS  # ... donated: updated in place
+    assert progs["generate"]["argument_bytes"] >= 4 * n_lm / CHIPS  # the policy's weights
+    assert progs["rollout_forward"]["argument_bytes"] >= (4 * (n_lm + n_rm) + frozen) / CHIPS
+    assert all(p["resident_bytes"] >= report["resident_state_bytes"] for p in progs.values())
+    assert report["peak_bytes"] == max(p["peak_bytes"] for p in progs.values())
+    assert upd["flops"] > 0 and report["compile_s"] > 0
+    assert "verdict: FITS" in capsys.readouterr().out
+
+
+def test_plan_too_large_batch_is_exit_1(tmp_path, capsys):
+    # a 1M-token vocabulary: 512 x 8 response tokens of float32 logits are ~4 GiB per chip per
+    # copy, and the scoring forward holds several (measured: 19.8 GiB of temporaries per chip)
+    model = _write(tmp_path, "wide", dict(TINY, vocab_size=1 << 20))
+    rc = main(["plan", "--model", str(model), "--reward-model", str(model), "--topology", "v5e:2x2",
+               "--set", "batch_size=512", "--set", "max_prompt_len=8", "--set", "max_new_tokens=8",
+               "--set", "ppo_epochs=1"])
+    out, err = capsys.readouterr()
+    assert rc == 1, err
+    assert "verdict: DOES NOT FIT" in out and "remat=full" in out and "Traceback" not in out + err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--topology", "v9:2x2"], "unknown topology"),
+    (["--topology", "v5e:3x7"], "topology 'v5e:3x7'"),
+    (["--topology", "v5e:2x2", "--set", "frozen_dtype=float16"], "frozen_dtype"),
+    (["--topology", "v5e:2x2", "--mesh", "fsdp=3"], "mesh"),
+])
+def test_plan_bad_input_is_exit_2(tmp_path, capsys, args, message):
+    model = _write(tmp_path, "tiny", TINY)
+    assert main(["plan", "--model", str(model), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_plan_missing_config_is_exit_2(tmp_path, capsys):
+    assert main(["plan", "--model", str(tmp_path / "nothing"), "--topology", "v5e:2x2"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_max_batch_size_bisection():
+    from ppo_jax.plan import Plan, max_batch_size
+
+    for limit in (0, 4, 12, 40, 44, 1000):
+        seen = []
+
+        def run(b, limit=limit):
+            seen.append(b)
+            return Plan("t", 1, 1, "", fits=b <= limit, batch_size=b)
+
+        best, plan = max_batch_size(run, 4, 8)
+        assert best == limit // 4 * 4, (limit, best, seen)
+        assert (plan is None) == (best == 0)
+        assert len(seen) <= 2 * max(limit // 4, 2).bit_length() + 2  # logarithmic
+
+
+def test_abstract_trainer_matches_the_real_one(tiny_checkpoint):
+    """The planned trainer is the real one built on abstract models: the same parameter tree,
+    shapes, dtypes and shardings (on 1 CPU device here) as a trainer that loaded the weights."""
+    import jax
+
+    from ppo_jax.models import load_pretrained, load_scalar_model
+    from ppo_jax.ppo import PPOTrainer
+    from ppo_rlhf import PPOConfig
+
+    lm = tiny_checkpoint("qwen2")
+    rm = tiny_checkpoint("qwen2", kind="scalar", seed=1)
+    cfg = PPOConfig(batch_size=2, max_prompt_len=4, max_new_tokens=4, frozen_dtype="bfloat16")
+    real = PPOTrainer(str(lm), str(rm), config=cfg, mesh="fsdp=1", eos_token_id=None, pad_token_id=0)
+    abstract = PPOTrainer(load_pretrained(lm, abstract=True), load_scalar_model(rm, abstract=True),
+                          config=cfg, mesh="fsdp=1", eos_token_id=None, pad_token_id=0)
+
+    def sig(tree):
+        return jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype), x.sharding.spec), tree)
+
+    assert sig(abstract.resident_state()) == sig(real.resident_state())
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract.resident_state()))
