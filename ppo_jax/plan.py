@@ -52,6 +52,10 @@ class ProgramPlan:
     peak_bytes: int = 0
     flops: float = 0.0
     compile_s: float = 0.0
+    collective_bytes: dict[str, int] = field(default_factory=dict)
+    """Bytes per chip produced by each kind of collective in the compiled program's text
+    (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute); an op inside a loop
+    (the scan over layers, the decode loop, the update's scan) is counted ONCE, not per trip."""
     error: str | None = None
     """XLA's refusal (e.g. RESOURCE_EXHAUSTED: more temporaries than HBM); the program does not fit."""
 
@@ -128,11 +132,37 @@ def compile_program(name: str, fn: Callable, args: tuple, state_args: tuple,
     p = ProgramPlan(name, argument_bytes=int(m.argument_size_in_bytes),
                     temp_bytes=int(m.temp_size_in_bytes), output_bytes=int(m.output_size_in_bytes),
                     alias_bytes=int(m.alias_size_in_bytes), flops=float(cost.get("flops", 0.0)),
-                    compile_s=compile_s)
+                    compile_s=compile_s, collective_bytes=collective_bytes(compiled.as_text()))
     batch_args = max(p.argument_bytes - tree_nbytes(state_args), 0)
     p.resident_bytes = resident_state_bytes + batch_args + max(p.output_bytes - p.alias_bytes, 0)
     p.peak_bytes = p.resident_bytes + p.temp_bytes
     return p
+
+
+_COLLECTIVE = re.compile(r"=\s*(.+?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"
+                         r"collective-permute)(-done)?\(")
+_ARRAY = re.compile(r"\b(pred|s8|u8|s16|u16|bf16|f16|s32|u32|f32|s64|u64|f64)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
+          "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    """Result bytes of each collective kind in an HLO module's text (SPMD-partitioned: per chip).
+    Synchronous ops and the `-done` halves of asynchronous ones count (a `-start` returns its
+    input too)."""
+    out: dict[str, int] = {}
+    for line in hlo_text.splitlines():
+        m = _COLLECTIVE.search(line)
+        if not m or f"{m.group(2)}-start(" in line:
+            continue
+        n = 0
+        for dtype, dims in _ARRAY.findall(m.group(1)):
+            size = _BYTES[dtype]
+            for d in filter(None, dims.split(",")):
+                size *= int(d)
+            n += size
+        out[m.group(2)] = out.get(m.group(2), 0) + n
+    return out
 
 
 def _largest_state(state: Any, n: int = 6) -> list[dict[str, Any]]:
@@ -265,6 +295,12 @@ def format_plan(plan: Plan, config: Any) -> str:
                      f"{'yes' if p.peak_bytes <= plan.hbm_bytes_per_chip else 'NO ':<4} {p.compile_s:9.1f}")
     lines.append(f"iteration peak {plan.peak_bytes / div:.3f} {unit} of {plan.hbm_bytes_per_chip / GiB:.2f} GiB "
                  f"per chip (compiled in {plan.compile_s:.1f} s)")
+    if any(p.collective_bytes for p in plan.programs):
+        lines.append("collectives per chip (each loop body counted once):")
+        for p in plan.programs:
+            if p.collective_bytes:
+                lines.append(f"  {p.name:<16} " + ", ".join(
+                    f"{k} {v / div:.3f} {unit}" for k, v in sorted(p.collective_bytes.items())))
     if plan.max_batch_size is not None:
         lines.append(f"largest batch_size that fits: {plan.max_batch_size}")
     if plan.fits:

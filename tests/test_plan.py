@@ -70,6 +70,10 @@ def test_plan_tiny_ppo_iteration_v5e(tmp_path, capsys):
     assert all(p["resident_bytes"] >= report["resident_state_bytes"] for p in progs.values())
     assert report["peak_bytes"] == max(p["peak_bytes"] for p in progs.values())
     assert upd["flops"] > 0 and report["compile_s"] > 0
+    # fsdp over 4 chips: the update gathers weight shards and reduces gradients across chips
+    coll = upd["collective_bytes"]
+    assert coll.get("all-gather", 0) > 0, coll
+    assert coll.get("reduce-scatter", 0) + coll.get("all-reduce", 0) > 0, coll
     assert "verdict: FITS" in capsys.readouterr().out
 
 
