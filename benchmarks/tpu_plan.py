@@ -37,10 +37,10 @@ TOPOLOGIES = ("v5e:2x2", "v5e:2x4", "v5p:2x2x1", "v6e:2x4")
 BEST = dict(remat="full", logprob_chunk=64, compute_dtype="bfloat16", frozen_dtype="bfloat16")
 
 
-def config_for(setting: str, batch: int, micro: int):
+def config_for(setting: str, batch: int, micro: int, length: int = 512):
     from ppo_rlhf import PPOConfig
 
-    base = dict(batch_size=batch, max_prompt_len=512, max_new_tokens=512, ppo_epochs=1)
+    base = dict(batch_size=batch, max_prompt_len=length, max_new_tokens=length, ppo_epochs=1)
     if setting == "default":
         return PPOConfig(**base)
     return PPOConfig(**base, **BEST, grad_accum_steps=max(batch // micro, 1))
@@ -63,7 +63,9 @@ def main(argv=None) -> int:
     ap.add_argument("--settings", default="default,best")
     ap.add_argument("--batches", default="8,16,32,64,128,256")
     ap.add_argument("--micro-batch", type=int, default=16, help="rows per micro-batch (best)")
+    ap.add_argument("--length", type=int, default=512, help="prompt tokens = response tokens")
     ap.add_argument("--out", default=str(HERE / "results" / "tpu-plan.json"))
+    ap.add_argument("--config-dir", default=str(CONFIGS), help="where <model>/config.json lie")
     args = ap.parse_args(argv)
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     import jax
@@ -81,10 +83,10 @@ def main(argv=None) -> int:
         for topo in args.topologies.split(","):
             for setting in args.settings.split(","):
                 for b in batches:
-                    cfg = config_for(setting, b, args.micro_batch)
+                    cfg = config_for(setting, b, args.micro_batch, args.length)
                     t0 = time.perf_counter()
                     load0 = os.getloadavg()[0]
-                    plan = plan_ppo(str(CONFIGS / model), str(CONFIGS / model), cfg, topology=topo,
+                    plan = plan_ppo(str(Path(args.config_dir) / model), str(Path(args.config_dir) / model), cfg, topology=topo,
                                     progress=lambda s: print(f"  {model} {topo} {setting}: {s}",
                                                              file=sys.stderr, flush=True))
                     row = {"model": model, "topology": topo, "setting": setting, "batch_size": b,

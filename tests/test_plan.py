@@ -144,3 +144,19 @@ def test_abstract_trainer_matches_the_real_one(tiny_checkpoint):
 
     assert sig(abstract.resident_state()) == sig(real.resident_state())
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract.resident_state()))
+
+
+def test_tpu_plan_benchmark_smoke(tmp_path):
+    """benchmarks.tpu_plan on a tiny shape: a row per planned batch, stopping at the first that
+    does not fit (the JSON and markdown written)."""
+    from benchmarks import tpu_plan
+
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "config.json").write_text(json.dumps(TINY))
+    out = tmp_path / "plan.json"
+    assert tpu_plan.main(["--models", "tiny", "--topologies", "v5e:2x2", "--settings", "best",
+                          "--batches", "4,8", "--micro-batch", "4", "--length", "8",
+                          "--config-dir", str(tmp_path), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["plans"]
+    assert [(r["batch_size"], r["grad_accum_steps"], r["fits"]) for r in rows] == [(4, 1, True), (8, 2, True)]
+    assert "| tiny | v5e:2x2 | best | 8 |" in out.with_suffix(".md").read_text()
