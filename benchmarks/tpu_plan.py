@@ -47,10 +47,11 @@ def config_for(setting: str, batch: int, micro: int, length: int = 512):
 
 
 def markdown(rows: list[dict]) -> str:
-    out = ["| model | topology | setting | batch | peak GiB / chip | HBM GiB | fits | compile s |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| model | topology | setting | batch | micro-batch | peak GiB / chip | HBM GiB | fits | compile s |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['model']} | {r['topology']} | {r['setting']} | {r['batch_size']} | "
+                   f"{r['batch_size'] // r['grad_accum_steps']} | "
                    f"{r['peak_bytes'] / 2**30:.2f} | {r['hbm_bytes_per_chip'] / 2**30:.0f} | "
                    f"{'yes' if r['fits'] else 'no'} | {r['compile_s']:.0f} |")
     return "\n".join(out) + "\n"
@@ -97,8 +98,9 @@ def main(argv=None) -> int:
                            "load_avg_1m_at_start": load0,
                            "programs": [vars(p) for p in plan.programs],
                            "command": "python -m benchmarks.tpu_plan " + " ".join(argv or sys.argv[1:])}
+                    key = (model, topo, setting, b, cfg.grad_accum_steps)
                     record["plans"] = [r for r in record["plans"] if (r["model"], r["topology"], r["setting"],
-                                       r["batch_size"]) != (model, topo, setting, b)] + [row]
+                                       r["batch_size"], r["grad_accum_steps"]) != key] + [row]
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_text(json.dumps(record, indent=1) + "\n")
                     out.with_suffix(".md").write_text(markdown(record["plans"]))
