@@ -56,6 +56,8 @@ class ProgramPlan:
     """Bytes per chip produced by each kind of collective in the compiled program's text
     (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute); an op inside a loop
     (the scan over layers, the decode loop, the update's scan) is counted ONCE, not per trip."""
+    largest_values: list[dict[str, Any]] = field(default_factory=list)
+    """The largest values the program computes (`largest_values`), per chip."""
     error: str | None = None
     """XLA's refusal (e.g. RESOURCE_EXHAUSTED: more temporaries than HBM); the program does not fit."""
 
@@ -132,7 +134,9 @@ def compile_program(name: str, fn: Callable, args: tuple, state_args: tuple,
     p = ProgramPlan(name, argument_bytes=int(m.argument_size_in_bytes),
                     temp_bytes=int(m.temp_size_in_bytes), output_bytes=int(m.output_size_in_bytes),
                     alias_bytes=int(m.alias_size_in_bytes), flops=float(cost.get("flops", 0.0)),
-                    compile_s=compile_s, collective_bytes=collective_bytes(compiled.as_text()))
+                    compile_s=compile_s)
+    text = compiled.as_text()
+    p.collective_bytes, p.largest_values = collective_bytes(text), largest_values(text)
     batch_args = max(p.argument_bytes - tree_nbytes(state_args), 0)
     p.resident_bytes = resident_state_bytes + batch_args + max(p.output_bytes - p.alias_bytes, 0)
     p.peak_bytes = p.resident_bytes + p.temp_bytes
@@ -162,6 +166,39 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
                 size *= int(d)
             n += size
         out[m.group(2)] = out.get(m.group(2), 0) + n
+    return out
+
+
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.-]+)\s*=\s*(\w+)\[([\d,]*)\]\S*\s+([\w-]+)\(")
+_OP_NAME = re.compile(r'op_name="([^"]+)"')
+
+
+def largest_values(hlo_text: str, n: int = 6) -> list[dict[str, Any]]:
+    """The `n` largest array values an HLO module computes (per chip): shape, dtype, the HLO op
+    and the JAX operation it came from (its metadata). Not all of them are live at once -- XLA's
+    buffer assignment decides that -- but the temporaries are made of these."""
+    rows = []
+    for line in hlo_text.splitlines():
+        m = _INSTR.match(line)
+        if not m or m.group(2) not in _BYTES or m.group(4) in ("parameter", "get-tuple-element",
+                                                              "bitcast", "constant"):
+            continue
+        dims = [int(d) for d in m.group(3).split(",") if d]
+        size = _BYTES[m.group(2)]
+        for d in dims:
+            size *= d
+        src = _OP_NAME.search(line)
+        rows.append({"bytes": size, "shape": dims, "dtype": m.group(2), "op": m.group(4),
+                     "from": src.group(1)[-120:] if src else ""})
+    rows.sort(key=lambda r: -r["bytes"])
+    out, seen = [], set()
+    for r in rows:
+        key = (tuple(r["shape"]), r["dtype"], r["from"])
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+        if len(out) == n:
+            break
     return out
 
 
@@ -310,6 +347,12 @@ def format_plan(plan: Plan, config: Any) -> str:
         lines.append("largest resident arrays (per chip):")
         for r in plan.largest_state:
             lines.append(f"  {r['bytes_per_chip'] / GiB:.3f} GiB  {r['what']} {r['dtype']}{r['shape']}")
+        worst = max(plan.programs, key=lambda p: p.peak_bytes)
+        if worst.largest_values:
+            lines.append(f"largest values computed by {worst.name} (per chip; not all live at once):")
+            for r in worst.largest_values:
+                shape = ",".join(map(str, r["shape"]))
+                lines.append(f"  {r['bytes'] / GiB:.3f} GiB  {r['dtype']}[{shape}] {r['op']}  {r['from']}")
         lines.append("switches that would help: " + "; ".join(levers(config)))
     return "\n".join(lines)
 

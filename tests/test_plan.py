@@ -87,6 +87,12 @@ def test_plan_too_large_batch_is_exit_1(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert rc == 1, err
     assert "verdict: DOES NOT FIT" in out and "remat=full" in out and "Traceback" not in out + err
+    # the scoring forward's largest values: float32 logits, 512 x 8 x 1M x 4 bytes / 4 chips
+    # = 4 GiB per chip however XLA splits them (rows or vocabulary)
+    lines = out.splitlines()
+    i = lines.index("largest values computed by rollout_forward (per chip; not all live at once):")
+    size, shape = lines[i + 1].split()[:3:2]
+    assert float(size) >= 4.0 and shape.startswith("f32["), lines[i + 1]
 
 
 @pytest.mark.parametrize("args,message", [
