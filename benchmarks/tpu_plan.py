@@ -37,21 +37,23 @@ TOPOLOGIES = ("v5e:2x2", "v5e:2x4", "v5p:2x2x1", "v6e:2x4")
 BEST = dict(remat="full", logprob_chunk=64, compute_dtype="bfloat16", frozen_dtype="bfloat16")
 
 
-def config_for(setting: str, batch: int, micro: int, length: int = 512):
+def config_for(setting: str, batch: int, micro: int, length: int = 512, minibatch: int = 0):
     from ppo_rlhf import PPOConfig
 
     base = dict(batch_size=batch, max_prompt_len=length, max_new_tokens=length, ppo_epochs=1)
     if setting == "default":
         return PPOConfig(**base)
-    return PPOConfig(**base, **BEST, grad_accum_steps=max(batch // micro, 1))
+    mb = minibatch or batch
+    return PPOConfig(**base, **BEST, num_minibatches=batch // mb, grad_accum_steps=max(mb // micro, 1))
 
 
 def markdown(rows: list[dict]) -> str:
-    out = ["| model | topology | setting | batch | micro-batch | peak GiB / chip | HBM GiB | fits | compile s |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | topology | setting | batch | minibatch | micro-batch | peak GiB / chip | HBM GiB | fits | compile s |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['model']} | {r['topology']} | {r['setting']} | {r['batch_size']} | "
-                   f"{r['batch_size'] // r['grad_accum_steps']} | "
+                   f"{r['batch_size'] // r.get('num_minibatches', 1)} | "
+                   f"{r['batch_size'] // r.get('num_minibatches', 1) // r['grad_accum_steps']} | "
                    f"{r['peak_bytes'] / 2**30:.2f} | {r['hbm_bytes_per_chip'] / 2**30:.0f} | "
                    f"{'yes' if r['fits'] else 'no'} | {r['compile_s']:.0f} |")
     return "\n".join(out) + "\n"
@@ -65,6 +67,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="8,16,32,64,128,256")
     ap.add_argument("--micro-batch", type=int, default=16, help="rows per micro-batch (best)")
     ap.add_argument("--length", type=int, default=512, help="prompt tokens = response tokens")
+    ap.add_argument("--minibatch", type=int, default=0,
+                    help="rows per minibatch (best; num_minibatches = batch / minibatch; default: "
+                         "the whole batch, one optimiser step per epoch)")
     ap.add_argument("--out", default=str(HERE / "results" / "tpu-plan.json"))
     ap.add_argument("--config-dir", default=str(CONFIGS), help="where <model>/config.json lie")
     args = ap.parse_args(argv)
@@ -84,13 +89,14 @@ def main(argv=None) -> int:
         for topo in args.topologies.split(","):
             for setting in args.settings.split(","):
                 for b in batches:
-                    cfg = config_for(setting, b, args.micro_batch, args.length)
+                    cfg = config_for(setting, b, args.micro_batch, args.length, args.minibatch)
                     t0 = time.perf_counter()
                     load0 = os.getloadavg()[0]
                     plan = plan_ppo(str(Path(args.config_dir) / model), str(Path(args.config_dir) / model), cfg, topology=topo,
                                     progress=lambda s: print(f"  {model} {topo} {setting}: {s}",
                                                              file=sys.stderr, flush=True))
                     row = {"model": model, "topology": topo, "setting": setting, "batch_size": b,
+                           "num_minibatches": cfg.num_minibatches,
                            "grad_accum_steps": cfg.grad_accum_steps, "chips": plan.chips,
                            "hbm_bytes_per_chip": plan.hbm_bytes_per_chip, "peak_bytes": plan.peak_bytes,
                            "resident_state_bytes": plan.resident_state_bytes, "fits": plan.fits,
@@ -98,9 +104,10 @@ def main(argv=None) -> int:
                            "load_avg_1m_at_start": load0,
                            "programs": [vars(p) for p in plan.programs],
                            "command": "python -m benchmarks.tpu_plan " + " ".join(argv or sys.argv[1:])}
-                    key = (model, topo, setting, b, cfg.grad_accum_steps)
-                    record["plans"] = [r for r in record["plans"] if (r["model"], r["topology"], r["setting"],
-                                       r["batch_size"], r["grad_accum_steps"]) != key] + [row]
+                    key = (model, topo, setting, b, cfg.num_minibatches, cfg.grad_accum_steps)
+                    record["plans"] = [r for r in record["plans"] if (
+                        r["model"], r["topology"], r["setting"], r["batch_size"], r.get("num_minibatches", 1),
+                        r["grad_accum_steps"]) != key] + [row]
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_text(json.dumps(record, indent=1) + "\n")
                     out.with_suffix(".md").write_text(markdown(record["plans"]))

@@ -165,4 +165,4 @@ def test_tpu_plan_benchmark_smoke(tmp_path):
                           "--config-dir", str(tmp_path), "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["plans"]
     assert [(r["batch_size"], r["grad_accum_steps"], r["fits"]) for r in rows] == [(4, 1, True), (8, 2, True)]
-    assert "| tiny | v5e:2x2 | best | 8 | 4 |" in out.with_suffix(".md").read_text()
+    assert "| tiny | v5e:2x2 | best | 8 | 8 | 4 |" in out.with_suffix(".md").read_text()
