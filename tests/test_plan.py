@@ -166,3 +166,23 @@ def test_tpu_plan_benchmark_smoke(tmp_path):
     rows = json.loads(out.read_text())["plans"]
     assert [(r["batch_size"], r["grad_accum_steps"], r["fits"]) for r in rows] == [(4, 1, True), (8, 2, True)]
     assert "| tiny | v5e:2x2 | best | 8 | 8 | 4 |" in out.with_suffix(".md").read_text()
+
+
+def test_hlo_text_parsers():
+    """Collective bytes and the largest values, read from HLO text as XLA prints it: an async
+    collective counts once (its -done result; the -start tuple also holds the input)."""
+    from ppo_jax.plan import collective_bytes, largest_values
+
+    text = """
+  %all-gather-start = (f32[4,8]{1,0}, f32[16,8]{1,0}) all-gather-start(f32[4,8]{1,0} %p), dimensions={0}
+  %all-gather-done = f32[16,8]{1,0} all-gather-done((f32[4,8]{1,0}, f32[16,8]{1,0}) %all-gather-start)
+  %ar.1 = bf16[10]{0} all-reduce(bf16[10]{0} %x), to_apply=%add
+  %rs = (f32[2,2]{1,0}, f32[3]{0}) reduce-scatter(f32[8,2]{1,0} %a, f32[12]{0} %b), dimensions={0}
+  %big = f32[64,1024]{1,0} fusion(f32[64]{0} %y), kind=kLoop, metadata={op_name="jit(f)/exp"}
+  %p2 = f32[512,1024]{1,0} parameter(1)
+"""
+    assert collective_bytes(text) == {"all-gather": 16 * 8 * 4, "all-reduce": 10 * 2,
+                                      "reduce-scatter": 4 * 4 + 3 * 4}
+    top = largest_values(text, n=1)[0]
+    assert top == {"bytes": 64 * 1024 * 4, "shape": [64, 1024], "dtype": "f32", "op": "fusion",
+                   "from": "jit(f)/exp"}  # parameters are arguments, not values computed
