@@ -86,7 +86,7 @@ class Plan:
 
 # ---- devices -------------------------------------------------------------------------------------
 def topology_devices(topology: str) -> tuple[list[Any], int]:
-    """(devices, HBM bytes per chip) of a topology name: a libtpu topology ("v5e:2x2",
+    """(devices, HBM bytes per device) of a topology name: a libtpu topology ("v5e:2x2",
     "v5p:2x2x1", ...: compile-only devices) or "cpu" (this machine's CPU devices; "HBM" = its
     physical memory). UsageError for a name libtpu does not accept."""
     if topology == "cpu":
@@ -104,7 +104,13 @@ def topology_devices(topology: str) -> tuple[list[Any], int]:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"topology {topology!r}: {msg} (needs libtpu: pip install "
                          f"'ppo-rlhf[tpu]')") from None
-    return list(desc.devices), TPU_HBM[gen]
+    devices = list(desc.devices)
+    chips = 1
+    for d in re.findall(r"\d+", topology.split(":", 1)[1]):
+        chips *= int(d)
+    # libtpu may show a chip as several devices (v4:2x2x1 is 4 chips, 8 devices): the chip's
+    # HBM is shared by its devices
+    return devices, TPU_HBM[gen] * chips // max(len(devices), chips)
 
 
 # ---- compiling ------------------------------------------------------------------------------------
