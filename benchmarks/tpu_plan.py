@@ -105,6 +105,8 @@ def main(argv=None) -> int:
                            "programs": [vars(p) for p in plan.programs],
                            "command": "python -m benchmarks.tpu_plan " + " ".join(argv or sys.argv[1:])}
                     key = (model, topo, setting, b, cfg.num_minibatches, cfg.grad_accum_steps)
+                    if out.is_file():  # another run may have written rows meanwhile: keep them
+                        record["plans"] = json.loads(out.read_text())["plans"]
                     record["plans"] = [r for r in record["plans"] if (
                         r["model"], r["topology"], r["setting"], r["batch_size"], r.get("num_minibatches", 1),
                         r["grad_accum_steps"]) != key] + [row]
