@@ -22,6 +22,7 @@ bound for scans and the decode loop).
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import time
@@ -96,6 +97,12 @@ def topology_devices(topology: str) -> tuple[list[Any], int]:
     if gen not in TPU_HBM or ":" not in topology:
         raise UsageError(f"unknown topology {topology!r}: use a TPU generation and shape as libtpu "
                          f"names them ({TOPOLOGY_EXAMPLES})")
+    if not (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")):
+        # no TPU here: tell libtpu so, or it prints a page of errors while looking for one
+        # (the topology, not these, decides what is compiled for)
+        for k, v in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
+                     ("TPU_ACCELERATOR_TYPE", "v5litepod-4"), ("TPU_HOST_BOUNDS", "1,1,1")):
+            os.environ.setdefault(k, v)
     try:
         from jax.experimental import topologies
 
