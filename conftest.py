@@ -67,6 +67,12 @@ if os.environ.get("PPO_RLHF_TEST_JAX_CACHE", "1") != "0":
 else:  # and not the CLI's own cache in ~/.cache either (ppo_rlhf.runtime.compile_cache)
     os.environ.setdefault("PPO_RLHF_COMPILE_CACHE", "off")
 
+# libtpu is installed for the TPU plans (tests/test_plan.py); without a TPU here, JAX runs on the
+# CPU quietly in the tests and in every CLI process they start (ppo_rlhf.app.backends)
+from ppo_rlhf.app.backends import skip_absent_tpu  # noqa: E402
+
+skip_absent_tpu()
+
 import pytest  # noqa: E402
 
 

@@ -135,3 +135,30 @@ def test_mixed_precision_lm_head_parity(tiny_checkpoint, arch):
     assert lj.dtype == np.float32 and lt.dtype == np.float32
     np.testing.assert_allclose(lj, lt, atol=1e-5, rtol=0)
     assert np.abs(lj - l32).max() > 1e-4
+
+
+def test_frozen_dtype_parity(tiny_checkpoint):
+    """PPOConfig.frozen_dtype="bfloat16": the JAX and torch trainers' first rollouts, same weights
+    and noise -- the same tokens; the policy's log-probs and the critic's values as in float32
+    (they are untouched); the bf16 reference's log-probs within the bf16 log-prob tolerance and
+    the bf16 reward model's scores within the same absolute bound."""
+    import ppo_jax.ppo as jp
+    import ppo_torch.ppo as tp
+    from ppo_rlhf import PPOConfig
+    from ppo_rlhf.testing import EOS_ID, PAD_ID
+
+    lm = tiny_checkpoint("llama")
+    rm = tiny_checkpoint("llama", kind="scalar", seed=1, reward_gain=2.0, reward_bias=0.5)
+    B, P, N = 4, 9, 6
+    cfg = PPOConfig(batch_size=B, max_prompt_len=P, max_new_tokens=N, frozen_dtype="bfloat16")
+    kw = dict(config=cfg, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    tj, tt = jp.PPOTrainer(str(lm), str(rm), **kw), tp.PPOTrainer(str(lm), str(rm), device="cpu", **kw)
+    q, qm = make_padded_batch(2, B, P, N, V)[:2]
+    noise = np.random.default_rng(5).gumbel(size=(B, N, V)).astype(np.float32)
+    rj, rt = tj.rollout(q, qm, noise=noise), tt.rollout(q, qm, noise=noise)
+    np.testing.assert_array_equal(rj.response_ids, rt.response_ids)
+    m = rj.response_mask.astype(bool)
+    np.testing.assert_allclose(rj.logprobs[m], rt.logprobs[m], atol=F32_ATOL)
+    np.testing.assert_allclose(rj.values[m], rt.values[m], atol=F32_ATOL)
+    np.testing.assert_allclose(rj.ref_logprobs[m], rt.ref_logprobs[m], atol=LOW["bfloat16"][0])
+    np.testing.assert_allclose(rj.scores, rt.scores, atol=LOW["bfloat16"][0])

@@ -191,13 +191,21 @@ def _host_value(x: Any) -> np.ndarray:
 
 def _put(x: Any, sharding: NamedSharding) -> jax.Array:
     """x (numpy or jax) as a global array with `sharding`. One process: `jax.device_put`;
-    several: every process holds the same full value and contributes its devices' shards."""
+    several: every process holds the same full value and contributes its devices' shards. An
+    abstract array (`jax.ShapeDtypeStruct`: a planned trainer, `ppo_jax.abstract`) stays
+    abstract and gets `sharding`."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding, weak_type=x.weak_type)
     if jax.process_count() == 1:
         return jax.device_put(x, sharding)
     if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global: reshard
         return x if x.sharding.is_equivalent_to(sharding, x.ndim) else jax.device_put(x, sharding)
     value = _host_value(x)
     return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+
+
+def _asarray(x: Any) -> Any:
+    return x if isinstance(x, jax.ShapeDtypeStruct) else jnp.asarray(x)
 
 
 def fetch(x: Any) -> Any:
@@ -248,12 +256,12 @@ class Placement:
     def batch(self, tree: Any) -> Any:
         """Batch-major arrays (numpy or jax) onto the mesh, rows over data x fsdp."""
         if self.mesh is None:
-            return jax.tree.map(jnp.asarray, tree)
-        return jax.tree.map(lambda x: _put(x, self._named(batch_spec(np.ndim(x)))), tree)
+            return jax.tree.map(_asarray, tree)
+        return jax.tree.map(lambda x: _put(x, self._named(batch_spec(len(np.shape(x))))), tree)
 
     def replicated(self, x: Any) -> Any:
         if self.mesh is None:
-            return jnp.asarray(x)
+            return _asarray(x)
         return _put(x, self._named(P()))
 
     # -- inside jit: pin shardings that propagation alone would leave to chance

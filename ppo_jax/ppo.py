@@ -50,13 +50,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ppo_jax.abstract import copy_arrays, evaluate
 from ppo_jax.parallel import builds_on_host, placement
 from ppo_jax.advantages import gae, kl_for_controller, shape_rewards, whiten
-from ppo_jax.generate import generate
+from ppo_jax.generate import SamplingOptions, generate, make_generate_fn
 from ppo_jax.losses import policy_loss, value_loss
 from ppo_jax.masked import aggregate_loss
 from ppo_jax.optim import guarded_step, make_optimizer
-from ppo_jax.models import (CausalLM, PolicyWithValueHead, ScalarHeadModel, critic_from_reward_model,
+from ppo_jax.models import (CausalLM, cast_model, PolicyWithValueHead, ScalarHeadModel, critic_from_reward_model,
                             load_pretrained, load_scalar_model, response_logprobs,
                             response_logprobs_and_values, response_values, scalar_model_from_lm,
                             sequence_scores, set_compute_dtype, set_remat,
@@ -183,6 +184,12 @@ class PPOTrainer(TrainerBase):
             else:
                 critic_model = scalar_model_from_lm(policy_model, seed=cfg.seed)
         self._check_models(policy_model, ref_model, critic_model, self.native_reward)
+        # the frozen models' own dtype (e.g. bfloat16: half their memory); the critic, copied
+        # from the reward model above, keeps the trainer's dtype
+        if cfg.frozen_dtype is not None:
+            ref_model = cast_model(ref_model, cfg.frozen_dtype)
+            if self.native_reward is not None:
+                self.native_reward = cast_model(self.native_reward, cfg.frozen_dtype)
         # mixed precision: weights (and so AdamW state) keep their dtype, matmuls in compute_dtype
         if cfg.compute_dtype is not None:
             for m in (policy_model, ref_model, critic_model, self.native_reward):
@@ -209,7 +216,7 @@ class PPOTrainer(TrainerBase):
                                                                           self.parallel.params)
         self.tx = make_optimizer(learning_rate=cfg.learning_rate, adam_eps=cfg.adam_eps,
                                  weight_decay=cfg.weight_decay)
-        self.opt_state = self.parallel.params(self.tx.init(self.params))
+        self.opt_state = self.parallel.params(evaluate(self.tx.init, self.params))
 
         self._rollout_forward = jax.jit(self._rollout_forward_impl)
         self._advantages = jax.jit(self._advantages_impl)
@@ -228,7 +235,7 @@ class PPOTrainer(TrainerBase):
     @staticmethod
     def _frozen_copy(model: nnx.Module) -> nnx.Module:
         graphdef, state = nnx.split(model)
-        return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+        return nnx.merge(graphdef, copy_arrays(state))
 
     def policy_model(self) -> CausalLM | PolicyWithValueHead:
         """The current policy as an NNX module (shares arrays with the trainer; don't mutate)."""
@@ -429,6 +436,52 @@ class PPOTrainer(TrainerBase):
         self.iteration = iteration + 1
         times["time/iteration_s"] = time.perf_counter() - t0
         return self._collect_stats(iteration, batch, adv, update_stats, kl_coef, times)
+
+    # ---- the programs of one iteration, for compiling without running (ppo_jax.plan) --------------
+    def programs(self) -> dict[str, tuple[Callable, tuple, tuple]]:
+        """Every jitted program of one iteration, with abstract arguments of this trainer's shapes
+        and shardings: {name: (jitted function, args, state args)}, where `state args` are the
+        arguments that are the trainer's persistent state (weights, optimiser state), the rest
+        being the iteration's batch. `fn.lower(*args).compile()` compiles exactly what `step`
+        runs (the same functions, the same placement rules)."""
+        cfg = self.config
+        B, P, N = cfg.batch_size, cfg.max_prompt_len, cfg.max_new_tokens
+        i32, f32 = jnp.int32, jnp.float32
+
+        def batch(shape, dtype):
+            return self.parallel.batch(jax.ShapeDtypeStruct(shape, dtype))
+
+        q, qm, r, rm = batch((B, P), i32), batch((B, P), i32), batch((B, N), i32), batch((B, N), i32)
+        graphdef, state = nnx.split(self.policy_model())
+        options = SamplingOptions(max_new_tokens=N, temperature=cfg.temperature, top_k=cfg.top_k,
+                                  top_p=cfg.top_p, eos_token_id=self.eos_token_id,
+                                  pad_token_id=self.pad_token_id, source="random")
+        key = self.parallel.replicated(jax.eval_shape(lambda: jax.random.key(0)))
+        rm_params = None if self.reward is None else self.reward.params
+        rows = self.parallel.replicated(jax.ShapeDtypeStruct(
+            (cfg.ppo_epochs * cfg.num_minibatches, cfg.minibatch_size), i32))
+        arrays = dict(query_ids=q, query_mask=qm, response_ids=r, response_mask=rm,
+                      logprobs=batch((B, N), f32), values=batch((B, N), f32),
+                      advantages=batch((B, N), f32), returns=batch((B, N), f32))
+        kl_coef = self.parallel.replicated(jax.ShapeDtypeStruct((), f32, weak_type=True))
+        return {
+            "generate": (make_generate_fn(graphdef, options, self.parallel.kv_cache),
+                         (state, q, qm, key), (state,)),
+            "rollout_forward": (self._rollout_forward,
+                                (self.params, self.reference.params, rm_params, q, qm, r, rm),
+                                (self.params, self.reference.params, rm_params)),
+            "advantages": (self._advantages, (batch((B,), f32), arrays["logprobs"],
+                                              batch((B, N), f32), arrays["values"], rm, kl_coef), ()),
+            "update": (self._update, (self.params, self.opt_state, arrays, rows),
+                       (self.params, self.opt_state)),
+        }
+
+    def resident_state(self) -> dict[str, Any]:
+        """The arrays that live on the devices for the whole run: every role's weights and the
+        optimiser state."""
+        return {"params": self.params, "opt_state": self.opt_state,
+                "reference": self.reference.params,
+                "reward": None if self.reward is None else self.reward.params}
 
     # ---- weights out ---------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Any]:

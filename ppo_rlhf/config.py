@@ -36,6 +36,8 @@ TIES = ("drop", "keep")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 """Allowed `compute_dtype`s (mixed precision; None = the weights' dtype)."""
+FROZEN_DTYPES = ("float32", "bfloat16")
+"""Allowed `PPOConfig.frozen_dtype`s (None = the trainer's dtype)."""
 REMATS = ("none", "full", "dots")
 """Activation-checkpointing policies (the `remat` field of every config): the names of
 `ppo_jax.models.stack.REMAT_POLICIES` and `ppo_torch.models.remat.REMAT_POLICIES`."""
@@ -256,6 +258,13 @@ class PPOConfig(Config):
     float32. JAX: every projection casts its input and weight to compute_dtype and accumulates
     in float32 (`ppo_jax.models.set_compute_dtype`); torch: `torch.autocast` around the
     backbones of every forward (`ppo_torch.models.set_compute_dtype`)."""
+    frozen_dtype: str | None = None
+    """The dtype of the frozen models -- the reference and the reward model -- ("float32" or
+    "bfloat16"): their weights AND activations, as if loaded with that dtype (norms, softmaxes,
+    log-probs and scores stay float32). None = the trainer's `dtype` (float32 by default). They
+    are never differentiated, so bfloat16 halves their memory with no float32 master copy
+    needed; the critic (copied from the reward model) keeps the trainer's dtype. JAX:
+    `ppo_jax.models.cast_model`; torch: `module.to(dtype)`."""
     scan_unroll: bool = False
     """JAX: run the scan over the transformer layers fully unrolled, in every model of the
     trainer (`ppo_jax.models.stack.set_scan_unroll`): the same arithmetic without the loop and
@@ -308,6 +317,8 @@ class PPOConfig(Config):
         self._check_range("max_bad_updates", 1, None, integer=True)
         self._check_memory()
         self._check_range("logprob_chunk", 0, None, integer=True)
+        if self.frozen_dtype is not None:
+            self._check_choice("frozen_dtype", FROZEN_DTYPES)
         if not isinstance(self.extra, dict):
             self._fail("extra", self.extra, "a dict")
 
@@ -445,4 +456,4 @@ class SFTConfig(Config):
 
 __all__ = ["Config", "PPOConfig", "RMConfig", "SFTConfig", "POLICY_LOSS_KINDS", "KL_ESTIMATORS",
            "KL_UNITS", "LOSS_AGGS", "RM_LOSSES", "TIES", "LR_SCHEDULES", "REMATS",
-           "COMPUTE_DTYPES"]
+           "COMPUTE_DTYPES", "FROZEN_DTYPES"]

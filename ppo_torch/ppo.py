@@ -162,6 +162,12 @@ class PPOTrainer(TrainerBase):
                 self.critic = scalar_model_from_lm(self.policy, seed=cfg.seed)
             self.critic = self.critic.to(self.device)
         self._check_models(self.policy, self.reference, self.critic, self.native_reward)
+        # the frozen models' own dtype (e.g. bfloat16: half their memory); the critic, copied
+        # from the reward model above, keeps the trainer's dtype
+        if cfg.frozen_dtype is not None:
+            self.reference = self.reference.to(dtype=getattr(torch, cfg.frozen_dtype))
+            if self.native_reward is not None:
+                self.native_reward = self.native_reward.to(dtype=getattr(torch, cfg.frozen_dtype))
         # mixed precision: weights (and so AdamW state) keep their dtype, autocast to compute_dtype
         if cfg.compute_dtype is not None:
             for m in (self.policy, self.reference, self.critic, self.native_reward):

@@ -26,7 +26,7 @@ from ppo_jax.models.heads import (PolicyWithValueHead, ScalarHeadModel, critic_f
 from ppo_jax.models.layers import Cache, LayerCache
 from ppo_jax.models.loading import (load_pretrained, load_scalar_model, model_tensors,
                                     save_pretrained, scalar_model_from_lm)
-from ppo_jax.models.precision import set_compute_dtype
+from ppo_jax.models.precision import cast_model, set_compute_dtype
 from ppo_jax.models.stack import REMAT_POLICIES, ScannedBlocks, set_remat, set_scan_unroll
 from ppo_rlhf.hf_checkpoint import SUPPORTED_MODEL_TYPES, init_score_head
 
@@ -35,5 +35,5 @@ __all__ = [
     "load_pretrained", "load_scalar_model", "scalar_model_from_lm", "save_pretrained",
     "model_tensors", "response_logprobs", "response_values", "response_logprobs_and_values",
     "sequence_scores", "last_token_index", "critic_from_reward_model", "init_score_head", "SUPPORTED_MODEL_TYPES",
-    "ScannedBlocks", "set_remat", "set_scan_unroll", "REMAT_POLICIES", "set_compute_dtype",
+    "ScannedBlocks", "set_remat", "set_scan_unroll", "REMAT_POLICIES", "set_compute_dtype", "cast_model",
 ]

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ppo_jax.abstract import copy_arrays, is_abstract
 from ppo_jax.models.causal_lm import CausalLM, make_backbone, project
 from ppo_jax.models.config import ModelConfig
 from ppo_jax.models.layers import Cache, linear
@@ -78,9 +79,10 @@ def critic_from_reward_model(reward_model: ScalarHeadModel) -> ScalarHeadModel:
     terminal step does not cancel it: every advantage is biased by that offset times
     (gamma * lam)^(T - t)."""
     graphdef, state = nnx.split(reward_model)
-    critic = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
-    kernel = critic.score_head.kernel[...]
-    critic.score_head.kernel[...] = (kernel * reward_model.reward_gain).astype(kernel.dtype)
+    critic = nnx.merge(graphdef, copy_arrays(state))
+    if not is_abstract(state):  # an abstract model (planning) has no values to scale
+        kernel = critic.score_head.kernel[...]
+        critic.score_head.kernel[...] = (kernel * reward_model.reward_gain).astype(kernel.dtype)
     critic.reward_gain, critic.reward_bias = 1.0, reward_model.reward_bias
     return critic
 

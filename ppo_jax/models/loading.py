@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ppo_jax.abstract import is_abstract
 from ppo_jax.models.causal_lm import TRANSPOSE_BACKBONE_KERNELS, CausalLM
 from ppo_jax.models.config import DTYPES, ModelConfig
 from ppo_jax.models.heads import PolicyWithValueHead, ScalarHeadModel
@@ -93,11 +94,14 @@ def _ignored(name: str, config: ModelConfig) -> bool:
     return config.tie_word_embeddings and name == f"{hfc.LM_HEAD_NAME[config.model_type]}.weight"
 
 
-def _build(make: Callable[[], nnx.Module], tensors: dict[str, np.ndarray], config: ModelConfig,
-           *, where: str) -> nnx.Module:
+def _build(make: Callable[[], nnx.Module], tensors: dict[str, np.ndarray] | None,
+           config: ModelConfig, *, where: str) -> nnx.Module:
     """Construct `make()` abstractly (no weight is ever initialised) and fill every parameter
-    from `tensors` (HF names), cast to config.dtype."""
+    from `tensors` (HF names), cast to config.dtype. tensors=None: the abstract model itself,
+    every parameter a `jax.ShapeDtypeStruct` (planning and compiling without weights)."""
     abstract = nnx.eval_shape(make)
+    if tensors is None:
+        return abstract
     stacks = stacked_modules(abstract)
     graphdef, state = nnx.split(abstract)
     dt = jnp.dtype(config.dtype)
@@ -149,7 +153,7 @@ def model_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
 
 # ---- public API ----------------------------------------------------------------------------------
 def load_pretrained(path: PathLike, dtype: Any = "float32", *, with_value_head: bool = False,
-                    seed: int = 0) -> CausalLM | PolicyWithValueHead:
+                    seed: int = 0, abstract: bool = False) -> CausalLM | PolicyWithValueHead:
     """A causal LM from a Hugging Face checkpoint dir (gpt2, llama, qwen2, gpt_neox).
 
     dtype: "float32" (default) or "bfloat16" for weights and activations (logits stay float32);
@@ -157,10 +161,19 @@ def load_pretrained(path: PathLike, dtype: Any = "float32", *, with_value_head: 
     with_value_head=True returns a `PolicyWithValueHead` (shared trunk): its value head is read
     from <path>/value_head.safetensors when present, else drawn fresh from `seed`
     (`ppo_rlhf.hf_checkpoint.init_score_head`, identical in both backends).
+    abstract=True reads config.json alone (the dir needs no weights) and returns the same model
+    with every parameter a `jax.ShapeDtypeStruct` (nothing allocated): what `ppo_jax.plan`
+    compiles for a device it does not have.
     Errors: FileNotFoundError (no dir / config.json / weights), ValueError (unsupported
     model_type, a scalar-head checkpoint, missing or unexpected tensors)."""
     hf = hfc.read_config(path)
     config = ModelConfig.from_hf(hf, dtype=dtype_name(dtype))
+    if abstract:
+        lm = _build(lambda: CausalLM(config, rngs=nnx.Rngs(0)), None, config, where=str(path))
+        if not with_value_head:
+            return lm
+        return nnx.eval_shape(lambda: PolicyWithValueHead(
+            CausalLM(config, rngs=nnx.Rngs(0)), hfc.init_score_head(config.hidden_size, seed)))
     tensors = hfc.load_tensors(path)
     lm_head = f"{hfc.LM_HEAD_NAME[config.model_type]}.weight"
     if hfc.SCORE_NAME in tensors and lm_head not in tensors:
@@ -175,11 +188,17 @@ def load_pretrained(path: PathLike, dtype: Any = "float32", *, with_value_head: 
     return PolicyWithValueHead(lm, head)
 
 
-def load_scalar_model(path: PathLike, dtype: Any = "float32") -> ScalarHeadModel:
+def load_scalar_model(path: PathLike, dtype: Any = "float32", *, abstract: bool = False) -> ScalarHeadModel:
     """A value / reward model from a `*ForSequenceClassification` (num_labels=1) checkpoint dir;
-    reward_gain / reward_bias are read from config.json's "ppo_rlhf" key (default 1, 0)."""
+    reward_gain / reward_bias are read from config.json's "ppo_rlhf" key (default 1, 0).
+    abstract=True: from config.json alone, parameters as `jax.ShapeDtypeStruct`s (see
+    `load_pretrained`); a causal LM's config.json serves too (the score head is [H, 1])."""
     hf = hfc.read_config(path)
     config = ModelConfig.from_hf(hf, dtype=dtype_name(dtype))
+    if abstract:
+        model = _build(lambda: ScalarHeadModel(config, rngs=nnx.Rngs(0)), None, config, where=str(path))
+        model.reward_gain, model.reward_bias = hfc.reward_normalisation(hf)
+        return model
     tensors = hfc.load_tensors(path)
     if hfc.SCORE_NAME not in tensors:
         raise CheckpointError(f"{path}: no {hfc.SCORE_NAME} in the checkpoint: it is not a scalar-head "
@@ -200,6 +219,12 @@ def scalar_model_from_lm(lm: PathLike | CausalLM | PolicyWithValueHead, *, seed:
     a loaded model) and whose score head is fresh: `init_score_head(hidden_size, seed)`, drawn
     with numpy, so both backends build the same model from the same seed. dtype None keeps the
     LM's dtype (float32 for a path)."""
+    if isinstance(lm, (CausalLM, PolicyWithValueHead)) and is_abstract(nnx.state(lm)):
+        config = ModelConfig.from_hf(lm.config.hf_config, dtype=lm.config.dtype if dtype is None
+                                     else dtype_name(dtype))
+        model = _build(lambda: ScalarHeadModel(config, rngs=nnx.Rngs(0)), None, config, where="")
+        model.reward_gain, model.reward_bias = float(reward_gain), float(reward_bias)
+        return model
     if isinstance(lm, (CausalLM, PolicyWithValueHead)):
         config = lm.config
         tensors = model_tensors(lm)

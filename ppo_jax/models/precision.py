@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -42,4 +43,37 @@ def set_compute_dtype(model: nnx.Module, compute_dtype: str | None) -> nnx.Modul
     return model
 
 
-__all__ = ["set_compute_dtype"]
+def cast_model(model: nnx.Module, dtype: str) -> nnx.Module:
+    """A copy of `model` whose weights AND activations are in `dtype` ("float32", "bfloat16";
+    `ModelConfig.dtype`), as if it had been loaded with that dtype: its parameters cast, its
+    configs' dtype replaced (norms, softmaxes and logits stay float32). Its compute dtype is kept.
+    The frozen models' dtype (`PPOConfig.frozen_dtype`). Abstract models (planning) too."""
+    graphdef, state = nnx.split(model)
+    dt = jnp.dtype(dtype)
+
+    def cast(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dt, sharding=x.sharding)
+        return x.astype(dt)
+
+    new = nnx.merge(graphdef, jax.tree.map(cast, state))
+    for _, node in nnx.iter_graph(new):
+        if isinstance(getattr(node, "config", None), ModelConfig):
+            node.config = dataclasses.replace(node.config, dtype=dt.name)
+    for _, node in nnx.iter_graph(new):
+        if isinstance(node, nnx.Linear):
+            node.param_dtype = dt
+            node.dtype = jnp.dtype(node.dtype if _has_compute_dtype(new) else dt)
+        elif isinstance(node, nnx.Embed):
+            node.dtype = node.param_dtype = dt
+    return new
+
+
+def _has_compute_dtype(model: nnx.Module) -> bool:
+    return any(isinstance(getattr(n, "config", None), ModelConfig) and n.config.compute_dtype
+               for _, n in nnx.iter_graph(model))
+
+
+__all__ = ["set_compute_dtype", "cast_model"]

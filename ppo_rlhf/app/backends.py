@@ -21,6 +21,25 @@ def check_backend(backend: str) -> None:
         raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
 
 
+def skip_absent_tpu() -> None:
+    """libtpu installed (the `tpu` extra, for `ppo-rlhf plan`) on a machine without a TPU: JAX
+    would try to start the TPU runtime in every process -- a few lines of libtpu errors on stderr
+    and ~0.7 s -- before falling back. Unless JAX_PLATFORMS says otherwise, leave the TPU out
+    where no TPU device file exists (/dev/accel*, /dev/vfio/<n>). Compiling for a TPU topology
+    (`ppo_jax.plan`) needs no TPU runtime."""
+    import glob
+    import importlib.util
+
+    if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+        return
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return
+    if any(importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "jax_cuda13_plugin",
+                                                             "jax_rocm7_plugin")):
+        return  # a GPU plugin: JAX's own choice stands
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 _COMPILE_CACHE = {"wanted": False, "done": False}
 
 

@@ -28,6 +28,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("train", "ppo_rlhf.app.train:add_train_parser", "PPO fine-tuning against a reward"),
     ("eval", "ppo_rlhf.app.train:add_eval_parser", "evaluate a policy"),
     ("train-rm", "ppo_rlhf.app.supervised:add_train_rm_parser", "train a reward model"),
+    ("plan", "ppo_rlhf.app.plan", "compile one iteration for a TPU topology: memory per chip, fits or not"),
 ]
 
 
@@ -63,6 +64,7 @@ def _one_line_warning(command: str):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    backends.skip_absent_tpu()  # libtpu without a TPU: JAX on the other platforms, quietly
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):

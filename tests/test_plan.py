@@ -1,0 +1,188 @@
+"""`ppo-rlhf plan`: a tiny model's whole PPO iteration compiled for a v5e:2x2 slice (four
+compile-only TPU chips from libtpu) from this CPU machine, the report's bytes checked against
+what the chips must hold (bounds from parameter counts), a too-large batch a clean "does not
+fit" (exit 1), bad input exit 2; and the abstract trainer is the real one (same shardings)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+pytest.importorskip("libtpu", reason="ppo-rlhf plan compiles for TPU: needs libtpu (make setup)")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # xdist workers load libtpu each
+
+from ppo_rlhf.app.cli import main  # noqa: E402
+
+CHIPS = 4
+TINY = dict(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
+            tie_word_embeddings=True, eos_token_id=1, hidden_act="silu")
+
+
+def qwen2_params(c: dict, *, scalar: bool = False) -> int:
+    """Parameters of a qwen2 model from its config, by hand (tied embeddings): the bound's source."""
+    h, i, L, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    hd = h // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    layer = (h * q + q) + 2 * (h * kv + kv) + q * h + 3 * h * i + 2 * h  # qkv (+bias), o, mlp, norms
+    return V * h + L * layer + h + (h if scalar else 0)
+
+
+def _write(tmp_path, name, cfg):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_plan_tiny_ppo_iteration_v5e(tmp_path, capsys):
+    model = _write(tmp_path, "tiny", TINY)
+    out = tmp_path / "plan.json"
+    rc = main(["plan", "--model", str(model), "--reward-model", str(model / "config.json"),
+               "--topology", "v5e:2x2", "--set", "batch_size=8", "--set", "max_prompt_len=16",
+               "--set", "max_new_tokens=16", "--json", str(out)])
+    assert rc == 0, capsys.readouterr()
+    report = json.loads(out.read_text())
+    assert report["topology"] == "v5e:2x2" and report["chips"] == CHIPS and report["fits"] is True
+    assert report["hbm_bytes_per_chip"] == 16 * 1024 ** 3
+    progs = {p["name"]: p for p in report["programs"]}
+    assert set(progs) == {"generate", "rollout_forward", "advantages", "update"}
+    for p in progs.values():
+        for k in ("argument_bytes", "temp_bytes", "output_bytes", "alias_bytes", "resident_bytes",
+                  "peak_bytes", "flops"):
+            assert k in p
+        assert p["error"] is None and p["peak_bytes"] == p["resident_bytes"] + p["temp_bytes"]
+    # what the chips must hold, from parameter counts (float32): policy + critic with AdamW's two
+    # moments (12 bytes each), reference + reward model (4 bytes each). Spread over 4 chips at
+    # best (a dimension that does not divide is replicated), all of it on one chip at worst.
+    n_lm, n_rm = qwen2_params(TINY), qwen2_params(TINY, scalar=True)
+    trained = 12 * (n_lm + n_rm)  # policy + critic (copied from the reward model)
+    frozen = 4 * (n_lm + n_rm)  # reference + reward model
+    assert (trained + frozen) / CHIPS <= report["resident_state_bytes"] <= trained + frozen
+    upd = progs["update"]
+    assert upd["argument_bytes"] >= trained / CHIPS  # params + both moments are its arguments
+    assert upd["alias_bytes"] >= trained / CHIPS  # ... donated: updated in place
+    assert progs["generate"]["argument_bytes"] >= 4 * n_lm / CHIPS  # the policy's weights
+    assert progs["rollout_forward"]["argument_bytes"] >= (4 * (n_lm + n_rm) + frozen) / CHIPS
+    assert all(p["resident_bytes"] >= report["resident_state_bytes"] for p in progs.values())
+    assert report["peak_bytes"] == max(p["peak_bytes"] for p in progs.values())
+    assert upd["flops"] > 0 and report["compile_s"] > 0
+    # fsdp over 4 chips: the update gathers weight shards and reduces gradients across chips
+    coll = upd["collective_bytes"]
+    assert coll.get("all-gather", 0) > 0, coll
+    assert coll.get("reduce-scatter", 0) + coll.get("all-reduce", 0) > 0, coll
+    assert "verdict: FITS" in capsys.readouterr().out
+
+
+def test_plan_too_large_batch_is_exit_1(tmp_path, capsys):
+    # a 1M-token vocabulary: 512 x 8 response tokens of float32 logits are ~4 GiB per chip per
+    # copy, and the scoring forward holds several (measured: 19.8 GiB of temporaries per chip)
+    model = _write(tmp_path, "wide", dict(TINY, vocab_size=1 << 20))
+    rc = main(["plan", "--model", str(model), "--reward-model", str(model), "--topology", "v5e:2x2",
+               "--set", "batch_size=512", "--set", "max_prompt_len=8", "--set", "max_new_tokens=8",
+               "--set", "ppo_epochs=1"])
+    out, err = capsys.readouterr()
+    assert rc == 1, err
+    assert "verdict: DOES NOT FIT" in out and "remat=full" in out and "Traceback" not in out + err
+    # the scoring forward's largest values: float32 logits, 512 x 8 x 1M x 4 bytes / 4 chips
+    # = 4 GiB per chip however XLA splits them (rows or vocabulary)
+    lines = out.splitlines()
+    i = lines.index("largest values computed by rollout_forward (per chip; not all live at once):")
+    size, shape = lines[i + 1].split()[:3:2]
+    assert float(size) >= 4.0 and shape.startswith("f32["), lines[i + 1]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--topology", "v9:2x2"], "unknown topology"),
+    (["--topology", "v5e:3x7"], "topology 'v5e:3x7'"),
+    (["--topology", "v5e:2x2", "--set", "frozen_dtype=float16"], "frozen_dtype"),
+    (["--topology", "v5e:2x2", "--mesh", "fsdp=3"], "mesh"),
+])
+def test_plan_bad_input_is_exit_2(tmp_path, capsys, args, message):
+    model = _write(tmp_path, "tiny", TINY)
+    assert main(["plan", "--model", str(model), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_plan_missing_config_is_exit_2(tmp_path, capsys):
+    assert main(["plan", "--model", str(tmp_path / "nothing"), "--topology", "v5e:2x2"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_max_batch_size_bisection():
+    from ppo_jax.plan import Plan, max_batch_size
+
+    for limit in (0, 4, 12, 40, 44, 1000):
+        seen = []
+
+        def run(b, limit=limit):
+            seen.append(b)
+            return Plan("t", 1, 1, "", fits=b <= limit, batch_size=b)
+
+        best, plan = max_batch_size(run, 4, 8)
+        assert best == limit // 4 * 4, (limit, best, seen)
+        assert (plan is None) == (best == 0)
+        assert len(seen) <= 2 * max(limit // 4, 2).bit_length() + 2  # logarithmic
+
+
+def test_abstract_trainer_matches_the_real_one(tiny_checkpoint):
+    """The planned trainer is the real one built on abstract models: the same parameter tree,
+    shapes, dtypes and shardings (on 1 CPU device here) as a trainer that loaded the weights."""
+    import jax
+
+    from ppo_jax.models import load_pretrained, load_scalar_model
+    from ppo_jax.ppo import PPOTrainer
+    from ppo_rlhf import PPOConfig
+
+    lm = tiny_checkpoint("qwen2")
+    rm = tiny_checkpoint("qwen2", kind="scalar", seed=1)
+    cfg = PPOConfig(batch_size=2, max_prompt_len=4, max_new_tokens=4, frozen_dtype="bfloat16")
+    real = PPOTrainer(str(lm), str(rm), config=cfg, mesh="fsdp=1", eos_token_id=None, pad_token_id=0)
+    abstract = PPOTrainer(load_pretrained(lm, abstract=True), load_scalar_model(rm, abstract=True),
+                          config=cfg, mesh="fsdp=1", eos_token_id=None, pad_token_id=0)
+
+    def sig(tree):
+        return jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype), x.sharding.spec), tree)
+
+    assert sig(abstract.resident_state()) == sig(real.resident_state())
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract.resident_state()))
+
+
+def test_tpu_plan_benchmark_smoke(tmp_path):
+    """benchmarks.tpu_plan on a tiny shape: a row per planned batch, stopping at the first that
+    does not fit (the JSON and markdown written)."""
+    from benchmarks import tpu_plan
+
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "config.json").write_text(json.dumps(TINY))
+    out = tmp_path / "plan.json"
+    assert tpu_plan.main(["--models", "tiny", "--topologies", "v5e:2x2", "--settings", "best",
+                          "--batches", "4,8", "--micro-batch", "4", "--length", "8",
+                          "--config-dir", str(tmp_path), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["plans"]
+    assert [(r["batch_size"], r["grad_accum_steps"], r["fits"]) for r in rows] == [(4, 1, True), (8, 2, True)]
+    assert "| tiny | v5e:2x2 | best | 8 | 8 | 4 |" in out.with_suffix(".md").read_text()
+
+
+def test_hlo_text_parsers():
+    """Collective bytes and the largest values, read from HLO text as XLA prints it: an async
+    collective counts once (its -done result; the -start tuple also holds the input)."""
+    from ppo_jax.plan import collective_bytes, largest_values
+
+    text = """
+  %all-gather-start = (f32[4,8]{1,0}, f32[16,8]{1,0}) all-gather-start(f32[4,8]{1,0} %p), dimensions={0}
+  %all-gather-done = f32[16,8]{1,0} all-gather-done((f32[4,8]{1,0}, f32[16,8]{1,0}) %all-gather-start)
+  %ar.1 = bf16[10]{0} all-reduce(bf16[10]{0} %x), to_apply=%add
+  %rs = (f32[2,2]{1,0}, f32[3]{0}) reduce-scatter(f32[8,2]{1,0} %a, f32[12]{0} %b), dimensions={0}
+  %big = f32[64,1024]{1,0} fusion(f32[64]{0} %y), kind=kLoop, metadata={op_name="jit(f)/exp"}
+  %p2 = f32[512,1024]{1,0} parameter(1)
+"""
+    assert collective_bytes(text) == {"all-gather": 16 * 8 * 4, "all-reduce": 10 * 2,
+                                      "reduce-scatter": 4 * 4 + 3 * 4}
+    top = largest_values(text, n=1)[0]
+    assert top == {"bytes": 64 * 1024 * 4, "shape": [64, 1024], "dtype": "f32", "op": "fusion",
+                   "from": "jit(f)/exp"}  # parameters are arguments, not values computed
