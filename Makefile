@@ -5,6 +5,7 @@
 #   test-portable    the parity tests again with torch and XLA held to other CPU kernels
 #   test-slow        end-to-end tests and the mutation run (-m slow)
 #   test-benchmarks  tests that rerun a benchmark and check its published figure (not in CI)
+#   lint             ruff check (pyflakes, pycodestyle, import order); .ci/run runs it first
 #   test-latest      the canary: the parity suite on the newest versions the ranges allow (not in CI)
 # Installs: `make setup` installs exactly the versions in requirements.lock; `make lock` refreshes it.
 PY ?= python3
@@ -19,7 +20,7 @@ BACKEND ?= jax
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup lock demo test test-fast test-portable test-slow test-benchmarks test-latest bench-quick clean
+.PHONY: setup lock lint demo test test-fast test-portable test-slow test-benchmarks test-latest bench-quick clean
 
 setup: $(STAMP)
 
@@ -40,6 +41,10 @@ demo: setup
 	$(BIN)/ppo-rlhf demo --backend $(BACKEND) --out runs/demo-$(BACKEND)
 
 test: test-fast test-portable test-slow
+
+# ruff's pyflakes, pycodestyle and import-order rules ([tool.ruff] in pyproject.toml); .ci/run runs it
+lint: setup
+	$(BIN)/ruff check .
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -n 2 --timeout 1800 -m "not slow and not benchmark"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ppo_jax import plan as planner
 from ppo_jax.evaluate import sample_and_score
 from ppo_jax.models import load_pretrained, load_scalar_model
 from ppo_jax.parallel import initialize_distributed
@@ -17,6 +18,7 @@ BACKEND = Backend(
     load_pretrained=load_pretrained, load_scalar_model=load_scalar_model, sample_texts=sample_texts,
     sample_and_score=sample_and_score,
     for_sampling=lambda model: model,  # arrays live where jax put them (its default device)
-    scale_out="mesh", join_processes=initialize_distributed, enable_compile_cache=enable_jax_compile_cache)
+    scale_out="mesh", join_processes=initialize_distributed, enable_compile_cache=enable_jax_compile_cache,
+    planner=planner)
 
 __all__ = ["BACKEND"]

@@ -268,6 +268,13 @@ def plan_ppo(model: str, reward_model: str | None, config: Any, *, topology: str
     return plan
 
 
+def data_parallel_ways(mesh: str | None, devices: list[Any]) -> int:
+    """How many ways the batch is split on `devices` with `--mesh` (default: fsdp over all)."""
+    from ppo_jax.parallel import make_mesh, mesh_spec
+
+    return mesh_spec(make_mesh(mesh or f"fsdp={len(devices)}", devices=devices)).data_parallel
+
+
 def max_batch_size(run: Callable[[int], Plan], unit: int, start: int,
                    progress: Callable[[str], None] | None = None) -> tuple[int, Plan | None]:
     """The largest batch size (a multiple of `unit`) whose plan fits: doubling from `start` until
@@ -370,5 +377,5 @@ def format_plan(plan: Plan, config: Any) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Plan", "ProgramPlan", "TPU_HBM", "topology_devices", "plan_ppo", "build_ppo_trainer",
+__all__ = ["Plan", "ProgramPlan", "TPU_HBM", "topology_devices", "plan_ppo", "build_ppo_trainer", "data_parallel_ways",
            "max_batch_size", "format_plan", "levers", "compile_program"]

@@ -38,6 +38,9 @@ class Backend:
     leave_processes(exit_code=...)  (torchrun cores) leave the process group and exit the rank
     enable_compile_cache()  (cores that have one) turn on a persistent cache of compiled
                     programs; the CLI calls it before anything compiles, the library never does
+    planner         (cores that compile ahead of time: jax) `ppo-rlhf plan`'s functions --
+                    topology_devices, plan_ppo, max_batch_size, data_parallel_ways, format_plan
+                    (`ppo_jax.plan`); None where a core has no compiler to ask (torch)
     """
 
     name: str
@@ -53,6 +56,7 @@ class Backend:
     join_processes: Callable[..., bool] | None = None
     leave_processes: Callable[..., None] | None = None
     enable_compile_cache: Callable[[], Any] | None = None
+    planner: Any = None
 
     def __post_init__(self) -> None:
         if (self.scale_out == "mesh") != (self.join_processes is not None) or (

@@ -25,13 +25,17 @@ def test_each_core_exports_its_backend(backend):
         assert getattr(core, name).__module__.startswith(f"ppo_{backend}."), name
 
 
+OWN = {"attn_implementation", "abstract"}  # torch's attention kernel; JAX's weightless build (plan)
+
+
 def _parameters(fn) -> list[str]:
-    return [p for p in inspect.signature(fn).parameters if p not in SCALING | {"attn_implementation"}]
+    return [p for p in inspect.signature(fn).parameters if p not in SCALING | OWN]
 
 
 def test_both_cores_fill_the_face_with_the_same_signatures():
     """The app calls either core the same way: every callable and trainer constructor takes the
-    same parameters in both (but the scaling ones, and torch's attention-kernel choice)."""
+    same parameters in both (but the scaling ones and each core's own: torch's attention-kernel
+    choice, JAX's abstract build)."""
     jax_core, torch_core = get_backend("jax"), get_backend("torch")
     for name in CALLABLES:
         assert _parameters(getattr(jax_core, name)) == _parameters(getattr(torch_core, name)), name

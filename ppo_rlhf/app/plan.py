@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from ppo_rlhf.app.backends import get_backend
 from ppo_rlhf.errors import UsageError
 
 
@@ -72,9 +73,8 @@ def run(args: argparse.Namespace) -> int:
         import jax
 
         jax.config.update("jax_platforms", "cpu")
-    from ppo_jax.plan import format_plan, max_batch_size, plan_ppo, topology_devices
-
-    devices, _ = topology_devices(args.topology)  # a bad name: exit 2 before anything else
+    planner = get_backend("jax").planner  # the one core that compiles ahead of time
+    devices, _ = planner.topology_devices(args.topology)  # a bad name: exit 2 before anything else
 
     def progress(msg: str) -> None:
         print(f"ppo-rlhf plan: {msg}", file=sys.stderr, flush=True)
@@ -84,15 +84,13 @@ def run(args: argparse.Namespace) -> int:
             cfg = config.replace(batch_size=batch_size)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        return cfg, plan_ppo(model, reward, cfg, topology=args.topology, mesh=args.mesh,
+        return cfg, planner.plan_ppo(model, reward, cfg, topology=args.topology, mesh=args.mesh,
                              dtype=args.dtype, progress=progress)
 
     if args.max_batch:
-        from ppo_jax.parallel import make_mesh, mesh_spec
-
-        ways = mesh_spec(make_mesh(args.mesh or f"fsdp={len(devices)}", devices=devices)).data_parallel
+        ways = planner.data_parallel_ways(args.mesh, devices)
         unit = config.num_minibatches * config.grad_accum_steps * ways
-        best, plan = max_batch_size(lambda b: one(b)[1], unit, config.batch_size, progress)
+        best, plan = planner.max_batch_size(lambda b: one(b)[1], unit, config.batch_size, progress)
         if plan is None:  # not even the smallest batch: report that one
             cfg, plan = one(unit)
         else:
@@ -100,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         plan.max_batch_size = best
     else:
         cfg, plan = one(config.batch_size)
-    print(format_plan(plan, cfg))
+    print(planner.format_plan(plan, cfg))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(plan.to_json(), indent=2) + "\n")
