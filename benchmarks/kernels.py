@@ -39,9 +39,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "peers"))
-import workload as W
+import workload as W  # noqa: E402
 
-from ppo_rlhf.config import REMATS
+from ppo_rlhf.config import REMATS  # noqa: E402
 
 MARK = "ppo-phase:"  # prefix of the trace annotation around each trainer phase
 

@@ -37,9 +37,11 @@ import workload as W  # noqa: E402  (benchmarks/peers/workload.py: pure python +
 
 _THREADS = W.threads_from_argv()
 
-from benchmarks import flops  # noqa: E402
+from benchmarks import (  # noqa: E402
+    compile_every_program,
+    flops,
+)
 from ppo_rlhf.config import REMATS  # noqa: E402  (pure python: imports neither jax nor torch)
-from benchmarks import compile_every_program  # noqa: E402
 
 PROGRAMS = ("jax", "torch", "torch-compile")
 

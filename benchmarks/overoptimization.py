@@ -54,11 +54,10 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -508,7 +507,8 @@ def table(summary: dict) -> str:
              f"lr {st['ppo']['learning_rate']}, evaluated every {st['eval_every']} iterations on "
              f"{st['eval_prompts']} held-out prompts. Gains are over the initial policy; d = sqrt(KL) "
              f"in sqrt(nats per response). Fit: gold gain = d (alpha - beta log d), pooled over seeds; "
-             f"+- is the std over per-seed fits (in parentheses: the number of seeds whose fitted peak lies within their data).", "",
+             f"+- is the std over per-seed fits (in parentheses: the number of seeds whose fitted peak lies "
+             f"within their data).", "",
              "| proxy pairs | held-out acc. (ceiling) |", "|---|---|"]
     for p in summary["proxies"]:
         lines.append(f"| {p['pairs']} | {_f(p['eval_expected_accuracy'], '.3f')} ({_f(p['noise_ceiling'], '.3f')}) |")
@@ -552,7 +552,8 @@ def table(summary: dict) -> str:
             lines.append(f"| {g['rm_pairs']} | {g['kl_coef']:g} | {cell('gold_gain_at_peak', '.3f')} "
                          f"| {cell('d_at_peak')} | {cell('final_gold_gain', '.3f')} | {cell('final_d')} "
                          f"| {cell('final_proxy_gain')} | {g['max_abs_z']:.1f} "
-                         f"| {g['curve_share_within_2se']:.0%} of {g['curve_points']} | {'yes' if g['agree'] else 'no'} |")
+                         f"| {g['curve_share_within_2se']:.0%} of {g['curve_points']} "
+                         f"| {'yes' if g['agree'] else 'no'} |")
     if summary["missing"]:
         lines += ["", f"Not (yet) run: {len(summary['missing'])} of {summary['planned_runs']} runs "
                       f"({', '.join(summary['missing'][:12])}{' ...' if len(summary['missing']) > 12 else ''})."]
@@ -686,7 +687,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Study]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = Study()
     p.add_argument("--quick", action="store_true",
-                   help="smoke test: tiny model, one 32-pair proxy, kl 0 and 0.2, 4 iterations, 1 seed, both backends (< 2 min)")
+                   help="smoke test: tiny model, one 32-pair proxy, kl 0 and 0.2, 4 iterations, 1 seed, "
+                        "both backends (< 2 min)")
     p.add_argument("--backends", default=",".join(d.backends))
     p.add_argument("--seeds", type=int, help=f"number of seeds 0..N-1 (default {len(d.seeds)})")
     p.add_argument("--rm-pairs", type=_ints, help=f"proxy sizes (default {','.join(map(str, d.rm_pairs))})")

@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                 "steps": m["steps"], "train_s": m["time_s"], "wall_s": time.perf_counter() - t0,
                 "command": " ".join(["ppo-rlhf", *cmd[3:]])})
             print(proc.stdout.strip(), file=sys.stderr)
-    summary = {"command": " ".join(["python", "-m", "benchmarks.rm_accuracy", *(argv if argv is not None else sys.argv[1:])]),
+    given = argv if argv is not None else sys.argv[1:]
+    summary = {"command": " ".join(["python", "-m", "benchmarks.rm_accuracy", *given]),
                "model": str(model), "pairs": args.pairs, "eval_pairs": args.eval_pairs,
                "temperature": args.temperature, "epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay,
                "batch_size": args.batch_size, "train_noise_ceiling": train_ceiling,

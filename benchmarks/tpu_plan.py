@@ -48,7 +48,8 @@ def config_for(setting: str, batch: int, micro: int, length: int = 512, minibatc
 
 
 def markdown(rows: list[dict]) -> str:
-    out = ["| model | topology | setting | batch | minibatch | micro-batch | peak GiB / chip | HBM GiB | fits | compile s |",
+    out = ["| model | topology | setting | batch | minibatch | micro-batch | peak GiB / chip | HBM GiB | fits "
+           "| compile s |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['model']} | {r['topology']} | {r['setting']} | {r['batch_size']} | "
@@ -92,7 +93,8 @@ def main(argv=None) -> int:
                     cfg = config_for(setting, b, args.micro_batch, args.length, args.minibatch)
                     t0 = time.perf_counter()
                     load0 = os.getloadavg()[0]
-                    plan = plan_ppo(str(Path(args.config_dir) / model), str(Path(args.config_dir) / model), cfg, topology=topo,
+                    config_json = str(Path(args.config_dir) / model)
+                    plan = plan_ppo(config_json, config_json, cfg, topology=topo,
                                     progress=lambda s: print(f"  {model} {topo} {setting}: {s}",
                                                              file=sys.stderr, flush=True))
                     row = {"model": model, "topology": topo, "setting": setting, "batch_size": b,

@@ -245,7 +245,8 @@ def test_logprobs_and_entropy(dtype, temperature, seed, shape):
     grads = []
     for backend in BACKENDS:
         what = f"{backend.name} T={temperature}"
-        assert_close(backend.call("logprobs_from_logits", "losses", logits, labels, temperature=temperature), want_lp, dtype, what)
+        assert_close(backend.call("logprobs_from_logits", "losses", logits, labels, temperature=temperature),
+                     want_lp, dtype, what)
         assert_close(backend.call("token_entropy", "losses", logits, temperature=temperature), want_h, dtype, what)
         assert_close(backend.call("entropy", "losses", logits, mask, temperature=temperature),
                      ref.masked_mean(want_h, mask), dtype, what)

@@ -31,10 +31,26 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from parity_tests.ppo_inputs import (B, N, P, ROLLOUT_KEYS, TOL, accuracy_balance, compare_arrays,
-                                     compare_stats, compare_weights, explained_by_rounding,
-                                     explained_stats, explained_weights, inputs, rounding_error,
-                                     same_tokens, twins_within_rounding, weights, x64_if)
+from parity_tests.ppo_inputs import (
+    ROLLOUT_KEYS,
+    TOL,
+    B,
+    N,
+    P,
+    accuracy_balance,
+    compare_arrays,
+    compare_stats,
+    compare_weights,
+    explained_by_rounding,
+    explained_stats,
+    explained_weights,
+    inputs,
+    rounding_error,
+    same_tokens,
+    twins_within_rounding,
+    weights,
+    x64_if,
+)
 from ppo_rlhf import PPOConfig
 from ppo_rlhf.testing import EOS_ID, PAD_ID
 

@@ -22,12 +22,24 @@ import pytest
 import torch
 
 from parity_tests import reference_ppo
-from parity_tests.ppo_inputs import (B, N, P, ROLLOUT_KEYS, compare_arrays, compare_stats,
-                                     compare_weights, explained_stats, explained_weights, inputs,
-                                     same_tokens, weights, x64_if)
+from parity_tests.ppo_inputs import (
+    ROLLOUT_KEYS,
+    B,
+    N,
+    P,
+    compare_arrays,
+    compare_stats,
+    compare_weights,
+    explained_stats,
+    explained_weights,
+    inputs,
+    same_tokens,
+    weights,
+    x64_if,
+)
 from ppo_rlhf import PPOConfig
-from ppo_rlhf.runtime import seeds
 from ppo_rlhf.hf_checkpoint import init_score_head
+from ppo_rlhf.runtime import seeds
 from ppo_rlhf.testing import EOS_ID, PAD_ID
 
 SETTINGS = {
@@ -48,9 +60,10 @@ def _reward_fn(prompts, responses):
 def _iteration(ckpt, reward, reference, ref_kw, cfg, q, qm, noise, dtype) -> dict:
     """One iteration of each trainer and of the reference in `dtype`:
     name -> (rollout arrays, stats, weights), and the start weights."""
+    from transformers import AutoTokenizer
+
     import ppo_jax.ppo as jp
     import ppo_torch.ppo as tp
-    from transformers import AutoTokenizer
 
     kw = dict(config=cfg, eos_token_id=EOS_ID, pad_token_id=PAD_ID, dtype=dtype,
               reference=None if reference is None else str(reference))

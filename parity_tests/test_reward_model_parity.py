@@ -115,7 +115,7 @@ def _jax_loss(scores, tiers, margin, targets, loss, ties, grad=True):
         if not grad:
             return np.asarray(jrm.group_loss(jnp.asarray(scores), jnp.asarray(tiers), jnp.asarray(margin),
                                              jnp.asarray(targets), loss=loss, ties=ties)), None
-        f = lambda s: jnp.sum(jrm.group_loss(s, jnp.asarray(tiers), jnp.asarray(margin),  # noqa: E731
+        f = lambda s: jnp.sum(jrm.group_loss(s, jnp.asarray(tiers), jnp.asarray(margin),
                                              jnp.asarray(targets), loss=loss, ties=ties) * jnp.arange(1, len(s) + 1))
         per = jrm.group_loss(jnp.asarray(scores), jnp.asarray(tiers), jnp.asarray(margin),
                              jnp.asarray(targets), loss=loss, ties=ties)
@@ -206,7 +206,8 @@ def _jax_grads(ckpt, batch, cfg):
     stacks = stacked_modules(model)
     gdef, params, rest = nnx.split(model, nnx.Param, ...)
     b = {k: jnp.asarray(v) for k, v in batch.items()}
-    fn = jax.jit(jax.value_and_grad(lambda p, r, b: jrm.batch_loss(nnx.merge(gdef, p, r), b, loss=cfg.loss, ties=cfg.ties),
+    fn = jax.jit(jax.value_and_grad(lambda p, r, b: jrm.batch_loss(nnx.merge(gdef, p, r), b, loss=cfg.loss,
+                                                                   ties=cfg.ties),
                                     has_aux=True))  # as the trainer runs it: under jit
     (loss, scores), grads = fn(params, rest, b)
     out = {}

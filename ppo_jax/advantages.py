@@ -8,17 +8,14 @@ padded positions are ignored even if they hold NaN.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppo_rlhf.checks import (check_choice, check_contiguous_rows, check_leading_dim,
-                             check_same_shape)
-from ppo_rlhf.config import KL_UNITS
 from ppo_jax.losses import kl_penalty
-from ppo_jax.masked import (_bool_mask, _clean, _float, last_token_index, masked_mean, masked_sum,
-                            whiten)
+from ppo_jax.masked import _bool_mask, _clean, _float, last_token_index, masked_mean, masked_sum, whiten
+from ppo_rlhf.checks import check_choice, check_contiguous_rows, check_leading_dim, check_same_shape
+from ppo_rlhf.config import KL_UNITS
 
 Array = jax.Array
 

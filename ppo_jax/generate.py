@@ -36,7 +36,8 @@ leaving early once every row has emitted EOS -- outputs keep their static [B, N]
 KV cache is created inside that program (`init_cache(B, P + N - 1)`: k and v stacked over the
 layers, [layers, B, kv_heads, slots, head_dim]), so it never crosses the host boundary and XLA
 updates it in place in the loop carry -- and, within a step, in the carry of the model's scan
-over layers, each layer writing its one new slot; nothing syncs with the host per token. New weights with the same structure (after a PPO update, or `nnx.update`) reuse the
+over layers, each layer writing its one new slot; nothing syncs with the host per token. New weights with the same
+structure (after a PPO update, or `nnx.update`) reuse the
 compiled program: the state is an argument, not a constant. Bucket prompt lengths (pad P to a
 few fixed sizes) to bound the number of compilations.
 """
@@ -53,8 +54,8 @@ import numpy as np
 from flax import nnx
 
 from ppo_jax.losses import logprobs_from_logits
-from ppo_rlhf.sampling import SOURCES, check_generate_args
 from ppo_rlhf.rollout import check_mask
+from ppo_rlhf.sampling import SOURCES, check_generate_args
 
 Array = jax.Array
 

@@ -1,6 +1,7 @@
 """PPO losses, KL estimators and log-probs in JAX. Mirror: `ppo_torch/losses.py`.
 
-Every function is `jax.jit`-able and masked (the masked reductions are in `masked.py`): `mask` is 1 on real tokens and 0 on padding; values
+Every function is `jax.jit`-able and masked (the masked reductions are in `masked.py`): `mask` is 1 on real tokens and
+0 on padding; values
 at padded positions never reach a result or a gradient, even if they are NaN or inf (each input is
 replaced by 0 there *before* any arithmetic, so no NaN*0 can leak into a gradient). A NaN at a
 real position propagates into the result -- the trainer detects it (a non-finite loss skips the
@@ -20,9 +21,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ppo_jax.masked import _bool_mask, _clean, _float, aggregate_loss, masked_mean, masked_var
 from ppo_rlhf.checks import check_choice, check_same_shape
 from ppo_rlhf.config import KL_ESTIMATORS, LOSS_AGGS, POLICY_LOSS_KINDS
-from ppo_jax.masked import _bool_mask, _clean, _float, aggregate_loss, masked_mean, masked_var
 
 Array = jax.Array
 Stats = dict[str, Array]

@@ -54,11 +54,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ppo_jax.models.stack import is_stacked
 from ppo_rlhf.errors import UsageError
-from ppo_rlhf.runtime.processes import (MESH_AXES, SINGLE_PROCESS, MeshSpec, Processes, check_data_parallel, parse_mesh)
+from ppo_rlhf.runtime.processes import MESH_AXES, SINGLE_PROCESS, MeshSpec, Processes, check_data_parallel, parse_mesh
 
 BATCH_AXES = ("data", "fsdp")
 """The mesh axes the batch rows are split over."""

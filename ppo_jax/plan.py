@@ -26,7 +26,7 @@ import glob
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import jax
@@ -107,7 +107,7 @@ def topology_devices(topology: str) -> tuple[list[Any], int]:
         from jax.experimental import topologies
 
         desc = topologies.get_topology_desc(topology_name=topology, platform="tpu")
-    except Exception as e:  # noqa: BLE001 -- libtpu missing or the shape refused: one line
+    except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"topology {topology!r}: {msg} (needs libtpu: pip install "
                          f"'ppo-rlhf[tpu]')") from None
@@ -127,7 +127,7 @@ def compile_program(name: str, fn: Callable, args: tuple, state_args: tuple,
     t0 = time.perf_counter()
     try:
         compiled = fn.lower(*args).compile()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         text = str(e)
         if "RESOURCE_EXHAUSTED" not in text and "exceeds" not in text:
             raise
@@ -337,7 +337,7 @@ def levers(config: Any) -> list[str]:
 
 def format_plan(plan: Plan, config: Any) -> str:
     unit, div = ("GiB", GiB) if plan.peak_bytes >= GiB else ("MiB", 1024 ** 2)
-    g = lambda b: f"{b / div:8.3f}"  # noqa: E731
+    g = lambda b: f"{b / div:8.3f}"
     lines = [f"topology {plan.topology}: {plan.chips} chips, {plan.hbm_bytes_per_chip / GiB:.2f} GiB "
              f"per chip; mesh {plan.mesh}; batch_size {plan.batch_size}",
              f"resident state (all weights + optimiser state) per chip: {plan.resident_state_bytes / div:.3f} {unit}",

@@ -51,21 +51,33 @@ import numpy as np
 from flax import nnx
 
 from ppo_jax.abstract import copy_arrays, evaluate
-from ppo_jax.parallel import builds_on_host, placement
 from ppo_jax.advantages import gae, kl_for_controller, shape_rewards, whiten
 from ppo_jax.generate import SamplingOptions, generate, make_generate_fn
 from ppo_jax.losses import policy_loss, value_loss
 from ppo_jax.masked import aggregate_loss
+from ppo_jax.models import (
+    CausalLM,
+    PolicyWithValueHead,
+    ScalarHeadModel,
+    cast_model,
+    critic_from_reward_model,
+    load_pretrained,
+    load_scalar_model,
+    response_logprobs,
+    response_logprobs_and_values,
+    response_values,
+    scalar_model_from_lm,
+    sequence_scores,
+    set_compute_dtype,
+    set_remat,
+    set_scan_unroll,
+)
 from ppo_jax.optim import guarded_step, make_optimizer
-from ppo_jax.models import (CausalLM, cast_model, PolicyWithValueHead, ScalarHeadModel, critic_from_reward_model,
-                            load_pretrained, load_scalar_model, response_logprobs,
-                            response_logprobs_and_values, response_values, scalar_model_from_lm,
-                            sequence_scores, set_compute_dtype, set_remat,
-                            set_scan_unroll)
-from ppo_rlhf.runtime import metrics, seeds
+from ppo_jax.parallel import builds_on_host, placement
 from ppo_rlhf.config import PPOConfig
 from ppo_rlhf.rewards import RewardModel, as_reward_model
 from ppo_rlhf.rollout import RolloutBatch
+from ppo_rlhf.runtime import metrics, seeds
 from ppo_rlhf.runtime.ppo import TrainerBase, resolve_reward_spec
 
 Array = jax.Array

@@ -31,9 +31,14 @@ import optax
 from flax import nnx
 
 from ppo_jax.checkpoint import SupervisedCheckpoint
-from ppo_jax.models import (ScalarHeadModel, load_scalar_model, scalar_model_from_lm,
-                            set_compute_dtype, set_remat,
-                            set_scan_unroll)
+from ppo_jax.models import (
+    ScalarHeadModel,
+    load_scalar_model,
+    scalar_model_from_lm,
+    set_compute_dtype,
+    set_remat,
+    set_scan_unroll,
+)
 from ppo_jax.optim import guarded_step, make_optimizer
 from ppo_rlhf import hf_checkpoint as hfc
 from ppo_rlhf.config import RMConfig
@@ -209,7 +214,7 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
         return m
 
     # ---- the step ------------------------------------------------------------------------------
-    def _init_optimizer(self, total_steps: int) -> None:  # noqa: ARG002 -- lr comes per step
+    def _init_optimizer(self, total_steps: int) -> None:
         self.opt_state = self.tx.init(self.params)
 
     def _train_step(self, batch: dict[str, np.ndarray], lr: float) -> dict[str, Any]:

@@ -19,8 +19,15 @@ it but the application layer (`app/`) imports `ppo_jax` or `ppo_torch`, the two 
 
 from ppo_rlhf.config import PPOConfig, RMConfig, SFTConfig
 from ppo_rlhf.errors import CheckpointError, DataError, NonFiniteUpdates, UsageError
-from ppo_rlhf.rewards import (NonFiniteRewardError, RewardFn, RewardModel, ScoreRequest,
-                              TextRewardModel, as_reward_model, check_scores)
+from ppo_rlhf.rewards import (
+                              NonFiniteRewardError,
+                              RewardFn,
+                              RewardModel,
+                              ScoreRequest,
+                              TextRewardModel,
+                              as_reward_model,
+                              check_scores,
+)
 from ppo_rlhf.rollout import RolloutBatch
 
 __version__ = "0.1.0"

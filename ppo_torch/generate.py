@@ -42,8 +42,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ppo_rlhf.sampling import check_generate_args
 from ppo_rlhf.rollout import check_mask
+from ppo_rlhf.sampling import check_generate_args
 from ppo_torch.losses import logprobs_from_logits
 
 Tensor = torch.Tensor

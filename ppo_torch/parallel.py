@@ -50,8 +50,8 @@ import torch
 import torch.distributed as dist
 
 from ppo_rlhf.errors import UsageError
-from ppo_rlhf.runtime.processes import Processes, check_data_parallel
 from ppo_rlhf.rollout import RolloutBatch
+from ppo_rlhf.runtime.processes import Processes, check_data_parallel
 
 STRATEGIES = ("ddp", "fsdp")
 

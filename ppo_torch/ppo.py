@@ -48,22 +48,33 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ppo_rlhf.runtime import metrics, seeds
 from ppo_rlhf.config import PPOConfig
 from ppo_rlhf.rewards import RewardModel, as_reward_model
 from ppo_rlhf.rollout import RolloutBatch
+from ppo_rlhf.runtime import metrics, seeds
 from ppo_rlhf.runtime.ppo import TrainerBase, resolve_reward_spec
 from ppo_torch.advantages import gae, kl_for_controller, shape_rewards, whiten
-from ppo_torch.parallel import setup as setup_distributed
 from ppo_torch.generate import generate
 from ppo_torch.losses import policy_loss, value_loss
 from ppo_torch.masked import aggregate_loss
+from ppo_torch.models import (
+    CausalLM,
+    PolicyWithValueHead,
+    ScalarHeadModel,
+    critic_from_reward_model,
+    load_pretrained,
+    load_scalar_model,
+    response_logprobs,
+    response_logprobs_and_values,
+    response_values,
+    scalar_model_from_lm,
+    sequence_scores,
+    set_compute_dtype,
+    set_remat,
+    set_scan_unroll,
+)
 from ppo_torch.optim import guarded_step, make_optimizer
-from ppo_torch.models import (CausalLM, PolicyWithValueHead, ScalarHeadModel, critic_from_reward_model,
-                              load_pretrained, load_scalar_model, response_logprobs,
-                              response_logprobs_and_values, response_values, scalar_model_from_lm,
-                              sequence_scores, set_compute_dtype, set_remat,
-                              set_scan_unroll)
+from ppo_torch.parallel import setup as setup_distributed
 
 Tensor = torch.Tensor
 

@@ -29,9 +29,14 @@ from ppo_rlhf import hf_checkpoint as hfc
 from ppo_rlhf.config import RMConfig
 from ppo_rlhf.runtime.supervised import RMTrainerBase
 from ppo_torch.checkpoint import SupervisedCheckpoint
-from ppo_torch.models import (ScalarHeadModel, load_scalar_model, scalar_model_from_lm,
-                              set_compute_dtype, set_remat,
-                              set_scan_unroll)
+from ppo_torch.models import (
+    ScalarHeadModel,
+    load_scalar_model,
+    scalar_model_from_lm,
+    set_compute_dtype,
+    set_remat,
+    set_scan_unroll,
+)
 from ppo_torch.optim import guarded_step, make_optimizer
 
 Tensor = torch.Tensor
@@ -171,7 +176,7 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
                                reward_bias=self.bias).eval()
 
     # ---- the step ------------------------------------------------------------------------------
-    def _init_optimizer(self, total_steps: int) -> None:  # noqa: ARG002 -- lr comes per step
+    def _init_optimizer(self, total_steps: int) -> None:
         cfg = self.config
         self.params = [p for p in self._model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, learning_rate=cfg.learning_rate,

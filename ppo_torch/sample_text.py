@@ -20,10 +20,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ppo_torch.generate import generate
 from ppo_rlhf import tokens
 from ppo_rlhf.runtime import seeds
 from ppo_rlhf.sampling import TextSamples, prompt_width
+from ppo_torch.generate import generate
 
 
 def sample_texts(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,

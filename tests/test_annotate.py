@@ -23,10 +23,8 @@ import pytest
 
 from ppo_rlhf.data import PairwiseRecord, RankingRecord, RatingRecord, read_records
 from ppo_rlhf.errors import UsageError
-from ppo_rlhf.feedback.annotate.agreement import (annotator_agreement, krippendorff_alpha,
-                                                  pairwise_agreement, units_for)
-from ppo_rlhf.feedback.annotate.answers import (Answer, AnswerError, parse_answer, shown_order,
-                                                to_original)
+from ppo_rlhf.feedback.annotate.agreement import annotator_agreement, krippendorff_alpha, pairwise_agreement, units_for
+from ppo_rlhf.feedback.annotate.answers import Answer, AnswerError, parse_answer, shown_order, to_original
 from ppo_rlhf.feedback.annotate.export import agreement_stats, export_records, format_stats
 from ppo_rlhf.feedback.annotate.server import AnnotateServer
 from ppo_rlhf.feedback.annotate.store import Store

@@ -13,9 +13,7 @@ import pytest
 from ppo_rlhf.feedback.annotate.answers import Answer, AnswerError
 from ppo_rlhf.feedback.annotate.store import _SCHEMA, Store
 from tests.helpers import assert_one_line_error, cli
-from tests.test_annotate import (PROMPTS, get_next, label, make_store, n_answers, raw_request, request,
-                                 serving)
-
+from tests.test_annotate import PROMPTS, get_next, label, make_store, n_answers, raw_request, request, serving
 
 # ---- --per-item enforced when an answer is stored ------------------------------------------------
 

@@ -98,7 +98,7 @@ def test_scale_tiny_and_gpu_tiny_suites_run_both_backends(tmp_path):
                 assert r["mfu_update"] > 0 and r["decode_hbm"] > 0
                 upd = r["phases_s"]["update"]
                 assert abs(r["update_tflops"] - update_flops("tiny", 8, 16, 8, 1) / upd / 1e12) < 1e-9
-        assert f"| jax | on |" in out.with_suffix(".md").read_text()
+        assert "| jax | on |" in out.with_suffix(".md").read_text()
 
 
 def test_supervised_step_reports_each_backend_and_the_jax_scratch_size(tmp_path):

@@ -11,12 +11,31 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ppo_rlhf.data import (DataError, JsonlWriter, PairwiseRecord, PromptRecord, RankingRecord,
-                           RatingRecord, ResponsesRecord, detect_kind, from_hf_dataset,
-                           load_prompts, ranking_to_pairs, ratings_to_pairs, read_pairwise,
-                           read_prompts, read_rankings, read_ratings, read_records,
-                           record_from_dict, record_to_dict, to_hf_dataset, to_pairs,
-                           write_prompts_text, write_records)
+from ppo_rlhf.data import (
+    DataError,
+    JsonlWriter,
+    PairwiseRecord,
+    PromptRecord,
+    RankingRecord,
+    RatingRecord,
+    ResponsesRecord,
+    detect_kind,
+    from_hf_dataset,
+    load_prompts,
+    ranking_to_pairs,
+    ratings_to_pairs,
+    read_pairwise,
+    read_prompts,
+    read_rankings,
+    read_ratings,
+    read_records,
+    record_from_dict,
+    record_to_dict,
+    to_hf_dataset,
+    to_pairs,
+    write_prompts_text,
+    write_records,
+)
 from ppo_rlhf.errors import UsageError
 
 EXAMPLES = {

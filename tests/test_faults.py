@@ -29,10 +29,19 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from ppo_rlhf.runtime.checkpoints import LATEST, MANIFEST, CheckpointManager, verify
 from ppo_rlhf.errors import CheckpointError, UsageError
-from tests.helpers import (SMALL, assert_one_line_error, built_once, cli, copy_of,
-                           make_trainer, metrics, train, write_prompts)
+from ppo_rlhf.runtime.checkpoints import LATEST, MANIFEST, CheckpointManager, verify
+from tests.helpers import (
+    SMALL,
+    assert_one_line_error,
+    built_once,
+    cli,
+    copy_of,
+    make_trainer,
+    metrics,
+    train,
+    write_prompts,
+)
 
 BACKENDS = ["jax", "torch"]
 
@@ -233,8 +242,7 @@ def test_cli_long_prompt_is_truncated_from_the_left_with_a_warning(inputs, tmp_p
 
 # ---- 1. bad input through the Python API ----------------------------------------------------------
 def test_tokenize_prompts_keeps_the_end_of_a_long_prompt(inputs):
-    from ppo_rlhf.tokens import tokenize_prompts
-    from ppo_rlhf.tokens import load_tokenizer
+    from ppo_rlhf.tokens import load_tokenizer, tokenize_prompts
 
     tok = load_tokenizer(inputs / "gpt2")
     long = "one two three four five six seven eight nine ten"
@@ -326,7 +334,7 @@ def test_api_evaluate_bad_arguments(inputs):
 
 
 def test_api_nan_reward_is_refused():
-    from ppo_rlhf.rewards import NonFiniteRewardError, TextRewardModel, ScoreRequest
+    from ppo_rlhf.rewards import NonFiniteRewardError, ScoreRequest, TextRewardModel
 
     z = np.zeros((2, 3), np.int32)
     req = ScoreRequest(z, z, z, z, prompts=["a", "b"], responses=["c", "d"])
@@ -508,7 +516,7 @@ def test_crash_while_writing_a_checkpoint_leaves_the_previous_one_usable(backend
     again = make_trainer(backend, inputs / "gpt2", out_dir=out, checkpoint_every=1)
     history = again.train(3, resume=True, progress=False)
     assert len(history) == 1 and history[0]["iteration"] == 2
-    drop = lambda s: {k: v for k, v in s.items() if not k.startswith("time/")}  # noqa: E731
+    drop = lambda s: {k: v for k, v in s.items() if not k.startswith("time/")}
     assert drop(history[0]) == drop(t.history[2])
     assert (root / LATEST).read_text() == "iter_00000003\n" and not list(root.glob(".tmp-*"))
 

@@ -114,7 +114,8 @@ def _bandit_grad(backend, kind, n_samples, seed):
 
         lg = torch.tensor(logits, requires_grad=True)
         lp = logprobs_from_logits(lg.expand(1, n_samples, 5), torch.from_numpy(actions)[None])
-        policy_loss(lp, torch.from_numpy(old_lp), torch.from_numpy(adv), torch.from_numpy(mask), kind=kind)[0].backward()
+        old, a, m = (torch.from_numpy(x) for x in (old_lp, adv, mask))
+        policy_loss(lp, old, a, m, kind=kind)[0].backward()
         return -lg.grad.numpy()
 
     return surrogate_grad(), exact

@@ -9,14 +9,12 @@ import os
 
 import jax
 import jax.numpy as jnp
-
 import numpy as np
 import pytest
 from flax import nnx
 
 import ppo_jax.models as jm
-from ppo_jax.generate import (GenerationOutput, SamplingOptions, filter_logits, generate,
-                              make_generate_fn, sample_token)
+from ppo_jax.generate import GenerationOutput, SamplingOptions, filter_logits, generate, make_generate_fn, sample_token
 from ppo_rlhf import sampling as nz
 from ppo_rlhf.testing import count_jax_compilations, make_padded_batch
 
@@ -196,7 +194,6 @@ def test_a_persistent_cache_hit_still_counts_as_a_compilation():
     program is read back from that cache must still show up in `count_jax_compilations`, or the
     no-recompilation tests would pass on a warm cache whatever the code does."""
     import jax.numpy as jnp
-
     from jax._src import compilation_cache
 
     if os.environ.get("PPO_RLHF_TEST_JAX_CACHE") == "0":

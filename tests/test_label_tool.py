@@ -19,11 +19,25 @@ from pathlib import Path
 
 import pytest
 
-from ppo_rlhf.data import (DataError, PairwiseRecord, RankingRecord, RatingRecord,
-                           ResponsesRecord, read_records, write_records)
+from ppo_rlhf.data import (
+    DataError,
+    PairwiseRecord,
+    RankingRecord,
+    RatingRecord,
+    ResponsesRecord,
+    read_records,
+    write_records,
+)
 from ppo_rlhf.errors import UsageError
-from ppo_rlhf.feedback.terminal import (Answer, AnswerError, parse_answer, read_done_prompts, run_labelling, skip_path_for)
 from ppo_rlhf.feedback.samplers import ResponsesFileSampler
+from ppo_rlhf.feedback.terminal import (
+    Answer,
+    AnswerError,
+    parse_answer,
+    read_done_prompts,
+    run_labelling,
+    skip_path_for,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

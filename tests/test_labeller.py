@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 
 from ppo_rlhf.data import PairwiseRecord, ranking_to_pairs
-from ppo_rlhf.feedback.labeller import (SyntheticLabeller, expected_accuracy, noise_ceiling, pair_noise_ceiling, preference_probability)
+from ppo_rlhf.feedback.labeller import (
+    SyntheticLabeller,
+    expected_accuracy,
+    noise_ceiling,
+    pair_noise_ceiling,
+    preference_probability,
+)
 from ppo_rlhf.rewards import NonFiniteRewardError
 
 

@@ -22,7 +22,8 @@ def _x(seed=0, shape=(B, T)):
 
 
 def test_mismatched_shapes(backend):
-    with pytest.raises(ValueError, match=r"policy_loss: old_logprobs has shape \(3, 4\), but logprobs has shape \(3, 5\)"):
+    with pytest.raises(ValueError,
+                       match=r"policy_loss: old_logprobs has shape \(3, 4\), but logprobs has shape \(3, 5\)"):
         backend.call_eager("policy_loss", "losses", _x(), _x(1, (B, 4)), _x(2), MASK)
     with pytest.raises(ValueError, match=r"value_loss: mask has shape"):
         backend.call_eager("value_loss", "losses", _x(), _x(1), _x(2), MASK[:, :4])

@@ -4,7 +4,6 @@ parity_tests/test_models_parity.py."""
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -4,7 +4,6 @@ equality: parity_tests/test_models_parity.py."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch

@@ -61,13 +61,12 @@ def _worker(ckpt: str, out: str, meshes: list[str]) -> None:
     from flax import nnx
 
     from ppo_jax.generate import SamplingOptions, make_generate_fn
-    from ppo_rlhf.testing import count_jax_compilations
     from ppo_jax.models import model_tensors
-    from ppo_jax.ppo import PPOTrainer
     from ppo_jax.models.stack import is_stacked
     from ppo_jax.parallel import param_spec
+    from ppo_jax.ppo import PPOTrainer
     from ppo_rlhf import PPOConfig
-    from ppo_rlhf.testing import EOS_ID, PAD_ID, make_padded_batch
+    from ppo_rlhf.testing import EOS_ID, PAD_ID, count_jax_compilations, make_padded_batch
 
     assert jax.device_count() == 8, jax.devices()
     config = PPOConfig(**CONFIG)

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("libtpu", reason="ppo-rlhf plan compiles for TPU: needs libtpu (make setup)")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # xdist workers load libtpu each
 
-from ppo_rlhf.app.cli import main  # noqa: E402
+from ppo_rlhf.app.cli import main
 
 CHIPS = 4
 TINY = dict(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from ppo_rlhf.app.backends import load_policy_sampler
 from ppo_rlhf.data import PairwiseRecord, read_records
 from ppo_rlhf.errors import UsageError
-from ppo_rlhf.app.backends import load_policy_sampler
 from ppo_rlhf.feedback.samplers import ResponseSampler
 from ppo_rlhf.testing import EOS_ID, EOS_TOKEN, PAD_TOKEN
 

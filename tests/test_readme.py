@@ -20,9 +20,9 @@ def readme_python_block() -> str:
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_readme_python_example_runs(backend, tmp_path, monkeypatch):
-    from ppo_rlhf.tokens import load_tokenizer
     from ppo_rlhf.hf_checkpoint import write_fresh_checkpoint
     from ppo_rlhf.tasks import reviews
+    from ppo_rlhf.tokens import load_tokenizer
 
     monkeypatch.chdir(tmp_path)
     sft = tmp_path / "runs" / f"demo-{backend}" / "sft"

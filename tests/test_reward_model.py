@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 from ppo_rlhf.app.cli import main
-from ppo_rlhf.data import PairwiseRecord, RankingRecord, RatingRecord, write_records
-from ppo_rlhf.errors import UsageError
-from ppo_rlhf.feedback.labeller import SYNTHETIC_LABELS, expected_accuracy
 from ppo_rlhf.config import RMConfig
+from ppo_rlhf.data import PairwiseRecord, RankingRecord, RatingRecord, write_records
 from ppo_rlhf.data.encoding import encode_preferences, encode_sequences
-from ppo_rlhf.eval.preferences import (group_accuracy, normalisation, pairwise_accuracy, rating_pair_accuracy)
+from ppo_rlhf.errors import UsageError
+from ppo_rlhf.eval.preferences import group_accuracy, normalisation, pairwise_accuracy, rating_pair_accuracy
+from ppo_rlhf.feedback.labeller import SYNTHETIC_LABELS, expected_accuracy
 from ppo_rlhf.runtime.seeds import rm_batch_rows
 from ppo_rlhf.runtime.supervised import lr_factor
 from tests.helpers import run_module
@@ -120,7 +120,8 @@ def test_ratings_standardised_or_turned_into_pairs(tok):
 
 
 def test_margins_read_from_extra(tok):
-    recs = [PairwiseRecord("p", " a", " b", extra={"margin": 2}), PairwiseRecord("p", " c", " d", extra={"margin": 0.5})]
+    recs = [PairwiseRecord("p", " a", " b", extra={"margin": 2}),
+            PairwiseRecord("p", " c", " d", extra={"margin": 0.5})]
     g = encode_preferences(recs, tok, RMConfig(margin_key="margin", max_length=8))
     np.testing.assert_array_equal(g.margin, [2.0, 0.5])
     with pytest.raises(UsageError, match="margin"):

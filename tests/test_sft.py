@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from ppo_rlhf.app.cli import main
-from ppo_rlhf.errors import UsageError
 from ppo_rlhf.config import SFTConfig
 from ppo_rlhf.data.encoding import encode_sft
+from ppo_rlhf.errors import UsageError
 from ppo_rlhf.hf_checkpoint import init_gpt2_tensors, write_fresh_checkpoint
 from ppo_rlhf.runtime.seeds import sft_batch_indices
 from ppo_rlhf.tasks import reviews
@@ -53,7 +53,7 @@ def test_encode_sft_loss_masks(task_tok):
     d = encode_sft(["the phone is good.", ("review of the mug:", "the mug is bad."),
                     {"prompt": "about the tent:", "response": "i love it."}, {"text": "okay."}],
                    task_tok, cfg)
-    enc = lambda s: task_tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    enc = lambda s: task_tok(s, add_special_tokens=False)["input_ids"]
     eos = task_tok.eos_token_id
     text = enc("the phone is good.") + [eos]
     assert d.input_ids[0, :len(text)].tolist() == text and d.attention_mask[0].sum() == len(text)
@@ -65,7 +65,8 @@ def test_encode_sft_loss_masks(task_tok):
     assert d.loss_mask[1].tolist() == [0] * len(p) + [1] * (len(r) + 1) + [0] * (16 - len(p) - len(r) - 1)
     assert d.loss_mask[2, :len(enc("about the tent:"))].sum() == 0
     # train_on_prompt: everything after the first token
-    d2 = encode_sft([("review of the mug:", "the mug is bad.")], task_tok, SFTConfig(max_length=16, train_on_prompt=True))
+    d2 = encode_sft([("review of the mug:", "the mug is bad.")], task_tok,
+                    SFTConfig(max_length=16, train_on_prompt=True))
     assert d2.loss_mask[0].tolist() == [0] + [1] * (len(p) + len(r)) + [0] * (15 - len(p) - len(r))
     # too long: the end is cut (counted)
     d3 = encode_sft(["the phone is good. " * 10], task_tok, SFTConfig(max_length=8))

@@ -40,7 +40,7 @@ def test_edge_cases():
 
 
 class _FakeTrainer:
-    seen: dict = {}  # noqa: RUF012 -- filled by fit(), read by the tests
+    seen: dict = {}
 
     def __init__(self, model, config, **kwargs):
         _FakeTrainer.config = config

@@ -46,9 +46,9 @@ Output JSON (also printed, abridged):
 from __future__ import annotations
 
 import argparse
-import shutil
 import gc as _gc
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -60,16 +60,14 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import workload as W  # noqa: E402
-
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, TrainerCallback  # noqa: E402
-
-import trl  # noqa: E402
-from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
-from trl.experimental.ppo import ppo_trainer as trl_ppo_mod  # noqa: E402
+import torch
+import transformers
+import trl
+import workload as W
+from datasets import Dataset
+from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, TrainerCallback
+from trl.experimental.ppo import PPOConfig, PPOTrainer
+from trl.experimental.ppo import ppo_trainer as trl_ppo_mod
 
 
 class StandInTokenizer:
@@ -165,12 +163,12 @@ def main(argv=None) -> dict:
     policy.generation_config.pad_token_id = None
     value = GPT2ForSequenceClassification(cfg)
     reward = GPT2ForSequenceClassification(cfg) if args.reward == "model" else FnRewardModel(wl.prompt_len)
-    n_params = lambda m: sum(t.numel() for t in m.parameters())  # noqa: E731
+    n_params = lambda m: sum(t.numel() for t in m.parameters())
 
     prompts = W.prompt_ids(spec, wl, n_iter).reshape(n_iter * wl.batch, wl.prompt_len)
     train_ds = Dataset.from_dict({"input_ids": prompts.tolist()})
     eval_ds = Dataset.from_dict({"input_ids": prompts[: wl.batch].tolist()})
-    collate = lambda feats: {"input_ids": torch.tensor([f["input_ids"] for f in feats], dtype=torch.long)}  # noqa: E731
+    collate = lambda feats: {"input_ids": torch.tensor([f["input_ids"] for f in feats], dtype=torch.long)}
 
     tmp = tempfile.mkdtemp(prefix="trl_ppo_")
     config = PPOConfig(

@@ -20,7 +20,8 @@ shaped model (`--reward model`; note Tunix 0.1.7 adds scores into an int32 tenso
 float scores, so that mode is for timing only).
 
 The mesh is 1x1 ("fsdp", "tp") on the one CPU device, made with axis_types=(AxisType.Auto,)*2 so
-that Tunix's sharding annotations resolve as plain GSPMD hints on a single CPU device. Tokenizer: a stand-in over ids "t0".."t{V-1}"
+that Tunix's sharding annotations resolve as plain GSPMD hints on a single CPU device. Tokenizer: a stand-in over ids
+"t0".."t{V-1}"
 whose pad = eos = V, an id the model can never sample, so every response is exactly response_len
 tokens, nothing is padded or masked, and the sampler never stops early.
 
@@ -42,7 +43,8 @@ result so the time is the phase's own compute:
 With `--no-phase-sync` the wrappers are not installed, so Tunix's asynchronous dispatch is left as
 is; only whole iterations are timed then.
 Every wall time has a process-CPU-time twin (`*_cpu_s`: all threads, less disturbed by other
-processes on this shared machine). JIT compilations are counted per iteration through jax.monitoring (backend compile events).
+processes on this shared machine). JIT compilations are counted per iteration through jax.monitoring (backend compile
+events).
 
 Output JSON (also printed, abridged): the schema of workload.build_result —
   {"program": "tunix", "model": name, "config": {...}, "iteration_s": median, "iteration_s_all": [...],
@@ -62,7 +64,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import workload as W  # noqa: E402
+import workload as W
 
 _THREADS = W.threads_from_argv()
 if _THREADS is not None:  # must be in XLA_FLAGS before jax is imported
@@ -78,7 +80,6 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import AxisType  # noqa: E402
-
 from tunix.models.qwen2 import model as qwen2_lib  # noqa: E402
 from tunix.rl import function_registry  # noqa: E402
 from tunix.rl import rl_cluster as rl_cluster_lib  # noqa: E402
@@ -178,7 +179,7 @@ def main(argv=None) -> dict:
     if reward_model is not None:
         params["reward"] = n_params(reward_model)
 
-    adam = lambda: optax.adamw(wl.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)  # noqa: E731  (= TRL's AdamW)
+    adam = lambda: optax.adamw(wl.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
     rollout_config = base_rollout.RolloutConfig(
         max_tokens_to_generate=wl.response_len,
         max_prompt_length=wl.prompt_len,
@@ -309,8 +310,9 @@ def main(argv=None) -> dict:
     if len(iteration_times) != n_iter:
         raise RuntimeError(f"expected {n_iter} PPO iterations, timed {len(iteration_times)}")
     warm, timed_its = iteration_times[: args.warmup], iteration_times[args.warmup :]
-    import flax  # noqa: E402
     from importlib.metadata import version
+
+    import flax
 
     notes = [
         "Architecture: Tunix 0.1.7 has no GPT-2; Qwen2 (RMSNorm, RoPE, q/k/v biases, SwiGLU) at the "

@@ -19,13 +19,16 @@ calling convention: see `ppo_jax.models.causal_lm`.
 
 from ppo_jax.models.causal_lm import CausalLM
 from ppo_jax.models.config import ModelConfig
-from ppo_jax.models.forward import (response_logprobs, response_logprobs_and_values,
-                                    response_values, sequence_scores)
-from ppo_jax.models.heads import (PolicyWithValueHead, ScalarHeadModel, critic_from_reward_model,
-                                 last_token_index)
+from ppo_jax.models.forward import response_logprobs, response_logprobs_and_values, response_values, sequence_scores
+from ppo_jax.models.heads import PolicyWithValueHead, ScalarHeadModel, critic_from_reward_model, last_token_index
 from ppo_jax.models.layers import Cache, LayerCache
-from ppo_jax.models.loading import (load_pretrained, load_scalar_model, model_tensors,
-                                    save_pretrained, scalar_model_from_lm)
+from ppo_jax.models.loading import (
+                                    load_pretrained,
+                                    load_scalar_model,
+                                    model_tensors,
+                                    save_pretrained,
+                                    scalar_model_from_lm,
+)
 from ppo_jax.models.precision import cast_model, set_compute_dtype
 from ppo_jax.models.stack import REMAT_POLICIES, ScannedBlocks, set_remat, set_scan_unroll
 from ppo_rlhf.hf_checkpoint import SUPPORTED_MODEL_TYPES, init_score_head

@@ -16,8 +16,7 @@ import numpy as np
 from flax import nnx
 
 from ppo_jax.models.config import ModelConfig
-from ppo_jax.models.layers import (Cache, LayerCache, LayerNorm, activation, attend, attention_inputs,
-                                   embed, linear)
+from ppo_jax.models.layers import Cache, LayerCache, LayerNorm, activation, attend, attention_inputs, embed, linear
 from ppo_jax.models.stack import ScannedBlocks
 
 Array = jax.Array

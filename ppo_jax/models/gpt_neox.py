@@ -16,8 +16,19 @@ import jax
 from flax import nnx
 
 from ppo_jax.models.config import ModelConfig
-from ppo_jax.models.layers import (Cache, LayerCache, LayerNorm, activation, apply_rope, attend,
-                                   attention_inputs, embed, linear, rope_cos_sin, rope_inv_freq)
+from ppo_jax.models.layers import (
+    Cache,
+    LayerCache,
+    LayerNorm,
+    activation,
+    apply_rope,
+    attend,
+    attention_inputs,
+    embed,
+    linear,
+    rope_cos_sin,
+    rope_inv_freq,
+)
 from ppo_jax.models.stack import ScannedBlocks
 
 Array = jax.Array

@@ -21,10 +21,10 @@ import numpy as np
 from flax import nnx
 
 from ppo_jax.abstract import copy_arrays, is_abstract
+from ppo_jax.masked import last_token_index
 from ppo_jax.models.causal_lm import CausalLM, make_backbone, project
 from ppo_jax.models.config import ModelConfig
 from ppo_jax.models.layers import Cache, linear
-from ppo_jax.masked import last_token_index
 from ppo_rlhf.rewards import ScoreRequest
 
 Array = jax.Array

@@ -73,8 +73,8 @@ def load_policy_sampler(backend: str, policy_dir: str | os.PathLike[str], *,
     (stopping at the tokenizer's EOS), decoded without the prompt and special tokens. Bad
     arguments (a missing directory, no tokenizer or model in it, a backend that is not installed,
     a prompt too long for the model) raise `UsageError`."""
-    from ppo_rlhf.feedback.samplers import PolicySampler
     from ppo_rlhf import tokens
+    from ppo_rlhf.feedback.samplers import PolicySampler
 
     check_backend(backend)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:

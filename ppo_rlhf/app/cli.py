@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _one_line_warning(command: str):
     """A `warnings.formatwarning` that prints `ppo-rlhf COMMAND: warning: MESSAGE` on one line."""
-    def format_warning(message, category, filename, lineno, line=None):  # noqa: ARG001
+    def format_warning(message, category, filename, lineno, line=None):
         kind = "" if category is UserWarning else f"{category.__name__}: "
         return f"ppo-rlhf {command}: warning: {kind}{message}\n"
 
@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ppo-rlhf {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 -- one line for the user; --debug shows everything
+    except Exception as e:
         if args.debug:
             raise
         print(f"ppo-rlhf {args.command}: error: {type(e).__name__}: {e} (rerun with --debug for "

@@ -32,7 +32,6 @@ from ppo_rlhf.errors import UsageError
 from ppo_rlhf.feedback.labeller import SYNTHETIC_LABELS
 
 
-
 @dataclass(frozen=True)
 class DemoConfig:
     """Sizes of each step. The defaults run the whole loop in well under 15 minutes per backend on
@@ -84,13 +83,13 @@ def _say(msg: str) -> None:
 def run_demo(backend: str, out: str | os.PathLike, config: DemoConfig = DemoConfig(), *,
              progress: bool = True) -> dict[str, Any]:
     """Run the six steps; returns summary.json's contents."""
+    from ppo_rlhf.app.backends import load_policy_sampler
+    from ppo_rlhf.app.evaluate import evaluate
     from ppo_rlhf.app.pipelines import pretrain_model
     from ppo_rlhf.config import PPOConfig
-    from ppo_rlhf.app.evaluate import evaluate
+    from ppo_rlhf.eval.plots import plot_metrics
     from ppo_rlhf.eval.policy import write_samples
     from ppo_rlhf.feedback.labeller import SyntheticLabeller
-    from ppo_rlhf.eval.plots import plot_metrics
-    from ppo_rlhf.app.backends import load_policy_sampler
     from ppo_rlhf.tasks import get_task
 
     check_backend(backend)
@@ -242,8 +241,9 @@ def _report(s: dict, before: Any, after: Any, before_records: list, after_record
     lines += ["", "## Samples (same prompts, before -> after)", ""]
     for b, a in list(zip(before_records, after_records))[:8]:
         lines.append(f"- **{b['prompt']}**")
-        lines.append(f"  - before (gold {b.get('gold_score', 0):+.2f}, RM {b.get('rm_score', 0):+.2f}): {b['response']}")
-        lines.append(f"  - after  (gold {a.get('gold_score', 0):+.2f}, RM {a.get('rm_score', 0):+.2f}): {a['response']}")
+        for when, r in (("before", b), ("after ", a)):
+            lines.append(f"  - {when} (gold {r.get('gold_score', 0):+.2f}, RM {r.get('rm_score', 0):+.2f}): "
+                         f"{r['response']}")
     return "\n".join(lines) + "\n"
 
 

@@ -18,12 +18,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ppo_rlhf.app.backends import BACKENDS, get_backend
 from ppo_rlhf.app.args import add_memory_args, add_run_args
+from ppo_rlhf.app.backends import BACKENDS, get_backend
 from ppo_rlhf.errors import DataError, UsageError
 from ppo_rlhf.feedback.labeller import SYNTHETIC_LABELS
-
-
 
 
 def _require_dir(path: str | None, flag: str) -> None:

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ppo_rlhf.app.backends import BACKENDS, get_backend
 from ppo_rlhf.app.args import add_memory_args, add_run_args
+from ppo_rlhf.app.backends import BACKENDS, get_backend
 from ppo_rlhf.errors import UsageError
 
 

@@ -36,13 +36,34 @@ ratings) and `to_pairs` (any mix). Ties are dropped unless `ties="keep"`.
 (imported lazily; `pip install datasets`).
 """
 
-from ppo_rlhf.data.convert import (from_hf_dataset, ranking_to_pairs, ratings_to_pairs, to_hf_dataset,
-                                   to_pairs)
-from ppo_rlhf.data.jsonl import (JsonlWriter, fsync_dir, iter_jsonl, load_prompts, read_pairwise, read_prompts,
-                                 read_rankings, read_ratings, read_records, read_responses, write_prompts_text,
-                                 write_records)
-from ppo_rlhf.data.records import (KINDS, PairwiseRecord, PromptRecord, RankingRecord, RatingRecord, Record,
-                                   ResponsesRecord, detect_kind, dumps_record, record_from_dict, record_to_dict)
+from ppo_rlhf.data.convert import from_hf_dataset, ranking_to_pairs, ratings_to_pairs, to_hf_dataset, to_pairs
+from ppo_rlhf.data.jsonl import (
+                                   JsonlWriter,
+                                   fsync_dir,
+                                   iter_jsonl,
+                                   load_prompts,
+                                   read_pairwise,
+                                   read_prompts,
+                                   read_rankings,
+                                   read_ratings,
+                                   read_records,
+                                   read_responses,
+                                   write_prompts_text,
+                                   write_records,
+)
+from ppo_rlhf.data.records import (
+                                   KINDS,
+                                   PairwiseRecord,
+                                   PromptRecord,
+                                   RankingRecord,
+                                   RatingRecord,
+                                   Record,
+                                   ResponsesRecord,
+                                   detect_kind,
+                                   dumps_record,
+                                   record_from_dict,
+                                   record_to_dict,
+)
 from ppo_rlhf.errors import DataError
 
 __all__ = [

@@ -7,12 +7,21 @@ import json
 import os
 from typing import Any, Iterable, Iterator, Mapping
 
-from ppo_rlhf.errors import DataError
-
 from ppo_rlhf.data.jsonl import _refuse_constant, iter_jsonl, read_records
-from ppo_rlhf.data.records import (PairwiseRecord, PathLike, RankingRecord, RatingRecord, Record, Ties,
-                                   _check_kind, _json_type, detect_kind, record_from_dict, record_to_dict)
-
+from ppo_rlhf.data.records import (
+    PairwiseRecord,
+    PathLike,
+    RankingRecord,
+    RatingRecord,
+    Record,
+    Ties,
+    _check_kind,
+    _json_type,
+    detect_kind,
+    record_from_dict,
+    record_to_dict,
+)
+from ppo_rlhf.errors import DataError
 
 # ---- conversion to pairs (Bradley-Terry training) ------------------------------------------
 

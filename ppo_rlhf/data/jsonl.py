@@ -8,11 +8,19 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from ppo_rlhf.data.records import (
+    PairwiseRecord,
+    PathLike,
+    PromptRecord,
+    RankingRecord,
+    RatingRecord,
+    Record,
+    ResponsesRecord,
+    _check_kind,
+    dumps_record,
+    record_from_dict,
+)
 from ppo_rlhf.errors import DataError
-
-from ppo_rlhf.data.records import (PairwiseRecord, PathLike, PromptRecord, RankingRecord, RatingRecord,
-                                   Record, ResponsesRecord, _check_kind, dumps_record, record_from_dict)
-
 
 # ---- readers -------------------------------------------------------------------------------
 

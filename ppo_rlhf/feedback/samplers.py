@@ -20,7 +20,6 @@ from ppo_rlhf.data import read_responses
 from ppo_rlhf.errors import UsageError
 
 
-
 @runtime_checkable
 class ResponseSampler(Protocol):
     """Anything that returns `k` responses (text, without the prompt) for each prompt."""

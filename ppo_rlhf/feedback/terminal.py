@@ -44,10 +44,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-from ppo_rlhf.data import (JsonlWriter, PairwiseRecord, RankingRecord, RatingRecord, Record,
-                           ResponsesRecord, fsync_dir, record_from_dict)
+from ppo_rlhf.data import (
+    JsonlWriter,
+    PairwiseRecord,
+    RankingRecord,
+    RatingRecord,
+    Record,
+    ResponsesRecord,
+    fsync_dir,
+    record_from_dict,
+)
 from ppo_rlhf.errors import DataError, UsageError
-from ppo_rlhf.feedback.samplers import (ResponseSampler, check_sampled)
+from ppo_rlhf.feedback.samplers import ResponseSampler, check_sampled
 
 __all__ = ["MODES", "LabelSummary", "run_labelling", "check_mode", "skip_path_for", "read_done_prompts",
            "parse_answer", "Answer"]

@@ -48,7 +48,7 @@ class StopRequested:
         self.requested: str | None = None
         self._old: dict[int, Any] = {}
 
-    def _handler(self, signum, frame):  # noqa: ARG002
+    def _handler(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name

@@ -17,12 +17,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from ppo_rlhf import tokens
 from ppo_rlhf.config import PPOConfig
 from ppo_rlhf.errors import UsageError
 from ppo_rlhf.kl_control import make_kl_controller
 from ppo_rlhf.rewards import ScoreRequest, check_scores
 from ppo_rlhf.rollout import RolloutBatch
-from ppo_rlhf import tokens
 from ppo_rlhf.runtime import seeds
 from ppo_rlhf.runtime.loop import HostLoop, fmt
 
@@ -133,7 +133,8 @@ class TrainerBase(HostLoop):
                           f"by a reward model that was trained on EOS-terminated text; set "
                           f"missing_eos_penalty (e.g. 1.0, as TRL) to penalise them", stacklevel=3)
         if cfg.missing_eos_penalty is not None and self.eos_token_id is not None:
-            a["scores"] = np.where(has_eos, a["scores"], a["scores"] - cfg.missing_eos_penalty).astype(a["scores"].dtype)
+            penalised = a["scores"] - cfg.missing_eos_penalty
+            a["scores"] = np.where(has_eos, a["scores"], penalised).astype(a["scores"].dtype)
         extras = {"contains_eos": has_eos.astype(np.int32)}
         for name, fn in self.extra_rewards.items():
             if texts is None:

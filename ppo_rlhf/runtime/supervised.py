@@ -26,11 +26,10 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
-from ppo_rlhf.config import RMConfig, SFTConfig
-from ppo_rlhf.data.encoding import (PreferenceGroups, SFTData, encode_preferences, encode_sequences,
-                                    encode_sft)
-from ppo_rlhf.eval.preferences import group_accuracy, normalisation, rating_pair_accuracy
 from ppo_rlhf import tokens
+from ppo_rlhf.config import RMConfig, SFTConfig
+from ppo_rlhf.data.encoding import PreferenceGroups, SFTData, encode_preferences, encode_sequences, encode_sft
+from ppo_rlhf.eval.preferences import group_accuracy, normalisation, rating_pair_accuracy
 from ppo_rlhf.runtime.loop import HostLoop, fmt
 from ppo_rlhf.runtime.metrics import jsonable
 from ppo_rlhf.runtime.seeds import rm_batch_rows, sft_batch_indices
@@ -214,7 +213,8 @@ class RMTrainerBase(SupervisedTrainer):
         `reference` = (prompts, responses) (default: every training sequence), save the model to
         out_dir. `label_quality` (e.g. the synthetic labeller's) adds the noise ceilings of the
         train and held-out records and the held-out accuracy expected over the label noise; a
-        given `eval_noise_ceiling` overrides the held-out one. Returns the final metrics (also written to out_dir/metrics.json); when a signal
+        given `eval_noise_ceiling` overrides the held-out one. Returns the final metrics (also written to
+        out_dir/metrics.json); when a signal
         stopped training, {"stopped": True, ...} (a checkpoint holds the state: resume=True
         continues). report_to="tensorboard": per-step metrics also as TensorBoard scalars."""
         cfg = self.config

@@ -17,12 +17,16 @@ KV cache: HF's own Cache through `lm(..., use_cache=True)` / `lm(..., cache=cach
 
 from ppo_rlhf.hf_checkpoint import SUPPORTED_MODEL_TYPES, init_score_head
 from ppo_torch.models.causal_lm import CausalLM
-from ppo_torch.models.forward import (response_logprobs, response_logprobs_and_values,
-                                      response_values, sequence_scores)
-from ppo_torch.models.heads import (PolicyWithValueHead, ScalarHeadModel, critic_from_reward_model,
-                                   last_token_index)
-from ppo_torch.models.loading import (disable_dropout, load_pretrained, load_scalar_model,
-                                      model_tensors, save_pretrained, scalar_model_from_lm)
+from ppo_torch.models.forward import response_logprobs, response_logprobs_and_values, response_values, sequence_scores
+from ppo_torch.models.heads import PolicyWithValueHead, ScalarHeadModel, critic_from_reward_model, last_token_index
+from ppo_torch.models.loading import (
+                                      disable_dropout,
+                                      load_pretrained,
+                                      load_scalar_model,
+                                      model_tensors,
+                                      save_pretrained,
+                                      scalar_model_from_lm,
+)
 from ppo_torch.models.precision import set_compute_dtype
 from ppo_torch.models.remat import REMAT_POLICIES, set_remat, set_scan_unroll
 

@@ -29,8 +29,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 Tensor = torch.Tensor
 

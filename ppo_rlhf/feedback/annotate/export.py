@@ -33,8 +33,14 @@ from typing import Any
 
 from ppo_rlhf.data import Record, write_records
 from ppo_rlhf.errors import UsageError
-from ppo_rlhf.feedback.annotate.agreement import (annotator_agreement, cohen_kappas, fleiss_kappa,
-                                                  krippendorff_alpha, pairwise_agreement, units_for)
+from ppo_rlhf.feedback.annotate.agreement import (
+    annotator_agreement,
+    cohen_kappas,
+    fleiss_kappa,
+    krippendorff_alpha,
+    pairwise_agreement,
+    units_for,
+)
 from ppo_rlhf.feedback.annotate.store import Store, StoredAnswer
 from ppo_rlhf.feedback.terminal import records_for
 

@@ -50,10 +50,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from ppo_rlhf.feedback.annotate.answers import (AnswerError, check_annotator, check_item_id,
-                                                parse_answer)
-from ppo_rlhf.feedback.annotate.store import DamagedDatabase
-from ppo_rlhf.feedback.annotate.store import Store
+from ppo_rlhf.feedback.annotate.answers import AnswerError, check_annotator, check_item_id, parse_answer
+from ppo_rlhf.feedback.annotate.store import DamagedDatabase, Store
 
 __all__ = ["AnnotateServer", "is_loopback", "is_unspecified", "MAX_BODY"]
 
@@ -211,7 +209,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(500, {"error": "the annotation database is damaged; see the server's log"})
         except ConnectionError:
             self.close_connection = True  # the client went away; nothing to answer
-        except Exception:  # noqa: BLE001 -- a bug: answer 500, keep serving, say why on stderr
+        except Exception:
             traceback.print_exc(file=sys.stderr)
             self._json(500, {"error": "internal error"})
 

@@ -44,17 +44,53 @@ from __future__ import annotations
 
 from typing import Any
 
-from ppo_rlhf.tasks.reviews.corpus import (DEFAULT_MIX, EVAL_FRACTION, all_prompts, corpus_texts,
-                                           eval_prompts, generate_corpus, generate_response,
-                                           preference_data, sample_prompts, train_prompts)
-from ppo_rlhf.tasks.reviews.grammar import (ASPECTS, CATEGORIES, INTENSIFIERS, NEGATIONS, NEGATIVE_ADJ,
-                                            NEGATIVE_ADV, NEGATIVE_VERB, NEUTRAL_ADJ, NEUTRAL_ADV,
-                                            POSITIVE_ADJ, POSITIVE_ADV, POSITIVE_VERB, GOLD_RANGE, INTENSIFIER_GAIN, ITEMS, LEXICON,
-                                            MAX_PROMPT_TOKENS, MAX_RESPONSE_TOKENS, NEGATION_GAIN,
-                                            OFF_TOPIC_TEMPLATES, PROMPT_TEMPLATES, SENTENCE_TEMPLATES,
-                                            gold_details, gold_reward, prompt_item, tokenize)
-from ppo_rlhf.tasks.reviews.model import (DEMO_MODEL_SIZES, SPECIAL_TOKENS, build_tokenizer,
-                                          demo_model_config, vocabulary)
+from ppo_rlhf.tasks.reviews.corpus import (
+    DEFAULT_MIX,
+    EVAL_FRACTION,
+    all_prompts,
+    corpus_texts,
+    eval_prompts,
+    generate_corpus,
+    generate_response,
+    preference_data,
+    sample_prompts,
+    train_prompts,
+)
+from ppo_rlhf.tasks.reviews.grammar import (
+    ASPECTS,
+    CATEGORIES,
+    GOLD_RANGE,
+    INTENSIFIER_GAIN,
+    INTENSIFIERS,
+    ITEMS,
+    LEXICON,
+    MAX_PROMPT_TOKENS,
+    MAX_RESPONSE_TOKENS,
+    NEGATION_GAIN,
+    NEGATIONS,
+    NEGATIVE_ADJ,
+    NEGATIVE_ADV,
+    NEGATIVE_VERB,
+    NEUTRAL_ADJ,
+    NEUTRAL_ADV,
+    OFF_TOPIC_TEMPLATES,
+    POSITIVE_ADJ,
+    POSITIVE_ADV,
+    POSITIVE_VERB,
+    PROMPT_TEMPLATES,
+    SENTENCE_TEMPLATES,
+    gold_details,
+    gold_reward,
+    prompt_item,
+    tokenize,
+)
+from ppo_rlhf.tasks.reviews.model import (
+    DEMO_MODEL_SIZES,
+    SPECIAL_TOKENS,
+    build_tokenizer,
+    demo_model_config,
+    vocabulary,
+)
 
 __all__ = [
     "ITEMS", "LEXICON", "SENTENCE_TEMPLATES", "PROMPT_TEMPLATES", "MAX_PROMPT_TOKENS",

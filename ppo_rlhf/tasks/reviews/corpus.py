@@ -8,9 +8,18 @@ from typing import Any
 
 import numpy as np
 
-from ppo_rlhf.tasks.reviews.grammar import (CATEGORIES, ITEMS, MAX_RESPONSE_TOKENS, OFF_TOPIC_TEMPLATES,
-                                            PROMPT_TEMPLATES, SENTENCE_TEMPLATES, _END_MARKS,
-                                            _polarity, gold_reward, prompt_item)
+from ppo_rlhf.tasks.reviews.grammar import (
+    _END_MARKS,
+    CATEGORIES,
+    ITEMS,
+    MAX_RESPONSE_TOKENS,
+    OFF_TOPIC_TEMPLATES,
+    PROMPT_TEMPLATES,
+    SENTENCE_TEMPLATES,
+    _polarity,
+    gold_reward,
+    prompt_item,
+)
 
 DEFAULT_MIX = (0.60, 0.25, 0.15)
 """Shares of positive, negative and neutral reviews in the corpus: with the noise and the

@@ -6,7 +6,6 @@ import math
 import re
 from typing import Any, Sequence
 
-
 # ---- the grammar ---------------------------------------------------------------------------
 
 ITEMS = ("phone", "laptop", "camera", "blender", "kettle", "lamp", "chair", "backpack",

@@ -8,12 +8,16 @@ import re
 from pathlib import Path
 from typing import Any
 
-
 from ppo_rlhf.tasks.reviews.corpus import corpus_texts
-from ppo_rlhf.tasks.reviews.grammar import (CATEGORIES, MAX_PROMPT_TOKENS, MAX_RESPONSE_TOKENS,
-                                            OFF_TOPIC_TEMPLATES, PROMPT_TEMPLATES, SENTENCE_TEMPLATES,
-                                            tokenize)
-
+from ppo_rlhf.tasks.reviews.grammar import (
+    CATEGORIES,
+    MAX_PROMPT_TOKENS,
+    MAX_RESPONSE_TOKENS,
+    OFF_TOPIC_TEMPLATES,
+    PROMPT_TEMPLATES,
+    SENTENCE_TEMPLATES,
+    tokenize,
+)
 
 # ---- tokenizer -----------------------------------------------------------------------------
 
