@@ -128,9 +128,10 @@ def test_warns_once_when_a_reward_model_scores_responses_without_eos(backend, ti
 def test_torch_compiled_iteration_matches_the_uncompiled_one(compile_with, tiny_checkpoint):
     """`PPOTrainer(compile=...)` (the `torch-compile` program of `benchmarks.run`) compiles every
     role -- policy, reference, critic and a reward model -- and two iterations give the metrics of
-    the uncompiled trainer. "eager" traces with dynamo and runs the captured graphs as they are
-    (same kernels: equal to float32 rounding of op reordering, 1e-6); inductor generates its own
-    kernels (fused reductions sum in another order: 1e-4 after two updates)."""
+    the uncompiled trainer. "eager" traces with dynamo and runs the captured graphs with the same
+    kernels: bit for bit equal (observed). Inductor generates its own kernels, whose fused
+    reductions sum in another order: float32 rounding, carried through two updates (observed
+    <= 2e-6 absolute on these metrics; bound 1e-4)."""
     import torch
 
     ckpt = tiny_checkpoint("gpt2")
@@ -142,6 +143,6 @@ def test_torch_compiled_iteration_matches_the_uncompiled_one(compile_with, tiny_
     plain = make_trainer("torch", ckpt, reward=str(rm))
     for _ in range(2):
         a, b = compiled.step(), plain.step()
-    tol = 1e-6 if compile_with == "eager" else 1e-4
+    tol = 0.0 if compile_with == "eager" else 1e-4
     for key in ("objective/scores", "loss/policy_avg", "loss/value_avg", "objective/kl", "val/ratio_var"):
         np.testing.assert_allclose(a[key], b[key], rtol=tol, atol=tol, err_msg=key)
