@@ -10,14 +10,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _jax_compilation_cache_dir() -> str:
-    """One persistent XLA compilation cache for the whole test run (every xdist worker and every
-    CLI subprocess a test starts inherits it): a fault test's resume run, for one, compiles what
-    its first run compiled. Measured (README "Development"): cold, the JAX fault and stack tests
-    take 14-20% less time; a rerun on a warm cache a quarter; the whole cold default suite about
-    the same, since most of its programs compile once. Results are the same executable either way. The directory is
-    keyed by this CPU's feature flags, because XLA:CPU
-    compiles for the host's instruction set; JAX's own key covers the program, XLA_FLAGS, the
-    devices and the jax/jaxlib versions. Set PPO_RLHF_TEST_JAX_CACHE=0 to compile everything."""
+    """One persistent XLA compilation cache for the whole test run (every xdist worker and every CLI
+    subprocess a test starts inherits it): a fault test's resume run, for one, compiles what its
+    first run compiled. Measured (README "Development"): cold, the JAX fault and stack tests take
+    14-20% less time; a rerun on a warm cache a quarter; the whole cold default suite about the
+    same, since most of its programs compile once. Results are the same executable either way. The
+    directory is keyed by this CPU's feature flags, because XLA:CPU compiles for the host's
+    instruction set; JAX's own key covers the program, XLA_FLAGS, the devices and the jax/jaxlib
+    versions. Set PPO_RLHF_TEST_JAX_CACHE=0 to compile everything."""
     import hashlib
     import platform
 

@@ -48,7 +48,7 @@ def _restore_state(path: str | os.PathLike, target: Any) -> Any:
                             target)
     try:
         return _checkpointer().restore(Path(path).absolute(), abstract)
-    except Exception as e:
+    except Exception as e:  # Orbax raises many types; name the checkpoint
         raise CheckpointError(f"{Path(path).parent}: cannot restore the trainer state: {e}") from None
 
 
@@ -64,11 +64,11 @@ def load_trainer_state(trainer: Any, path: str | os.PathLike) -> None:
 
 
 class SupervisedCheckpoint:
-    """save_model / save_checkpoint / load_checkpoint of the reward-model and SFT trainers
-    (anything with `params`, `opt_state`, `model()` and the base's `_save_tokenizer`): state/ =
-    Orbax {params, opt_state}, model/ = the Hugging Face checkpoint (`save_model`). The learning rate is a function of
-    the step count, which
-    `ppo_rlhf.runtime.checkpoints.CheckpointManager` keeps in the trainer state."""
+    """save_model / save_checkpoint / load_checkpoint of the reward-model and SFT trainers (anything
+    with `params`, `opt_state`, `model()` and the base's `_save_tokenizer`): state/ = Orbax {params,
+    opt_state}, model/ = the Hugging Face checkpoint (`save_model`). The learning rate is a function
+    of the step count, which `ppo_rlhf.runtime.checkpoints.CheckpointManager` keeps in the trainer
+    state."""
 
     params: Any
     opt_state: Any

@@ -30,16 +30,15 @@ cache; float32 logits).
 
 Compilation: `generate` splits the model (`nnx.split`: graphdef + state, no copy of the weights)
 and calls `make_generate_fn(graphdef, options)`, a cached `jax.jit` of one XLA program per
-(graphdef, SamplingOptions), specialised by jit on the shapes (B, P) and the state's dtypes:
-prefill of the prompt, then the decode loop in `lax.while_loop` (one token per iteration,
-leaving early once every row has emitted EOS -- outputs keep their static [B, N] shape). The
-KV cache is created inside that program (`init_cache(B, P + N - 1)`: k and v stacked over the
-layers, [layers, B, kv_heads, slots, head_dim]), so it never crosses the host boundary and XLA
-updates it in place in the loop carry -- and, within a step, in the carry of the model's scan
-over layers, each layer writing its one new slot; nothing syncs with the host per token. New weights with the same
-structure (after a PPO update, or `nnx.update`) reuse the
-compiled program: the state is an argument, not a constant. Bucket prompt lengths (pad P to a
-few fixed sizes) to bound the number of compilations.
+(graphdef, SamplingOptions), specialised by jit on the shapes (B, P) and the state's dtypes: prefill
+of the prompt, then the decode loop in `lax.while_loop` (one token per iteration, leaving early once
+every row has emitted EOS -- outputs keep their static [B, N] shape). The KV cache is created inside
+that program (`init_cache(B, P + N - 1)`: k and v stacked over the layers, [layers, B, kv_heads,
+slots, head_dim]), so it never crosses the host boundary and XLA updates it in place in the loop
+carry -- and, within a step, in the carry of the model's scan over layers, each layer writing its
+one new slot; nothing syncs with the host per token. New weights with the same structure (after a
+PPO update, or `nnx.update`) reuse the compiled program: the state is an argument, not a constant.
+Bucket prompt lengths (pad P to a few fixed sizes) to bound the number of compilations.
 """
 
 from __future__ import annotations

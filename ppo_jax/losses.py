@@ -1,11 +1,11 @@
 """PPO losses, KL estimators and log-probs in JAX. Mirror: `ppo_torch/losses.py`.
 
-Every function is `jax.jit`-able and masked (the masked reductions are in `masked.py`): `mask` is 1 on real tokens and
-0 on padding; values
-at padded positions never reach a result or a gradient, even if they are NaN or inf (each input is
-replaced by 0 there *before* any arithmetic, so no NaN*0 can leak into a gradient). A NaN at a
-real position propagates into the result -- the trainer detects it (a non-finite loss skips the
-update). Math runs in float32 at least (bfloat16 inputs are upcast; float64 stays float64).
+Every function is `jax.jit`-able and masked (the masked reductions are in `masked.py`): `mask` is 1
+on real tokens and 0 on padding; values at padded positions never reach a result or a gradient, even
+if they are NaN or inf (each input is replaced by 0 there *before* any arithmetic, so no NaN*0 can
+leak into a gradient). A NaN at a real position propagates into the result -- the trainer detects it
+(a non-finite loss skips the update). Math runs in float32 at least (bfloat16 inputs are upcast;
+float64 stays float64).
 
 Shapes are checked on every call. Mask values (0/1 only, not all zero) are checked when the mask
 is concrete, i.e. outside `jit`; inside `jit` an all-zero mask gives 0 instead of an error.

@@ -214,7 +214,7 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
         return m
 
     # ---- the step ------------------------------------------------------------------------------
-    def _init_optimizer(self, total_steps: int) -> None:
+    def _init_optimizer(self, total_steps: int) -> None:  # lr comes per step
         self.opt_state = self.tx.init(self.params)
 
     def _train_step(self, batch: dict[str, np.ndarray], lr: float) -> dict[str, Any]:

@@ -113,7 +113,7 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
         return nnx.merge(self._def, self.params, self._rest)
 
     # ---- the step ------------------------------------------------------------------------------
-    def _init_optimizer(self, total_steps: int) -> None:
+    def _init_optimizer(self, total_steps: int) -> None:  # lr comes per step
         self.opt_state = self.tx.init(self.params)
 
     def _train_step(self, batch: dict[str, np.ndarray], lr: float) -> dict[str, Any]:

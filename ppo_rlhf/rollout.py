@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ppo_rlhf.checks import check_mask
+from ppo_rlhf.checks import check_mask  # also imported from here by generate
 
 INT_FIELDS = ("query_ids", "query_mask", "response_ids", "response_mask")
 FLOAT_TOKEN_FIELDS = ("logprobs", "ref_logprobs", "values")

@@ -69,7 +69,7 @@ def _read_state(path: str | os.PathLike, device: Any) -> tuple[dict, dict]:
     try:
         tensors = load_file(str(state / "model.safetensors"))
         opt = torch.load(state / "optimizer.pt", weights_only=True, map_location=device)
-    except Exception as e:
+    except Exception as e:  # name the checkpoint, whatever failed
         raise CheckpointError(f"{path}: cannot restore the trainer state: {e}") from None
     return tensors, opt
 

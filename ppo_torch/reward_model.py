@@ -176,7 +176,7 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
                                reward_bias=self.bias).eval()
 
     # ---- the step ------------------------------------------------------------------------------
-    def _init_optimizer(self, total_steps: int) -> None:
+    def _init_optimizer(self, total_steps: int) -> None:  # lr comes per step
         cfg = self.config
         self.params = [p for p in self._model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, learning_rate=cfg.learning_rate,

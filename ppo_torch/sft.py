@@ -84,7 +84,7 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
         return self._model
 
     # ---- the step ------------------------------------------------------------------------------
-    def _init_optimizer(self, total_steps: int) -> None:
+    def _init_optimizer(self, total_steps: int) -> None:  # lr comes per step
         cfg = self.config
         self.params = [p for p in self._model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, learning_rate=cfg.learning_rate,

@@ -77,7 +77,7 @@ def test_second_cli_run_compiles_nothing_new(tmp_path_factory, tmp_path):
     # 0.45 s in one run and 0.55 s in the next was written by the second only (seen in CI)
     env = {"PPO_RLHF_COMPILE_CACHE": str(cache), "JAX_COMPILATION_CACHE_DIR": "",
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    entries = lambda: sorted(p.name for p in cache.glob("*-cache"))
+    entries = lambda: sorted(p.name for p in cache.glob("*-cache"))  # atime files aside
     train("jax", ckpt, prompts, tmp_path / "a", "--iterations", "1", env=env)
     first = entries()
     assert first, "the first run wrote no compiled program to the cache"

@@ -6,9 +6,8 @@
 
 The machine is shared (2 cores): each run first waits for other processes to leave the CPU
 (--wait-quiet), and a run during which other processes used more than --max-others cores on average
-is repeated (up to --attempts times; the tolerance is per run, see RUNS); the least-disturbed attempt is kept and its
-`contention` block
-says how disturbed it was.
+is repeated (up to --attempts times; the tolerance is per run, see RUNS); the least-disturbed
+attempt is kept and its `contention` block says how disturbed it was.
 """
 
 from __future__ import annotations

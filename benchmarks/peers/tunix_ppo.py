@@ -20,10 +20,10 @@ shaped model (`--reward model`; note Tunix 0.1.7 adds scores into an int32 tenso
 float scores, so that mode is for timing only).
 
 The mesh is 1x1 ("fsdp", "tp") on the one CPU device, made with axis_types=(AxisType.Auto,)*2 so
-that Tunix's sharding annotations resolve as plain GSPMD hints on a single CPU device. Tokenizer: a stand-in over ids
-"t0".."t{V-1}"
-whose pad = eos = V, an id the model can never sample, so every response is exactly response_len
-tokens, nothing is padded or masked, and the sampler never stops early.
+that Tunix's sharding annotations resolve as plain GSPMD hints on a single CPU device. Tokenizer: a
+stand-in over ids "t0".."t{V-1}" whose pad = eos = V, an id the model can never sample, so every
+response is exactly response_len tokens, nothing is padded or masked, and the sampler never stops
+early.
 
 Timing. `learner.train()` runs W + N global steps (= PPO iterations). An iteration is one
 `_run_global_step` call (rollout + advantages + epochs x minibatches of actor and critic updates),
@@ -43,8 +43,8 @@ result so the time is the phase's own compute:
 With `--no-phase-sync` the wrappers are not installed, so Tunix's asynchronous dispatch is left as
 is; only whole iterations are timed then.
 Every wall time has a process-CPU-time twin (`*_cpu_s`: all threads, less disturbed by other
-processes on this shared machine). JIT compilations are counted per iteration through jax.monitoring (backend compile
-events).
+processes on this shared machine). JIT compilations are counted per iteration through jax.monitoring
+(backend compile events).
 
 Output JSON (also printed, abridged): the schema of workload.build_result —
   {"program": "tunix", "model": name, "config": {...}, "iteration_s": median, "iteration_s_all": [...],
@@ -179,7 +179,7 @@ def main(argv=None) -> dict:
     if reward_model is not None:
         params["reward"] = n_params(reward_model)
 
-    adam = lambda: optax.adamw(wl.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+    adam = lambda: optax.adamw(wl.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)  # = TRL's AdamW
     rollout_config = base_rollout.RolloutConfig(
         max_tokens_to_generate=wl.response_len,
         max_prompt_length=wl.prompt_len,

@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ppo-rlhf {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:
+    except Exception as e:  # one line for the user; --debug shows everything
         if args.debug:
             raise
         print(f"ppo-rlhf {args.command}: error: {type(e).__name__}: {e} (rerun with --debug for "

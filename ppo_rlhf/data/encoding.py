@@ -47,12 +47,13 @@ epoch, a pure function of (seed, epoch) (`epoch_order`), so a resumed run sees t
 Held-out accuracy: over the strictly ordered pairs of the held-out groups, the fraction the model
 orders correctly; equal scores count one half; ties are excluded (`group_accuracy`). On records of
 the synthetic labeller, the metrics also hold its noise ceiling on the held-out pairs and the
-model's expected accuracy there (`ppo_rlhf.feedback.labeller.expected_accuracy`: the same accuracy in
-expectation over the label noise, a lower-variance estimate). Without an eval set, a seeded `eval_fraction` of the
-prompts is held out with all their records (`runtime.split.grouped_holdout_split`). After training,
-with `normalise=True`, reward_gain and reward_bias are set so that the scores of a reference set
-(default: every training sequence) have mean 0 and standard deviation 1 (`normalisation`); they
-are saved in config.json under "ppo_rlhf" (`ppo_rlhf.hf_checkpoint`).
+model's expected accuracy there (`ppo_rlhf.feedback.labeller.expected_accuracy`: the same accuracy
+in expectation over the label noise, a lower-variance estimate). Without an eval set, a seeded
+`eval_fraction` of the prompts is held out with all their records
+(`runtime.split.grouped_holdout_split`). After training, with `normalise=True`, reward_gain and
+reward_bias are set so that the scores of a reference set (default: every training sequence) have
+mean 0 and standard deviation 1 (`normalisation`); they are saved in config.json under "ppo_rlhf"
+(`ppo_rlhf.hf_checkpoint`).
 
 Pretraining / SFT (`encode_sft` -> `SFTData`)
 ---------------------------------------------

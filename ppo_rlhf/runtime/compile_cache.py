@@ -7,12 +7,12 @@ shapes and settings compiles the same programs; with the cache it reads them fro
 JAX's own key covers the program, the compiler flags, the devices and the jax/jaxlib versions,
 so a hit is the executable a fresh compilation would give.
 
-`ppo-rlhf` turns the cache on for `--backend jax` commands, when the command first reaches the
-JAX backend (`ppo_rlhf.app.backends.use_compile_cache`, through the core's
-`Backend.enable_compile_cache`; the library does not: importing `ppo_jax` changes no global setting).
-PPO_RLHF_COMPILE_CACHE=off turns it off, =DIR moves it
-(default: $XDG_CACHE_HOME/ppo-rlhf/jax, else ~/.cache/ppo-rlhf/jax). A cache configured through
-JAX itself (JAX_COMPILATION_CACHE_DIR) is left as it is, and so is a threshold set there
+`ppo-rlhf` turns the cache on for `--backend jax` commands, when the command first reaches the JAX
+backend (`ppo_rlhf.app.backends.use_compile_cache`, through the core's
+`Backend.enable_compile_cache`; the library does not: importing `ppo_jax` changes no global
+setting). PPO_RLHF_COMPILE_CACHE=off turns it off, =DIR moves it (default:
+$XDG_CACHE_HOME/ppo-rlhf/jax, else ~/.cache/ppo-rlhf/jax). A cache configured through JAX itself
+(JAX_COMPILATION_CACHE_DIR) is left as it is, and so is a threshold set there
 (JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS; default here MIN_COMPILE_S).
 """
 

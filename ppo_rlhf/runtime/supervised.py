@@ -212,11 +212,11 @@ class RMTrainerBase(SupervisedTrainer):
         """Train on `train` (records or encoded groups), evaluate on `eval`, normalise on
         `reference` = (prompts, responses) (default: every training sequence), save the model to
         out_dir. `label_quality` (e.g. the synthetic labeller's) adds the noise ceilings of the
-        train and held-out records and the held-out accuracy expected over the label noise; a
-        given `eval_noise_ceiling` overrides the held-out one. Returns the final metrics (also written to
-        out_dir/metrics.json); when a signal
-        stopped training, {"stopped": True, ...} (a checkpoint holds the state: resume=True
-        continues). report_to="tensorboard": per-step metrics also as TensorBoard scalars."""
+        train and held-out records and the held-out accuracy expected over the label noise; a given
+        `eval_noise_ceiling` overrides the held-out one. Returns the final metrics (also written to
+        out_dir/metrics.json); when a signal stopped training, {"stopped": True, ...} (a checkpoint
+        holds the state: resume=True continues). report_to="tensorboard": per-step metrics also as
+        TensorBoard scalars."""
         cfg = self.config
         t0 = time.perf_counter()
         train_g = train if isinstance(train, PreferenceGroups) else self.encode(train)

@@ -209,7 +209,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(500, {"error": "the annotation database is damaged; see the server's log"})
         except ConnectionError:
             self.close_connection = True  # the client went away; nothing to answer
-        except Exception:
+        except Exception:  # a bug: answer 500, keep serving, say why on stderr
             traceback.print_exc(file=sys.stderr)
             self._json(500, {"error": "internal error"})
 
