@@ -22,7 +22,6 @@ bound for scans and the decode loop).
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 import time
@@ -33,6 +32,7 @@ import jax
 
 from ppo_jax.abstract import tree_nbytes
 from ppo_rlhf.errors import UsageError
+from ppo_rlhf.runtime.processes import tpu_device_present
 
 GiB = 1024 ** 3
 
@@ -97,7 +97,7 @@ def topology_devices(topology: str) -> tuple[list[Any], int]:
     if gen not in TPU_HBM or ":" not in topology:
         raise UsageError(f"unknown topology {topology!r}: use a TPU generation and shape as libtpu "
                          f"names them ({TOPOLOGY_EXAMPLES})")
-    if not (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")):
+    if not tpu_device_present():
         # no TPU here: tell libtpu so, or it prints a page of errors while looking for one
         # (the topology, not these, decides what is compiled for)
         for k, v in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),

@@ -62,10 +62,11 @@ def cast_model(model: nnx.Module, dtype: str) -> nnx.Module:
     for _, node in nnx.iter_graph(new):
         if isinstance(getattr(node, "config", None), ModelConfig):
             node.config = dataclasses.replace(node.config, dtype=dt.name)
+    mixed = _has_compute_dtype(new)  # matmuls keep their compute dtype; else they follow dtype
     for _, node in nnx.iter_graph(new):
         if isinstance(node, nnx.Linear):
             node.param_dtype = dt
-            node.dtype = jnp.dtype(node.dtype if _has_compute_dtype(new) else dt)
+            node.dtype = jnp.dtype(node.dtype if mixed else dt)
         elif isinstance(node, nnx.Embed):
             node.dtype = node.param_dtype = dt
     return new

@@ -27,12 +27,13 @@ def skip_absent_tpu() -> None:
     and ~0.7 s -- before falling back. Unless JAX_PLATFORMS says otherwise, leave the TPU out
     where no TPU device file exists (/dev/accel*, /dev/vfio/<n>). Compiling for a TPU topology
     (`ppo_jax.plan`) needs no TPU runtime."""
-    import glob
     import importlib.util
+
+    from ppo_rlhf.runtime.processes import tpu_device_present
 
     if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
         return
-    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+    if tpu_device_present():
         return
     if any(importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "jax_cuda13_plugin",
                                                              "jax_rocm7_plugin")):

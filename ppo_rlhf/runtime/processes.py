@@ -73,6 +73,15 @@ class MeshSpec:
         return ",".join(parts) or "data=1"
 
 
+def tpu_device_present() -> bool:
+    """Does this machine have a TPU (a TPU VM's device files: /dev/accel*, /dev/vfio/<n>)? Where
+    not, libtpu need not look for one: the CLI keeps JAX off the TPU platform and `ppo-rlhf plan`
+    tells libtpu there is no TPU host (compiling for a named topology needs no TPU)."""
+    import glob
+
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
 def parse_mesh(spec: "str | Mapping[str, int] | MeshSpec") -> MeshSpec:
     """"data=2,fsdp=4" (or {"data": 2, "fsdp": 4}, or a MeshSpec) -> MeshSpec. Axes left out
     have size 1. UsageError naming the problem for anything else (unknown axis, repeated axis,
