@@ -219,3 +219,23 @@ def test_task_registry():
     mine = dataclasses.replace(R.TASK, name="test-only-task")
     register_task(mine)
     assert get_task("test-only-task") is mine and isinstance(mine, Task)
+
+
+def test_the_task_answers_for_its_demo_model_and_well_formed_text():
+    """The pipelines ask the `Task` (no module lookup): the reviews task's `well_formed` is its
+    gold's f == 1, the share the pretraining report prints; a task without it falls back to
+    gold > -1, and one without `demo_model_config` cannot pretrain from scratch."""
+    import dataclasses
+
+    from ppo_rlhf.app.pipelines import _demo_config, _well_formed_frac
+
+    task = get_task("reviews")
+    good, unfinished = "the phone is great. i love it.", "the phone is great. i love it"
+    assert task.well_formed(P, good) and not task.well_formed(P, unfinished)
+    assert _well_formed_frac(task, [P] * 4, [good, good, good, unfinished]) == 0.75
+    bare = dataclasses.replace(task, well_formed=None, demo_model_config=None)
+    gold_frac = np.mean([g > -1 for g in task.gold_reward([P, P], [good, unfinished])])
+    assert _well_formed_frac(bare, [P, P], [good, unfinished]) == gold_frac
+    assert _demo_config(task, "tiny", 120)["vocab_size"] == 120
+    with pytest.raises(UsageError, match="defines no demo_model_config"):
+        _demo_config(bare, "tiny", 120)
