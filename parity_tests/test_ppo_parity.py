@@ -182,5 +182,5 @@ def test_shared_trunk_and_reward_model(tiny_checkpoint, arch):
     runs = {dtype: _trainers(ckpt, PPOConfig(**BASE, missing_eos_penalty=1.0), dtype, reward=str(rm),
                              shared=True) for dtype in ("float64", "float32")}
     for tj, tt in runs.values():
-        assert tj.shared_trunk and tt.shared_trunk and tj.native_reward is not None
+        assert tj.shared_trunk and tt.shared_trunk and tj.reward_model() is not None
     _run(runs, 2, check_rollouts=False, exact_f64=arch == "gpt2")

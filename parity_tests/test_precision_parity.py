@@ -3,7 +3,7 @@
 * Chunked (`chunk=`, PPOConfig.logprob_chunk): the two backends' chunked log-probs and
   entropies agree exactly as their unchunked ones do (test_models_parity: float32, 1e-4
   absolute, observed ~2e-6), and each equals its own unchunked result (tests/test_chunked_logprobs).
-* Mixed precision (`set_compute_dtype`, PPOConfig.compute_dtype): float32 weights, bfloat16 or
+* Mixed precision (`ModelOptions.compute_dtype`, PPOConfig.compute_dtype): float32 weights, bfloat16 or
   float16 matmuls. The tolerance, bfloat16: a bfloat16 number keeps 8 significant bits, so each
   rounding of a matmul input is off by up to 2^-9 ~ 0.2% relative (half its 2^-8 spacing). On
   these 2-layer checkpoints this moves each backend's log-probs (|log-prob| up to ~10 at
@@ -32,6 +32,7 @@ import torch
 
 import ppo_jax.models as jm
 import ppo_torch.models as tm
+from ppo_rlhf.config import ModelOptions
 from ppo_rlhf.testing import make_padded_batch
 
 ARCHS = ("gpt2", "llama", "qwen2", "gpt_neox")
@@ -51,11 +52,9 @@ def _t(*xs):
 def _both(path, batch, *, chunk=0, compute_dtype=None, shared=False):
     """(JAX, torch) results of response_logprobs(..., return_entropy=True) as numpy."""
     kw = dict(temperature=0.7, return_entropy=True, chunk=chunk)
-    j = jm.load_pretrained(path, with_value_head=shared, seed=3)
-    t = tm.load_pretrained(path, with_value_head=shared, seed=3)
-    if compute_dtype is not None:
-        jm.set_compute_dtype(j, compute_dtype)
-        tm.set_compute_dtype(t, compute_dtype)
+    options = ModelOptions(compute_dtype=compute_dtype)
+    j = jm.load_pretrained(path, with_value_head=shared, seed=3, options=options)
+    t = tm.load_pretrained(path, with_value_head=shared, seed=3, options=options)
     fj = jm.response_logprobs_and_values if shared else jm.response_logprobs
     ft = tm.response_logprobs_and_values if shared else tm.response_logprobs
     out_j = fj(j, *batch, **kw)
@@ -110,8 +109,8 @@ def test_float32_compute_is_unchanged(tiny_checkpoint, arch):
     batch = _batch(seed=6)
     plain_j, plain_t = _both(path, batch)
     for cd in (None, "float32"):
-        j = jm.set_compute_dtype(jm.load_pretrained(path), cd)
-        t = tm.set_compute_dtype(tm.load_pretrained(path), cd)
+        j = jm.load_pretrained(path, options=ModelOptions(compute_dtype=cd))
+        t = tm.load_pretrained(path, options=ModelOptions(compute_dtype=cd))
         np.testing.assert_array_equal(np.asarray(jm.response_logprobs(j, *batch, temperature=0.7)),
                                       plain_j[0])
         with torch.no_grad():
@@ -125,13 +124,13 @@ def test_mixed_precision_lm_head_parity(tiny_checkpoint, arch):
     bf16 and accumulate float32 logits (products of two bf16 numbers are exact in float32), so
     they agree to float32 rounding (1e-5; observed ~1e-6), and differ from the float32 head."""
     path = tiny_checkpoint(arch)
-    j = jm.set_compute_dtype(jm.load_pretrained(path), "bfloat16")
-    t = tm.set_compute_dtype(tm.load_pretrained(path), "bfloat16")
+    j = jm.load_pretrained(path, options=ModelOptions(compute_dtype="bfloat16"))
+    t = tm.load_pretrained(path, options=ModelOptions(compute_dtype="bfloat16"))
     hidden = np.random.default_rng(0).normal(size=(2, 3, j.config.hidden_size)).astype(np.float32)
     lj = np.asarray(j.logits_from_hidden(jnp.asarray(hidden)))
     with torch.no_grad():
         lt = t.logits_from_hidden(torch.from_numpy(hidden)).numpy()
-        l32 = tm.set_compute_dtype(t, None).logits_from_hidden(torch.from_numpy(hidden)).numpy()
+        l32 = tm.rebuild(t, options=ModelOptions()).logits_from_hidden(torch.from_numpy(hidden)).numpy()
     assert lj.dtype == np.float32 and lt.dtype == np.float32
     np.testing.assert_allclose(lj, lt, atol=1e-5, rtol=0)
     assert np.abs(lj - l32).max() > 1e-4

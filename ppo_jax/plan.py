@@ -233,11 +233,12 @@ def build_ppo_trainer(model: str, reward_model: str | None, config: Any, *, devi
     from ppo_jax.ppo import PPOTrainer
     from ppo_rlhf import hf_checkpoint as hfc
 
-    policy = load_pretrained(model, dtype, abstract=True)
+    options = config.model_options()  # the trainer's options: built with them, as it would load them
+    policy = load_pretrained(model, dtype, options=options, abstract=True)
     hf = hfc.read_config(model)
     eos = hf.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) else eos
-    reward = (load_scalar_model(reward_model, dtype, abstract=True) if reward_model
+    reward = (load_scalar_model(reward_model, dtype, options=options.frozen(), abstract=True) if reward_model
               else (lambda prompts, responses: [0.0] * len(responses)))
     mesh = make_mesh(mesh or f"fsdp={len(devices)}", devices=devices)
     return PPOTrainer(policy, reward, config=config, mesh=mesh, dtype=dtype,

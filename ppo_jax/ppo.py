@@ -50,35 +50,27 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ppo_jax.abstract import copy_arrays, evaluate
+from ppo_jax.abstract import evaluate
 from ppo_jax.advantages import gae, kl_for_controller, shape_rewards, whiten
 from ppo_jax.generate import SamplingOptions, generate, make_generate_fn
 from ppo_jax.losses import policy_loss, value_loss
 from ppo_jax.masked import aggregate_loss
 from ppo_jax.models import (
+    MODEL_KIT,
     CausalLM,
     PolicyWithValueHead,
     ScalarHeadModel,
-    cast_model,
-    critic_from_reward_model,
-    load_pretrained,
-    load_scalar_model,
     response_logprobs,
     response_logprobs_and_values,
     response_values,
-    scalar_model_from_lm,
     sequence_scores,
-    set_compute_dtype,
-    set_remat,
-    set_scan_unroll,
 )
 from ppo_jax.optim import guarded_step, make_optimizer
 from ppo_jax.parallel import builds_on_host, placement
 from ppo_rlhf.config import PPOConfig
-from ppo_rlhf.rewards import RewardModel, as_reward_model
 from ppo_rlhf.rollout import RolloutBatch
 from ppo_rlhf.runtime import metrics, seeds
-from ppo_rlhf.runtime.ppo import TrainerBase, resolve_reward_spec
+from ppo_rlhf.runtime.ppo import TrainerBase
 
 Array = jax.Array
 
@@ -163,69 +155,24 @@ class PPOTrainer(TrainerBase):
                          extra_rewards=extra_rewards, eos_token_id=eos_token_id,
                          pad_token_id=pad_token_id, checkpoint_every=checkpoint_every,
                          keep_checkpoints=keep_checkpoints)
-        self._check_tokenizer_dirs(reward_model=reward, reference=reference, critic=critic)
         cfg = self.config
         self.parallel = placement(mesh)  # one device, or the sharding rules of a mesh
         self.parallel.check_config(cfg)
         self.processes = self.parallel.processes
-        # --- roles: actor (+ shared critic), reference, critic, reward --------------------------
-        policy_model = self._load_policy(policy, dtype)
-        self.shared_trunk = isinstance(policy_model, PolicyWithValueHead)
-        if reference is policy_model or reference is getattr(policy_model, "lm", None):
-            reference = None  # the policy object itself: take the frozen copy
-        ref_model = (load_pretrained(reference, dtype) if isinstance(reference, (str, os.PathLike))
-                     else reference if reference is not None
-                     else self._frozen_copy(policy_model.lm if self.shared_trunk else policy_model))
-        reward_kind, reward_obj = resolve_reward_spec(reward, ScalarHeadModel)
-        self.native_reward = None
-        self.host_reward: RewardModel | None = None
-        if reward_kind == "dir":
-            self.native_reward = load_scalar_model(reward_obj, dtype)
-        elif reward_kind == "native":
-            self.native_reward = reward_obj
-        else:
-            self.host_reward = as_reward_model(reward_obj)
-        critic_model = None
-        if not self.shared_trunk:
-            if isinstance(critic, (str, os.PathLike)):
-                critic_model = load_scalar_model(critic, dtype)
-            elif critic is not None:
-                critic_model = critic
-            elif self.native_reward is not None:
-                critic_model = critic_from_reward_model(self.native_reward)  # on the reward's scale
-            else:
-                critic_model = scalar_model_from_lm(policy_model, seed=cfg.seed)
-        self._check_models(policy_model, ref_model, critic_model, self.native_reward)
-        # the frozen models' own dtype (e.g. bfloat16: half their memory); the critic, copied
-        # from the reward model above, keeps the trainer's dtype
-        if cfg.frozen_dtype is not None:
-            ref_model = cast_model(ref_model, cfg.frozen_dtype)
-            if self.native_reward is not None:
-                self.native_reward = cast_model(self.native_reward, cfg.frozen_dtype)
-        # mixed precision: weights (and so AdamW state) keep their dtype, matmuls in compute_dtype
-        if cfg.compute_dtype is not None:
-            for m in (policy_model, ref_model, critic_model, self.native_reward):
-                if m is not None:
-                    set_compute_dtype(m, cfg.compute_dtype)
-        # activation checkpointing of the differentiated models (the reference and the reward
-        # model are never differentiated); static, so set before the split into graphdefs
-        set_remat(policy_model, cfg.remat)
-        if critic_model is not None:
-            set_remat(critic_model, cfg.remat)
-        for m in (policy_model, ref_model, critic_model, self.native_reward):
-            if m is not None:  # the scan over layers as a loop or unrolled (static)
-                set_scan_unroll(m, cfg.scan_unroll)
+        # the roles, each model built with its options (`ppo_rlhf.runtime.roles`)
+        roles = self._compose_roles(MODEL_KIT, policy, reward, reference=reference, critic=critic, dtype=dtype)
 
         # --- pure state: each role's structure is static, its parameters a pytree -------------
-        self.policy, trainable = Role.trainable(policy_model)
+        self.policy, trainable = Role.trainable(roles.policy)
         trainable = {"policy": trainable}  # what the optimiser trains: policy (+ critic), one tree
         self.critic = None
-        if critic_model is not None:
-            self.critic, trainable["critic"] = Role.trainable(critic_model)
+        if roles.critic is not None:
+            self.critic, trainable["critic"] = Role.trainable(roles.critic)
         self.params = self.parallel.params(trainable)
-        self.reference = Role.frozen(ref_model, self.parallel.params)
-        self.reward = None if self.native_reward is None else Role.frozen(self.native_reward,
+        self.reference = Role.frozen(roles.reference, self.parallel.params)
+        self.reward = None if roles.reward_model is None else Role.frozen(roles.reward_model,
                                                                           self.parallel.params)
+        del roles  # the trained parameters live in self.params only
         self.tx = make_optimizer(learning_rate=cfg.learning_rate, adam_eps=cfg.adam_eps,
                                  weight_decay=cfg.weight_decay)
         self.opt_state = self.parallel.params(evaluate(self.tx.init, self.params))
@@ -234,21 +181,7 @@ class PPOTrainer(TrainerBase):
         self._advantages = jax.jit(self._advantages_impl)
         self._update = jax.jit(self._update_impl, donate_argnums=(0, 1))
 
-    # ---- construction helpers -------------------------------------------------------------------
-    @staticmethod
-    def _load_policy(policy: Any, dtype: Any) -> CausalLM | PolicyWithValueHead:
-        if isinstance(policy, (str, os.PathLike)):
-            return load_pretrained(policy, dtype)
-        if not isinstance(policy, (CausalLM, PolicyWithValueHead)):
-            raise TypeError(f"policy must be a checkpoint dir, a CausalLM or a PolicyWithValueHead, "
-                            f"got {type(policy).__name__}")
-        return policy
-
-    @staticmethod
-    def _frozen_copy(model: nnx.Module) -> nnx.Module:
-        graphdef, state = nnx.split(model)
-        return nnx.merge(graphdef, copy_arrays(state))
-
+    # ---- the models ----------------------------------------------------------------------------
     def policy_model(self) -> CausalLM | PolicyWithValueHead:
         """The current policy as an NNX module (shares arrays with the trainer; don't mutate)."""
         return self.policy.model(self.params["policy"])
@@ -257,6 +190,10 @@ class PPOTrainer(TrainerBase):
         if self.shared_trunk:
             return self.policy_model()
         return self.critic.model(self.params["critic"])
+
+    def reward_model(self) -> ScalarHeadModel | None:
+        """The reward model scoring on device, None with a host reward."""
+        return None if self.reward is None else self.reward.model()
 
     def _models(self, params: Mapping[str, Any]) -> tuple[Any, Any]:
         policy = self.policy.model(params["policy"])

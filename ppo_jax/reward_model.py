@@ -32,16 +32,14 @@ from flax import nnx
 
 from ppo_jax.checkpoint import SupervisedCheckpoint
 from ppo_jax.models import (
+    MODEL_KIT,
     ScalarHeadModel,
     load_scalar_model,
     scalar_model_from_lm,
-    set_compute_dtype,
-    set_remat,
-    set_scan_unroll,
 )
 from ppo_jax.optim import guarded_step, make_optimizer
 from ppo_rlhf import hf_checkpoint as hfc
-from ppo_rlhf.config import RMConfig
+from ppo_rlhf.config import ModelOptions, RMConfig
 from ppo_rlhf.runtime.supervised import RMTrainerBase
 
 Array = jax.Array
@@ -130,12 +128,13 @@ def batch_loss(model: ScalarHeadModel, batch: dict[str, Array], *, loss: str,
 
 
 # ---- the model ---------------------------------------------------------------------------------------
-def init_reward_model(path: str | os.PathLike, *, seed: int = 0, dtype: Any = "float32") -> ScalarHeadModel:
+def init_reward_model(path: str | os.PathLike, *, seed: int = 0, dtype: Any = "float32",
+                      options: ModelOptions | None = None) -> ScalarHeadModel:
     """The model to train from a checkpoint dir: a scalar-head checkpoint as it is, a causal LM
     with a fresh score head (`scalar_model_from_lm(path, seed=seed)`)."""
     if hfc.is_scalar_checkpoint(path):
-        return load_scalar_model(path, dtype)
-    return scalar_model_from_lm(path, seed=seed, dtype=dtype)
+        return load_scalar_model(path, dtype, options=options)
+    return scalar_model_from_lm(path, seed=seed, dtype=dtype, options=options)
 
 
 @functools.lru_cache(maxsize=32)
@@ -193,12 +192,9 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
         super().__init__(config, tokenizer=tokenizer, out_dir=out_dir,
                          checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                          model_path=model)
-        model = self._model_from(model, lambda path: init_reward_model(path, seed=config.seed), ScalarHeadModel)
+        model = self._model_from(model, functools.partial(init_reward_model, seed=config.seed),
+                                 ScalarHeadModel, MODEL_KIT)
         model.reward_gain, model.reward_bias = 1.0, 0.0  # train the raw head
-        set_remat(model, config.remat)  # activation checkpointing: static, before the split
-        set_scan_unroll(model, config.scan_unroll)  # the layer scan as a loop or unrolled: static too
-        if config.compute_dtype is not None:  # mixed precision: weights keep their dtype
-            set_compute_dtype(model, config.compute_dtype)
         self._def, self.params, self._rest = nnx.split(model, nnx.Param, ...)
         self.tx, self._step, self._score_fn, self._losses = compiled_steps(
             self._def, config.loss, config.ties, config.max_grad_norm, config.adam_eps,

@@ -30,7 +30,7 @@ from flax import nnx
 
 from ppo_jax.checkpoint import SupervisedCheckpoint
 from ppo_jax.losses import logprobs_from_logits
-from ppo_jax.models import CausalLM, load_pretrained, set_compute_dtype, set_remat, set_scan_unroll
+from ppo_jax.models import MODEL_KIT, CausalLM, load_pretrained
 from ppo_jax.optim import guarded_step, make_optimizer
 from ppo_rlhf.config import SFTConfig
 from ppo_rlhf.runtime.supervised import SFTTrainerBase
@@ -98,11 +98,7 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
         super().__init__(config, tokenizer=tokenizer, out_dir=out_dir,
                          checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                          model_path=model)
-        model = self._model_from(model, load_pretrained, CausalLM)
-        set_remat(model, config.remat)  # activation checkpointing: static, before the split
-        set_scan_unroll(model, config.scan_unroll)  # the layer scan as a loop or unrolled: static too
-        if config.compute_dtype is not None:  # mixed precision: weights keep their dtype
-            set_compute_dtype(model, config.compute_dtype)
+        model = self._model_from(model, load_pretrained, CausalLM, MODEL_KIT)
         self._def, self.params, self._rest = nnx.split(model, nnx.Param, ...)
         self.tx, self._step, self._evaluate = compiled_steps(
             self._def, config.max_grad_norm, config.adam_eps, config.weight_decay)

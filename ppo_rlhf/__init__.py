@@ -17,7 +17,7 @@ it but the application layer (`app/`) imports `ppo_jax` or `ppo_torch`, the two 
     testing.py  tiny offline checkpoints for tests, benchmarks and the demo
 """
 
-from ppo_rlhf.config import PPOConfig, RMConfig, SFTConfig
+from ppo_rlhf.config import ModelOptions, PPOConfig, RMConfig, SFTConfig
 from ppo_rlhf.errors import CheckpointError, DataError, NonFiniteUpdates, UsageError
 from ppo_rlhf.rewards import (
                               NonFiniteRewardError,
@@ -33,7 +33,7 @@ from ppo_rlhf.rollout import RolloutBatch
 __version__ = "0.1.0"
 
 __all__ = [
-    "PPOConfig", "RMConfig", "SFTConfig", "RolloutBatch", "RewardFn", "RewardModel", "ScoreRequest",
+    "PPOConfig", "RMConfig", "SFTConfig", "ModelOptions", "RolloutBatch", "RewardFn", "RewardModel", "ScoreRequest",
     "TextRewardModel", "NonFiniteRewardError", "as_reward_model", "check_scores", "UsageError",
     "DataError", "CheckpointError", "NonFiniteUpdates", "__version__",
 ]

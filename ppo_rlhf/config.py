@@ -45,8 +45,56 @@ Remat = Literal["none", "full", "dots"]
 RMLoss = Literal["bradley_terry", "plackett_luce", "best_of_k", "rating"]
 
 
+def check_model_options(owner: str, remat: Any, scan_unroll: Any, compute_dtype: Any) -> None:
+    """The one check of the model options (`ModelOptions`, and the same fields of the three
+    configs): a ValueError naming `owner`.field and what is allowed."""
+    def fail(name: str, value: Any, allowed: str) -> None:
+        raise ValueError(f"{owner}.{name}={value!r} is invalid: allowed {allowed}")
+
+    if remat not in REMATS:
+        fail("remat", remat, "one of " + ", ".join(repr(c) for c in REMATS))
+    if not isinstance(scan_unroll, bool):
+        fail("scan_unroll", scan_unroll, "True or False")
+    if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
+        fail("compute_dtype", compute_dtype, "one of " + ", ".join(repr(c) for c in COMPUTE_DTYPES))
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How a model runs, fixed when it is built: `load_pretrained(path, options=...)`, the
+    loaders and constructors of both cores take it, and nothing changes it afterwards (a
+    trainer builds every model it loads with its config's options, `Config.model_options()`).
+    Each field is the config field of the same name (`PPOConfig.remat`, ...):
+
+    remat         "none" | "full" | "dots": activation checkpointing of the transformer layers
+                  in a backward (JAX: the layer scan's `jax.checkpoint` policy; torch:
+                  `torch.utils.checkpoint` around each decoder layer)
+    scan_unroll   JAX: the layer scan lowered unrolled (a compile-time choice); torch runs its
+                  layers as a Python loop and has nothing to unroll
+    compute_dtype None | "float32" | "bfloat16" | "float16": the matmuls' dtype (mixed
+                  precision) while the weights keep theirs
+    """
+
+    remat: Remat = "none"
+    scan_unroll: bool = False
+    compute_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        check_model_options("ModelOptions", self.remat, self.scan_unroll, self.compute_dtype)
+
+    def frozen(self) -> "ModelOptions":
+        """The options of a model that is never differentiated (PPO's reference and reward
+        model): no remat -- there is no backward to save memory for."""
+        return dataclasses.replace(self, remat="none")
+
+
 class Config:
     """What the three configs share: (de)serialisation and the field checks."""
+
+    def model_options(self) -> ModelOptions:
+        """The options this config's trainer builds its models with."""
+        return ModelOptions(remat=self.remat, scan_unroll=self.scan_unroll,
+                            compute_dtype=self.compute_dtype)
 
     def _fail(self, name: str, value: Any, allowed: str) -> None:
         raise ValueError(f"{type(self).__name__}.{name}={value!r} is invalid: allowed {allowed}")
@@ -84,11 +132,8 @@ class Config:
                 self._fail(name, getattr(self, name), "True or False")
 
     def _check_memory(self) -> None:
-        """remat, compute_dtype and scan_unroll (all three configs)."""
-        self._check_choice("remat", REMATS)
-        self._check_bool("scan_unroll")
-        if self.compute_dtype is not None:
-            self._check_choice("compute_dtype", COMPUTE_DTYPES)
+        """remat, compute_dtype and scan_unroll (all three configs): `check_model_options`."""
+        check_model_options(type(self).__name__, self.remat, self.scan_unroll, self.compute_dtype)
 
     def _check_optimiser(self) -> None:
         """The fields of the optimiser and the schedule (RMConfig, SFTConfig)."""
@@ -256,8 +301,9 @@ class PPOConfig(Config):
     weights and optimiser state). None = compute in the weights' dtype (no mixed precision).
     Norms, softmaxes, the residual stream, logits, log-softmax, losses and advantages stay
     float32. JAX: every projection casts its input and weight to compute_dtype and accumulates
-    in float32 (`ppo_jax.models.set_compute_dtype`); torch: `torch.autocast` around the
-    backbones of every forward (`ppo_torch.models.set_compute_dtype`)."""
+    in float32 (`ppo_jax.models.precision`); torch: `torch.autocast` around the backbones of
+    every forward (`ppo_torch.models.precision`). Every model is built with it
+    (`ModelOptions`)."""
     frozen_dtype: str | None = None
     """The dtype of the frozen models -- the reference and the reward model -- ("float32" or
     "bfloat16"): their weights AND activations, as if loaded with that dtype (norms, softmaxes,
@@ -267,7 +313,7 @@ class PPOConfig(Config):
     `ppo_jax.models.cast_model`; torch: `module.to(dtype)`."""
     scan_unroll: bool = False
     """JAX: run the scan over the transformer layers fully unrolled, in every model of the
-    trainer (`ppo_jax.models.stack.set_scan_unroll`): the same arithmetic without the loop and
+    trainer (`ppo_jax.models.stack`, `ModelOptions`): the same arithmetic without the loop and
     its per-layer weight slices, faster for shallow models on CPU, but each program grows with
     depth again (compile time ~ layers). torch: no effect (its layers are a Python loop)."""
 
@@ -454,6 +500,7 @@ class SFTConfig(Config):
         self._check_bool("train_on_prompt")
 
 
-__all__ = ["Config", "PPOConfig", "RMConfig", "SFTConfig", "POLICY_LOSS_KINDS", "KL_ESTIMATORS",
+__all__ = ["Config", "ModelOptions", "check_model_options", "PPOConfig", "RMConfig", "SFTConfig",
+           "POLICY_LOSS_KINDS", "KL_ESTIMATORS",
            "KL_UNITS", "LOSS_AGGS", "RM_LOSSES", "TIES", "LR_SCHEDULES", "REMATS",
            "COMPUTE_DTYPES", "FROZEN_DTYPES"]

@@ -40,7 +40,6 @@ global-norm gradient clip over both (as TRL's PolicyAndValueWrapper). Dropout is
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -49,29 +48,22 @@ import numpy as np
 import torch
 
 from ppo_rlhf.config import PPOConfig
-from ppo_rlhf.rewards import RewardModel, as_reward_model
 from ppo_rlhf.rollout import RolloutBatch
 from ppo_rlhf.runtime import metrics, seeds
-from ppo_rlhf.runtime.ppo import TrainerBase, resolve_reward_spec
+from ppo_rlhf.runtime.ppo import TrainerBase
 from ppo_torch.advantages import gae, kl_for_controller, shape_rewards, whiten
 from ppo_torch.generate import generate
 from ppo_torch.losses import policy_loss, value_loss
 from ppo_torch.masked import aggregate_loss
 from ppo_torch.models import (
+    MODEL_KIT,
     CausalLM,
     PolicyWithValueHead,
     ScalarHeadModel,
-    critic_from_reward_model,
-    load_pretrained,
-    load_scalar_model,
     response_logprobs,
     response_logprobs_and_values,
     response_values,
-    scalar_model_from_lm,
     sequence_scores,
-    set_compute_dtype,
-    set_remat,
-    set_scan_unroll,
 )
 from ppo_torch.optim import guarded_step, make_optimizer
 from ppo_torch.parallel import setup as setup_distributed
@@ -135,88 +127,35 @@ class PPOTrainer(TrainerBase):
                          extra_rewards=extra_rewards, eos_token_id=eos_token_id,
                          pad_token_id=pad_token_id, checkpoint_every=checkpoint_every,
                          keep_checkpoints=keep_checkpoints)
-        self._check_tokenizer_dirs(reward_model=reward, reference=reference, critic=critic)
         cfg = self.config
         self.parallel = setup_distributed(distributed)  # one process, or a rank of a DDP / FSDP2 job
         self.parallel.check_config(cfg)
         self.processes = self.parallel
         self.device = torch.device(device or self.parallel.default_device())
-        # --- roles: actor (+ shared critic), reference, critic, reward --------------------------
-        self.policy = self._load_policy(policy, dtype).to(self.device)
-        self.shared_trunk = isinstance(self.policy, PolicyWithValueHead)
-        if reference is self.policy or reference is getattr(self.policy, "lm", None):
-            reference = None  # the policy object itself: take the frozen copy
-        self.reference = (load_pretrained(reference, dtype) if isinstance(reference, (str, os.PathLike))
-                           else reference if reference is not None
-                           else self._frozen_copy(self.policy.lm if self.shared_trunk else self.policy))
-        self.reference = self.reference.to(self.device).requires_grad_(False)
-        reward_kind, reward_obj = resolve_reward_spec(reward, ScalarHeadModel)
-        self.native_reward = None
-        self.host_reward: RewardModel | None = None
-        if reward_kind == "dir":
-            self.native_reward = load_scalar_model(reward_obj, dtype)
-        elif reward_kind == "native":
-            self.native_reward = reward_obj
-        else:
-            self.host_reward = as_reward_model(reward_obj)
-        if self.native_reward is not None:
-            self.native_reward = self.native_reward.to(self.device).requires_grad_(False)
-        self.critic = None
-        if not self.shared_trunk:
-            if isinstance(critic, (str, os.PathLike)):
-                self.critic = load_scalar_model(critic, dtype)
-            elif critic is not None:
-                self.critic = critic
-            elif self.native_reward is not None:
-                self.critic = critic_from_reward_model(self.native_reward)  # on the reward's scale
-            else:
-                self.critic = scalar_model_from_lm(self.policy, seed=cfg.seed)
-            self.critic = self.critic.to(self.device)
-        self._check_models(self.policy, self.reference, self.critic, self.native_reward)
-        # the frozen models' own dtype (e.g. bfloat16: half their memory); the critic, copied
-        # from the reward model above, keeps the trainer's dtype
-        if cfg.frozen_dtype is not None:
-            self.reference = self.reference.to(dtype=getattr(torch, cfg.frozen_dtype))
-            if self.native_reward is not None:
-                self.native_reward = self.native_reward.to(dtype=getattr(torch, cfg.frozen_dtype))
-        # mixed precision: weights (and so AdamW state) keep their dtype, autocast to compute_dtype
-        if cfg.compute_dtype is not None:
-            for m in (self.policy, self.reference, self.critic, self.native_reward):
-                if m is not None:
-                    set_compute_dtype(m, cfg.compute_dtype)
-        # activation checkpointing of the differentiated models (the reference and the reward
-        # model are never differentiated)
-        set_remat(self.policy, cfg.remat)
-        set_scan_unroll(self.policy, cfg.scan_unroll)  # a no-op here: mirrors the JAX trainer
-        if self.critic is not None:
-            set_remat(self.critic, cfg.remat)
-        for m in (self.policy, self.reference, self.critic, self.native_reward):
-            if m is not None:
-                m.eval()  # no dropout, ever (as TRL); gradients still flow in eval mode
-        self.parallel.wrap([self.policy, self.critic], frozen=[self.reference, self.native_reward])
+        # the roles, each model built with its options (`ppo_rlhf.runtime.roles`), placed here
+        roles = self._compose_roles(MODEL_KIT, policy, reward, reference=reference, critic=critic, dtype=dtype)
+        self.policy = roles.policy.to(self.device)
+        self.reference = roles.reference.to(self.device).requires_grad_(False)
+        self.critic = None if roles.critic is None else roles.critic.to(self.device)
+        self.reward = (None if roles.reward_model is None
+                       else roles.reward_model.to(self.device).requires_grad_(False))
+        del roles
+        for m in self._roles():
+            m.eval()  # no dropout, ever (as TRL); gradients still flow in eval mode
+        self.parallel.wrap([self.policy, self.critic], frozen=[self.reference, self.reward])
 
         self.optimizer = make_optimizer(self._trainable(), learning_rate=cfg.learning_rate,
                                         adam_eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
         self._fwd = {}
         if compile:
             backend = {"backend": compile} if isinstance(compile, str) else {}
-            for m in (self.policy, self.reference, self.critic, self.native_reward):
-                if m is not None:
-                    m.forward = torch.compile(m.forward, dynamic=False, **backend)
+            for m in self._roles():
+                m.forward = torch.compile(m.forward, dynamic=False, **backend)
 
-    # ---- construction helpers -------------------------------------------------------------------
-    @staticmethod
-    def _load_policy(policy: Any, dtype: Any) -> CausalLM | PolicyWithValueHead:
-        if isinstance(policy, (str, os.PathLike)):
-            return load_pretrained(policy, dtype)
-        if not isinstance(policy, (CausalLM, PolicyWithValueHead)):
-            raise TypeError(f"policy must be a checkpoint dir, a CausalLM or a PolicyWithValueHead, "
-                            f"got {type(policy).__name__}")
-        return policy
-
-    @staticmethod
-    def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-        return copy.deepcopy(model).requires_grad_(False)
+    # ---- the models ----------------------------------------------------------------------------
+    def _roles(self) -> list[torch.nn.Module]:
+        """The models of the roles there are: policy, reference, critic, reward model."""
+        return [m for m in (self.policy, self.reference, self.critic, self.reward) if m is not None]
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         params = list(self.policy.parameters())
@@ -229,6 +168,10 @@ class PPOTrainer(TrainerBase):
 
     def critic_model(self) -> ScalarHeadModel | PolicyWithValueHead:
         return self.policy if self.shared_trunk else self.critic
+
+    def reward_model(self) -> ScalarHeadModel | None:
+        """The reward model scoring on device, None with a host reward."""
+        return self.reward
 
     def _models(self) -> tuple[Any, Any]:
         return self.policy, self.critic_model()
@@ -260,10 +203,10 @@ class PPOTrainer(TrainerBase):
             values = response_values(critic, q, qm, r, rm)
         ref_logprobs = response_logprobs(self.reference, q, qm, r, rm, temperature=cfg.temperature,
                                          chunk=cfg.logprob_chunk)
-        if self.native_reward is None:
+        if self.reward is None:
             scores = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
         else:
-            scores = sequence_scores(self.native_reward, q, qm, r, rm)
+            scores = sequence_scores(self.reward, q, qm, r, rm)
         return logprobs, ref_logprobs, values, scores
 
     def rollout(self, query_ids: Any, query_mask: Any, *, iteration: int = 0, noise: Any = None,

@@ -19,6 +19,7 @@ not finite leaves weights and optimiser state unchanged. Dropout is off (the mod
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Iterable
 
@@ -26,16 +27,14 @@ import numpy as np
 import torch
 
 from ppo_rlhf import hf_checkpoint as hfc
-from ppo_rlhf.config import RMConfig
+from ppo_rlhf.config import ModelOptions, RMConfig
 from ppo_rlhf.runtime.supervised import RMTrainerBase
 from ppo_torch.checkpoint import SupervisedCheckpoint
 from ppo_torch.models import (
+    MODEL_KIT,
     ScalarHeadModel,
     load_scalar_model,
     scalar_model_from_lm,
-    set_compute_dtype,
-    set_remat,
-    set_scan_unroll,
 )
 from ppo_torch.optim import guarded_step, make_optimizer
 
@@ -127,12 +126,13 @@ def batch_loss(model: ScalarHeadModel, batch: dict[str, Tensor], *, loss: str,
 
 
 # ---- the model ---------------------------------------------------------------------------------------
-def init_reward_model(path: str | os.PathLike, *, seed: int = 0, dtype: Any = "float32") -> ScalarHeadModel:
+def init_reward_model(path: str | os.PathLike, *, seed: int = 0, dtype: Any = "float32",
+                      options: ModelOptions | None = None) -> ScalarHeadModel:
     """The model to train from a checkpoint dir: a scalar-head checkpoint as it is, a causal LM
     with a fresh score head (`scalar_model_from_lm(path, seed=seed)`)."""
     if hfc.is_scalar_checkpoint(path):
-        return load_scalar_model(path, dtype)
-    return scalar_model_from_lm(path, seed=seed, dtype=dtype)
+        return load_scalar_model(path, dtype, options=options)
+    return scalar_model_from_lm(path, seed=seed, dtype=dtype, options=options)
 
 
 def _tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, Tensor]:
@@ -159,21 +159,18 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
                          checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                          model_path=model)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = self._model_from(model, lambda path: init_reward_model(path, seed=config.seed), ScalarHeadModel)
+        model = self._model_from(model, functools.partial(init_reward_model, seed=config.seed),
+                                 ScalarHeadModel, MODEL_KIT)
         model.reward_gain, model.reward_bias = 1.0, 0.0  # train the raw head
         self._model = model.to(self.device).eval()  # eval: no dropout; gradients still flow
-        set_remat(self._model, config.remat)  # activation checkpointing (ppo_torch.models.remat)
-        set_scan_unroll(self._model, config.scan_unroll)  # a no-op here: mirrors the JAX trainer
-        if config.compute_dtype is not None:  # mixed precision: weights keep their dtype
-            set_compute_dtype(self._model, config.compute_dtype)
         self._group_size = 2
         self.gain, self.bias = 1.0, 0.0
 
     def model(self) -> ScalarHeadModel:
         """The current model with the current reward gain / bias (shares the weights with the
         model being trained, which keeps gain 1 and bias 0)."""
-        return ScalarHeadModel(self._model.hf_model, reward_gain=self.gain,
-                               reward_bias=self.bias).eval()
+        return ScalarHeadModel(self._model.hf_model, reward_gain=self.gain, reward_bias=self.bias,
+                               options=self._model.options).eval()
 
     # ---- the step ------------------------------------------------------------------------------
     def _init_optimizer(self, total_steps: int) -> None:  # lr comes per step

@@ -26,7 +26,7 @@ from ppo_rlhf.config import SFTConfig
 from ppo_rlhf.runtime.supervised import SFTTrainerBase
 from ppo_torch.checkpoint import SupervisedCheckpoint
 from ppo_torch.losses import logprobs_from_logits
-from ppo_torch.models import CausalLM, load_pretrained, set_compute_dtype, set_remat, set_scan_unroll
+from ppo_torch.models import MODEL_KIT, CausalLM, load_pretrained
 from ppo_torch.optim import guarded_step, make_optimizer
 
 Tensor = torch.Tensor
@@ -72,12 +72,8 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
                          checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                          model_path=model)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = self._model_from(model, load_pretrained, CausalLM)
+        model = self._model_from(model, load_pretrained, CausalLM, MODEL_KIT)
         self._model = model.to(self.device).eval()  # eval: no dropout; gradients still flow
-        set_remat(self._model, config.remat)  # activation checkpointing (ppo_torch.models.remat)
-        set_scan_unroll(self._model, config.scan_unroll)  # a no-op here: mirrors the JAX trainer
-        if config.compute_dtype is not None:  # mixed precision: weights keep their dtype
-            set_compute_dtype(self._model, config.compute_dtype)
 
     def model(self) -> CausalLM:
         """The model being trained."""

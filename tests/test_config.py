@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 
 import pytest
@@ -13,7 +14,7 @@ from ppo_rlhf import PPOConfig
 def test_defaults_are_valid_and_documented():
     cfg = PPOConfig()
     assert cfg.policy_loss == "clip" and cfg.loss_agg == "token-mean" and cfg.clip_eps_high is None
-    src = open(PPOConfig.__module__.replace(".", "/") + ".py").read()
+    src = inspect.getsource(PPOConfig)
     for f in dataclasses.fields(PPOConfig):
         # every field is followed by a docstring line in the source
         idx = src.index(f"    {f.name}:")

@@ -317,7 +317,7 @@ def test_api_a_reward_model_with_the_policys_tokenizer_is_accepted(inputs):
     """The tokenizer check compares what the ids mean, not the files: the reward model's own
     copy of the policy's tokenizer is fine."""
     t = make_trainer("torch", inputs / "gpt2", reward=str(inputs / "rm"))
-    assert t.native_reward is not None
+    assert t.reward_model() is not None
 
 
 def test_api_evaluate_bad_arguments(inputs):

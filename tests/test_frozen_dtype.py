@@ -41,7 +41,7 @@ def _dtypes(trainer, backend):
     def names(m):
         return {str(p.dtype).removeprefix("torch.") for p in m.parameters()}
     return {"policy": names(trainer.policy), "critic": names(trainer.critic),
-            "reference": names(trainer.reference), "reward": names(trainer.native_reward)}
+            "reference": names(trainer.reference), "reward": names(trainer.reward)}
 
 
 def _rollout(trainer, batch):

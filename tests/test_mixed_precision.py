@@ -1,4 +1,4 @@
-"""Mixed precision (`PPOConfig.compute_dtype`, `set_compute_dtype`) in each backend: float32
+"""Mixed precision (`PPOConfig.compute_dtype`, `ModelOptions.compute_dtype`) in each backend: float32
 weights, optimiser state and gradients with bfloat16 compute; float32 logits and log-probs.
 Cross-backend agreement and its tolerance: parity_tests/test_precision_parity.py."""
 
@@ -13,9 +13,11 @@ from flax import nnx
 
 import ppo_jax.models as jm
 import ppo_torch.models as tm
-from ppo_rlhf.config import PPOConfig
+from ppo_rlhf.config import ModelOptions, PPOConfig
 from ppo_rlhf.testing import make_padded_batch
 from tests.helpers import make_trainer
+
+BF16 = ModelOptions(compute_dtype="bfloat16")
 
 
 def test_config_fields():
@@ -26,15 +28,12 @@ def test_config_fields():
                 dict(logprob_chunk=2.5), dict(logprob_chunk=True)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             PPOConfig(**bad)
-    with pytest.raises(ValueError, match="compute_dtype"):
-        jm.ModelConfig(model_type="llama", vocab_size=8, hidden_size=4, num_layers=1, num_heads=1,
-                       num_kv_heads=1, head_dim=4, intermediate_size=8, max_position_embeddings=8,
-                       norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=False,
-                       compute_dtype="int8")
+    with pytest.raises(ValueError, match="ModelOptions.compute_dtype='int8' is invalid"):
+        ModelOptions(compute_dtype="int8")
 
 
 def test_jax_bf16_compute_keeps_float32_weights_and_gradients(tiny_checkpoint):
-    model = jm.set_compute_dtype(jm.load_pretrained(tiny_checkpoint("llama")), "bfloat16")
+    model = jm.load_pretrained(tiny_checkpoint("llama"), options=BF16)
     assert model.config.compute_dtype == "bfloat16"
     assert model.backbone.layers.stack.self_attn.q_proj.dtype == jnp.bfloat16
     assert model.init_cache(1, 4).k.dtype == jnp.bfloat16  # the cache holds bf16 keys / values
@@ -52,15 +51,16 @@ def test_jax_bf16_compute_keeps_float32_weights_and_gradients(tiny_checkpoint):
     ids = jnp.concatenate([q, r], 1)
     logits, (hidden, _) = model(ids), model.hidden_states(ids)
     assert hidden.dtype == jnp.float32  # the residual stream and the norms stay float32
-    jm.set_compute_dtype(model, None)
-    ref, (ref_hidden, _) = model(ids), model.hidden_states(ids)
+    model32 = jm.rebuild(model, options=ModelOptions())  # the same weights, float32 compute
+    assert jm.model_options(model).compute_dtype == "bfloat16"  # the bf16 model is unchanged
+    ref, (ref_hidden, _) = model32(ids), model32.hidden_states(ids)
     assert logits.dtype == jnp.float32
     assert 1e-4 < float(jnp.abs(logits - ref).max()) < 0.1
     assert float(jnp.abs(hidden - ref_hidden).max()) > 1e-3  # the backbone computed in bf16
 
 
 def test_torch_bf16_compute_keeps_float32_weights_and_gradients(tiny_checkpoint):
-    model = tm.set_compute_dtype(tm.load_pretrained(tiny_checkpoint("llama")), "bfloat16")
+    model = tm.load_pretrained(tiny_checkpoint("llama"), options=BF16)
     assert model.compute_dtype == torch.bfloat16
     q, qm, r, rm = (torch.from_numpy(x) for x in make_padded_batch(0, 2, 5, 4, 512))
     loss = tm.response_logprobs(model, q, qm, r, rm).sum()
@@ -71,8 +71,9 @@ def test_torch_bf16_compute_keeps_float32_weights_and_gradients(tiny_checkpoint)
     ids = torch.cat([q, r], 1)
     with torch.no_grad():
         logits, (hidden, _) = model(ids), model.hidden_states(ids)
-        tm.set_compute_dtype(model, None)
-        ref, (ref_hidden, _) = model(ids), model.hidden_states(ids)
+        model32 = tm.rebuild(model, options=ModelOptions())  # the same weights, float32 compute
+        assert tm.model_options(model).compute_dtype == "bfloat16"  # the bf16 model is unchanged
+        ref, (ref_hidden, _) = model32(ids), model32.hidden_states(ids)
     assert logits.dtype == torch.float32 and hidden.dtype == torch.float32
     assert 1e-4 < float((logits - ref).abs().max()) < 0.1
     assert float((hidden - ref_hidden).abs().max()) > 1e-3  # the backbone ran under autocast
@@ -191,7 +192,7 @@ def test_jax_bf16_norm_and_softmax_statistics_are_float32(tiny_checkpoint, arch)
     softmax reduction is computed in bf16. (Computing the norms' statistics in bf16 moves
     bf16 log-probs by only ~0.01 nats, under every numeric bound of the precision tests; this
     test sees it. Guard: the same check on the model's float32 jaxpr cast to bf16 finds them.)"""
-    model = jm.set_compute_dtype(jm.load_pretrained(tiny_checkpoint(arch)), "bfloat16")
+    model = jm.load_pretrained(tiny_checkpoint(arch), options=BF16)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     q, qm, r, rm = make_padded_batch(0, 2, 5, 4, 512)
 
@@ -230,7 +231,7 @@ def test_torch_bf16_norm_and_softmax_statistics_are_float32(tiny_checkpoint, arc
                         found.append(f"{name} {list(x.shape)}")
             return func(*args, **(kwargs or {}))
 
-    model = tm.set_compute_dtype(tm.load_pretrained(tiny_checkpoint(arch)), "bfloat16")
+    model = tm.load_pretrained(tiny_checkpoint(arch), options=BF16)
     q, qm, r, rm = (torch.from_numpy(x) for x in make_padded_batch(0, 2, 5, 4, 512))
     with Record():
         tm.response_logprobs(model, q, qm, r, rm).sum().backward()

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from ppo_rlhf.app.cli import main
-from ppo_rlhf.config import REMATS, PPOConfig, RMConfig, SFTConfig
+from ppo_rlhf.config import REMATS, ModelOptions, PPOConfig, RMConfig, SFTConfig
 from ppo_rlhf.errors import UsageError
 from ppo_rlhf.testing import make_padded_batch
 from tests.helpers import make_trainer
@@ -381,14 +381,14 @@ def test_torch_rm_and_sft_step_recomputes_and_steps_alike(tiny_checkpoint, kind,
 
 def test_torch_remat_is_off_without_gradients_and_with_a_kv_cache(tiny_checkpoint):
     """Scoring under no_grad and generation with a KV cache run the layers once, as without
-    remat (a recomputation would write the cache twice); set_remat("none") restores the class's
-    forward."""
+    remat (a recomputation would write the cache twice); the same model rebuilt without remat
+    has the class's forward again (and the model it came from keeps its own)."""
     import torch
 
-    from ppo_torch.models import load_pretrained, set_remat
+    from ppo_torch.models import load_pretrained, rebuild
     from ppo_torch.models.remat import decoder_layers
 
-    lm = set_remat(load_pretrained(tiny_checkpoint("llama")), "full")
+    lm = load_pretrained(tiny_checkpoint("llama"), options=ModelOptions(remat="full"))
     ids = torch.as_tensor(make_padded_batch(0, 2, 6, 1, V)[0]).long()
     mask = torch.ones_like(ids)
     with torch.no_grad(), _torch_counts([lm]) as no_grad:
@@ -400,10 +400,11 @@ def test_torch_remat_is_off_without_gradients_and_with_a_kv_cache(tiny_checkpoin
         lm(ids, mask).sum().backward()
     assert no_grad["layer_calls"] == cached["layer_calls"] > 0
     assert plain["layer_calls"] > no_grad["layer_calls"]  # with gradients: recomputed
-    set_remat(lm, "none")
-    assert all("forward" not in vars(layer) for layer in decoder_layers(lm))
-    with _torch_counts([lm]) as off:
-        lm(ids, mask).sum().backward()
+    plain_lm = rebuild(lm, options=ModelOptions())
+    assert all("forward" not in vars(layer) for layer in decoder_layers(plain_lm))
+    assert all("forward" in vars(layer) for layer in decoder_layers(lm))
+    with _torch_counts([plain_lm]) as off:
+        plain_lm(ids, mask).sum().backward()
     assert off["layer_calls"] == no_grad["layer_calls"]
 
 
@@ -436,17 +437,18 @@ def test_resume_with_another_remat_continues_the_run(tiny_checkpoint, tmp_path, 
                           exact=backend == "torch", start=start)
 
 
-def test_torch_set_scan_unroll_mirrors_the_jax_name_and_changes_nothing(tiny_checkpoint):
-    """ppo_torch.models.set_scan_unroll: same name and check as JAX's, and the model (a Python
-    loop over its layers) computes what it did."""
+def test_torch_scan_unroll_is_jax_only(tiny_checkpoint):
+    """`ModelOptions.scan_unroll` is JAX's (a compile-time choice of the layer scan): a torch
+    model built with it computes what it did (its layers are a Python loop), and a torch trainer
+    configured with it takes a model built without it."""
     import torch
 
-    from ppo_torch.models import load_pretrained, set_scan_unroll
+    from ppo_torch.models import load_pretrained
 
-    lm = load_pretrained(tiny_checkpoint("gpt2"))
+    path = tiny_checkpoint("gpt2")
     ids = torch.arange(1, 9).reshape(1, 8)
-    before = lm(ids)  # logits
-    assert set_scan_unroll(lm, True) is lm
-    assert torch.equal(lm(ids), before)
-    with pytest.raises(ValueError, match="scan_unroll=1 is invalid: allowed True or False"):
-        set_scan_unroll(lm, 1)
+    assert torch.equal(load_pretrained(path, options=ModelOptions(scan_unroll=True))(ids),
+                       load_pretrained(path)(ids))
+    from ppo_torch.sft import SFTTrainer
+
+    SFTTrainer(load_pretrained(path), SFTConfig(scan_unroll=True))  # no error

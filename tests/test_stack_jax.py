@@ -12,6 +12,7 @@ from flax import nnx
 import ppo_jax.models as jm
 from ppo_jax.models import layers, stack
 from ppo_rlhf import hf_checkpoint as hfc
+from ppo_rlhf.config import ModelOptions
 from ppo_rlhf.errors import CheckpointError
 from ppo_rlhf.testing import make_padded_batch
 
@@ -126,9 +127,10 @@ def test_scan_equals_a_loop_over_the_layers(tiny_checkpoint, monkeypatch, arch):
         return [np.asarray(a) for a in (full, pre, dec, cache.k, cache.v)]
 
     scanned = run()
-    jm.set_scan_unroll(lm, True)
+    looped_lm = lm
+    lm = jm.rebuild(lm, options=ModelOptions(scan_unroll=True))
     unrolled = run()
-    jm.set_scan_unroll(lm, False)
+    lm = looped_lm
     monkeypatch.setattr(stack.ScannedBlocks, "__call__", _unrolled)
     looped = run()
     real = mask == 1
@@ -143,7 +145,7 @@ def test_scan_equals_a_loop_over_the_layers(tiny_checkpoint, monkeypatch, arch):
 
 
 def test_scan_unroll_takes_the_loop_out_of_the_program(tiny_checkpoint):
-    """set_scan_unroll(model, True): the lowered forward has no while loop and grows with depth
+    """ModelOptions(scan_unroll=True): the lowered forward has no while loop and grows with depth
     (the trade it makes); False (the default) keeps one loop whose body does not grow."""
     _, _, _, _, ids, mask = _batch(seed=3)
     ops = {}
@@ -151,14 +153,14 @@ def test_scan_unroll_takes_the_loop_out_of_the_program(tiny_checkpoint):
         lm = jm.load_pretrained(_checkpoint(tiny_checkpoint, "llama", layers=depth))
         assert all(not b.unroll for _, b in nnx.iter_graph(lm) if isinstance(b, stack.ScannedBlocks))
         for unroll in (False, True):
-            graphdef, state = nnx.split(jm.set_scan_unroll(lm, unroll))
+            graphdef, state = nnx.split(jm.rebuild(lm, options=ModelOptions(scan_unroll=unroll)))
             text = jax.jit(lambda s: nnx.merge(graphdef, s)(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
                            ).lower(state).as_text()
             ops[depth, unroll] = ("stablehlo.while" in text, len(text.splitlines()))
     assert ops[2, False][0] and ops[4, False][0] and ops[2, False][1] == ops[4, False][1]
     assert not ops[2, True][0] and not ops[4, True][0] and ops[4, True][1] > ops[2, True][1]
     with pytest.raises(ValueError, match="scan_unroll=1 is invalid"):
-        jm.set_scan_unroll(lm, 1)
+        ModelOptions(scan_unroll=1)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -205,7 +207,7 @@ def test_rm_and_sft_trainers_apply_scan_unroll(tiny_checkpoint):
 # ---- activation checkpointing -----------------------------------------------------------------------
 def _grads_and_memory(path, remat, dtype, data):
     q, qm, r, rm = data
-    lm = jm.set_remat(jm.load_pretrained(path, dtype=dtype), remat)
+    lm = jm.load_pretrained(path, dtype=dtype, options=ModelOptions(remat=remat))
     assert all(b.remat == remat for _, b in nnx.iter_graph(lm) if isinstance(b, stack.ScannedBlocks))
     graphdef, state = nnx.split(lm)
     fn = jax.jit(jax.grad(lambda s: jm.response_logprobs(nnx.merge(graphdef, s), q, qm, r, rm,
@@ -217,7 +219,7 @@ def _grads_and_memory(path, remat, dtype, data):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_remat_gives_the_same_gradients_with_less_memory(tiny_checkpoint, arch):
-    """set_remat "full" / "dots" recompute the forward in the backward: the gradients are those
+    """remat "full" / "dots" recompute the forward in the backward: the gradients are those
     without remat -- up to float32 rounding, because XLA fuses the recomputed forward with the
     backward and may round differently (observed: GPT-2 and GPT-NeoX bit-identical, Llama's
     SwiGLU 1.3e-6 of a tensor's largest gradient; 2e-15 in float64) -- while the backward's
@@ -250,11 +252,12 @@ def test_remat_gradients_in_float64(tiny_checkpoint):
 def test_remat_policy_names(tiny_checkpoint):
     lm = jm.load_pretrained(tiny_checkpoint("gpt2"))
     assert lm.backbone.h.remat == "none" and set(jm.REMAT_POLICIES) == {"none", "full", "dots"}
-    with pytest.raises(ValueError, match="remat='some'.*none, full, dots"):
-        jm.set_remat(lm, "some")
+    with pytest.raises(ValueError, match="remat='some'.*'none', 'full', 'dots'"):
+        ModelOptions(remat="some")
     # static: part of the graphdef (a trainer's programs are specialised on it)
-    before = nnx.split(lm)[0]
-    assert nnx.split(jm.set_remat(lm, "dots"))[0] != before
+    dots = jm.rebuild(lm, options=ModelOptions(remat="dots"))
+    assert nnx.split(dots)[0] != nnx.split(lm)[0]
+    assert dots.backbone.h.remat == "dots" and lm.backbone.h.remat == "none"  # lm is unchanged
 
 
 # ---- attention ---------------------------------------------------------------------------------------

@@ -60,12 +60,12 @@ def test_critic_starts_on_the_reward_models_scale(backend, tiny_checkpoint, tmp_
 
     def critic_and_scores(critic):
         if backend == "jax":
-            return np.asarray(critic.values(ids, mask)), np.asarray(t.native_reward.score(ids, mask))
+            return np.asarray(critic.values(ids, mask)), np.asarray(t.reward_model().score(ids, mask))
         import torch
 
         with torch.no_grad():
             v = critic.values(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-            return v, t.native_reward.score(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+            return v, t.reward_model().score(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
 
     values, scores = critic_and_scores(t.critic_model())
     assert np.abs(scores).mean() > 5  # the normalisation really moves the scores
@@ -138,7 +138,7 @@ def test_torch_compiled_iteration_matches_the_uncompiled_one(compile_with, tiny_
     rm = tiny_checkpoint("gpt2", kind="scalar", seed=7)
     torch._dynamo.reset()
     compiled = make_trainer("torch", ckpt, reward=str(rm), compile=compile_with)
-    roles = [compiled.policy, compiled.reference, compiled.critic, compiled.native_reward]
+    roles = [compiled.policy, compiled.reference, compiled.critic, compiled.reward]
     assert all(type(m.forward).__name__ != "method" for m in roles), "a role's forward was not compiled"
     plain = make_trainer("torch", ckpt, reward=str(rm))
     for _ in range(2):
@@ -146,3 +146,45 @@ def test_torch_compiled_iteration_matches_the_uncompiled_one(compile_with, tiny_
     tol = 0.0 if compile_with == "eager" else 1e-4
     for key in ("objective/scores", "loss/policy_avg", "loss/value_avg", "objective/kl", "val/ratio_var"):
         np.testing.assert_allclose(a[key], b[key], rtol=tol, atol=tol, err_msg=key)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_roles_are_built_with_the_configs_model_options(backend, tiny_checkpoint):
+    """`ppo_rlhf.runtime.roles`: every model is built with the config's options -- the
+    differentiated ones (policy, critic) with its remat, the frozen ones (reference, reward
+    model) without -- and a model given to the trainer must have been built with them: a
+    UsageError names the option, and the given model is never changed."""
+    from ppo_rlhf.config import ModelOptions
+    from ppo_rlhf.errors import UsageError
+
+    if backend == "jax":
+        import ppo_jax.models as models
+    else:
+        import ppo_torch.models as models
+    ckpt = tiny_checkpoint("gpt2")
+    rm = tiny_checkpoint("gpt2", kind="scalar", seed=7)
+    options = ModelOptions(remat="dots", compute_dtype="bfloat16")
+    t = make_trainer(backend, ckpt, reward=str(rm), remat="dots", compute_dtype="bfloat16")
+    if backend == "jax":
+        built = {"policy": t.policy_model(), "critic": t.critic_model(),
+                 "reference": t.reference.model(), "reward": t.reward_model()}
+    else:
+        built = {"policy": t.policy, "critic": t.critic, "reference": t.reference, "reward": t.reward}
+    got = {role: models.model_options(m) for role, m in built.items()}
+    assert got == {"policy": options, "critic": options, "reference": options.frozen(),
+                   "reward": options.frozen()}
+
+    plain = models.load_pretrained(ckpt)
+    with pytest.raises(UsageError, match=r"policy model was built with remat='none' \(config: 'dots'\), "
+                                         r"compute_dtype=None \(config: 'bfloat16'\)"):
+        make_trainer(backend, ckpt, policy=plain, tokenizer=str(ckpt), remat="dots", compute_dtype="bfloat16")
+    assert models.model_options(plain) == ModelOptions()  # refused, not changed
+    # a frozen role's remat does not matter (it is never differentiated); its compute dtype does
+    given = models.load_pretrained(ckpt, options=options)
+    reference = models.load_pretrained(ckpt, options=ModelOptions(remat="full", compute_dtype="bfloat16"))
+    make_trainer(backend, ckpt, policy=given, reference=reference, tokenizer=str(ckpt), remat="dots",
+                 compute_dtype="bfloat16")
+    with pytest.raises(UsageError, match=r"reference model was built with compute_dtype=None"):
+        make_trainer(backend, ckpt, policy=given, reference=plain, tokenizer=str(ckpt), remat="dots",
+                     compute_dtype="bfloat16")
+    assert models.model_options(given) == options and models.model_options(reference).remat == "full"

@@ -9,13 +9,15 @@ architectures ourselves in gpt2.py, llama.py, gpt_neox.py and load the same chec
     critic = scalar_model_from_lm("ckpt/", seed=0)           # fresh head, same in both backends
     lp = response_logprobs(lm, q_ids, q_mask, r_ids, r_mask, temperature=0.7)
     save_pretrained(lm, "out/")                              # loads in transformers
-    set_remat(lm, "dots")                                    # activation checkpointing policy
-    set_scan_unroll(lm, True)                                # the layer scan unrolled (shallow models)
-    set_compute_dtype(lm, "bfloat16")                        # mixed precision (float32 weights)
+    lm = load_pretrained("ckpt/", options=ModelOptions(remat="dots", scan_unroll=True,
+                                                       compute_dtype="bfloat16"))
+    # activation checkpointing, the layer scan unrolled, mixed precision: fixed at construction
 
 Each model's blocks are one stacked module run by a scan (`ppo_jax.models.stack`); KV-cache
 calling convention: see `ppo_jax.models.causal_lm`.
 """
+
+import sys
 
 from ppo_jax.models.causal_lm import CausalLM
 from ppo_jax.models.config import ModelConfig
@@ -29,14 +31,20 @@ from ppo_jax.models.loading import (
                                     save_pretrained,
                                     scalar_model_from_lm,
 )
-from ppo_jax.models.precision import cast_model, set_compute_dtype
-from ppo_jax.models.stack import REMAT_POLICIES, ScannedBlocks, set_remat, set_scan_unroll
+from ppo_jax.models.precision import cast_model, model_options, rebuild
+from ppo_jax.models.stack import REMAT_POLICIES, ScannedBlocks
+from ppo_rlhf.config import ModelOptions
 from ppo_rlhf.hf_checkpoint import SUPPORTED_MODEL_TYPES, init_score_head
+from ppo_rlhf.runtime.roles import ModelKit
+
+MODEL_KIT = ModelKit.of(sys.modules[__name__])
+"""What building the PPO roles asks of this package (`ppo_rlhf.runtime.roles`)."""
 
 __all__ = [
+    "MODEL_KIT",
     "CausalLM", "ScalarHeadModel", "PolicyWithValueHead", "ModelConfig", "Cache", "LayerCache",
     "load_pretrained", "load_scalar_model", "scalar_model_from_lm", "save_pretrained",
     "model_tensors", "response_logprobs", "response_values", "response_logprobs_and_values",
     "sequence_scores", "last_token_index", "critic_from_reward_model", "init_score_head", "SUPPORTED_MODEL_TYPES",
-    "ScannedBlocks", "set_remat", "set_scan_unroll", "REMAT_POLICIES", "set_compute_dtype", "cast_model",
+    "ScannedBlocks", "REMAT_POLICIES", "ModelOptions", "model_options", "rebuild", "cast_model",
 ]

@@ -15,10 +15,10 @@ from typing import Any, Mapping
 
 import jax
 
+from ppo_rlhf.config import ModelOptions
 from ppo_rlhf.hf_checkpoint import check_model_type
 
 DTYPES = ("float32", "bfloat16", "float64")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -40,13 +40,15 @@ class ModelConfig:
     """Weights and activations: "float32", "bfloat16", or "float64" (for numerics checks: needs
     jax_enable_x64). Norms, softmaxes and logits run in float32 -- in float64 for a float64
     model (`layers.upcast`)."""
-    compute_dtype: str | None = None
-    """Mixed precision: the dtype every projection (`layers.linear`, the LM head) casts its input
-    and weight to, accumulating in float32 ("float32", "bfloat16" or "float16"); the weights
-    stay in `dtype`. None = `dtype` (no mixed precision). As `torch.autocast`: the embeddings,
-    the residual stream and the norms stay in `dtype`, only the matmuls' inputs are rounded (so
-    the matmul outputs, attention and the MLP activations are in compute_dtype); logits are
-    float32. Set on a built model with `ppo_jax.models.set_compute_dtype`."""
+    options: ModelOptions = field(default_factory=ModelOptions)
+    """How the model runs (`ppo_rlhf.config.ModelOptions`: remat, scan_unroll, compute_dtype),
+    given when it is built (`load_pretrained(path, options=...)`, `ModelConfig.from_hf`) and
+    static: part of every graphdef, so the jitted programs are specialised on it. Mixed
+    precision (`compute_dtype`): every projection (`layers.linear`, the LM head) casts its input
+    and weight to it, accumulating in float32; the weights stay in `dtype`. As `torch.autocast`:
+    the embeddings, the residual stream and the norms stay in `dtype`, only the matmuls' inputs
+    are rounded (so the matmul outputs, attention and the MLP activations are in compute_dtype);
+    logits are float32 (`precision.py`)."""
     # biases
     qkv_bias: bool = False
     o_bias: bool = False
@@ -75,12 +77,16 @@ class ModelConfig:
         if self.dtype == "float64" and not jax.config.jax_enable_x64:
             raise ValueError("ModelConfig.dtype='float64' needs 64-bit JAX: run inside "
                              "jax.enable_x64(True) or set jax_enable_x64")
-        if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"ModelConfig.compute_dtype={self.compute_dtype!r} is invalid: allowed "
-                             f"None, {', '.join(COMPUTE_DTYPES)}")
+        if not isinstance(self.options, ModelOptions):
+            raise TypeError(f"ModelConfig.options must be a ModelOptions, got {type(self.options).__name__}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_attention_heads={self.num_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_kv_heads}")
+
+    @property
+    def compute_dtype(self) -> str | None:
+        """The matmuls' dtype (`options.compute_dtype`); None = `dtype`."""
+        return self.options.compute_dtype
 
     @property
     def rotary_dim(self) -> int:
@@ -88,11 +94,14 @@ class ModelConfig:
         return int(self.head_dim * self.partial_rotary_factor)
 
     @classmethod
-    def from_hf(cls, hf: Mapping[str, Any], *, dtype: str = "float32") -> "ModelConfig":
-        """Build from a parsed HF config.json. ValueError for an unsupported model_type or for
+    def from_hf(cls, hf: Mapping[str, Any], *, dtype: str = "float32",
+                options: ModelOptions | None = None) -> "ModelConfig":
+        """Build from a parsed HF config.json (and the options the model is built with; default
+        `ModelOptions()`). ValueError for an unsupported model_type or for
         features our models do not implement (sliding-window attention, other RoPE types)."""
         mt = check_model_type(hf.get("model_type"))
         common = dict(model_type=mt, vocab_size=int(hf["vocab_size"]), dtype=dtype,
+                      options=ModelOptions() if options is None else options,
                       pad_token_id=hf.get("pad_token_id"), bos_token_id=hf.get("bos_token_id"),
                       eos_token_id=hf.get("eos_token_id"), hf_config=dict(hf))
         if mt == "gpt2":

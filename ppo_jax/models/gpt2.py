@@ -79,7 +79,8 @@ class GPT2Model(nnx.Module):
         self.config = config
         self.wte = embed(config.vocab_size, config.hidden_size, config=config, rngs=rngs)
         self.wpe = embed(config.max_position_embeddings, config.hidden_size, config=config, rngs=rngs)
-        self.h = ScannedBlocks(lambda rngs: GPT2Block(config, rngs=rngs), config.num_layers, rngs=rngs)
+        self.h = ScannedBlocks(lambda rngs: GPT2Block(config, rngs=rngs), config.num_layers, rngs=rngs,
+                               options=config.options)
         self.ln_f = LayerNorm(config.hidden_size, config.norm_eps, config=config)
 
     def token_embedding(self) -> nnx.Embed:

@@ -89,7 +89,7 @@ class GPTNeoXModel(nnx.Module):
         self.config = config
         self.embed_in = embed(config.vocab_size, config.hidden_size, config=config, rngs=rngs)
         self.layers = ScannedBlocks(lambda rngs: GPTNeoXLayer(config, rngs=rngs), config.num_layers,
-                                    rngs=rngs)
+                                    rngs=rngs, options=config.options)
         self.final_layer_norm = LayerNorm(config.hidden_size, config.norm_eps, config=config)
 
     def token_embedding(self) -> nnx.Embed:

@@ -20,11 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ppo_jax.abstract import copy_arrays, is_abstract
+from ppo_jax.abstract import is_abstract
 from ppo_jax.masked import last_token_index
 from ppo_jax.models.causal_lm import CausalLM, make_backbone, project
 from ppo_jax.models.config import ModelConfig
 from ppo_jax.models.layers import Cache, linear
+from ppo_rlhf.config import ModelOptions
 from ppo_rlhf.rewards import ScoreRequest
 
 Array = jax.Array
@@ -70,17 +71,19 @@ class ScalarHeadModel(nnx.Module):
         return jnp.take_along_axis(v, last_token_index(mask)[:, None], axis=1)[:, 0]
 
 
-def critic_from_reward_model(reward_model: ScalarHeadModel) -> ScalarHeadModel:
-    """A trainable copy of `reward_model` as the critic, on the reward's scale: its values equal
-    the reward model's normalised scores (gain * head + bias) at every position. The gain is
-    folded into the head's weights (gain 1 after), so AdamW moves values at the same speed
-    whatever the normalisation; the bias stays a constant offset. Without this, a critic that
-    reads the raw head starts off by (gain - 1) * head + bias at the EOS token, where GAE's
-    terminal step does not cancel it: every advantage is biased by that offset times
-    (gamma * lam)^(T - t)."""
-    graphdef, state = nnx.split(reward_model)
-    critic = nnx.merge(graphdef, copy_arrays(state))
-    if not is_abstract(state):  # an abstract model (planning) has no values to scale
+def critic_from_reward_model(reward_model: ScalarHeadModel, *,
+                             options: ModelOptions | None = None) -> ScalarHeadModel:
+    """A trainable copy of `reward_model` as the critic, built with `options` (default: the
+    reward model's), on the reward's scale: its values equal the reward model's normalised
+    scores (gain * head + bias) at every position. The gain is folded into the head's weights
+    (gain 1 after), so AdamW moves values at the same speed whatever the normalisation; the bias
+    stays a constant offset. Without this, a critic that reads the raw head starts off by
+    (gain - 1) * head + bias at the EOS token, where GAE's terminal step does not cancel it:
+    every advantage is biased by that offset times (gamma * lam)^(T - t)."""
+    from ppo_jax.models.precision import rebuild  # precision.py builds heads: imported here
+
+    critic = rebuild(reward_model, options=options, copy=True)
+    if not is_abstract(nnx.state(critic)):  # an abstract model (planning) has no values to scale
         kernel = critic.score_head.kernel[...]
         critic.score_head.kernel[...] = (kernel * reward_model.reward_gain).astype(kernel.dtype)
     critic.reward_gain, critic.reward_bias = 1.0, reward_model.reward_bias

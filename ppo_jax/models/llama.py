@@ -88,7 +88,7 @@ class LlamaModel(nnx.Module):
         self.config = config
         self.embed_tokens = embed(config.vocab_size, config.hidden_size, config=config, rngs=rngs)
         self.layers = ScannedBlocks(lambda rngs: LlamaDecoderLayer(config, rngs=rngs), config.num_layers,
-                                    rngs=rngs)
+                                    rngs=rngs, options=config.options)
         self.norm = RMSNorm(config.hidden_size, config.norm_eps, config=config)
 
     def token_embedding(self) -> nnx.Embed:

@@ -36,6 +36,7 @@ from ppo_jax.models.config import DTYPES, ModelConfig
 from ppo_jax.models.heads import PolicyWithValueHead, ScalarHeadModel
 from ppo_jax.models.stack import STACK, stacked_modules
 from ppo_rlhf import hf_checkpoint as hfc
+from ppo_rlhf.config import ModelOptions
 from ppo_rlhf.errors import CheckpointError
 
 PathLike = str | os.PathLike
@@ -152,12 +153,15 @@ def model_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
 
 
 # ---- public API ----------------------------------------------------------------------------------
-def load_pretrained(path: PathLike, dtype: Any = "float32", *, with_value_head: bool = False,
-                    seed: int = 0, abstract: bool = False) -> CausalLM | PolicyWithValueHead:
+def load_pretrained(path: PathLike, dtype: Any = "float32", *, options: ModelOptions | None = None,
+                    with_value_head: bool = False, seed: int = 0,
+                    abstract: bool = False) -> CausalLM | PolicyWithValueHead:
     """A causal LM from a Hugging Face checkpoint dir (gpt2, llama, qwen2, gpt_neox).
 
     dtype: "float32" (default) or "bfloat16" for weights and activations (logits stay float32);
     "float64" for numerics checks (everything in float64; needs jax_enable_x64).
+    options: how the model runs (`ppo_rlhf.config.ModelOptions`: remat, scan_unroll,
+    compute_dtype; default `ModelOptions()`), fixed from now on.
     with_value_head=True returns a `PolicyWithValueHead` (shared trunk): its value head is read
     from <path>/value_head.safetensors when present, else drawn fresh from `seed`
     (`ppo_rlhf.hf_checkpoint.init_score_head`, identical in both backends).
@@ -167,7 +171,7 @@ def load_pretrained(path: PathLike, dtype: Any = "float32", *, with_value_head: 
     Errors: FileNotFoundError (no dir / config.json / weights), ValueError (unsupported
     model_type, a scalar-head checkpoint, missing or unexpected tensors)."""
     hf = hfc.read_config(path)
-    config = ModelConfig.from_hf(hf, dtype=dtype_name(dtype))
+    config = ModelConfig.from_hf(hf, dtype=dtype_name(dtype), options=options)
     if abstract:
         lm = _build(lambda: CausalLM(config, rngs=nnx.Rngs(0)), None, config, where=str(path))
         if not with_value_head:
@@ -188,13 +192,15 @@ def load_pretrained(path: PathLike, dtype: Any = "float32", *, with_value_head: 
     return PolicyWithValueHead(lm, head)
 
 
-def load_scalar_model(path: PathLike, dtype: Any = "float32", *, abstract: bool = False) -> ScalarHeadModel:
+def load_scalar_model(path: PathLike, dtype: Any = "float32", *, options: ModelOptions | None = None,
+                      abstract: bool = False) -> ScalarHeadModel:
     """A value / reward model from a `*ForSequenceClassification` (num_labels=1) checkpoint dir;
-    reward_gain / reward_bias are read from config.json's "ppo_rlhf" key (default 1, 0).
+    reward_gain / reward_bias are read from config.json's "ppo_rlhf" key (default 1, 0);
+    `options` as `load_pretrained`.
     abstract=True: from config.json alone, parameters as `jax.ShapeDtypeStruct`s (see
     `load_pretrained`); a causal LM's config.json serves too (the score head is [H, 1])."""
     hf = hfc.read_config(path)
-    config = ModelConfig.from_hf(hf, dtype=dtype_name(dtype))
+    config = ModelConfig.from_hf(hf, dtype=dtype_name(dtype), options=options)
     if abstract:
         model = _build(lambda: ScalarHeadModel(config, rngs=nnx.Rngs(0)), None, config, where=str(path))
         model.reward_gain, model.reward_bias = hfc.reward_normalisation(hf)
@@ -213,15 +219,17 @@ def load_scalar_model(path: PathLike, dtype: Any = "float32", *, abstract: bool 
 
 
 def scalar_model_from_lm(lm: PathLike | CausalLM | PolicyWithValueHead, *, seed: int = 0,
-                         dtype: Any = None, reward_gain: float = 1.0,
-                         reward_bias: float = 0.0) -> ScalarHeadModel:
+                         dtype: Any = None, options: ModelOptions | None = None,
+                         reward_gain: float = 1.0, reward_bias: float = 0.0) -> ScalarHeadModel:
     """A value / reward model whose backbone is a copy of the causal LM `lm` (a checkpoint dir or
     a loaded model) and whose score head is fresh: `init_score_head(hidden_size, seed)`, drawn
     with numpy, so both backends build the same model from the same seed. dtype None keeps the
-    LM's dtype (float32 for a path)."""
+    LM's dtype (float32 for a path); options None the LM's options (`ModelOptions()` for a path)."""
+    if isinstance(lm, (CausalLM, PolicyWithValueHead)) and options is None:
+        options = lm.config.options
     if isinstance(lm, (CausalLM, PolicyWithValueHead)) and is_abstract(nnx.state(lm)):
         config = ModelConfig.from_hf(lm.config.hf_config, dtype=lm.config.dtype if dtype is None
-                                     else dtype_name(dtype))
+                                     else dtype_name(dtype), options=options)
         model = _build(lambda: ScalarHeadModel(config, rngs=nnx.Rngs(0)), None, config, where="")
         model.reward_gain, model.reward_bias = float(reward_gain), float(reward_bias)
         return model
@@ -235,7 +243,7 @@ def scalar_model_from_lm(lm: PathLike | CausalLM | PolicyWithValueHead, *, seed:
         tensors = hfc.load_tensors(lm)
         where = str(lm)
     dtype = config.dtype if dtype is None else dtype_name(dtype)
-    config = ModelConfig.from_hf(config.hf_config, dtype=dtype)
+    config = ModelConfig.from_hf(config.hf_config, dtype=dtype, options=options)
     lm_head = f"{hfc.LM_HEAD_NAME[config.model_type]}.weight"
     tensors = {k: v for k, v in tensors.items() if k not in (lm_head, hfc.SCORE_NAME)}
     tensors[hfc.SCORE_NAME] = hfc.init_score_head(config.hidden_size, seed)

@@ -1,5 +1,17 @@
-"""Mixed precision: `set_compute_dtype(model, "bfloat16")` -- float32 weights (and so float32
-optimiser state and gradients), bfloat16 matmuls. Mirror: `ppo_torch/models/precision.py`.
+"""A model's options and dtype, fixed when it is built, and the models built from another's
+weights. Mirror: `ppo_torch/models/precision.py`.
+
+    lm = load_pretrained("ckpt/", options=ModelOptions(compute_dtype="bfloat16", remat="dots"))
+    model_options(lm)                                    # what it was built with
+    ref = rebuild(lm, options=model_options(lm).frozen(), copy=True)   # PPO's frozen reference
+    half = cast_model(ref, "bfloat16")                   # PPOConfig.frozen_dtype
+
+`rebuild` constructs the model's class again from its config with the new options / dtype
+(under `nnx.eval_shape`: nothing allocated) and puts the old weights into it, so a derived model
+is built like a loaded one; the model it came from is never changed.
+
+Mixed precision (`ModelOptions.compute_dtype="bfloat16"`): float32 weights (and so float32
+optimiser state and gradients), bfloat16 matmuls.
 
 What runs in which dtype with weights in `dtype` and compute in `compute_dtype` (ModelConfig):
   * every projection of the blocks (`layers.linear`: q/k/v/o, MLP) casts its input, kernel
@@ -18,63 +30,69 @@ The backward follows: gradients of the float32 weights are float32 (the casts' t
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from ppo_jax.models.config import ModelConfig
+from ppo_jax.abstract import copy_arrays
+from ppo_jax.models.causal_lm import CausalLM
+from ppo_jax.models.heads import PolicyWithValueHead, ScalarHeadModel
+from ppo_rlhf.config import ModelOptions
+
+Model = CausalLM | ScalarHeadModel | PolicyWithValueHead
 
 
-def set_compute_dtype(model: nnx.Module, compute_dtype: str | None) -> nnx.Module:
-    """Compute `model` in `compute_dtype` ("float32", "bfloat16", "float16"; None = its weights'
-    dtype), in place; returns `model`. The weights are not touched. Split the model
-    (`nnx.split`) after this: the dtype is static, part of the graphdef."""
-    config = None
-    for _, node in nnx.iter_graph(model):
-        if isinstance(getattr(node, "config", None), ModelConfig):
-            node.config = config = dataclasses.replace(node.config, compute_dtype=compute_dtype)
-    if config is None:
-        raise TypeError(f"set_compute_dtype: {type(model).__name__} holds no ModelConfig")
-    dt = jnp.dtype(compute_dtype or config.dtype)
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Linear):
-            node.dtype = dt
-    return model
+def model_options(model: Model) -> ModelOptions:
+    """The options `model` was built with."""
+    return model.config.options
 
 
-def cast_model(model: nnx.Module, dtype: str) -> nnx.Module:
-    """A copy of `model` whose weights AND activations are in `dtype` ("float32", "bfloat16";
-    `ModelConfig.dtype`), as if it had been loaded with that dtype: its parameters cast, its
-    configs' dtype replaced (norms, softmaxes and logits stay float32). Its compute dtype is kept.
-    The frozen models' dtype (`PPOConfig.frozen_dtype`). Abstract models (planning) too."""
-    graphdef, state = nnx.split(model)
-    dt = jnp.dtype(dtype)
+def _construct(model: Model, config: Any) -> Model:
+    """A new, abstract model of `model`'s class and static attributes, built from `config`."""
+    rngs = nnx.Rngs(0)
+    if isinstance(model, PolicyWithValueHead):
+        return PolicyWithValueHead(CausalLM(config, rngs=rngs), np.zeros((1, config.hidden_size), np.float32))
+    if isinstance(model, ScalarHeadModel):
+        return ScalarHeadModel(config, rngs=rngs, reward_gain=model.reward_gain,
+                               reward_bias=model.reward_bias)
+    if isinstance(model, CausalLM):
+        return CausalLM(config, rngs=rngs)
+    raise TypeError(f"expected a CausalLM, ScalarHeadModel or PolicyWithValueHead, got {type(model).__name__}")
+
+
+def rebuild(model: Model, *, options: ModelOptions | None = None, dtype: str | None = None,
+            copy: bool = False) -> Model:
+    """`model`'s class built again with `options` and weights in `dtype` (each default: the
+    model's), holding `model`'s weights -- cast to `dtype`, copied first with copy=True (for a
+    model that must not share buffers with one whose arrays are donated: PPO's frozen reference
+    of the trained policy). Abstract models (planning) stay abstract. `model` is unchanged."""
+    config = dataclasses.replace(model.config, options=model.config.options if options is None else options,
+                                 dtype=model.config.dtype if dtype is None else jnp.dtype(dtype).name)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: _construct(model, config)))
+    state = nnx.state(model)
+    if copy:
+        state = copy_arrays(state)
+    dt = jnp.dtype(config.dtype)
 
     def cast(x):
-        if not jnp.issubdtype(x.dtype, jnp.floating):
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dt:
             return x
         if isinstance(x, jax.ShapeDtypeStruct):
             return jax.ShapeDtypeStruct(x.shape, dt, sharding=x.sharding)
         return x.astype(dt)
 
-    new = nnx.merge(graphdef, jax.tree.map(cast, state))
-    for _, node in nnx.iter_graph(new):
-        if isinstance(getattr(node, "config", None), ModelConfig):
-            node.config = dataclasses.replace(node.config, dtype=dt.name)
-    mixed = _has_compute_dtype(new)  # matmuls keep their compute dtype; else they follow dtype
-    for _, node in nnx.iter_graph(new):
-        if isinstance(node, nnx.Linear):
-            node.param_dtype = dt
-            node.dtype = jnp.dtype(node.dtype if mixed else dt)
-        elif isinstance(node, nnx.Embed):
-            node.dtype = node.param_dtype = dt
-    return new
+    return nnx.merge(graphdef, jax.tree.map(cast, state))
 
 
-def _has_compute_dtype(model: nnx.Module) -> bool:
-    return any(isinstance(getattr(n, "config", None), ModelConfig) and n.config.compute_dtype
-               for _, n in nnx.iter_graph(model))
+def cast_model(model: Model, dtype: str) -> Model:
+    """`model` with its weights AND activations in `dtype` ("float32", "bfloat16";
+    `ModelConfig.dtype`), as if it had been loaded with that dtype (norms, softmaxes and logits
+    stay float32; its options, compute dtype included, are kept): `rebuild(model, dtype=dtype)`.
+    The frozen models' dtype (`PPOConfig.frozen_dtype`). Abstract models (planning) too."""
+    return rebuild(model, dtype=dtype)
 
 
-__all__ = ["set_compute_dtype", "cast_model"]
+__all__ = ["model_options", "rebuild", "cast_model"]

@@ -2,7 +2,8 @@
 layer axis, run by ONE `jax.lax.scan` -- the only place the layer loop lives (all three
 architecture files use it), so each architecture file reads like nanoGPT:
 
-    self.h = ScannedBlocks(lambda rngs: GPT2Block(config, rngs=rngs), config.num_layers, rngs=rngs)
+    self.h = ScannedBlocks(lambda rngs: GPT2Block(config, rngs=rngs), config.num_layers, rngs=rngs,
+                           options=config.options)
     ...
     x, cache = self.h(x, mask, per_layer=(layer_number,), cache=cache, cache_index=cache_index)
 
@@ -34,11 +35,11 @@ the update (B x T tokens per weight read) hardly notice. Where the time goes, pe
 `python -m benchmarks.kernels` and benchmarks/README.md. On accelerators XLA can feed a matmul
 from a dynamic slice (TPU fusions; XLA:GPU's dynamic-slice fusion).
 
-Activation checkpointing (`remat`, a static attribute: part of the graphdef, so the jitted
-programs of a trainer are specialised on it; `set_remat(model, policy)` sets it on every
-`ScannedBlocks` of a model; the trainers set it from their config's `remat` field on the models
-they differentiate -- PPO's policy and critic, the reward model, the SFT model; the torch twin
-is `ppo_torch.models.remat`):
+Activation checkpointing (`remat`, one of the `ppo_rlhf.config.ModelOptions` a model is built
+with: the architecture files pass `config.options` to their `ScannedBlocks`; static, part of the
+graphdef, so the jitted programs of a trainer are specialised on it; the trainers build the
+models they differentiate -- PPO's policy and critic, the reward model, the SFT model -- with
+their config's `remat`, the others without; the torch twin is `ppo_torch.models.remat`):
   * "none": the backward keeps every intermediate of every layer (fastest, most memory);
   * "full": each layer keeps only its input; the backward recomputes the layer's forward
     (`jax.checkpoint` with nothing saveable): activation memory ~ one [B, S, H] per layer;
@@ -49,8 +50,8 @@ Gradients are the same with any of the three, up to float32 rounding where XLA f
 recomputed forward differently (tested); only memory and time change. Without
 differentiation (generation, scoring) the policy changes nothing.
 
-Unrolling (`unroll`, static like `remat`; `set_scan_unroll(model, True)`; the trainers set it
-from their config's `scan_unroll` on every model they run): `jax.lax.scan(..., unroll=True)`
+Unrolling (`ModelOptions.scan_unroll`, static like `remat`; the trainers build every model they
+run with their config's `scan_unroll`): `jax.lax.scan(..., unroll=True)`
 lowers the scan as L copies of the block with static slices of the stacked parameters instead
 of a loop with dynamic ones -- the same arithmetic, no loop and no per-layer weight copies, but
 a program that grows with depth again (compile time ~ L). For shallow models on CPU, where the
@@ -67,6 +68,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ppo_jax.models.layers import Cache, LayerCache
+from ppo_rlhf.config import ModelOptions
 
 Array = jax.Array
 
@@ -81,27 +83,15 @@ REMAT_POLICIES = {
 }
 
 
-def check_unroll(unroll: bool) -> bool:
-    if not isinstance(unroll, bool):
-        raise ValueError(f"scan_unroll={unroll!r} is invalid: allowed True or False")
-    return unroll
-
-
-def check_remat(remat: str) -> str:
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"remat={remat!r} is invalid: allowed {', '.join(REMAT_POLICIES)}")
-    return remat
-
-
 class ScannedBlocks(nnx.Module):
     """`num_layers` blocks made by `make_block(rngs)`, parameters stacked, run by a scan (see the
     module docstring)."""
 
     def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int, *,
-                 rngs: nnx.Rngs, remat: str = "none", unroll: bool = False):
+                 rngs: nnx.Rngs, options: ModelOptions = ModelOptions()):
         self.num_layers = num_layers
-        self.remat = check_remat(remat)
-        self.unroll = check_unroll(unroll)
+        self.remat = options.remat  # validated by ModelOptions
+        self.unroll = options.scan_unroll
 
         @nnx.split_rngs(splits=num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=num_layers)
@@ -120,7 +110,7 @@ class ScannedBlocks(nnx.Module):
             x, view = block(x, *args, *layer_args, view, cache_index)
             return x, None if view is None else view.cache
 
-        policy = REMAT_POLICIES[check_remat(self.remat)]
+        policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":
             # prevent_cse=False: inside a scan CSE cannot undo the recomputation (JAX's advice)
             layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
@@ -130,29 +120,8 @@ class ScannedBlocks(nnx.Module):
 
         xs = (jnp.arange(self.num_layers, dtype=jnp.int32), params,
               tuple(jnp.asarray(a) for a in per_layer))
-        (x, cache), _ = jax.lax.scan(body, (x, cache), xs, unroll=check_unroll(self.unroll))
+        (x, cache), _ = jax.lax.scan(body, (x, cache), xs, unroll=self.unroll)
         return x, cache
-
-
-def set_remat(model: nnx.Module, remat: str) -> nnx.Module:
-    """Set the activation-checkpointing policy ("none" | "full" | "dots", see the module
-    docstring) of every `ScannedBlocks` in `model`, in place; returns `model`. Split the model
-    (`nnx.split`) after this: the policy is static, part of the graphdef."""
-    check_remat(remat)
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, ScannedBlocks):
-            node.remat = remat
-    return model
-
-
-def set_scan_unroll(model: nnx.Module, unroll: bool) -> nnx.Module:
-    """Run every `ScannedBlocks` in `model` fully unrolled (True) or as a loop (False, the
-    default; see the module docstring), in place; returns `model`. Static: split after this."""
-    check_unroll(unroll)
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, ScannedBlocks):
-            node.unroll = unroll
-    return model
 
 
 def stacked_modules(model: nnx.Module) -> dict[tuple, int]:
@@ -168,6 +137,4 @@ def is_stacked(path: Sequence[Any]) -> bool:
     return any(getattr(k, "key", getattr(k, "name", k)) == STACK for k in path)
 
 
-__all__ = ["ScannedBlocks", "set_remat", "set_scan_unroll", "stacked_modules", "is_stacked",
-           "check_remat", "check_unroll",
-           "REMAT_POLICIES", "STACK"]
+__all__ = ["ScannedBlocks", "stacked_modules", "is_stacked", "REMAT_POLICIES", "STACK"]

@@ -12,38 +12,26 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from ppo_rlhf import tokens
 from ppo_rlhf.config import PPOConfig
-from ppo_rlhf.errors import UsageError
 from ppo_rlhf.kl_control import make_kl_controller
-from ppo_rlhf.rewards import ScoreRequest, check_scores
+from ppo_rlhf.rewards import RewardModel, ScoreRequest, check_scores
 from ppo_rlhf.rollout import RolloutBatch
 from ppo_rlhf.runtime import seeds
 from ppo_rlhf.runtime.loop import HostLoop, fmt
+from ppo_rlhf.runtime.roles import ModelKit, Roles, compose_roles
 
 _FROM_TOKENIZER = -1
 
 
-def resolve_reward_spec(reward: Any, native_cls: type) -> tuple[str, Any]:
-    """("dir", path) for a reward-model checkpoint dir, ("native", model) for the backend's own
-    scalar model, ("host", obj) for a RewardModel/RewardFn scored on the host."""
-    if isinstance(reward, (str, os.PathLike)):
-        if not Path(reward).is_dir():
-            raise UsageError(f"reward model dir {str(reward)!r} does not exist")
-        return "dir", reward
-    if isinstance(reward, native_cls):
-        return "native", reward
-    return "host", reward
-
-
 class TrainerBase(HostLoop):
-    """The PPO trainer's host side; the backend subclass (`PPOTrainer`) supplies the models, the
-    rollout's device work, `compute_advantages`, `update`, `step` and the checkpoint tensors."""
+    """The PPO trainer's host side; the backend subclass (`PPOTrainer`) places the roles that
+    `_compose_roles` builds and supplies the rollout's device work, `compute_advantages`,
+    `update`, `step`, `_to_numpy` and the checkpoint tensors."""
 
     counter, counter_offset, config_file = "iteration", 1, "config.json"
 
@@ -67,12 +55,29 @@ class TrainerBase(HostLoop):
         self.extra_rewards = dict(extra_rewards or {})
         self.kl_ctl = make_kl_controller(config)
         self._warned_eos = False  # the missing-EOS warning is given once per trainer
+        # set by _compose_roles: what the host side needs to know of the roles
+        self.host_reward: RewardModel | None = None  # a reward scored on the host, if any
+        self.scores_on_device = False  # a reward model of the core scores the rollouts
+        self.shared_trunk = False  # the critic is a value head on the policy's trunk
 
-    def _check_tokenizer_dirs(self, **dirs: Any) -> None:
-        """Before loading anything: each role given as a checkpoint dir that holds a tokenizer
-        of its own must share the policy's (`check_same_tokenizer`)."""
-        for role, path in dirs.items():
-            tokens.check_same_tokenizer(self.tokenizer, path, role.replace("_", " "))
+    def _compose_roles(self, kit: ModelKit, policy: Any, reward: Any, *, reference: Any, critic: Any,
+                       dtype: Any) -> Roles:
+        """The roles built from the trainer's arguments (`ppo_rlhf.runtime.roles`), checked
+        against the tokenizer before and after loading; the backend places them and keeps no
+        other reference to them (a trained model's first parameters would stay alive)."""
+        for role, path in (("reward model", reward), ("reference", reference), ("critic", critic)):
+            tokens.check_same_tokenizer(self.tokenizer, path, role)  # dirs only: before loading
+        roles = compose_roles(kit, policy, reward, config=self.config, reference=reference,
+                              critic=critic, dtype=dtype)
+        self._check_models(*roles.models())
+        self.host_reward = roles.host_reward
+        self.scores_on_device = roles.reward_model is not None
+        self.shared_trunk = roles.shared_trunk
+        return roles
+
+    def _to_numpy(self, x: Any) -> np.ndarray:  # pragma: no cover - abstract
+        """A device array of the rollout as numpy (the backend's)."""
+        raise NotImplementedError
 
     def _check_models(self, *models: Any) -> None:
         """All roles (policy, reference, critic, reward model) share one vocabulary, the
@@ -127,7 +132,7 @@ class TrainerBase(HostLoop):
             a["scores"] = check_scores(self.host_reward.score(request), n, source="reward")
         has_eos = tokens.contains_eos(a["response_ids"], a["response_mask"], self.eos_token_id)
         if (cfg.missing_eos_penalty is None and self.eos_token_id is not None
-                and self.native_reward is not None and not has_eos.all() and not self._warned_eos):
+                and self.scores_on_device and not has_eos.all() and not self._warned_eos):
             self._warned_eos = True
             warnings.warn(f"{int((~has_eos).sum())} of {n} responses end without EOS and are scored "
                           f"by a reward model that was trained on EOS-terminated text; set "

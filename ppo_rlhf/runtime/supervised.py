@@ -32,6 +32,7 @@ from ppo_rlhf.data.encoding import PreferenceGroups, SFTData, encode_preferences
 from ppo_rlhf.eval.preferences import group_accuracy, normalisation, rating_pair_accuracy
 from ppo_rlhf.runtime.loop import HostLoop, fmt
 from ppo_rlhf.runtime.metrics import jsonable
+from ppo_rlhf.runtime.roles import ModelKit, check_built_with
 from ppo_rlhf.runtime.seeds import rm_batch_rows, sft_batch_indices
 
 
@@ -85,15 +86,19 @@ class SupervisedTrainer(HostLoop):
         self.tokenizer = tokens.resolve_tokenizer(tokenizer, model_path)
         self.applied = 0  # optimiser updates applied (skipped steps excluded)
 
-    def _model_from(self, model: Any, load: Callable[[Any], Any], model_class: type) -> Any:
-        """The backend's trainers' one way in: `model` loaded with `load` when it is a checkpoint
-        dir, then required to be a `model_class` and checked against the tokenizer and
-        max_length (`_check_model`)."""
+    def _model_from(self, model: Any, load: Callable[..., Any], model_class: type, kit: ModelKit) -> Any:
+        """The backend's trainers' one way in: `model` loaded by `load(path, options=...)` with
+        the config's model options when it is a checkpoint dir, else required to be a
+        `model_class` built with them (`roles.check_built_with`); then checked against the
+        tokenizer and max_length (`_check_model`)."""
+        options = self.config.model_options()
         if isinstance(model, (str, os.PathLike)):
-            model = load(model)
-        if not isinstance(model, model_class):
+            model = load(model, options=options)
+        elif not isinstance(model, model_class):
             raise TypeError(f"model must be a checkpoint dir or a {model_class.__name__}, got "
                             f"{type(model).__name__}")
+        else:
+            check_built_with(kit, "given", model, options)
         self._check_model(model)
         return model
 

@@ -8,14 +8,18 @@ the same API as `ppo_jax.models`; value / reward heads; log-probs.
     critic = scalar_model_from_lm("ckpt/", seed=0)           # fresh head, same in both backends
     lp = response_logprobs(lm, q_ids, q_mask, r_ids, r_mask, temperature=0.7)
     save_pretrained(lm, "out/")
-    set_remat(lm, "dots")                                    # activation checkpointing policy
-    set_compute_dtype(lm, "bfloat16")                        # mixed precision (float32 weights)
+    lm = load_pretrained("ckpt/", options=ModelOptions(remat="dots", compute_dtype="bfloat16"))
+    # activation checkpointing and mixed precision: fixed at construction
 
 KV cache: HF's own Cache through `lm(..., use_cache=True)` / `lm(..., cache=cache)`; see
 `ppo_torch.models.causal_lm`.
 """
 
+import sys
+
+from ppo_rlhf.config import ModelOptions
 from ppo_rlhf.hf_checkpoint import SUPPORTED_MODEL_TYPES, init_score_head
+from ppo_rlhf.runtime.roles import ModelKit
 from ppo_torch.models.causal_lm import CausalLM
 from ppo_torch.models.forward import response_logprobs, response_logprobs_and_values, response_values, sequence_scores
 from ppo_torch.models.heads import PolicyWithValueHead, ScalarHeadModel, critic_from_reward_model, last_token_index
@@ -27,13 +31,18 @@ from ppo_torch.models.loading import (
                                       save_pretrained,
                                       scalar_model_from_lm,
 )
-from ppo_torch.models.precision import set_compute_dtype
-from ppo_torch.models.remat import REMAT_POLICIES, set_remat, set_scan_unroll
+from ppo_torch.models.precision import cast_model, model_options, rebuild
+from ppo_torch.models.remat import REMAT_POLICIES
+
+# scan_unroll: the layers are a Python loop already, there is no scan to unroll
+MODEL_KIT = ModelKit.of(sys.modules[__name__], unused_options=("scan_unroll",))
+"""What building the PPO roles asks of this package (`ppo_rlhf.runtime.roles`)."""
 
 __all__ = [
+    "MODEL_KIT",
     "CausalLM", "ScalarHeadModel", "PolicyWithValueHead",
     "load_pretrained", "load_scalar_model", "scalar_model_from_lm", "save_pretrained",
     "model_tensors", "response_logprobs", "response_values", "response_logprobs_and_values",
     "sequence_scores", "last_token_index", "critic_from_reward_model", "init_score_head", "disable_dropout",
-    "SUPPORTED_MODEL_TYPES", "set_remat", "set_scan_unroll", "REMAT_POLICIES", "set_compute_dtype",
+    "SUPPORTED_MODEL_TYPES", "REMAT_POLICIES", "ModelOptions", "model_options", "rebuild", "cast_model",
 ]

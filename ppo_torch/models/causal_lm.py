@@ -6,9 +6,11 @@
 cumsum(mask) - 1 clipped at 0, so left-padded prompts start at position 0 (HF's default
 positions, 0..T-1, ignore padding); pass `positions` to override. The LM head runs in float32 on
 the backbone's hidden states (bfloat16 models: bf16 activations, float32 logits -- the same
-arithmetic as the JAX core, where HF would round the logits to bf16). Mixed precision
-(`set_compute_dtype`, `precision.py`): float32 weights, the backbone under `torch.autocast`, the
-LM head on bf16-rounded inputs with float32 logits.
+arithmetic as the JAX core, where HF would round the logits to bf16). How it runs is fixed
+when it is built (`CausalLM(hf_model, options=ModelOptions(...))`, `load_pretrained(...,
+options=)`): mixed precision (`compute_dtype`, `precision.py`: float32 weights, the backbone
+under `torch.autocast`, the LM head on bf16-rounded inputs with float32 logits) and activation
+checkpointing (`remat`, `remat.py`).
 
 KV cache (generation) uses HF's own `Cache` (a `DynamicCache` that grows):
 
@@ -31,6 +33,9 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ppo_rlhf.config import ModelOptions
+from ppo_torch.models.remat import checkpoint_layers
 
 Tensor = torch.Tensor
 
@@ -109,13 +114,24 @@ def token_stats(head, hidden: Tensor, labels: Tensor, temperature: float, chunk:
     return out[0], (out[1] if return_entropy else None)
 
 
+def build_with(model: nn.Module, options: ModelOptions | None) -> None:
+    """A model being built (`CausalLM`, `ScalarHeadModel`, or a fresh copy of one:
+    `precision.rebuild`) takes its options: `model.options`, the autocast dtype
+    `model.compute_dtype` and the checkpointing of `model.hf_model`'s decoder layers.
+    (`scan_unroll` is JAX's: these layers are a Python loop already.)"""
+    model.options = ModelOptions() if options is None else options
+    cd = model.options.compute_dtype
+    model.compute_dtype = None if cd is None else getattr(torch, cd)
+    checkpoint_layers(model.hf_model, model.options.remat)
+
+
 class CausalLM(nn.Module):
     """A `transformers` causal LM returning float32 logits, positions from the mask."""
 
-    def __init__(self, hf_model: nn.Module):
+    def __init__(self, hf_model: nn.Module, *, options: ModelOptions | None = None):
         super().__init__()
         self.hf_model = hf_model
-        self.compute_dtype: torch.dtype | None = None  # mixed precision: `set_compute_dtype`
+        build_with(self, options)
 
     @property
     def config(self):

@@ -13,16 +13,16 @@ Both in float32. `critic_from_reward_model(rm)` makes a critic whose values star
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from ppo_rlhf.config import ModelOptions
 from ppo_rlhf.rewards import ScoreRequest
 from ppo_torch.masked import last_token_index
-from ppo_torch.models.causal_lm import CausalLM, backbone_hidden, project, token_stats
+from ppo_torch.models.causal_lm import CausalLM, backbone_hidden, build_with, project, token_stats
 
 Tensor = torch.Tensor
 
@@ -41,10 +41,11 @@ def _ids_and_mask(input_ids: Any, attention_mask: Any, device) -> tuple[Tensor, 
 class ScalarHeadModel(nn.Module):
     """A `*ForSequenceClassification` (num_labels=1) as the value model and the reward model."""
 
-    def __init__(self, hf_model: nn.Module, *, reward_gain: float = 1.0, reward_bias: float = 0.0):
+    def __init__(self, hf_model: nn.Module, *, reward_gain: float = 1.0, reward_bias: float = 0.0,
+                 options: ModelOptions | None = None):
         super().__init__()
         self.hf_model = hf_model
-        self.compute_dtype: torch.dtype | None = None  # mixed precision: `set_compute_dtype`
+        build_with(self, options)
         self.reward_gain = float(reward_gain)
         self.reward_bias = float(reward_bias)
 
@@ -75,15 +76,18 @@ class ScalarHeadModel(nn.Module):
         return torch.gather(v, 1, last_token_index(mask)[:, None])[:, 0]
 
 
-def critic_from_reward_model(reward_model: ScalarHeadModel) -> ScalarHeadModel:
-    """A trainable copy of `reward_model` as the critic, on the reward's scale: its values equal
-    the reward model's normalised scores (gain * head + bias) at every position. The gain is
-    folded into the head's weights (gain 1 after), so AdamW moves values at the same speed
-    whatever the normalisation; the bias stays a constant offset. Without this, a critic that
-    reads the raw head starts off by (gain - 1) * head + bias at the EOS token, where GAE's
-    terminal step does not cancel it: every advantage is biased by that offset times
-    (gamma * lam)^(T - t)."""
-    critic = copy.deepcopy(reward_model).requires_grad_(True)
+def critic_from_reward_model(reward_model: ScalarHeadModel, *,
+                             options: ModelOptions | None = None) -> ScalarHeadModel:
+    """A trainable copy of `reward_model` as the critic, built with `options` (default: the
+    reward model's), on the reward's scale: its values equal the reward model's normalised
+    scores (gain * head + bias) at every position. The gain is folded into the head's weights
+    (gain 1 after), so AdamW moves values at the same speed whatever the normalisation; the bias
+    stays a constant offset. Without this, a critic that reads the raw head starts off by
+    (gain - 1) * head + bias at the EOS token, where GAE's terminal step does not cancel it:
+    every advantage is biased by that offset times (gamma * lam)^(T - t)."""
+    from ppo_torch.models.precision import rebuild  # precision.py builds heads: imported here
+
+    critic = rebuild(reward_model, options=options, copy=True).requires_grad_(True)
     with torch.no_grad():
         critic.hf_model.score.weight.mul_(reward_model.reward_gain)
     critic.reward_gain, critic.reward_bias = 1.0, reward_model.reward_bias
@@ -113,6 +117,11 @@ class PolicyWithValueHead(nn.Module):
     @property
     def config(self):
         return self.lm.config
+
+    @property
+    def options(self) -> ModelOptions:
+        """The trunk's options (`CausalLM.options`)."""
+        return self.lm.options
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
                 return_values: bool = False, positions: Tensor | None = None, cache=None,

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ppo_rlhf import hf_checkpoint as hfc
+from ppo_rlhf.config import ModelOptions
 from ppo_rlhf.errors import CheckpointError
 from ppo_torch.models.causal_lm import CausalLM
 from ppo_torch.models.heads import PolicyWithValueHead, ScalarHeadModel
@@ -139,13 +140,15 @@ def model_tensors(model: nn.Module) -> dict[str, np.ndarray]:
 
 
 # ---- public API ----------------------------------------------------------------------------------
-def load_pretrained(path: PathLike, dtype: Any = "float32", *, with_value_head: bool = False,
-                    seed: int = 0,
+def load_pretrained(path: PathLike, dtype: Any = "float32", *, options: ModelOptions | None = None,
+                    with_value_head: bool = False, seed: int = 0,
                     attn_implementation: str | None = None) -> CausalLM | PolicyWithValueHead:
     """A causal LM from a Hugging Face checkpoint dir (gpt2, llama, qwen2, gpt_neox).
 
     dtype: "float32" (default) or "bfloat16" for weights and activations (logits stay float32);
     "float64" for numerics checks (everything in float64).
+    options: how the model runs (`ppo_rlhf.config.ModelOptions`: remat, compute_dtype;
+    scan_unroll is JAX's; default `ModelOptions()`), fixed from now on.
     with_value_head=True returns a `PolicyWithValueHead` (shared trunk): its value head is read
     from <path>/value_head.safetensors when present, else drawn fresh from `seed`
     (`ppo_rlhf.hf_checkpoint.init_score_head`, identical in both backends).
@@ -157,7 +160,7 @@ def load_pretrained(path: PathLike, dtype: Any = "float32", *, with_value_head: 
     _check_kind(path, scalar=False)
     kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     hf_model = _from_pretrained(AutoModelForCausalLM, path, dtype=torch_dtype(dtype), **kw)
-    lm = CausalLM(disable_dropout(hf_model)).eval()
+    lm = CausalLM(disable_dropout(hf_model), options=options).eval()
     if not with_value_head:
         return lm
     head = hfc.load_value_head(path)
@@ -165,10 +168,11 @@ def load_pretrained(path: PathLike, dtype: Any = "float32", *, with_value_head: 
     return PolicyWithValueHead(lm, hfc.init_score_head(hidden, seed) if head is None else head).eval()
 
 
-def load_scalar_model(path: PathLike, dtype: Any = "float32", *,
+def load_scalar_model(path: PathLike, dtype: Any = "float32", *, options: ModelOptions | None = None,
                       attn_implementation: str | None = None) -> ScalarHeadModel:
     """A value / reward model from a `*ForSequenceClassification` (num_labels=1) checkpoint dir;
-    reward_gain / reward_bias are read from config.json's "ppo_rlhf" key (default 1, 0)."""
+    reward_gain / reward_bias are read from config.json's "ppo_rlhf" key (default 1, 0);
+    `options` as `load_pretrained`."""
     from transformers import AutoModelForSequenceClassification
 
     hf = _check_kind(path, scalar=True)
@@ -179,20 +183,23 @@ def load_scalar_model(path: PathLike, dtype: Any = "float32", *,
         raise CheckpointError(f"{path}: {hfc.SCORE_NAME} has shape {tuple(hf_model.score.weight.shape)}; "
                          f"a scalar head needs num_labels=1")
     gain, bias = hfc.reward_normalisation(hf)
-    return ScalarHeadModel(disable_dropout(hf_model), reward_gain=gain, reward_bias=bias).eval()
+    return ScalarHeadModel(disable_dropout(hf_model), reward_gain=gain, reward_bias=bias,
+                           options=options).eval()
 
 
 def scalar_model_from_lm(lm: PathLike | CausalLM | PolicyWithValueHead, *, seed: int = 0,
-                         dtype: Any = None, reward_gain: float = 1.0,
-                         reward_bias: float = 0.0) -> ScalarHeadModel:
+                         dtype: Any = None, options: ModelOptions | None = None,
+                         reward_gain: float = 1.0, reward_bias: float = 0.0) -> ScalarHeadModel:
     """A value / reward model whose backbone is a copy of the causal LM `lm` (a checkpoint dir or
     a loaded model) and whose score head is fresh: `init_score_head(hidden_size, seed)`, drawn
     with numpy, so both backends build the same model from the same seed. dtype None keeps the
-    LM's dtype (float32 for a path)."""
+    LM's dtype (float32 for a path); options None the LM's options (`ModelOptions()` for a path)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     if isinstance(lm, PolicyWithValueHead):
         lm = lm.lm
+    if isinstance(lm, CausalLM) and options is None:
+        options = lm.options
     if isinstance(lm, CausalLM):
         src = lm.hf_model
         config = AutoConfig.for_model(**src.config.to_dict())
@@ -213,7 +220,7 @@ def scalar_model_from_lm(lm: PathLike | CausalLM | PolicyWithValueHead, *, seed:
         w = hfc.init_score_head(hf_model.config.hidden_size, seed)
         hf_model.score.weight.copy_(torch.from_numpy(w))
     return ScalarHeadModel(disable_dropout(hf_model), reward_gain=reward_gain,
-                           reward_bias=reward_bias).eval()
+                           reward_bias=reward_bias, options=options).eval()
 
 
 def save_pretrained(model: CausalLM | ScalarHeadModel | PolicyWithValueHead, path: PathLike, *,

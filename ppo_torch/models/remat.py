@@ -1,8 +1,10 @@
 """Activation checkpointing (`remat`) of the Hugging Face models' decoder layers. Mirror:
-`ppo_jax.models.stack` (`set_remat`, the same three policy names; the config field is
-`PPOConfig.remat` / `RMConfig.remat` / `SFTConfig.remat`).
+`ppo_jax.models.stack` (the same three policy names: `ppo_rlhf.config.ModelOptions.remat`, the
+config field `PPOConfig.remat` / `RMConfig.remat` / `SFTConfig.remat`).
 
-    set_remat(model, "dots")   # CausalLM, ScalarHeadModel or PolicyWithValueHead, in place
+    lm = load_pretrained("ckpt/", options=ModelOptions(remat="dots"))   # fixed at construction
+
+`CausalLM` / `ScalarHeadModel` call `checkpoint_layers(hf_model, remat)` when they are built.
 
   * "none": autograd keeps every intermediate of every layer for the backward;
   * "full": each decoder layer keeps only its inputs; the backward recomputes the layer's forward
@@ -17,7 +19,7 @@
 Why not `hf_model.gradient_checkpointing_enable()`: Hugging Face checkpoints a layer only when
 the layer is in training mode (`GradientCheckpointingLayer`: `self.gradient_checkpointing and
 self.training`), and our trainers keep every model in eval mode (no dropout, ever; gradients
-flow in eval mode), so HF's switch would do nothing. `set_remat` checkpoints the same modules
+flow in eval mode), so HF's switch would do nothing. `checkpoint_layers` checkpoints the same modules
 (each decoder layer: HF's `GradientCheckpointingLayer`s) with the same non-reentrant
 `torch.utils.checkpoint`, whatever the mode, by giving each layer an instance `forward` that
 calls its class's forward under checkpointing. It applies only where there is a backward to
@@ -51,12 +53,6 @@ linear layer on [B, S, H] dispatches to aten.mm / aten.addmm on [B*S, H])."""
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
-def check_remat(remat: str) -> str:
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"remat={remat!r} is invalid: allowed {', '.join(REMAT_POLICIES)}")
-    return remat
-
-
 def _save_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -66,7 +62,7 @@ def _dots_contexts():
 
 
 def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """A decoder layer's instance `forward` under `set_remat`: its class's forward, checkpointed
+    """A decoder layer's instance `forward` under `checkpoint_layers`: its class's forward, checkpointed
     when there is a backward to replay for and no KV cache."""
     forward = type(self).forward.__get__(self)
     with_cache = kwargs.get("use_cache") or any(kwargs.get(k) is not None for k in _CACHE_KWARGS)
@@ -93,38 +89,27 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
             if isinstance(getattr(m, name, None), nn.ModuleList) for layer in getattr(m, name)]
 
 
-def set_remat(model: nn.Module, remat: str) -> nn.Module:
-    """Set the activation-checkpointing policy ("none" | "full" | "dots", see the module
-    docstring) of every decoder layer in `model`, in place; returns `model`."""
-    check_remat(remat)
-    layers = decoder_layers(model)
+def checkpoint_layers(hf_model: nn.Module, remat: str) -> None:
+    """Give every decoder layer of a model being built the activation-checkpointing policy
+    `remat` ("none" | "full" | "dots", validated by `ModelOptions`; see the module docstring).
+    Called by the model constructors only: a built model's policy does not change."""
+    layers = decoder_layers(hf_model)
     if not layers and remat != "none":
-        raise ValueError(f"set_remat: no decoder layers found in {type(model).__name__}")
+        raise ValueError(f"remat={remat!r}: no decoder layers found in {type(hf_model).__name__}")
     for layer in layers:
         layer.remat = remat
         if remat == "none":
-            layer.__dict__.pop("forward", None)  # the class's forward again
+            layer.__dict__.pop("forward", None)  # the class's forward
         else:
             layer.forward = types.MethodType(_checkpointed_forward, layer)
-    return model
-
-
-def set_scan_unroll(model: nn.Module, unroll: bool) -> nn.Module:
-    """Mirror of `ppo_jax.models.set_scan_unroll` (the configs' `scan_unroll`): checks the value
-    and returns `model` unchanged -- the decoder layers here already run as a Python loop, so
-    there is no scan to unroll."""
-    if not isinstance(unroll, bool):
-        raise ValueError(f"scan_unroll={unroll!r} is invalid: allowed True or False")
-    return model
 
 
 def get_remat(model: nn.Module) -> str:
-    """The policy `set_remat` gave `model`'s decoder layers ("none" if never set)."""
+    """The policy `checkpoint_layers` gave `model`'s decoder layers ("none" if never set)."""
     policies = {getattr(layer, "remat", "none") for layer in decoder_layers(model)}
     if len(policies) > 1:
         raise ValueError(f"get_remat: the layers of {type(model).__name__} differ: {sorted(policies)}")
     return policies.pop() if policies else "none"
 
 
-__all__ = ["REMAT_POLICIES", "SAVED_OPS", "check_remat", "decoder_layers", "get_remat", "set_remat",
-           "set_scan_unroll"]
+__all__ = ["REMAT_POLICIES", "SAVED_OPS", "checkpoint_layers", "decoder_layers", "get_remat"]

@@ -1,0 +1,163 @@
+"""The four models of a PPO iteration -- policy, reference, critic, reward -- built once, for both
+cores, from what each core's `models` package gives (`ModelKit`).
+
+    roles = compose_roles(ppo_jax.models.KIT, "sft/", "rm/", config=PPOConfig(remat="dots"))
+    roles.policy, roles.reference, roles.critic, roles.reward_model, roles.host_reward
+
+What goes where (the trainers' arguments `policy`, `reward`, `reference`, `critic`):
+  * policy: a checkpoint dir, loaded with the config's model options, or a model of the core
+    (a causal LM, or a `PolicyWithValueHead`: a critic on the policy's trunk, `critic` None);
+  * reference: a dir or a model; default (also when it is the policy object itself) a copy of
+    the initial policy's weights, frozen;
+  * reward: a reward-model dir or the core's scalar model (`reward_model`, scored on device), or
+    any `RewardModel` / `RewardFn` (`host_reward`, scored on the host from ids and text);
+  * critic: a dir or a scalar model; default the reward model's weights on its scale when the
+    reward is a model (TRL), else the policy's backbone with a fresh head (seeded);
+  * the frozen models (reference, reward model) are built without remat (never differentiated)
+    and, with `config.frozen_dtype`, in that dtype; the critic keeps the trainer's dtype.
+Every model is built with its options (`ppo_rlhf.config.ModelOptions`, from the config); a model
+passed in was built by the caller, and must have been built with them (a `UsageError` says
+which option differs) -- nothing here changes a model it was given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ppo_rlhf.config import ModelOptions, PPOConfig
+from ppo_rlhf.errors import UsageError
+from ppo_rlhf.rewards import RewardModel, as_reward_model
+
+__all__ = ["ModelKit", "Roles", "compose_roles", "check_built_with"]
+
+
+@dataclass(frozen=True)
+class ModelKit:
+    """What building the roles asks of a core's `models` package (the same names there):
+
+    CausalLM, PolicyWithValueHead, ScalarHeadModel   the model classes
+    load_pretrained(path, dtype, *, options) / load_scalar_model(path, dtype, *, options)
+    scalar_model_from_lm(lm, *, seed, options) -> a fresh-headed scalar model on lm's backbone
+    critic_from_reward_model(rm, *, options) -> a trainable critic on the reward's scale
+    rebuild(model, *, options, copy) -> the model built again (a frozen copy of the policy)
+    cast_model(model, dtype) -> the model in another dtype (`frozen_dtype`)
+    model_options(model) -> the options a model was built with
+    unused_options  the `ModelOptions` fields the core has no use for (torch: scan_unroll)
+    """
+
+    CausalLM: type
+    PolicyWithValueHead: type
+    ScalarHeadModel: type
+    load_pretrained: Callable[..., Any]
+    load_scalar_model: Callable[..., Any]
+    scalar_model_from_lm: Callable[..., Any]
+    critic_from_reward_model: Callable[..., Any]
+    rebuild: Callable[..., Any]
+    cast_model: Callable[[Any, str], Any]
+    model_options: Callable[[Any], ModelOptions]
+    unused_options: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, models: Any, *, unused_options: tuple[str, ...] = ()) -> "ModelKit":
+        """A core's kit from its `models` package."""
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "unused_options"]
+        return cls(*(getattr(models, n) for n in names), unused_options=unused_options)
+
+
+@dataclass
+class Roles:
+    """The models of a PPO iteration (see the module docstring). `critic` is None with a shared
+    trunk (the policy is a `PolicyWithValueHead`); exactly one of `reward_model` (the core's
+    scalar model) and `host_reward` is set."""
+
+    policy: Any
+    reference: Any
+    critic: Any | None
+    reward_model: Any | None
+    host_reward: RewardModel | None
+
+    @property
+    def shared_trunk(self) -> bool:
+        return self.critic is None
+
+    def models(self) -> tuple[Any, Any, Any | None, Any | None]:
+        """(policy, reference, critic, reward model): the models, None where a role has none."""
+        return self.policy, self.reference, self.critic, self.reward_model
+
+
+def _is_dir_arg(x: Any) -> bool:
+    return isinstance(x, (str, os.PathLike))
+
+
+def check_built_with(kit: ModelKit, role: str, model: Any, options: ModelOptions, *,
+                     frozen: bool = False) -> Any:
+    """`model` (given by the caller for `role`) if it was built with `options` -- for a frozen
+    role, with remat ignored; options the core does not use are ignored too -- else a UsageError
+    naming the differing options and how to build it right."""
+    ignored = dict.fromkeys(kit.unused_options + (("remat",) if frozen else ()), None)
+    built = kit.model_options(model)
+    differ = [f.name for f in dataclasses.fields(ModelOptions)
+              if f.name not in ignored and getattr(built, f.name) != getattr(options, f.name)]
+    if differ:
+        pairs = ", ".join(f"{n}={getattr(built, n)!r} (config: {getattr(options, n)!r})" for n in differ)
+        raise UsageError(f"the {role} model was built with {pairs}: options are fixed when a model "
+                         f"is built -- load it with load_pretrained(..., options=config.model_options()"
+                         f"{'.frozen()' if frozen else ''}) or pass its checkpoint dir")
+    return model
+
+
+def compose_roles(kit: ModelKit, policy: Any, reward: Any, *, config: PPOConfig, reference: Any = None,
+                  critic: Any = None, dtype: Any = "float32") -> Roles:
+    """The roles of a PPO trainer from its arguments (see the module docstring); the models stay
+    where the loaders put them (the trainer places them)."""
+    options = config.model_options()
+    frozen = options.frozen()
+    if _is_dir_arg(policy):
+        policy = kit.load_pretrained(policy, dtype, options=options)
+    elif isinstance(policy, (kit.CausalLM, kit.PolicyWithValueHead)):
+        check_built_with(kit, "policy", policy, options)
+    else:
+        raise TypeError(f"policy must be a checkpoint dir, a CausalLM or a PolicyWithValueHead, "
+                        f"got {type(policy).__name__}")
+    shared_trunk = isinstance(policy, kit.PolicyWithValueHead)
+    lm = policy.lm if shared_trunk else policy
+
+    if reference is policy or reference is lm:
+        reference = None  # the policy object itself: a frozen copy, else it would move with the policy
+    if _is_dir_arg(reference):
+        reference = kit.load_pretrained(reference, dtype, options=frozen)
+    elif reference is not None:
+        reference = check_built_with(kit, "reference", reference, frozen, frozen=True)
+    else:
+        reference = kit.rebuild(lm, options=frozen, copy=True)
+
+    reward_model = host_reward = None
+    if _is_dir_arg(reward):
+        if not Path(reward).is_dir():
+            raise UsageError(f"reward model dir {str(reward)!r} does not exist")
+        reward_model = kit.load_scalar_model(reward, dtype, options=frozen)
+    elif isinstance(reward, kit.ScalarHeadModel):
+        reward_model = check_built_with(kit, "reward", reward, frozen, frozen=True)
+    else:
+        host_reward = as_reward_model(reward)
+
+    if shared_trunk:
+        critic = None
+    elif _is_dir_arg(critic):
+        critic = kit.load_scalar_model(critic, dtype, options=options)
+    elif critic is not None:
+        critic = check_built_with(kit, "critic", critic, options)
+    elif reward_model is not None:
+        critic = kit.critic_from_reward_model(reward_model, options=options)  # on the reward's scale
+    else:
+        critic = kit.scalar_model_from_lm(policy, seed=config.seed, options=options)
+
+    if config.frozen_dtype is not None:  # half their memory in bfloat16; the critic keeps dtype
+        reference = kit.cast_model(reference, config.frozen_dtype)
+        if reward_model is not None:
+            reward_model = kit.cast_model(reward_model, config.frozen_dtype)
+    return Roles(policy, reference, critic, reward_model, host_reward)
