@@ -70,3 +70,27 @@ def test_missing_backend_names_the_extra_to_install(monkeypatch):
     with pytest.raises(UsageError, match=r"the torch backend is not installed \(No module named "
                                          r"'torch'\); pip install 'ppo-rlhf\[torch\]'"):
         get_backend("torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_trainers_own_their_loop_and_build_their_models_with_the_kit(backend, tiny_checkpoint):
+    """Composed, not inherited: no trainer is a `HostLoop` -- each owns one (`trainer.loop`,
+    whose counter is the trainer's), and the core's `MODEL_KIT` (what `runtime.roles` builds the
+    PPO roles from) is filled from its own models package."""
+    import importlib
+
+    from ppo_rlhf.config import SFTConfig
+    from ppo_rlhf.runtime.loop import HostLoop
+    from ppo_rlhf.runtime.roles import ModelKit
+
+    core = get_backend(backend)
+    for name in ("PPOTrainer", "RewardModelTrainer", "SFTTrainer"):
+        assert HostLoop not in inspect.getmro(getattr(core, name)), name
+    models = importlib.import_module(f"ppo_{backend}.models")
+    assert isinstance(models.MODEL_KIT, ModelKit)
+    assert all(getattr(models.MODEL_KIT, f.name).__module__.startswith(f"ppo_{backend}.")
+               for f in dataclasses.fields(ModelKit) if f.name != "unused_options")
+    trainer = core.SFTTrainer(str(tiny_checkpoint("gpt2")), SFTConfig(batch_size=2, max_length=8))
+    assert isinstance(trainer.loop, HostLoop) and trainer.loop.trainer is trainer
+    trainer.step = 3
+    assert trainer.loop.position == 3 and trainer.loop.counter == "step"

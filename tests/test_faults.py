@@ -563,13 +563,13 @@ def test_non_finite_updates_are_skipped_then_training_stops(backend, inputs):
     stats = t.update({**batch.arrays(), **adv}, iteration=1)
     assert np.asarray(stats["update/skipped"]).all()
     np.testing.assert_array_equal(_flat(t), before)  # params (and optimiser) untouched
-    assert t.bad_updates.total == 0  # update() alone does not count; step() does (below)
+    assert t.loop.bad_updates.total == 0  # update() alone does not count; step() does (below)
     # poisoned weights: iterations keep skipping until max_bad_updates in a row stop training
     _poison(t)
     with pytest.raises(NonFiniteUpdates, match="6 consecutive optimiser updates had a non-finite loss"):
         for _ in range(4):
             t.step()
-    assert t.bad_updates.consecutive == 6 and t.bad_updates.total == 6
+    assert t.loop.bad_updates.consecutive == 6 and t.loop.bad_updates.total == 6
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

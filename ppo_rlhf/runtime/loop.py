@@ -1,15 +1,19 @@
 """The ONE host loop that PPO, reward-model and SFT training all run through.
 
-    class MyTrainer(HostLoop):                 # the trainers: runtime/ppo.py, runtime/supervised.py
-        counter = "step"                       # its progress counter (PPO: "iteration")
+    class MyTrainer:                           # the trainers: runtime/ppo.py, runtime/supervised.py
+        def __init__(self, ...):
+            self.loop = HostLoop(self, counter="step", out_dir=..., checkpoint_every=...,
+                                 keep_checkpoints=...)
         def save_checkpoint(self, path): ...   # the backend's tensors (ppo_{jax,torch}/checkpoint.py)
         def load_checkpoint(self, path): ...
+        def extra_state(self): ...             # counters of its own, and restore_extra_state
 
-    stopped = trainer.run_loop(total, trainer.one_step, resume=True, desc="SFT (jax)")
+    stopped = trainer.loop.run(total, one_step, resume=True, desc="SFT (jax)")
 
-A trainer supplies its step (a function that does one unit of work, advances the counter and
-returns that step's metrics record) and its state (`save_checkpoint` / `load_checkpoint`, plus
-`extra_state` for counters of its own); the loop does everything else, the same way for all:
+A trainer owns its loop (`Trained`: what the loop asks of it) and supplies its step (a function
+that does one unit of work, advances `loop.position` and returns that step's metrics record) and
+its state (`save_checkpoint` / `load_checkpoint`, plus `extra_state` for counters of its own);
+the loop does everything else, the same way for all:
 
 * progress bar (main process only) with the step's headline numbers;
 * metrics: one line per step in out_dir/metrics.jsonl, fsynced (`runtime/metrics.py`), and with
@@ -31,12 +35,12 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from ppo_rlhf.errors import NonFiniteUpdates, UsageError
 from ppo_rlhf.runtime.checkpoints import CheckpointManager
 from ppo_rlhf.runtime.metrics import MetricsWriter
-from ppo_rlhf.runtime.processes import SINGLE_PROCESS, Processes
+from ppo_rlhf.runtime.processes import Processes
 from ppo_rlhf.runtime.tracking import make_tracker
 
 
@@ -88,72 +92,75 @@ class BadUpdateCounter:
                     f"reward's scale) and continue with --resume")
 
 
+class Trained(Protocol):
+    """What a trainer gives the loop it owns."""
+
+    backend: str
+    config: Any
+    out_dir: Path | None
+    processes: Processes  # several processes (a multi-host mesh, torchrun): only the main one writes
+
+    def save_checkpoint(self, path: Path) -> None: ...
+    def load_checkpoint(self, path: Path) -> None: ...
+    def extra_state(self) -> dict[str, Any]: ...
+    def restore_extra_state(self, state: dict[str, Any]) -> None: ...
+
+
 class HostLoop:
-    """Base of every trainer: see the module docstring. Subclasses set `counter` (the attribute
-    counting finished steps, also the metrics key), `counter_offset` (records carry counter +
-    offset = the number of steps done when written: PPO's "iteration" is the 0-based index of the
-    iteration a record describes, offset 1; "step" counts steps done, offset 0) and
-    `config_file` (where out_dir gets the config)."""
+    """A trainer's loop: see the module docstring. `counter` names the progress counter (the
+    metrics key and the checkpoint's; PPO "iteration", the supervised trainers "step");
+    `counter_offset`: records carry counter + offset = the number of steps done when written
+    (PPO's "iteration" is the 0-based index of the iteration a record describes, offset 1; "step"
+    counts steps done, offset 0); `config_file`: where out_dir gets the config."""
 
-    backend = "?"
-    counter = "step"
-    counter_offset = 0
-    config_file = "train_config.json"
-
-    def __init__(self, config: Any, *, out_dir: Any, checkpoint_every: int, keep_checkpoints: int):
+    def __init__(self, trainer: Trained, *, counter: str = "step", counter_offset: int = 0,
+                 config_file: str = "train_config.json", checkpoint_every: int, keep_checkpoints: int):
         if isinstance(checkpoint_every, bool) or int(checkpoint_every) < 0:
             raise UsageError(f"checkpoint_every must be an integer >= 0 (0 = only at the end), "
                              f"got {checkpoint_every!r}")
-        self.config = config
-        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.trainer = trainer
+        self.counter, self.counter_offset, self.config_file = counter, int(counter_offset), config_file
         self.checkpoint_every = int(checkpoint_every)
         self.keep_checkpoints = int(keep_checkpoints)
-        self.bad_updates = BadUpdateCounter(config.max_bad_updates)
-        self.history: list[dict[str, Any]] = []
+        self.bad_updates = BadUpdateCounter(trainer.config.max_bad_updates)
+        self.position = 0
+        """Steps (iterations) finished: the trainer's counter."""
         self.records: list[dict[str, Any]] = []
-        """Every step's record of the run (after `run_loop`; on a resume, from metrics.jsonl too)."""
-        setattr(self, self.counter, 0)
-        # several processes (a multi-host mesh, torchrun): the backend replaces this; only the
-        # main process writes metrics, progress and checkpoint files
-        self.processes: Processes = SINGLE_PROCESS
+        """Every step's record of the run (after `run`; on a resume, from metrics.jsonl too)."""
 
     @property
-    def position(self) -> int:
-        """Steps (iterations) finished."""
-        return int(getattr(self, self.counter))
+    def out_dir(self) -> Path | None:
+        return self.trainer.out_dir
 
-    # ---- checkpoints ---------------------------------------------------------------------------
+    @property
+    def processes(self) -> Processes:
+        return self.trainer.processes
+
     @property
     def checkpoints(self) -> CheckpointManager | None:
         return None if self.out_dir is None else CheckpointManager(self.out_dir / "checkpoints",
                                                                    keep=self.keep_checkpoints)
 
-    def extra_state(self) -> dict[str, Any]:
-        """Counters of the trainer's own for trainer_state.json (override)."""
-        return {}
-
-    def restore_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore what `extra_state` saved (override)."""
-
     def loop_state(self) -> dict[str, Any]:
-        return {self.counter: self.position, "backend": self.backend,
+        t = self.trainer
+        return {self.counter: self.position, "backend": t.backend,
                 "bad_updates_consecutive": self.bad_updates.consecutive,
-                "bad_updates_total": self.bad_updates.total, "config": self.config.to_dict(),
-                **self.extra_state()}
+                "bad_updates_total": self.bad_updates.total, "config": t.config.to_dict(),
+                **t.extra_state()}
 
     def restore_loop_state(self, state: dict[str, Any]) -> None:
-        if state.get("backend") not in (None, self.backend):
+        if state.get("backend") not in (None, self.trainer.backend):
             raise UsageError(f"checkpoint was written by the {state['backend']} backend; resume it "
                              f"with --backend {state['backend']}")
-        setattr(self, self.counter, int(state[self.counter]))
+        self.position = int(state[self.counter])
         self.bad_updates.consecutive = int(state.get("bad_updates_consecutive", 0))
         self.bad_updates.total = int(state.get("bad_updates_total", 0))
-        self.restore_extra_state(state)
+        self.trainer.restore_extra_state(state)
 
     def write_checkpoint(self) -> Path:
         if self.checkpoints is None:
             raise ValueError("write_checkpoint needs out_dir")
-        return self.checkpoints.save(self.position, self.save_checkpoint, self.loop_state(),
+        return self.checkpoints.save(self.position, self.trainer.save_checkpoint, self.loop_state(),
                                      processes=self.processes)
 
     def resume(self) -> bool:
@@ -162,18 +169,12 @@ class HostLoop:
         if found is None:
             return False
         path, state = found
-        self.load_checkpoint(path)
+        self.trainer.load_checkpoint(path)
         self.restore_loop_state(state)
         return True
 
-    def save_checkpoint(self, path: Path) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def load_checkpoint(self, path: Path) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
     # ---- the loop ------------------------------------------------------------------------------
-    def run_loop(self, total: int, step: Callable[[], dict[str, Any]], *, resume: bool = False,
+    def run(self, total: int, step: Callable[[], dict[str, Any]], *, resume: bool = False,
                  progress: bool = True, desc: str = "training", report_to: str = "none",
                  postfix: Callable[[dict[str, Any]], dict[str, str]] | None = None,
                  on_record: Callable[[dict[str, Any]], None] | None = None) -> bool:
@@ -185,7 +186,7 @@ class HostLoop:
         tracker = make_tracker(report_to if main else "none", self.out_dir)
         if self.out_dir is not None and main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / self.config_file).write_text(self.config.to_json() + "\n")
+            (self.out_dir / self.config_file).write_text(self.trainer.config.to_json() + "\n")
             done = self.position
             key, offset = self.counter, self.counter_offset
             writer = MetricsWriter(self.out_dir / "metrics.jsonl",
@@ -246,4 +247,4 @@ def fmt(x: Any) -> str:
     return "nan" if x is None or (isinstance(x, float) and x != x) else f"{x:.4f}"
 
 
-__all__ = ["HostLoop", "StopRequested", "BadUpdateCounter", "progress_bar", "fmt"]
+__all__ = ["HostLoop", "Trained", "StopRequested", "BadUpdateCounter", "progress_bar", "fmt"]

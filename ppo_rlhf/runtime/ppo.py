@@ -3,15 +3,16 @@
 The backend files (`ppo_jax/ppo.py`, `ppo_torch/ppo.py`) hold the math of an iteration; this base
 class holds what is the same in both and touches no array library: the roles' tokenizer checks,
 prompts (the seeded prompt stream, tokenisation), host-side rewards, the missing-EOS penalty, the
-iteration's stats under TRL's names, and `train()` -- the iterations run through the one host loop
-(`ppo_rlhf.runtime.loop.HostLoop`: metrics, progress, checkpoints, resume, signals, the
-non-finite-update guard).
+iteration's stats under TRL's names, and `train()` -- the iterations run through the one host loop,
+which the trainer owns (`self.loop`, a `ppo_rlhf.runtime.loop.HostLoop`: metrics, progress,
+checkpoints, resume, signals, the non-finite-update guard).
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -23,25 +24,30 @@ from ppo_rlhf.rewards import RewardModel, ScoreRequest, check_scores
 from ppo_rlhf.rollout import RolloutBatch
 from ppo_rlhf.runtime import seeds
 from ppo_rlhf.runtime.loop import HostLoop, fmt
+from ppo_rlhf.runtime.processes import SINGLE_PROCESS, Processes
 from ppo_rlhf.runtime.roles import ModelKit, Roles, compose_roles
 
 _FROM_TOKENIZER = -1
 
 
-class TrainerBase(HostLoop):
+class TrainerBase:
     """The PPO trainer's host side; the backend subclass (`PPOTrainer`) places the roles that
     `_compose_roles` builds and supplies the rollout's device work, `compute_advantages`,
     `update`, `step`, `_to_numpy` and the checkpoint tensors."""
 
-    counter, counter_offset, config_file = "iteration", 1, "config.json"
+    backend = "?"  # the backend subclass's name
 
     def __init__(self, policy: Any, prompts: Any, *, config: PPOConfig, tokenizer: Any,
                  out_dir: Any, extra_rewards: Mapping[str, Callable] | None, eos_token_id: Any,
                  pad_token_id: Any, checkpoint_every: int, keep_checkpoints: int):
         if not isinstance(config, PPOConfig):
             raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
-        super().__init__(config, out_dir=out_dir, checkpoint_every=checkpoint_every,
-                         keep_checkpoints=keep_checkpoints)
+        self.config = config
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.processes: Processes = SINGLE_PROCESS  # the backend's, under a mesh / torchrun
+        self.history: list[dict[str, Any]] = []  # the stats of every iteration this trainer ran
+        self.loop = HostLoop(self, counter="iteration", counter_offset=1, config_file="config.json",
+                             checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints)
         self.tokenizer = tokenizer = tokens.resolve_tokenizer(tokenizer, policy)
         pad, eos = tokens.pad_and_eos(tokenizer)
         self.eos_token_id = eos if eos_token_id == _FROM_TOKENIZER else eos_token_id
@@ -160,7 +166,7 @@ class TrainerBase(HostLoop):
         seq_kl = kl.sum(1)
         non_score = (-kl_coef * seq_kl)
         skipped = np.asarray(update["update/skipped"]).astype(bool)
-        self.bad_updates.record(skipped.tolist(), f"iteration {iteration}")
+        self.loop.bad_updates.record(skipped.tolist(), f"iteration {iteration}")
         s: dict[str, float] = {
             "iteration": iteration,
             "episode": (iteration + 1) * cfg.batch_size,
@@ -200,6 +206,22 @@ class TrainerBase(HostLoop):
         return s
 
     # ---- the training loop ---------------------------------------------------------------------
+    @property
+    def iteration(self) -> int:
+        """Iterations done (the loop's counter): the index of the next one."""
+        return self.loop.position
+
+    @iteration.setter
+    def iteration(self, value: int) -> None:
+        self.loop.position = int(value)
+
+    def save_checkpoint(self, path: Path) -> None:  # pragma: no cover - abstract
+        """The backend's tensors to `path` (`ppo_{jax,torch}/checkpoint.py`)."""
+        raise NotImplementedError
+
+    def load_checkpoint(self, path: Path) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
     def extra_state(self) -> dict[str, Any]:
         return {"kl_coef": self.kl_ctl.value}
 
@@ -216,7 +238,7 @@ class TrainerBase(HostLoop):
         valid checkpoint. report_to="tensorboard": the stats also as TensorBoard scalars under
         out_dir/tensorboard (`runtime/tracking.py`). Returns the stats of every iteration run."""
         total = self.config.num_iterations if num_iterations is None else int(num_iterations)
-        self.run_loop(total, self.step, resume=resume, progress=progress, on_record=on_iteration,
+        self.loop.run(total, self.step, resume=resume, progress=progress, on_record=on_iteration,
                       desc=f"PPO ({self.backend})", report_to=report_to,
                       postfix=lambda s: {"score": fmt(s["objective/scores"]), "kl": fmt(s["objective/kl"])})
         return self.history

@@ -2,9 +2,9 @@
 
 The math of one optimiser step lives in the backends (`ppo_jax/reward_model.py`, `ppo_jax/sft.py`
 and their `ppo_torch` mirrors); the data is encoded by `ppo_rlhf.data.encoding`, in the seeded
-order of `ppo_rlhf.runtime.seeds`; the steps run through the one host loop
-(`ppo_rlhf.runtime.loop.HostLoop`: metrics, progress, checkpoints, resume, signals, the
-non-finite-update guard); this module holds the rest: the learning-rate schedule, the per-step
+order of `ppo_rlhf.runtime.seeds`; the steps run through the one host loop, owned by each
+trainer (`self.loop`, a `ppo_rlhf.runtime.loop.HostLoop`: metrics, progress, checkpoints, resume,
+signals, the non-finite-update guard); this module holds the rest: the learning-rate schedule, the per-step
 records, the held-out evaluation and, for a reward model, the normalisation and the final
 metrics.
 
@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
@@ -32,6 +33,7 @@ from ppo_rlhf.data.encoding import PreferenceGroups, SFTData, encode_preferences
 from ppo_rlhf.eval.preferences import group_accuracy, normalisation, rating_pair_accuracy
 from ppo_rlhf.runtime.loop import HostLoop, fmt
 from ppo_rlhf.runtime.metrics import jsonable
+from ppo_rlhf.runtime.processes import SINGLE_PROCESS, Processes
 from ppo_rlhf.runtime.roles import ModelKit, check_built_with
 from ppo_rlhf.runtime.seeds import rm_batch_rows, sft_batch_indices
 
@@ -70,19 +72,25 @@ def lr_at(step: int, total_steps: int, config: RMConfig | SFTConfig) -> float:
     return float(config.learning_rate) * lr_factor(step, total_steps, config)
 
 
-class SupervisedTrainer(HostLoop):
-    """What the reward-model and SFT trainers share on top of the host loop: the tokenizer, the
-    model checks, the learning-rate schedule over APPLIED updates (`applied`, a counter of their
-    own in the checkpoint) and the skipped-step accounting."""
+class SupervisedTrainer:
+    """What the reward-model and SFT trainers share: the host loop they own (`self.loop`, counter
+    "step"), the tokenizer, the model checks, the learning-rate schedule over APPLIED updates
+    (`applied`, a counter of their own in the checkpoint) and the skipped-step accounting. The
+    backend subclass supplies the model, the step and `save_checkpoint` / `load_checkpoint`."""
 
+    backend = "?"  # the backend subclass's name
     config_class: type = object  # what `config` must be: RMConfig / SFTConfig
 
     def __init__(self, config: Any, *, tokenizer: Any, out_dir: Any, checkpoint_every: int,
                  keep_checkpoints: int, model_path: Any = None):
         if not isinstance(config, self.config_class):
             raise TypeError(f"config must be an {self.config_class.__name__}, got {type(config).__name__}")
-        super().__init__(config, out_dir=out_dir, checkpoint_every=checkpoint_every,
-                         keep_checkpoints=keep_checkpoints)
+        self.config = config
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.processes: Processes = SINGLE_PROCESS
+        self.history: list[dict[str, Any]] = []  # the record of every step this trainer ran
+        self.loop = HostLoop(self, counter="step", checkpoint_every=checkpoint_every,
+                             keep_checkpoints=keep_checkpoints)
         self.tokenizer = tokens.resolve_tokenizer(tokenizer, model_path)
         self.applied = 0  # optimiser updates applied (skipped steps excluded)
 
@@ -115,6 +123,22 @@ class SupervisedTrainer(HostLoop):
             raise ValueError("text data needs a tokenizer: pass tokenizer= (or a model dir holding one)")
         return self.tokenizer
 
+    @property
+    def step(self) -> int:
+        """Steps done (the loop's counter)."""
+        return self.loop.position
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.loop.position = int(value)
+
+    def save_checkpoint(self, path: Path) -> None:  # pragma: no cover - abstract
+        """The backend's tensors to `path` (`ppo_{jax,torch}/checkpoint.py`)."""
+        raise NotImplementedError
+
+    def load_checkpoint(self, path: Path) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
     def extra_state(self) -> dict[str, Any]:
         return {"applied": self.applied}
 
@@ -127,7 +151,7 @@ class SupervisedTrainer(HostLoop):
 
     def _after_step(self, skipped: bool) -> None:
         self.applied += 0 if skipped else 1
-        self.bad_updates.record([skipped], f"step {self.step + 1}")
+        self.loop.bad_updates.record([skipped], f"step {self.step + 1}")
 
     def _finish(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """fit()'s end: the model (+ tokenizer) and metrics.json to out_dir; the metrics."""
@@ -262,7 +286,7 @@ class RMTrainerBase(SupervisedTrainer):
                 post["eval_acc"] = fmt(last_eval["accuracy"])
             return post
 
-        if self.run_loop(total, one_step, resume=resume, progress=progress, postfix=postfix,
+        if self.loop.run(total, one_step, resume=resume, progress=progress, postfix=postfix,
                          desc=f"reward model ({self.backend})", report_to=report_to):
             return self._stopped()
         if eval_g is not None and (last_eval is None or total == 0):
@@ -282,8 +306,8 @@ class RMTrainerBase(SupervisedTrainer):
         else:
             train_acc, _ = group_accuracy(grouped, train_g.tiers)
         # the last epoch's losses, from every record of the run (a resumed one's too)
-        last_epoch = self.records[-1]["epoch"] if self.records else None
-        epoch_losses = [r["train/loss"] for r in self.records if r["epoch"] == last_epoch]
+        last_epoch = self.loop.records[-1]["epoch"] if self.loop.records else None
+        epoch_losses = [r["train/loss"] for r in self.loop.records if r["epoch"] == last_epoch]
         gain, bias = 1.0, 0.0
         if cfg.normalise:
             ref = train_scores if reference is None else self.sequence_scores(*reference)
@@ -391,15 +415,15 @@ class SFTTrainerBase(SupervisedTrainer):
             self.history.append(rec)
             return jsonable(rec)
 
-        if self.run_loop(total, one_step, resume=resume, progress=progress, report_to=report_to,
+        if self.loop.run(total, one_step, resume=resume, progress=progress, report_to=report_to,
                          postfix=lambda rec: {"loss": fmt(rec["train/loss"])},
                          desc=f"SFT ({self.backend})"):
             return self._stopped()
         if eval_d is not None and eval_loss is None:
             eval_loss = self.evaluate(eval_d)
         # the whole run's steps (a resumed run: those before the interruption too)
-        losses = [r["train/loss"] for r in self.records]
-        tokens = sum(r["train/tokens"] for r in self.records)
+        losses = [r["train/loss"] for r in self.loop.records]
+        tokens = sum(r["train/tokens"] for r in self.loop.records)
         tail = losses[-max(1, len(losses) // 10):] if losses else []
         metrics: dict[str, Any] = {
             "backend": self.backend, "steps": self.step, "num_examples": len(data),
