@@ -124,6 +124,7 @@ def reinforce_pp_returns(rewards: Array, mask: Array, *, gamma: float) -> tuple[
     variance at 1e-8 instead of adding it). Returns (advantages, returns = G), 0 on padding."""
     fn = "reinforce_pp_returns"
     check_same_shape(fn, "rewards", rewards.shape, mask=mask)
+    mask = _bool_mask(fn, mask)
     if not isinstance(mask, jax.core.Tracer):
         check_contiguous_rows(fn, np.asarray(mask))
     returns, _ = gae(rewards, jnp.zeros_like(_float(rewards)), mask, gamma=gamma, lam=1.0)

@@ -123,6 +123,7 @@ def reinforce_pp_returns(rewards: Tensor, mask: Tensor, *, gamma: float) -> tupl
     variance at 1e-8 instead of adding it). Returns (advantages, returns = G), 0 on padding."""
     fn = "reinforce_pp_returns"
     check_same_shape(fn, "rewards", rewards.shape, mask=mask)
+    mask = _bool_mask(fn, mask)
     if torch.as_tensor(mask).device.type == "cpu" and not torch.compiler.is_compiling():
         check_contiguous_rows(fn, torch.as_tensor(mask).numpy())
     returns, _ = gae(rewards, torch.zeros_like(_float(rewards)), mask, gamma=gamma, lam=1.0)
