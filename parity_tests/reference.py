@@ -23,11 +23,16 @@ def real_tokens(mask):
 
 
 def aggregate(per_token, mask, loss_agg="token-mean"):
-    """Per-token values -> scalar: mean over all real tokens, or mean over sequences of each
-    sequence's mean (sequences without real tokens are left out)."""
+    """Per-token values -> scalar: mean over all real tokens; or mean over sequences of each
+    sequence's mean (sequences without real tokens are left out); or mean over all rows of each
+    row's sum divided by the row length T (seq-mean-token-sum-norm)."""
     if loss_agg == "token-mean":
         cells = real_tokens(mask)
         return sum(per_token[b, t] for b, t in cells) / len(cells)
+    if loss_agg == "seq-mean-token-sum-norm":
+        n_rows, budget = mask.shape
+        row_sums = [sum(per_token[b, t] for t in range(budget) if mask[b, t]) for b in range(n_rows)]
+        return sum(s / budget for s in row_sums) / n_rows
     seq_means = []
     for b in range(mask.shape[0]):
         ts = [t for t in range(mask.shape[1]) if mask[b, t]]
@@ -81,23 +86,50 @@ def policy_loss_per_token(logprob, old_logprob, adv, kind="clip", clip_eps=0.2,
     return loss, grad
 
 
+def sequence_log_ratios(logprobs, old_logprobs, mask):
+    """GSPO's log s_b: the mean over row b's real tokens of log pi - log pi_old (0 for an empty row)."""
+    out = np.zeros(mask.shape[0])
+    for b in range(mask.shape[0]):
+        ts = [t for t in range(mask.shape[1]) if mask[b, t]]
+        if ts:
+            out[b] = sum(logprobs[b, t] - old_logprobs[b, t] for t in ts) / len(ts)
+    return out
+
+
 def policy_loss(logprobs, old_logprobs, advantages, mask, kind="clip", clip_eps=0.2,
-                clip_eps_high=None, dual_clip=None, loss_agg="token-mean"):
-    """Returns (loss, d loss / d logprobs, stats) -- the reference of both backends' policy_loss."""
+                clip_eps_high=None, dual_clip=None, loss_agg="token-mean", importance_level="token"):
+    """Returns (loss, d loss / d logprobs, stats) -- the reference of both backends' policy_loss.
+    importance_level="sequence": every token of row b uses the ratio s_b = exp(log s_b)."""
     per_token = np.zeros(logprobs.shape)
     grad_per_token = np.zeros(logprobs.shape)
+    seq_log_ratio = sequence_log_ratios(logprobs, old_logprobs, mask)
     for b, t in real_tokens(mask):
+        if importance_level == "sequence":  # the token's loss as a function of log s_b
+            lp, old = seq_log_ratio[b], 0.0
+        else:
+            lp, old = logprobs[b, t], old_logprobs[b, t]
         per_token[b, t], grad_per_token[b, t] = policy_loss_per_token(
-            logprobs[b, t], old_logprobs[b, t], advantages[b, t], kind, clip_eps, clip_eps_high,
-            dual_clip)
+            lp, old, advantages[b, t], kind, clip_eps, clip_eps_high, dual_clip)
     loss = aggregate(per_token, mask, loss_agg)
     # The aggregate is a weighted sum of per-token losses; d loss / d logprob_bt = weight_bt * g_bt.
     weights = aggregation_weights(mask, loss_agg)
     grad = weights * grad_per_token
+    if importance_level == "sequence":
+        # g_bt' is d loss_bt' / d log s_b, and d log s_b / d logprob_bt = 1 / n_b for each real t:
+        # every token of the row gets (1 / n_b) * sum_t' weight_bt' * g_bt'.
+        seq_grad = np.zeros(logprobs.shape)
+        for b in range(mask.shape[0]):
+            ts = [t for t in range(mask.shape[1]) if mask[b, t]]
+            for t in ts:
+                seq_grad[b, t] = sum(grad[b, u] for u in ts) / len(ts)
+        grad = seq_grad
 
     hi = clip_eps if clip_eps_high is None else clip_eps_high
     cells = real_tokens(mask)
-    ratios = {c: math.exp(logprobs[c] - old_logprobs[c]) for c in cells}
+    if importance_level == "sequence":
+        ratios = {c: math.exp(seq_log_ratio[c[0]]) for c in cells}
+    else:
+        ratios = {c: math.exp(logprobs[c] - old_logprobs[c]) for c in cells}
     clip_active = [(-advantages[c] * clip(ratios[c], 1 - clip_eps, 1 + hi)) > (-advantages[c] * ratios[c])
                    for c in cells]
     dual_active = []
@@ -113,25 +145,41 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, kind="clip", clip_eps=
         "clipfrac": sum(clip_active) / n,
         "dual_clipfrac": sum(dual_active) / n,
         "approx_kl_k1": sum(old_logprobs[c] - logprobs[c] for c in cells) / n,
-        "approx_kl_k3": sum((ratios[c] - 1) - math.log(ratios[c]) for c in cells) / n,
+        # the KL estimates are per token at either importance level (they measure the policy change)
+        "approx_kl_k3": sum(math.expm1(logprobs[c] - old_logprobs[c]) - (logprobs[c] - old_logprobs[c])
+                            for c in cells) / n,
     }
     return loss, grad, stats
 
 
 def aggregation_weights(mask, loss_agg="token-mean"):
-    """d(aggregate)/d(per-token value): 1/N per real token (token-mean), or 1/(S * n_b)
-    (seq-mean-token-mean, S = sequences with tokens, n_b = tokens in sequence b)."""
+    """d(aggregate)/d(per-token value): 1/N per real token (token-mean), 1/(S * n_b)
+    (seq-mean-token-mean, S = sequences with tokens, n_b = tokens in sequence b), or 1/(B * T)
+    (seq-mean-token-sum-norm, B rows of length T)."""
     w = np.zeros(mask.shape)
     if loss_agg == "token-mean":
         cells = real_tokens(mask)
         for c in cells:
             w[c] = 1.0 / len(cells)
         return w
+    if loss_agg == "seq-mean-token-sum-norm":
+        for c in real_tokens(mask):
+            w[c] = 1.0 / (mask.shape[0] * mask.shape[1])
+        return w
     counts = mask.sum(axis=1)
     n_seqs = int((counts > 0).sum())
     for b, t in real_tokens(mask):
         w[b, t] = 1.0 / (n_seqs * counts[b])
     return w
+
+
+def aggregation_count(mask, loss_agg="token-mean"):
+    """A micro-batch's weight numerator: real tokens, sequences with a real token, or rows."""
+    if loss_agg == "token-mean":
+        return len(real_tokens(mask))
+    if loss_agg == "seq-mean-token-mean":
+        return sum(1 for b in range(mask.shape[0]) if any(mask[b]))
+    return mask.shape[0]
 
 
 def value_loss(values, old_values, returns, mask, clip_eps=0.2, loss_agg="token-mean"):
@@ -176,6 +224,21 @@ def kl_penalty(logprobs, ref_logprobs, kind="k1"):
         else:  # k3 = q/p - 1 - log(q/p)
             out[idx] = math.exp(-d) - 1 + d
     return out
+
+
+def kl_loss(logprobs, ref_logprobs, kind="k2"):
+    """(per-token value, d value / d logprob) of each KL-in-the-loss estimator, d = log p - log q:
+    k1 = d (grad 1), k2 = d^2 / 2 (grad d), k3 = exp(-d) - 1 + d (grad 1 - exp(-d)); "k1+" / "k3+"
+    have k1's / k3's value and k2's gradient."""
+    values = kl_penalty(logprobs, ref_logprobs, kind.rstrip("+"))
+    d = logprobs - ref_logprobs
+    if kind.endswith("+") or kind == "k2":
+        grads = d
+    elif kind == "k1":
+        grads = np.ones_like(d)
+    else:
+        grads = 1 - np.exp(-d)
+    return values, grads
 
 
 def shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_estimator="k1"):
@@ -229,6 +292,52 @@ def reward_to_go(rewards, mask):
                 running += rewards[b, t]
                 out[b, t] = running
     return out
+
+
+def group_advantages(scores, num_generations, kind, eps=1e-6):
+    """One prompt's G samples at a time: GRPO (mean removed, divided by the unbiased std + eps;
+    0 for a lone sample), Dr. GRPO (mean removed), RLOO (minus the mean of the other samples)."""
+    g = num_generations
+    out = np.zeros(len(scores))
+    for start in range(0, len(scores), g):
+        group = [float(x) for x in scores[start:start + g]]
+        mean = sum(group) / g
+        for j, s in enumerate(group):
+            if kind == "dr_grpo":
+                out[start + j] = s - mean
+            elif kind == "rloo":
+                others = group[:j] + group[j + 1:]
+                out[start + j] = s - sum(others) / len(others)
+            else:  # grpo
+                std = math.sqrt(sum((x - mean) ** 2 for x in group) / (g - 1)) if g > 1 else 0.0
+                out[start + j] = (s - mean) / (std + eps)
+    return out
+
+
+def discounted_reward_to_go(rewards, mask, gamma):
+    """G_t = r_t + gamma * G_{t+1} over each row's real tokens (the step after the last is terminal)."""
+    out = np.zeros(rewards.shape)
+    for b in range(rewards.shape[0]):
+        running = 0.0
+        for t in reversed([t for t in range(rewards.shape[1]) if mask[b, t]]):
+            running = rewards[b, t] + gamma * running
+            out[b, t] = running
+    return out
+
+
+def reinforce_pp_returns(rewards, mask, gamma):
+    """REINFORCE++: (advantages = whitened reward-to-go over the batch's real tokens, returns)."""
+    returns = discounted_reward_to_go(rewards, mask, gamma)
+    return whiten(returns, mask), returns
+
+
+def reinforce_pp_baseline(scores, logprobs, ref_logprobs, mask, kl_coef, num_generations, gamma,
+                          kl_estimator="k1"):
+    """REINFORCE++-baseline: scores minus their group mean, shaped with the KL, then as REINFORCE++."""
+    centred = group_advantages(scores, num_generations, "dr_grpo")
+    rewards, kl = shape_rewards(centred, logprobs, ref_logprobs, mask, kl_coef, kl_estimator)
+    advantages, returns = reinforce_pp_returns(rewards, mask, gamma)
+    return advantages, returns, kl
 
 
 def token_entropy(logits, temperature=1.0):

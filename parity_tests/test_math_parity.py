@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from parity_tests import reference as ref
 from parity_tests.backends import BACKENDS, assert_close, assert_close_scaled, assert_stats_close, tol
 from ppo_rlhf.kl_control import adaptive_kl_update
+from ppo_rlhf.math_options import KL_LOSS_KINDS, LOSS_AGG_MODES
 
 DTYPES = [np.float64, np.float32]
 SETTINGS = settings(max_examples=20, deadline=None, derandomize=True,
@@ -92,6 +93,13 @@ POLICY_OPTIONS = [
     dict(kind="clip", clip_eps_high=0.3, dual_clip=2.0, loss_agg="seq-mean-token-mean"),
     dict(kind="pg", loss_agg="seq-mean-token-mean"),
     dict(kind="is", loss_agg="seq-mean-token-mean"),
+    dict(kind="pg", loss_agg="seq-mean-token-sum-norm"),
+    dict(kind="clip", clip_eps_high=0.28, loss_agg="seq-mean-token-sum-norm"),
+    # GSPO: one length-normalised ratio per sequence, clipped per sequence
+    dict(kind="clip", importance_level="sequence"),
+    dict(kind="clip", clip_eps=0.1, importance_level="sequence", loss_agg="seq-mean-token-mean"),
+    dict(kind="is", importance_level="sequence", loss_agg="seq-mean-token-mean"),
+    dict(kind="clip", dual_clip=3.0, importance_level="sequence", loss_agg="seq-mean-token-sum-norm"),
 ]
 
 
@@ -115,7 +123,7 @@ def test_policy_loss(dtype, opts, data):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("opts", [dict(), dict(clip_eps=0.05), dict(clip_eps=None),
-                                  dict(loss_agg="seq-mean-token-mean")],
+                                  dict(loss_agg="seq-mean-token-mean"), dict(loss_agg="seq-mean-token-sum-norm")],
                          ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "default")
 @SETTINGS
 @given(data=batches(allow_empty_rows=True))
@@ -275,7 +283,7 @@ def test_kl_controller(dtype, units, data, kl_coef, n):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("loss_agg", LOSS_AGG_MODES)
 @SETTINGS
 @given(data=batches(allow_empty_rows=True))
 def test_aggregate_loss(dtype, loss_agg, data):
@@ -284,6 +292,199 @@ def test_aggregate_loss(dtype, loss_agg, data):
     for backend in BACKENDS:
         assert_close(backend.call("aggregate_loss", "masked", d.returns, data.mask, loss_agg=loss_agg),
                      want, dtype, f"{backend.name} {loss_agg}")
+
+
+@pytest.mark.parametrize("clip", [(0.2, 0.2), (3e-4, 4e-4)], ids=["eps=0.2", "gspo-paper-eps"])
+def test_sequence_ratio_is_gspos_objective(clip):
+    """GSPO written from the paper, per sequence, not per token: s_i = (pi(y_i) / pi_old(y_i))^(1/|y_i|),
+    J = mean_i min(s_i A_i, clip(s_i, 1 - eps_lo, 1 + eps_hi) A_i), one advantage per sequence;
+    d(-J)/d log pi(y_i,t) = -A_i s_i / (|y_i| N) where the unclipped term is the smaller, else 0.
+    policy_loss(importance_level="sequence", loss_agg="seq-mean-token-mean") must be -J, both
+    backends, float64. Log-ratios around +-1e-3 so that the paper's tight band clips some rows."""
+    rng = np.random.default_rng(7)
+    b, t = 8, 6
+    lengths = np.array([1, 2, 6, 3, 6, 4, 5, 1])
+    mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+    logprobs = -rng.exponential(1.0, size=(b, t))
+    old = logprobs + rng.normal(0.0, 1e-3 if clip[0] < 0.01 else 0.3, size=(b, t))
+    adv_seq = rng.normal(size=b)
+    adv = np.repeat(adv_seq[:, None], t, axis=1)
+    lo, hi = clip
+    s_i = np.array([np.prod(np.exp(logprobs[i, :n] - old[i, :n])) ** (1.0 / n) for i, n in enumerate(lengths)])
+    unclipped, clipped = s_i * adv_seq, np.clip(s_i, 1 - lo, 1 + hi) * adv_seq
+    want_loss = -np.mean(np.minimum(unclipped, clipped))
+    active = unclipped <= clipped
+    want_grad = np.where(mask == 1, (np.where(active, -adv_seq * s_i, 0.0) / (lengths * b))[:, None], 0.0)
+    assert 0 < active.sum() < b or clip[0] > 0.01  # the paper's band clips some rows, not all
+    for backend in BACKENDS:
+        loss, grad, _ = backend.value_and_grad(
+            "policy_loss", "losses", 0, np.where(mask == 1, logprobs, np.nan), np.where(mask == 1, old, np.nan),
+            np.where(mask == 1, adv, np.nan), mask, kind="clip", clip_eps=lo, clip_eps_high=hi,
+            importance_level="sequence", loss_agg="seq-mean-token-mean")
+        assert_close(loss, want_loss, np.float64, f"{backend.name} GSPO loss")
+        assert_close(grad, want_grad, np.float64, f"{backend.name} GSPO gradient")
+
+
+@pytest.mark.parametrize("loss_agg", LOSS_AGG_MODES)
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**32 - 1), n_micro=st.sampled_from([2, 3, 6]))
+def test_aggregation_count_makes_accumulation_exact(loss_agg, seed, n_micro):
+    """Micro-batches m of a minibatch M weighted by aggregation_count(m) / aggregation_count(M):
+    sum_m w_m * aggregate_loss(m) = aggregate_loss(M) and the same for the gradient w.r.t. the
+    per-token losses, in float64 to 1e-12, in both backends -- with rows of very different
+    lengths and empty rows. A micro-batch without a real token adds nothing: its weight is 0, or
+    (seq-mean-token-sum-norm) its rows count but its loss is 0. The counts equal the reference's."""
+    rng = np.random.default_rng(seed)
+    b, t = 12, 7
+    lengths = rng.integers(0, t + 1, size=b)
+    lengths[rng.random(b) < 0.3] = 0
+    lengths[rng.integers(b)] = t
+    mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+    losses = rng.normal(size=(b, t)) * rng.choice([0.1, 1.0, 10.0], size=(b, 1))
+    losses = np.where(mask == 1, losses, np.nan)  # padding never counts
+    want = ref.aggregate(np.nan_to_num(losses), mask, loss_agg)
+    want_grad = ref.aggregation_weights(mask, loss_agg)
+    rows = np.split(rng.permutation(b), n_micro)
+    for backend in BACKENDS:
+        what = f"{backend.name} {loss_agg} {n_micro} micro-batches"
+        total = float(backend.call("aggregation_count", "masked", mask, loss_agg=loss_agg))
+        assert total == ref.aggregation_count(mask, loss_agg), what
+        acc, grad = 0.0, np.zeros((b, t))
+        for r in rows:
+            count = float(backend.call("aggregation_count", "masked", mask[r], loss_agg=loss_agg))
+            assert count == ref.aggregation_count(mask[r], loss_agg), what
+            if not mask[r].any():  # weight 0 (token-mean, seq-mean-token-mean) or loss 0 (sum-norm)
+                assert count == (mask[r].shape[0] if loss_agg == "seq-mean-token-sum-norm" else 0), what
+                continue
+            loss, g, _ = backend.value_and_grad("aggregate_loss", "masked", 0, losses[r], mask[r], loss_agg=loss_agg)
+            acc += count / total * float(loss)
+            grad[r] += count / total * g
+        assert_close(acc, want, np.float64, what + " loss")
+        assert_close(grad, want_grad, np.float64, what + " d loss / d per-token losses")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["grpo", "dr_grpo", "rloo"])
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**32 - 1), g=st.sampled_from([1, 2, 3, 8]), prompts=st.sampled_from([1, 4]),
+       scores_kind=st.sampled_from(["normal", "binary", "offset"]))
+def test_group_advantages(dtype, kind, seed, g, prompts, scores_kind):
+    """Normal scores, 0/1 scores (verifiable rewards: ties and all-equal groups are common) and
+    scores far from 0 (the mean must be removed without losing the spread)."""
+    if kind == "rloo" and g == 1:
+        return  # an error (tests/test_math_bad_input.py)
+    rng = np.random.default_rng(seed)
+    scores = {"normal": rng.normal(size=prompts * g),
+              "binary": rng.integers(0, 2, size=prompts * g).astype(np.float64),
+              "offset": 100.0 + rng.normal(size=prompts * g)}[scores_kind].astype(dtype)
+    want = ref.group_advantages(scores.astype(np.float64), g, kind)
+    # float32: the error of s_i - mean is relative to |s| (100 for "offset"), then divided by the
+    # std for grpo (the std is >= ~0.1 here except for all-equal groups, where both sides give 0).
+    scale = np.abs(scores.astype(np.float64)).max() + 1.0
+    if kind == "grpo":
+        group = scores.astype(np.float64).reshape(-1, g)
+        std = np.sqrt(((group - group.mean(1, keepdims=True)) ** 2).sum(1) / max(g - 1, 1))
+        scale = scale / np.repeat(np.where(std > 0, std, 1.0), g)
+    for backend in BACKENDS:
+        got = backend.call("group_advantages", "advantages", scores, num_generations=g, kind=kind)
+        what = f"{backend.name} {kind} G={g} {scores_kind}"
+        assert got.dtype == dtype and got.shape == scores.shape, what
+        assert_close_scaled(got, want, scale * np.ones_like(want), dtype, what)
+        if g == 1 and kind != "rloo":
+            assert np.all(got == 0), what + ": a lone sample's advantage is 0"
+
+
+def test_grpo_std_is_torch_std():
+    """The GRPO std is torch.std's default (unbiased, divisor G - 1), as TRL's and verl's are; an
+    independent check of the reference and both backends on hand-picked groups."""
+    import torch
+
+    scores = np.array([1.0, 2.0, 4.0, 0.0, 0.0, 1.0, 3.0, 3.0, 3.0])
+    groups = torch.tensor(scores).reshape(3, 3)
+    want = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-6)).reshape(-1).numpy()
+    assert np.all(want[6:] == 0)  # all-equal group
+    np.testing.assert_allclose(ref.group_advantages(scores, 3, "grpo"), want, rtol=1e-14, atol=1e-14)
+    for backend in BACKENDS:
+        np.testing.assert_allclose(backend.call("group_advantages", "advantages", scores, num_generations=3,
+                                                kind="grpo"), want, rtol=1e-14, atol=1e-14)
+    # RLOO by hand: 1 - (2 + 4) / 2 = -2
+    assert ref.group_advantages(scores, 3, "rloo")[0] == -2.0
+
+
+def _reinforce_scale(rewards64, mask, gamma):
+    """The size of the reward-to-go sums, and that divided by the whitening std: the float32
+    error of G_t is relative to the sums of |r| it adds up, that of A_t to those over sigma."""
+    magnitude = ref.discounted_reward_to_go(np.abs(rewards64), mask, gamma)
+    returns = ref.discounted_reward_to_go(rewards64, mask, gamma)
+    sigma = np.sqrt(ref.masked_var(returns, mask) + 1e-8)
+    return magnitude, (magnitude + magnitude.max()) / sigma
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(data=batches(), gamma=st.sampled_from([1.0, 0.99, 0.5, 0.0]))
+def test_reinforce_pp_returns(dtype, data, gamma):
+    d = data.astype(dtype)
+    lp, ref_lp = (np.nan_to_num(a.astype(np.float64)) for a in (d.logprobs, d.old_logprobs))
+    rewards64, _ = ref.shape_rewards(d.scores.astype(np.float64), lp, ref_lp, data.mask, 0.05, "k2")
+    rewards = np.where(data.mask == 1, rewards64, np.nan).astype(dtype)
+    rewards64 = np.nan_to_num(rewards.astype(np.float64))
+    want_adv, want_ret = ref.reinforce_pp_returns(rewards64, data.mask, gamma)
+    magnitude, adv_scale = _reinforce_scale(rewards64, data.mask, gamma)
+    for backend in BACKENDS:
+        what = f"{backend.name} gamma={gamma} {np.dtype(dtype).name}"
+        adv, ret = backend.call("reinforce_pp_returns", "advantages", rewards, data.mask, gamma=gamma)
+        assert_close_scaled(ret, want_ret, magnitude, dtype, what + " returns")
+        assert_close_scaled(adv, want_adv, adv_scale, dtype, what + " advantages")
+        assert np.all(adv[data.mask == 0] == 0) and np.all(ret[data.mask == 0] == 0), what
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(data=batches(), gamma=st.sampled_from([1.0, 0.9]), kl_estimator=st.sampled_from(["k1", "k2"]),
+       groups=st.sampled_from([1, 2, 5]))
+def test_reinforce_pp_baseline(dtype, data, gamma, kl_estimator, groups):
+    # the rows twice over (2 or 10 rows; the copies get their own scores): 1, 2 or 5 prompts
+    data = Batch(**{f.name: np.concatenate([getattr(data, f.name)] * 2) for f in dataclasses.fields(data)})
+    data.scores[len(data.scores) // 2:] = np.random.default_rng(len(data.scores)).normal(size=len(data.scores) // 2)
+    b = data.mask.shape[0]
+    g = b // groups if b % groups == 0 and b // groups >= 2 else b  # G >= 2 samples per prompt
+    d = data.astype(dtype)
+    lp, ref_lp = (np.nan_to_num(a.astype(np.float64)) for a in (d.logprobs, d.old_logprobs))
+    want_adv, want_ret, want_kl = ref.reinforce_pp_baseline(d.scores.astype(np.float64), lp, ref_lp, data.mask,
+                                                            0.05, g, gamma, kl_estimator)
+    rewards64, _ = ref.shape_rewards(ref.group_advantages(d.scores.astype(np.float64), g, "dr_grpo"), lp, ref_lp,
+                                     data.mask, 0.05, kl_estimator)
+    magnitude, adv_scale = _reinforce_scale(rewards64, data.mask, gamma)
+    for backend in BACKENDS:
+        what = f"{backend.name} G={g} gamma={gamma} {kl_estimator} {np.dtype(dtype).name}"
+        adv, ret, kl = backend.call("reinforce_pp_baseline", "advantages", d.scores, d.logprobs, d.old_logprobs,
+                                    data.mask, 0.05, num_generations=g, gamma=gamma, kl_estimator=kl_estimator)
+        assert_close_scaled(ret, want_ret, magnitude + 1.0, dtype, what + " returns")
+        assert_close_scaled(adv, want_adv, adv_scale + 1.0, dtype, what + " advantages")
+        assert_close(kl, want_kl * data.mask, dtype, what + " kl")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KL_LOSS_KINDS)
+@SETTINGS
+@given(data=batches(allow_empty_rows=True))
+def test_kl_loss(dtype, kind, data):
+    """Values and gradients of each KL-in-the-loss estimator against the hand-written ones; the
+    straight-through kinds' values are k1's / k3's bit for bit."""
+    d = data.astype(dtype)
+    lp, ref_lp = np.nan_to_num(d.logprobs.astype(np.float64)), np.nan_to_num(d.old_logprobs.astype(np.float64))
+    want, want_grad = ref.kl_loss(lp, ref_lp, kind)
+    for backend in BACKENDS:
+        what = f"{backend.name} {kind} {np.dtype(dtype).name}"
+        got = backend.call("kl_loss", "losses", d.logprobs, d.old_logprobs, kind=kind, mask=data.mask)
+        assert_close(got, want * data.mask, dtype, what + " value")
+        if kind.endswith("+"):
+            same = backend.call("kl_penalty", "losses", d.logprobs, d.old_logprobs, kind=kind[:-1], mask=data.mask)
+            np.testing.assert_array_equal(got, same, err_msg=what)
+        _, grad, _ = backend.value_and_grad("kl_loss", "losses", 0, d.logprobs, d.old_logprobs, kind=kind,
+                                            mask=data.mask, weights=np.ones_like(d.logprobs))
+        assert_close(grad, want_grad * data.mask, dtype, what + " d sum / d logprobs")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

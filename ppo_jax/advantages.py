@@ -14,13 +14,15 @@ import numpy as np
 
 from ppo_jax.losses import kl_penalty
 from ppo_jax.masked import _bool_mask, _clean, _float, last_token_index, masked_mean, masked_sum, whiten
-from ppo_rlhf.checks import check_choice, check_contiguous_rows, check_leading_dim, check_same_shape
+from ppo_rlhf.checks import check_choice, check_contiguous_rows, check_groups, check_leading_dim, check_same_shape
 from ppo_rlhf.config import KL_UNITS
+from ppo_rlhf.math_options import GROUP_ADVANTAGE_KINDS
 
 Array = jax.Array
 
 __all__ = [
-    "last_token_index", "shape_rewards", "gae", "whiten", "kl_for_controller",
+    "last_token_index", "shape_rewards", "gae", "whiten", "kl_for_controller", "group_advantages",
+    "reinforce_pp_returns", "reinforce_pp_baseline",
 ]
 
 
@@ -78,3 +80,68 @@ def kl_for_controller(kl: Array, mask: Array, *, units: str = "seq-sum") -> Arra
     if units == "token-mean":
         return masked_mean(kl, mask)
     return jnp.mean(masked_sum(kl, mask, axis=-1))
+
+
+def group_advantages(scores: Array, num_generations: int, kind: str, *, eps: float = 1e-6) -> Array:
+    """One advantage per sequence from the scores of its group: the G = `num_generations` samples
+    of one prompt. `scores` is [num_prompts * G], each prompt's samples adjacent (sample j of
+    prompt p at p * G + j); the result has the same layout.
+      "grpo":    (s_i - mean_g) / (std_g + eps), std_g the unbiased group std (divisor G - 1)
+      "dr_grpo": s_i - mean_g (no std division; Dr. GRPO)
+      "rloo":    s_i - (sum_g - s_i) / (G - 1), the mean of the other G - 1 samples
+                 (= G / (G - 1) * (s_i - mean_g))
+    G = 1: "grpo" and "dr_grpo" give 0 (a lone sample is its own group mean, with no spread);
+    "rloo" is an error (there is no other sample to be the baseline). A group of equal scores
+    gives 0 for every kind.
+    The std is the unbiased one (torch.std's default), as in TRL, verl and OpenRLHF, so that an
+    advantage scale, and the learning rate and clip range tuned for it, carry over from those
+    peers; the population std would make every advantage sqrt(G / (G - 1)) times larger (1.15x
+    at G = 4). Float32 at least, like every function here."""
+    fn = "group_advantages"
+    check_choice(fn, "kind", kind, GROUP_ADVANTAGE_KINDS)
+    check_groups(fn, scores, num_generations)
+    if kind == "rloo" and num_generations < 2:
+        raise ValueError(f"{fn}: kind='rloo' needs num_generations >= 2 (a leave-one-out baseline "
+                         f"needs another sample of the prompt), got {num_generations}")
+    s = _float(scores).reshape(-1, num_generations)
+    centred = s - jnp.mean(s, axis=-1, keepdims=True)
+    if kind == "dr_grpo":
+        out = centred
+    elif kind == "rloo":
+        out = s - (jnp.sum(s, axis=-1, keepdims=True) - s) / (num_generations - 1)
+    else:
+        var = jnp.sum(centred**2, axis=-1, keepdims=True) / max(num_generations - 1, 1)
+        out = centred / (jnp.sqrt(var) + eps)
+    return out.reshape(-1)
+
+
+def reinforce_pp_returns(rewards: Array, mask: Array, *, gamma: float) -> tuple[Array, Array]:
+    """REINFORCE++ (Hu 2025; OpenRLHF's "reinforce", verl's "reinforce_plus_plus"): per-token
+    rewards -- `shape_rewards`' output, the KL penalty on every token and the score on the last --
+    summed to go, G_t = r_t + gamma * G_{t+1} over each row's real tokens (its contiguous block;
+    terminal after the last), then whitened over every real token of the batch:
+    A_t = (G_t - mean) / sqrt(var + 1e-8), population variance (`whiten`; OpenRLHF clamps the
+    variance at 1e-8 instead of adding it). Returns (advantages, returns = G), 0 on padding."""
+    fn = "reinforce_pp_returns"
+    check_same_shape(fn, "rewards", rewards.shape, mask=mask)
+    mask = _bool_mask(fn, mask)
+    if not isinstance(mask, jax.core.Tracer):
+        check_contiguous_rows(fn, np.asarray(mask))
+    returns, _ = gae(rewards, jnp.zeros_like(_float(rewards)), mask, gamma=gamma, lam=1.0)
+    return whiten(returns, mask), returns
+
+
+def reinforce_pp_baseline(scores: Array, logprobs: Array, ref_logprobs: Array, mask: Array,
+                          kl_coef: float | Array, *, num_generations: int, gamma: float,
+                          kl_estimator: str = "k1") -> tuple[Array, Array, Array]:
+    """REINFORCE++-baseline (OpenRLHF's "reinforce_baseline"): each score minus its group's mean
+    (`group_advantages(..., "dr_grpo")`) before the KL shaping (`shape_rewards`), then
+    `reinforce_pp_returns`. Returns (advantages, returns, kl), like shape_rewards' kl.
+    num_generations = 1 is an error: a lone sample is its own group mean, so no score would remain."""
+    if num_generations == 1:
+        raise ValueError("reinforce_pp_baseline: num_generations=1 leaves no score (each sample is "
+                         "its own group mean); allowed >= 2, or reinforce_pp_returns without a baseline")
+    centred = group_advantages(scores, num_generations, "dr_grpo")
+    rewards, kl = shape_rewards(centred, logprobs, ref_logprobs, mask, kl_coef, kl_estimator=kl_estimator)
+    advantages, returns = reinforce_pp_returns(rewards, mask, gamma=gamma)
+    return advantages, returns, kl

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 
 from ppo_jax.masked import _bool_mask, _clean, _float, aggregate_loss, masked_mean, masked_var
 from ppo_rlhf.checks import check_choice, check_same_shape
-from ppo_rlhf.config import KL_ESTIMATORS, LOSS_AGGS, POLICY_LOSS_KINDS
+from ppo_rlhf.config import KL_ESTIMATORS, POLICY_LOSS_KINDS
+from ppo_rlhf.math_options import IMPORTANCE_LEVELS, KL_LOSS_KINDS, LOSS_AGG_MODES
 
 Array = jax.Array
 Stats = dict[str, Array]
@@ -76,10 +77,29 @@ def kl_penalty(logprobs: Array, ref_logprobs: Array, kind: str = "k1",
     return kl if mask is None else jnp.where(mask, kl, 0.0)
 
 
+def kl_loss(logprobs: Array, ref_logprobs: Array, kind: str = "k2", mask: Array | None = None) -> Array:
+    """Per-token KL(pi || pi_ref) estimate to add to the loss (GRPO's KL term; aggregate it with
+    `aggregate_loss`); gradients flow into `logprobs` only. With d = log pi - log pi_ref on tokens
+    sampled from pi: k1, k2, k3 as `kl_penalty` (their values and their gradients); "k1+" / "k3+"
+    take k1's / k3's value and k2's gradient, d * grad log pi (a straight-through form, verl's
+    "+" suffix). In expectation over on-policy samples only k2's gradient (so "k1+" / "k3+" too)
+    is grad KL(pi || pi_ref); k1's is 0 and k3's is grad KL(pi_ref || pi), the other direction
+    (docs/formulas.md, "KL in the loss"). With a mask, padded positions are 0."""
+    check_choice("kl_loss", "kind", kind, KL_LOSS_KINDS)
+    sg = jax.lax.stop_gradient
+    ref_logprobs = sg(ref_logprobs)
+    if not kind.endswith("+"):
+        return kl_penalty(logprobs, ref_logprobs, kind, mask=mask)
+    value = kl_penalty(logprobs, ref_logprobs, kind[:-1], mask=mask)
+    k2 = kl_penalty(logprobs, ref_logprobs, "k2", mask=mask)
+    return sg(value) + (k2 - sg(k2))  # k2 - sg(k2) is exactly 0: the value is k1's / k3's bit for bit
+
+
 # ---- policy loss (seed eqs. 4.1, 4.2, 4.3) ------------------------------------------------------
 def policy_loss(logprobs: Array, old_logprobs: Array, advantages: Array, mask: Array, *,
                 kind: str = "clip", clip_eps: float = 0.2, clip_eps_high: float | None = None,
-                dual_clip: float | None = None, loss_agg: str = "token-mean") -> tuple[Array, Stats]:
+                dual_clip: float | None = None, loss_agg: str = "token-mean",
+                importance_level: str = "token") -> tuple[Array, Stats]:
     """PPO policy loss (to minimise) and its statistics. All inputs [B, T]; gradients flow only
     into `logprobs` (old log-probs and advantages are constants).
 
@@ -89,15 +109,28 @@ def policy_loss(logprobs: Array, old_logprobs: Array, advantages: Array, mask: A
                  clip_eps_high=None means clip_eps (symmetric band). With dual_clip=c > 1, tokens
                  with A < 0 get loss_t = min(loss_t, -c A) (Ye et al. 2020).
 
+    importance_level="token": r = r_t, one ratio per token (PPO). importance_level="sequence":
+    r = s_i = exp(mean over the real tokens of row i of (log pi - log pi_old)), the length-
+    normalised sequence ratio of GSPO (Zheng et al. 2025), the same for every token of the row and
+    clipped as one; its gradient reaches every token of the row through the mean. GSPO as
+    published is this with loss_agg="seq-mean-token-mean" (per-row advantages then make each row's
+    loss -min(s_i A_i, clip(s_i) A_i)). Only for kind "is" and "clip" (kind "pg" has no ratio).
+
     stats: ratio_mean/max/min over real tokens; clipfrac = fraction of real tokens where the
     clipped term is the active one (its gradient is 0) -- reported for every kind, as if clipping
     with these epsilons; dual_clipfrac; approx_kl_k1 = mean(log pi_old - log pi) and
-    approx_kl_k3 = mean((r - 1) - log r), two estimates of KL(pi_old || pi)."""
+    approx_kl_k3 = mean((r - 1) - log r), two estimates of KL(pi_old || pi). The ratio stats and
+    clipfrac are of the ratio the loss uses (s_i at importance_level="sequence"); the KL estimates
+    are per token at either level."""
     fn = "policy_loss"
     check_choice(fn, "kind", kind, POLICY_LOSS_KINDS)
-    check_choice(fn, "loss_agg", loss_agg, LOSS_AGGS)
+    check_choice(fn, "loss_agg", loss_agg, LOSS_AGG_MODES)
+    check_choice(fn, "importance_level", importance_level, IMPORTANCE_LEVELS)
     check_same_shape(fn, "logprobs", logprobs.shape, old_logprobs=old_logprobs,
                      advantages=advantages, mask=mask)
+    if importance_level == "sequence" and kind == "pg":
+        raise ValueError(f"{fn}: importance_level='sequence' needs a ratio: allowed with kind 'is' or "
+                         "'clip', not 'pg'")
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"{fn}: dual_clip={dual_clip!r} is invalid: allowed > 1")
     mask = _bool_mask(fn, mask)
@@ -106,7 +139,10 @@ def policy_loss(logprobs: Array, old_logprobs: Array, advantages: Array, mask: A
     advantages = jax.lax.stop_gradient(_clean(advantages, mask))
 
     log_ratio = logprobs - old_logprobs
-    ratio = jnp.exp(log_ratio)
+    if importance_level == "sequence":  # one length-normalised ratio per row, on each of its tokens
+        ratio = jnp.exp(jnp.broadcast_to(masked_mean(log_ratio, mask, axis=-1)[:, None], log_ratio.shape))
+    else:
+        ratio = jnp.exp(log_ratio)
     hi = clip_eps if clip_eps_high is None else clip_eps_high
     unclipped = -advantages * ratio
     clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + hi)
@@ -148,7 +184,7 @@ def value_loss(values: Array, old_values: Array, returns: Array, mask: Array, *,
     stats: vf_clipfrac (fraction of real tokens where the clipped term is the larger one) and
     explained_variance = 1 - Var(R - V) / Var(R) over real tokens (NaN when Var(R) = 0)."""
     fn = "value_loss"
-    check_choice(fn, "loss_agg", loss_agg, LOSS_AGGS)
+    check_choice(fn, "loss_agg", loss_agg, LOSS_AGG_MODES)
     check_same_shape(fn, "values", values.shape, old_values=old_values, returns=returns, mask=mask)
     if clip_eps is not None and not clip_eps > 0:
         raise ValueError(f"{fn}: clip_eps={clip_eps!r} is invalid: allowed > 0 or None")

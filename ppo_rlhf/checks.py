@@ -76,3 +76,17 @@ def check_choice(fn: str, name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{fn}: {name}={value!r} is invalid: allowed "
                          + ", ".join(repr(c) for c in choices))
+
+
+def check_groups(fn: str, scores: Any, num_generations: Any) -> None:
+    """`scores` is 1-D [num_prompts * num_generations] (each prompt's samples adjacent) and
+    `num_generations` an integer >= 1 that divides its length."""
+    if isinstance(num_generations, bool) or not isinstance(num_generations, (int, np.integer)) \
+            or num_generations < 1:
+        raise ValueError(f"{fn}: num_generations={num_generations!r} is invalid: allowed an integer >= 1")
+    shape = tuple(scores.shape)
+    if len(shape) != 1:
+        raise ValueError(f"{fn}: scores must be 1-D [num_prompts * num_generations], got shape {shape}")
+    if shape[0] == 0 or shape[0] % num_generations:
+        raise ValueError(f"{fn}: scores has {shape[0]} entries, not a positive multiple of "
+                         f"num_generations={num_generations} (each prompt's samples adjacent)")

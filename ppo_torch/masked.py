@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ppo_rlhf.checks import check_choice, check_mask, check_same_shape
-from ppo_rlhf.config import LOSS_AGGS
+from ppo_rlhf.math_options import LOSS_AGG_MODES
 
 Tensor = torch.Tensor
 
@@ -94,15 +94,42 @@ def aggregate_loss(losses: Tensor, mask: Tensor, loss_agg: str = "token-mean") -
     """Per-token losses [B, T] -> scalar.
     "token-mean": sum over every real token / number of real tokens.
     "seq-mean-token-mean": each sequence's token mean, averaged over sequences that have at
-    least one real token."""
-    check_choice("aggregate_loss", "loss_agg", loss_agg, LOSS_AGGS)
+    least one real token.
+    "seq-mean-token-sum-norm": each sequence's token sum divided by the constant T (the
+    generation budget, max_new_tokens), averaged over all B rows: sum / (B * T) (Dr. GRPO; TRL's
+    "dr_grpo"). The divisor depends on neither lengths nor how many rows are empty.
+    Under gradient accumulation each micro-batch's loss is weighted by
+    `aggregation_count(micro) / aggregation_count(minibatch)`."""
+    check_choice("aggregate_loss", "loss_agg", loss_agg, LOSS_AGG_MODES)
     mask = _bool_mask("aggregate_loss", mask)
     check_same_shape("aggregate_loss", "mask", mask.shape, losses=losses)
     if loss_agg == "token-mean":
         return masked_mean(losses, mask)
+    if loss_agg == "seq-mean-token-sum-norm":
+        return masked_sum(losses, mask, axis=-1).sum() / mask.numel()
     per_seq = masked_mean(losses, mask, axis=-1)
     has_tokens = mask.any(dim=-1)
     return masked_mean(per_seq, has_tokens)
+
+
+def aggregation_count(mask: Tensor, loss_agg: str = "token-mean") -> Tensor:
+    """What `aggregate_loss` divides by, counted on this mask, as float32 (exact below 2^24): real
+    tokens (token-mean), sequences with a real token (seq-mean-token-mean), rows
+    (seq-mean-token-sum-norm; the constant T is in the loss itself). For micro-batches m of one
+    minibatch M, sum_m count(m) / count(M) * aggregate_loss(m) = aggregate_loss(M), so the
+    accumulated gradient is the minibatch's. A micro-batch without any real token has count 0
+    (token-mean, seq-mean-token-mean) and must be given weight 0, not its loss."""
+    check_choice("aggregation_count", "loss_agg", loss_agg, LOSS_AGG_MODES)
+    mask = _bool_mask("aggregation_count", mask, allow_all_zero=True)
+    if mask.ndim != 2:
+        raise ValueError(f"aggregation_count: mask must be 2-D [batch, time], got shape {tuple(mask.shape)}")
+    if loss_agg == "token-mean":
+        n = mask.sum()
+    elif loss_agg == "seq-mean-token-mean":
+        n = mask.any(dim=-1).sum()
+    else:
+        n = torch.tensor(mask.shape[0], device=mask.device)
+    return n.to(torch.float32)
 
 def last_token_index(mask: Tensor) -> Tensor:
     """[B, T] -> [B]: the index of each row's last real (non-zero) position; 0 for a row without
@@ -114,4 +141,5 @@ def last_token_index(mask: Tensor) -> Tensor:
     return torch.where(mask, positions, torch.full_like(positions, -1)).max(dim=-1).values.clamp(min=0)
 
 
-__all__ = ["last_token_index", "masked_sum", "masked_mean", "masked_var", "whiten", "aggregate_loss"]
+__all__ = ["last_token_index", "masked_sum", "masked_mean", "masked_var", "whiten", "aggregate_loss",
+           "aggregation_count"]

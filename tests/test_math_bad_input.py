@@ -102,3 +102,78 @@ def test_nan_on_padding_is_ignored_nan_on_real_token_propagates(backend):
     dirty[2][0, 0] = np.nan  # a real token
     loss, _, _ = backend.value_and_grad("policy_loss", "losses", 0, *dirty, MASK)
     assert np.isnan(loss)
+
+
+# ---- critic-free math ---------------------------------------------------------------------------
+def test_group_advantages_bad_groups(backend):
+    scores = _x(0, (6,))
+    with pytest.raises(ValueError, match=r"group_advantages: scores has 6 entries, not a positive multiple of "
+                                         r"num_generations=4"):
+        backend.call_eager("group_advantages", "advantages", scores, num_generations=4, kind="grpo")
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match=rf"group_advantages: num_generations={bad!r} is invalid: allowed an "
+                                             r"integer >= 1"):
+            backend.call_eager("group_advantages", "advantages", scores, num_generations=bad, kind="grpo")
+    with pytest.raises(ValueError, match=r"group_advantages: scores must be 1-D \[num_prompts \* num_generations\], "
+                                         r"got shape \(2, 3\)"):
+        backend.call_eager("group_advantages", "advantages", _x(0, (2, 3)), num_generations=3, kind="grpo")
+    with pytest.raises(ValueError, match=r"group_advantages: kind='ppo' is invalid: allowed 'grpo', 'dr_grpo', "
+                                         r"'rloo'"):
+        backend.call_eager("group_advantages", "advantages", scores, num_generations=2, kind="ppo")
+    with pytest.raises(ValueError, match=r"group_advantages: kind='rloo' needs num_generations >= 2"):
+        backend.call_eager("group_advantages", "advantages", scores, num_generations=1, kind="rloo")
+
+
+def test_reinforce_pp_bad_input(backend):
+    with pytest.raises(ValueError, match=r"reinforce_pp_returns: mask has shape \(3, 4\), but rewards has shape"):
+        backend.call_eager("reinforce_pp_returns", "advantages", _x(), MASK[:, :4], gamma=1.0)
+    holes = MASK.copy()
+    holes[0, 2] = 0
+    with pytest.raises(ValueError, match=r"reinforce_pp_returns: the real tokens of each row must be one "
+                                         r"contiguous block; rows \[0\]"):
+        backend.call_eager("reinforce_pp_returns", "advantages", _x(), holes, gamma=1.0)
+    with pytest.raises(ValueError, match="reinforce_pp_returns: mask is all zeros"):
+        backend.call_eager("reinforce_pp_returns", "advantages", _x(), np.zeros((B, T), np.int32), gamma=1.0)
+    with pytest.raises(ValueError, match=r"reinforce_pp_baseline: num_generations=1 leaves no score"):
+        backend.call_eager("reinforce_pp_baseline", "advantages", _x(0, (B,)), _x(), _x(1), MASK, 0.1,
+                           num_generations=1, gamma=1.0)
+    with pytest.raises(ValueError, match=r"group_advantages: scores has 3 entries, not a positive multiple of "
+                                         r"num_generations=2"):
+        backend.call_eager("reinforce_pp_baseline", "advantages", _x(0, (B,)), _x(), _x(1), MASK, 0.1,
+                           num_generations=2, gamma=1.0)
+
+
+def test_aggregation_bad_input(backend):
+    with pytest.raises(ValueError, match=r"aggregation_count: loss_agg='seq-sum' is invalid: allowed 'token-mean', "
+                                         r"'seq-mean-token-mean', 'seq-mean-token-sum-norm'"):
+        backend.call_eager("aggregation_count", "masked", MASK, loss_agg="seq-sum")
+    with pytest.raises(ValueError, match=r"aggregation_count: mask must be 2-D \[batch, time\], got shape \(5,\)"):
+        backend.call_eager("aggregation_count", "masked", MASK[0], loss_agg="token-mean")
+    with pytest.raises(ValueError, match=r"aggregation_count: mask must hold only 0/1"):
+        backend.call_eager("aggregation_count", "masked", MASK * 2, loss_agg="token-mean")
+
+
+def test_sequence_ratio_and_kl_loss_bad_options(backend):
+    with pytest.raises(ValueError, match=r"policy_loss: importance_level='seq' is invalid: allowed 'token', "
+                                         r"'sequence'"):
+        backend.call_eager("policy_loss", "losses", _x(), _x(1), _x(2), MASK, importance_level="seq")
+    with pytest.raises(ValueError, match=r"policy_loss: importance_level='sequence' needs a ratio: allowed with "
+                                         r"kind 'is' or 'clip', not 'pg'"):
+        backend.call_eager("policy_loss", "losses", _x(), _x(1), _x(2), MASK, kind="pg", importance_level="sequence")
+    with pytest.raises(ValueError, match=r"kl_loss: kind='k2\+' is invalid: allowed 'k1', 'k2', 'k3', 'k1\+', "
+                                         r"'k3\+'"):
+        backend.call_eager("kl_loss", "losses", _x(), _x(1), kind="k2+")
+    with pytest.raises(ValueError, match=r"kl_penalty: mask has shape"):
+        backend.call_eager("kl_loss", "losses", _x(), _x(1), kind="k3+", mask=MASK[:, :4])
+
+
+def test_nan_on_padding_is_ignored_at_sequence_level(backend):
+    """The sequence ratio averages real tokens only: NaN padding changes neither loss nor gradient."""
+    lp, old, adv = _x(), _x(1), _x(2)
+    clean = backend.value_and_grad("policy_loss", "losses", 0, lp, old, adv, MASK, importance_level="sequence")
+    dirty = [a.copy() for a in (lp, old, adv)]
+    for a in dirty:
+        a[MASK == 0] = np.nan
+    loss, grad, _ = backend.value_and_grad("policy_loss", "losses", 0, *dirty, MASK, importance_level="sequence")
+    assert float(loss) == float(clean[0])
+    np.testing.assert_array_equal(grad, clean[1])
