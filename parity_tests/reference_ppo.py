@@ -138,13 +138,25 @@ def gae(rewards, values, rm, gamma, lam):
     return adv, (adv + values) * rm
 
 
-def aggregate(x, rm, seq_mean):
-    """Mean over real tokens, or the mean over non-empty sequences of each one's token mean."""
+def aggregate(x, rm, mode):
+    """Mean over real tokens; the mean over non-empty sequences of each one's token mean; or each
+    sequence's token sum over the constant T, averaged over all rows (Dr. GRPO)."""
     real = rm.bool()
-    if seq_mean:
+    if mode == "seq-mean-token-mean":
         per_seq = (x * rm).sum(1) / rm.sum(1).clamp(min=1)
         return per_seq[real.any(1)].mean()
+    if mode == "seq-mean-token-sum-norm":
+        return (x * rm).sum() / (rm.shape[0] * rm.shape[1])
     return x[real].mean()
+
+
+def count(rm, mode):
+    """What a micro-batch's weight counts: real tokens, non-empty sequences, or rows."""
+    if mode == "seq-mean-token-mean":
+        return (rm.sum(1) > 0).sum()
+    if mode == "seq-mean-token-sum-norm":
+        return torch.tensor(rm.shape[0])
+    return rm.sum()
 
 
 def whiten(x, rm, eps=1e-8):
@@ -228,8 +240,8 @@ def ppo_iteration(policy_dir, *, query_ids, query_mask, noise, minibatch_rows, c
         for p in params:
             p.grad = torch.zeros_like(p)
         rows = torch.as_tensor(rows).long()
-        seq_mean = cfg["loss_agg"] == "seq-mean-token-mean"
-        total = (rm[rows].sum(1) > 0).sum() if seq_mean else rm[rows].sum()
+        mode = cfg["loss_agg"]
+        total = count(rm[rows], mode)
         step_stats: dict[str, float] = {}
         for micro in rows.reshape(cfg["grad_accum_steps"], -1):
             mq, mqm, mr, mrm = q[micro], qm[micro], r[micro], rm[micro]
@@ -242,15 +254,15 @@ def ppo_iteration(policy_dir, *, query_ids, query_mask, noise, minibatch_rows, c
             v_clip = old_v + (new_v - old_v).clamp(-cfg["value_clip_eps"], cfg["value_clip_eps"])
             vf = 0.5 * torch.maximum((new_v - ret) ** 2, (v_clip - ret) ** 2)
             real = mrm.bool()
-            n_micro = (real.sum(1) > 0).sum() if seq_mean else real.sum()
+            n_micro = count(mrm, mode)
             weight = n_micro / total  # this micro-batch's share of the minibatch loss
 
-            pg_loss, vf_loss = aggregate(pg, mrm, seq_mean), aggregate(vf, mrm, seq_mean)
+            pg_loss, vf_loss = aggregate(pg, mrm, mode), aggregate(vf, mrm, mode)
             loss = pg_loss + cfg["vf_coef"] * vf_loss
             (loss * weight).backward()
             w = float(weight)
             for name, value in (("loss/policy", pg_loss), ("loss/value", vf_loss),
-                                ("policy/entropy", aggregate(ent, mrm, seq_mean)),
+                                ("policy/entropy", aggregate(ent, mrm, mode)),
                                 ("policy/clipfrac", ((-adv * ratio.clamp(1 - eps, 1 + eps) > -adv * ratio)
                                                      .to(dtype))[real].mean()),
                                 ("policy/approxkl", (ratio - 1 - torch.log(ratio))[real].mean()),

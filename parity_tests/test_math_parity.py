@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from parity_tests import reference as ref
 from parity_tests.backends import BACKENDS, assert_close, assert_close_scaled, assert_stats_close, tol
+from ppo_rlhf.config import KL_LOSS_KINDS, LOSS_AGGS
 from ppo_rlhf.kl_control import adaptive_kl_update
-from ppo_rlhf.math_options import KL_LOSS_KINDS, LOSS_AGG_MODES
 
 DTYPES = [np.float64, np.float32]
 SETTINGS = settings(max_examples=20, deadline=None, derandomize=True,
@@ -283,7 +283,7 @@ def test_kl_controller(dtype, units, data, kl_coef, n):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("loss_agg", LOSS_AGG_MODES)
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
 @SETTINGS
 @given(data=batches(allow_empty_rows=True))
 def test_aggregate_loss(dtype, loss_agg, data):
@@ -325,7 +325,7 @@ def test_sequence_ratio_is_gspos_objective(clip):
         assert_close(grad, want_grad, np.float64, f"{backend.name} GSPO gradient")
 
 
-@pytest.mark.parametrize("loss_agg", LOSS_AGG_MODES)
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
 @settings(max_examples=20, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 2**32 - 1), n_micro=st.sampled_from([2, 3, 6]))
 def test_aggregation_count_makes_accumulation_exact(loss_agg, seed, n_micro):

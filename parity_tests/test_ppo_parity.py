@@ -66,6 +66,7 @@ CONFIGS = {
                                               advantages_shift_mean=False, ent_coef=0.01,
                                               missing_eos_penalty=1.0, gamma=0.95, lam=0.9,
                                               grad_accum_steps=2),
+    "sum-norm-accum": dict(loss_agg="seq-mean-token-sum-norm", grad_accum_steps=2),
     "pg-unclipped-value": dict(policy_loss="pg", value_clip_eps=None, num_minibatches=1,
                                max_grad_norm=None, weight_decay=0.01),
 }

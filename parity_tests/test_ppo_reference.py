@@ -44,6 +44,7 @@ from ppo_rlhf.testing import EOS_ID, PAD_ID
 
 SETTINGS = {
     "reward-fn": dict(grad_accum_steps=2, missing_eos_penalty=1.0, kl_coef=0.2),
+    "reward-fn-sum-norm": dict(grad_accum_steps=2, loss_agg="seq-mean-token-sum-norm", kl_coef=0.1),
     "reward-model": dict(loss_agg="seq-mean-token-mean", missing_eos_penalty=0.5, gamma=0.95, lam=0.9,
                          weight_decay=0.01),
 }

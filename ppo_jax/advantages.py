@@ -15,8 +15,7 @@ import numpy as np
 from ppo_jax.losses import kl_penalty
 from ppo_jax.masked import _bool_mask, _clean, _float, last_token_index, masked_mean, masked_sum, whiten
 from ppo_rlhf.checks import check_choice, check_contiguous_rows, check_groups, check_leading_dim, check_same_shape
-from ppo_rlhf.config import KL_UNITS
-from ppo_rlhf.math_options import GROUP_ADVANTAGE_KINDS
+from ppo_rlhf.config import GROUP_ADVANTAGE_KINDS, KL_UNITS
 
 Array = jax.Array
 

@@ -23,8 +23,7 @@ import jax.numpy as jnp
 
 from ppo_jax.masked import _bool_mask, _clean, _float, aggregate_loss, masked_mean, masked_var
 from ppo_rlhf.checks import check_choice, check_same_shape
-from ppo_rlhf.config import KL_ESTIMATORS, POLICY_LOSS_KINDS
-from ppo_rlhf.math_options import IMPORTANCE_LEVELS, KL_LOSS_KINDS, LOSS_AGG_MODES
+from ppo_rlhf.config import IMPORTANCE_LEVELS, KL_ESTIMATORS, KL_LOSS_KINDS, LOSS_AGGS, POLICY_LOSS_KINDS
 
 Array = jax.Array
 Stats = dict[str, Array]
@@ -124,7 +123,7 @@ def policy_loss(logprobs: Array, old_logprobs: Array, advantages: Array, mask: A
     are per token at either level."""
     fn = "policy_loss"
     check_choice(fn, "kind", kind, POLICY_LOSS_KINDS)
-    check_choice(fn, "loss_agg", loss_agg, LOSS_AGG_MODES)
+    check_choice(fn, "loss_agg", loss_agg, LOSS_AGGS)
     check_choice(fn, "importance_level", importance_level, IMPORTANCE_LEVELS)
     check_same_shape(fn, "logprobs", logprobs.shape, old_logprobs=old_logprobs,
                      advantages=advantages, mask=mask)
@@ -184,7 +183,7 @@ def value_loss(values: Array, old_values: Array, returns: Array, mask: Array, *,
     stats: vf_clipfrac (fraction of real tokens where the clipped term is the larger one) and
     explained_variance = 1 - Var(R - V) / Var(R) over real tokens (NaN when Var(R) = 0)."""
     fn = "value_loss"
-    check_choice(fn, "loss_agg", loss_agg, LOSS_AGG_MODES)
+    check_choice(fn, "loss_agg", loss_agg, LOSS_AGGS)
     check_same_shape(fn, "values", values.shape, old_values=old_values, returns=returns, mask=mask)
     if clip_eps is not None and not clip_eps > 0:
         raise ValueError(f"{fn}: clip_eps={clip_eps!r} is invalid: allowed > 0 or None")

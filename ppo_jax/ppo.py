@@ -54,7 +54,7 @@ from ppo_jax.abstract import evaluate
 from ppo_jax.advantages import gae, kl_for_controller, shape_rewards, whiten
 from ppo_jax.generate import SamplingOptions, generate, make_generate_fn
 from ppo_jax.losses import policy_loss, value_loss
-from ppo_jax.masked import aggregate_loss
+from ppo_jax.masked import aggregate_loss, aggregation_count
 from ppo_jax.models import (
     MODEL_KIT,
     CausalLM,
@@ -104,15 +104,9 @@ class Role:
 
 def microbatch_weight(mask: Array, loss_agg: str, total: Array) -> Array:
     """A micro-batch's share of its minibatch's loss, so that summing micro-batch losses gives
-    exactly the minibatch loss: its real tokens (token-mean) or its non-empty sequences
-    (seq-mean-token-mean) over the minibatch's."""
-    return _agg_count(mask, loss_agg) / total
-
-
-def _agg_count(mask: Array, loss_agg: str) -> Array:
-    real = mask != 0
-    n = jnp.sum(real) if loss_agg == "token-mean" else jnp.sum(jnp.any(real, axis=-1))
-    return n.astype(jnp.float32)
+    exactly the minibatch loss: its `aggregation_count` -- real tokens (token-mean), non-empty
+    sequences (seq-mean-token-mean), rows (seq-mean-token-sum-norm) -- over the minibatch's."""
+    return aggregation_count(mask, loss_agg) / total
 
 
 # Stats of one optimiser step: weighted means over micro-batches, except these.
@@ -308,7 +302,7 @@ class PPOTrainer(TrainerBase):
         cfg = self.config
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         micro = idx.reshape(cfg.grad_accum_steps, cfg.microbatch_size)
-        total = _agg_count(batch["response_mask"][idx], cfg.loss_agg)
+        total = aggregation_count(batch["response_mask"][idx], cfg.loss_agg)
 
         def one(rows):
             mb = self.parallel.constrain_batch(jax.tree.map(lambda x: x[rows], batch))

@@ -23,12 +23,18 @@ from typing import Any, Literal, Mapping
 PolicyLossKind = Literal["pg", "is", "clip"]
 KLEstimator = Literal["k1", "k2", "k3"]
 KLUnits = Literal["seq-sum", "token-mean"]
-LossAgg = Literal["token-mean", "seq-mean-token-mean"]
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
 POLICY_LOSS_KINDS = ("pg", "is", "clip")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 KL_UNITS = ("seq-sum", "token-mean")
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+GROUP_ADVANTAGE_KINDS = ("grpo", "dr_grpo", "rloo")
+"""`group_advantages` kinds: group-normalised (GRPO), group-centred (Dr. GRPO), leave-one-out (RLOO)."""
+IMPORTANCE_LEVELS = ("token", "sequence")
+"""`policy_loss(importance_level=...)`: one ratio per token (PPO), or one per sequence (GSPO)."""
+KL_LOSS_KINDS = ("k1", "k2", "k3", "k1+", "k3+")
+"""`kl_loss` estimators; "k1+" / "k3+" take k1's / k3's value and k2's gradient (straight-through)."""
 
 
 RM_LOSSES = ("bradley_terry", "plackett_luce", "best_of_k", "rating")
@@ -197,7 +203,10 @@ class PPOConfig(Config):
     loss_agg: LossAgg = "token-mean"
     """How per-token losses become a scalar: "token-mean" = sum over all real tokens of the
     minibatch / their count (default); "seq-mean-token-mean" = mean over sequences of each
-    sequence's token mean (long responses weigh the same as short ones)."""
+    sequence's token mean (long responses weigh the same as short ones);
+    "seq-mean-token-sum-norm" = each sequence's token sum over the constant max_new_tokens,
+    averaged over sequences (Dr. GRPO: no length normalisation, a divisor that never changes).
+    Every mode is exact under gradient accumulation (`masked.aggregation_count`)."""
 
     # ---- rewards, KL and advantages ------------------------------------------------------------
     gamma: float = 1.0
@@ -501,6 +510,6 @@ class SFTConfig(Config):
 
 
 __all__ = ["Config", "ModelOptions", "check_model_options", "PPOConfig", "RMConfig", "SFTConfig",
-           "POLICY_LOSS_KINDS", "KL_ESTIMATORS",
-           "KL_UNITS", "LOSS_AGGS", "RM_LOSSES", "TIES", "LR_SCHEDULES", "REMATS",
+           "POLICY_LOSS_KINDS", "KL_ESTIMATORS", "KL_UNITS", "LOSS_AGGS", "GROUP_ADVANTAGE_KINDS",
+           "IMPORTANCE_LEVELS", "KL_LOSS_KINDS", "RM_LOSSES", "TIES", "LR_SCHEDULES", "REMATS",
            "COMPUTE_DTYPES", "FROZEN_DTYPES"]

@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 
 from ppo_rlhf.checks import check_choice, check_contiguous_rows, check_groups, check_leading_dim, check_same_shape
-from ppo_rlhf.config import KL_UNITS
-from ppo_rlhf.math_options import GROUP_ADVANTAGE_KINDS
+from ppo_rlhf.config import GROUP_ADVANTAGE_KINDS, KL_UNITS
 from ppo_torch.losses import kl_penalty
 from ppo_torch.masked import _bool_mask, _clean, _float, last_token_index, masked_mean, masked_sum, whiten
 

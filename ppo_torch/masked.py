@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ppo_rlhf.checks import check_choice, check_mask, check_same_shape
-from ppo_rlhf.math_options import LOSS_AGG_MODES
+from ppo_rlhf.config import LOSS_AGGS
 
 Tensor = torch.Tensor
 
@@ -100,7 +100,7 @@ def aggregate_loss(losses: Tensor, mask: Tensor, loss_agg: str = "token-mean") -
     "dr_grpo"). The divisor depends on neither lengths nor how many rows are empty.
     Under gradient accumulation each micro-batch's loss is weighted by
     `aggregation_count(micro) / aggregation_count(minibatch)`."""
-    check_choice("aggregate_loss", "loss_agg", loss_agg, LOSS_AGG_MODES)
+    check_choice("aggregate_loss", "loss_agg", loss_agg, LOSS_AGGS)
     mask = _bool_mask("aggregate_loss", mask)
     check_same_shape("aggregate_loss", "mask", mask.shape, losses=losses)
     if loss_agg == "token-mean":
@@ -119,7 +119,7 @@ def aggregation_count(mask: Tensor, loss_agg: str = "token-mean") -> Tensor:
     minibatch M, sum_m count(m) / count(M) * aggregate_loss(m) = aggregate_loss(M), so the
     accumulated gradient is the minibatch's. A micro-batch without any real token has count 0
     (token-mean, seq-mean-token-mean) and must be given weight 0, not its loss."""
-    check_choice("aggregation_count", "loss_agg", loss_agg, LOSS_AGG_MODES)
+    check_choice("aggregation_count", "loss_agg", loss_agg, LOSS_AGGS)
     mask = _bool_mask("aggregation_count", mask, allow_all_zero=True)
     if mask.ndim != 2:
         raise ValueError(f"aggregation_count: mask must be 2-D [batch, time], got shape {tuple(mask.shape)}")

@@ -54,7 +54,7 @@ from ppo_rlhf.runtime.ppo import TrainerBase
 from ppo_torch.advantages import gae, kl_for_controller, shape_rewards, whiten
 from ppo_torch.generate import generate
 from ppo_torch.losses import policy_loss, value_loss
-from ppo_torch.masked import aggregate_loss
+from ppo_torch.masked import aggregate_loss, aggregation_count
 from ppo_torch.models import (
     MODEL_KIT,
     CausalLM,
@@ -74,15 +74,9 @@ Tensor = torch.Tensor
 # ---- small pure helpers --------------------------------------------------------------------------
 def microbatch_weight(mask: Tensor, loss_agg: str, total: Tensor) -> Tensor:
     """A micro-batch's share of its minibatch's loss, so that summing micro-batch losses gives
-    exactly the minibatch loss: its real tokens (token-mean) or its non-empty sequences
-    (seq-mean-token-mean) over the minibatch's."""
-    return _agg_count(mask, loss_agg) / total
-
-
-def _agg_count(mask: Tensor, loss_agg: str) -> Tensor:
-    real = mask != 0
-    n = real.sum() if loss_agg == "token-mean" else real.any(dim=-1).sum()
-    return n.to(torch.float32)
+    exactly the minibatch loss: its `aggregation_count` -- real tokens (token-mean), non-empty
+    sequences (seq-mean-token-mean), rows (seq-mean-token-sum-norm) -- over the minibatch's."""
+    return aggregation_count(mask, loss_agg) / total
 
 
 # Stats of one optimiser step: weighted means over micro-batches, except these.
@@ -288,7 +282,7 @@ class PPOTrainer(TrainerBase):
         Distributed: this rank's rows of the minibatch, weighted within the whole minibatch."""
         cfg = self.config
         micro = idx[self.parallel.local_rows(len(idx))].reshape(cfg.grad_accum_steps, -1)
-        total = _agg_count(batch["response_mask"][idx], cfg.loss_agg)
+        total = aggregation_count(batch["response_mask"][idx], cfg.loss_agg)
         acc: dict[str, Tensor] = {}
         for i, rows in enumerate(micro):
             mb = {k: v[rows] for k, v in batch.items()}
