@@ -24,12 +24,16 @@ PolicyLossKind = Literal["pg", "is", "clip"]
 KLEstimator = Literal["k1", "k2", "k3"]
 KLUnits = Literal["seq-sum", "token-mean"]
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+AdvantageEstimator = Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
+ImportanceLevel = Literal["token", "sequence"]
 
 POLICY_LOSS_KINDS = ("pg", "is", "clip")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 KL_UNITS = ("seq-sum", "token-mean")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 GROUP_ADVANTAGE_KINDS = ("grpo", "dr_grpo", "rloo")
+ADVANTAGE_ESTIMATORS = ("gae",) + GROUP_ADVANTAGE_KINDS + ("reinforce_pp", "reinforce_pp_baseline")
+"""`PPOConfig.advantage_estimator`: GAE with a critic (PPO), or a critic-free one."""
 """`group_advantages` kinds: group-normalised (GRPO), group-centred (Dr. GRPO), leave-one-out (RLOO)."""
 IMPORTANCE_LEVELS = ("token", "sequence")
 """`policy_loss(importance_level=...)`: one ratio per token (PPO), or one per sequence (GSPO)."""
@@ -208,7 +212,32 @@ class PPOConfig(Config):
     averaged over sequences (Dr. GRPO: no length normalisation, a divisor that never changes).
     Every mode is exact under gradient accumulation (`masked.aggregation_count`)."""
 
+    importance_level: ImportanceLevel = "token"
+    """"token": one importance ratio per token (PPO). "sequence": one per sequence, the
+    length-normalised exp(mean_t(log pi - log pi_old)), clipped per sequence (GSPO, Zheng et al.
+    2025; `losses.policy_loss`)."""
+    kl_loss_coef: float = 0.0
+    """Weight of a KL(pi || pi_ref) term in the LOSS (as GRPO), besides or instead of the KL in
+    the reward (`kl_coef`); 0 = none. Estimated per token by `kl_loss_estimator` and aggregated
+    as the policy loss (`loss_agg`)."""
+    kl_loss_estimator: str = "k2"
+    """The KL-in-the-loss estimator: "k2" (default), "k1+" or "k3+" -- the ones whose expected
+    gradient under on-policy samples is the gradient of KL(pi || pi_ref); "k1" (expected gradient
+    0) and "k3" (the gradient of the reverse KL) are allowed for comparison with published code
+    (docs/formulas.md, "KL in the loss"; tests/test_kl_gradient.py)."""
+
     # ---- rewards, KL and advantages ------------------------------------------------------------
+    advantage_estimator: AdvantageEstimator = "gae"
+    """"gae": PPO -- per-token KL-shaped rewards, a critic, GAE (default). Critic-free (no critic
+    is built or trained; `advantages.py`): "grpo" (each sequence's return minus its group's
+    mean, over the group's unbiased std), "dr_grpo" (minus the mean only), "rloo" (minus the mean
+    of the group's other samples), "reinforce_pp" (REINFORCE++: discounted reward-to-go of the
+    KL-shaped rewards, whitened over the batch) and "reinforce_pp_baseline" (its group-mean
+    baseline first). A sequence's return is its score minus kl_coef times its summed KL. The
+    group estimators need num_generations >= 2."""
+    num_generations: int = 1
+    """Responses sampled per prompt (G): an iteration samples batch_size * G responses, each
+    prompt's G adjacent (`rollout_size`); minibatches and micro-batches split those responses."""
     gamma: float = 1.0
     """GAE discount. 1.0: the episode is one short response; no discounting (TRL default)."""
     lam: float = 0.95
@@ -260,11 +289,11 @@ class PPOConfig(Config):
 
     # ---- loop ----------------------------------------------------------------------------------
     batch_size: int = 16
-    """Prompts (= responses) per PPO iteration."""
+    """Prompts per PPO iteration (responses: batch_size * num_generations, `rollout_size`)."""
     ppo_epochs: int = 4
     """Passes over each rollout batch (K)."""
     num_minibatches: int = 1
-    """Minibatches per epoch (M); batch_size must be divisible by it."""
+    """Minibatches per epoch (M); rollout_size must be divisible by it."""
     grad_accum_steps: int = 1
     """Micro-batches per minibatch whose gradients are summed before one optimiser step."""
     learning_rate: float = 1e-5
@@ -338,6 +367,19 @@ class PPOConfig(Config):
         self._check_range("vf_coef", 0.0, None)
         self._check_range("ent_coef", 0.0, None)
         self._check_choice("loss_agg", LOSS_AGGS)
+        self._check_choice("importance_level", IMPORTANCE_LEVELS)
+        if self.importance_level == "sequence" and self.policy_loss == "pg":
+            self._fail("importance_level", self.importance_level,
+                       "'token' with policy_loss='pg' (a sequence ratio needs 'is' or 'clip')")
+        self._check_range("kl_loss_coef", 0.0, None)
+        self._check_choice("kl_loss_estimator", KL_LOSS_KINDS)
+        self._check_choice("advantage_estimator", ADVANTAGE_ESTIMATORS)
+        self._check_range("num_generations", 1, None, integer=True)
+        if self.num_generations < 2 and self.advantage_estimator in GROUP_ADVANTAGE_KINDS + (
+                "reinforce_pp_baseline",):
+            self._fail("num_generations", self.num_generations,
+                       f"an integer >= 2 with advantage_estimator={self.advantage_estimator!r} (a group "
+                       f"baseline needs a group)")
         self._check_range("gamma", 0.0, 1.0)
         self._check_range("lam", 0.0, 1.0)
         self._check_choice("kl_estimator", KL_ESTIMATORS)
@@ -357,12 +399,12 @@ class PPOConfig(Config):
         self._check_range("ppo_epochs", 1, None, integer=True)
         self._check_range("num_minibatches", 1, None, integer=True)
         self._check_range("grad_accum_steps", 1, None, integer=True)
-        if self.batch_size % self.num_minibatches:
+        if self.rollout_size % self.num_minibatches:
             self._fail("num_minibatches", self.num_minibatches,
-                  f"a divisor of batch_size={self.batch_size}")
-        if (self.batch_size // self.num_minibatches) % self.grad_accum_steps:
+                  f"a divisor of rollout_size = batch_size * num_generations = {self.rollout_size}")
+        if (self.rollout_size // self.num_minibatches) % self.grad_accum_steps:
             self._fail("grad_accum_steps", self.grad_accum_steps,
-                  f"a divisor of the minibatch size {self.batch_size // self.num_minibatches}")
+                  f"a divisor of the minibatch size {self.rollout_size // self.num_minibatches}")
         self._check_range("learning_rate", 0.0, None)
         self._check_range("adam_eps", 0.0, None)
         self._check_range("weight_decay", 0.0, None)
@@ -379,8 +421,18 @@ class PPOConfig(Config):
 
     # ---- derived -------------------------------------------------------------------------------
     @property
+    def rollout_size(self) -> int:
+        """Responses per iteration: batch_size prompts x num_generations each."""
+        return self.batch_size * self.num_generations
+
+    @property
+    def uses_critic(self) -> bool:
+        """Does the estimator need a critic (GAE)? Critic-free ones build none."""
+        return self.advantage_estimator == "gae"
+
+    @property
     def minibatch_size(self) -> int:
-        return self.batch_size // self.num_minibatches
+        return self.rollout_size // self.num_minibatches
 
     @property
     def microbatch_size(self) -> int:
@@ -510,6 +562,6 @@ class SFTConfig(Config):
 
 
 __all__ = ["Config", "ModelOptions", "check_model_options", "PPOConfig", "RMConfig", "SFTConfig",
-           "POLICY_LOSS_KINDS", "KL_ESTIMATORS", "KL_UNITS", "LOSS_AGGS", "GROUP_ADVANTAGE_KINDS",
-           "IMPORTANCE_LEVELS", "KL_LOSS_KINDS", "RM_LOSSES", "TIES", "LR_SCHEDULES", "REMATS",
+           "POLICY_LOSS_KINDS", "KL_ESTIMATORS", "KL_UNITS", "LOSS_AGGS", "ADVANTAGE_ESTIMATORS",
+           "GROUP_ADVANTAGE_KINDS", "IMPORTANCE_LEVELS", "KL_LOSS_KINDS", "RM_LOSSES", "TIES", "LR_SCHEDULES", "REMATS",
            "COMPUTE_DTYPES", "FROZEN_DTYPES"]

@@ -38,7 +38,13 @@ def test_defaults_are_valid_and_documented():
     ("adaptive_kl", "yes", r"PPOConfig.adaptive_kl='yes' is invalid: allowed True or False"),
     ("temperature", 0.0, r"PPOConfig.temperature=0.0"),
     ("top_p", 1.5, r"PPOConfig.top_p=1.5"),
-    ("num_minibatches", 3, r"PPOConfig.num_minibatches=3 is invalid: allowed a divisor of batch_size=16"),
+    ("num_minibatches", 3, r"PPOConfig.num_minibatches=3 is invalid: allowed a divisor of rollout_size = "
+                           r"batch_size \* num_generations = 16"),
+    ("num_generations", 0, r"PPOConfig.num_generations=0 is invalid: allowed an integer in \[1, inf\)"),
+    ("advantage_estimator", "ppo", r"PPOConfig.advantage_estimator='ppo' is invalid: allowed one of 'gae'"),
+    ("importance_level", "seq", r"PPOConfig.importance_level='seq' is invalid"),
+    ("kl_loss_estimator", "k4", r"PPOConfig.kl_loss_estimator='k4' is invalid"),
+    ("kl_loss_coef", -0.1, r"PPOConfig.kl_loss_coef=-0.1 is invalid"),
     ("max_grad_norm", 0.0, r"PPOConfig.max_grad_norm=0.0"),
     ("seed", -1, r"PPOConfig.seed=-1"),
     ("remat", "some", r"PPOConfig.remat='some' is invalid: allowed one of 'none', 'full', 'dots'"),
@@ -66,3 +72,18 @@ def test_frozen_json_round_trip_and_unknown_fields():
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['clip_epsilon'\]"):
         PPOConfig.from_dict({"clip_epsilon": 0.2})
     assert cfg.replace(clip_eps=0.1).clip_eps == 0.1
+
+
+def test_critic_free_fields():
+    """A group baseline needs a group; a sequence ratio needs a ratio; sizes count responses."""
+    cfg = PPOConfig(batch_size=4, num_generations=4, num_minibatches=8, advantage_estimator="grpo")
+    assert cfg.rollout_size == 16 and cfg.minibatch_size == 2 and not cfg.uses_critic
+    assert PPOConfig().uses_critic and PPOConfig(advantage_estimator="reinforce_pp").num_generations == 1
+    for est in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"):
+        with pytest.raises(ValueError, match=rf"num_generations=1 is invalid: allowed an integer >= 2 with "
+                                             rf"advantage_estimator='{est}'"):
+            PPOConfig(advantage_estimator=est)
+    with pytest.raises(ValueError, match="importance_level='sequence' is invalid: allowed 'token' with "
+                                         "policy_loss='pg'"):
+        PPOConfig(importance_level="sequence", policy_loss="pg")
+    assert PPOConfig.from_dict(cfg.to_dict()) == cfg
