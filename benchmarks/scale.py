@@ -28,7 +28,9 @@ Each (backend, config) runs in its own process (peak RSS is per process) and rep
   decode_hbm      (gpu suite) weight bytes read per decode step / step time / HBM bandwidth
                   (--hbm-tbps, default 4.8 TB/s, H200)
 Configs (--configs): "off" = remat none, logprob_chunk 0; "on" = remat full, logprob_chunk 16
-(see PPOConfig.remat / logprob_chunk); "remat", "chunk" = one of the two.
+(see PPOConfig.remat / logprob_chunk); "remat", "chunk" = one of the two; "off-critic-free",
+"on-critic-free" = the same with advantage_estimator="reinforce_pp" (no critic: what dropping it
+saves in memory and time, at the same rollout).
 
 Results: a JSON file (--out, default benchmarks/results/scale-<suite>.json) and a markdown table
 next to it. Measure on a quiet machine; the table records the load average.
@@ -81,7 +83,10 @@ SUITES: dict[str, dict[str, Any]] = {
 }
 
 CONFIGS = {"off": dict(remat="none", logprob_chunk=0), "on": dict(remat="full", logprob_chunk=16),
-           "remat": dict(remat="full", logprob_chunk=0), "chunk": dict(remat="none", logprob_chunk=16)}
+           "remat": dict(remat="full", logprob_chunk=0), "chunk": dict(remat="none", logprob_chunk=16),
+           # critic-free (REINFORCE++: one response per prompt, the same rollout as PPO's, no critic)
+           "off-critic-free": dict(remat="none", logprob_chunk=0, advantage_estimator="reinforce_pp"),
+           "on-critic-free": dict(remat="full", logprob_chunk=16, advantage_estimator="reinforce_pp")}
 
 PHASES = {"time/generate_s": "generation", "time/forward_s": "forward", "time/reward_s": "reward",
           "time/advantages_s": "advantages", "time/update_s": "update"}

@@ -106,6 +106,20 @@ class Trained(Protocol):
     def restore_extra_state(self, state: dict[str, Any]) -> None: ...
 
 
+class LoopCounter:
+    """A trainer's progress counter (PPO's `iteration`, the supervised trainers' `step`) as an
+    attribute of the trainer that reads and sets its loop's `position`."""
+
+    def __init__(self, doc: str):
+        self.__doc__ = doc
+
+    def __get__(self, trainer: Any, owner: type | None = None) -> Any:
+        return self if trainer is None else trainer.loop.position
+
+    def __set__(self, trainer: Any, value: int) -> None:
+        trainer.loop.position = int(value)
+
+
 class HostLoop:
     """A trainer's loop: see the module docstring. `counter` names the progress counter (the
     metrics key and the checkpoint's; PPO "iteration", the supervised trainers "step");
@@ -247,4 +261,4 @@ def fmt(x: Any) -> str:
     return "nan" if x is None or (isinstance(x, float) and x != x) else f"{x:.4f}"
 
 
-__all__ = ["HostLoop", "Trained", "StopRequested", "BadUpdateCounter", "progress_bar", "fmt"]
+__all__ = ["HostLoop", "Trained", "LoopCounter", "StopRequested", "BadUpdateCounter", "progress_bar", "fmt"]

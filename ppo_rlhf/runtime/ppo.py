@@ -24,7 +24,7 @@ from ppo_rlhf.kl_control import make_kl_controller
 from ppo_rlhf.rewards import RewardModel, ScoreRequest, check_scores
 from ppo_rlhf.rollout import RolloutBatch
 from ppo_rlhf.runtime import seeds
-from ppo_rlhf.runtime.loop import HostLoop, fmt
+from ppo_rlhf.runtime.loop import HostLoop, LoopCounter, fmt
 from ppo_rlhf.runtime.processes import SINGLE_PROCESS, Processes
 from ppo_rlhf.runtime.roles import ModelKit, Roles, compose_roles
 
@@ -224,21 +224,7 @@ class TrainerBase:
         return s
 
     # ---- the training loop ---------------------------------------------------------------------
-    @property
-    def iteration(self) -> int:
-        """Iterations done (the loop's counter): the index of the next one."""
-        return self.loop.position
-
-    @iteration.setter
-    def iteration(self, value: int) -> None:
-        self.loop.position = int(value)
-
-    def save_checkpoint(self, path: Path) -> None:  # pragma: no cover - abstract
-        """The backend's tensors to `path` (`ppo_{jax,torch}/checkpoint.py`)."""
-        raise NotImplementedError
-
-    def load_checkpoint(self, path: Path) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    iteration = LoopCounter("Iterations done (the loop's counter): the index of the next one.")
 
     def extra_state(self) -> dict[str, Any]:
         return {"kl_coef": self.kl_ctl.value}

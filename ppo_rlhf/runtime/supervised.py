@@ -31,7 +31,7 @@ from ppo_rlhf import tokens
 from ppo_rlhf.config import RMConfig, SFTConfig
 from ppo_rlhf.data.encoding import PreferenceGroups, SFTData, encode_preferences, encode_sequences, encode_sft
 from ppo_rlhf.eval.preferences import group_accuracy, normalisation, rating_pair_accuracy
-from ppo_rlhf.runtime.loop import HostLoop, fmt
+from ppo_rlhf.runtime.loop import HostLoop, LoopCounter, fmt
 from ppo_rlhf.runtime.metrics import jsonable
 from ppo_rlhf.runtime.processes import SINGLE_PROCESS, Processes
 from ppo_rlhf.runtime.roles import ModelKit, check_built_with
@@ -123,21 +123,7 @@ class SupervisedTrainer:
             raise ValueError("text data needs a tokenizer: pass tokenizer= (or a model dir holding one)")
         return self.tokenizer
 
-    @property
-    def step(self) -> int:
-        """Steps done (the loop's counter)."""
-        return self.loop.position
-
-    @step.setter
-    def step(self, value: int) -> None:
-        self.loop.position = int(value)
-
-    def save_checkpoint(self, path: Path) -> None:  # pragma: no cover - abstract
-        """The backend's tensors to `path` (`ppo_{jax,torch}/checkpoint.py`)."""
-        raise NotImplementedError
-
-    def load_checkpoint(self, path: Path) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    step = LoopCounter("Steps done (the loop's counter).")
 
     def extra_state(self) -> dict[str, Any]:
         return {"applied": self.applied}
