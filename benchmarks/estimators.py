@@ -65,7 +65,7 @@ HERE = Path(__file__).resolve().parent
 BACKENDS = ("jax", "torch")
 ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 GROUPED = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # a group baseline: G responses per prompt
-TASKS = ("reviews",)  # wired; a verifiable task (issue31-task's `arithmetic`) plugs into `setup_task`
+TASKS = ("reviews",)  # and any task with Task.verifiable (issue31-task's `arithmetic`): `setup_task`
 DEFAULT_OUT = HERE / "results" / "estimators.json"
 DEFAULT_CACHE = oo.DEFAULT_CACHE  # the pretrained policy and proxies are shared with that study
 LABELS = {"gae": "PPO (GAE + critic)", "grpo": "GRPO", "dr_grpo": "Dr. GRPO", "rloo": "RLOO",
@@ -152,22 +152,30 @@ class TaskSetup:
 
 def setup_task(study: Study, cache: Path, progress: bool) -> TaskSetup:
     """`--task` hook. reviews: the over-optimisation study's pretrained policy and proxy reward
-    model (trained once, cached), gold = the task's gold reward. A verifiable task (accuracy vs
-    samples seen) needs, once issue31-task's `ppo_rlhf.tasks.arithmetic` is on main: its SFT'd
-    policy as `policy`, `reward=task.gold_reward` (the checker; the trainer takes a callable),
-    `proxy=None` (Evaluator then scores KL only), gold = the checker, metric "accuracy"."""
-    if study.task != "reviews":
-        raise SystemExit(f"--task {study.task}: not wired yet (wired: {', '.join(TASKS)}); a verifiable task "
-                         f"plugs into benchmarks.estimators.setup_task (see its docstring)")
-    from ppo_rlhf.tasks import reviews
+    model (trained once, cached), gold = the task's gold reward. A verifiable task
+    (`Task.verifiable`, issue31-task's `arithmetic`): its demo policy pretrained once in JAX on
+    its corpus (`oo.pretrained(task=...)`), RL on the checker itself (the trainer takes a
+    callable reward; no proxy: the evaluator scores KL only), gold = the checker's mean, i.e. the
+    accuracy, against samples seen."""
+    from ppo_rlhf.tasks import get_task
 
+    task = get_task(study.task)
     o = study.overopt()
+    ev = task.eval_prompts()
+    eval_prompts = [ev[i % len(ev)] for i in range(study.eval_prompts)]
+    if getattr(task, "verifiable", False):
+        policy, pm = oo.pretrained(o, cache, progress, task=task.name)
+        return TaskSetup(policy=policy, reward=task.gold_reward, proxy=None, train_prompts=task.train_prompts(),
+                         eval_prompts=eval_prompts, gold=task.gold_reward, metric="accuracy",
+                         info={"policy": policy.name, "pretrain_s": pm.get("wall_s"),
+                               "reward": "the task's checker (verifiable), trained on directly"})
+    if task.name != "reviews":
+        raise SystemExit(f"--task {study.task}: a task with a learned reward other than reviews is not wired "
+                         f"(its proxy would need the over-optimisation study's reward-model step)")
     policy, pm = oo.pretrained(o, cache, progress)
     proxy, rm = oo.proxy_model(o, study.rm_pairs, policy, cache, progress)
-    ev = reviews.eval_prompts()
-    return TaskSetup(policy=policy, reward=proxy, proxy=proxy, train_prompts=reviews.train_prompts(),
-                     eval_prompts=[ev[i % len(ev)] for i in range(study.eval_prompts)],
-                     gold=reviews.gold_reward, metric="gold reward (in [-1, 1])",
+    return TaskSetup(policy=policy, reward=proxy, proxy=proxy, train_prompts=task.train_prompts(),
+                     eval_prompts=eval_prompts, gold=task.gold_reward, metric="gold reward (in [-1, 1])",
                      info={"policy": policy.name, "proxy": proxy.name, "pretrain_s": pm.get("wall_s"),
                            "proxy_train_s": rm.get("wall_s"),
                            "proxy_eval_accuracy": rm.get("eval_expected_accuracy"),
@@ -255,8 +263,9 @@ def summarize(estimator: str, backend: str, records: list[dict]) -> dict[str, An
     curve = {}
     for key in ("iteration", "samples", "train_s", "gold", "proxy", "kl"):
         vals = np.array([[np.nan if p[key] is None else p[key] for p in r["points"][:n]] for r in records], float)
-        curve[key] = vals.mean(0).tolist()
-        curve[key + "_std"] = (vals.std(0, ddof=1) if len(records) > 1 else np.zeros(n)).tolist()
+        sd = vals.std(0, ddof=1) if len(records) > 1 else np.zeros(n)
+        curve[key] = [x if math.isfinite(x) else None for x in vals.mean(0).tolist()]
+        curve[key + "_std"] = [x if math.isfinite(x) else None for x in sd.tolist()]
     first, last = (lambda r: r["points"][0]), (lambda r: r["points"][n - 1])
     return {
         "estimator": estimator, "backend": backend, "seeds": [r["seed"] for r in records],
@@ -307,9 +316,11 @@ def table(summary: dict) -> str:
              f"training time summed over them {summary['train_s_total'] / 60:.1f} min; cached, so a rerun "
              f"resumes and `--only-report` rebuilds these files)", "",
              f"Task {st['task']}: {st['model_size']} demo policy ({st['pretrain_steps']} pretraining steps), "
-             f"trained against the {st['rm_pairs']}-pair proxy reward model (held-out accuracy "
-             f"{_f(summary['task'].get('proxy_eval_accuracy'), '.3f')}, ceiling "
-             f"{_f(summary['task'].get('proxy_noise_ceiling'), '.3f')}), kl_coef {st['kl_coef']:g} in the reward, "
+             + (f"trained against the {st['rm_pairs']}-pair proxy reward model (held-out accuracy "
+                f"{_f(summary['task'].get('proxy_eval_accuracy'), '.3f')}, ceiling "
+                f"{_f(summary['task'].get('proxy_noise_ceiling'), '.3f')})" if "proxy" in summary["task"]
+                else "trained on the task's checker (verifiable reward)")
+             + f", kl_coef {st['kl_coef']:g} in the reward, "
              f"kl_loss_coef {st['kl_loss_coef']:g}; {st['iterations']} iterations of {st['samples']} sampled "
              f"responses each for EVERY estimator (prompts x G shown); lr {st['ppo']['learning_rate']:g}, "
              f"{st['ppo']['ppo_epochs']} epochs x {st['ppo']['num_minibatches']} minibatches. Evaluated every "
@@ -392,7 +403,7 @@ def build_report(study: Study, cache: Path, out: Path, command: str) -> dict[str
     task_file = run_dir / "task.json"
     summary = {
         "command": command, "study": dataclasses.asdict(study) | {"run_key": study.run_key()},
-        "task_name": study.task, "metric": "gold reward" if study.task == "reviews" else "accuracy",
+        "task_name": study.task, "metric": "gold reward" if study.task == "reviews" else "accuracy (checker)",
         "task": json.loads(task_file.read_text()) if task_file.exists() else {},
         "planned_runs": len(study.runs()), "finished_runs": len(study.runs()) - len(missing),
         "missing": missing, "train_s_total": float(sum(r["train_s"] for rs in records.values() for r in rs)),
@@ -421,7 +432,9 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Study]:
     p.add_argument("--quick", action="store_true",
                    help="smoke test: tiny model, a 32-pair proxy, 2 iterations of 8 responses, 1 seed, "
                         "every estimator in both backends")
-    p.add_argument("--task", default=d.task, help=f"the task (default {d.task}; wired: {', '.join(TASKS)})")
+    p.add_argument("--task", default=d.task,
+                   help=f"the task (default {d.task}; or a verifiable one, e.g. arithmetic once on main: "
+                        f"RL on its checker, gold = accuracy)")
     p.add_argument("--estimators", default=",".join(d.estimators))
     p.add_argument("--backends", default=",".join(d.backends))
     p.add_argument("--seeds", type=int, help=f"number of seeds 0..N-1 (default {len(d.seeds)})")
@@ -455,8 +468,19 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Study]:
             ch[name] = getattr(args, name)
     if args.seeds is not None:
         ch["seeds"] = tuple(range(args.seeds))
+    ppo = dict(study.ppo)
     if args.lr is not None:
-        ch["ppo"] = dict(study.ppo, learning_rate=args.lr)
+        ppo["learning_rate"] = args.lr
+    if args.task != "reviews":  # the task's own prompt / response lengths
+        from ppo_rlhf.errors import UsageError
+        from ppo_rlhf.tasks import get_task
+
+        try:
+            task = get_task(args.task)
+        except UsageError as e:
+            p.error(str(e))
+        ppo.update(max_prompt_len=task.max_prompt_tokens, max_new_tokens=task.max_response_tokens)
+    ch["ppo"] = ppo
     study = dataclasses.replace(study, **ch)
     for name in ("samples", "iterations", "eval_every", "eval_prompts", "rm_pairs", "pretrain_steps"):
         if getattr(study, name) < 1:

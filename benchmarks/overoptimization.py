@@ -150,17 +150,18 @@ def run_name(backend: str, pairs: int, kl: float, seed: int) -> str:
 
 
 # ---- 1. and 2.: the starting checkpoints ----------------------------------------------------------
-def pretrained(study: Study, cache: Path, progress: bool) -> tuple[Path, dict]:
-    """The demo policy, pretrained once in JAX (cached; written to a temporary dir, then renamed)."""
-    d = cache / study.policy_key()
+def pretrained(study: Study, cache: Path, progress: bool, task: str = "reviews") -> tuple[Path, dict]:
+    """The demo policy of `task`, pretrained once in JAX (cached; written to a temporary dir, then
+    renamed). `task`: reviews (this study's); benchmarks.estimators passes others."""
+    d = cache / (study.policy_key() if task == "reviews" else f"{task}-{study.policy_key()}")
     if not (d / "metrics.json").exists():
         from ppo_rlhf.app.pipelines import pretrain_model
 
-        _say(f"pretraining the {study.model_size} demo model, {study.pretrain_steps} steps (JAX) -> {d}")
+        _say(f"pretraining the {study.model_size} {task} demo model, {study.pretrain_steps} steps (JAX) -> {d}")
         tmp = cache / f".{d.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         t0 = time.perf_counter()
-        m = pretrain_model("jax", tmp, task="reviews", config={"num_steps": study.pretrain_steps, "seed": 0},
+        m = pretrain_model("jax", tmp, task=task, config={"num_steps": study.pretrain_steps, "seed": 0},
                            model_size=study.model_size, eval_samples=0, progress=progress)
         m["wall_s"] = time.perf_counter() - t0
         (tmp / "metrics.json").write_text(json.dumps(m, indent=2, default=str) + "\n")
