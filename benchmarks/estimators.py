@@ -536,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
         done += 1
         p = rec["points"]
         _say(f"run {name} done: gold {p[0]['gold']:+.3f} -> {p[-1]['gold']:+.3f} at KL {p[-1]['kl']:.2f} "
-             f"({rec['train_s']:.0f} s training, {rec['wall_s']:.0f} s in all)")
+             f"({p[-1]['train_s']:.0f} s training in steady state, first step {rec['first_step_s']:.0f} s; "
+             f"{rec['wall_s']:.0f} s in all)")
     _say(f"{done} runs finished, {failed} failed this session ({time.perf_counter() - t0:.0f} s)")
     if not args.no_report:
         build_report(study, cache, out, command)
