@@ -223,9 +223,10 @@ def run_one(study: Study, setup: TaskSetup, estimator: str, backend: str, seed: 
                 p = points[-1]
                 _say(f"  {label} it {it:4d}: kl {p['kl']:.2f} gold {p['gold']:+.3f} proxy "
                      f"{_f(p['proxy'], '+.2f')}  ({train_s:.0f} s training)")
-    # the time axis: training time in steady state -- the first step (JAX compiles there; with
-    # the persistent compilation cache, only the first run of a process does) counts as a median
-    # step; the measured first step is kept apart, as is the raw cumulative time
+    # the time axis: training time in steady state -- the first step (JAX compiles there, or reads
+    # the programs from the persistent compilation cache when an earlier run compiled them) counts
+    # as a median step, so the order of the runs does not show; the measured first step is kept
+    # apart, as is the raw cumulative time
     med = float(np.median(step_s)) if step_s else 0.0
     for p in points:
         p["train_s_raw"] = p["train_s"]
