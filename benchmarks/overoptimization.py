@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -60,6 +59,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from benchmarks.rl_common import Evaluator as _Evaluator
+from benchmarks.rl_common import config_hash as _hash
+from benchmarks.rl_common import mean_std as _mean_std
+from benchmarks.rl_common import write_atomic as _write_atomic
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -141,33 +145,23 @@ class Study:
         return _hash(spec)
 
 
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
 def run_name(backend: str, pairs: int, kl: float, seed: int) -> str:
     return f"{backend}-rm{pairs}-kl{kl:g}-seed{seed}"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    from ppo_rlhf.runtime.checkpoints import atomic_write_text
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, text)
-
-
 # ---- 1. and 2.: the starting checkpoints ----------------------------------------------------------
-def pretrained(study: Study, cache: Path, progress: bool) -> tuple[Path, dict]:
-    """The demo policy, pretrained once in JAX (cached; written to a temporary dir, then renamed)."""
-    d = cache / study.policy_key()
+def pretrained(study: Study, cache: Path, progress: bool, task: str = "reviews") -> tuple[Path, dict]:
+    """The demo policy of `task`, pretrained once in JAX (cached; written to a temporary dir, then
+    renamed). `task`: reviews (this study's); benchmarks.estimators passes others."""
+    d = cache / (study.policy_key() if task == "reviews" else f"{task}-{study.policy_key()}")
     if not (d / "metrics.json").exists():
         from ppo_rlhf.app.pipelines import pretrain_model
 
-        _say(f"pretraining the {study.model_size} demo model, {study.pretrain_steps} steps (JAX) -> {d}")
+        _say(f"pretraining the {study.model_size} {task} demo model, {study.pretrain_steps} steps (JAX) -> {d}")
         tmp = cache / f".{d.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         t0 = time.perf_counter()
-        m = pretrain_model("jax", tmp, task="reviews", config={"num_steps": study.pretrain_steps, "seed": 0},
+        m = pretrain_model("jax", tmp, task=task, config={"num_steps": study.pretrain_steps, "seed": 0},
                            model_size=study.model_size, eval_samples=0, progress=progress)
         m["wall_s"] = time.perf_counter() - t0
         (tmp / "metrics.json").write_text(json.dumps(m, indent=2, default=str) + "\n")
@@ -206,63 +200,6 @@ def proxy_model(study: Study, pairs: int, policy: Path, cache: Path, progress: b
 
 
 # ---- 3. PPO against a proxy, evaluated on held-out prompts ----------------------------------------
-class _Evaluator:
-    """Samples one response per held-out prompt from a policy (in memory: no checkpoint round
-    trip) and returns (per-response KL to pi_init, proxy scores, responses) -- the numbers of
-    `ppo_rlhf.app.evaluate.evaluate`, through the same backend functions."""
-
-    def __init__(self, backend: str, init_policy: Path, proxy: Path, prompts: list[str], *,
-                 max_prompt_len: int, max_new_tokens: int, temperature: float, seed: int,
-                 batch_size: int):
-        import importlib
-
-        from ppo_rlhf.app.backends import get_backend
-        from ppo_rlhf.tokens import load_tokenizer
-
-        self.backend, self.prompts = backend, prompts
-        self.models = importlib.import_module(f"ppo_{backend}.models")  # + the scoring functions
-        self.sample_texts = get_backend(backend).sample_texts
-        self.tokenizer = load_tokenizer(init_policy)
-        self.reference = self.models.load_pretrained(init_policy)
-        self.proxy = self.models.load_scalar_model(proxy)
-        self.kw = dict(max_prompt_len=max_prompt_len, max_new_tokens=max_new_tokens,
-                       temperature=temperature, seed=seed, stream=0, batch_size=batch_size)
-        self.batch_size, self.temperature = batch_size, temperature
-        if backend == "jax":
-            import jax
-
-            self._lp = jax.jit(self.models.response_logprobs, static_argnames=("temperature",))
-            self._score = jax.jit(self.models.sequence_scores)
-
-    def _chunks(self, s: Any) -> list[tuple[int, list[Any]]]:
-        keys = ("query_ids", "query_mask", "response_ids", "response_mask")
-        if self.backend == "jax":
-            return [(n, [c[k] for k in keys]) for n, c in s.chunks(self.batch_size)]
-        import torch
-
-        return [(n, [torch.from_numpy(c[k]).long() for k in keys]) for n, c in s.chunks(self.batch_size)]
-
-    def __call__(self, policy: Any) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        s = self.sample_texts(policy, self.tokenizer, self.prompts, **self.kw)
-        chunks = self._chunks(s)
-        if self.backend == "jax":
-            lp = lambda m, a: np.asarray(self._lp(m, *a, temperature=self.temperature)).sum(1)
-            score = lambda a: np.asarray(self._score(self.proxy, *a))
-        else:
-            import torch
-
-            def lp(m, a):
-                with torch.no_grad():
-                    return self.models.response_logprobs(m, *a, temperature=self.temperature).sum(1).numpy()
-
-            def score(a):
-                with torch.no_grad():
-                    return self.models.sequence_scores(self.proxy, *a).numpy()
-        kl = np.concatenate([(lp(policy, a).astype(np.float64) - lp(self.reference, a))[:n] for n, a in chunks])
-        scores = np.concatenate([score(a)[:n] for n, a in chunks]).astype(np.float64)
-        return kl, scores, s.texts
-
-
 def run_ppo(study: Study, backend: str, policy: Path, proxy: Path, kl_coef: float, seed: int, *,
             progress: bool = True, label: str = "") -> dict[str, Any]:
     """One PPO run against `proxy`, evaluated every `study.eval_every` iterations: its record."""
@@ -348,13 +285,6 @@ def gao_curve(d: np.ndarray, alpha: float, beta: float) -> np.ndarray:
     d = np.asarray(d, np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(d > 0, d * (alpha - beta * np.log(np.where(d > 0, d, 1.0))), 0.0)
-
-
-def _mean_std(xs: Sequence[float | None]) -> dict[str, Any]:
-    v = [x for x in xs if x is not None and math.isfinite(x)]
-    if not v:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
 
 
 def _smooth(x: np.ndarray, w: int = 3) -> np.ndarray:

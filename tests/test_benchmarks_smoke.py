@@ -173,3 +173,40 @@ def test_annotate_scale_quick_mode_counts_every_acknowledged_answer(tmp_path):
     assert 0 < late["answers"] <= 2000 - before and late["stored_answers_after"] == before + late["answers"]
     assert start["p50_ms"] <= start["p99_ms"] and start["answers_per_s"] > 0
     assert "| start (0 done) |" in out.with_suffix(".md").read_text()
+
+
+def test_estimators_quick_mode_has_every_estimator_and_backend_with_finite_numbers(tmp_path):
+    """benchmarks.estimators (issue 31): every (estimator, backend) run, the same responses per
+    iteration for each (S prompts x 1, or S / G prompts x G), finite evaluation points, the table
+    and figure; a rerun finds every run cached."""
+    import math
+
+    from benchmarks.estimators import ESTIMATORS, GROUPED
+
+    out, cache = tmp_path / "est.json", tmp_path / "cache"
+    args = ("benchmarks.estimators", "--quick", "--iterations", "1", "--pretrain-steps", "5", "--eval-prompts", "4",
+            "--no-progress", "--out", out, "--cache-dir", cache)
+    env = {"PPO_RLHF_COMPILE_CACHE": str(tmp_path / "xla")}
+    run_module(*args, env=env, timeout=600)
+    s = json.loads(out.read_text())
+    assert s["finished_runs"] == s["planned_runs"] == 12 and not s["missing"]
+    by = {(x["estimator"], x["backend"]): x for x in s["settings"]}
+    assert set(by) == {(e, b) for e in ESTIMATORS for b in ("jax", "torch")}
+    for (e, b), x in by.items():
+        g = 2 if e in GROUPED else 1
+        assert (x["prompts_per_iteration"], x["num_generations"], x["samples_per_iteration"]) == (8 // g, g, 8)
+        (run,) = x["runs"]
+        assert [p["iteration"] for p in run] == [0, 1] and [p["samples"] for p in run] == [0, 8]
+        for p in run:
+            for key in ("gold", "proxy", "kl", "train_s"):
+                assert math.isfinite(p[key]), (e, b, key, p)
+            assert -1.0 <= p["gold"] <= 1.0
+        assert run[1]["train_s"] > 0
+        for key in ("final_gold", "final_kl", "gold_at_kl_budget", "gold_at_time_budget"):
+            assert math.isfinite(x[key]["mean"]), (e, b, key)
+        assert ("vs_ppo" in x) == (e != "gae")
+    table = out.with_suffix(".md").read_text()
+    assert "| jax | " in table and "| torch | " in table and "GRPO | 4 x 2 |" in table
+    assert out.with_suffix(".png").stat().st_size > 1000
+    again = run_module(*args, env=env, timeout=300)
+    assert "12 of 12 runs cached" in again.stderr
