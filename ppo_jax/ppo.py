@@ -78,7 +78,7 @@ from ppo_jax.parallel import builds_on_host, placement
 from ppo_rlhf.config import PPOConfig
 from ppo_rlhf.rollout import RolloutBatch
 from ppo_rlhf.runtime import metrics, seeds
-from ppo_rlhf.runtime.ppo import TrainerBase
+from ppo_rlhf.runtime.ppo import TrainerBase, update_keys
 
 Array = jax.Array
 
@@ -117,9 +117,6 @@ def microbatch_weight(mask: Array, loss_agg: str, total: Array) -> Array:
     return aggregation_count(mask, loss_agg) / total
 
 
-# The rollout arrays the update reads.
-UPDATE_KEYS = ("query_ids", "query_mask", "response_ids", "response_mask", "logprobs", "ref_logprobs",
-               "values", "advantages", "returns")
 # Stats of one optimiser step: weighted means over micro-batches, except these.
 _MAX_STATS, _MIN_STATS = ("val/ratio_max",), ("val/ratio_min",)
 
@@ -386,7 +383,7 @@ class PPOTrainer(TrainerBase):
         cfg = self.config
         rows = seeds.minibatch_indices(cfg.seed, iteration, batch_size=cfg.rollout_size,
                                       ppo_epochs=cfg.ppo_epochs, num_minibatches=cfg.num_minibatches)
-        keys = UPDATE_KEYS
+        keys = update_keys(cfg)
         arrays = self.parallel.batch({k: batch[k] for k in keys})
         self.params, self.opt_state, stats = self._update(self.params, self.opt_state, arrays,
                                                           self.parallel.replicated(rows))
@@ -440,7 +437,7 @@ class PPOTrainer(TrainerBase):
         rows = self.parallel.replicated(jax.ShapeDtypeStruct(
             (cfg.ppo_epochs * cfg.num_minibatches, cfg.minibatch_size), i32))
         arrays = dict(query_ids=q, query_mask=qm, response_ids=r, response_mask=rm,
-                      **{k: batch((B, N), f32) for k in UPDATE_KEYS[4:]})
+                      **{k: batch((B, N), f32) for k in update_keys(cfg)[4:]})
         kl_coef = self.parallel.replicated(jax.ShapeDtypeStruct((), f32, weak_type=True))
         return {
             "generate": (make_generate_fn(graphdef, options, self.parallel.kv_cache),
@@ -449,7 +446,7 @@ class PPOTrainer(TrainerBase):
                                 (self.params, self.reference.params, rm_params, q, qm, r, rm),
                                 (self.params, self.reference.params, rm_params)),
             "advantages": (self._advantages, (batch((B,), f32), arrays["logprobs"],
-                                              arrays["ref_logprobs"], arrays["values"], rm, kl_coef), ()),
+                                              batch((B, N), f32), arrays["values"], rm, kl_coef), ()),
             "update": (self._update, (self.params, self.opt_state, arrays, rows),
                        (self.params, self.opt_state)),
         }

@@ -50,7 +50,7 @@ import torch
 from ppo_rlhf.config import PPOConfig
 from ppo_rlhf.rollout import RolloutBatch
 from ppo_rlhf.runtime import metrics, seeds
-from ppo_rlhf.runtime.ppo import TrainerBase
+from ppo_rlhf.runtime.ppo import TrainerBase, update_keys
 from ppo_torch.advantages import (
     gae,
     group_advantages,
@@ -87,9 +87,6 @@ def microbatch_weight(mask: Tensor, loss_agg: str, total: Tensor) -> Tensor:
     return aggregation_count(mask, loss_agg) / total
 
 
-# The rollout arrays the update reads.
-UPDATE_KEYS = ("query_ids", "query_mask", "response_ids", "response_mask", "logprobs", "ref_logprobs",
-               "values", "advantages", "returns")
 # Stats of one optimiser step: weighted means over micro-batches, except these.
 _MAX_STATS, _MIN_STATS = ("val/ratio_max",), ("val/ratio_min",)
 
@@ -344,7 +341,7 @@ class PPOTrainer(TrainerBase):
         cfg = self.config
         rows = seeds.minibatch_indices(cfg.seed, iteration, batch_size=cfg.rollout_size,
                                       ppo_epochs=cfg.ppo_epochs, num_minibatches=cfg.num_minibatches)
-        batch = {k: self._tensor(batch[k]) for k in UPDATE_KEYS}
+        batch = {k: self._tensor(batch[k]) for k in update_keys(cfg)}
         params = self._trainable()
         steps = []
         for idx in torch.from_numpy(rows).to(self.device):

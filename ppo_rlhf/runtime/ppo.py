@@ -31,6 +31,14 @@ from ppo_rlhf.runtime.roles import ModelKit, Roles, compose_roles
 _FROM_TOKENIZER = -1
 
 
+def update_keys(config: PPOConfig) -> tuple[str, ...]:
+    """The rollout arrays the update reads: the reference's log-probs only for a KL term in the
+    loss (`kl_loss_coef`)."""
+    keys = ("query_ids", "query_mask", "response_ids", "response_mask", "logprobs", "values",
+            "advantages", "returns")
+    return keys + (("ref_logprobs",) if config.kl_loss_coef else ())
+
+
 class TrainerBase:
     """The PPO trainer's host side; the backend subclass (`PPOTrainer`) places the roles that
     `_compose_roles` builds and supplies the rollout's device work, `compute_advantages`,
