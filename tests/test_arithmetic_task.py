@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # ---- the reward ----------------------------------------------------------------------------
 
 def test_reward_is_exact_match():
-    cases = [("3+4=", "7", 1.0), ("12+9=", "21", 1.0), ("0+0=", "0", 1.0), ("19+19=", "38", 1.0),
+    cases = [("3+4=", "7", 1.0), ("8+9=", "17", 1.0), ("0+0=", "0", 1.0), ("9+9=", "18", 1.0),
              ("3+4=", " 7 ", 1.0),    # surrounding whitespace is ignored
              ("3+4=", "7\n", 1.0),
              ("3+4=", "8", 0.0),      # wrong
@@ -29,7 +29,7 @@ def test_reward_is_exact_match():
              ("3+4=", "  ", 0.0),
              ("3+4=", "07", 0.0),     # leading zero: not the exact answer
              ("3+4=", "77", 0.0),     # the answer as a prefix is not a match
-             ("12+9=", "2", 0.0),     # nor is a prefix of the answer
+             ("8+9=", "1", 0.0),     # nor is a prefix of the answer
              ("3+4=", "7+1", 0.0),    # garbled / trailing text
              ("3+4=", "7 7", 0.0),
              ("3+4=", "7=", 0.0),
@@ -61,8 +61,8 @@ def test_well_formed_is_a_number_right_or_wrong():
 
 def test_prompts_split_disjoint_and_fixed():
     train, ev = A.train_prompts(), A.eval_prompts()
-    assert len(train) == 300 and len(ev) == 100 and not set(train) & set(ev)
-    assert sorted(train + ev) == sorted(A.all_prompts()) and len(set(A.all_prompts())) == 400
+    assert len(train) == 75 and len(ev) == 25 and not set(train) & set(ev)
+    assert sorted(train + ev) == sorted(A.all_prompts()) and len(set(A.all_prompts())) == 100
     assert (train, ev) == (A.train_prompts(), A.eval_prompts())
     assert max(len(p) for p in A.all_prompts()) <= A.MAX_PROMPT_TOKENS
 

@@ -1,7 +1,7 @@
 """A task with a verifiable reward: two-operand addition, scored by exact match.
 
-A prompt is "a+b=" with 0 <= a, b <= `MAX_OPERAND` (400 distinct prompts); the right response is
-the decimal sum, "a+b" written without leading zeros ("3+4=" -> "7", "12+9=" -> "21"). The reward
+A prompt is "a+b=" with 0 <= a, b <= `MAX_OPERAND` (100 distinct prompts); the right response is
+the decimal sum, "a+b" written without leading zeros ("3+4=" -> "7", "8+9=" -> "17"). The reward
 is checked, not learned:
 
   gold_reward(prompt, response) = 1.0 if response.strip() == str(a + b) else 0.0
@@ -25,8 +25,8 @@ Exact-match RL on the train prompts then moves probability mass onto the right a
 noise is the same kind everywhere, the held-out eval prompts (disjoint from the train prompts)
 improve too.
 
-Data: `all_prompts` (400, fixed order), `train_prompts` / `eval_prompts` (a fixed 300 / 100 split),
-`generate_corpus` (seeded; prompts uniform over all 400), `preference_data` (pairs of corpus-like
+Data: `all_prompts` (100, fixed order), `train_prompts` / `eval_prompts` (a fixed 75 / 25 split),
+`generate_corpus` (seeded; prompts uniform over all 100), `preference_data` (pairs of corpus-like
 answers labelled by `SyntheticLabeller(gold_reward)`, for the RLHF path), `build_tokenizer` (one
 token per character: the digits, "+", "="; whitespace is dropped; decoding joins the characters
 with no spaces).
@@ -42,13 +42,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-MAX_OPERAND = 19
+MAX_OPERAND = 9
 """Operands are 0..MAX_OPERAND; sums 0..2*MAX_OPERAND (one or two digits)."""
 CORPUS_NOISE = 0.5
 """Share of corpus answers that are wrong (half off by one, half another number in range)."""
 EVAL_FRACTION = 0.25
 _SPLIT_SEED = 20240607  # fixes the train/eval split of the prompts for good
-MAX_PROMPT_TOKENS = 6    # "19+19=": one token per character
+MAX_PROMPT_TOKENS = 4    # "9+9=": one token per character
 MAX_RESPONSE_TOKENS = 4  # two digits and EOS, one token to spare
 GOLD_RANGE = (0.0, 1.0)
 
@@ -77,12 +77,12 @@ def _split() -> tuple[list[str], list[str]]:
 
 
 def train_prompts() -> list[str]:
-    """The prompts for RL (300 of the 400; disjoint from `eval_prompts`; fixed, not seeded)."""
+    """The prompts for RL (75 of the 100; disjoint from `eval_prompts`; fixed, not seeded)."""
     return _split()[0]
 
 
 def eval_prompts() -> list[str]:
-    """Held-out prompts for evaluation (100 of the 400)."""
+    """Held-out prompts for evaluation (25 of the 100)."""
     return _split()[1]
 
 
@@ -131,7 +131,7 @@ def generate_response(prompt: str, rng: np.random.Generator, *, noise: float = C
 
 def generate_corpus(n: int, *, seed: int | np.random.Generator = 0,
                     noise: float = CORPUS_NOISE) -> list[tuple[str, str]]:
-    """`n` (prompt, answer) pairs for pretraining: prompts uniform over all 400, answers from
+    """`n` (prompt, answer) pairs for pretraining: prompts uniform over all 100, answers from
     `generate_response` (a share `noise` of them wrong). Deterministic in `seed`; the first m
     pairs of a corpus of n > m are the corpus of m."""
     rng = _rng(seed)
@@ -218,7 +218,7 @@ DEMO_MODEL_SIZES: dict[str, dict[str, int]] = {
 def demo_model_config(size: str = "small", *, vocab_size: int | None = None) -> dict[str, Any]:
     """The demo policy's architecture: a GPT-2-style Hugging Face config as a dict (as the
     reviews task's, `ppo_rlhf.tasks.reviews.demo_model_config`), with this task's vocabulary
-    (16 tokens) and n_positions = 16 (a prompt and a response take at most 10)."""
+    (16 tokens) and n_positions = 16 (a prompt and a response take at most 8)."""
     if size not in DEMO_MODEL_SIZES:
         raise ValueError(f"size={size!r} is invalid: allowed {', '.join(map(repr, DEMO_MODEL_SIZES))}")
     if vocab_size is None:
@@ -236,7 +236,7 @@ def _task() -> Any:
 
     return Task(
         name="arithmetic",
-        description="two-operand addition 'a+b=' (0..19); gold reward = exact match of the sum, 0 or 1",
+        description="two-operand addition 'a+b=' (0..9); gold reward = exact match of the sum, 0 or 1",
         gold_reward=gold_reward,
         train_prompts=train_prompts,
         eval_prompts=eval_prompts,
