@@ -23,18 +23,19 @@ from ppo_rlhf.testing import EOS_ID, make_padded_batch
 B, P, N = 4, 6, 8
 
 
-def noise_with_eos(vocab: int, iteration: int) -> np.ndarray:
-    noise = gumbel_noise(1000 + iteration, B, N, vocab)
+def noise_with_eos(vocab: int, iteration: int, rows: int = B) -> np.ndarray:
+    noise = gumbel_noise(1000 + iteration, rows, N, vocab)
     noise[:, :, EOS_ID] = -30.0
     noise[iteration % B, 2 + iteration % 3, EOS_ID] = 30.0       # stops early
     noise[(iteration + 2) % B, N - 2, EOS_ID] = 30.0             # stops one before the end
     return noise
 
 
-def inputs(vocab: int, iteration: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(query_ids, query_mask, noise) of an iteration: left-padded prompts of mixed lengths."""
+def inputs(vocab: int, iteration: int, num_generations: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query_ids, query_mask, noise) of an iteration: B left-padded prompts of mixed lengths, and
+    the noise of their B * num_generations responses."""
     q, qm, _, _ = make_padded_batch(100 + iteration, B, P, 1, vocab_size=vocab)
-    return q, qm, noise_with_eos(vocab, iteration)
+    return q, qm, noise_with_eos(vocab, iteration, B * num_generations)
 
 
 def x64_if(dtype: str):
@@ -49,7 +50,7 @@ def weights(trainer) -> dict[str, np.ndarray]:
     else:
         from ppo_torch.models import model_tensors
     out = {f"policy.{k}": v for k, v in model_tensors(trainer.policy_model()).items()}
-    if not trainer.shared_trunk:
+    if not trainer.shared_trunk and trainer.critic_model() is not None:  # None: critic-free
         out.update({f"critic.{k}": v for k, v in model_tensors(trainer.critic_model()).items()})
     return out
 

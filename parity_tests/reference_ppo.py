@@ -20,6 +20,11 @@ What it implements (the library's documented defaults and the options the test u
      MINIBATCH (token-mean, or mean over sequences of each sequence's token mean) so that the
      micro-batch losses sum to the minibatch loss; then one global-norm clip over policy and
      critic (g * min(1, max_norm / (norm + 1e-6))) and one AdamW step written out by hand.
+GRPO (advantage_estimator="grpo"; the rows are num_generations adjacent samples per prompt): no
+critic; each sequence's return (score - beta * its summed KL) minus its group's mean, over the
+group's unbiased standard deviation + 1e-6, on every real token; the loss adds kl_loss_coef times
+the aggregated k2 = 0.5 (log pi - log pi_ref)^2 (kl_loss_estimator "k2" only) and has no value
+term.
 """
 
 from __future__ import annotations
@@ -159,6 +164,23 @@ def count(rm, mode):
     return rm.sum()
 
 
+def grpo_advantages(rewards, rm, G, eps=1e-6):
+    """Each row's return (its rewards summed) minus its group's mean over the group's unbiased
+    std + eps, on every real token; the return itself as `returns`."""
+    B = len(rewards)
+    ret = torch.stack([rewards[b][rm[b].bool()].sum() for b in range(B)])
+    adv = torch.zeros(B, dtype=rewards.dtype)
+    for start in range(0, B, G):
+        group = ret[start:start + G]
+        mean = group.sum() / G
+        std = math.sqrt(float(((group - mean) ** 2).sum()) / (G - 1))
+        for b in range(start, start + G):
+            adv[b] = (ret[b] - mean) / (std + eps)
+    real = rm.bool()
+    return (torch.where(real, adv[:, None], torch.zeros_like(rewards)),
+            torch.where(real, ret[:, None], torch.zeros_like(rewards)))
+
+
 def whiten(x, rm, eps=1e-8):
     real = rm.bool()
     mean = x[real].mean()
@@ -201,6 +223,9 @@ def ppo_iteration(policy_dir, *, query_ids, query_mask, noise, minibatch_rows, c
     q, qm = torch.as_tensor(query_ids).long(), torch.as_tensor(query_mask).long()
     noise = torch.as_tensor(noise)
     T = cfg["temperature"]
+    grpo = cfg.get("advantage_estimator", "gae") == "grpo"
+    if grpo:
+        assert cfg["kl_loss_estimator"] == "k2", "the reference writes out k2 only"
 
     # ---- rollout -------------------------------------------------------------------------------
     r, rm = sample(policy, q, qm, noise, max_new_tokens=cfg["max_new_tokens"], temperature=T,
@@ -208,7 +233,7 @@ def ppo_iteration(policy_dir, *, query_ids, query_mask, noise, minibatch_rows, c
     with torch.no_grad():
         logprobs = token_logprobs(policy, q, qm, r, rm, T)
         ref_logprobs = token_logprobs(reference, q, qm, r, rm, T)
-        values = token_values(critic, q, qm, r, rm)
+        values = torch.zeros(r.shape, dtype=dtype) if grpo else token_values(critic, q, qm, r, rm)
         last = rm.sum(1) - 1
         has_eos = torch.tensor([bool((r[b, : last[b] + 1] == eos_id).any()) for b in range(len(r))])
         if reward_model is not None:
@@ -229,11 +254,15 @@ def ppo_iteration(policy_dir, *, query_ids, query_mask, noise, minibatch_rows, c
         rewards = -cfg["kl_coef"] * kl
         for b in range(len(r)):
             rewards[b, last[b]] += scores[b]
-        advantages, returns = gae(rewards, values, rm, cfg["gamma"], cfg["lam"])
-        advantages = whiten(advantages, rm)
+        if grpo:
+            advantages, returns = grpo_advantages(rewards, rm, cfg["num_generations"])
+        else:
+            advantages, returns = gae(rewards, values, rm, cfg["gamma"], cfg["lam"])
+            advantages = whiten(advantages, rm)
 
     # ---- K epochs x M minibatches x A micro-batches -----------------------------------------------
-    params = [p for p in list(policy.parameters()) + list(critic.parameters()) if p.requires_grad]
+    trained = list(policy.parameters()) + ([] if grpo else list(critic.parameters()))
+    params = [p for p in trained if p.requires_grad]
     opt = AdamW(params, cfg["learning_rate"], cfg["adam_eps"], cfg["weight_decay"])
     per_step = []
     for rows in np.asarray(minibatch_rows):
@@ -246,7 +275,7 @@ def ppo_iteration(policy_dir, *, query_ids, query_mask, noise, minibatch_rows, c
         for micro in rows.reshape(cfg["grad_accum_steps"], -1):
             mq, mqm, mr, mrm = q[micro], qm[micro], r[micro], rm[micro]
             new_lp, ent = token_logprobs(policy, mq, mqm, mr, mrm, T, with_entropy=True)
-            new_v = token_values(critic, mq, mqm, mr, mrm)
+            new_v = values[micro] if grpo else token_values(critic, mq, mqm, mr, mrm)
             adv, ret, old_lp, old_v = advantages[micro], returns[micro], logprobs[micro], values[micro]
             ratio = torch.exp(new_lp - old_lp)
             eps = cfg["clip_eps"]
@@ -258,16 +287,22 @@ def ppo_iteration(policy_dir, *, query_ids, query_mask, noise, minibatch_rows, c
             weight = n_micro / total  # this micro-batch's share of the minibatch loss
 
             pg_loss, vf_loss = aggregate(pg, mrm, mode), aggregate(vf, mrm, mode)
-            loss = pg_loss + cfg["vf_coef"] * vf_loss
+            named = []
+            if grpo:  # no value loss; k2 KL in the loss
+                kl_term = aggregate(0.5 * (new_lp - ref_logprobs[micro]) ** 2, mrm, mode)
+                loss = pg_loss + cfg["kl_loss_coef"] * kl_term
+                named.append(("loss/kl", kl_term))
+            else:
+                loss = pg_loss + cfg["vf_coef"] * vf_loss
+                named += [("loss/value", vf_loss), ("val/clipfrac", (((v_clip - ret) ** 2 > (new_v - ret) ** 2)
+                                                                     .to(dtype))[real].mean())]
             (loss * weight).backward()
             w = float(weight)
-            for name, value in (("loss/policy", pg_loss), ("loss/value", vf_loss),
+            for name, value in (("loss/policy", pg_loss), *named,
                                 ("policy/entropy", aggregate(ent, mrm, mode)),
                                 ("policy/clipfrac", ((-adv * ratio.clamp(1 - eps, 1 + eps) > -adv * ratio)
                                                      .to(dtype))[real].mean()),
                                 ("policy/approxkl", (ratio - 1 - torch.log(ratio))[real].mean()),
-                                ("val/clipfrac", (((v_clip - ret) ** 2 > (new_v - ret) ** 2)
-                                                  .to(dtype))[real].mean()),
                                 ("val/ratio", ratio[real].mean())):
                 step_stats[name] = step_stats.get(name, 0.0) + w * float(value.detach())
         norm = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in params))

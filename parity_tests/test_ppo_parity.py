@@ -67,6 +67,17 @@ CONFIGS = {
                                               missing_eos_penalty=1.0, gamma=0.95, lam=0.9,
                                               grad_accum_steps=2),
     "sum-norm-accum": dict(loss_agg="seq-mean-token-sum-norm", grad_accum_steps=2),
+    # critic-free estimators: groups of G responses per prompt, no critic
+    "grpo-kl-loss-sequence": dict(advantage_estimator="grpo", num_generations=2, kl_coef=0.0,
+                                  kl_loss_coef=0.1, importance_level="sequence",
+                                  loss_agg="seq-mean-token-mean"),
+    "dr-grpo-sum-norm-k3plus": dict(advantage_estimator="dr_grpo", num_generations=2, grad_accum_steps=2,
+                                    loss_agg="seq-mean-token-sum-norm", kl_loss_coef=0.05,
+                                    kl_loss_estimator="k3+"),
+    "rloo": dict(advantage_estimator="rloo", num_generations=3, num_minibatches=3),
+    "reinforce-pp": dict(advantage_estimator="reinforce_pp", gamma=0.9),
+    "reinforce-pp-baseline": dict(advantage_estimator="reinforce_pp_baseline", num_generations=2,
+                                  missing_eos_penalty=0.5),
     "pg-unclipped-value": dict(policy_loss="pg", value_clip_eps=None, num_minibatches=1,
                                max_grad_norm=None, weight_decay=0.01),
 }
@@ -95,11 +106,13 @@ def _trainers(ckpt, config, dtype, *, reward="fn", shared=False):
 def _iteration(tj, tt, dtype, it, q, qm, noise, *, check_rollouts: bool) -> dict:
     """One iteration in both trainers of one precision: {"r": rollouts, "s": stats, "w": weights},
     each a (jax, torch) pair."""
+    G = tj.config.num_generations
+    qr, qmr = np.repeat(q, G, axis=0), np.repeat(qm, G, axis=0)  # the rollout's rows: G per prompt
     with x64_if(dtype):
-        rj = tj.rollout(q, qm, iteration=it, noise=noise).arrays() if check_rollouts else None
+        rj = tj.rollout(qr, qmr, iteration=it, noise=noise).arrays() if check_rollouts else None
         sj = tj.step(it, query_ids=q, query_mask=qm, noise=noise)
         wj = weights(tj)
-    rt = tt.rollout(q, qm, iteration=it, noise=noise).arrays() if check_rollouts else None
+    rt = tt.rollout(qr, qmr, iteration=it, noise=noise).arrays() if check_rollouts else None
     st = tt.step(it, query_ids=q, query_mask=qm, noise=noise)
     return {"r": (rj, rt), "s": (sj, st), "w": (wj, weights(tt))}
 
@@ -114,10 +127,11 @@ def _run(runs: dict, iterations: int, *, check_rollouts: bool = True, exact_f64:
             starts[dtype] = weights(tj)
         assert {v.dtype for v in starts[dtype].values()} == {np.dtype(dtype)}
     vocab = runs["float64"][0].policy_model().config.vocab_size
+    G = runs["float64"][0].config.num_generations
     moved = 0.0
     err = {"jax": ([], []), "torch": ([], [])}  # float32 and float64 log-probs/values, later iterations
     for it in range(iterations):
-        q, qm, noise = inputs(vocab, it)
+        q, qm, noise = inputs(vocab, it, G)
         out = {dtype: _iteration(*runs[dtype], dtype, it, q, qm, noise, check_rollouts=check_rollouts)
                for dtype in runs}
         o32, o64 = out["float32"], out["float64"]

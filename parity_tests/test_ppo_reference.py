@@ -18,6 +18,7 @@ micro-batches per minibatch, a missing-EOS penalty; (b) a normalised reward mode
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -45,6 +46,8 @@ from ppo_rlhf.testing import EOS_ID, PAD_ID
 SETTINGS = {
     "reward-fn": dict(grad_accum_steps=2, missing_eos_penalty=1.0, kl_coef=0.2),
     "reward-fn-sum-norm": dict(grad_accum_steps=2, loss_agg="seq-mean-token-sum-norm", kl_coef=0.1),
+    "reward-fn-grpo": dict(advantage_estimator="grpo", num_generations=2, kl_coef=0.05, kl_loss_coef=0.1,
+                           missing_eos_penalty=1.0),
     "reward-model": dict(loss_agg="seq-mean-token-mean", missing_eos_penalty=0.5, gamma=0.95, lam=0.9,
                          weight_decay=0.01),
 }
@@ -71,17 +74,20 @@ def _iteration(ckpt, reward, reference, ref_kw, cfg, q, qm, noise, dtype) -> dic
     with x64_if(dtype):
         tj = jp.PPOTrainer(str(ckpt), reward, **kw)
         start = weights(tj)
-        rj = tj.rollout(q, qm, iteration=0, noise=noise).arrays()
+        G = cfg.num_generations
+        qr, qmr = np.repeat(q, G, axis=0), np.repeat(qm, G, axis=0)  # the rollout's rows
+        rj = tj.rollout(qr, qmr, iteration=0, noise=noise).arrays()
         sj = tj.step(0, query_ids=q, query_mask=qm, noise=noise)
         wj = weights(tj)
     tt = tp.PPOTrainer(str(ckpt), reward, device="cpu", **kw)
-    rt = tt.rollout(q, qm, iteration=0, noise=noise).arrays()
+    rt = tt.rollout(qr, qmr, iteration=0, noise=noise).arrays()
     st = tt.step(0, query_ids=q, query_mask=qm, noise=noise)
     wt = weights(tt)
     ref = reference_ppo.ppo_iteration(
-        ckpt, query_ids=q, query_mask=qm, noise=noise, cfg=cfg.to_dict(), eos_id=EOS_ID,
+        ckpt, query_ids=qr, query_mask=qmr, noise=noise, cfg=cfg.to_dict(), eos_id=EOS_ID,
         pad_id=PAD_ID, tokenizer=AutoTokenizer.from_pretrained(str(ckpt)),
-        minibatch_rows=seeds.minibatch_indices(cfg.seed, 0, batch_size=B, ppo_epochs=2, num_minibatches=2),
+        minibatch_rows=seeds.minibatch_indices(cfg.seed, 0, batch_size=cfg.rollout_size, ppo_epochs=2,
+                                               num_minibatches=2),
         dtype=getattr(torch, dtype), **ref_kw)
     wr = {f"{role}.{k}": v for role in ("policy", "critic") for k, v in ref[role].items()}
     assert set(wj) <= set(wr), set(wj) - set(wr)  # (the reference also lists the tied lm_head)
@@ -94,7 +100,7 @@ def test_trainers_match_the_independent_reference(tiny_checkpoint, setting):
     ckpt = tiny_checkpoint("gpt2")
     cfg = PPOConfig(batch_size=B, max_prompt_len=P, max_new_tokens=N, learning_rate=1e-3,
                     temperature=0.9, ppo_epochs=2, num_minibatches=2, **SETTINGS[setting])
-    if setting == "reward-fn":
+    if setting.startswith("reward-fn"):
         reward, reference = _reward_fn, tiny_checkpoint("gpt2", seed=5)
         ref_kw = dict(reward_fn=_reward_fn, reference_dir=reference,
                       critic_head=init_score_head(64, cfg.seed))
@@ -102,7 +108,7 @@ def test_trainers_match_the_independent_reference(tiny_checkpoint, setting):
         reward = tiny_checkpoint("gpt2", kind="scalar", seed=7, reward_gain=5.0, reward_bias=-15.0)
         reference = None
         ref_kw = dict(reward_dir=reward)
-    q, qm, noise = inputs(512, 0)
+    q, qm, noise = inputs(512, 0, cfg.num_generations)
     reward = reward if callable(reward) else str(reward)
     out = {dtype: _iteration(ckpt, reward, reference, ref_kw, cfg, q, qm, noise, dtype)
            for dtype in ("float64", "float32")}
@@ -117,8 +123,10 @@ def test_trainers_match_the_independent_reference(tiny_checkpoint, setting):
         # float32 first (test_ppo_parity.py says why): the rollout is one forward pass of the
         # same weights; the stats and weights come after the update
         compare_arrays({k: R32[k] for k in ROLLOUT_KEYS}, r32, "float32", "start", f"{name} rollout")
-        explained_stats(S32, s32, S64, s64, "start", keys=STATS, what=name)
+        keys = [k for k in (*STATS, "loss/kl_avg") if k in s64]  # critic-free: no value loss
+        assert set(keys) | {"loss/value_avg", "val/clipfrac_avg"} >= set(STATS)
+        explained_stats(S32, s32, S64, s64, "start", keys=keys, what=name)
         explained_weights(W32, w32, W64, w64, keys=list(w32), what=name)
         compare_arrays({k: R64[k] for k in ROLLOUT_KEYS}, r64, "float64", "start", f"{name} rollout")
-        compare_stats(S64, s64, "float64", "start", keys=STATS, what=name)
+        compare_stats(S64, s64, "float64", "start", keys=keys, what=name)
         compare_weights(w64, W64, o64["start"])

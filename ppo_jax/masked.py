@@ -129,6 +129,7 @@ def aggregation_count(mask: Array, loss_agg: str = "token-mean") -> Array:
         n = jnp.asarray(mask.shape[0])
     return n.astype(jnp.float32)
 
+
 def last_token_index(mask: Array) -> Array:
     """[B, T] -> [B]: the index of each row's last real (non-zero) position; 0 for a row without
     one (such a row's result is masked out wherever it is used: an empty response's terminal

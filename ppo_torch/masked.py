@@ -131,6 +131,7 @@ def aggregation_count(mask: Tensor, loss_agg: str = "token-mean") -> Tensor:
         n = torch.tensor(mask.shape[0], device=mask.device)
     return n.to(torch.float32)
 
+
 def last_token_index(mask: Tensor) -> Tensor:
     """[B, T] -> [B]: the index of each row's last real (non-zero) position; 0 for a row without
     one (such a row's result is masked out wherever it is used: an empty response's terminal

@@ -51,9 +51,17 @@ from ppo_rlhf.config import PPOConfig
 from ppo_rlhf.rollout import RolloutBatch
 from ppo_rlhf.runtime import metrics, seeds
 from ppo_rlhf.runtime.ppo import TrainerBase
-from ppo_torch.advantages import gae, kl_for_controller, shape_rewards, whiten
+from ppo_torch.advantages import (
+    gae,
+    group_advantages,
+    kl_for_controller,
+    reinforce_pp_baseline,
+    reinforce_pp_returns,
+    shape_rewards,
+    whiten,
+)
 from ppo_torch.generate import generate
-from ppo_torch.losses import policy_loss, value_loss
+from ppo_torch.losses import kl_loss, policy_loss, value_loss
 from ppo_torch.masked import aggregate_loss, aggregation_count
 from ppo_torch.models import (
     MODEL_KIT,
@@ -79,6 +87,9 @@ def microbatch_weight(mask: Tensor, loss_agg: str, total: Tensor) -> Tensor:
     return aggregation_count(mask, loss_agg) / total
 
 
+# The rollout arrays the update reads.
+UPDATE_KEYS = ("query_ids", "query_mask", "response_ids", "response_mask", "logprobs", "ref_logprobs",
+               "values", "advantages", "returns")
 # Stats of one optimiser step: weighted means over micro-batches, except these.
 _MAX_STATS, _MIN_STATS = ("val/ratio_max",), ("val/ratio_min",)
 
@@ -160,7 +171,9 @@ class PPOTrainer(TrainerBase):
     def policy_model(self) -> CausalLM | PolicyWithValueHead:
         return self.policy
 
-    def critic_model(self) -> ScalarHeadModel | PolicyWithValueHead:
+    def critic_model(self) -> ScalarHeadModel | PolicyWithValueHead | None:
+        """The critic (the policy itself with a shared trunk; None with a critic-free
+        estimator)."""
         return self.policy if self.shared_trunk else self.critic
 
     def reward_model(self) -> ScalarHeadModel | None:
@@ -194,7 +207,9 @@ class PPOTrainer(TrainerBase):
         else:
             logprobs = response_logprobs(policy, q, qm, r, rm, temperature=cfg.temperature,
                                          chunk=cfg.logprob_chunk)
-            values = response_values(critic, q, qm, r, rm)
+            # critic-free: no values (zeros keep the rollout's layout)
+            values = (torch.zeros(r.shape, dtype=torch.float32, device=r.device) if critic is None
+                      else response_values(critic, q, qm, r, rm))
         ref_logprobs = response_logprobs(self.reference, q, qm, r, rm, temperature=cfg.temperature,
                                          chunk=cfg.logprob_chunk)
         if self.reward is None:
@@ -228,12 +243,26 @@ class PPOTrainer(TrainerBase):
     def _advantages(self, scores, logprobs, ref_logprobs, values, mask, kl_coef):
         cfg = self.config
         rewards, kl = shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_estimator=cfg.kl_estimator)
-        if cfg.whiten_rewards:
-            rewards = whiten(rewards, mask, shift_mean=False, unbiased=cfg.whiten_unbiased)
-        advantages, returns = gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
-        if cfg.whiten_advantages:
-            advantages = whiten(advantages, mask, shift_mean=cfg.advantages_shift_mean,
-                                unbiased=cfg.whiten_unbiased)
+        est = cfg.advantage_estimator
+        if est == "gae":
+            if cfg.whiten_rewards:
+                rewards = whiten(rewards, mask, shift_mean=False, unbiased=cfg.whiten_unbiased)
+            advantages, returns = gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+            if cfg.whiten_advantages:
+                advantages = whiten(advantages, mask, shift_mean=cfg.advantages_shift_mean,
+                                    unbiased=cfg.whiten_unbiased)
+        elif est == "reinforce_pp":
+            advantages, returns = reinforce_pp_returns(rewards, mask, gamma=cfg.gamma)
+        elif est == "reinforce_pp_baseline":
+            advantages, returns, kl = reinforce_pp_baseline(
+                scores, logprobs, ref_logprobs, mask, kl_coef, num_generations=cfg.num_generations,
+                gamma=cfg.gamma, kl_estimator=cfg.kl_estimator)
+        else:  # a group estimator: one advantage per sequence, from its return (the score - KL)
+            real = mask != 0
+            seq_return = torch.where(real, rewards, 0.0).sum(-1)
+            per_seq = group_advantages(seq_return, cfg.num_generations, est)
+            advantages = torch.where(real, per_seq[:, None], 0.0)
+            returns = torch.where(real, seq_return[:, None], 0.0)
         return dict(rewards=rewards, kl=kl, advantages=advantages, returns=returns,
                     kl_for_controller=kl_for_controller(kl, mask, units=cfg.kl_units))
 
@@ -255,26 +284,34 @@ class PPOTrainer(TrainerBase):
         else:
             logprobs, entropy = response_logprobs(policy, *args, temperature=cfg.temperature,
                                                   return_entropy=True, chunk=cfg.logprob_chunk)
-            values = response_values(critic, *args)
+            values = None if critic is None else response_values(critic, *args)
         mask = mb["response_mask"]
         pg_loss, pg_stats = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask,
                                         kind=cfg.policy_loss, clip_eps=cfg.clip_eps,
                                         clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip,
-                                        loss_agg=cfg.loss_agg)
-        vf_loss, vf_stats = value_loss(values, mb["values"], mb["returns"], mask,
-                                       clip_eps=cfg.value_clip_eps, loss_agg=cfg.loss_agg)
+                                        loss_agg=cfg.loss_agg, importance_level=cfg.importance_level)
         if cfg.ent_coef == 0:
             entropy = entropy.detach()  # a statistic only: no backward through it
         ent = aggregate_loss(entropy, mask, cfg.loss_agg)
-        loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * ent
+        loss = pg_loss - cfg.ent_coef * ent
         stats = {
-            "loss/policy": pg_loss, "loss/value": vf_loss, "loss/total": loss,
-            "policy/entropy": ent, "policy/approxkl": pg_stats["approx_kl_k3"],
+            "loss/policy": pg_loss, "policy/entropy": ent, "policy/approxkl": pg_stats["approx_kl_k3"],
             "policy/approxkl_k1": pg_stats["approx_kl_k1"], "policy/clipfrac": pg_stats["clipfrac"],
-            "policy/dual_clipfrac": pg_stats["dual_clipfrac"], "val/clipfrac": vf_stats["vf_clipfrac"],
-            "val/ratio": pg_stats["ratio_mean"], "val/ratio_max": pg_stats["ratio_max"],
-            "val/ratio_min": pg_stats["ratio_min"], "val/vpred": vf_stats["values_mean"],
+            "policy/dual_clipfrac": pg_stats["dual_clipfrac"], "val/ratio": pg_stats["ratio_mean"],
+            "val/ratio_max": pg_stats["ratio_max"], "val/ratio_min": pg_stats["ratio_min"],
         }
+        if values is not None:
+            vf_loss, vf_stats = value_loss(values, mb["values"], mb["returns"], mask,
+                                           clip_eps=cfg.value_clip_eps, loss_agg=cfg.loss_agg)
+            loss = loss + cfg.vf_coef * vf_loss
+            stats.update({"loss/value": vf_loss, "val/clipfrac": vf_stats["vf_clipfrac"],
+                          "val/vpred": vf_stats["values_mean"]})
+        if cfg.kl_loss_coef:  # KL(pi || pi_ref) in the loss (GRPO), its gradient by the estimator
+            kl = aggregate_loss(kl_loss(logprobs, mb["ref_logprobs"], cfg.kl_loss_estimator, mask=mask),
+                                mask, cfg.loss_agg)
+            loss = loss + cfg.kl_loss_coef * kl
+            stats["loss/kl"] = kl
+        stats["loss/total"] = loss
         return loss * weight, {k: v.detach() for k, v in stats.items()}
 
     def _minibatch_grads(self, batch, idx):
@@ -305,11 +342,9 @@ class PPOTrainer(TrainerBase):
         """K epochs x M minibatches on a batch holding the rollout tensors plus `advantages` and
         `returns`. Returns the per-step stats as numpy arrays [K * M]."""
         cfg = self.config
-        rows = seeds.minibatch_indices(cfg.seed, iteration, batch_size=cfg.batch_size,
+        rows = seeds.minibatch_indices(cfg.seed, iteration, batch_size=cfg.rollout_size,
                                       ppo_epochs=cfg.ppo_epochs, num_minibatches=cfg.num_minibatches)
-        keys = ("query_ids", "query_mask", "response_ids", "response_mask", "logprobs", "values",
-                "advantages", "returns")
-        batch = {k: self._tensor(batch[k]) for k in keys}
+        batch = {k: self._tensor(batch[k]) for k in UPDATE_KEYS}
         params = self._trainable()
         steps = []
         for idx in torch.from_numpy(rows).to(self.device):
@@ -342,7 +377,7 @@ class PPOTrainer(TrainerBase):
         with metrics.phase_timer(times, "time/update_s"):
             update_stats = self.update({**arrays, **adv}, iteration)
         adv = {k: v.cpu().numpy() for k, v in adv.items()}
-        self.kl_ctl.update(adv["kl_for_controller"], cfg.batch_size)
+        self.kl_ctl.update(adv["kl_for_controller"], cfg.rollout_size)
         self.iteration = iteration + 1
         times["time/iteration_s"] = time.perf_counter() - t0
         return self._collect_stats(iteration, batch, adv, update_stats, kl_coef, times)
@@ -360,7 +395,7 @@ class PPOTrainer(TrainerBase):
     def save_critic(self, path: str | os.PathLike) -> None:
         from ppo_torch.models import save_pretrained
 
-        model = self.parallel.full_model(self.critic_model())
+        model = self.parallel.full_model(self._critic_to_save())
         if self.processes.is_main:
             save_pretrained(model, path)
 

@@ -188,3 +188,49 @@ def test_roles_are_built_with_the_configs_model_options(backend, tiny_checkpoint
         make_trainer(backend, ckpt, policy=given, reference=plain, tokenizer=str(ckpt), remat="dots",
                      compute_dtype="bfloat16")
     assert models.model_options(given) == options and models.model_options(reference).remat == "full"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_critic_free_estimator_builds_no_critic_and_samples_groups(backend, tiny_checkpoint, tmp_path):
+    """advantage_estimator="grpo" with num_generations=G: no critic is built, trained, saved or
+    checkpointed; each prompt is sampled G times in adjacent rows and every group's advantages
+    are centred; a checkpointed run resumes to the uninterrupted one's weights exactly."""
+    from ppo_rlhf.errors import UsageError
+
+    if backend == "jax":
+        from ppo_jax.models import load_pretrained, model_tensors
+    else:
+        from ppo_torch.models import load_pretrained, model_tensors
+    ckpt = tiny_checkpoint("gpt2")
+    kw = dict(advantage_estimator="grpo", num_generations=3, num_minibatches=3, kl_coef=0.0,
+              kl_loss_coef=0.1)
+    t = make_trainer(backend, ckpt, **kw)
+    assert t.critic_model() is None and not t.shared_trunk
+    if backend == "jax":
+        assert set(t.params) == {"policy"}
+    else:
+        assert {id(p) for p in t._trainable()} == {id(p) for p in t.policy.parameters()}
+    with pytest.raises(UsageError, match="trains no critic: there is none to save"):
+        t.save_critic(tmp_path / "critic")
+    prompts, q, qm = t._prompts_for(0, None, None, None)
+    assert q.shape == (12, 8) and prompts[0] == prompts[1] == prompts[2] != prompts[3]
+    batch = t.rollout(q, qm, iteration=0)
+    adv = t.compute_advantages(batch.arrays(), 0.0)
+    per_seq = np.asarray(adv["advantages"])[:, 0].reshape(4, 3)  # every response has a first token
+    np.testing.assert_allclose(per_seq.sum(1), 0.0, atol=1e-5)
+    stats = t.step()
+    assert stats["episode"] == 12 and "loss/kl_avg" in stats and "loss/value_avg" not in stats
+    # no critic to give, nor a value head to carry
+    with pytest.raises(UsageError, match="critic given, but advantage_estimator='grpo' trains no critic"):
+        make_trainer(backend, ckpt, critic=str(ckpt), **kw)
+    with pytest.raises(UsageError, match="trains no critic, but the policy is a PolicyWithValueHead"):
+        make_trainer(backend, ckpt, policy=load_pretrained(ckpt, with_value_head=True),
+                     tokenizer=str(ckpt), **kw)
+    # exact resume
+    straight = make_trainer(backend, ckpt, **kw)
+    straight.train(2, progress=False)
+    make_trainer(backend, ckpt, out_dir=tmp_path / "run", checkpoint_every=1, **kw).train(1, progress=False)
+    resumed = make_trainer(backend, ckpt, out_dir=tmp_path / "run", **kw)
+    resumed.train(2, resume=True, progress=False)
+    a, b = model_tensors(straight.policy_model()), model_tensors(resumed.policy_model())
+    assert all(np.array_equal(a[k], b[k]) for k in a)

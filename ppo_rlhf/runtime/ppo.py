@@ -19,6 +19,7 @@ import numpy as np
 
 from ppo_rlhf import tokens
 from ppo_rlhf.config import PPOConfig
+from ppo_rlhf.errors import UsageError
 from ppo_rlhf.kl_control import make_kl_controller
 from ppo_rlhf.rewards import RewardModel, ScoreRequest, check_scores
 from ppo_rlhf.rollout import RolloutBatch
@@ -81,6 +82,16 @@ class TrainerBase:
         self.shared_trunk = roles.shared_trunk
         return roles
 
+    def _critic_to_save(self) -> Any:
+        critic = self.critic_model()
+        if critic is None:
+            raise UsageError(f"advantage_estimator={self.config.advantage_estimator!r} trains no critic: "
+                             f"there is none to save")
+        return critic
+
+    def critic_model(self) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
     def _to_numpy(self, x: Any) -> np.ndarray:  # pragma: no cover - abstract
         """A device array of the rollout as numpy (the backend's)."""
         raise NotImplementedError
@@ -101,6 +112,8 @@ class TrainerBase:
     # ---- prompts ---------------------------------------------------------------------------------
     def _prompts_for(self, iteration: int, prompts: Sequence[str] | None, query_ids: Any,
                      query_mask: Any) -> tuple[list[str] | None, np.ndarray, np.ndarray]:
+        """The iteration's batch_size prompts (given, or the prompt stream's), tokenised, each
+        repeated num_generations times in adjacent rows: what the rollout samples from."""
         cfg = self.config
         if query_ids is not None:
             if query_mask is None:
@@ -109,17 +122,22 @@ class TrainerBase:
             if q.shape != (cfg.batch_size, cfg.max_prompt_len):
                 raise ValueError(f"query_ids must have shape (batch_size, max_prompt_len) = "
                                  f"({cfg.batch_size}, {cfg.max_prompt_len}), got {q.shape}")
-            return (list(prompts) if prompts is not None else None), q, qm
-        if prompts is None:
-            if self.prompt_stream is None:
-                raise ValueError("no prompts: pass prompts= to the trainer or to step()")
-            prompts = self.prompt_stream.batch(iteration)
-        prompts = list(prompts)
-        if len(prompts) != cfg.batch_size:
-            raise ValueError(f"step() needs batch_size={cfg.batch_size} prompts, got {len(prompts)}")
-        if self.tokenizer is None:
-            raise ValueError("text prompts need a tokenizer: pass tokenizer= to the trainer")
-        q, qm, _ = tokens.tokenize_prompts(self.tokenizer, prompts, cfg.max_prompt_len)
+            prompts = list(prompts) if prompts is not None else None
+        else:
+            if prompts is None:
+                if self.prompt_stream is None:
+                    raise ValueError("no prompts: pass prompts= to the trainer or to step()")
+                prompts = self.prompt_stream.batch(iteration)
+            prompts = list(prompts)
+            if len(prompts) != cfg.batch_size:
+                raise ValueError(f"step() needs batch_size={cfg.batch_size} prompts, got {len(prompts)}")
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer: pass tokenizer= to the trainer")
+            q, qm, _ = tokens.tokenize_prompts(self.tokenizer, prompts, cfg.max_prompt_len)
+        G = cfg.num_generations
+        if G > 1:  # the group of each prompt: G adjacent rows
+            q, qm = np.repeat(q, G, axis=0), np.repeat(qm, G, axis=0)
+            prompts = None if prompts is None else [p for p in prompts for _ in range(G)]
         return prompts, q, qm
 
     # ---- rollout: host rewards, missing-EOS penalty, extras ----------------------------------------
@@ -169,7 +187,7 @@ class TrainerBase:
         self.loop.bad_updates.record(skipped.tolist(), f"iteration {iteration}")
         s: dict[str, float] = {
             "iteration": iteration,
-            "episode": (iteration + 1) * cfg.batch_size,
+            "episode": (iteration + 1) * cfg.rollout_size,
             "objective/kl": float(seq_kl.mean()),
             "objective/entropy": float((-np.where(mask, batch.logprobs.astype(np.float64), 0.0).sum(1)).mean()),
             "objective/non_score_reward": float(non_score.mean()),
@@ -200,7 +218,7 @@ class TrainerBase:
             else:
                 s[k + "_avg"] = float(v.mean())
         s.update({k: float(v) for k, v in times.items()})
-        n_tokens = cfg.batch_size * (cfg.max_prompt_len + cfg.max_new_tokens)
+        n_tokens = cfg.rollout_size * (cfg.max_prompt_len + cfg.max_new_tokens)
         s["time/tokens_per_s"] = n_tokens / max(times.get("time/iteration_s", 0.0), 1e-9)
         self.history.append(s)
         return s

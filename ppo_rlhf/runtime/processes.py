@@ -121,8 +121,9 @@ def parse_mesh(spec: "str | Mapping[str, int] | MeshSpec") -> MeshSpec:
 
 def check_data_parallel(config: Any, ways: int, where: str) -> None:
     """UsageError unless every micro-batch of `config` (a PPOConfig) splits evenly into `ways`
-    data-parallel parts. The rollout batch is split `ways` ways for generation, and each
-    optimiser step's micro-batch (batch_size / (num_minibatches * grad_accum_steps) rows) is
+    data-parallel parts. The rollout batch is split `ways` ways for generation (batch_size
+    prompts, so that each part holds whole groups of num_generations responses), and each
+    optimiser step's micro-batch (rollout_size / (num_minibatches * grad_accum_steps) rows) is
     split `ways` ways for the update, so the micro-batch size must be a multiple of `ways`."""
     if ways <= 1:
         return
@@ -131,10 +132,10 @@ def check_data_parallel(config: Any, ways: int, where: str) -> None:
                          f"{ways} data-parallel workers; make it a multiple of {ways}")
     if config.microbatch_size % ways:
         raise UsageError(
-            f"{where}: the micro-batch of batch_size={config.batch_size} / (num_minibatches="
+            f"{where}: the micro-batch of rollout_size={config.rollout_size} / (num_minibatches="
             f"{config.num_minibatches} x grad_accum_steps={config.grad_accum_steps}) = "
             f"{config.microbatch_size} rows cannot be split over {ways} data-parallel workers; "
-            f"make batch_size / (num_minibatches x grad_accum_steps) a multiple of {ways}")
+            f"make rollout_size / (num_minibatches x grad_accum_steps) a multiple of {ways}")
 
 
 class Processes:

@@ -12,7 +12,8 @@ What goes where (the trainers' arguments `policy`, `reward`, `reference`, `criti
   * reward: a reward-model dir or the core's scalar model (`reward_model`, scored on device), or
     any `RewardModel` / `RewardFn` (`host_reward`, scored on the host from ids and text);
   * critic: a dir or a scalar model; default the reward model's weights on its scale when the
-    reward is a model (TRL), else the policy's backbone with a fresh head (seeded);
+    reward is a model (TRL), else the policy's backbone with a fresh head (seeded); none at all
+    with a critic-free estimator (`PPOConfig.uses_critic`);
   * the frozen models (reference, reward model) are built without remat (never differentiated)
     and, with `config.frozen_dtype`, in that dtype; the critic keeps the trainer's dtype.
 Every model is built with its options (`ppo_rlhf.config.ModelOptions`, from the config); a model
@@ -71,18 +72,15 @@ class ModelKit:
 @dataclass
 class Roles:
     """The models of a PPO iteration (see the module docstring). `critic` is None with a shared
-    trunk (the policy is a `PolicyWithValueHead`); exactly one of `reward_model` (the core's
-    scalar model) and `host_reward` is set."""
+    trunk (the policy is a `PolicyWithValueHead`: `shared_trunk`) and with a critic-free
+    estimator; exactly one of `reward_model` (the core's scalar model) and `host_reward` is set."""
 
     policy: Any
     reference: Any
     critic: Any | None
     reward_model: Any | None
     host_reward: RewardModel | None
-
-    @property
-    def shared_trunk(self) -> bool:
-        return self.critic is None
+    shared_trunk: bool = False
 
     def models(self) -> tuple[Any, Any, Any | None, Any | None]:
         """(policy, reference, critic, reward model): the models, None where a role has none."""
@@ -124,6 +122,9 @@ def compose_roles(kit: ModelKit, policy: Any, reward: Any, *, config: PPOConfig,
         raise TypeError(f"policy must be a checkpoint dir, a CausalLM or a PolicyWithValueHead, "
                         f"got {type(policy).__name__}")
     shared_trunk = isinstance(policy, kit.PolicyWithValueHead)
+    if shared_trunk and not config.uses_critic:
+        raise UsageError(f"advantage_estimator={config.advantage_estimator!r} trains no critic, but the "
+                         f"policy is a PolicyWithValueHead (a critic on its trunk): pass a causal LM")
     lm = policy.lm if shared_trunk else policy
 
     if reference is policy or reference is lm:
@@ -145,7 +146,10 @@ def compose_roles(kit: ModelKit, policy: Any, reward: Any, *, config: PPOConfig,
     else:
         host_reward = as_reward_model(reward)
 
-    if shared_trunk:
+    if shared_trunk or not config.uses_critic:
+        if critic is not None and not shared_trunk:
+            raise UsageError(f"critic given, but advantage_estimator={config.advantage_estimator!r} "
+                             f"trains no critic")
         critic = None
     elif _is_dir_arg(critic):
         critic = kit.load_scalar_model(critic, dtype, options=options)
@@ -160,4 +164,4 @@ def compose_roles(kit: ModelKit, policy: Any, reward: Any, *, config: PPOConfig,
         reference = kit.cast_model(reference, config.frozen_dtype)
         if reward_model is not None:
             reward_model = kit.cast_model(reward_model, config.frozen_dtype)
-    return Roles(policy, reference, critic, reward_model, host_reward)
+    return Roles(policy, reference, critic, reward_model, host_reward, shared_trunk)
