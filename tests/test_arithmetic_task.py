@@ -169,9 +169,12 @@ def test_demo_on_the_verifiable_task(backend, tmp_path):
     assert "verifiable reward" in (out / "report.md").read_text()
     metrics = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == summary["ppo_iterations"] and "objective/gold" in metrics[0]
-    # the estimator flag reaches PPOConfig
+    # the estimator flag reaches PPOConfig; --pretrained starts from the first run's model
     out2 = tmp_path / "grpo"
-    proc = _demo(backend, out2, "--estimator", "grpo", "--ppo-iterations", "1")
+    proc = _demo(backend, out2, "--estimator", "grpo", "--ppo-iterations", "1", "--pretrained", str(out / "sft"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "not pretrained again" in proc.stderr and not (out2 / "sft").exists()
     cfg = json.loads((out2 / "ppo" / "config.json").read_text())
     assert (cfg["advantage_estimator"], cfg["num_generations"]) == ("grpo", 4)
+    s2 = json.loads((out2 / "summary.json").read_text())
+    assert s2["accuracy_before"] == summary["accuracy_before"]  # the same model, the same eval samples

@@ -35,7 +35,7 @@ from ppo_rlhf.app.backends import BACKENDS, check_backend, get_backend
 from ppo_rlhf.errors import UsageError
 from ppo_rlhf.feedback.labeller import SYNTHETIC_LABELS
 
-ARITHMETIC_PRETRAIN_STEPS = 600
+ARITHMETIC_PRETRAIN_STEPS = 250
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,7 @@ class DemoConfig:
     # half the step); "full" shrinks it to 25 MB and the step from 90 to 66 ms. torch reuses
     # its memory, and recomputing the layers costs it 58 -> 87 ms.
     eval_prompts: int = 96               # held-out prompts for before/after evaluation
+    pretrained: str | None = None        # a model dir (e.g. an earlier run's sft/): skip pretraining
     sample_temperature: float = 1.0      # evaluation samples at the PPO sampling temperature
 
     @classmethod
@@ -158,13 +159,20 @@ def run_demo(backend: str, out: str | os.PathLike, config: DemoConfig = DemoConf
 
     # 1. a pretrained LM ----------------------------------------------------------------------
     t = time.perf_counter()
-    sft = out / "sft"
-    _say(f"1/6 pretraining a {config.model_size} GPT-2-style model on the {task.name} corpus ({backend})")
-    sft_metrics = pretrain_model(backend, sft, task=task,
-                                 config={"num_steps": config.pretrain_steps, "seed": config.seed,
-                                         "remat": config.supervised_remat.get(backend, "none")},
-                                 model_size=config.model_size, corpus_size=config.corpus_size,
-                                 eval_samples=0, progress=progress)
+    if config.pretrained is not None:  # step 1 done before: start every run from the same model
+        sft = Path(config.pretrained)
+        if not (sft / "config.json").is_file():
+            raise UsageError(f"--pretrained {config.pretrained!r} is not a model directory")
+        _say(f"1/6 the pretrained model of {sft} (not pretrained again)")
+        sft_metrics: dict[str, Any] = {}
+    else:
+        sft = out / "sft"
+        _say(f"1/6 pretraining a {config.model_size} GPT-2-style model on the {task.name} corpus ({backend})")
+        sft_metrics = pretrain_model(backend, sft, task=task,
+                                     config={"num_steps": config.pretrain_steps, "seed": config.seed,
+                                             "remat": config.supervised_remat.get(backend, "none")},
+                                     model_size=config.model_size, corpus_size=config.corpus_size,
+                                     eval_samples=0, progress=progress)
     times["pretrain_s"] = time.perf_counter() - t
 
     # 2. the reward definition: the task's gold reward, the stand-in for human judgement -------
@@ -286,7 +294,8 @@ def _run_verifiable(backend: str, out: Path, config: DemoConfig, task: Any, ppo_
     summary = {
         "backend": backend, "task": task.name,
         "reward": "verifiable: the task's checker, trained on directly (no feedback, no reward model)",
-        "advantage_estimator": estimator, "num_generations": ppo_config.num_generations,
+        "pretrained_model": str(sft), "advantage_estimator": estimator,
+        "num_generations": ppo_config.num_generations,
         "accuracy_before": before.gold_score, "accuracy_after": after.gold_score,
         "gold_score_before": before.gold_score, "gold_score_after": after.gold_score,
         "eval_samples": len(eval_prompts), "kl_to_ref": after.kl_to_ref,
@@ -391,6 +400,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--num-generations", type=int, metavar="G",
                    help="responses per prompt (default 4 with a group estimator, else 1); the responses "
                         "per iteration stay the same, the prompts per iteration are divided by G")
+    p.add_argument("--pretrained", metavar="DIR",
+                   help="start from this pretrained model (e.g. an earlier demo run's sft/) instead of "
+                        "pretraining one: runs that compare estimators start from the same model")
     p.add_argument("--out", help="run directory (default: runs/demo-<backend>, or runs/demo-<task>-<backend>)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of every step")
     p.add_argument("--seed", type=int, default=0)
@@ -403,7 +415,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: Any) -> int:
     config = DemoConfig.for_task(args.task, quick=args.quick)
-    config = dataclasses.replace(config, seed=args.seed)
+    config = dataclasses.replace(config, seed=args.seed, pretrained=args.pretrained)
     if args.estimator is not None or args.num_generations is not None:
         config = config.with_estimator(args.estimator or "gae", args.num_generations)
     if args.ppo_iterations is not None:
