@@ -77,9 +77,9 @@ class DemoConfig:
     @classmethod
     def for_task(cls, task: str, *, quick: bool = False) -> "DemoConfig":
         """The demo's sizes for `task`: the defaults above (or `quick()`) for reviews; for
-        arithmetic, its own (short sequences: more pretraining, exact-match RL at a higher
-        learning rate); for any other task, the defaults with the task's prompt and response
-        lengths."""
+        arithmetic, its own (sequences of at most 8 tokens: fewer pretraining steps, 400 evaluation
+        samples, RL on the checker at a higher learning rate and a lower KL coefficient); for any
+        other task, the defaults with the task's prompt and response lengths."""
         base = cls.quick() if quick else cls()
         if task == "reviews":
             return base
