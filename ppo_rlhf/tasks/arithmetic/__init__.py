@@ -19,8 +19,9 @@ share of well-formed responses) is "a decimal number without leading zeros", rig
 Why a tiny model can learn it, and why RL has something to do: the pretraining corpus
 (`generate_corpus`) covers every prompt, but only a share `1 - CORPUS_NOISE` of its answers are
 right; the others are off by one or another number in range. A small GPT-2-style model pretrained
-on it learns that noisy distribution, so sampled at temperature 1 it answers right about as often
-as the corpus does (the right answer is each prompt's most frequent one, never the only one).
+on it learns at most that noisy distribution (the right answer is each prompt's most frequent
+one, never the only one), and after the demo's short pretraining less: sampled at temperature 1
+it answers right well under half the time, often off by one.
 Exact-match RL on the train prompts then moves probability mass onto the right answers; since the
 noise is the same kind everywhere, the held-out eval prompts (disjoint from the train prompts)
 improve too.
