@@ -1,4 +1,4 @@
-"""`ppo-rlhf demo`: the whole RLHF loop on the built-in `reviews` task, all six seed steps, offline.
+"""`ppo-rlhf demo`: the whole RLHF loop on a built-in task (default `reviews`), all six seed steps, offline.
 
   1. pretrained LM      a small GPT-2-style model pretrained here on the task's template corpus
   2. reward definition  the task's gold reward (positive sentiment AND well-formed text) stands
@@ -11,7 +11,11 @@
   6. evaluation         reward-model score and gold score before and after, KL to the reference,
                         win-rate against the reference, samples, plots and a report
 
-The run directory (default runs/demo-<backend>):
+On a task with a verifiable reward (`Task.verifiable`, e.g. `--task arithmetic`: exact-match
+scoring) steps 3 and 4 are skipped: PPO (or the critic-free estimator of `--estimator`) trains on
+the task's checker directly, and the evaluation reports its mean, the accuracy, before and after.
+
+The run directory (default runs/demo-<backend>, runs/demo-<task>-<backend> for another task):
   sft/  feedback.jsonl  reward_model/  ppo/ (config.json, metrics.jsonl, checkpoints/, policy/)
   samples_before.jsonl  samples_after.jsonl  plots/*.png  report.md  summary.json
 """
@@ -30,6 +34,8 @@ from typing import Any
 from ppo_rlhf.app.backends import BACKENDS, check_backend, get_backend
 from ppo_rlhf.errors import UsageError
 from ppo_rlhf.feedback.labeller import SYNTHETIC_LABELS
+
+ARITHMETIC_PRETRAIN_STEPS = 250
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,51 @@ class DemoConfig:
     # half the step); "full" shrinks it to 25 MB and the step from 90 to 66 ms. torch reuses
     # its memory, and recomputing the layers costs it 58 -> 87 ms.
     eval_prompts: int = 96               # held-out prompts for before/after evaluation
+    pretrained: str | None = None        # a model dir (e.g. an earlier run's sft/): skip pretraining
     sample_temperature: float = 1.0      # evaluation samples at the PPO sampling temperature
+
+    @classmethod
+    def for_task(cls, task: str, *, quick: bool = False) -> "DemoConfig":
+        """The demo's sizes for `task`: the defaults above (or `quick()`) for reviews; for
+        arithmetic, its own (sequences of at most 8 tokens: fewer pretraining steps, 400 evaluation
+        samples, RL on the checker at a higher learning rate and a lower KL coefficient); for any
+        other task, the defaults with the task's prompt and response lengths."""
+        base = cls.quick() if quick else cls()
+        if task == "reviews":
+            return base
+        if task == "arithmetic":
+            ppo = dict(max_new_tokens=4, max_prompt_len=6, temperature=1.0, missing_eos_penalty=1.0,
+                       scan_unroll=True)
+            if quick:
+                return dataclasses.replace(base, task=task, ppo=dict(
+                    ppo, batch_size=8, ppo_epochs=2, num_minibatches=2, learning_rate=1e-4, kl_coef=0.05))
+            return dataclasses.replace(
+                base, task=task, pretrain_steps=ARITHMETIC_PRETRAIN_STEPS, ppo_iterations=60, eval_prompts=400,
+                ppo=dict(ppo, batch_size=32, ppo_epochs=4, num_minibatches=2, learning_rate=1e-4, kl_coef=0.05))
+        from ppo_rlhf.tasks import get_task
+
+        t = get_task(task)
+        return dataclasses.replace(base, task=task, ppo=dict(base.ppo, max_new_tokens=t.max_response_tokens,
+                                                             max_prompt_len=t.max_prompt_tokens))
+
+    def with_estimator(self, estimator: str, num_generations: int | None = None) -> "DemoConfig":
+        """This config with PPO's `advantage_estimator` set. A group estimator (and
+        reinforce_pp_baseline) samples `num_generations` responses per prompt (default 4); the
+        responses per iteration stay `ppo["batch_size"]`, so the prompts per iteration are
+        batch_size // num_generations."""
+        from ppo_rlhf.config import ADVANTAGE_ESTIMATORS, GROUP_ADVANTAGE_KINDS
+
+        if estimator not in ADVANTAGE_ESTIMATORS:
+            raise UsageError(f"--estimator {estimator!r}: choose one of {', '.join(ADVANTAGE_ESTIMATORS)}")
+        grouped = estimator in GROUP_ADVANTAGE_KINDS + ("reinforce_pp_baseline",)
+        g = num_generations if num_generations is not None else (4 if grouped else 1)
+        if g < 1:
+            raise UsageError(f"--num-generations {g}: must be >= 1")
+        responses = self.ppo["batch_size"]
+        if responses % g:
+            raise UsageError(f"--num-generations {g} must divide the demo's {responses} responses per iteration")
+        return dataclasses.replace(self, ppo={**self.ppo, "advantage_estimator": estimator,
+                                              "num_generations": g, "batch_size": responses // g})
 
     @classmethod
     def quick(cls) -> "DemoConfig":
@@ -109,17 +159,26 @@ def run_demo(backend: str, out: str | os.PathLike, config: DemoConfig = DemoConf
 
     # 1. a pretrained LM ----------------------------------------------------------------------
     t = time.perf_counter()
-    sft = out / "sft"
-    _say(f"1/6 pretraining a {config.model_size} GPT-2-style model on the {task.name} corpus ({backend})")
-    sft_metrics = pretrain_model(backend, sft, task=task,
-                                 config={"num_steps": config.pretrain_steps, "seed": config.seed,
-                                         "remat": config.supervised_remat.get(backend, "none")},
-                                 model_size=config.model_size, corpus_size=config.corpus_size,
-                                 eval_samples=0, progress=progress)
+    if config.pretrained is not None:  # step 1 done before: start every run from the same model
+        sft = Path(config.pretrained)
+        if not (sft / "config.json").is_file():
+            raise UsageError(f"--pretrained {config.pretrained!r} is not a model directory")
+        _say(f"1/6 the pretrained model of {sft} (not pretrained again)")
+        sft_metrics: dict[str, Any] = {}
+    else:
+        sft = out / "sft"
+        _say(f"1/6 pretraining a {config.model_size} GPT-2-style model on the {task.name} corpus ({backend})")
+        sft_metrics = pretrain_model(backend, sft, task=task,
+                                     config={"num_steps": config.pretrain_steps, "seed": config.seed,
+                                             "remat": config.supervised_remat.get(backend, "none")},
+                                     model_size=config.model_size, corpus_size=config.corpus_size,
+                                     eval_samples=0, progress=progress)
     times["pretrain_s"] = time.perf_counter() - t
 
     # 2. the reward definition: the task's gold reward, the stand-in for human judgement -------
     _say(f"2/6 reward definition: {task.description}")
+    if task.verifiable:
+        return _run_verifiable(backend, out, config, task, ppo_config, sft, sft_metrics, times, t_start, progress)
 
     # 3. feedback on the policy's own samples, from the synthetic labeller ----------------------
     t = time.perf_counter()
@@ -198,6 +257,86 @@ def run_demo(backend: str, out: str | os.PathLike, config: DemoConfig = DemoConf
 
 
 
+def _run_verifiable(backend: str, out: Path, config: DemoConfig, task: Any, ppo_config: Any, sft: Path,
+                    sft_metrics: dict, times: dict[str, float], t_start: float, progress: bool) -> dict[str, Any]:
+    """Steps 3-6 on a task whose gold reward is a checker: no feedback and no reward model; RL
+    trains on the checker itself and the evaluation reports its mean (the accuracy)."""
+    from ppo_rlhf.app.evaluate import evaluate
+    from ppo_rlhf.eval.plots import plot_metrics
+    from ppo_rlhf.eval.policy import write_samples
+
+    estimator = ppo_config.advantage_estimator
+    _say("3/6, 4/6 skipped: the reward is verifiable (checked, not learned): no feedback, no reward model")
+    eval_prompts = [task.eval_prompts()[i % len(task.eval_prompts())] for i in range(config.eval_prompts)]
+    ev = dict(gold=task.gold_reward, max_prompt_len=config.ppo["max_prompt_len"],
+              max_new_tokens=config.ppo["max_new_tokens"], temperature=config.sample_temperature,
+              batch_size=ppo_config.rollout_size, seed=config.seed + 7)
+    before, before_records = evaluate(backend, sft, eval_prompts, reference=sft, **ev)
+    write_samples(out / "samples_before.jsonl", before_records)
+
+    t = time.perf_counter()
+    _say(f"5/6 RL ({estimator}, {ppo_config.num_generations} per prompt): {config.ppo_iterations} iterations "
+         f"against the task's checker")
+    trainer = get_backend(backend).PPOTrainer(str(sft), task.gold_reward, task.train_prompts(), config=ppo_config,
+                                              out_dir=out / "ppo", extra_rewards={"gold": task.gold_reward},
+                                              checkpoint_every=max(1, config.ppo_iterations // 4))
+    history = trainer.train(progress=progress)
+    policy_dir = out / "ppo" / "policy"
+    trainer.save_policy(policy_dir)
+    times["ppo_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    _say("6/6 evaluating before/after, plotting, writing the report")
+    after, after_records = evaluate(backend, policy_dir, eval_prompts, reference=sft, **ev)
+    write_samples(out / "samples_after.jsonl", after_records)
+    plots = plot_metrics(history, out / "plots")
+    times["eval_s"] = time.perf_counter() - t
+    summary = {
+        "backend": backend, "task": task.name,
+        "reward": "verifiable: the task's checker, trained on directly (no feedback, no reward model)",
+        "pretrained_model": str(sft), "advantage_estimator": estimator,
+        "num_generations": ppo_config.num_generations,
+        "accuracy_before": before.gold_score, "accuracy_after": after.gold_score,
+        "gold_score_before": before.gold_score, "gold_score_after": after.gold_score,
+        "eval_samples": len(eval_prompts), "kl_to_ref": after.kl_to_ref,
+        "eos_frac_after": after.eos_frac, "response_len_after": after.response_len_mean,
+        "pretrain_final_loss": sft_metrics.get("final_loss"),
+        "ppo_iterations": len(history), "responses_seen": len(history) * ppo_config.rollout_size,
+        "times_s": times, "wall_seconds": time.perf_counter() - t_start,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "report.md").write_text(_verifiable_report(summary, before, after, before_records, after_records,
+                                                      plots, out))
+    _say(f"accuracy {before.gold_score:.3f} -> {after.gold_score:.3f} on {len(eval_prompts)} eval samples, "
+         f"KL {after.kl_to_ref:.2f}; {summary['wall_seconds']:.0f} s; report: {out / 'report.md'}")
+    return summary
+
+
+def _verifiable_report(s: dict, before: Any, after: Any, before_records: list, after_records: list,
+                       plots: list, out: Path) -> str:
+    lines = [
+        f"# RL demo ({s['backend']}) on the `{s['task']}` task: a verifiable reward", "",
+        f"The reward is the task's checker (exact match, 0 or 1), trained on directly: no feedback, "
+        f"no reward model. Estimator `{s['advantage_estimator']}`, {s['num_generations']} response(s) per "
+        f"prompt, {s['ppo_iterations']} iterations ({s['responses_seen']} responses).", "",
+        f"Wall time {s['wall_seconds']:.0f} s ("
+        + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in s["times_s"].items()) + ").", "",
+        "| | before RL (pretrained) | after RL |", "|---|---|---|",
+        f"| accuracy on the eval prompts ({s['eval_samples']} samples) | {before.gold_score:.3f} | "
+        f"{after.gold_score:.3f} |",
+        f"| KL to the reference (per response) | {before.kl_to_ref:.3f} | {after.kl_to_ref:.3f} |",
+        f"| responses ending with EOS | {before.eos_frac:.2f} | {after.eos_frac:.2f} |",
+        f"| mean response length (tokens) | {before.response_len_mean:.1f} | {after.response_len_mean:.1f} |",
+        "", "## Training curves", "",
+    ]
+    lines += [f"![{p.stem}]({p.relative_to(out)})" for p in plots if p.name != "training.png"]
+    lines += ["", "## Samples (same prompts, before -> after)", ""]
+    for b, a in list(zip(before_records, after_records))[:8]:
+        lines.append(f"- **{b['prompt']}** before {b['response']!r} ({b.get('gold_score', 0):.0f}), "
+                     f"after {a['response']!r} ({a.get('gold_score', 0):.0f})")
+    return "\n".join(lines) + "\n"
+
+
 def _train_reward_model(backend: str, sft: Path, records: list, out: Path, config: DemoConfig,
                         max_length: int, progress: bool) -> dict[str, Any]:
     from ppo_rlhf.config import RMConfig
@@ -252,26 +391,42 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="run the whole RLHF loop on the built-in task (offline)",
                        description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1])
     p.add_argument("--backend", choices=BACKENDS, default="jax")
-    p.add_argument("--out", help="run directory (default: runs/demo-<backend>)")
+    p.add_argument("--task", default="reviews",
+                   help="the task (default reviews; arithmetic: a verifiable reward, RL on the checker "
+                        "without a reward model)")
+    p.add_argument("--estimator", metavar="NAME",
+                   help="PPOConfig.advantage_estimator: gae (PPO, the default), grpo, dr_grpo, rloo, "
+                        "reinforce_pp, reinforce_pp_baseline")
+    p.add_argument("--num-generations", type=int, metavar="G",
+                   help="responses per prompt (default 4 with a group estimator, else 1); the responses "
+                        "per iteration stay the same, the prompts per iteration are divided by G")
+    p.add_argument("--pretrained", metavar="DIR",
+                   help="start from this pretrained model (e.g. an earlier demo run's sft/) instead of "
+                        "pretraining one: runs that compare estimators start from the same model")
+    p.add_argument("--out", help="run directory (default: runs/demo-<backend>, or runs/demo-<task>-<backend>)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of every step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ppo-iterations", type=int, help="override the number of PPO iterations")
     p.add_argument("--kl-coef", type=float,
-                   help="override the KL coefficient (default 0.2; 0.05 shows reward hacking)")
+                   help="override the KL coefficient (default 0.2 on reviews, where 0.05 shows reward "
+                        "hacking; 0.05 on arithmetic)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
 def run(args: Any) -> int:
-    config = DemoConfig.quick() if args.quick else DemoConfig()
-    config = dataclasses.replace(config, seed=args.seed)
+    config = DemoConfig.for_task(args.task, quick=args.quick)
+    config = dataclasses.replace(config, seed=args.seed, pretrained=args.pretrained)
+    if args.estimator is not None or args.num_generations is not None:
+        config = config.with_estimator(args.estimator or "gae", args.num_generations)
     if args.ppo_iterations is not None:
         if args.ppo_iterations < 1:
             raise UsageError("--ppo-iterations must be >= 1")
         config = dataclasses.replace(config, ppo_iterations=args.ppo_iterations)
     if args.kl_coef is not None:
         config = dataclasses.replace(config, ppo={**config.ppo, "kl_coef": args.kl_coef})
-    out = Path(args.out or f"runs/demo-{args.backend}")
+    default_out = f"runs/demo-{args.backend}" if args.task == "reviews" else f"runs/demo-{args.task}-{args.backend}"
+    out = Path(args.out or default_out)
     if (out / "summary.json").exists():
         raise UsageError(f"{out} holds a finished demo run; choose another --out or delete it")
     summary = run_demo(args.backend, out, config, progress=not args.no_progress)

@@ -1,7 +1,7 @@
 """Tasks: a prompt distribution, a pretraining corpus, a gold reward and its preference data.
 
 A `Task` bundles what an end-to-end RLHF run needs from its problem domain. Built-in tasks are
-imported only when asked for (`get_task("reviews")`); others can be added with `register_task`
+imported only when asked for (`get_task("reviews")`, `get_task("arithmetic")`); others can be added with `register_task`
 or named as "package.module:ATTRIBUTE" (an attribute holding a `Task`).
 """
 
@@ -32,6 +32,10 @@ class Task:
                                                      from scratch (`pretrain` without --model)
     well_formed(prompt, response) -> bool            optional: is the response well formed (the
                                                      evaluation's share); default: gold > -1
+    verifiable                                       the gold reward is a checker (exact answers,
+                                                     e.g. `arithmetic`), not a stand-in for human
+                                                     judgement: RL may train on it directly (the
+                                                     demo then skips feedback and reward model)
     """
 
     name: str
@@ -47,9 +51,11 @@ class Task:
     gold_range: tuple[float, float]
     demo_model_config: Callable[..., dict[str, Any]] | None = None
     well_formed: Callable[[str, str], bool] | None = None
+    verifiable: bool = False
 
 
-_BUILTIN: dict[str, str] = {"reviews": "ppo_rlhf.tasks.reviews:TASK"}
+_BUILTIN: dict[str, str] = {"reviews": "ppo_rlhf.tasks.reviews:TASK",
+                            "arithmetic": "ppo_rlhf.tasks.arithmetic:TASK"}
 _REGISTERED: dict[str, Task] = {}
 
 
