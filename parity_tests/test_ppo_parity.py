@@ -66,7 +66,6 @@ CONFIGS = {
                                               advantages_shift_mean=False, ent_coef=0.01,
                                               missing_eos_penalty=1.0, gamma=0.95, lam=0.9,
                                               grad_accum_steps=2),
-    "sum-norm-accum": dict(loss_agg="seq-mean-token-sum-norm", grad_accum_steps=2),
     # critic-free estimators: groups of G responses per prompt, no critic
     "grpo-kl-loss-sequence": dict(advantage_estimator="grpo", num_generations=2, kl_coef=0.0,
                                   kl_loss_coef=0.1, importance_level="sequence",
