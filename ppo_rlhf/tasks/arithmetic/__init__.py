@@ -35,13 +35,13 @@ with no spaces).
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from ppo_rlhf.tasks.demo_model import DEMO_MODEL_SIZES, gpt2_config, save_tokenizer_dir
 
 MAX_OPERAND = 9
 """Operands are 0..MAX_OPERAND; sums 0..2*MAX_OPERAND (one or two digits)."""
@@ -198,38 +198,19 @@ def build_tokenizer(out_dir: str | os.PathLike[str] | None = None) -> Any:
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(specials)
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tok.save(str(out / "tokenizer.json"))
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", **SPECIAL_TOKENS,
-                  "model_max_length": MAX_PROMPT_TOKENS + MAX_RESPONSE_TOKENS + 2,
-                  "add_bos_token": False, "add_eos_token": False,
-                  "clean_up_tokenization_spaces": False}
-        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (out / "special_tokens_map.json").write_text(json.dumps(SPECIAL_TOKENS, indent=2) + "\n")
+        save_tokenizer_dir(tok, out_dir, SPECIAL_TOKENS, MAX_PROMPT_TOKENS + MAX_RESPONSE_TOKENS + 2)
     return tok
 
 
-DEMO_MODEL_SIZES: dict[str, dict[str, int]] = {
-    "tiny": {"n_embd": 32, "n_layer": 2, "n_head": 2},     # tests
-    "small": {"n_embd": 128, "n_layer": 4, "n_head": 4},   # the demo
-}
 
 
 def demo_model_config(size: str = "small", *, vocab_size: int | None = None) -> dict[str, Any]:
     """The demo policy's architecture: a GPT-2-style Hugging Face config as a dict (as the
     reviews task's, `ppo_rlhf.tasks.reviews.demo_model_config`), with this task's vocabulary
     (16 tokens) and n_positions = 16 (a prompt and a response take at most 8)."""
-    if size not in DEMO_MODEL_SIZES:
-        raise ValueError(f"size={size!r} is invalid: allowed {', '.join(map(repr, DEMO_MODEL_SIZES))}")
     if vocab_size is None:
         vocab_size = len(SPECIAL_TOKENS) + len(SYMBOLS)
-    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": int(vocab_size),
-            "n_positions": 16, **DEMO_MODEL_SIZES[size], "n_inner": None,
-            "activation_function": "gelu_new", "resid_pdrop": 0.0, "embd_pdrop": 0.0,
-            "attn_pdrop": 0.0, "summary_first_dropout": 0.0, "layer_norm_epsilon": 1e-5,
-            "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True,
-            "tie_word_embeddings": True, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    return gpt2_config(size, vocab_size=vocab_size, n_positions=16)
 
 
 def _task() -> Any:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ppo_rlhf.tasks.demo_model import DEMO_MODEL_SIZES
 from ppo_rlhf.tasks.reviews.corpus import (
     DEFAULT_MIX,
     EVAL_FRACTION,
@@ -85,7 +86,6 @@ from ppo_rlhf.tasks.reviews.grammar import (
     tokenize,
 )
 from ppo_rlhf.tasks.reviews.model import (
-    DEMO_MODEL_SIZES,
     SPECIAL_TOKENS,
     build_tokenizer,
     demo_model_config,
