@@ -137,7 +137,6 @@ def run_demo(backend: str, out: str | os.PathLike, config: DemoConfig = DemoConf
     from ppo_rlhf.app.evaluate import evaluate
     from ppo_rlhf.app.pipelines import pretrain_model
     from ppo_rlhf.config import PPOConfig
-    from ppo_rlhf.eval.plots import plot_metrics
     from ppo_rlhf.eval.policy import write_samples
     from ppo_rlhf.feedback.labeller import SyntheticLabeller
     from ppo_rlhf.tasks import get_task
@@ -218,24 +217,10 @@ def run_demo(backend: str, out: str | os.PathLike, config: DemoConfig = DemoConf
     write_samples(out / "samples_before.jsonl", before_records)
 
     # 5. PPO against the reward model --------------------------------------------------------------
-    t = time.perf_counter()
     _say(f"5/6 PPO: {config.ppo_iterations} iterations against the reward model (gold logged, not trained on)")
-    trainer_cls = get_backend(backend).PPOTrainer
-    trainer = trainer_cls(str(sft), str(out / "reward_model"), train_prompts, config=ppo_config,
-                          out_dir=out / "ppo", extra_rewards={"gold": task.gold_reward},
-                          checkpoint_every=max(1, config.ppo_iterations // 4))
-    history = trainer.train(progress=progress)
-    policy_dir = out / "ppo" / "policy"
-    trainer.save_policy(policy_dir)
-    times["ppo_s"] = time.perf_counter() - t
-
-    # 6b. evaluation after, plots, report -----------------------------------------------------------
-    t = time.perf_counter()
-    _say("6/6 evaluating before/after, plotting, writing the report")
-    after, after_records = evaluate(backend, policy_dir, eval_prompts, reference=sft, **ev)
-    write_samples(out / "samples_after.jsonl", after_records)
-    plots = plot_metrics(history, out / "plots")
-    times["eval_s"] = time.perf_counter() - t
+    history, after, after_records, plots = _rl_then_evaluate(
+        backend, out, config, task, ppo_config, sft, str(out / "reward_model"), train_prompts, eval_prompts,
+        ev, times, progress)
     summary = {
         "backend": backend,
         "gold_score_before": before.gold_score, "gold_score_after": after.gold_score,
@@ -257,12 +242,38 @@ def run_demo(backend: str, out: str | os.PathLike, config: DemoConfig = DemoConf
 
 
 
+def _rl_then_evaluate(backend: str, out: Path, config: DemoConfig, task: Any, ppo_config: Any, sft: Path,
+                      reward: Any, train_prompts: list[str], eval_prompts: list[str], ev: dict,
+                      times: dict[str, float], progress: bool) -> tuple[list, Any, list, Any]:
+    """Steps 5 and 6 of both paths: RL from `sft` against `reward` (the gold reward logged
+    beside it, never trained on unless it is the reward), the policy saved, then evaluated and the
+    metrics plotted. Returns (history, evaluation after, its samples, plots)."""
+    from ppo_rlhf.app.evaluate import evaluate
+    from ppo_rlhf.eval.plots import plot_metrics
+    from ppo_rlhf.eval.policy import write_samples
+
+    t = time.perf_counter()
+    trainer = get_backend(backend).PPOTrainer(str(sft), reward, train_prompts, config=ppo_config,
+                                              out_dir=out / "ppo", extra_rewards={"gold": task.gold_reward},
+                                              checkpoint_every=max(1, config.ppo_iterations // 4))
+    history = trainer.train(progress=progress)
+    policy_dir = out / "ppo" / "policy"
+    trainer.save_policy(policy_dir)
+    times["ppo_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    _say("6/6 evaluating before/after, plotting, writing the report")
+    after, after_records = evaluate(backend, policy_dir, eval_prompts, reference=sft, **ev)
+    write_samples(out / "samples_after.jsonl", after_records)
+    plots = plot_metrics(history, out / "plots")
+    times["eval_s"] = time.perf_counter() - t
+    return history, after, after_records, plots
+
+
 def _run_verifiable(backend: str, out: Path, config: DemoConfig, task: Any, ppo_config: Any, sft: Path,
                     sft_metrics: dict, times: dict[str, float], t_start: float, progress: bool) -> dict[str, Any]:
     """Steps 3-6 on a task whose gold reward is a checker: no feedback and no reward model; RL
     trains on the checker itself and the evaluation reports its mean (the accuracy)."""
     from ppo_rlhf.app.evaluate import evaluate
-    from ppo_rlhf.eval.plots import plot_metrics
     from ppo_rlhf.eval.policy import write_samples
 
     estimator = ppo_config.advantage_estimator
@@ -274,23 +285,11 @@ def _run_verifiable(backend: str, out: Path, config: DemoConfig, task: Any, ppo_
     before, before_records = evaluate(backend, sft, eval_prompts, reference=sft, **ev)
     write_samples(out / "samples_before.jsonl", before_records)
 
-    t = time.perf_counter()
     _say(f"5/6 RL ({estimator}, {ppo_config.num_generations} per prompt): {config.ppo_iterations} iterations "
          f"against the task's checker")
-    trainer = get_backend(backend).PPOTrainer(str(sft), task.gold_reward, task.train_prompts(), config=ppo_config,
-                                              out_dir=out / "ppo", extra_rewards={"gold": task.gold_reward},
-                                              checkpoint_every=max(1, config.ppo_iterations // 4))
-    history = trainer.train(progress=progress)
-    policy_dir = out / "ppo" / "policy"
-    trainer.save_policy(policy_dir)
-    times["ppo_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    _say("6/6 evaluating before/after, plotting, writing the report")
-    after, after_records = evaluate(backend, policy_dir, eval_prompts, reference=sft, **ev)
-    write_samples(out / "samples_after.jsonl", after_records)
-    plots = plot_metrics(history, out / "plots")
-    times["eval_s"] = time.perf_counter() - t
+    history, after, after_records, plots = _rl_then_evaluate(
+        backend, out, config, task, ppo_config, sft, task.gold_reward, task.train_prompts(), eval_prompts,
+        ev, times, progress)
     summary = {
         "backend": backend, "task": task.name,
         "reward": "verifiable: the task's checker, trained on directly (no feedback, no reward model)",
