@@ -214,6 +214,7 @@ def test_critic_free_estimator_builds_no_critic_and_samples_groups(backend, tiny
         t.save_critic(tmp_path / "critic")
     prompts, q, qm = t._prompts_for(0, None, None, None)
     assert q.shape == (12, 8) and prompts[0] == prompts[1] == prompts[2] != prompts[3]
+    assert (q.reshape(4, 3, 8) == q[::3][:, None]).all() and (qm.reshape(4, 3, 8) == qm[::3][:, None]).all()
     batch = t.rollout(q, qm, iteration=0)
     adv = t.compute_advantages(batch.arrays(), 0.0)
     per_seq = np.asarray(adv["advantages"])[:, 0].reshape(4, 3)  # every response has a first token
