@@ -13,6 +13,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
+GPU_PLAN := $(VENV)/gpu-plan
 # torch is pinned apart from the lock's resolution: its CPU wheel lies on this disk, and an
 # unpinned torch pulls a multi-GB CUDA build (pyproject.toml leaves it out on purpose)
 TORCH := torch==2.13.0
@@ -31,6 +32,9 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/pip install -q -c $(LOCK) pip setuptools
 	$(BIN)/pip install -q -c $(LOCK) $(TORCH)
 	$(BIN)/pip install -q -c $(LOCK) -e '.[all]'
+	@# ppo-rlhf plan --topology h100: XLA's GPU compiler (jax's CUDA PJRT plugin at jax's version) in
+	@# $(GPU_PLAN), where JAX does not load it into every process (ppo_jax.gpu_targets loads it on demand)
+	$(BIN)/pip install -q --no-deps --upgrade --target $(GPU_PLAN) "jax-cuda12-pjrt==$$(sed -n 's/^jax==//p' $(LOCK))"
 	@# tmux lets one test drive the labelling tool in a real terminal (skipped without it)
 	@command -v tmux >/dev/null || (command -v apt-get >/dev/null && apt-get install -y -qq tmux >/dev/null 2>&1) || true
 	@# Debian's chromium: the annotation page's real-browser test drives it with Playwright (skipped without it)

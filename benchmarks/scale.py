@@ -6,6 +6,7 @@ activation checkpointing and chunked log-probs on and off -- on this CPU, or on 
     python -m benchmarks.scale --suite tiny                 # seconds: the same code on a tiny shape (CI)
     python -m benchmarks.scale --suite gpu-tiny             # seconds: the gpu suite's code on CPU (CI)
     python -m benchmarks.scale --backends jax --configs off --iterations 2
+    python -m benchmarks.scale --configs off,off-frozen-bf16 --plan   # + the plan of each jax run
 
 What it builds, offline: a random-weight Qwen2 checkpoint of the shape (`SHAPES`: 24 layers,
 hidden 896, intermediate 4864, 14 query / 2 KV heads, vocab 151,936, tied embeddings: 494M
@@ -30,7 +31,13 @@ Each (backend, config) runs in its own process (peak RSS is per process) and rep
 Configs (--configs): "off" = remat none, logprob_chunk 0; "on" = remat full, logprob_chunk 16
 (see PPOConfig.remat / logprob_chunk); "remat", "chunk" = one of the two; "off-critic-free",
 "on-critic-free" = the same with advantage_estimator="reinforce_pp" (no critic: what dropping it
-saves in memory and time, at the same rollout).
+saves in memory and time, at the same rollout); "off-frozen-bf16", "on-frozen-bf16" = the
+reference and reward model stored in bf16 (PPOConfig.frozen_dtype).
+
+--plan: each jax run is also planned by `ppo-rlhf plan --topology cpu` (same checkpoints, same
+config fields: `config_fields`), in its own process after the run; the table adds the planned
+resident state and iteration peak and their ratio to the run's measured peak RSS (the plan counts
+the arrays XLA holds, not the process: Python, the libraries and the compiled code are the rest).
 
 Results: a JSON file (--out, default benchmarks/results/scale-<suite>.json) and a markdown table
 next to it. Measure on a quiet machine; the table records the load average.
@@ -86,7 +93,10 @@ CONFIGS = {"off": dict(remat="none", logprob_chunk=0), "on": dict(remat="full", 
            "remat": dict(remat="full", logprob_chunk=0), "chunk": dict(remat="none", logprob_chunk=16),
            # critic-free (REINFORCE++: one response per prompt, the same rollout as PPO's, no critic)
            "off-critic-free": dict(remat="none", logprob_chunk=0, advantage_estimator="reinforce_pp"),
-           "on-critic-free": dict(remat="full", logprob_chunk=16, advantage_estimator="reinforce_pp")}
+           "on-critic-free": dict(remat="full", logprob_chunk=16, advantage_estimator="reinforce_pp"),
+           # the frozen models (reference, reward model) stored in bf16 (PPOConfig.frozen_dtype)
+           "off-frozen-bf16": dict(remat="none", logprob_chunk=0, frozen_dtype="bfloat16"),
+           "on-frozen-bf16": dict(remat="full", logprob_chunk=16, frozen_dtype="bfloat16")}
 
 PHASES = {"time/generate_s": "generation", "time/forward_s": "forward", "time/reward_s": "reward",
           "time/advantages_s": "advantages", "time/update_s": "update"}
@@ -156,6 +166,15 @@ class _Tokenizer:
         return self.vocab_size
 
 
+def config_fields(suite: dict[str, Any], config: str) -> dict[str, Any]:
+    """The PPOConfig fields of a (suite, config) run: what the child trains with and what `--plan`
+    hands `ppo-rlhf plan` (one list, so the plan is of the run it is compared with)."""
+    return dict(batch_size=suite["batch"], max_prompt_len=suite["prompt_len"],
+                max_new_tokens=suite["response_len"], ppo_epochs=suite["ppo_epochs"],
+                num_minibatches=suite["minibatches"], learning_rate=1e-6, kl_coef=0.05, seed=0,
+                compute_dtype=suite["compute_dtype"], **CONFIGS[config])
+
+
 def child(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
@@ -165,10 +184,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     shape = suite["shape"]
     policy, rm = make_checkpoints(shape, Path(args.cache_dir))
     rss0 = _rss_gib()
-    cfg = PPOConfig(batch_size=suite["batch"], max_prompt_len=suite["prompt_len"],
-                    max_new_tokens=suite["response_len"], ppo_epochs=suite["ppo_epochs"],
-                    num_minibatches=suite["minibatches"], learning_rate=1e-6, kl_coef=0.05,
-                    seed=0, compute_dtype=suite["compute_dtype"], **CONFIGS[args.config])
+    cfg = PPOConfig(**config_fields(suite, args.config))
     kw = dict(config=cfg, eos_token_id=None, pad_token_id=0,
               tokenizer=_Tokenizer(SHAPES[shape]["vocab_size"]))
     t0 = time.perf_counter()
@@ -247,9 +263,36 @@ def _gpu_figures(args: argparse.Namespace, suite: dict, shape: str, r: dict) -> 
 
 
 # ---- the suite: one process per (backend, config) -------------------------------------------------
+def plan_peak(suite: dict[str, Any], config: str, cache: Path, timeout: float) -> dict[str, Any]:
+    """`ppo-rlhf plan --topology cpu` of the run (same models, same config fields), in its own
+    process: the planned iteration peak and resident state (GiB) beside the run's measured RSS."""
+    policy, rm = make_checkpoints(suite["shape"], cache)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "plan.json"
+        cmd = [sys.executable, "-m", "ppo_rlhf", "plan", "--model", str(policy),
+               "--reward-model", str(rm), "--topology", "cpu", "--json", str(out)]
+        for k, v in config_fields(suite, config).items():
+            if v is not None:
+                cmd += ["--set", f"{k}={v}"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+        t = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout, capture_output=True, text=True)
+        except subprocess.TimeoutExpired:
+            return {"plan_error": "timeout"}
+        if proc.returncode not in (0, 1) or not out.exists():  # 1: planned, does not fit
+            return {"plan_error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
+        plan = json.loads(out.read_text())
+    return {"plan_peak_gib": plan["peak_bytes"] / 2**30,
+            "plan_resident_gib": plan["resident_state_bytes"] / 2**30,
+            "plan_s": time.perf_counter() - t}
+
+
 def table(results: list[dict[str, Any]], suite: str) -> str:
     cols = ["backend", "config", "load_s", "compile_s", "iteration_s", "generation", "forward",
             "update", "rss_built_gib", "peak_rss_gib", "above_built_gib", "tokens_per_s"]
+    if any("plan_peak_gib" in r for r in results):
+        cols += ["plan_resident_gib", "plan_peak_gib", "plan_vs_peak_rss"]
     if suite.startswith("gpu"):
         cols += ["mfu_update", "decode_hbm", "gpu_peak_gib"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -276,6 +319,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run (default 3600)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the card's dense bf16 peak")
     p.add_argument("--hbm-tbps", type=float, default=4.8, help="the card's HBM bandwidth, TB/s")
+    p.add_argument("--plan", action="store_true",
+                   help="also plan each jax run with `ppo-rlhf plan --topology cpu` (the same models "
+                        "and config) and report the planned peak beside the measured peak RSS")
     p.add_argument("--child", nargs=2, metavar=("BACKEND", "CONFIG"), help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -314,6 +360,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     results.append(json.loads(res.read_text()))
                 else:  # e.g. -9: killed by the out-of-memory killer
                     results.append({"backend": backend, "config": config, "error": f"exit {rc}"})
+            if args.plan and backend == "jax":
+                print(f"[scale] plan --topology cpu: {config} ...", file=sys.stderr, flush=True)
+                r = results[-1]
+                r.update(plan_peak(suite, config, Path(args.cache_dir), args.timeout))
+                if "plan_peak_gib" in r and "peak_rss_gib" in r:
+                    r["plan_vs_peak_rss"] = r["plan_peak_gib"] / r["peak_rss_gib"]
     summary = {"suite": args.suite, **suite, "configs": configs, "shape_config": SHAPES[suite["shape"]],
                "load_avg_at_end": os.getloadavg(), "results": results}
     out.parent.mkdir(parents=True, exist_ok=True)

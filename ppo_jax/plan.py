@@ -29,8 +29,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import jax
+from jax._src import config as jax_config  # a context manager for one option (no public one)
 
 from ppo_jax.abstract import tree_nbytes
+from ppo_jax.gpu_targets import (
+    device_memory_bytes,
+    gpu_topology_devices,
+    is_gpu_topology,
+    mem_fraction,
+    parse_gpu_topology,
+)
 from ppo_rlhf.errors import UsageError
 from ppo_rlhf.runtime.processes import tpu_device_present
 
@@ -39,7 +47,7 @@ GiB = 1024 ** 3
 # HBM per chip of the TPU generations libtpu names (Cloud TPU docs: v4 32 GiB, v5e 16 GiB,
 # v5p 95 GiB, v6e 32 GiB).
 TPU_HBM = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB}
-TOPOLOGY_EXAMPLES = "v5e:2x2, v5e:2x4, v5p:2x2x1, v6e:2x4, v4:2x2x1, or cpu"
+TOPOLOGY_EXAMPLES = "v5e:2x2, v5e:2x4, v5p:2x2x1, v6e:2x4, v4:2x2x1, h100, h100:8, or cpu"
 
 
 @dataclass
@@ -88,11 +96,15 @@ class Plan:
 # ---- devices -------------------------------------------------------------------------------------
 def topology_devices(topology: str) -> tuple[list[Any], int]:
     """(devices, HBM bytes per device) of a topology name: a libtpu topology ("v5e:2x2",
-    "v5p:2x2x1", ...: compile-only devices) or "cpu" (this machine's CPU devices; "HBM" = its
-    physical memory). UsageError for a name libtpu does not accept."""
+    "v5p:2x2x1", ...: compile-only devices), a GPU ("h100", "h100:8": compile-only devices from
+    jax's CUDA plugin; the bytes JAX's allocator may use, `ppo_jax.gpu_targets`) or "cpu" (this
+    machine's CPU devices; "HBM" = its physical memory). UsageError for a name libtpu does not
+    accept."""
     if topology == "cpu":
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return jax.devices("cpu"), int(mem)
+    if is_gpu_topology(topology):  # "h100", "h100:8": XLA's GPU compiler, no GPU needed
+        return gpu_topology_devices(topology)
     gen = topology.split(":", 1)[0].lower()
     if gen not in TPU_HBM or ":" not in topology:
         raise UsageError(f"unknown topology {topology!r}: use a TPU generation and shape as libtpu "
@@ -126,7 +138,11 @@ def compile_program(name: str, fn: Callable, args: tuple, state_args: tuple,
     """Compile `fn` on abstract `args` and read XLA's memory analysis (see the module docstring)."""
     t0 = time.perf_counter()
     try:
-        compiled = fn.lower(*args).compile()
+        # not through the persistent compilation cache: a compile-only device's executable cannot
+        # be loaded back from it (XLA: "PjRtCompiler must be constructed with a Client"), and a
+        # plan's programs never run
+        with jax_config.enable_compilation_cache(False):
+            compiled = fn.lower(*args).compile()
     except Exception as e:
         text = str(e)
         if "RESOURCE_EXHAUSTED" not in text and "exceeds" not in text:
@@ -341,6 +357,9 @@ def format_plan(plan: Plan, config: Any) -> str:
     g = lambda b: f"{b / div:8.3f}"
     lines = [f"topology {plan.topology}: {plan.chips} chips, {plan.hbm_bytes_per_chip / GiB:.2f} GiB "
              f"per chip; mesh {plan.mesh}; batch_size {plan.batch_size}",
+             *([f"(a GPU's share JAX's allocator may use: XLA_PYTHON_CLIENT_MEM_FRACTION={mem_fraction():g} "
+                f"of {device_memory_bytes(parse_gpu_topology(plan.topology)[0]) / GiB:.2f} GiB)"]
+               if is_gpu_topology(plan.topology) else []),
              f"resident state (all weights + optimiser state) per chip: {plan.resident_state_bytes / div:.3f} {unit}",
              f"{unit} per chip       argument     temp   output    alias resident     peak  fits  compile s",
              ]

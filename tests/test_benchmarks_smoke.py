@@ -84,7 +84,8 @@ def test_scale_tiny_and_gpu_tiny_suites_run_both_backends(tmp_path):
     cache = tmp_path / "ckpts"
     for suite, configs in (("tiny", {"off", "on"}), ("gpu-tiny", {"on"})):
         out = tmp_path / f"scale-{suite}.json"
-        run_module("benchmarks.scale", "--suite", suite, "--out", out, "--cache-dir", cache, timeout=900)
+        plan = ("--plan",) if suite == "tiny" else ()
+        run_module("benchmarks.scale", "--suite", suite, "--out", out, "--cache-dir", cache, *plan, timeout=900)
         s = json.loads(out.read_text())
         assert {(r["backend"], r["config"]) for r in s["results"]} == {
             (b, c) for b in ("jax", "torch") for c in configs}
@@ -94,11 +95,18 @@ def test_scale_tiny_and_gpu_tiny_suites_run_both_backends(tmp_path):
             assert set(r["phases_s"]) >= {"generation", "forward", "update"}
             if r["config"] == "on":
                 assert (r["remat"], r["logprob_chunk"]) == ("full", 16)
+            if plan and r["backend"] == "jax":  # the run's own plan beside its measured RSS
+                assert "plan_error" not in r, r
+                assert 0 < r["plan_resident_gib"] < r["plan_peak_gib"] < r["peak_rss_gib"]
+                assert r["plan_vs_peak_rss"] == r["plan_peak_gib"] / r["peak_rss_gib"]
+            else:
+                assert "plan_peak_gib" not in r
             if suite == "gpu-tiny":
                 assert r["mfu_update"] > 0 and r["decode_hbm"] > 0
                 upd = r["phases_s"]["update"]
                 assert abs(r["update_tflops"] - update_flops("tiny", 8, 16, 8, 1) / upd / 1e12) < 1e-9
         assert "| jax | on |" in out.with_suffix(".md").read_text()
+        assert ("plan_vs_peak_rss" in out.with_suffix(".md").read_text()) == bool(plan)
 
 
 def test_supervised_step_reports_each_backend_and_the_jax_scratch_size(tmp_path):

@@ -24,20 +24,23 @@ def check_backend(backend: str) -> None:
 def skip_absent_tpu() -> None:
     """libtpu installed (the `tpu` extra, for `ppo-rlhf plan`) on a machine without a TPU: JAX
     would try to start the TPU runtime in every process -- a few lines of libtpu errors on stderr
-    and ~0.7 s -- before falling back. Unless JAX_PLATFORMS says otherwise, leave the TPU out
-    where no TPU device file exists (/dev/accel*, /dev/vfio/<n>). Compiling for a TPU topology
-    (`ppo_jax.plan`) needs no TPU runtime."""
+    and ~0.7 s -- before falling back; jax's CUDA plugin (the `gpu-plan` extra) on a machine
+    without a GPU, the same with CUDA. Unless JAX_PLATFORMS says otherwise, run on the CPU where
+    no TPU device file (/dev/accel*, /dev/vfio/<n>) and no NVIDIA device file exists. Compiling
+    for a TPU topology or a GPU (`ppo_jax.plan`) needs neither."""
     import importlib.util
 
-    from ppo_rlhf.runtime.processes import tpu_device_present
+    from ppo_rlhf.runtime.processes import gpu_device_present, tpu_device_present
 
-    if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+    def installed(*modules: str) -> bool:
+        return any(importlib.util.find_spec(m) is not None for m in modules)
+
+    if "JAX_PLATFORMS" in os.environ or not installed("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin"):
         return
-    if tpu_device_present():
-        return
-    if any(importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "jax_cuda13_plugin",
-                                                             "jax_rocm7_plugin")):
-        return  # a GPU plugin: JAX's own choice stands
+    if ((tpu_device_present() and installed("libtpu"))
+            or (gpu_device_present() and installed("jax_cuda12_plugin", "jax_cuda13_plugin"))
+            or installed("jax_rocm7_plugin")):
+        return  # an accelerator JAX can drive (or an AMD plugin, whose devices we do not look for)
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 

@@ -82,6 +82,15 @@ def tpu_device_present() -> bool:
     return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
+def gpu_device_present() -> bool:
+    """Does this machine have an NVIDIA GPU (its driver's device files: /dev/nvidia0, ...)? Where
+    not, JAX need not start its CUDA plugin (installed for `ppo-rlhf plan --topology h100`,
+    which compiles for a GPU without one)."""
+    import glob
+
+    return bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
 def parse_mesh(spec: "str | Mapping[str, int] | MeshSpec") -> MeshSpec:
     """"data=2,fsdp=4" (or {"data": 2, "fsdp": 4}, or a MeshSpec) -> MeshSpec. Axes left out
     have size 1. UsageError naming the problem for anything else (unknown axis, repeated axis,
