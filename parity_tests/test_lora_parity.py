@@ -124,3 +124,36 @@ def test_adapters_float64(tiny_checkpoint, tmp_path, arch):
     np.testing.assert_allclose(got_t[real], ref[real], atol=tol, rtol=0)
     f32 = _peft_logits(base, adapter, ids, mask)
     assert np.abs(got_j[real] - f32[real]).max() > 1e-9  # really ran in float64
+
+
+def test_scalar_model_adapters(tiny_checkpoint, tmp_path):
+    """The critic / reward model with adapters (a fresh head from the same seed in both cores,
+    the same nonzero adapters): the same values and scores, and with the adapters off, those of
+    the model without LoRA."""
+    from ppo_rlhf.config import ModelOptions
+    base = tiny_checkpoint("llama")
+    opts = ModelOptions(lora_rank=RANK, lora_alpha=ALPHA, lora_targets=("q", "v", "down"))
+    j = jm.scalar_model_from_lm(base, seed=11, options=opts)
+    t = tm.scalar_model_from_lm(base, seed=11, options=opts)
+    rng = np.random.default_rng(0)
+    tensors = {lr.PEFT_PREFIX + k: rng.normal(0, 0.3, v.shape).astype(np.float32)
+               for k, v in jl.adapter_tensors(j).items()}
+    assert tensors.keys() == {lr.PEFT_PREFIX + k for k in tl.adapter_tensors(t)}
+    adapter = lr.write_adapter(tmp_path / "a", lr.peft_config(
+        model_type="llama", rank=RANK, alpha=ALPHA, dropout=0.0, task_type="SEQ_CLS",
+        modules=lr.lora_modules("llama", opts.lora_targets)), tensors)
+    j, t = jl.load_adapter(j, adapter), tl.load_adapter(t, adapter)
+    q, qm, r, rm = _batch(seed=8)
+    vj = np.asarray(jm.response_values(j, q, qm, r, rm))
+    with torch.no_grad():
+        tq = tuple(torch.from_numpy(x) for x in (q, qm, r, rm))
+        vt = tm.response_values(t, *tq).numpy()
+        with tl.adapters_disabled(t):
+            vt_off = tm.response_values(t, *tq).numpy()
+    with jl.adapters_disabled(j):
+        vj_off = np.asarray(jm.response_values(j, q, qm, r, rm))
+    plain = np.asarray(jm.response_values(jm.scalar_model_from_lm(base, seed=11), q, qm, r, rm))
+    np.testing.assert_allclose(vj, vt, atol=F32_ATOL, rtol=0)
+    np.testing.assert_allclose(vj_off, vt_off, atol=F32_ATOL, rtol=0)
+    np.testing.assert_array_equal(vj_off, plain)
+    assert np.abs(vj - plain).max() > 0.01  # the adapters change the values

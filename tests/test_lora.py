@@ -192,8 +192,8 @@ def test_rebuild_keeps_adapters_and_loading_is_strict(tiny_checkpoint, tmp_path,
     with pytest.raises(ValueError, match="rebuild keeps the model's LoRA adapters as built"):
         models.rebuild(lm, options=ModelOptions())
     with pytest.raises(CheckpointError, match="adapter r=2, lora_alpha=4.0; the model was built with lora_rank=4"):
-        lora.load_adapter(models.load_pretrained(path, options=ModelOptions(lora_rank=4, lora_targets=("q", "v", "up"))),
-                          tmp_path / "a")
+        rank4 = ModelOptions(lora_rank=4, lora_targets=("q", "v", "up"))
+        lora.load_adapter(models.load_pretrained(path, options=rank4), tmp_path / "a")
     with pytest.raises(CheckpointError, match=r"missing .*k_proj"):
         lora.load_adapter(models.load_pretrained(path, options=ModelOptions(
             lora_rank=2, lora_alpha=4.0, lora_targets=("q", "k", "v", "up"))), tmp_path / "a")
