@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
+from ppo_rlhf.lora import DEFAULT_LORA_TARGETS, check_lora_options, lora_targets
+
 PolicyLossKind = Literal["pg", "is", "clip"]
 KLEstimator = Literal["k1", "k2", "k3"]
 KLUnits = Literal["seq-sum", "token-mean"]
@@ -83,14 +85,33 @@ class ModelOptions:
                   layers as a Python loop and has nothing to unroll
     compute_dtype None | "float32" | "bfloat16" | "float16": the matmuls' dtype (mixed
                   precision) while the weights keep theirs
+    lora_rank     0 (no adapters) or the rank of the LoRA adapters the model is built with
+                  (`ppo_rlhf.lora`; JAX: `ppo_jax.models.lora`, torch: `peft`): the base
+                  weights are frozen, only the adapters are trained
+    lora_alpha    the adapters' scale is lora_alpha / lora_rank (peft's `lora_alpha`)
+    lora_dropout  dropout on the adapters' input in training (peft's); only 0 is built today
+    lora_targets  the projections that get adapters, among `ppo_rlhf.lora.LORA_TARGETS`
+                  (q, k, v, o, gate, up, down; `LORA_MODULES` maps them to each architecture)
     """
 
     remat: Remat = "none"
     scan_unroll: bool = False
     compute_dtype: str | None = None
+    lora_rank: int = 0
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "lora_targets", lora_targets(self.lora_targets))
         check_model_options("ModelOptions", self.remat, self.scan_unroll, self.compute_dtype)
+        check_lora_options("ModelOptions", self.lora_rank, self.lora_alpha, self.lora_dropout,
+                           self.lora_targets)
+
+    @property
+    def lora(self) -> bool:
+        """Is the model built with LoRA adapters (lora_rank > 0)?"""
+        return self.lora_rank > 0
 
     def frozen(self) -> "ModelOptions":
         """The options of a model that is never differentiated (PPO's reference and reward
@@ -101,10 +122,26 @@ class ModelOptions:
 class Config:
     """What the three configs share: (de)serialisation and the field checks."""
 
-    def model_options(self) -> ModelOptions:
-        """The options this config's trainer builds its models with."""
-        return ModelOptions(remat=self.remat, scan_unroll=self.scan_unroll,
-                            compute_dtype=self.compute_dtype)
+    LORA_ROLES: tuple[str, ...] = ()
+    """The roles whose models this config's trainer builds and trains (what `lora_roles` may name)."""
+
+    def model_options(self, role: str | None = None) -> ModelOptions:
+        """The options this config's trainer builds its models with; the LoRA fields for a
+        `role` among `lora_roles` (with lora_rank > 0), none for any other model.
+
+        role=None: the options of every model of a trainer that does not build adapters yet --
+        with lora_rank > 0 that is a NotImplementedError (rather than silently training the
+        full models): the trainers do not train adapters yet."""
+        options = ModelOptions(remat=self.remat, scan_unroll=self.scan_unroll,
+                               compute_dtype=self.compute_dtype)
+        if self.lora_rank and role is None:
+            raise NotImplementedError(f"{type(self).__name__}.lora_rank={self.lora_rank}: the trainers "
+                                      f"do not train LoRA adapters yet (build models with "
+                                      f"model_options(role) and ppo_jax / ppo_torch .models)")
+        if not self.lora_rank or role not in self.lora_roles:
+            return options
+        return dataclasses.replace(options, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
+                                   lora_dropout=self.lora_dropout, lora_targets=self.lora_targets)
 
     def _fail(self, name: str, value: Any, allowed: str) -> None:
         raise ValueError(f"{type(self).__name__}.{name}={value!r} is invalid: allowed {allowed}")
@@ -142,8 +179,19 @@ class Config:
                 self._fail(name, getattr(self, name), "True or False")
 
     def _check_memory(self) -> None:
-        """remat, compute_dtype and scan_unroll (all three configs): `check_model_options`."""
-        check_model_options(type(self).__name__, self.remat, self.scan_unroll, self.compute_dtype)
+        """remat, compute_dtype and scan_unroll (all three configs): `check_model_options`;
+        the LoRA fields: `ppo_rlhf.lora.check_lora_options`, and `lora_roles` among the roles
+        this config's trainer builds (`LORA_ROLES`)."""
+        owner = type(self).__name__
+        check_model_options(owner, self.remat, self.scan_unroll, self.compute_dtype)
+        for name in ("lora_targets", "lora_roles"):
+            object.__setattr__(self, name, lora_targets(getattr(self, name)))
+        check_lora_options(owner, self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
+        roles = self.lora_roles
+        if (not isinstance(roles, tuple) or not roles or len(set(roles)) != len(roles)
+                or any(r not in self.LORA_ROLES for r in roles)):
+            self._fail("lora_roles", roles, f"distinct names among {', '.join(self.LORA_ROLES)} "
+                       f"(the models {owner}'s trainer builds and trains)")
 
     def _check_optimiser(self) -> None:
         """The fields of the optimiser and the schedule (RMConfig, SFTConfig)."""
@@ -184,6 +232,8 @@ class Config:
 class PPOConfig(Config):
     """Hyperparameters of PPO-RLHF. Defaults follow TRL's PPO / "The N Implementation Details of
     RLHF with PPO" unless a comment says otherwise."""
+
+    LORA_ROLES = ("policy", "critic")
 
     # ---- policy loss (seed eqs. 4.1-4.3) -------------------------------------------------------
     policy_loss: PolicyLossKind = "clip"
@@ -354,6 +404,20 @@ class PPOConfig(Config):
     trainer (`ppo_jax.models.stack`, `ModelOptions`): the same arithmetic without the loop and
     its per-layer weight slices, faster for shallow models on CPU, but each program grows with
     depth again (compile time ~ layers). torch: no effect (its layers are a Python loop)."""
+    lora_rank: int = 0
+    """LoRA: 0 = train the whole models (the default); R > 0 = the models of `lora_roles` get
+    rank-R adapters on `lora_targets` and only the adapters are trained, the base weights frozen
+    (`ModelOptions`, `ppo_rlhf.lora`)."""
+    lora_alpha: float = 8.0
+    """The adapters' term is scaled by lora_alpha / lora_rank (peft's `lora_alpha`, default 8)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input in training (peft's `lora_dropout`); only 0 is built today."""
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    """The projections that get adapters: names among q, k, v, o, gate, up, down (a tuple, or
+    "q,v"); `ppo_rlhf.lora.LORA_MODULES` maps them to each architecture's modules."""
+    lora_roles: tuple[str, ...] = ("policy",)
+    """The models that get LoRA adapters: "policy" and / or "critic" (a critic-free estimator
+    builds no critic). The reference and the reward model are never trained."""
 
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     """Free-form, JSON-serialisable notes that travel with the config (not used by the math)."""
@@ -413,6 +477,9 @@ class PPOConfig(Config):
         self._check_range("seed", 0, 2**32 - 1, integer=True)
         self._check_range("max_bad_updates", 1, None, integer=True)
         self._check_memory()
+        if self.lora_rank and "critic" in self.lora_roles and not self.uses_critic:
+            self._fail("lora_roles", self.lora_roles, f"no 'critic' with advantage_estimator="
+                       f"{self.advantage_estimator!r} (it builds no critic)")
         self._check_range("logprob_chunk", 0, None, integer=True)
         if self.frozen_dtype is not None:
             self._check_choice("frozen_dtype", FROZEN_DTYPES)
@@ -442,6 +509,8 @@ class PPOConfig(Config):
 @dataclass(frozen=True)
 class RMConfig(Config):
     """Hyperparameters of reward-model training (see the module docstring for the losses)."""
+
+    LORA_ROLES = ("reward",)
 
     loss: RMLoss = "bradley_terry"
     """"bradley_terry" (pairs), "plackett_luce" (K-wise rankings), "best_of_k" (softmax choice of
@@ -499,6 +568,13 @@ class RMConfig(Config):
     `PPOConfig.compute_dtype`."""
     scan_unroll: bool = False
     """JAX: the scan over layers fully unrolled; see `PPOConfig.scan_unroll`. torch: no effect."""
+    lora_rank: int = 0
+    """As `PPOConfig.lora_rank`."""
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    lora_roles: tuple[str, ...] = ("reward",)
+    """The models that get LoRA adapters: the reward model (the only one this trainer builds)."""
 
     def __post_init__(self) -> None:
         self._check_choice("loss", RM_LOSSES)
@@ -519,6 +595,8 @@ class RMConfig(Config):
 @dataclass(frozen=True)
 class SFTConfig(Config):
     """Hyperparameters of causal-LM pretraining / supervised fine-tuning."""
+
+    LORA_ROLES = ("policy",)
 
     learning_rate: float = 1e-3
     """AdamW peak learning rate (1e-3 for a ~1M-parameter model from scratch; ~1e-5 to fine-tune
@@ -553,6 +631,13 @@ class SFTConfig(Config):
     """As `RMConfig.compute_dtype`."""
     scan_unroll: bool = False
     """As `RMConfig.scan_unroll` (JAX only)."""
+    lora_rank: int = 0
+    """As `PPOConfig.lora_rank`."""
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    lora_roles: tuple[str, ...] = ("policy",)
+    """The models that get LoRA adapters: the language model being trained ("policy")."""
 
     def __post_init__(self) -> None:
         self._check_optimiser()

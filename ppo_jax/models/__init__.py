@@ -12,6 +12,7 @@ architectures ourselves in gpt2.py, llama.py, gpt_neox.py and load the same chec
     lm = load_pretrained("ckpt/", options=ModelOptions(remat="dots", scan_unroll=True,
                                                        compute_dtype="bfloat16"))
     # activation checkpointing, the layer scan unrolled, mixed precision: fixed at construction
+    lm = load_pretrained("ckpt/", options=ModelOptions(lora_rank=8))   # LoRA adapters (lora.py)
 
 Each model's blocks are one stacked module run by a scan (`ppo_jax.models.stack`); KV-cache
 calling convention: see `ppo_jax.models.causal_lm`.
@@ -31,6 +32,16 @@ from ppo_jax.models.loading import (
                                     save_pretrained,
                                     scalar_model_from_lm,
 )
+from ppo_jax.models.lora import (
+                                 ADAPTER_PARAMS,
+                                 BASE_PARAMS,
+                                 LoRALinear,
+                                 adapter_options,
+                                 adapter_tensors,
+                                 adapters_disabled,
+                                 load_adapter,
+                                 save_adapter,
+)
 from ppo_jax.models.precision import cast_model, model_options, rebuild
 from ppo_jax.models.stack import REMAT_POLICIES, ScannedBlocks
 from ppo_rlhf.config import ModelOptions
@@ -47,4 +58,6 @@ __all__ = [
     "model_tensors", "response_logprobs", "response_values", "response_logprobs_and_values",
     "sequence_scores", "last_token_index", "critic_from_reward_model", "init_score_head", "SUPPORTED_MODEL_TYPES",
     "ScannedBlocks", "REMAT_POLICIES", "ModelOptions", "model_options", "rebuild", "cast_model",
+    "adapters_disabled", "save_adapter", "load_adapter", "adapter_options", "adapter_tensors",
+    "LoRALinear", "ADAPTER_PARAMS", "BASE_PARAMS",
 ]

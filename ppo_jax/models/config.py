@@ -79,6 +79,8 @@ class ModelConfig:
                              "jax.enable_x64(True) or set jax_enable_x64")
         if not isinstance(self.options, ModelOptions):
             raise TypeError(f"ModelConfig.options must be a ModelOptions, got {type(self.options).__name__}")
+        from ppo_jax.models.lora import check_options
+        check_options(self.model_type, self.options)  # LoRA targets this architecture has
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_attention_heads={self.num_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_kv_heads}")

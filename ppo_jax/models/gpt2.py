@@ -29,8 +29,8 @@ class GPT2Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         h = config.hidden_size
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
-        self.c_attn = linear(h, 3 * h, use_bias=True, config=config, rngs=rngs)
-        self.c_proj = linear(h, h, use_bias=True, config=config, rngs=rngs)
+        self.c_attn = linear(h, 3 * h, use_bias=True, config=config, rngs=rngs, lora="attn.c_attn")
+        self.c_proj = linear(h, h, use_bias=True, config=config, rngs=rngs, lora="attn.c_proj")
         self.scale = config.head_dim ** -0.5 if config.scale_attn_weights else 1.0
         self.scale_by_layer = config.scale_attn_by_inverse_layer_idx
 
@@ -50,8 +50,8 @@ class GPT2Attention(nnx.Module):
 class GPT2MLP(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         h, i = config.hidden_size, config.intermediate_size
-        self.c_fc = linear(h, i, use_bias=True, config=config, rngs=rngs)
-        self.c_proj = linear(i, h, use_bias=True, config=config, rngs=rngs)
+        self.c_fc = linear(h, i, use_bias=True, config=config, rngs=rngs, lora="mlp.c_fc")
+        self.c_proj = linear(i, h, use_bias=True, config=config, rngs=rngs, lora="mlp.c_proj")
         activation(config.hidden_act)  # unsupported -> ValueError now, not at the first call
         self.hidden_act = config.hidden_act  # a name (hashable, static), not a function
 

@@ -41,8 +41,10 @@ class GPTNeoXAttention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         h = config.hidden_size
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
-        self.query_key_value = linear(h, 3 * h, use_bias=config.qkv_bias, config=config, rngs=rngs)
-        self.dense = linear(h, h, use_bias=config.o_bias, config=config, rngs=rngs)
+        self.query_key_value = linear(h, 3 * h, use_bias=config.qkv_bias, config=config, rngs=rngs,
+                                      lora="attention.query_key_value")
+        self.dense = linear(h, h, use_bias=config.o_bias, config=config, rngs=rngs,
+                            lora="attention.dense")
 
     def __call__(self, x: Array, rope: tuple[Array, Array], mask: Array, cache: LayerCache | None,
                  cache_index) -> tuple[Array, LayerCache | None]:
@@ -57,8 +59,8 @@ class GPTNeoXAttention(nnx.Module):
 class GPTNeoXMLP(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         h, i = config.hidden_size, config.intermediate_size
-        self.dense_h_to_4h = linear(h, i, use_bias=True, config=config, rngs=rngs)
-        self.dense_4h_to_h = linear(i, h, use_bias=True, config=config, rngs=rngs)
+        self.dense_h_to_4h = linear(h, i, use_bias=True, config=config, rngs=rngs, lora="mlp.dense_h_to_4h")
+        self.dense_4h_to_h = linear(i, h, use_bias=True, config=config, rngs=rngs, lora="mlp.dense_4h_to_h")
         activation(config.hidden_act)  # unsupported -> ValueError now, not at the first call
         self.hidden_act = config.hidden_act
 

@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from ppo_jax.models.config import ModelConfig
+from ppo_jax.models.lora import lora_linear_or_none
 
 Array = jax.Array
 NEG_INF = float(np.finfo(np.float32).min)
@@ -56,11 +57,16 @@ def compute_dtype(config: ModelConfig) -> jnp.dtype:
 
 
 def linear(in_features: int, out_features: int, *, use_bias: bool, config: ModelConfig,
-           rngs: nnx.Rngs) -> nnx.Linear:
+           rngs: nnx.Rngs, lora: str | None = None) -> nnx.Linear:
     """nnx.Linear (kernel [in, out]) with parameters in the model dtype, computing in
-    `compute_dtype(config)` (input, kernel and bias cast to it; output in it)."""
-    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=compute_dtype(config),
-                      param_dtype=jnp_dtype(config.dtype), rngs=rngs)
+    `compute_dtype(config)` (input, kernel and bias cast to it; output in it). `lora`: the
+    projection's module path in a decoder layer (`ppo_rlhf.lora.LORA_MODULES`); when the model's
+    options put an adapter on it, a `ppo_jax.models.lora.LoRALinear` (the same nnx.Linear plus
+    the adapter pair)."""
+    kw = dict(use_bias=use_bias, dtype=compute_dtype(config), param_dtype=jnp_dtype(config.dtype),
+              rngs=rngs)
+    adapted = lora_linear_or_none(in_features, out_features, module=lora, config=config, **kw)
+    return adapted if adapted is not None else nnx.Linear(in_features, out_features, **kw)
 
 
 def embed(num: int, features: int, *, config: ModelConfig, rngs: nnx.Rngs) -> nnx.Embed:

@@ -40,10 +40,14 @@ class LlamaAttention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         h, nh, nkv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = nh, nkv, d
-        self.q_proj = linear(h, nh * d, use_bias=config.qkv_bias, config=config, rngs=rngs)
-        self.k_proj = linear(h, nkv * d, use_bias=config.qkv_bias, config=config, rngs=rngs)
-        self.v_proj = linear(h, nkv * d, use_bias=config.qkv_bias, config=config, rngs=rngs)
-        self.o_proj = linear(nh * d, h, use_bias=config.o_bias, config=config, rngs=rngs)
+        self.q_proj = linear(h, nh * d, use_bias=config.qkv_bias, config=config, rngs=rngs,
+                             lora="self_attn.q_proj")
+        self.k_proj = linear(h, nkv * d, use_bias=config.qkv_bias, config=config, rngs=rngs,
+                             lora="self_attn.k_proj")
+        self.v_proj = linear(h, nkv * d, use_bias=config.qkv_bias, config=config, rngs=rngs,
+                             lora="self_attn.v_proj")
+        self.o_proj = linear(nh * d, h, use_bias=config.o_bias, config=config, rngs=rngs,
+                             lora="self_attn.o_proj")
 
     def __call__(self, x: Array, rope: tuple[Array, Array], mask: Array, cache: LayerCache | None,
                  cache_index) -> tuple[Array, LayerCache | None]:
@@ -58,9 +62,12 @@ class LlamaAttention(nnx.Module):
 class LlamaMLP(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         h, i = config.hidden_size, config.intermediate_size
-        self.gate_proj = linear(h, i, use_bias=config.mlp_bias, config=config, rngs=rngs)
-        self.up_proj = linear(h, i, use_bias=config.mlp_bias, config=config, rngs=rngs)
-        self.down_proj = linear(i, h, use_bias=config.mlp_bias, config=config, rngs=rngs)
+        self.gate_proj = linear(h, i, use_bias=config.mlp_bias, config=config, rngs=rngs,
+                                lora="mlp.gate_proj")
+        self.up_proj = linear(h, i, use_bias=config.mlp_bias, config=config, rngs=rngs,
+                              lora="mlp.up_proj")
+        self.down_proj = linear(i, h, use_bias=config.mlp_bias, config=config, rngs=rngs,
+                                lora="mlp.down_proj")
         activation(config.hidden_act)  # unsupported -> ValueError now, not at the first call
         self.hidden_act = config.hidden_act
 

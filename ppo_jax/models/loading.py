@@ -34,6 +34,7 @@ from ppo_jax.abstract import is_abstract
 from ppo_jax.models.causal_lm import TRANSPOSE_BACKBONE_KERNELS, CausalLM
 from ppo_jax.models.config import DTYPES, ModelConfig
 from ppo_jax.models.heads import PolicyWithValueHead, ScalarHeadModel
+from ppo_jax.models.lora import BASE_PARAMS, init_lora_param
 from ppo_jax.models.stack import STACK, stacked_modules
 from ppo_rlhf import hf_checkpoint as hfc
 from ppo_rlhf.config import ModelOptions
@@ -108,6 +109,9 @@ def _build(make: Callable[[], nnx.Module], tensors: dict[str, np.ndarray] | None
     dt = jnp.dtype(config.dtype)
     filled, missing, used = [], [], set()
     for path, var in nnx.to_flat_state(state):
+        if isinstance(var, nnx.LoRAParam):  # LoRA adapters: not in a base checkpoint, fresh
+            filled.append((path, var.replace(jnp.asarray(init_lora_param(path, var.shape, dt)))))
+            continue
         names, transpose, stacked = hf_names(path, config.model_type, stacks)
         absent = [n for n in names if n not in tensors]
         if absent:
@@ -144,7 +148,7 @@ def model_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
         model = model.lm
     stacks = stacked_modules(model)
     out = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    for path, var in nnx.to_flat_state(nnx.state(model, BASE_PARAMS)):  # no LoRA adapters
         names, transpose, stacked = hf_names(path, model.config.model_type, stacks)
         arr = np.asarray(var[...])
         for name, a in zip(names, arr if stacked else [arr]):  # a stack: one tensor per layer

@@ -69,6 +69,7 @@ def rebuild(model: Model, *, options: ModelOptions | None = None, dtype: str | N
     model's), holding `model`'s weights -- cast to `dtype`, copied first with copy=True (for a
     model that must not share buffers with one whose arrays are donated: PPO's frozen reference
     of the trained policy). Abstract models (planning) stay abstract. `model` is unchanged."""
+    check_same_adapters(model.config.options, options)
     config = dataclasses.replace(model.config, options=model.config.options if options is None else options,
                                  dtype=model.config.dtype if dtype is None else jnp.dtype(dtype).name)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: _construct(model, config)))
@@ -87,6 +88,16 @@ def rebuild(model: Model, *, options: ModelOptions | None = None, dtype: str | N
     return nnx.merge(graphdef, jax.tree.map(cast, state))
 
 
+def check_same_adapters(old: ModelOptions, new: ModelOptions | None) -> None:
+    """`rebuild` keeps a model's LoRA adapters as they were built (the same parameters): options
+    that add, drop or reshape them are a ValueError."""
+    fields = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+    if new is not None and (old.lora or new.lora) and any(getattr(old, f) != getattr(new, f) for f in fields):
+        raise ValueError(f"rebuild keeps the model's LoRA adapters as built (lora_rank={old.lora_rank}, "
+                         f"lora_alpha={old.lora_alpha}, lora_targets={old.lora_targets}); got "
+                         f"lora_rank={new.lora_rank}, lora_alpha={new.lora_alpha}, lora_targets={new.lora_targets}")
+
+
 def cast_model(model: Model, dtype: str) -> Model:
     """`model` with its weights AND activations in `dtype` ("float32", "bfloat16";
     `ModelConfig.dtype`), as if it had been loaded with that dtype (norms, softmaxes and logits
@@ -95,4 +106,4 @@ def cast_model(model: Model, dtype: str) -> Model:
     return rebuild(model, dtype=dtype)
 
 
-__all__ = ["model_options", "rebuild", "cast_model"]
+__all__ = ["model_options", "rebuild", "cast_model", "check_same_adapters"]

@@ -9,6 +9,7 @@ the same API as `ppo_jax.models`; value / reward heads; log-probs.
     lp = response_logprobs(lm, q_ids, q_mask, r_ids, r_mask, temperature=0.7)
     save_pretrained(lm, "out/")
     lm = load_pretrained("ckpt/", options=ModelOptions(remat="dots", compute_dtype="bfloat16"))
+    lm = load_pretrained("ckpt/", options=ModelOptions(lora_rank=8))   # LoRA adapters (lora.py, peft)
     # activation checkpointing and mixed precision: fixed at construction
 
 KV cache: HF's own Cache through `lm(..., use_cache=True)` / `lm(..., cache=cache)`; see
@@ -31,6 +32,7 @@ from ppo_torch.models.loading import (
                                       save_pretrained,
                                       scalar_model_from_lm,
 )
+from ppo_torch.models.lora import adapter_options, adapter_tensors, adapters_disabled, load_adapter, save_adapter
 from ppo_torch.models.precision import cast_model, model_options, rebuild
 from ppo_torch.models.remat import REMAT_POLICIES
 
@@ -45,4 +47,5 @@ __all__ = [
     "model_tensors", "response_logprobs", "response_values", "response_logprobs_and_values",
     "sequence_scores", "last_token_index", "critic_from_reward_model", "init_score_head", "disable_dropout",
     "SUPPORTED_MODEL_TYPES", "REMAT_POLICIES", "ModelOptions", "model_options", "rebuild", "cast_model",
+    "adapters_disabled", "save_adapter", "load_adapter", "adapter_options", "adapter_tensors",
 ]

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ppo_rlhf.config import ModelOptions
+from ppo_torch.models.lora import apply_lora
 from ppo_torch.models.remat import checkpoint_layers
 
 Tensor = torch.Tensor
@@ -122,6 +123,7 @@ def build_with(model: nn.Module, options: ModelOptions | None) -> None:
     model.options = ModelOptions() if options is None else options
     cd = model.options.compute_dtype
     model.compute_dtype = None if cd is None else getattr(torch, cd)
+    apply_lora(model.hf_model, model.options)  # LoRA adapters (lora.py), the rest frozen
     checkpoint_layers(model.hf_model, model.options.remat)
 
 

@@ -127,8 +127,9 @@ def model_tensors(model: nn.Module) -> dict[str, np.ndarray]:
     lm_head = f"{hfc.LM_HEAD_NAME[hf_model.config.model_type]}.weight"
     out = {}
     for name, t in hf_model.state_dict().items():
-        if name.endswith(hfc.IGNORED_SUFFIXES):
+        if name.endswith(hfc.IGNORED_SUFFIXES) or ".lora_" in name:  # the base weights only
             continue
+        name = name.replace(".base_layer.", ".")  # a projection with a LoRA adapter (lora.py)
         if isinstance(model, CausalLM) and name in ("lm_head.weight", lm_head):
             if tied:
                 continue

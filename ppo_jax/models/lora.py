@@ -1,0 +1,239 @@
+"""LoRA adapters on the scanned, stacked layers. Mirror: `ppo_torch/models/lora.py` (`peft`).
+
+    lm = load_pretrained("ckpt/", options=ModelOptions(lora_rank=8, lora_targets=("q", "v")))
+    nnx.state(lm, nnx.LoRAParam)            # the adapters: the only parameters to train
+    with adapters_disabled(lm):             # the base model's logits (PPO's reference, no copy)
+        base_logits = lm(ids)
+    save_adapter(lm, "out/adapter")         # PEFT format: peft.PeftModel.from_pretrained reads it
+    lm = load_adapter(load_pretrained("ckpt/", options=adapter_options("out/adapter", "ckpt/")),
+                      "out/adapter")
+
+A target projection (`ppo_rlhf.lora.LORA_MODULES`; `layers.linear(..., lora=module)`) is built as
+a `LoRALinear`: the `nnx.Linear` it replaces -- same kernel and bias, same names, so checkpoints
+load as before -- plus `lora_a` [in, rank] and `lora_b` [rank, out], computing
+y = x W + b + (x A B) * alpha / rank in the compute dtype (as peft: the base output, plus the
+adapter's term). Built inside the blocks' `nnx.vmap`, the pair gets a leading layer axis like
+every other parameter of a stack ([L, in, rank]), and the scan over layers slices it with the
+rest: no Python loop over layers.
+
+Why our own module and not flax's `nnx.LoRA` / `nnx.LoRALinear` or `qwix`: flax's modules have no
+alpha / rank scaling and no way to switch the adapters off (needed for the reference), and
+`nnx.LoRALinear` nests the pair under `.lora` (a different parameter path from the HF-named
+`nnx.Linear`); qwix rewrites a model's modules by intercepting their calls, which does not see
+the per-layer slices our scan hands each block. We do use flax's variable type
+`nnx.LoRAParam` (a subclass of `nnx.Param`) for the pair, so `nnx.state(model, nnx.LoRAParam)`,
+`nnx.DiffState` / `nnx.Optimizer(wrt=nnx.LoRAParam)` select exactly the adapters, and the base
+weights are the `nnx.Param`s that are not `nnx.LoRAParam` (`BASE_PARAMS`).
+
+Initialisation as peft's: A kaiming-uniform (bound 1 / sqrt(in)), B zeros -- so a fresh adapter
+changes nothing. When a model is loaded from a checkpoint (`loading._build`), A is drawn with
+numpy from a seed fixed by the parameter's path (`init_lora_param`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import zlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ppo_rlhf import hf_checkpoint as hfc
+from ppo_rlhf import lora as lr
+from ppo_rlhf.config import ModelOptions
+from ppo_rlhf.errors import CheckpointError
+
+Array = jax.Array
+PathLike = str | os.PathLike
+
+ADAPTER_PARAMS = nnx.LoRAParam
+"""The filter of the adapters' parameters (what a LoRA model trains)."""
+BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+"""The filter of the base weights (frozen in a LoRA model; what a checkpoint holds)."""
+
+
+class LoRALinear(nnx.Linear):
+    """`nnx.Linear` plus a LoRA pair (see the module docstring); `adapters_enabled` (static,
+    part of the graphdef) switches the adapter's term off (`adapters_disabled`)."""
+
+    def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float,
+                 use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
+        super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype,
+                         param_dtype=param_dtype, rngs=rngs)
+        bound = 1.0 / np.sqrt(in_features)  # peft: kaiming_uniform_(a=sqrt(5)) on A [rank, in]
+        self.lora_a = nnx.LoRAParam(jax.random.uniform(rngs.params(), (in_features, rank),
+                                                       param_dtype, -bound, bound))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_features), param_dtype))
+        self.scaling = lr.scaling(rank, alpha)
+        self.adapters_enabled = True
+
+    def __call__(self, x: Array) -> Array:
+        y = super().__call__(x)
+        if not self.adapters_enabled:
+            return y
+        dt = y.dtype
+        a, b = self.lora_a[...].astype(dt), self.lora_b[...].astype(dt)
+        return y + ((x.astype(dt) @ a) @ b) * jnp.asarray(self.scaling, dt)
+
+
+def lora_linear_or_none(in_features: int, out_features: int, *, module: str | None, config: Any,
+                        use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs) -> LoRALinear | None:
+    """A `LoRALinear` when the model's options put an adapter on `module` (a
+    `ppo_rlhf.lora.LORA_MODULES` path), else None (the caller builds a plain nnx.Linear)."""
+    options = config.options
+    if module is None or not options.lora or module not in lr.lora_modules(config.model_type,
+                                                                            options.lora_targets):
+        return None
+    return LoRALinear(in_features, out_features, rank=options.lora_rank, alpha=options.lora_alpha,
+                      use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def check_options(model_type: str, options: ModelOptions) -> None:
+    """What a JAX model can be built with: the targets exist in `model_type` (ValueError), no
+    dropout yet (NotImplementedError)."""
+    if not options.lora:
+        return
+    lr.lora_modules(model_type, options.lora_targets)
+    if options.lora_dropout:
+        raise NotImplementedError(f"lora_dropout={options.lora_dropout}: adapter dropout is not "
+                                  f"built yet (use 0)")
+
+
+def init_lora_param(path: tuple, shape: tuple, dtype) -> np.ndarray:
+    """The initial value of an adapter parameter at `path` (nnx path, leaf 'lora_a' or 'lora_b';
+    shape [L, in, rank] / [L, rank, out] in a stack): B zeros; A uniform in +-1/sqrt(in) (peft's
+    kaiming-uniform), drawn with numpy from a seed fixed by the path (reproducible)."""
+    if path[-1] == "lora_b":
+        return np.zeros(shape, dtype)
+    seed = zlib.crc32("/".join(str(p) for p in path).encode())
+    bound = 1.0 / np.sqrt(shape[-2])
+    return np.random.default_rng(seed).uniform(-bound, bound, shape).astype(dtype)
+
+
+def lora_modules_of(model: nnx.Module) -> list[LoRALinear]:
+    return [node for _, node in nnx.iter_graph(model) if isinstance(node, LoRALinear)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nnx.Module) -> Iterator[nnx.Module]:
+    """Inside the block, `model` computes without its adapters: the base model's outputs (PPO's
+    reference from the policy's own weights, no copy). `nnx.split` inside the block gives a
+    graphdef with the adapters off (a separate jitted program). Restored on exit. A model
+    without adapters: ValueError (there is nothing to disable -- a caller that expected them
+    would silently get the same model)."""
+    modules = lora_modules_of(model)
+    if not modules:
+        raise ValueError("adapters_disabled: the model has no LoRA adapters (built with lora_rank=0)")
+    before = [m.adapters_enabled for m in modules]
+    try:
+        for m in modules:
+            m.adapters_enabled = False
+        yield model
+    finally:
+        for m, on in zip(modules, before):
+            m.adapters_enabled = on
+
+
+# ---- PEFT format ----------------------------------------------------------------------------------
+def _core(model: nnx.Module) -> nnx.Module:
+    from ppo_jax.models.heads import PolicyWithValueHead
+    return model.lm if isinstance(model, PolicyWithValueHead) else model
+
+
+def _adapter_names(path: tuple, model_type: str, stacks: dict) -> list[str]:
+    """The HF module names (one per layer in a stack) of the projection holding adapter `path`."""
+    from ppo_jax.models.loading import hf_names
+    names, _, _ = hf_names(path[:-1] + ("kernel",), model_type, stacks)
+    return [n.removesuffix(".weight") for n in names]
+
+
+def adapter_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The adapters under their PEFT names without the 'base_model.model.' prefix, one tensor
+    per layer, in nn.Linear layout: '<module>.lora_A.weight' [rank, in], '.lora_B.weight'
+    [out, rank] (float32 numpy, or the model's dtype)."""
+    from ppo_jax.models.stack import stacked_modules
+    model = _core(model)
+    stacks = stacked_modules(model)
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, ADAPTER_PARAMS)):
+        arr = np.asarray(var[...])
+        key = "lora_A" if path[-1] == "lora_a" else "lora_B"
+        names = _adapter_names(path, model.config.model_type, stacks)
+        for name, a in zip(names, arr if arr.ndim == 3 else [arr]):  # a stack: one per layer
+            out[f"{name}.{key}.weight"] = a.T
+    return out
+
+
+def save_adapter(model: nnx.Module, path: PathLike, *, base_model: str | None = None) -> Path:
+    """Write `model`'s adapters as a PEFT adapter dir (`adapter_config.json`,
+    `adapter_model.safetensors`) that `peft.PeftModel.from_pretrained(<the transformers base
+    model>, path)` loads; `base_model`: the base checkpoint, recorded in the config."""
+    core = _core(model)
+    options = core.config.options
+    if not options.lora:
+        raise ValueError("save_adapter: the model has no LoRA adapters (built with lora_rank=0)")
+    from ppo_jax.models.heads import ScalarHeadModel
+    config = lr.peft_config(model_type=core.config.model_type, rank=options.lora_rank,
+                            alpha=options.lora_alpha, dropout=options.lora_dropout,
+                            modules=lr.lora_modules(core.config.model_type, options.lora_targets),
+                            base_model=base_model,
+                            task_type="SEQ_CLS" if isinstance(core, ScalarHeadModel) else "CAUSAL_LM")
+    tensors = {lr.PEFT_PREFIX + k: v for k, v in adapter_tensors(core).items()}
+    return lr.write_adapter(path, config, tensors)
+
+
+def adapter_options(path: PathLike, base: PathLike, options: ModelOptions = ModelOptions()) -> ModelOptions:
+    """`options` with the LoRA fields of the PEFT adapter at `path` for the base checkpoint
+    `base` (its model_type): rank, alpha and the targets whose modules hold adapters."""
+    import dataclasses
+    config, tensors = lr.read_adapter(path)
+    return dataclasses.replace(options, lora_rank=int(config["r"]), lora_alpha=float(config["lora_alpha"]),
+                               lora_targets=lr.targets_of(hfc.read_config(base)["model_type"], tensors))
+
+
+def load_adapter(model: nnx.Module, path: PathLike) -> nnx.Module:
+    """`model` (built with matching LoRA options: `adapter_options`) with the adapter weights of
+    the PEFT dir `path` -- written by `save_adapter` or by `peft` -- as a new model (the base
+    weights shared, `model` unchanged). Strict: rank or scale that differ, a tensor missing or
+    left unused are CheckpointErrors."""
+    from ppo_jax.models.stack import stacked_modules
+    core = _core(model)
+    options = core.config.options
+    config, tensors = lr.read_adapter(path)
+    lr.check_adapter_fits(path, config, options)
+    stacks = stacked_modules(core)
+    graphdef, state = nnx.split(model)
+    adapters = nnx.state(core, ADAPTER_PARAMS)
+    used, missing, new = set(), [], {}
+    for p, var in nnx.to_flat_state(adapters):
+        key = "lora_A" if p[-1] == "lora_a" else "lora_B"
+        names = [f"{n}.{key}.weight" for n in _adapter_names(p, core.config.model_type, stacks)]
+        absent = [n for n in names if n not in tensors]
+        if absent:
+            missing.extend(absent)
+            continue
+        arrs = [np.asarray(tensors[n]).T for n in names]
+        arr = np.stack(arrs) if var[...].ndim == 3 else arrs[0]
+        if arr.shape != tuple(var.shape):
+            raise CheckpointError(f"{path}: {names[0]} has shape {arrs[0].T.shape}, the model expects "
+                                  f"{tuple(var.shape[-2:])[::-1]}")
+        new[p] = jnp.asarray(arr, var.dtype)
+        used.update(names)
+    unused = sorted(set(tensors) - used)
+    if missing or unused:
+        raise CheckpointError(f"{path}: adapter tensors missing {missing[:4]}, unused {unused[:4]} "
+                              f"(targets differ from the model's {options.lora_targets}?)")
+    prefix = ("lm",) if core is not model else ()
+    flat = [(path_, (var.replace(new[path_[len(prefix):]]) if path_[:len(prefix)] == prefix
+                     and path_[len(prefix):] in new else var))
+            for path_, var in nnx.to_flat_state(state)]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+__all__ = ["LoRALinear", "ADAPTER_PARAMS", "BASE_PARAMS", "adapters_disabled", "adapter_tensors",
+           "save_adapter", "load_adapter", "adapter_options", "check_options", "init_lora_param"]

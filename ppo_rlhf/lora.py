@@ -1,0 +1,192 @@
+"""LoRA, backend-neutral: the target names, their modules in each architecture, and the PEFT
+adapter format. Mirrors: `ppo_jax.models.lora` (our own adapters on the scanned, stacked layers)
+and `ppo_torch.models.lora` (Hugging Face `peft`).
+
+A LoRA adapter adds to a projection y = x W + b the low-rank term (x A B) * alpha / rank, with
+A [in, rank], B [rank, out]; B starts at zero, so a fresh adapter leaves the model unchanged.
+Only A and B are trained; W and b stay frozen (Hu et al. 2021; peft's `LoraConfig`).
+
+Targets are named once for every architecture (`LORA_TARGETS`): the attention's q, k, v, o and
+the MLP's gate, up, down projections. `LORA_MODULES` maps each to the module (its path inside a
+decoder layer, as Hugging Face names it) of each architecture. GPT-2 and GPT-NeoX compute q, k
+and v in ONE fused projection (`attn.c_attn`, `attention.query_key_value`): any of q, k, v puts
+an adapter on the whole fused projection -- as peft does for them, there is no adapter on q
+alone -- and they have no gate projection (naming "gate" for them is an error).
+
+The PEFT format (`adapter_config.json` + `adapter_model.safetensors`) is what `peft` writes and
+`peft.PeftModel.from_pretrained` reads: tensors named
+`base_model.model.<HF module name>.lora_A.weight` [rank, in] and `...lora_B.weight` [out, rank]
+(nn.Linear layout, GPT-2's Conv1D modules included), `adapter_config.json` a `LoraConfig`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+"""The names `lora_targets` accepts (every config, `ModelOptions`)."""
+DEFAULT_LORA_TARGETS = ("q", "v")
+"""The LoRA paper's and peft's default for Llama: the query and value projections."""
+LORA_ROLES = ("policy", "critic", "reward")
+"""The models `lora_roles` may name (each config allows the ones its trainer builds and trains)."""
+
+_LLAMA = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+          "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+          "down": "mlp.down_proj"}
+LORA_MODULES: dict[str, dict[str, str]] = {
+    "gpt2": {"q": "attn.c_attn", "k": "attn.c_attn", "v": "attn.c_attn", "o": "attn.c_proj",
+             "up": "mlp.c_fc", "down": "mlp.c_proj"},
+    "llama": _LLAMA,
+    "qwen2": _LLAMA,
+    "gpt_neox": {"q": "attention.query_key_value", "k": "attention.query_key_value",
+                 "v": "attention.query_key_value", "o": "attention.dense",
+                 "up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"},
+}
+"""target -> the module inside one decoder layer that gets the adapter, per model_type."""
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+PathLike = str | os.PathLike
+
+
+def check_lora_options(owner: str, rank: Any, alpha: Any, dropout: Any, targets: Any) -> None:
+    """The one check of the LoRA options (`ModelOptions`, and the same fields of the three
+    configs): a ValueError naming `owner`.field and what is allowed."""
+    def fail(name: str, value: Any, allowed: str) -> None:
+        raise ValueError(f"{owner}.{name}={value!r} is invalid: allowed {allowed}")
+
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        fail("lora_rank", rank, "an integer >= 0 (0 = no LoRA)")
+    if (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not np.isfinite(alpha)
+            or alpha <= 0):
+        fail("lora_alpha", alpha, "a finite number > 0")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        fail("lora_dropout", dropout, "a number in [0, 1)")
+    if (not isinstance(targets, tuple) or not targets
+            or any(t not in LORA_TARGETS for t in targets) or len(set(targets)) != len(targets)):
+        fail("lora_targets", targets, "distinct names among " + ", ".join(LORA_TARGETS))
+
+
+def lora_targets(value: Any) -> Any:
+    """`lora_targets` as given in a config, a JSON file ("q,v", a list) -> a tuple; anything
+    else unchanged (the check names it)."""
+    if isinstance(value, str):
+        return tuple(t.strip() for t in value.split(",") if t.strip())
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def lora_modules(model_type: str, targets: Iterable[str]) -> tuple[str, ...]:
+    """The modules inside a decoder layer of `model_type` that get adapters for `targets`
+    (sorted, each once); ValueError for a target the architecture does not have."""
+    table = LORA_MODULES[model_type]
+    missing = [t for t in targets if t not in table]
+    if missing:
+        raise ValueError(f"lora_targets {missing} do not exist in a {model_type} model: it has "
+                         f"{', '.join(t for t in LORA_TARGETS if t in table)}")
+    return tuple(sorted({table[t] for t in targets}))
+
+
+def targets_of(model_type: str, tensors: Iterable[str]) -> tuple[str, ...]:
+    """The targets (`LORA_TARGETS` order) whose modules hold adapters among the tensor names
+    `tensors` ('<module>.lora_A.weight', as `read_adapter` gives them); ValueError if an adapter
+    sits on a module no target names."""
+    modules = {n.rsplit(".lora_", 1)[0] for n in tensors if ".lora_" in n}
+    table = LORA_MODULES[model_type]
+    found = [t for t in LORA_TARGETS if t in table and any(m.endswith("." + table[t]) for m in modules)]
+    known = {table[t] for t in found}
+    stray = sorted(m for m in modules if not any(m.endswith("." + k) for k in known))
+    if stray or not found:
+        raise ValueError(f"adapter modules {stray[:4] or sorted(modules)[:4]} are none of the LoRA "
+                         f"targets of a {model_type} model ({', '.join(table.values())})")
+    return tuple(found)
+
+
+def scaling(rank: int, alpha: float) -> float:
+    """alpha / rank: the factor of the adapter's term (peft's, without rsLoRA)."""
+    return float(alpha) / rank
+
+
+def peft_config(*, model_type: str, rank: int, alpha: float, dropout: float,
+                modules: Iterable[str], base_model: str | None = None,
+                task_type: str = "CAUSAL_LM") -> dict[str, Any]:
+    """The `adapter_config.json` of our adapters (the keys `peft.LoraConfig` reads). GPT-2's
+    projections are `Conv1D` (weight [in, out]): fan_in_fan_out=True, as peft sets for it."""
+    return {
+        "peft_type": "LORA", "task_type": task_type, "r": int(rank), "lora_alpha": float(alpha),
+        "lora_dropout": float(dropout), "target_modules": sorted(modules), "bias": "none",
+        "fan_in_fan_out": model_type == "gpt2", "use_rslora": False, "use_dora": False,
+        "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
+        "base_model_name_or_path": base_model, "layers_to_transform": None,
+        "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+    }
+
+
+def check_adapter_fits(path: PathLike, config: Mapping[str, Any], options: Any) -> None:
+    """CheckpointError unless the adapter of `config` (its adapter_config.json) has the rank
+    and the scale of the model built with `options` (a `ModelOptions`)."""
+    from ppo_rlhf.errors import CheckpointError
+
+    rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    if (not options.lora or rank != options.lora_rank
+            or not np.isclose(scaling(rank, alpha), scaling(options.lora_rank, options.lora_alpha))):
+        raise CheckpointError(f"{path}: adapter r={rank}, lora_alpha={alpha}; the model was built with "
+                              f"lora_rank={options.lora_rank}, lora_alpha={options.lora_alpha} (build it "
+                              f"with adapter_options)")
+
+
+def write_adapter(path: PathLike, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> Path:
+    """Write a PEFT adapter dir: `adapter_config.json` and `adapter_model.safetensors` (tensors
+    under their full PEFT names)."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path / ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
+    (path / ADAPTER_CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_adapter(path: PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(adapter_config.json, {tensor name without the PEFT prefix and adapter name: array}) of a
+    PEFT adapter dir, e.g. 'transformer.h.0.attn.c_attn.lora_A.weight' [rank, in]. Refuses
+    what this code does not implement (not LoRA, DoRA, rsLoRA, per-module ranks, bias,
+    modules_to_save) with a ValueError naming it."""
+    from safetensors.numpy import load_file
+
+    from ppo_rlhf.errors import CheckpointError
+
+    path = Path(path)
+    if not (path / ADAPTER_CONFIG).is_file() or not (path / ADAPTER_WEIGHTS).is_file():
+        raise CheckpointError(f"{path}: not a PEFT adapter dir (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    config = json.loads((path / ADAPTER_CONFIG).read_text())
+    unsupported = {"peft_type": config.get("peft_type") != "LORA",
+                   "use_dora": bool(config.get("use_dora")), "use_rslora": bool(config.get("use_rslora")),
+                   "rank_pattern": bool(config.get("rank_pattern")),
+                   "alpha_pattern": bool(config.get("alpha_pattern")),
+                   "bias": config.get("bias", "none") != "none",
+                   "modules_to_save": bool(config.get("modules_to_save"))}
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise CheckpointError(f"{path}: adapter_config.json sets {', '.join(f'{k}={config.get(k)!r}' for k in bad)}; "
+                              f"only plain LoRA is supported")
+    tensors = {}
+    for name, arr in load_file(str(path / ADAPTER_WEIGHTS)).items():
+        name = name.removeprefix(PEFT_PREFIX).replace(".lora_A.default.", ".lora_A.").replace(
+            ".lora_B.default.", ".lora_B.")
+        tensors[name] = arr
+    return config, tensors
+
+
+__all__ = ["LORA_TARGETS", "DEFAULT_LORA_TARGETS", "LORA_ROLES", "LORA_MODULES", "ADAPTER_CONFIG",
+           "ADAPTER_WEIGHTS", "PEFT_PREFIX", "check_lora_options", "lora_targets", "lora_modules",
+           "targets_of", "scaling", "peft_config", "check_adapter_fits", "write_adapter", "read_adapter"]

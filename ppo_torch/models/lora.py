@@ -1,0 +1,162 @@
+"""LoRA adapters through Hugging Face `peft`. Mirror: `ppo_jax/models/lora.py`.
+
+    lm = load_pretrained("ckpt/", options=ModelOptions(lora_rank=8, lora_targets=("q", "v")))
+    [n for n, p in lm.named_parameters() if p.requires_grad]   # the adapters only
+    with adapters_disabled(lm):             # the base model's logits (PPO's reference, no copy)
+        base_logits = lm(ids)
+    save_adapter(lm, "out/adapter")         # PEFT format: peft.PeftModel.from_pretrained reads it
+    lm = load_adapter(load_pretrained("ckpt/", options=adapter_options("out/adapter", "ckpt/")),
+                      "out/adapter")
+
+A model built with lora_rank > 0 (`causal_lm.build_with`) gets peft's LoRA layers injected into
+its `transformers` model in place (`peft.inject_adapter_in_model`: the wrapped model stays a
+`transformers` model, its target projections become `peft.tuners.lora` layers holding the
+original as `base_layer`), with a `LoraConfig` made from the options (`ppo_rlhf.lora.peft_config`:
+the targets' modules of this architecture, rank, alpha); every parameter of the wrapped model
+but the adapters is frozen (requires_grad False). peft initialises A kaiming-uniform and B zeros.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ppo_rlhf import hf_checkpoint as hfc
+from ppo_rlhf import lora as lr
+from ppo_rlhf.config import ModelOptions
+from ppo_rlhf.errors import CheckpointError
+
+PathLike = str | os.PathLike
+ADAPTER = "default"
+"""peft's name of the one adapter our models hold."""
+
+
+def lora_layers(module: nn.Module) -> list[nn.Module]:
+    from peft.tuners.lora import LoraLayer
+    return [m for m in module.modules() if isinstance(m, LoraLayer)]
+
+
+def apply_lora(hf_model: nn.Module, options: ModelOptions) -> None:
+    """Build `hf_model` with `options`' adapters: inject peft's LoRA layers (once: a model that
+    holds them already -- a `rebuild` copy -- must have been built with the same options) and
+    freeze everything else. No adapters for lora_rank=0."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    present = lora_layers(hf_model)
+    if present:
+        if not options.lora or present[0].r[ADAPTER] != options.lora_rank or not np.isclose(
+                present[0].scaling[ADAPTER], lr.scaling(options.lora_rank, options.lora_alpha)):
+            raise ValueError(f"rebuild keeps the model's LoRA adapters as built (lora_rank="
+                             f"{present[0].r[ADAPTER]}); got lora_rank={options.lora_rank}, "
+                             f"lora_alpha={options.lora_alpha}")
+        return
+    if not options.lora:
+        return
+    model_type = hf_model.config.model_type
+    modules = lr.lora_modules(model_type, options.lora_targets)
+    if options.lora_dropout:
+        raise NotImplementedError(f"lora_dropout={options.lora_dropout}: adapter dropout is not "
+                                  f"built yet (use 0)")
+    cfg = lr.peft_config(model_type=model_type, rank=options.lora_rank, alpha=options.lora_alpha,
+                         dropout=options.lora_dropout, modules=modules)
+    cfg = {k: v for k, v in cfg.items() if k not in ("peft_type", "base_model_name_or_path")}
+    inject_adapter_in_model(LoraConfig(**cfg), hf_model, adapter_name=ADAPTER)
+    for name, p in hf_model.named_parameters():
+        p.requires_grad_(".lora_" in name)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, `model` computes without its adapters: the base model's outputs (PPO's
+    reference from the policy's own weights, no copy). Restored on exit (peft's
+    `enable_adapters`; the adapters stay trainable). A model without adapters: ValueError."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("adapters_disabled: the model has no LoRA adapters (built with lora_rank=0)")
+    before = [not m.disable_adapters for m in layers]
+    try:
+        for m in layers:
+            m.enable_adapters(False)
+        yield model
+    finally:
+        for m, on in zip(layers, before):
+            m.enable_adapters(on)
+
+
+# ---- PEFT format ----------------------------------------------------------------------------------
+def _hf_model(model: nn.Module) -> nn.Module:
+    from ppo_torch.models.heads import PolicyWithValueHead
+    return (model.lm if isinstance(model, PolicyWithValueHead) else model).hf_model
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, np.ndarray]:
+    """The adapters under their PEFT names without the 'base_model.model.' prefix:
+    '<module>.lora_A.weight' [rank, in], '<module>.lora_B.weight' [out, rank] (numpy)."""
+    tag = f".{ADAPTER}."
+    out = {}
+    for name, p in _hf_model(model).named_parameters():
+        if ".lora_" in name:
+            t = p.detach().cpu()
+            out[name.replace(tag, ".")] = (t.float() if t.dtype == torch.bfloat16 else t).numpy().copy()
+    return out
+
+
+def save_adapter(model: nn.Module, path: PathLike, *, base_model: str | None = None) -> Path:
+    """Write `model`'s adapters as a PEFT adapter dir (`adapter_config.json`,
+    `adapter_model.safetensors`) that `peft.PeftModel.from_pretrained` loads; `base_model`: the
+    base checkpoint, recorded in the config."""
+    from ppo_torch.models.heads import ScalarHeadModel
+    options = model.options if hasattr(model, "options") else model.lm.options
+    if not options.lora:
+        raise ValueError("save_adapter: the model has no LoRA adapters (built with lora_rank=0)")
+    model_type = _hf_model(model).config.model_type
+    config = lr.peft_config(model_type=model_type, rank=options.lora_rank, alpha=options.lora_alpha,
+                            dropout=options.lora_dropout,
+                            modules=lr.lora_modules(model_type, options.lora_targets),
+                            base_model=base_model,
+                            task_type="SEQ_CLS" if isinstance(model, ScalarHeadModel) else "CAUSAL_LM")
+    tensors = {lr.PEFT_PREFIX + k: v for k, v in adapter_tensors(model).items()}
+    return lr.write_adapter(path, config, tensors)
+
+
+def adapter_options(path: PathLike, base: PathLike, options: ModelOptions = ModelOptions()) -> ModelOptions:
+    """`options` with the LoRA fields of the PEFT adapter at `path` for the base checkpoint
+    `base` (its model_type): rank, alpha and the targets whose modules hold adapters."""
+    config, tensors = lr.read_adapter(path)
+    return dataclasses.replace(options, lora_rank=int(config["r"]), lora_alpha=float(config["lora_alpha"]),
+                               lora_targets=lr.targets_of(hfc.read_config(base)["model_type"], tensors))
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
+    """`model` (built with matching LoRA options: `adapter_options`) with the adapter weights of
+    the PEFT dir `path` -- written by `save_adapter` or by `peft` -- copied in; returns `model`.
+    Strict: rank or scale that differ, a tensor missing or left unused are CheckpointErrors."""
+    options = model.options if hasattr(model, "options") else model.lm.options
+    config, tensors = lr.read_adapter(path)
+    lr.check_adapter_fits(path, config, options)
+    tag = f".{ADAPTER}."
+    params = {name.replace(tag, "."): p for name, p in _hf_model(model).named_parameters() if ".lora_" in name}
+    missing = sorted(set(params) - set(tensors))
+    unused = sorted(set(tensors) - set(params))
+    if missing or unused:
+        raise CheckpointError(f"{path}: adapter tensors missing {missing[:4]}, unused {unused[:4]} "
+                              f"(targets differ from the model's {options.lora_targets}?)")
+    for name, p in params.items():
+        arr = np.asarray(tensors[name])
+        t = torch.from_numpy(arr if arr.dtype in (np.float32, np.float64) else arr.astype(np.float32))
+        if tuple(t.shape) != tuple(p.shape):
+            raise CheckpointError(f"{path}: {name} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
+        p.copy_(t.to(p.dtype))
+    return model
+
+
+__all__ = ["adapters_disabled", "adapter_tensors", "save_adapter", "load_adapter", "adapter_options",
+           "apply_lora", "lora_layers"]

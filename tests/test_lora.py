@@ -1,0 +1,199 @@
+"""LoRA in both cores (`ppo_rlhf.lora`, `ppo_jax.models.lora`, `ppo_torch.models.lora`): the
+options and their one check, what gets adapters, only the adapters trainable, the switch that
+turns them off (the base model's logits), rebuild and loading errors. Parity with peft:
+parity_tests/test_lora_parity.py."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import ppo_jax.models as jm
+import ppo_torch.models as tm
+from ppo_jax.models import lora as jl
+from ppo_rlhf import PPOConfig
+from ppo_rlhf import lora as lr
+from ppo_rlhf.config import ModelOptions, RMConfig, SFTConfig
+from ppo_rlhf.errors import CheckpointError
+from ppo_torch.models import lora as tl
+
+LORA = ModelOptions(lora_rank=2, lora_alpha=4.0, lora_targets=("q", "v", "up"))
+IDS = np.array([[5, 9, 2, 7, 1, 3], [4, 4, 8, 0, 2, 6]])
+MASK = np.array([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+
+
+# ---- options ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("field,value,message", [
+    ("lora_rank", -1, r"PPOConfig.lora_rank=-1 is invalid: allowed an integer >= 0"),
+    ("lora_rank", 2.0, r"PPOConfig.lora_rank=2.0 is invalid"),
+    ("lora_alpha", 0.0, r"PPOConfig.lora_alpha=0.0 is invalid: allowed a finite number > 0"),
+    ("lora_alpha", float("nan"), r"PPOConfig.lora_alpha=nan is invalid"),
+    ("lora_dropout", 1.0, r"PPOConfig.lora_dropout=1.0 is invalid: allowed a number in \[0, 1\)"),
+    ("lora_targets", ("q", "query"), r"PPOConfig.lora_targets=\('q', 'query'\) is invalid: allowed "
+                                     r"distinct names among q, k, v, o, gate, up, down"),
+    ("lora_targets", (), r"PPOConfig.lora_targets=\(\) is invalid"),
+    ("lora_roles", ("policy", "reward"), r"PPOConfig.lora_roles=\('policy', 'reward'\) is invalid: "
+                                         r"allowed distinct names among policy, critic"),
+])
+def test_bad_values_are_one_line_errors(field, value, message):
+    with pytest.raises(ValueError, match=message) as err:
+        PPOConfig(**{field: value})
+    assert "\n" not in str(err.value)
+
+
+def test_options_checked_once_everywhere():
+    with pytest.raises(ValueError, match=r"ModelOptions.lora_targets=\('x',\) is invalid"):
+        ModelOptions(lora_targets=("x",))
+    with pytest.raises(ValueError, match=r"RMConfig.lora_roles=\('policy',\) is invalid: allowed distinct names "
+                                         r"among reward"):
+        RMConfig(lora_roles=("policy",))
+    with pytest.raises(ValueError, match=r"SFTConfig.lora_rank=-2 is invalid"):
+        SFTConfig(lora_rank=-2)
+    with pytest.raises(ValueError, match=r"lora_roles=\('policy', 'critic'\) is invalid: allowed no 'critic' "
+                                         r"with advantage_estimator='grpo'"):
+        PPOConfig(lora_rank=4, lora_roles=("policy", "critic"), advantage_estimator="grpo", num_generations=2)
+
+
+def test_options_of_each_role_and_json():
+    cfg = PPOConfig(lora_rank=4, lora_alpha=16, lora_targets="q,k,down", lora_roles=["policy", "critic"])
+    assert cfg.lora_targets == ("q", "k", "down") and cfg.lora_roles == ("policy", "critic")
+    assert PPOConfig.from_dict(json.loads(cfg.to_json())) == cfg  # JSON lists come back as tuples
+    want = ModelOptions(lora_rank=4, lora_alpha=16, lora_targets=("q", "k", "down"))
+    assert cfg.model_options("policy") == cfg.model_options("critic") == want
+    assert cfg.model_options("reference") == ModelOptions() and not cfg.model_options("reward").lora
+    assert PPOConfig(lora_rank=4).model_options("critic") == ModelOptions()  # default roles: policy
+    assert PPOConfig().model_options() == ModelOptions() and not ModelOptions().lora
+    with pytest.raises(NotImplementedError, match="do not train LoRA adapters yet"):
+        cfg.model_options()  # a trainer that does not build adapters refuses instead of ignoring them
+    assert RMConfig(lora_rank=2).model_options("reward").lora_rank == 2
+
+
+def test_targets_per_architecture():
+    assert lr.lora_modules("llama", ("q", "gate")) == ("mlp.gate_proj", "self_attn.q_proj")
+    assert lr.lora_modules("gpt2", ("q", "k", "o")) == ("attn.c_attn", "attn.c_proj")  # fused q/k/v
+    assert lr.lora_modules("gpt_neox", ("v", "down")) == ("attention.query_key_value", "mlp.dense_4h_to_h")
+    with pytest.raises(ValueError, match=r"lora_targets \['gate'\] do not exist in a gpt2 model"):
+        lr.lora_modules("gpt2", ("q", "gate"))
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_build_errors(tiny_checkpoint, backend):
+    models = jm if backend == "jax" else tm
+    with pytest.raises(ValueError, match=r"\['gate'\] do not exist in a gpt2 model"):
+        models.load_pretrained(tiny_checkpoint("gpt2"), options=ModelOptions(lora_rank=2, lora_targets=("gate",)))
+    with pytest.raises(NotImplementedError, match="adapter dropout is not built yet"):
+        models.load_pretrained(tiny_checkpoint("gpt2"), options=ModelOptions(lora_rank=2, lora_dropout=0.1))
+
+
+# ---- the models -------------------------------------------------------------------------------
+def _random_adapter(model, path, seed=0):
+    """A PEFT adapter dir of `model`'s shapes with random nonzero A and B (written with numpy)."""
+    rng = np.random.default_rng(seed)
+    core = model.lm if hasattr(model, "lm") else model
+    options = core.config.options if hasattr(core.config, "options") else core.options
+    model_type = core.config.model_type
+    shapes = {k: v.shape for k, v in (jl.adapter_tensors(model) if isinstance(model, nnx.Module)
+                                      else tl.adapter_tensors(model)).items()}
+    tensors = {lr.PEFT_PREFIX + k: rng.normal(0, 0.3, s).astype(np.float32) for k, s in shapes.items()}
+    config = lr.peft_config(model_type=model_type, rank=options.lora_rank, alpha=options.lora_alpha,
+                            dropout=0.0, modules=lr.lora_modules(model_type, options.lora_targets))
+    return lr.write_adapter(path, config, tensors)
+
+
+def _jax_logits(model):
+    return np.asarray(model(jnp.asarray(IDS), attention_mask=jnp.asarray(MASK)))
+
+
+@torch.no_grad()
+def _torch_logits(model):
+    return model(torch.from_numpy(IDS), attention_mask=torch.from_numpy(MASK)).numpy()
+
+
+@pytest.mark.parametrize("arch", ["llama"])  # GPT-2 with adapters: parity_tests/test_lora_parity.py
+def test_jax_adapters_train_alone_and_switch_off(tiny_checkpoint, tmp_path, arch):
+    path = tiny_checkpoint(arch)
+    base = jm.load_pretrained(path)
+    lm = jm.load_pretrained(path, options=LORA)
+    real = MASK == 1
+    # a fresh adapter (B = 0) changes nothing; the base weights are the checkpoint's
+    np.testing.assert_array_equal(_jax_logits(lm), _jax_logits(base))
+    base_t, lm_t = jm.model_tensors(base), jm.model_tensors(lm)
+    assert base_t.keys() == lm_t.keys() and all(np.array_equal(base_t[k], lm_t[k]) for k in base_t)
+    # the adapters, stacked over layers, are the only nnx.LoRAParam
+    paths = [p for p, _ in nnx.to_flat_state(nnx.state(lm, jl.ADAPTER_PARAMS))]
+    modules = {".".join(str(x) for x in p[3:-1]) for p in paths}
+    assert modules == set(lr.lora_modules(arch, LORA.lora_targets)) and all(p[2] == "stack" for p in paths)
+    assert all(v.shape[0] == lm.config.num_layers for _, v in nnx.to_flat_state(nnx.state(lm, jl.ADAPTER_PARAMS)))
+
+    # gradients with respect to the adapters only (what an optimiser with wrt=ADAPTER_PARAMS sees)
+    def loss(model):
+        return jnp.mean(model(jnp.asarray(IDS), attention_mask=jnp.asarray(MASK)) ** 2)
+    grads = nnx.grad(loss, argnums=nnx.DiffState(0, jl.ADAPTER_PARAMS))(lm)
+    leaves = nnx.to_flat_state(grads)
+    assert {p for p, _ in leaves} == set(paths)
+    assert any(np.abs(np.asarray(g[...])).max() > 0 for _, g in leaves)  # B's gradient is not zero
+
+    lm = jl.load_adapter(lm, _random_adapter(lm, tmp_path / "a"))
+    on = _jax_logits(lm)
+    assert np.abs(on[real] - _jax_logits(base)[real]).max() > 0.1
+    with jl.adapters_disabled(lm):
+        np.testing.assert_array_equal(_jax_logits(lm), _jax_logits(base))
+        graphdef, state = nnx.split(lm)  # a jitted program of the base model from the same state
+    off = jax.jit(lambda s: nnx.merge(graphdef, s)(jnp.asarray(IDS), attention_mask=jnp.asarray(MASK)))(state)
+    np.testing.assert_allclose(np.asarray(off), _jax_logits(base), atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(_jax_logits(lm), on)  # on again after the block
+    with pytest.raises(ValueError, match="has no LoRA adapters"):
+        with jl.adapters_disabled(base):
+            pass
+
+
+@pytest.mark.parametrize("arch", ["llama"])  # GPT-2 with adapters: parity_tests/test_lora_parity.py
+def test_torch_adapters_train_alone_and_switch_off(tiny_checkpoint, tmp_path, arch):
+    path = tiny_checkpoint(arch)
+    base = tm.load_pretrained(path)
+    lm = tm.load_pretrained(path, options=LORA)
+    real = MASK == 1
+    np.testing.assert_array_equal(_torch_logits(lm), _torch_logits(base))
+    base_t, lm_t = tm.model_tensors(base), tm.model_tensors(lm)
+    assert base_t.keys() == lm_t.keys() and all(np.array_equal(base_t[k], lm_t[k]) for k in base_t)
+    trainable = [n for n, p in lm.named_parameters() if p.requires_grad]
+    modules = {re.split(r"\.\d+\.", n, maxsplit=1)[1].rsplit(".lora_", 1)[0] for n in trainable}
+    assert modules == set(lr.lora_modules(arch, LORA.lora_targets))
+    assert len(trainable) == 2 * lm.config.num_hidden_layers * len(modules)  # A and B per layer
+
+    lm = tl.load_adapter(lm, _random_adapter(lm, tmp_path / "a"))
+    on = _torch_logits(lm)
+    assert np.abs(on[real] - _torch_logits(base)[real]).max() > 0.1
+    with tl.adapters_disabled(lm):
+        np.testing.assert_array_equal(_torch_logits(lm), _torch_logits(base))
+    np.testing.assert_array_equal(_torch_logits(lm), on)  # on again after the block
+    assert [n for n, p in lm.named_parameters() if p.requires_grad] == trainable  # still the adapters
+    with pytest.raises(ValueError, match="has no LoRA adapters"):
+        with tl.adapters_disabled(base):
+            pass
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_rebuild_keeps_adapters_and_loading_is_strict(tiny_checkpoint, tmp_path, backend):
+    models, lora = (jm, jl) if backend == "jax" else (tm, tl)
+    path = tiny_checkpoint("llama")
+    lm = models.load_pretrained(path, options=LORA)
+    lm = lora.load_adapter(lm, _random_adapter(lm, tmp_path / "a"))
+    logits = (_jax_logits if backend == "jax" else _torch_logits)(lm)
+    same = models.rebuild(lm, options=LORA.frozen(), copy=True)
+    np.testing.assert_array_equal((_jax_logits if backend == "jax" else _torch_logits)(same), logits)
+    with pytest.raises(ValueError, match="rebuild keeps the model's LoRA adapters as built"):
+        models.rebuild(lm, options=ModelOptions())
+    with pytest.raises(CheckpointError, match="adapter r=2, lora_alpha=4.0; the model was built with lora_rank=4"):
+        rank4 = ModelOptions(lora_rank=4, lora_targets=("q", "v", "up"))
+        lora.load_adapter(models.load_pretrained(path, options=rank4), tmp_path / "a")
+    with pytest.raises(CheckpointError, match=r"missing .*k_proj"):
+        lora.load_adapter(models.load_pretrained(path, options=ModelOptions(
+            lora_rank=2, lora_alpha=4.0, lora_targets=("q", "k", "v", "up"))), tmp_path / "a")
