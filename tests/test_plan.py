@@ -255,7 +255,7 @@ def test_abstract_rm_and_sft_trainers_match_the_real_ones(tiny_checkpoint, train
 
 def test_tpu_plan_benchmark_smoke(tmp_path):
     """benchmarks.tpu_plan on a tiny shape: a row per planned batch, stopping at the first that
-    does not fit (the JSON and markdown written)."""
+    does not fit (the JSON and markdown written), keyed by --mesh."""
     from benchmarks import tpu_plan
 
     (tmp_path / "tiny").mkdir()
@@ -263,10 +263,12 @@ def test_tpu_plan_benchmark_smoke(tmp_path):
     out = tmp_path / "plan.json"
     assert tpu_plan.main(["--models", "tiny", "--topologies", "v5e:2x2", "--settings", "best",
                           "--batches", "4,8", "--micro-batch", "4", "--length", "8",
+                          "--mesh", "fsdp=2,tensor=2",
                           "--config-dir", str(tmp_path), "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["plans"]
-    assert [(r["batch_size"], r["grad_accum_steps"], r["fits"]) for r in rows] == [(4, 1, True), (8, 2, True)]
-    assert "| tiny | v5e:2x2 | best | 8 | 8 | 4 |" in out.with_suffix(".md").read_text()
+    assert [(r["batch_size"], r["grad_accum_steps"], r["fits"], r["mesh"]) for r in rows] == [
+        (4, 1, True, "fsdp=2,tensor=2"), (8, 2, True, "fsdp=2,tensor=2")]
+    assert "| tiny | v5e:2x2 | fsdp=2,tensor=2 | best | 8 | 8 | 4 |" in out.with_suffix(".md").read_text()
 
 
 def test_hlo_text_parsers():
