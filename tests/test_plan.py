@@ -171,6 +171,9 @@ def test_plan_too_large_batch_is_exit_1(tmp_path, capsys):
     (["--topology", "v5e:3x7"], "topology 'v5e:3x7'"),
     (["--topology", "v5e:2x2", "--set", "frozen_dtype=float16"], "frozen_dtype"),
     (["--topology", "v5e:2x2", "--mesh", "fsdp=3"], "mesh"),
+    (["--topology", "v5e:2x2", "--trainer", "sft", "--reward-model", "rm/"], "--reward-model is for"),
+    (["--topology", "v5e:2x2", "--trainer", "rm", "--set", "logprob_chunk=64"], "logprob_chunk"),
+    (["--topology", "v5e:2x2", "--trainer", "sft", "--set", "batch_size=6"], "batch_size=6"),
 ])
 def test_plan_bad_input_is_exit_2(tmp_path, capsys, args, message):
     model = _write(tmp_path, "tiny", TINY)

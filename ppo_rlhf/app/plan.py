@@ -76,10 +76,10 @@ def run(args: argparse.Namespace) -> int:
     from ppo_rlhf import config as configs
     from ppo_rlhf.app.train import build_config
 
+    if args.reward_model is not None and args.trainer != "ppo":
+        raise UsageError(f"--reward-model is for --trainer ppo (--trainer {args.trainer} trains --model)")
     model = _config_dir(args.model, "--model")
     reward = _config_dir(args.reward_model, "--reward-model")
-    if reward is not None and args.trainer != "ppo":
-        raise UsageError(f"--reward-model is for --trainer ppo (--trainer {args.trainer} trains --model)")
     config = build_config(args, getattr(configs, CONFIGS[args.trainer]))
     # several processes may load libtpu here at once (tests, a table): it allows one by default
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
