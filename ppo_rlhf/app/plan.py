@@ -1,6 +1,6 @@
 """`ppo-rlhf plan`: compile one training iteration (PPO; or one step of reward-model training or
-SFT: --trainer rm|sft) for a TPU topology from this machine and say whether it fits, per chip,
-before a pod is rented (JAX only; `ppo_jax.plan` does the work).
+SFT: --trainer rm|sft) for a TPU topology (or NVIDIA GPUs: --topology h100[:N]) from this machine
+and say whether it fits, per chip, before a pod is rented (JAX only; `ppo_jax.plan` does the work).
 
 Exit codes: 0 = fits, 1 = does not fit, 2 = bad input (one line)."""
 
@@ -35,16 +35,17 @@ def _config_dir(path: str | None, what: str) -> str | None:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "plan", help="compile one iteration for a TPU topology here; memory per chip, fits or not",
+        "plan", help="compile one iteration for a TPU topology (or H100s) here; memory per chip, fits or not",
         description="Compile every program of one PPO iteration (generation: prefill + decode "
                     "loop; the scoring forwards; advantages; the update) -- or, with --trainer "
                     "rm|sft, the training step and the evaluation forward of reward-model "
-                    "training or SFT -- for a TPU topology from "
+                    "training or SFT -- for a TPU topology (or H100 GPUs) from "
                     "this machine -- models from config.json alone, no weights -- and print, per "
                     "chip and per program, XLA's argument / temporary / output / aliased bytes, "
                     "the resident total (every model's weights and the optimiser state) and the "
                     "peak, then whether the iteration fits the chip's HBM. Exit 0 = fits, "
-                    "1 = does not fit, 2 = bad input. Needs libtpu (make setup installs it).")
+                    "1 = does not fit, 2 = bad input. Needs libtpu (TPU) or jax's CUDA PJRT plugin "
+                    "(GPU); make setup installs both.")
     p.add_argument("--model", required=True, metavar="CONFIG_OR_DIR",
                    help="the policy (--trainer rm: the reward model to train; sft: the causal LM): a "
                         "Hugging Face config.json or a dir holding one (no weights needed)")
@@ -54,7 +55,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "function (scored on the host) and a critic copied from the policy")
     p.add_argument("--topology", required=True,
                    help="libtpu's name of the slice: v5e:2x2 (4 chips), v5e:2x4, v5p:2x2x1 (4 chips), "
-                        "v6e:2x4, v4:2x2x1, ...; or cpu (this machine, to check the accounting)")
+                        "v6e:2x4, v4:2x2x1, ...; h100 (one H100 SXM 80 GB), h100:N (N in one host), "
+                        "h100:HxN (H hosts of N): checked against JAX's allocator share, "
+                        "XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.75); or cpu (this machine, to "
+                        "check the accounting)")
     p.add_argument("--trainer", choices=tuple(CONFIGS), default="ppo",
                    help="what to plan: ppo (one iteration: generate, rollout_forward, advantages, "
                         "update), rm (reward-model training: train_step on batch_size groups of "
