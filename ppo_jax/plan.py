@@ -313,32 +313,34 @@ def plan_trainer(trainer: Any, *, topology: str, chips: int, hbm: int, batch_siz
     return plan
 
 
+def _plan_built(build: Callable[..., Any], config: Any, topology: str, mesh: str | None,
+                progress: Callable[[str], None] | None, **build_kw: Any) -> Plan:
+    """Build a trainer abstractly on `topology`'s devices (`build`: one of the build_*_trainer
+    functions) and plan it (`plan_trainer`)."""
+    devices, hbm = topology_devices(topology)
+    trainer = build(config=config, devices=devices, mesh=mesh, **build_kw)
+    return plan_trainer(trainer, topology=topology, chips=len(devices), hbm=hbm,
+                        batch_size=config.batch_size, progress=progress)
+
+
 def plan_ppo(model: str, reward_model: str | None, config: Any, *, topology: str,
              mesh: str | None = None, dtype: str = "float32",
              progress: Callable[[str], None] | None = None) -> Plan:
     """Compile every program of one PPO iteration for `topology` (see the module docstring)."""
-    devices, hbm = topology_devices(topology)
-    trainer = build_ppo_trainer(model, reward_model, config, devices=devices, mesh=mesh, dtype=dtype)
-    return plan_trainer(trainer, topology=topology, chips=len(devices), hbm=hbm,
-                        batch_size=config.batch_size, progress=progress)
+    return _plan_built(build_ppo_trainer, config, topology, mesh, progress, model=model,
+                       reward_model=reward_model, dtype=dtype)
 
 
 def plan_rm(model: str, config: Any, *, topology: str, mesh: str | None = None,
             dtype: str = "float32", progress: Callable[[str], None] | None = None) -> Plan:
     """Compile reward-model training's step and scoring forward for `topology`."""
-    devices, hbm = topology_devices(topology)
-    trainer = build_rm_trainer(model, config, devices=devices, mesh=mesh, dtype=dtype)
-    return plan_trainer(trainer, topology=topology, chips=len(devices), hbm=hbm,
-                        batch_size=config.batch_size, progress=progress)
+    return _plan_built(build_rm_trainer, config, topology, mesh, progress, model=model, dtype=dtype)
 
 
 def plan_sft(model: str, config: Any, *, topology: str, mesh: str | None = None,
              dtype: str = "float32", progress: Callable[[str], None] | None = None) -> Plan:
     """Compile SFT's step and evaluation forward for `topology`."""
-    devices, hbm = topology_devices(topology)
-    trainer = build_sft_trainer(model, config, devices=devices, mesh=mesh, dtype=dtype)
-    return plan_trainer(trainer, topology=topology, chips=len(devices), hbm=hbm,
-                        batch_size=config.batch_size, progress=progress)
+    return _plan_built(build_sft_trainer, config, topology, mesh, progress, model=model, dtype=dtype)
 
 
 def data_parallel_ways(mesh: str | None, devices: list[Any]) -> int:
