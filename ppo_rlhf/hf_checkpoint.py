@@ -182,6 +182,57 @@ def load_tensors(path: str | os.PathLike, *,
     return out
 
 
+class TensorSlices:
+    """The tensors of a checkpoint (`tensors`: a dict of numpy arrays, or a checkpoint dir whose
+    safetensors files are opened -- headers only -- and read lazily), each readable a slice at a
+    time: `read(name, index)` returns `tensor[index]` (`index` a tuple of slices), and from a
+    file only those bytes are read (safetensors `get_slice`), so a loader that places each
+    device's shard never holds a whole tensor. Each read maps the file anew and unmaps it after:
+    pages of a memory-mapped file count in the process's resident set while it stays mapped, so
+    a file kept open would end up resident whole. Use as a context manager (closes the files)."""
+
+    def __init__(self, tensors: str | os.PathLike | Mapping[str, np.ndarray]):
+        self._arrays: Mapping[str, np.ndarray] | None = None
+        self._where: dict[str, tuple[Path, tuple[int, ...]]] = {}
+        if isinstance(tensors, Mapping):
+            self._arrays = tensors
+            return
+        for f in weight_files(tensors):  # the headers: names and shapes (no tensor data read)
+            with _open_safetensors(f) as fh:
+                for k in fh.keys():
+                    self._where[k] = (f, tuple(fh.get_slice(k).get_shape()))
+
+    def keys(self) -> list[str]:
+        return list(self._arrays if self._arrays is not None else self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in (self._arrays if self._arrays is not None else self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self._arrays is not None:
+            return tuple(np.shape(self._arrays[name]))
+        return self._where[name][1]
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """`tensor[index]` as numpy, in the stored dtype (bfloat16 as ml_dtypes.bfloat16)."""
+        if self._arrays is not None:
+            return np.asarray(self._arrays[name])[index]
+        f, shape = self._where[name]
+        with _open_safetensors(f) as fh:
+            if not shape:  # a 0-d tensor: nothing to slice
+                return np.asarray(fh.get_tensor(name))
+            return np.asarray(fh.get_slice(name)[index])
+
+    def close(self) -> None:
+        self._where = {}
+
+    def __enter__(self) -> "TensorSlices":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 def remove_weight_files(path: str | os.PathLike) -> None:
     """Delete the weight files (model*.safetensors and the shard index) of an earlier save in
     `path`: a save that writes fewer or differently named files must not leave a stale index

@@ -22,10 +22,12 @@ tensor nobody uses (other than known buffers) is an error naming the tensors.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -35,7 +37,7 @@ from ppo_jax.models.causal_lm import TRANSPOSE_BACKBONE_KERNELS, CausalLM
 from ppo_jax.models.config import DTYPES, ModelConfig
 from ppo_jax.models.heads import PolicyWithValueHead, ScalarHeadModel
 from ppo_jax.models.lora import BASE_PARAMS, init_lora_param
-from ppo_jax.models.stack import STACK, stacked_modules
+from ppo_jax.models.stack import STACK, is_stacked, stacked_modules
 from ppo_rlhf import hf_checkpoint as hfc
 from ppo_rlhf.config import ModelOptions
 from ppo_rlhf.errors import CheckpointError
@@ -96,48 +98,107 @@ def _ignored(name: str, config: ModelConfig) -> bool:
     return config.tie_word_embeddings and name == f"{hfc.LM_HEAD_NAME[config.model_type]}.weight"
 
 
-def _build(make: Callable[[], nnx.Module], tensors: dict[str, np.ndarray] | None,
-           config: ModelConfig, *, where: str) -> nnx.Module:
+def _build(make: Callable[[], nnx.Module], tensors: Any, config: ModelConfig, *, where: str,
+           mesh: Any = None) -> nnx.Module:
     """Construct `make()` abstractly (no weight is ever initialised) and fill every parameter
-    from `tensors` (HF names), cast to config.dtype. tensors=None: the abstract model itself,
-    every parameter a `jax.ShapeDtypeStruct` (planning and compiling without weights)."""
+    from `tensors` (HF names: a dict of numpy arrays or a `hfc.TensorSlices`), cast to
+    config.dtype. tensors=None: the abstract model itself, every parameter a
+    `jax.ShapeDtypeStruct` (planning and compiling without weights).
+    mesh (a `jax.sharding.Mesh`): each parameter is built straight onto its shards, with the
+    parameter rule of `ppo_jax.parallel` (`param_spec`, the layer axis of a stack never split):
+    `jax.make_array_from_callback` asks for each of this process's devices' slice, and only that
+    slice is read (`_read_param`): no whole parameter is ever on the host."""
     abstract = nnx.eval_shape(make)
     if tensors is None:
         return abstract
+    source = tensors if isinstance(tensors, hfc.TensorSlices) else hfc.TensorSlices(tensors)
     stacks = stacked_modules(abstract)
     graphdef, state = nnx.split(abstract)
     dt = jnp.dtype(config.dtype)
+    place = _placer(mesh)
     filled, missing, used = [], [], set()
     for path, var in nnx.to_flat_state(state):
         if isinstance(var, nnx.LoRAParam):  # LoRA adapters: not in a base checkpoint, fresh
-            filled.append((path, var.replace(jnp.asarray(init_lora_param(path, var.shape, dt)))))
+            fresh = init_lora_param(path, var.shape, dt)
+            filled.append((path, var.replace(place(path, fresh.shape, lambda index, a=fresh: a[index]))))
             continue
         names, transpose, stacked = hf_names(path, config.model_type, stacks)
-        absent = [n for n in names if n not in tensors]
+        absent = [n for n in names if n not in source]
         if absent:
             missing.extend(absent)
             continue
         expected = tuple(var.shape)[1:] if stacked else tuple(var.shape)
-        arrs = []
         for name in names:
-            arr = np.asarray(tensors[name])
-            arr = arr.T if transpose else arr
-            if arr.shape != expected:
-                raise CheckpointError(f"{where}: tensor {name!r} has shape {arr.shape}"
+            shape = source.shape(name)
+            shape = shape[::-1] if transpose else shape
+            if shape != expected:
+                raise CheckpointError(f"{where}: tensor {name!r} has shape {shape}"
                                  f"{' (transposed)' if transpose else ''}, the model expects "
                                  f"{expected}")
-            arrs.append(arr)
-        arr = np.stack(arrs) if stacked else arrs[0]
-        filled.append((path, var.replace(jnp.asarray(arr, dtype=dt))))
+        read = functools.partial(_read_param, source, names, transpose, stacked, dt)
+        filled.append((path, var.replace(place(path, tuple(var.shape), read))))
         used.update(names)
     if missing:
         raise CheckpointError(f"{where}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
                          f"for a {config.model_type} model")
-    unused = sorted(n for n in tensors if n not in used and not _ignored(n, config))
+    unused = sorted(n for n in source.keys() if n not in used and not _ignored(n, config))
     if unused:
         raise CheckpointError(f"{where}: checkpoint tensor(s) {unused[:8]}{' ...' if len(unused) > 8 else ''}"
                          f" are not used by our {config.model_type} model (unsupported variant?)")
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
+
+
+def _read_param(source: hfc.TensorSlices, names: list[str], transpose: bool, stacked: bool,
+                dtype: Any, index: tuple[slice, ...]) -> np.ndarray:
+    """`parameter[index]` (`index`: a slice per dimension of OUR parameter) read from its HF
+    tensors -- a stack's layer slice (index[0]) from the layers' tensors, a kernel's from the
+    transposed region of HF's [out, in] tensor -- and cast to `dtype`, one tensor slice at a
+    time: only the bytes of `index` are ever read."""
+    index = tuple(index)
+    if stacked:
+        layers, index = range(len(names))[index[0]], index[1:]
+        names = [names[i] for i in layers]
+    parts = []
+    for name in names:
+        part = source.read(name, index[::-1] if transpose else index)
+        parts.append((part.T if transpose else part).astype(dtype, copy=False))
+    return np.stack(parts) if stacked else parts[0]
+
+
+def _placer(mesh: Any) -> Callable[[tuple, tuple, Callable], Any]:
+    """place(path, shape, read) -> the parameter at `path` as a jax array, from `read(index)`
+    (its numpy values at a tuple of slices): one device: read whole; a mesh: sharded by the
+    parameter rule (`ppo_jax.parallel.param_spec`), each device's shard read alone."""
+    if mesh is None:
+        return lambda path, shape, read: jnp.asarray(read((slice(None),) * len(shape)))
+    from jax.sharding import NamedSharding
+
+    from ppo_jax.parallel import param_spec
+
+    def place(path: tuple, shape: tuple, read: Callable) -> Any:
+        sharding = NamedSharding(mesh, param_spec(shape, mesh, stacked=is_stacked(path)))
+        return jax.make_array_from_callback(shape, sharding, read)
+    return place
+
+
+def _mesh(mesh: Any) -> Any:
+    """A `jax.sharding.Mesh` from a Mesh or a mesh spec ("fsdp=8"); None stays None."""
+    if mesh is None:
+        return None
+    from ppo_jax.parallel import make_mesh
+
+    return make_mesh(mesh)
+
+
+def _on_mesh(model: nnx.Module, mesh: Any) -> nnx.Module:
+    """`model` with every parameter placed by the parameter rule (those already there stay
+    where they are: a value head, small, comes from the host)."""
+    if mesh is None:
+        return model
+    from ppo_jax.parallel import Placement
+
+    nnx.update(model, Placement(mesh).params(nnx.state(model)))
+    return model
 
 
 def model_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
@@ -158,8 +219,8 @@ def model_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
 
 # ---- public API ----------------------------------------------------------------------------------
 def load_pretrained(path: PathLike, dtype: Any = "float32", *, options: ModelOptions | None = None,
-                    with_value_head: bool = False, seed: int = 0,
-                    abstract: bool = False) -> CausalLM | PolicyWithValueHead:
+                    with_value_head: bool = False, seed: int = 0, abstract: bool = False,
+                    mesh: Any = None) -> CausalLM | PolicyWithValueHead:
     """A causal LM from a Hugging Face checkpoint dir (gpt2, llama, qwen2, gpt_neox).
 
     dtype: "float32" (default) or "bfloat16" for weights and activations (logits stay float32);
@@ -172,6 +233,10 @@ def load_pretrained(path: PathLike, dtype: Any = "float32", *, options: ModelOpt
     abstract=True reads config.json alone (the dir needs no weights) and returns the same model
     with every parameter a `jax.ShapeDtypeStruct` (nothing allocated): what `ppo_jax.plan`
     compiles for a device it does not have.
+    mesh (a `jax.sharding.Mesh` or a spec for `ppo_jax.parallel.make_mesh`, e.g. "fsdp=8"):
+    every parameter is loaded straight onto its shards by the trainers' parameter rule, each
+    process reading only its devices' slices of the checkpoint (no whole model, nor any whole
+    parameter, in host memory); None: onto the default device.
     Errors: FileNotFoundError (no dir / config.json / weights), ValueError (unsupported
     model_type, a scalar-head checkpoint, missing or unexpected tensors)."""
     hf = hfc.read_config(path)
@@ -182,25 +247,27 @@ def load_pretrained(path: PathLike, dtype: Any = "float32", *, options: ModelOpt
             return lm
         return nnx.eval_shape(lambda: PolicyWithValueHead(
             CausalLM(config, rngs=nnx.Rngs(0)), hfc.init_score_head(config.hidden_size, seed)))
-    tensors = hfc.load_tensors(path)
-    lm_head = f"{hfc.LM_HEAD_NAME[config.model_type]}.weight"
-    if hfc.SCORE_NAME in tensors and lm_head not in tensors:
-        raise CheckpointError(f"{path}: this is a scalar-head (value / reward) checkpoint (it has "
-                         f"{hfc.SCORE_NAME}, no {lm_head}); load it with load_scalar_model")
-    lm = _build(lambda: CausalLM(config, rngs=nnx.Rngs(0)), tensors, config, where=str(path))
+    mesh = _mesh(mesh)
+    with hfc.TensorSlices(path) as tensors:  # read lazily: a mesh reads each device's slices only
+        lm_head = f"{hfc.LM_HEAD_NAME[config.model_type]}.weight"
+        if hfc.SCORE_NAME in tensors and lm_head not in tensors:
+            raise CheckpointError(f"{path}: this is a scalar-head (value / reward) checkpoint (it "
+                                  f"has {hfc.SCORE_NAME}, no {lm_head}); load it with load_scalar_model")
+        lm = _build(lambda: CausalLM(config, rngs=nnx.Rngs(0)), tensors, config, where=str(path),
+                    mesh=mesh)
     if not with_value_head:
         return lm
     head = hfc.load_value_head(path)
     if head is None:
         head = hfc.init_score_head(config.hidden_size, seed)
-    return PolicyWithValueHead(lm, head)
+    return _on_mesh(PolicyWithValueHead(lm, head), mesh)
 
 
 def load_scalar_model(path: PathLike, dtype: Any = "float32", *, options: ModelOptions | None = None,
-                      abstract: bool = False) -> ScalarHeadModel:
+                      abstract: bool = False, mesh: Any = None) -> ScalarHeadModel:
     """A value / reward model from a `*ForSequenceClassification` (num_labels=1) checkpoint dir;
     reward_gain / reward_bias are read from config.json's "ppo_rlhf" key (default 1, 0);
-    `options` as `load_pretrained`.
+    `options` and `mesh` as `load_pretrained`.
     abstract=True: from config.json alone, parameters as `jax.ShapeDtypeStruct`s (see
     `load_pretrained`); a causal LM's config.json serves too (the score head is [H, 1])."""
     hf = hfc.read_config(path)
@@ -209,15 +276,16 @@ def load_scalar_model(path: PathLike, dtype: Any = "float32", *, options: ModelO
         model = _build(lambda: ScalarHeadModel(config, rngs=nnx.Rngs(0)), None, config, where=str(path))
         model.reward_gain, model.reward_bias = hfc.reward_normalisation(hf)
         return model
-    tensors = hfc.load_tensors(path)
-    if hfc.SCORE_NAME not in tensors:
-        raise CheckpointError(f"{path}: no {hfc.SCORE_NAME} in the checkpoint: it is not a scalar-head "
-                         f"model; to start one from a causal LM use scalar_model_from_lm")
-    if tensors[hfc.SCORE_NAME].shape != (1, config.hidden_size):
-        raise CheckpointError(f"{path}: {hfc.SCORE_NAME} has shape {tensors[hfc.SCORE_NAME].shape}; a "
-                         f"scalar head needs num_labels=1, i.e. (1, {config.hidden_size})")
+    with hfc.TensorSlices(path) as tensors:  # read lazily: a mesh reads each device's slices only
+        if hfc.SCORE_NAME not in tensors:
+            raise CheckpointError(f"{path}: no {hfc.SCORE_NAME} in the checkpoint: it is not a "
+                                  f"scalar-head model; to start one from a causal LM use scalar_model_from_lm")
+        if tensors.shape(hfc.SCORE_NAME) != (1, config.hidden_size):
+            raise CheckpointError(f"{path}: {hfc.SCORE_NAME} has shape {tensors.shape(hfc.SCORE_NAME)}; a "
+                                  f"scalar head needs num_labels=1, i.e. (1, {config.hidden_size})")
+        model = _build(lambda: ScalarHeadModel(config, rngs=nnx.Rngs(0)), tensors, config,
+                       where=str(path), mesh=_mesh(mesh))
     gain, bias = hfc.reward_normalisation(hf)
-    model = _build(lambda: ScalarHeadModel(config, rngs=nnx.Rngs(0)), tensors, config, where=str(path))
     model.reward_gain, model.reward_bias = gain, bias
     return model
 

@@ -1,0 +1,125 @@
+"""Loading a checkpoint straight onto its shards (`load_pretrained(..., mesh=...)`,
+`ppo_jax/models/loading.py`): on a data=2,fsdp=4 mesh of 8 simulated CPU devices every parameter
+equals the host-loaded one, carries the trainers' parameter-rule sharding, and is read from the
+safetensors file one device-shard at a time -- no read is ever a whole tensor unless the rule
+replicates the parameter. Runs in a subprocess (XLA_FLAGS=--xla_force_host_platform_device_count=8
+must be set before jax is imported), as `tests/test_parallel_jax.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MESH = "data=2,fsdp=4"
+
+
+def _worker(out: str, cases: list[tuple[str, str, str]]) -> None:
+    import jax
+    import numpy as np
+    from flax import nnx
+    from jax.sharding import NamedSharding
+
+    import ppo_jax.models as jm
+    from ppo_jax.models.loading import hf_names
+    from ppo_jax.models.stack import is_stacked, stacked_modules
+    from ppo_jax.parallel import make_mesh, param_spec
+    from ppo_rlhf import hf_checkpoint as hfc
+
+    assert jax.device_count() == 8
+    mesh = make_mesh(MESH)
+    reads: list[tuple[str, tuple]] = []
+    real_read = hfc.TensorSlices.read
+
+    def recording_read(self, name, index):
+        part = real_read(self, name, index)
+        reads.append((name, tuple(part.shape)))
+        return part
+
+    hfc.TensorSlices.read = recording_read
+    result = {}
+    for label, kind, ckpt in cases:
+        load = {"lm": jm.load_pretrained, "scalar": jm.load_scalar_model,
+                "value_head": lambda p, **kw: jm.load_pretrained(p, with_value_head=True, seed=3, **kw)}[kind]
+        dtype = "bfloat16" if label.endswith("bf16") else "float32"
+        host = load(ckpt, dtype=dtype)
+        reads.clear()
+        sharded = load(ckpt, dtype=dtype, mesh=mesh)
+        host_flat = dict(nnx.to_flat_state(nnx.state(host)))
+        model = sharded.lm if kind == "value_head" else sharded
+        stacks = stacked_modules(model)
+        r = {"params": 0, "split": 0, "unequal": [], "bad_sharding": [], "dtypes": [], "reads": len(reads),
+             "bad_reads": [], "whole_reads_of_split": [], "unread": []}
+        # and against the checkpoint itself, through the loader's inverse (model_tensors)
+        stored = hfc.load_tensors(ckpt)
+        r["unequal_to_file"] = [n for n, v in jm.model_tensors(sharded).items()
+                                if not np.array_equal(np.asarray(v), stored[n].astype(v.dtype))]
+        read_shapes: dict[str, set] = {}
+        for name, shape in reads:
+            read_shapes.setdefault(name, set()).add(shape)
+        for path, var in nnx.to_flat_state(nnx.state(sharded)):
+            arr, ref = var[...], host_flat[path][...]
+            key = "/".join(map(str, path))
+            r["params"] += 1
+            if not np.array_equal(np.asarray(arr), np.asarray(ref)):
+                r["unequal"].append(key)
+            if arr.dtype != ref.dtype or arr.dtype != jax.numpy.dtype(dtype):
+                r["dtypes"].append(f"{key}: {arr.dtype} vs {ref.dtype}, loaded as {dtype}")
+            want = NamedSharding(mesh, param_spec(arr.shape, mesh, stacked=is_stacked(path)))
+            if not arr.sharding.is_equivalent_to(want, arr.ndim):
+                r["bad_sharding"].append(f"{key}: {arr.sharding.spec} vs {want.spec}")
+            shard = tuple(arr.sharding.shard_shape(arr.shape))
+            r["split"] += shard != tuple(arr.shape)
+            if path[0] == "value_head":  # from value_head.safetensors / a fresh head, not sliced
+                continue
+            names, transpose, stacked = hf_names(path[1:] if kind == "value_head" else path,
+                                                 model.config.model_type, stacks)
+            per = shard[1:] if stacked else shard  # what one read of one HF tensor must be
+            per = per[::-1] if transpose else per
+            full = tuple(arr.shape)[1:] if stacked else tuple(arr.shape)
+            full = full[::-1] if transpose else full
+            for name in names:
+                got = read_shapes.get(name)
+                if not got:
+                    r["unread"].append(name)
+                elif got != {per}:
+                    r["bad_reads"].append(f"{name}: read {sorted(got)}, shard {per}")
+                elif shard != tuple(arr.shape) and per == full:
+                    r["whole_reads_of_split"].append(name)
+        result[label] = r
+    Path(out).write_text(json.dumps(result, indent=1))
+
+
+def test_loading_onto_a_mesh_reads_only_shards_and_equals_the_host_load(tiny_checkpoint, tmp_path):
+    """gpt2 and llama causal LMs (float32, and gpt2 cast to bfloat16 slice by slice), a llama
+    scalar-head model and a qwen2 policy with a value head, loaded with mesh="data=2,fsdp=4":
+    bit-equal to the host load, every array on the parameter rule's sharding (most of them
+    split), and every slice read from the checkpoint exactly one device shard's size."""
+    cases = [("gpt2", "lm", tiny_checkpoint("gpt2")), ("gpt2-bf16", "lm", tiny_checkpoint("gpt2")),
+             ("llama", "lm", tiny_checkpoint("llama")),
+             ("llama-scalar", "scalar", tiny_checkpoint("llama", kind="scalar")),
+             ("qwen2-value-head", "value_head", tiny_checkpoint("qwen2"))]
+    out = tmp_path / "load.json"
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+    env = {**os.environ, "XLA_FLAGS": flags, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, __file__, "worker", str(out), json.dumps(cases, default=str)],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    for label, r in json.loads(out.read_text()).items():
+        assert r["params"] > 10 and r["reads"] > 0, (label, r)
+        assert not r["unequal"], (label, r["unequal"])
+        assert not r["unequal_to_file"], (label, r["unequal_to_file"])
+        assert not r["dtypes"], (label, r["dtypes"])
+        assert not r["bad_sharding"], (label, r["bad_sharding"])
+        assert r["split"] >= r["params"] // 2, (label, r["split"], r["params"])
+        assert not r["unread"], (label, r["unread"])
+        assert not r["bad_reads"], (label, r["bad_reads"][:5])
+        assert not r["whole_reads_of_split"], (label, r["whole_reads_of_split"][:5])
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
+    _worker(sys.argv[2], json.loads(sys.argv[3]))
