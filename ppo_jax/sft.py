@@ -113,7 +113,9 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
                          model_path=model)
         self.parallel = placement(mesh)  # one device, or the sharding rules of a mesh
         self.parallel.check_config(config)
-        model = self._model_from(model, load_pretrained, CausalLM, MODEL_KIT)
+        # a checkpoint dir with a mesh: loaded straight onto its shards (no whole host copy)
+        model = self._model_from(model, functools.partial(load_pretrained, mesh=self.parallel.mesh),
+                                 CausalLM, MODEL_KIT)
         self._def, params, rest = nnx.split(model, nnx.Param, ...)
         self.params = self.parallel.params(params)
         self._rest = jax.tree.map(self.parallel.replicated, rest)
