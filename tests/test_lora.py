@@ -197,3 +197,61 @@ def test_rebuild_keeps_adapters_and_loading_is_strict(tiny_checkpoint, tmp_path,
     with pytest.raises(CheckpointError, match=r"missing .*k_proj"):
         lora.load_adapter(models.load_pretrained(path, options=ModelOptions(
             lora_rank=2, lora_alpha=4.0, lora_targets=("q", "k", "v", "up"))), tmp_path / "a")
+
+
+# ---- PPO with LoRA on the policy ----------------------------------------------------------------
+def _optimised(trainer) -> tuple[set, int]:
+    """(the names of the parameters the trainer's optimiser updates, the number of its float
+    state entries -- AdamW's moments)."""
+    if trainer.backend == "jax":
+        flat = nnx.to_flat_state(trainer.params["policy"])
+        names = {"policy." + ".".join(map(str, p)) for p, _ in flat}
+        moments = sum(np.size(x) for x in jax.tree.leaves(trainer.opt_state) if np.ndim(x) > 0)
+        return names, moments
+    ids = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    names = {"policy." + n for n, p in trainer.policy.named_parameters() if id(p) in ids}
+    moments = sum(v.numel() for s in trainer.optimizer.state.values() for v in s.values() if v.dim() > 0)
+    return names, moments
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_ppo_trains_the_policys_adapters_and_its_base_is_the_reference(tiny_checkpoint, backend):
+    """LoRA on the policy (the critic trained in full): the optimiser holds the adapters only (no
+    gradient, no AdamW moment for a base weight), an update leaves the base weights bit-identical
+    while the adapters move, and the reference -- no model of its own -- gives the log-probs of a
+    separately loaded base model, not the policy's."""
+    from tests.helpers import make_trainer
+
+    models, lora = (jm, jl) if backend == "jax" else (tm, tl)
+    ckpt = tiny_checkpoint("llama")
+    t = make_trainer(backend, ckpt, lora_rank=2, lora_alpha=4.0, lora_targets=("q", "v"),
+                     learning_rate=3e-2, **({"device": "cpu"} if backend == "torch" else {}))
+    assert t.reference_is_policy
+    adapters = lora.adapter_tensors(t.policy_model())
+    base_before = models.model_tensors(t.policy_model())
+    t.step()
+    names, moments = _optimised(t)
+    assert names and all("lora_" in n for n in names), sorted(names)[:4]
+    n_critic = sum(v.size for v in models.model_tensors(t.critic_model()).values())
+    n_adapters = sum(v.size for v in adapters.values())
+    assert moments == 2 * (n_adapters + n_critic)  # mu and nu: adapters + the (full) critic
+    base_after = models.model_tensors(t.policy_model())
+    assert base_after.keys() == base_before.keys()
+    assert all(np.array_equal(base_after[k], base_before[k]) for k in base_before)
+    moved = lora.adapter_tensors(t.policy_model())
+    assert max(np.abs(moved[k] - adapters[k]).max() for k in adapters if ".lora_B." in k) > 1e-3
+
+    q = np.array([[0, 0, 5, 9, 2, 7, 1, 3], [4, 4, 8, 2, 2, 6, 7, 9]] * 2)
+    qm = (np.arange(8) >= np.array([[2], [0]] * 2)).astype(np.int32)
+    batch = t.rollout(q, qm, iteration=1)
+    base = models.load_pretrained(ckpt)
+    args = [batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask]
+    if backend == "jax":
+        want = np.asarray(models.response_logprobs(base, *map(jnp.asarray, args), temperature=t.config.temperature))
+    else:
+        with torch.no_grad():
+            want = models.response_logprobs(base, *(torch.from_numpy(np.asarray(a)).long() for a in args),
+                                            temperature=t.config.temperature).numpy()
+    real = batch.response_mask.astype(bool)
+    np.testing.assert_allclose(batch.ref_logprobs[real], want[real], rtol=0, atol=2e-5)
+    assert np.abs(batch.logprobs - batch.ref_logprobs)[real].max() > 1e-3  # the adapters count

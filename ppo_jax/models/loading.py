@@ -110,7 +110,8 @@ def _build(make: Callable[[], nnx.Module], tensors: dict[str, np.ndarray] | None
     filled, missing, used = [], [], set()
     for path, var in nnx.to_flat_state(state):
         if isinstance(var, nnx.LoRAParam):  # LoRA adapters: not in a base checkpoint, fresh
-            filled.append((path, var.replace(jnp.asarray(init_lora_param(path, var.shape, dt)))))
+            fresh = init_lora_param(path, var.shape, dt, config.model_type, stacks)
+            filled.append((path, var.replace(jnp.asarray(fresh))))
             continue
         names, transpose, stacked = hf_names(path, config.model_type, stacks)
         absent = [n for n in names if n not in tensors]

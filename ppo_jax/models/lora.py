@@ -27,14 +27,14 @@ weights are the `nnx.Param`s that are not `nnx.LoRAParam` (`BASE_PARAMS`).
 
 Initialisation as peft's: A kaiming-uniform (bound 1 / sqrt(in)), B zeros -- so a fresh adapter
 changes nothing. When a model is loaded from a checkpoint (`loading._build`), A is drawn with
-numpy from a seed fixed by the parameter's path (`init_lora_param`).
+numpy from a seed fixed by its HF module name (`init_lora_param`, `ppo_rlhf.lora.init_lora_a`:
+the same A as the torch core's).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -104,15 +104,29 @@ def check_options(model_type: str, options: ModelOptions) -> None:
                                   f"built yet (use 0)")
 
 
-def init_lora_param(path: tuple, shape: tuple, dtype) -> np.ndarray:
+def init_lora_param(path: tuple, shape: tuple, dtype, model_type: str, stacks: dict) -> np.ndarray:
     """The initial value of an adapter parameter at `path` (nnx path, leaf 'lora_a' or 'lora_b';
-    shape [L, in, rank] / [L, rank, out] in a stack): B zeros; A uniform in +-1/sqrt(in) (peft's
-    kaiming-uniform), drawn with numpy from a seed fixed by the path (reproducible)."""
+    shape [L, in, rank] / [L, rank, out] in a stack): B zeros; A per layer
+    `ppo_rlhf.lora.init_lora_a` of its HF module name (numpy, seeded by the name: the torch
+    core's peft adapters start from the same A)."""
     if path[-1] == "lora_b":
         return np.zeros(shape, dtype)
-    seed = zlib.crc32("/".join(str(p) for p in path).encode())
-    bound = 1.0 / np.sqrt(shape[-2])
-    return np.random.default_rng(seed).uniform(-bound, bound, shape).astype(dtype)
+    names = _adapter_names(path, model_type, stacks)
+    rank, in_features = shape[-1], shape[-2]
+    arrs = [lr.init_lora_a(n, rank, in_features).T for n in names]
+    return (np.stack(arrs) if len(shape) == 3 else arrs[0]).astype(dtype)
+
+
+def trained_params(model: nnx.Module) -> Any:
+    """The filter of the parameters a trainer trains in `model`: every `nnx.Param` without LoRA;
+    with LoRA the adapters (`ADAPTER_PARAMS`) and the task heads on top of the backbone -- a
+    critic's or reward model's `score_head`, a shared trunk's `value_head` (fresh, so they must
+    learn; peft's `modules_to_save` for SEQ_CLS) -- and nothing of the base model (its LM head
+    included). Mirror: `ppo_torch.models.lora.apply_lora`'s requires_grad."""
+    if not _core(model).config.options.lora:
+        return nnx.Param
+    return nnx.Any(ADAPTER_PARAMS, nnx.All(nnx.Param, nnx.Any(nnx.PathContains("score_head"),
+                                                              nnx.PathContains("value_head"))))
 
 
 def lora_modules_of(model: nnx.Module) -> list[LoRALinear]:
@@ -236,4 +250,5 @@ def load_adapter(model: nnx.Module, path: PathLike) -> nnx.Module:
 
 
 __all__ = ["LoRALinear", "ADAPTER_PARAMS", "BASE_PARAMS", "adapters_disabled", "adapter_tensors",
-           "save_adapter", "load_adapter", "adapter_options", "check_options", "init_lora_param"]
+           "save_adapter", "load_adapter", "adapter_options", "check_options", "init_lora_param",
+           "trained_params"]

@@ -208,7 +208,9 @@ def scalar_model_from_lm(lm: PathLike | CausalLM | PolicyWithValueHead, *, seed:
         dt = src.get_output_embeddings().weight.dtype if dtype is None else torch_dtype(dtype)
         hf_model = AutoModelForSequenceClassification.from_config(config).to(
             device=src.device, dtype=dt)
-        hf_model.base_model.load_state_dict(src.base_model.state_dict())
+        base = {k.replace(".base_layer.", "."): v for k, v in src.base_model.state_dict().items()
+                if ".lora_" not in k}  # a LoRA model's base weights (lora.py), not its adapters
+        hf_model.base_model.load_state_dict(base)
     else:
         _check_kind(lm, scalar=False)
         # score.weight is missing from a causal LM (the head is drawn just below) and its LM
