@@ -34,8 +34,9 @@ the sharding rules are); mesh=None is one device.
 Implementation details, each a config field (see `ppo_rlhf.config.PPOConfig`): the reference is
 a frozen copy of the initial policy -- with LoRA on the policy (`lora_rank`, `lora_roles`), the
 policy's own base weights with its adapters off (`adapters_disabled`: no second copy), and only
-the adapters are trained (and a LoRA critic's adapters and head); log-probs are recomputed with a full forward pass after
-sampling (not taken from the sampler, so the first minibatch step starts at ratio == 1 exactly);
+the adapters are trained (and a LoRA critic's adapters and head); log-probs are recomputed with
+a full forward pass after sampling (not taken from the sampler, so the first minibatch step
+starts at ratio == 1 exactly);
 the critic is separate (initialised from the reward model when one is given, as TRL) unless the
 policy is a `PolicyWithValueHead` (shared trunk); policy and critic are one parameter tree with
 one AdamW and one global-norm gradient clip over both (as TRL's PolicyAndValueWrapper).

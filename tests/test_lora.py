@@ -255,3 +255,73 @@ def test_ppo_trains_the_policys_adapters_and_its_base_is_the_reference(tiny_chec
     real = batch.response_mask.astype(bool)
     np.testing.assert_allclose(batch.ref_logprobs[real], want[real], rtol=0, atol=2e-5)
     assert np.abs(batch.logprobs - batch.ref_logprobs)[real].max() > 1e-3  # the adapters count
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_ppo_lora_critic_trains_its_adapters_and_head(tiny_checkpoint, backend):
+    """"critic" in lora_roles: the critic (the policy's base backbone, a fresh head) gets its own
+    adapters; an update moves them and the score head, and leaves its base weights as loaded."""
+    from tests.helpers import make_trainer
+
+    models, lora = (jm, jl) if backend == "jax" else (tm, tl)
+    t = make_trainer(backend, tiny_checkpoint("llama"), lora_rank=2, lora_targets=("v", "down"),
+                     lora_roles=("policy", "critic"), learning_rate=3e-2,
+                     **({"device": "cpu"} if backend == "torch" else {}))
+    critic = t.critic_model()
+    assert models.model_options(critic).lora and t.reference_is_policy
+    if backend == "jax":
+        trained = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(t.params["critic"])}
+    else:
+        trained = {n for n, p in critic.named_parameters() if p.requires_grad}
+    heads = {n for n in trained if "lora_" not in n}
+    assert len(heads) == 1 and "score" in heads.pop()
+    base, adapters = models.model_tensors(critic), lora.adapter_tensors(critic)
+    t.step()
+    critic = t.critic_model()
+    after = models.model_tensors(critic)
+    head = "score.weight"
+    assert all(np.array_equal(after[k], base[k]) for k in base if k != head)
+    assert np.abs(after[head] - base[head]).max() > 1e-4
+    moved = lora.adapter_tensors(critic)
+    assert max(np.abs(moved[k] - adapters[k]).max() for k in adapters if ".lora_B." in k) > 1e-4
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_ppo_lora_checkpoints_hold_what_is_trained_and_resume_exactly(tiny_checkpoint, tmp_path, backend):
+    """With LoRA on the policy a checkpoint holds the adapters (and the full critic), not the
+    base; its policy/ is a PEFT adapter pointing to the base checkpoint, which loads back onto
+    the base with the trained policy's logits; a run resumed from it ends where an uninterrupted
+    run ends, bit for bit."""
+    from parity_tests.ppo_inputs import weights
+    from tests.helpers import make_trainer
+
+    models, lora = (jm, jl) if backend == "jax" else (tm, tl)
+    ckpt = tiny_checkpoint("llama")
+    kw = dict(lora_rank=2, lora_targets=("q", "v"), learning_rate=1e-2,
+              **({"device": "cpu"} if backend == "torch" else {}))
+    logits = _jax_logits if backend == "jax" else _torch_logits
+    straight = make_trainer(backend, ckpt, **kw)
+    straight.train(2, progress=False)
+    at_two = logits(straight.policy_model())
+    straight.train(3, progress=False)
+    out = tmp_path / "run"
+    make_trainer(backend, ckpt, out_dir=out, checkpoint_every=2, **kw).train(2, progress=False)
+    [saved] = [p for p in (out / "checkpoints").iterdir() if p.is_dir()]
+    if backend == "torch":
+        from safetensors.numpy import load_file
+        keys = load_file(str(saved / "state" / "model.safetensors")).keys()
+        assert keys and all(".lora_" in k or k.startswith("critic.") for k in keys), sorted(keys)[:4]
+    policy_dir = saved / "policy"
+    assert not (policy_dir / "model.safetensors").exists()
+    config = json.loads((policy_dir / lr.ADAPTER_CONFIG).read_text())
+    assert config["base_model_name_or_path"] == str(ckpt.absolute())
+    loaded = lora.load_adapter(models.load_pretrained(ckpt, options=lora.adapter_options(policy_dir, ckpt)),
+                               policy_dir)
+
+    resumed = make_trainer(backend, ckpt, out_dir=out, **kw)
+    resumed.train(3, resume=True, progress=False)
+    assert [h["iteration"] for h in resumed.history] == [2]
+    a, b = weights(resumed), weights(straight)
+    assert a.keys() == b.keys() and any(".lora_B." in k for k in a)
+    assert all(np.array_equal(a[k], b[k]) for k in a), [k for k in a if not np.array_equal(a[k], b[k])][:4]
+    np.testing.assert_allclose(logits(loaded), at_two, rtol=0, atol=1e-5)
