@@ -491,28 +491,34 @@ class PPOTrainer(TrainerBase):
     def state_tensors(self) -> dict[str, Any]:
         return {"params": self.params, "opt_state": self.opt_state}
 
-    def save_policy(self, path: str | os.PathLike) -> None:
+    def save_policy(self, path: str | os.PathLike, *, merge: bool = False) -> None:
         """The current policy in Hugging Face format (loads in `transformers` and both backends);
         with LoRA on the policy, its PEFT adapter (`lora.save_adapter`: adapter_config.json,
         whose base_model_name_or_path is the policy's base checkpoint dir, and
-        adapter_model.safetensors; `peft` and both backends' `load_adapter` read it)."""
+        adapter_model.safetensors; `peft` and both backends' `load_adapter` read it) -- or with
+        merge=True the full checkpoint of the adapters merged into the base (`merge_adapters`)."""
         from ppo_jax.models import save_pretrained
-        from ppo_jax.models.lora import save_adapter
+        from ppo_jax.models.lora import merge_adapters, save_adapter
 
         model = self.parallel.gathered(self.policy_model())  # several hosts: all gather ...
         if self.processes.is_main:                         # ... and process 0 writes
-            if model_options(model).lora:
+            if model_options(model).lora and merge:
+                save_pretrained(merge_adapters(model), path)
+            elif model_options(model).lora:
                 save_adapter(model, path, base_model=self.policy_source)
             else:
                 save_pretrained(model, path)
             self._save_tokenizer(path)
 
     def save_critic(self, path: str | os.PathLike) -> None:
+        """The critic in Hugging Face format; a LoRA critic merged (its head trains too: a full
+        checkpoint, not an adapter)."""
         from ppo_jax.models import save_pretrained
+        from ppo_jax.models.lora import merge_adapters
 
         model = self.parallel.gathered(self._critic_to_save())
         if self.processes.is_main:
-            save_pretrained(model, path)
+            save_pretrained(merge_adapters(model) if model_options(model).lora else model, path)
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         from ppo_jax.checkpoint import save_trainer_state

@@ -609,10 +609,11 @@ def test_cli_train_with_lora_writes_the_peft_adapter(inputs, tmp_path):
     PEFT adapter whose adapter_config.json names --policy as its base."""
     run = tmp_path / "run"
     train("torch", inputs / "gpt2", inputs / "prompts.txt", run, "--iterations", "1",
-          "--set", "lora_rank=2", "--lora-alpha", "4", "--lora-targets", "q,o")
+          "--set", "lora_rank=2", "--lora-alpha", "4", "--lora-targets", "q,o", "--merge")
     config = json.loads((run / "policy" / "adapter_config.json").read_text())
     assert config["r"] == 2 and config["lora_alpha"] == 4.0
     assert config["target_modules"] == ["attn.c_attn", "attn.c_proj"]
     assert config["base_model_name_or_path"] == str((inputs / "gpt2").absolute())
     assert (run / "policy" / "adapter_model.safetensors").is_file()
     assert not (run / "policy" / "model.safetensors").exists()
+    assert (run / "policy-merged" / "model.safetensors").is_file()  # --merge: a full checkpoint

@@ -215,7 +215,7 @@ def _optimised(trainer) -> tuple[set, int]:
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_ppo_trains_the_policys_adapters_and_its_base_is_the_reference(tiny_checkpoint, backend):
+def test_ppo_trains_the_policys_adapters_and_its_base_is_the_reference(tiny_checkpoint, tmp_path, backend):
     """LoRA on the policy (the critic trained in full): the optimiser holds the adapters only (no
     gradient, no AdamW moment for a base weight), an update leaves the base weights bit-identical
     while the adapters move, and the reference -- no model of its own -- gives the log-probs of a
@@ -255,10 +255,15 @@ def test_ppo_trains_the_policys_adapters_and_its_base_is_the_reference(tiny_chec
     real = batch.response_mask.astype(bool)
     np.testing.assert_allclose(batch.ref_logprobs[real], want[real], rtol=0, atol=2e-5)
     assert np.abs(batch.logprobs - batch.ref_logprobs)[real].max() > 1e-3  # the adapters count
+    t.save_policy(tmp_path / "merged", merge=True)  # a full checkpoint: the adapters merged in
+    merged = models.load_pretrained(tmp_path / "merged")
+    logits = _jax_logits if backend == "jax" else _torch_logits
+    assert not models.model_options(merged).lora
+    np.testing.assert_allclose(logits(merged), logits(t.policy_model()), rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_ppo_lora_critic_trains_its_adapters_and_head(tiny_checkpoint, backend):
+def test_ppo_lora_critic_trains_its_adapters_and_head(tiny_checkpoint, tmp_path, backend):
     """"critic" in lora_roles: the critic (the policy's base backbone, a fresh head) gets its own
     adapters; an update moves them and the score head, and leaves its base weights as loaded."""
     from tests.helpers import make_trainer
@@ -284,6 +289,14 @@ def test_ppo_lora_critic_trains_its_adapters_and_head(tiny_checkpoint, backend):
     assert np.abs(after[head] - base[head]).max() > 1e-4
     moved = lora.adapter_tensors(critic)
     assert max(np.abs(moved[k] - adapters[k]).max() for k in adapters if ".lora_B." in k) > 1e-4
+    t.save_critic(tmp_path / "critic")  # merged: a plain scalar model with the critic's values
+    saved = models.load_scalar_model(tmp_path / "critic")
+    if backend == "jax":
+        got, want = (np.asarray(m.values(jnp.asarray(IDS), jnp.asarray(MASK))) for m in (saved, critic))
+    else:
+        with torch.no_grad():
+            got, want = (m.values(torch.from_numpy(IDS), torch.from_numpy(MASK)).numpy() for m in (saved, critic))
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])

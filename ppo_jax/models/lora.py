@@ -249,6 +249,35 @@ def load_adapter(model: nnx.Module, path: PathLike) -> nnx.Module:
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-__all__ = ["LoRALinear", "ADAPTER_PARAMS", "BASE_PARAMS", "adapters_disabled", "adapter_tensors",
+def merge_adapters(model: nnx.Module) -> nnx.Module:
+    """`model` without adapters, as a plain model of its class (options with lora_rank 0): each
+    adapted projection's kernel W + (A B) * alpha / rank (computed in float32), every other
+    weight shared. A full checkpoint of what the LoRA model computes (`save_pretrained` of it:
+    `PPOTrainer.save_policy(merge=True)`, a LoRA critic). Mirror: torch's `merge_adapters`
+    (peft's merge). `model` is unchanged."""
+    import dataclasses
+
+    from ppo_jax.models.precision import _construct
+
+    core = _core(model)
+    options = core.config.options
+    if not options.lora:
+        raise ValueError("merge_adapters: the model has no LoRA adapters (built with lora_rank=0)")
+    scale = lr.scaling(options.lora_rank, options.lora_alpha)
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Not(ADAPTER_PARAMS))))
+    adapters = dict(nnx.to_flat_state(nnx.state(model, ADAPTER_PARAMS)))
+    for path, a in adapters.items():
+        if path[-1] != "lora_a":
+            continue
+        b, kernel = adapters[path[:-1] + ("lora_b",)], flat[path[:-1] + ("kernel",)]
+        delta = jnp.einsum("...ir,...ro->...io", a[...].astype(jnp.float32), b[...].astype(jnp.float32))
+        w = kernel[...]
+        flat[path[:-1] + ("kernel",)] = kernel.replace((w.astype(jnp.float32) + scale * delta).astype(w.dtype))
+    config = dataclasses.replace(model.config, options=dataclasses.replace(options, lora_rank=0))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: _construct(model, config)))
+    return nnx.merge(graphdef, nnx.from_flat_state(list(flat.items())))
+
+
+__all__ = ["LoRALinear", "merge_adapters", "ADAPTER_PARAMS", "BASE_PARAMS", "adapters_disabled", "adapter_tensors",
            "save_adapter", "load_adapter", "adapter_options", "check_options", "init_lora_param",
            "trained_params"]

@@ -54,6 +54,9 @@ def add_lora_args(p: argparse.ArgumentParser, *, config: str, roles: str) -> Non
                         f"({config}.lora_targets; default q,v)")
     g.add_argument("--lora-roles", metavar="ROLE,...",
                    help=f"the models that get adapters: {roles} ({config}.lora_roles)")
+    g.add_argument("--merge", action="store_true",
+                   help="also write OUT/policy-merged: the adapters merged into the base, a full "
+                        "Hugging Face checkpoint (OUT/policy holds the adapter)")
 
 
 def add_run_args(p: argparse.ArgumentParser, *, checkpoint_every: int, unit: str) -> None:

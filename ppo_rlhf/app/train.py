@@ -168,6 +168,8 @@ def run_train(args: argparse.Namespace) -> int:
                       checkpoint_every=args.checkpoint_every, **scale)
     history = trainer.train(resume=args.resume, progress=not args.no_progress, report_to=args.report_to)
     trainer.save_policy(out / "policy")  # several processes: all take part, the main one writes
+    if args.merge and config.lora_rank and "policy" in config.lora_roles:
+        trainer.save_policy(out / "policy-merged", merge=True)
     if history and trainer.processes.is_main:
         last = history[-1]
         print(json.dumps({k: last[k] for k in ("iteration", "objective/scores", "objective/kl",

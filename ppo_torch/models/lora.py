@@ -166,5 +166,31 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
     return model
 
 
-__all__ = ["adapters_disabled", "adapter_tensors", "save_adapter", "load_adapter", "adapter_options",
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """A copy of `model` without adapters, as a plain model (options with lora_rank 0): peft's
+    merge folds (B A) * alpha / rank into each adapted projection's weight, which takes the
+    LoRA layer's place. A full checkpoint of what the LoRA model computes (`save_pretrained`
+    of it: `PPOTrainer.save_policy(merge=True)`, a LoRA critic). Mirror: JAX's
+    `merge_adapters`. `model` is unchanged."""
+    import copy
+
+    from ppo_torch.models.causal_lm import CausalLM, build_with
+    from ppo_torch.models.heads import ScalarHeadModel
+
+    if not lora_layers(model):
+        raise ValueError("merge_adapters: the model has no LoRA adapters (built with lora_rank=0)")
+    merged = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in list(merged.named_modules()):
+            if module in lora_layers(module)[:1]:  # a LoRA layer: merged, then replaced by its base
+                module.merge()
+                parent, _, child = name.rpartition(".")
+                setattr(merged.get_submodule(parent) if parent else merged, child, module.get_base_layer())
+    for m in merged.modules():
+        if isinstance(m, (CausalLM, ScalarHeadModel)):
+            build_with(m, dataclasses.replace(m.options, lora_rank=0))
+    return merged.requires_grad_(True)
+
+
+__all__ = ["merge_adapters", "adapters_disabled", "adapter_tensors", "save_adapter", "load_adapter", "adapter_options",
            "apply_lora", "lora_layers"]
