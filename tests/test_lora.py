@@ -204,91 +204,72 @@ def _optimised(trainer) -> tuple[set, int]:
     """(the names of the parameters the trainer's optimiser updates, the number of its float
     state entries -- AdamW's moments)."""
     if trainer.backend == "jax":
-        flat = nnx.to_flat_state(trainer.params["policy"])
-        names = {"policy." + ".".join(map(str, p)) for p, _ in flat}
+        names = {f"{role}." + ".".join(map(str, p)) for role, tree in trainer.params.items()
+                 for p, _ in nnx.to_flat_state(tree)}
         moments = sum(np.size(x) for x in jax.tree.leaves(trainer.opt_state) if np.ndim(x) > 0)
         return names, moments
     ids = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
-    names = {"policy." + n for n, p in trainer.policy.named_parameters() if id(p) in ids}
+    names = {f"{role}.{n}" for role, m in (("policy", trainer.policy), ("critic", trainer.critic))
+             for n, p in m.named_parameters() if id(p) in ids}
     moments = sum(v.numel() for s in trainer.optimizer.state.values() for v in s.values() if v.dim() > 0)
     return names, moments
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_ppo_trains_the_policys_adapters_and_its_base_is_the_reference(tiny_checkpoint, tmp_path, backend):
-    """LoRA on the policy (the critic trained in full): the optimiser holds the adapters only (no
-    gradient, no AdamW moment for a base weight), an update leaves the base weights bit-identical
-    while the adapters move, and the reference -- no model of its own -- gives the log-probs of a
-    separately loaded base model, not the policy's."""
+def test_ppo_trains_the_adapters_and_the_policys_base_is_the_reference(tiny_checkpoint, tmp_path, backend):
+    """LoRA on policy and critic: the optimiser holds their adapters and the critic's score head
+    only (no gradient, no AdamW moment for a base weight); an update leaves every base weight
+    bit-identical while adapters and head move; the reference -- no model of its own -- gives the
+    log-probs of a separately loaded base model, not the policy's; the merged checkpoints
+    (`save_policy(merge=True)`, `save_critic`) compute what the LoRA models compute."""
     from tests.helpers import make_trainer
 
     models, lora = (jm, jl) if backend == "jax" else (tm, tl)
     ckpt = tiny_checkpoint("llama")
     t = make_trainer(backend, ckpt, lora_rank=2, lora_alpha=4.0, lora_targets=("q", "v"),
-                     learning_rate=3e-2, **({"device": "cpu"} if backend == "torch" else {}))
-    assert t.reference_is_policy
-    adapters = lora.adapter_tensors(t.policy_model())
-    base_before = models.model_tensors(t.policy_model())
+                     lora_roles=("policy", "critic"), learning_rate=3e-2,
+                     **({"device": "cpu"} if backend == "torch" else {}))
+    assert t.reference_is_policy and models.model_options(t.critic_model()).lora
+    policy, critic = t.policy_model(), t.critic_model()
+    adapters = {**lora.adapter_tensors(policy), **{"critic." + k: v for k, v in lora.adapter_tensors(critic).items()}}
+    base = {**models.model_tensors(policy), **{"critic." + k: v for k, v in models.model_tensors(critic).items()}}
     t.step()
     names, moments = _optimised(t)
-    assert names and all("lora_" in n for n in names), sorted(names)[:4]
-    n_critic = sum(v.size for v in models.model_tensors(t.critic_model()).values())
-    n_adapters = sum(v.size for v in adapters.values())
-    assert moments == 2 * (n_adapters + n_critic)  # mu and nu: adapters + the (full) critic
-    base_after = models.model_tensors(t.policy_model())
-    assert base_after.keys() == base_before.keys()
-    assert all(np.array_equal(base_after[k], base_before[k]) for k in base_before)
-    moved = lora.adapter_tensors(t.policy_model())
-    assert max(np.abs(moved[k] - adapters[k]).max() for k in adapters if ".lora_B." in k) > 1e-3
+    assert names and all("lora_" in n for n in names if n.startswith("policy.")), sorted(names)[:4]
+    heads = {n for n in names if n.startswith("critic.") and "lora_" not in n}
+    assert len(heads) == 1 and "score" in heads.pop()
+    head = "critic.score.weight"
+    assert moments == 2 * (sum(v.size for v in adapters.values()) + base[head].size)  # mu and nu
+    policy, critic = t.policy_model(), t.critic_model()
+    after = {**models.model_tensors(policy), **{"critic." + k: v for k, v in models.model_tensors(critic).items()}}
+    assert after.keys() == base.keys()
+    assert all(np.array_equal(after[k], base[k]) for k in base if k != head)
+    assert np.abs(after[head] - base[head]).max() > 1e-4
+    moved = {**lora.adapter_tensors(policy), **{"critic." + k: v for k, v in lora.adapter_tensors(critic).items()}}
+    for who in ("model.", "critic."):
+        assert max(np.abs(moved[k] - adapters[k]).max() for k in adapters
+                   if k.startswith(who) and ".lora_B." in k) > 1e-4
 
     q = np.array([[0, 0, 5, 9, 2, 7, 1, 3], [4, 4, 8, 2, 2, 6, 7, 9]] * 2)
     qm = (np.arange(8) >= np.array([[2], [0]] * 2)).astype(np.int32)
     batch = t.rollout(q, qm, iteration=1)
-    base = models.load_pretrained(ckpt)
+    base_lm = models.load_pretrained(ckpt)
     args = [batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask]
     if backend == "jax":
-        want = np.asarray(models.response_logprobs(base, *map(jnp.asarray, args), temperature=t.config.temperature))
+        want = np.asarray(models.response_logprobs(base_lm, *map(jnp.asarray, args), temperature=t.config.temperature))
     else:
         with torch.no_grad():
-            want = models.response_logprobs(base, *(torch.from_numpy(np.asarray(a)).long() for a in args),
+            want = models.response_logprobs(base_lm, *(torch.from_numpy(np.asarray(a)).long() for a in args),
                                             temperature=t.config.temperature).numpy()
     real = batch.response_mask.astype(bool)
     np.testing.assert_allclose(batch.ref_logprobs[real], want[real], rtol=0, atol=2e-5)
     assert np.abs(batch.logprobs - batch.ref_logprobs)[real].max() > 1e-3  # the adapters count
+
     t.save_policy(tmp_path / "merged", merge=True)  # a full checkpoint: the adapters merged in
     merged = models.load_pretrained(tmp_path / "merged")
     logits = _jax_logits if backend == "jax" else _torch_logits
     assert not models.model_options(merged).lora
-    np.testing.assert_allclose(logits(merged), logits(t.policy_model()), rtol=0, atol=2e-5)
-
-
-@pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_ppo_lora_critic_trains_its_adapters_and_head(tiny_checkpoint, tmp_path, backend):
-    """"critic" in lora_roles: the critic (the policy's base backbone, a fresh head) gets its own
-    adapters; an update moves them and the score head, and leaves its base weights as loaded."""
-    from tests.helpers import make_trainer
-
-    models, lora = (jm, jl) if backend == "jax" else (tm, tl)
-    t = make_trainer(backend, tiny_checkpoint("llama"), lora_rank=2, lora_targets=("v", "down"),
-                     lora_roles=("policy", "critic"), learning_rate=3e-2,
-                     **({"device": "cpu"} if backend == "torch" else {}))
-    critic = t.critic_model()
-    assert models.model_options(critic).lora and t.reference_is_policy
-    if backend == "jax":
-        trained = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(t.params["critic"])}
-    else:
-        trained = {n for n, p in critic.named_parameters() if p.requires_grad}
-    heads = {n for n in trained if "lora_" not in n}
-    assert len(heads) == 1 and "score" in heads.pop()
-    base, adapters = models.model_tensors(critic), lora.adapter_tensors(critic)
-    t.step()
-    critic = t.critic_model()
-    after = models.model_tensors(critic)
-    head = "score.weight"
-    assert all(np.array_equal(after[k], base[k]) for k in base if k != head)
-    assert np.abs(after[head] - base[head]).max() > 1e-4
-    moved = lora.adapter_tensors(critic)
-    assert max(np.abs(moved[k] - adapters[k]).max() for k in adapters if ".lora_B." in k) > 1e-4
+    np.testing.assert_allclose(logits(merged), logits(policy), rtol=0, atol=2e-5)
     t.save_critic(tmp_path / "critic")  # merged: a plain scalar model with the critic's values
     saved = models.load_scalar_model(tmp_path / "critic")
     if backend == "jax":
@@ -314,11 +295,11 @@ def test_ppo_lora_checkpoints_hold_what_is_trained_and_resume_exactly(tiny_check
               **({"device": "cpu"} if backend == "torch" else {}))
     logits = _jax_logits if backend == "jax" else _torch_logits
     straight = make_trainer(backend, ckpt, **kw)
+    straight.train(1, progress=False)
+    at_one = logits(straight.policy_model())
     straight.train(2, progress=False)
-    at_two = logits(straight.policy_model())
-    straight.train(3, progress=False)
     out = tmp_path / "run"
-    make_trainer(backend, ckpt, out_dir=out, checkpoint_every=2, **kw).train(2, progress=False)
+    make_trainer(backend, ckpt, out_dir=out, checkpoint_every=1, **kw).train(1, progress=False)
     [saved] = [p for p in (out / "checkpoints").iterdir() if p.is_dir()]
     if backend == "torch":
         from safetensors.numpy import load_file
@@ -332,9 +313,9 @@ def test_ppo_lora_checkpoints_hold_what_is_trained_and_resume_exactly(tiny_check
                                policy_dir)
 
     resumed = make_trainer(backend, ckpt, out_dir=out, **kw)
-    resumed.train(3, resume=True, progress=False)
-    assert [h["iteration"] for h in resumed.history] == [2]
+    resumed.train(2, resume=True, progress=False)
+    assert [h["iteration"] for h in resumed.history] == [1]
     a, b = weights(resumed), weights(straight)
     assert a.keys() == b.keys() and any(".lora_B." in k for k in a)
     assert all(np.array_equal(a[k], b[k]) for k in a), [k for k in a if not np.array_equal(a[k], b[k])][:4]
-    np.testing.assert_allclose(logits(loaded), at_two, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(logits(loaded), at_one, rtol=0, atol=1e-5)
