@@ -79,9 +79,11 @@ class SupervisedCheckpoint:
     def save_model(self, path: str | os.PathLike) -> None:
         """The trained model (a reward model with its gain / bias) + tokenizer as a Hugging Face
         checkpoint: loads in both backends and in transformers."""
-        from ppo_jax.models import save_pretrained
+        from ppo_jax.models import model_options, save_pretrained
+        from ppo_jax.models.lora import merge_adapters
 
-        save_pretrained(self.model(), path)
+        model = self.model()  # with LoRA: merged, a full checkpoint the next stage loads
+        save_pretrained(merge_adapters(model) if model_options(model).lora else model, path)
         self._save_tokenizer(path)
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:

@@ -37,6 +37,7 @@ from ppo_jax.models import (
     load_scalar_model,
     scalar_model_from_lm,
 )
+from ppo_jax.models.lora import trained_params
 from ppo_jax.optim import guarded_step, make_optimizer
 from ppo_rlhf import hf_checkpoint as hfc
 from ppo_rlhf.config import ModelOptions, RMConfig
@@ -195,7 +196,8 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
         model = self._model_from(model, functools.partial(init_reward_model, seed=config.seed),
                                  ScalarHeadModel, MODEL_KIT)
         model.reward_gain, model.reward_bias = 1.0, 0.0  # train the raw head
-        self._def, self.params, self._rest = nnx.split(model, nnx.Param, ...)
+        # trained: every weight, or with LoRA the adapters (+ a reward head); the rest rides in _rest
+        self._def, self.params, self._rest = nnx.split(model, trained_params(model), ...)
         self.tx, self._step, self._score_fn, self._losses = compiled_steps(
             self._def, config.loss, config.ties, config.max_grad_norm, config.adam_eps,
             config.weight_decay)

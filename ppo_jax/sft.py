@@ -31,6 +31,7 @@ from flax import nnx
 from ppo_jax.checkpoint import SupervisedCheckpoint
 from ppo_jax.losses import logprobs_from_logits
 from ppo_jax.models import MODEL_KIT, CausalLM, load_pretrained
+from ppo_jax.models.lora import trained_params
 from ppo_jax.optim import guarded_step, make_optimizer
 from ppo_rlhf.config import SFTConfig
 from ppo_rlhf.runtime.supervised import SFTTrainerBase
@@ -99,7 +100,8 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
                          checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                          model_path=model)
         model = self._model_from(model, load_pretrained, CausalLM, MODEL_KIT)
-        self._def, self.params, self._rest = nnx.split(model, nnx.Param, ...)
+        # trained: every weight, or with LoRA the adapters (+ a reward head); the rest rides in _rest
+        self._def, self.params, self._rest = nnx.split(model, trained_params(model), ...)
         self.tx, self._step, self._evaluate = compiled_steps(
             self._def, config.max_grad_norm, config.adam_eps, config.weight_decay)
         self.opt_state = None

@@ -110,16 +110,18 @@ class SupervisedCheckpoint:
     def save_model(self, path: str | os.PathLike) -> None:
         """The trained model (a reward model with its gain / bias) + tokenizer as a Hugging Face
         checkpoint: loads in both backends and in transformers."""
-        from ppo_torch.models import save_pretrained
+        from ppo_torch.models import model_options, save_pretrained
+        from ppo_torch.models.lora import merge_adapters
 
-        save_pretrained(self.model(), path)
+        model = self.model()  # with LoRA: merged, a full checkpoint the next stage loads
+        save_pretrained(merge_adapters(model) if model_options(model).lora else model, path)
         self._save_tokenizer(path)
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         state = Path(path) / "state"
         state.mkdir(parents=True, exist_ok=True)
-        save_file({n: p.detach().cpu().contiguous() for n, p in self._model.named_parameters()},
-                  str(state / "model.safetensors"))
+        save_file({n: p.detach().cpu().contiguous() for n, p in self._model.named_parameters()
+                   if p.requires_grad}, str(state / "model.safetensors"))  # what is trained
         torch.save(self.optimizer.state_dict(), state / "optimizer.pt")
         self.save_model(Path(path) / "model")
 
@@ -127,5 +129,6 @@ class SupervisedCheckpoint:
         tensors, opt = _read_state(path, self.device)
         with torch.no_grad():
             for name, p in self._model.named_parameters():
-                p.copy_(tensors[name].to(p.device, p.dtype))
+                if p.requires_grad:  # what is trained (LoRA: the adapters, the base reloaded)
+                    p.copy_(tensors[name].to(p.device, p.dtype))
         self.optimizer.load_state_dict(opt)

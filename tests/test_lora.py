@@ -319,3 +319,44 @@ def test_ppo_lora_checkpoints_hold_what_is_trained_and_resume_exactly(tiny_check
     assert a.keys() == b.keys() and any(".lora_B." in k for k in a)
     assert all(np.array_equal(a[k], b[k]) for k in a), [k for k in a if not np.array_equal(a[k], b[k])][:4]
     np.testing.assert_allclose(logits(loaded), at_one, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_reward_model_and_sft_trainers_train_the_adapters(tiny_checkpoint, tmp_path, backend):
+    """RMConfig / SFTConfig with lora_rank: the trainers train the adapters (and the reward
+    model's head) only, the base weights stay as loaded, and the saved model is the merged full
+    checkpoint, computing what the LoRA model computes."""
+    import importlib
+
+    from ppo_rlhf.config import RMConfig, SFTConfig
+    from tests.test_reward_model import toy_pairs
+
+    models, lora = (jm, jl) if backend == "jax" else (tm, tl)
+    rm_mod = importlib.import_module(f"ppo_{backend}.reward_model")
+    sft_mod = importlib.import_module(f"ppo_{backend}.sft")
+    ckpt = tiny_checkpoint("llama")
+    lora_kw = dict(lora_rank=2, lora_targets=("q", "v"), learning_rate=1e-2, lr_schedule="constant",
+                   batch_size=4, max_length=24)
+    rm = rm_mod.RewardModelTrainer(str(ckpt), RMConfig(num_epochs=1, **lora_kw))
+    sft = sft_mod.SFTTrainer(str(ckpt), SFTConfig(num_steps=2, **lora_kw))
+    for t, fit in ((rm, lambda: rm.fit(toy_pairs(8), progress=False)),
+                   (sft, lambda: sft.fit(["a b c d e f", "g h i", "j k l m", "n o p"] * 2, progress=False))):
+        model = t.model()
+        assert models.model_options(model).lora
+        base, adapters = models.model_tensors(model), lora.adapter_tensors(model)
+        fit()
+        model = t.model()
+        after, moved = models.model_tensors(model), lora.adapter_tensors(model)
+        changed = sorted(k for k in base if not np.array_equal(after[k], base[k]))
+        assert changed == (["score.weight"] if t is rm else []), changed
+        assert max(np.abs(moved[k] - adapters[k]).max() for k in adapters if ".lora_B." in k) > 1e-4
+        t.save_model(tmp_path / type(t).__name__)
+        saved = (models.load_scalar_model if t is rm else models.load_pretrained)(tmp_path / type(t).__name__)
+        assert not models.model_options(saved).lora
+        if backend == "jax":
+            got, want = (np.asarray(m(jnp.asarray(IDS), attention_mask=jnp.asarray(MASK))) for m in (saved, model))
+        else:
+            with torch.no_grad():
+                got, want = (m(torch.from_numpy(IDS), attention_mask=torch.from_numpy(MASK)).numpy()
+                             for m in (saved, model))
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
