@@ -210,7 +210,7 @@ def _optimised(trainer) -> tuple[set, int]:
         return names, moments
     ids = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     names = {f"{role}.{n}" for role, m in (("policy", trainer.policy), ("critic", trainer.critic))
-             for n, p in m.named_parameters() if id(p) in ids}
+             if m is not None for n, p in m.named_parameters() if id(p) in ids}
     moments = sum(v.numel() for s in trainer.optimizer.state.values() for v in s.values() if v.dim() > 0)
     return names, moments
 
@@ -360,3 +360,26 @@ def test_reward_model_and_sft_trainers_train_the_adapters(tiny_checkpoint, tmp_p
                 got, want = (m(torch.from_numpy(IDS), attention_mask=torch.from_numpy(MASK)).numpy()
                              for m in (saved, model))
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_ppo_shared_trunk_with_lora_trains_adapters_and_value_head(tiny_checkpoint, backend):
+    """A PolicyWithValueHead built with LoRA: the adapters and the value head are trained, the
+    trunk's base weights stay as loaded, the reference is the trunk with its adapters off."""
+    from ppo_rlhf import PPOConfig
+    from tests.helpers import make_trainer
+
+    models = jm if backend == "jax" else tm
+    ckpt = tiny_checkpoint("llama")
+    kw = dict(lora_rank=2, lora_targets=("q", "v"), learning_rate=1e-2)
+    policy = models.load_pretrained(ckpt, with_value_head=True, seed=3,
+                                    options=PPOConfig(**kw).model_options("policy"))
+    t = make_trainer(backend, ckpt, policy=policy, tokenizer=str(ckpt), **kw,
+                     **({"device": "cpu"} if backend == "torch" else {}))
+    assert t.shared_trunk and t.reference_is_policy
+    base = models.model_tensors(t.policy_model())
+    t.step()
+    names, _ = _optimised(t)
+    assert {n for n in names if "lora_" not in n} in ({"policy.value_head.kernel"}, {"policy.value_head.weight"})
+    after = models.model_tensors(t.policy_model())
+    assert all(np.array_equal(after[k], base[k]) for k in base)
