@@ -48,11 +48,12 @@ def config_for(setting: str, batch: int, micro: int, length: int = 512, minibatc
 
 
 def markdown(rows: list[dict]) -> str:
-    out = ["| model | topology | setting | batch | minibatch | micro-batch | peak GiB / chip | HBM GiB | fits "
-           "| compile s |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | topology | mesh | setting | batch | minibatch | micro-batch | peak GiB / chip | HBM GiB "
+           "| fits | compile s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['model']} | {r['topology']} | {r['setting']} | {r['batch_size']} | "
+        out.append(f"| {r['model']} | {r['topology']} | {r.get('mesh', 'fsdp=' + str(r['chips']))} | "
+                   f"{r['setting']} | {r['batch_size']} | "
                    f"{r['batch_size'] // r.get('num_minibatches', 1)} | "
                    f"{r['batch_size'] // r.get('num_minibatches', 1) // r['grad_accum_steps']} | "
                    f"{r['peak_bytes'] / 2**30:.2f} | {r['hbm_bytes_per_chip'] / 2**30:.0f} | "
@@ -71,6 +72,9 @@ def main(argv=None) -> int:
     ap.add_argument("--minibatch", type=int, default=0,
                     help="rows per minibatch (best; num_minibatches = batch / minibatch; default: "
                          "the whole batch, one optimiser step per epoch)")
+    ap.add_argument("--mesh", default=None,
+                    help="mesh axes, e.g. fsdp=2,tensor=2 (default: fsdp over every chip); a row "
+                         "is keyed by it")
     ap.add_argument("--out", default=str(HERE / "results" / "tpu-plan.json"))
     ap.add_argument("--config-dir", default=str(CONFIGS), help="where <model>/config.json lie")
     args = ap.parse_args(argv)
@@ -94,10 +98,11 @@ def main(argv=None) -> int:
                     t0 = time.perf_counter()
                     load0 = os.getloadavg()[0]
                     config_json = str(Path(args.config_dir) / model)
-                    plan = plan_ppo(config_json, config_json, cfg, topology=topo,
+                    plan = plan_ppo(config_json, config_json, cfg, topology=topo, mesh=args.mesh,
                                     progress=lambda s: print(f"  {model} {topo} {setting}: {s}",
                                                              file=sys.stderr, flush=True))
                     row = {"model": model, "topology": topo, "setting": setting, "batch_size": b,
+                           "mesh": plan.mesh,
                            "num_minibatches": cfg.num_minibatches,
                            "grad_accum_steps": cfg.grad_accum_steps, "chips": plan.chips,
                            "hbm_bytes_per_chip": plan.hbm_bytes_per_chip, "peak_bytes": plan.peak_bytes,
@@ -106,12 +111,12 @@ def main(argv=None) -> int:
                            "load_avg_1m_at_start": load0,
                            "programs": [vars(p) for p in plan.programs],
                            "command": "python -m benchmarks.tpu_plan " + " ".join(argv or sys.argv[1:])}
-                    key = (model, topo, setting, b, cfg.num_minibatches, cfg.grad_accum_steps)
+                    key = (model, topo, setting, b, cfg.num_minibatches, cfg.grad_accum_steps, plan.mesh)
                     if out.is_file():  # another run may have written rows meanwhile: keep them
                         record["plans"] = json.loads(out.read_text())["plans"]
                     record["plans"] = [r for r in record["plans"] if (
                         r["model"], r["topology"], r["setting"], r["batch_size"], r.get("num_minibatches", 1),
-                        r["grad_accum_steps"]) != key] + [row]
+                        r["grad_accum_steps"], r.get("mesh", f"fsdp={r['chips']}")) != key] + [row]
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_text(json.dumps(record, indent=1) + "\n")
                     out.with_suffix(".md").write_text(markdown(record["plans"]))

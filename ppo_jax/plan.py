@@ -1,15 +1,19 @@
-"""Plan a run before renting its devices: every program of one PPO iteration compiled for a named
-TPU topology from this machine (XLA's TPU compiler runs anywhere libtpu is installed), and the
-bytes per chip that XLA's buffer assignment decided.
+"""Plan a run before renting its devices: every program of one PPO iteration (or of one step of
+reward-model training or SFT) compiled for a named TPU topology from this machine (XLA's TPU
+compiler runs anywhere libtpu is installed), and the bytes per chip that XLA's buffer assignment
+decided.
 
     report = plan_ppo("qwen-0.5b/", "qwen-0.5b/", PPOConfig(batch_size=64), topology="v5e:2x2")
     report.fits, report.peak_bytes, report.programs[0].temp_bytes
+    plan_rm("qwen-0.5b/", RMConfig(batch_size=64), topology="v5e:2x2")    # reward model
+    plan_sft("qwen-0.5b/", SFTConfig(batch_size=64), topology="v5e:2x2")  # SFT
 
 How: the trainer is built abstractly -- models from config.json alone (`load_pretrained(...,
-abstract=True)`: every parameter a `jax.ShapeDtypeStruct`), the same `PPOTrainer.__init__` as a
-real run, placed by the same sharding rules (`ppo_jax.parallel`) on a mesh of compile-only
-devices (`jax.experimental.topologies.get_topology_desc`) -- and each program of
-`PPOTrainer.programs()` is lowered on abstract arguments and compiled. Nothing is allocated.
+abstract=True)`: every parameter a `jax.ShapeDtypeStruct`), the same `__init__` as a real run
+(`PPOTrainer`, `RewardModelTrainer`, `SFTTrainer`), placed by the same sharding rules
+(`ppo_jax.parallel`) on a mesh of compile-only devices
+(`jax.experimental.topologies.get_topology_desc`) -- and each program of the trainer's
+`programs()` is lowered on abstract arguments and compiled (`plan_trainer`). Nothing is allocated.
 
 Per program, per chip: argument, temporary, output and aliased (donated) bytes as XLA reports
 them (`Compiled.memory_analysis()`); `resident_bytes` = everything on the chip while the program
@@ -241,11 +245,17 @@ def _largest_state(state: Any, n: int = 6) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: -r["bytes_per_chip"])[:n]
 
 
+def _mesh(mesh: str | None, devices: list[Any]) -> Any:
+    """The mesh of `--mesh` over `devices` (default: fsdp over all of them)."""
+    from ppo_jax.parallel import make_mesh
+
+    return make_mesh(mesh or f"fsdp={len(devices)}", devices=devices)
+
+
 def build_ppo_trainer(model: str, reward_model: str | None, config: Any, *, devices: list[Any],
                       mesh: str | None, dtype: str = "float32"):
     """The abstract PPOTrainer: models from config.json alone, on a mesh of `devices`."""
     from ppo_jax.models import load_pretrained, load_scalar_model
-    from ppo_jax.parallel import make_mesh
     from ppo_jax.ppo import PPOTrainer
     from ppo_rlhf import hf_checkpoint as hfc
 
@@ -256,26 +266,44 @@ def build_ppo_trainer(model: str, reward_model: str | None, config: Any, *, devi
     eos = eos[0] if isinstance(eos, list) else eos
     reward = (load_scalar_model(reward_model, dtype, options=options.frozen(), abstract=True) if reward_model
               else (lambda prompts, responses: [0.0] * len(responses)))
-    mesh = make_mesh(mesh or f"fsdp={len(devices)}", devices=devices)
-    return PPOTrainer(policy, reward, config=config, mesh=mesh, dtype=dtype,
+    return PPOTrainer(policy, reward, config=config, mesh=_mesh(mesh, devices), dtype=dtype,
                       eos_token_id=None if eos is None else int(eos),
                       pad_token_id=int(hf.get("pad_token_id") or 0))
 
 
-def plan_ppo(model: str, reward_model: str | None, config: Any, *, topology: str,
-             mesh: str | None = None, dtype: str = "float32",
-             progress: Callable[[str], None] | None = None) -> Plan:
-    """Compile every program of one PPO iteration for `topology` (see the module docstring)."""
-    devices, hbm = topology_devices(topology)
-    trainer = build_ppo_trainer(model, reward_model, config, devices=devices, mesh=mesh, dtype=dtype)
+def build_rm_trainer(model: str, config: Any, *, devices: list[Any], mesh: str | None,
+                     dtype: str = "float32"):
+    """The abstract RewardModelTrainer: a scalar-head model from config.json alone (a causal LM's
+    config serves: the trunk + a score head), on a mesh of `devices`."""
+    from ppo_jax.reward_model import RewardModelTrainer, init_reward_model
+
+    rm = init_reward_model(model, seed=config.seed, dtype=dtype, options=config.model_options(),
+                           abstract=True)
+    return RewardModelTrainer(rm, config, mesh=_mesh(mesh, devices))
+
+
+def build_sft_trainer(model: str, config: Any, *, devices: list[Any], mesh: str | None,
+                      dtype: str = "float32"):
+    """The abstract SFTTrainer: a causal LM from config.json alone, on a mesh of `devices`."""
+    from ppo_jax.models import load_pretrained
+    from ppo_jax.sft import SFTTrainer
+
+    lm = load_pretrained(model, dtype, options=config.model_options(), abstract=True)
+    return SFTTrainer(lm, config, mesh=_mesh(mesh, devices))
+
+
+def plan_trainer(trainer: Any, *, topology: str, chips: int, hbm: int, batch_size: int,
+                 progress: Callable[[str], None] | None = None) -> Plan:
+    """Compile every program of `trainer.programs()` (any trainer built on abstract models: PPO,
+    RM, SFT) and build its Plan: per-program bytes, the peak, whether it fits `hbm`."""
     state = trainer.resident_state()
     resident = tree_nbytes(state)
-    plan = Plan(topology=topology, chips=len(devices), hbm_bytes_per_chip=hbm,
+    plan = Plan(topology=topology, chips=chips, hbm_bytes_per_chip=hbm,
                 mesh=str(trainer.parallel.spec), resident_state_bytes=resident,
-                batch_size=config.batch_size)
+                batch_size=batch_size)
     for name, (fn, args, state_args) in trainer.programs().items():
         if progress:
-            progress(f"compiling {name} (batch_size={config.batch_size}) for {topology}")
+            progress(f"compiling {name} (batch_size={batch_size}) for {topology}")
         p = compile_program(name, fn, args, state_args, resident)
         plan.programs.append(p)
         plan.compile_s += p.compile_s
@@ -285,11 +313,41 @@ def plan_ppo(model: str, reward_model: str | None, config: Any, *, topology: str
     return plan
 
 
+def _plan_built(build: Callable[..., Any], config: Any, topology: str, mesh: str | None,
+                progress: Callable[[str], None] | None, **build_kw: Any) -> Plan:
+    """Build a trainer abstractly on `topology`'s devices (`build`: one of the build_*_trainer
+    functions) and plan it (`plan_trainer`)."""
+    devices, hbm = topology_devices(topology)
+    trainer = build(config=config, devices=devices, mesh=mesh, **build_kw)
+    return plan_trainer(trainer, topology=topology, chips=len(devices), hbm=hbm,
+                        batch_size=config.batch_size, progress=progress)
+
+
+def plan_ppo(model: str, reward_model: str | None, config: Any, *, topology: str,
+             mesh: str | None = None, dtype: str = "float32",
+             progress: Callable[[str], None] | None = None) -> Plan:
+    """Compile every program of one PPO iteration for `topology` (see the module docstring)."""
+    return _plan_built(build_ppo_trainer, config, topology, mesh, progress, model=model,
+                       reward_model=reward_model, dtype=dtype)
+
+
+def plan_rm(model: str, config: Any, *, topology: str, mesh: str | None = None,
+            dtype: str = "float32", progress: Callable[[str], None] | None = None) -> Plan:
+    """Compile reward-model training's step and scoring forward for `topology`."""
+    return _plan_built(build_rm_trainer, config, topology, mesh, progress, model=model, dtype=dtype)
+
+
+def plan_sft(model: str, config: Any, *, topology: str, mesh: str | None = None,
+             dtype: str = "float32", progress: Callable[[str], None] | None = None) -> Plan:
+    """Compile SFT's step and evaluation forward for `topology`."""
+    return _plan_built(build_sft_trainer, config, topology, mesh, progress, model=model, dtype=dtype)
+
+
 def data_parallel_ways(mesh: str | None, devices: list[Any]) -> int:
     """How many ways the batch is split on `devices` with `--mesh` (default: fsdp over all)."""
-    from ppo_jax.parallel import make_mesh, mesh_spec
+    from ppo_jax.parallel import mesh_spec
 
-    return mesh_spec(make_mesh(mesh or f"fsdp={len(devices)}", devices=devices)).data_parallel
+    return mesh_spec(_mesh(mesh, devices)).data_parallel
 
 
 def max_batch_size(run: Callable[[int], Plan], unit: int, start: int,
@@ -336,18 +394,21 @@ def max_batch_size(run: Callable[[int], Plan], unit: int, start: int,
 
 # ---- advice -----------------------------------------------------------------------------------------
 def levers(config: Any) -> list[str]:
-    """The memory switches of `config` not yet used, as --set arguments."""
+    """The memory switches of `config` (a PPOConfig, RMConfig or SFTConfig: the fields it has)
+    not yet used, as --set arguments."""
     out = []
     if config.remat != "full":
         out.append("remat=full (keep only each layer's input for the backward)")
-    if not config.logprob_chunk:
+    if hasattr(config, "logprob_chunk") and not config.logprob_chunk:
         out.append("logprob_chunk=64 (never the whole [batch, response, vocab] float32 logits)")
     if config.compute_dtype is None:
         out.append("compute_dtype=bfloat16 (bf16 matmuls and activations)")
-    if config.frozen_dtype is None:
+    if hasattr(config, "frozen_dtype") and config.frozen_dtype is None:
         out.append("frozen_dtype=bfloat16 (reference and reward model in bf16)")
-    if config.grad_accum_steps == 1:
+    if hasattr(config, "grad_accum_steps") and config.grad_accum_steps == 1:
         out.append("grad_accum_steps=N (smaller micro-batches in the update)")
+    if not hasattr(config, "grad_accum_steps"):
+        out.append("a smaller batch_size (one batch per step: no gradient accumulation)")
     out.append("a larger topology or mesh (more fsdp chips)")
     return out
 
@@ -397,5 +458,6 @@ def format_plan(plan: Plan, config: Any) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Plan", "ProgramPlan", "TPU_HBM", "topology_devices", "plan_ppo", "build_ppo_trainer", "data_parallel_ways",
+__all__ = ["Plan", "ProgramPlan", "TPU_HBM", "topology_devices", "plan_trainer", "plan_ppo", "plan_rm", "plan_sft",
+           "build_ppo_trainer", "build_rm_trainer", "build_sft_trainer", "data_parallel_ways",
            "max_batch_size", "format_plan", "levers", "compile_program"]

@@ -16,6 +16,11 @@ loss -> weighted mean -> gradients -> global-norm clip (torch's formula,
 `ppo_jax.optim.clip_by_global_norm`) -> AdamW (`ppo_jax.optim.make_optimizer`: torch.optim.AdamW's
 arithmetic) at the learning rate `ppo_rlhf.runtime.supervised.lr_at` hands it;
 a step whose loss or gradient is not finite leaves weights and optimiser state unchanged.
+
+`mesh=` (e.g. "fsdp=4") shards the parameters and AdamW state and splits each batch's groups over
+the devices by the rules of `ppo_jax.parallel` (the PPO trainer's). Built on an abstract model
+(`init_reward_model(..., abstract=True)`), the trainer holds no weights and `programs()` gives its
+step and its scoring forward to compile for a topology (`ppo_jax.plan`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ppo_jax.abstract import evaluate
 from ppo_jax.checkpoint import SupervisedCheckpoint
 from ppo_jax.models import (
     MODEL_KIT,
@@ -39,6 +45,7 @@ from ppo_jax.models import (
 )
 from ppo_jax.models.lora import trained_params
 from ppo_jax.optim import guarded_step, make_optimizer
+from ppo_jax.parallel import Placement, builds_on_host, placement
 from ppo_rlhf import hf_checkpoint as hfc
 from ppo_rlhf.config import ModelOptions, RMConfig
 from ppo_rlhf.runtime.supervised import RMTrainerBase
@@ -130,9 +137,12 @@ def batch_loss(model: ScalarHeadModel, batch: dict[str, Array], *, loss: str,
 
 # ---- the model ---------------------------------------------------------------------------------------
 def init_reward_model(path: str | os.PathLike, *, seed: int = 0, dtype: Any = "float32",
-                      options: ModelOptions | None = None) -> ScalarHeadModel:
+                      options: ModelOptions | None = None, abstract: bool = False) -> ScalarHeadModel:
     """The model to train from a checkpoint dir: a scalar-head checkpoint as it is, a causal LM
-    with a fresh score head (`scalar_model_from_lm(path, seed=seed)`)."""
+    with a fresh score head (`scalar_model_from_lm(path, seed=seed)`). abstract=True: from
+    config.json alone, no weights (both cases have the same structure: trunk + score head)."""
+    if abstract:
+        return load_scalar_model(path, dtype, options=options, abstract=True)
     if hfc.is_scalar_checkpoint(path):
         return load_scalar_model(path, dtype, options=options)
     return scalar_model_from_lm(path, seed=seed, dtype=dtype, options=options)
@@ -140,7 +150,7 @@ def init_reward_model(path: str | os.PathLike, *, seed: int = 0, dtype: Any = "f
 
 @functools.lru_cache(maxsize=32)
 def compiled_steps(graphdef: Any, loss: str, ties: str, max_grad_norm: float | None, adam_eps: float,
-                   weight_decay: float) -> tuple[optax.GradientTransformation, Any, Any, Any]:
+                   weight_decay: float, mesh: Any = None) -> tuple[optax.GradientTransformation, Any, Any, Any]:
     """(tx, step, score, losses) for a model structure (`graphdef`) and loss: jit-compiled
     functions cached here, so every trainer with the same ones (a resumed run, a second model of
     the same shape) reuses the compilation; each compiles once per input shape.
@@ -155,8 +165,11 @@ def compiled_steps(graphdef: Any, loss: str, ties: str, max_grad_norm: float | N
 
     `tx` is AdamW at learning rate 1 (`ppo_jax.optim.make_optimizer`); `step` scales its update by
     `lr` -- exactly what optax's own scale_by_learning_rate does -- so the learning rate comes from
-    the host (`ppo_rlhf.runtime.supervised.lr_at`) and no schedule is baked into the compiled code."""
+    the host (`ppo_rlhf.runtime.supervised.lr_at`) and no schedule is baked into the compiled code.
+    `mesh` (a jax Mesh or None): the step's new parameters and optimiser state keep the parameter
+    rule's shardings (`ppo_jax.parallel`), so the next step's inputs are placed as this one's."""
     tx = make_optimizer(learning_rate=1.0, adam_eps=adam_eps, weight_decay=weight_decay)
+    parallel = Placement(mesh)
 
     def step(params, opt_state, rest, batch, lr):
         def loss_fn(p):
@@ -166,6 +179,7 @@ def compiled_steps(graphdef: Any, loss: str, ties: str, max_grad_norm: float | N
         # clip, AdamW at the host's lr; a non-finite loss or gradient skips the step
         params, opt_state, grad_norm, ok = guarded_step(tx, params, opt_state, grads, loss_value,
                                                         max_grad_norm=max_grad_norm, lr=lr)
+        params, opt_state = parallel.constrain_params((params, opt_state))
         return params, opt_state, {"loss": loss_value, "grad_norm": grad_norm, "skipped": ~ok,
                                    "scores": scores}
 
@@ -183,26 +197,33 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
     """Reward-model trainer (JAX). `model`: a checkpoint dir (causal LM or scalar head; see
     `init_reward_model`) or a `ScalarHeadModel`; `tokenizer`: a transformers tokenizer or its
     dir (default: the model dir's). `fit(train, eval)` trains, evaluates, normalises and saves
-    to out_dir (see `ppo_rlhf.runtime.supervised.RMTrainerBase.fit`)."""
+    to out_dir (see `ppo_rlhf.runtime.supervised.RMTrainerBase.fit`). `mesh`: None (one device),
+    a `jax.sharding.Mesh` or a spec such as "fsdp=4" (`ppo_jax.parallel`)."""
 
     backend = "jax"
 
+    @builds_on_host  # a mesh: load into host memory, then shard onto the devices
     def __init__(self, model: Any, config: RMConfig = RMConfig(), *, tokenizer: Any = None,
                  out_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
-                 keep_checkpoints: int = 2):
+                 keep_checkpoints: int = 2, mesh: Any = None):
         super().__init__(config, tokenizer=tokenizer, out_dir=out_dir,
                          checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                          model_path=model)
+        self.parallel = placement(mesh)  # one device, or the sharding rules of a mesh
+        self.parallel.check_config(config)
         model = self._model_from(model, functools.partial(init_reward_model, seed=config.seed),
                                  ScalarHeadModel, MODEL_KIT)
         model.reward_gain, model.reward_bias = 1.0, 0.0  # train the raw head
-        # trained: every weight, or with LoRA the adapters (+ a reward head); the rest rides in _rest
-        self._def, self.params, self._rest = nnx.split(model, trained_params(model), ...)
+        # trained: every weight, or with LoRA the adapters (+ a reward head); a LoRA model's base
+        # weights ride in _rest, placed by the parameter rule
+        self._def, params, base, rest = nnx.split(model, trained_params(model), nnx.Param, ...)
+        self.params = self.parallel.params(params)
+        self._rest = nnx.merge_state(self.parallel.params(base), jax.tree.map(self.parallel.replicated, rest))
         self.tx, self._step, self._score_fn, self._losses = compiled_steps(
             self._def, config.loss, config.ties, config.max_grad_norm, config.adam_eps,
-            config.weight_decay)
-        self.opt_state = None
-        self._group_size = 2
+            config.weight_decay, self.parallel.mesh)
+        self._init_optimizer(0)
+        self._group_size = 2  # a pair per group until the data says otherwise (`fit`)
         self.gain, self.bias = 1.0, 0.0
 
     def model(self) -> ScalarHeadModel:
@@ -213,20 +234,49 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
 
     # ---- the step ------------------------------------------------------------------------------
     def _init_optimizer(self, total_steps: int) -> None:  # lr comes per step
-        self.opt_state = self.tx.init(self.params)
+        self.opt_state = self.parallel.params(evaluate(self.tx.init, self.params))
 
     def _train_step(self, batch: dict[str, np.ndarray], lr: float) -> dict[str, Any]:
-        arrays = {k: jnp.asarray(v) for k, v in batch.items()}
+        arrays = self.parallel.batch(dict(batch))
         self.params, self.opt_state, stats = self._step(self.params, self.opt_state, self._rest,
                                                         arrays, float(lr))  # weakly typed: the params' precision
-        return jax.device_get(stats)
+        return self.parallel.fetch(stats)
 
     def _group_loss(self, scores: np.ndarray, batch: dict[str, np.ndarray]) -> np.ndarray:
         keys = ("tiers", "margin", "targets")
         return np.asarray(self._losses(jnp.asarray(scores), {k: jnp.asarray(batch[k]) for k in keys}))
 
     def _score(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return np.asarray(self._score_fn(self.params, self._rest, jnp.asarray(ids), jnp.asarray(mask)))
+        return np.asarray(self.parallel.fetch(self._score_fn(self.params, self._rest,
+                                                             *self.parallel.batch((ids, mask)))))
+
+    # ---- the programs of one step, for compiling without running (ppo_jax.plan) ------------------
+    def programs(self) -> dict[str, tuple[Any, tuple, tuple]]:
+        """The jitted programs of training, with abstract arguments of this trainer's shapes and
+        shardings: {name: (jitted function, args, state args)} as `PPOTrainer.programs`. The
+        step on a batch of `batch_size` groups of `_group_size` sequences of `max_length` tokens
+        (pairs unless `fit` saw larger groups), and the scoring forward that evaluation runs on
+        the same groups, flattened."""
+        B, K, T = self.config.batch_size, self._group_size, self.config.max_length
+        i32, f32 = jnp.int32, jnp.float32
+
+        def batch(shape, dtype):
+            return self.parallel.batch(jax.ShapeDtypeStruct(shape, dtype))
+
+        arrays = {"input_ids": batch((B, K, T), i32), "attention_mask": batch((B, K, T), i32),
+                  "tiers": batch((B, K), i32), "margin": batch((B,), f32),
+                  "targets": batch((B,), f32), "weight": batch((B,), f32)}
+        lr = self.parallel.replicated(jax.ShapeDtypeStruct((), f32, weak_type=True))
+        return {
+            "train_step": (self._step, (self.params, self.opt_state, self._rest, arrays, lr),
+                           (self.params, self.opt_state, self._rest)),
+            "eval_step": (self._score_fn, (self.params, self._rest, batch((B * K, T), i32),
+                                           batch((B * K, T), i32)), (self.params, self._rest)),
+        }
+
+    def resident_state(self) -> dict[str, Any]:
+        """The arrays that live on the devices for the whole run: the weights and AdamW state."""
+        return {"params": self.params, "opt_state": self.opt_state}
 
     # ---- weights out -------------------------------------------------------------------------------
     def set_normalisation(self, gain: float, bias: float) -> None:

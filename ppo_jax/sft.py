@@ -12,6 +12,11 @@ gradients -> global-norm clip (torch's formula, `ppo_jax.optim.clip_by_global_no
 (`ppo_jax.optim.make_optimizer`) at the host's learning rate; a non-finite loss or gradient leaves
 weights and optimiser state unchanged.
 
+`mesh=` (e.g. "fsdp=4") shards the parameters and AdamW state and splits each batch's rows over
+the devices by the rules of `ppo_jax.parallel` (the PPO trainer's). Built on an abstract model
+(`load_pretrained(dir, abstract=True)`), the trainer holds no weights and `programs()` gives its
+step and its evaluation forward to compile for a topology (`ppo_jax.plan`).
+
 A fresh model for pretraining: `ppo_rlhf.hf_checkpoint.write_fresh_checkpoint(dir, hf_config, seed=)`
 (numpy init, identical for both backends), then `SFTTrainer(dir, ...)`.
 """
@@ -28,11 +33,13 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ppo_jax.abstract import evaluate
 from ppo_jax.checkpoint import SupervisedCheckpoint
 from ppo_jax.losses import logprobs_from_logits
 from ppo_jax.models import MODEL_KIT, CausalLM, load_pretrained
 from ppo_jax.models.lora import trained_params
 from ppo_jax.optim import guarded_step, make_optimizer
+from ppo_jax.parallel import Placement, builds_on_host, placement
 from ppo_rlhf.config import SFTConfig
 from ppo_rlhf.runtime.supervised import SFTTrainerBase
 
@@ -56,7 +63,7 @@ def sft_loss(model: CausalLM, batch: dict[str, Array]) -> tuple[Array, Array]:
 
 @functools.lru_cache(maxsize=32)
 def compiled_steps(graphdef: Any, max_grad_norm: float | None, adam_eps: float,
-                   weight_decay: float) -> tuple[optax.GradientTransformation, Any, Any]:
+                   weight_decay: float, mesh: Any = None) -> tuple[optax.GradientTransformation, Any, Any]:
     """(tx, step, evaluate) for a model structure: jit-compiled functions cached here (shared by
     every trainer of the same structure; each compiles once per input shape).
 
@@ -64,8 +71,11 @@ def compiled_steps(graphdef: Any, max_grad_norm: float | None, adam_eps: float,
       evaluate(params, rest, batch) -> (summed NLL, number of target tokens)
 
     `tx` is AdamW at learning rate 1 (`ppo_jax.optim.make_optimizer`); `step` scales its update by
-    the host's `lr` (`ppo_rlhf.runtime.supervised.lr_at`), as optax's scale_by_learning_rate would."""
+    the host's `lr` (`ppo_rlhf.runtime.supervised.lr_at`), as optax's scale_by_learning_rate would.
+    `mesh` (a jax Mesh or None): the step's new parameters and optimiser state keep the parameter
+    rule's shardings (`ppo_jax.parallel`)."""
     tx = make_optimizer(learning_rate=1.0, adam_eps=adam_eps, weight_decay=weight_decay)
+    parallel = Placement(mesh)
 
     def step(params, opt_state, rest, batch, lr):
         def loss_fn(p):
@@ -75,6 +85,7 @@ def compiled_steps(graphdef: Any, max_grad_norm: float | None, adam_eps: float,
         # clip, AdamW at the host's lr; a non-finite loss or gradient skips the step
         params, opt_state, grad_norm, ok = guarded_step(tx, params, opt_state, grads, loss,
                                                         max_grad_norm=max_grad_norm, lr=lr)
+        params, opt_state = parallel.constrain_params((params, opt_state))
         return params, opt_state, {"loss": loss, "tokens": n, "grad_norm": grad_norm, "skipped": ~ok}
 
     def evaluate(params, rest, batch):
@@ -89,22 +100,29 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
     """Causal-LM trainer (JAX). `model`: a checkpoint dir or a `CausalLM` (trained in float32);
     `tokenizer`: a transformers tokenizer or its dir (default: the model dir's). `fit(train,
     eval)` trains config.num_steps steps and saves the model + tokenizer to out_dir (see
-    `ppo_rlhf.runtime.supervised.SFTTrainerBase.fit`)."""
+    `ppo_rlhf.runtime.supervised.SFTTrainerBase.fit`). `mesh`: None (one device), a
+    `jax.sharding.Mesh` or a spec such as "fsdp=4" (`ppo_jax.parallel`)."""
 
     backend = "jax"
 
+    @builds_on_host  # a mesh: load into host memory, then shard onto the devices
     def __init__(self, model: Any, config: SFTConfig = SFTConfig(), *, tokenizer: Any = None,
                  out_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
-                 keep_checkpoints: int = 2):
+                 keep_checkpoints: int = 2, mesh: Any = None):
         super().__init__(config, tokenizer=tokenizer, out_dir=out_dir,
                          checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                          model_path=model)
+        self.parallel = placement(mesh)  # one device, or the sharding rules of a mesh
+        self.parallel.check_config(config)
         model = self._model_from(model, load_pretrained, CausalLM, MODEL_KIT)
-        # trained: every weight, or with LoRA the adapters (+ a reward head); the rest rides in _rest
-        self._def, self.params, self._rest = nnx.split(model, trained_params(model), ...)
+        # trained: every weight, or with LoRA the adapters (+ a reward head); a LoRA model's base
+        # weights ride in _rest, placed by the parameter rule
+        self._def, params, base, rest = nnx.split(model, trained_params(model), nnx.Param, ...)
+        self.params = self.parallel.params(params)
+        self._rest = nnx.merge_state(self.parallel.params(base), jax.tree.map(self.parallel.replicated, rest))
         self.tx, self._step, self._evaluate = compiled_steps(
-            self._def, config.max_grad_norm, config.adam_eps, config.weight_decay)
-        self.opt_state = None
+            self._def, config.max_grad_norm, config.adam_eps, config.weight_decay, self.parallel.mesh)
+        self._init_optimizer(0)
 
     def model(self) -> CausalLM:
         """The current model (shares the arrays)."""
@@ -112,18 +130,38 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
 
     # ---- the step ------------------------------------------------------------------------------
     def _init_optimizer(self, total_steps: int) -> None:  # lr comes per step
-        self.opt_state = self.tx.init(self.params)
+        self.opt_state = self.parallel.params(evaluate(self.tx.init, self.params))
 
     def _train_step(self, batch: dict[str, np.ndarray], lr: float) -> dict[str, Any]:
-        arrays = {k: jnp.asarray(v) for k, v in batch.items()}
+        arrays = self.parallel.batch(dict(batch))
         self.params, self.opt_state, stats = self._step(self.params, self.opt_state, self._rest,
                                                         arrays, float(lr))  # weakly typed: the params' precision
-        return jax.device_get(stats)
+        return self.parallel.fetch(stats)
 
     def _eval_step(self, batch: dict[str, np.ndarray]) -> tuple[float, float]:
-        total, n = jax.device_get(self._evaluate(self.params, self._rest,
-                                                 {k: jnp.asarray(v) for k, v in batch.items()}))
+        total, n = self.parallel.fetch(self._evaluate(self.params, self._rest,
+                                                      self.parallel.batch(dict(batch))))
         return float(total), float(n)
+
+    # ---- the programs of one step, for compiling without running (ppo_jax.plan) ------------------
+    def programs(self) -> dict[str, tuple[Any, tuple, tuple]]:
+        """The jitted programs of training, with abstract arguments of this trainer's shapes and
+        shardings: {name: (jitted function, args, state args)} as `PPOTrainer.programs`. The
+        step and the evaluation forward, each on [batch_size, max_length] batches."""
+        B, T = self.config.batch_size, self.config.max_length
+        i32 = jnp.int32
+        arrays = self.parallel.batch({k: jax.ShapeDtypeStruct((B, T), i32)
+                                      for k in ("input_ids", "attention_mask", "loss_mask")})
+        lr = self.parallel.replicated(jax.ShapeDtypeStruct((), jnp.float32, weak_type=True))
+        return {
+            "train_step": (self._step, (self.params, self.opt_state, self._rest, arrays, lr),
+                           (self.params, self.opt_state, self._rest)),
+            "eval_step": (self._evaluate, (self.params, self._rest, arrays), (self.params, self._rest)),
+        }
+
+    def resident_state(self) -> dict[str, Any]:
+        """The arrays that live on the devices for the whole run: the weights and AdamW state."""
+        return {"params": self.params, "opt_state": self.opt_state}
 
 
 def train_sft(model: Any, train: Iterable[Any], eval: Iterable[Any] | None = None, *,

@@ -39,7 +39,8 @@ class Backend:
     enable_compile_cache()  (cores that have one) turn on a persistent cache of compiled
                     programs; the CLI calls it before anything compiles, the library never does
     planner         (cores that compile ahead of time: jax) `ppo-rlhf plan`'s functions --
-                    topology_devices, plan_ppo, max_batch_size, data_parallel_ways, format_plan
+                    topology_devices, plan_ppo / plan_rm / plan_sft, max_batch_size,
+                    data_parallel_ways, format_plan
                     (`ppo_jax.plan`); None where a core has no compiler to ask (torch)
     """
 

@@ -1,7 +1,10 @@
-"""`ppo-rlhf plan`: a tiny model's whole PPO iteration compiled for a v5e:2x2 slice (four
-compile-only TPU chips from libtpu) from this CPU machine, the report's bytes checked against
-what the chips must hold (bounds from parameter counts), a too-large batch a clean "does not
-fit" (exit 1), bad input exit 2; and the abstract trainer is the real one (same shardings)."""
+"""`ppo-rlhf plan`: a tiny model's whole PPO iteration (and reward-model / SFT training step,
+`--trainer rm|sft`) compiled for a v5e:2x2 slice (four compile-only TPU chips from libtpu) from
+this CPU machine, the report's bytes checked against what the chips must hold (bounds from
+parameter counts), a too-large batch a clean "does not fit" (exit 1; PPO's: tests/test_plan_gpu.py,
+where a small allocator share makes it cheap to compile), bad input exit 2; every
+PPO program under a tensor-parallel mesh; and the abstract trainers are the real ones (same
+shardings)."""
 
 from __future__ import annotations
 
@@ -77,22 +80,73 @@ def test_plan_tiny_ppo_iteration_v5e(tmp_path, capsys):
     assert "verdict: FITS" in capsys.readouterr().out
 
 
-def test_plan_too_large_batch_is_exit_1(tmp_path, capsys):
-    # a 1M-token vocabulary: 512 x 8 response tokens of float32 logits are ~4 GiB per chip per
-    # copy, and the scoring forward holds several (measured: 19.8 GiB of temporaries per chip)
-    model = _write(tmp_path, "wide", dict(TINY, vocab_size=1 << 20))
-    rc = main(["plan", "--model", str(model), "--reward-model", str(model), "--topology", "v5e:2x2",
-               "--set", "batch_size=512", "--set", "max_prompt_len=8", "--set", "max_new_tokens=8",
-               "--set", "ppo_epochs=1"])
+@pytest.mark.parametrize("trainer", ["rm", "sft"])
+def test_plan_tiny_rm_and_sft_step_v5e(tmp_path, capsys, trainer):
+    model = _write(tmp_path, "tiny", TINY)
+    out = tmp_path / "plan.json"
+    rc = main(["plan", "--trainer", trainer, "--model", str(model), "--topology", "v5e:2x2",
+               "--set", "batch_size=8", "--set", "max_length=32", "--json", str(out)])
+    assert rc == 0, capsys.readouterr()
+    report = json.loads(out.read_text())
+    assert report["chips"] == CHIPS and report["fits"] is True and report["batch_size"] == 8
+    progs = {p["name"]: p for p in report["programs"]}
+    assert set(progs) == {"train_step", "eval_step"}
+    for p in progs.values():
+        assert p["error"] is None and p["peak_bytes"] == p["resident_bytes"] + p["temp_bytes"]
+    # float32 weights + AdamW's two moments: 12 bytes a parameter, over 4 chips at best
+    n = qwen2_params(TINY, scalar=trainer == "rm")
+    assert 12 * n / CHIPS <= report["resident_state_bytes"] <= 12 * n
+    step, ev = progs["train_step"], progs["eval_step"]
+    assert step["argument_bytes"] >= 12 * n / CHIPS and step["alias_bytes"] >= 12 * n / CHIPS
+    assert ev["argument_bytes"] >= 4 * n / CHIPS  # the weights (no optimiser state)
+    assert ev["argument_bytes"] < step["argument_bytes"]
+    assert all(p["resident_bytes"] >= report["resident_state_bytes"] for p in progs.values())
+    assert step["flops"] > 0 and step["collective_bytes"].get("all-gather", 0) > 0
+    assert "verdict: FITS" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("trainer", ["rm", "sft"])
+def test_plan_rm_and_sft_too_large_batch_is_exit_1(tmp_path, capsys, trainer):
+    # a wide MLP: 1024 groups x 2 x 256 tokens (sft: 1024 x 256) of [tokens, 16384] float32
+    # activations are 8-16 GiB per chip each, and the backward keeps several per layer
+    model = _write(tmp_path, "wide", dict(TINY, intermediate_size=16384))
+    rc = main(["plan", "--trainer", trainer, "--model", str(model), "--topology", "v5e:2x2",
+               "--set", "batch_size=1024", "--set", "max_length=256"])
     out, err = capsys.readouterr()
     assert rc == 1, err
     assert "verdict: DOES NOT FIT" in out and "remat=full" in out and "Traceback" not in out + err
-    # the scoring forward's largest values: float32 logits, 512 x 8 x 1M x 4 bytes / 4 chips
-    # = 4 GiB per chip however XLA splits them (rows or vocabulary)
-    lines = out.splitlines()
-    i = lines.index("largest values computed by rollout_forward (per chip; not all live at once):")
-    size, shape = lines[i + 1].split()[:3:2]
-    assert float(size) >= 4.0 and shape.startswith("f32["), lines[i + 1]
+    assert "logprob_chunk" not in out  # a PPOConfig switch: not offered for RM / SFT
+
+
+def test_plan_ppo_under_tensor_parallelism(tmp_path):
+    """Every PPO program compiles with a tensor axis (fsdp=2 x tensor=2 on 4 chips): the weights
+    are split over both axes and the programs that run the models move bytes between chips."""
+    import jax
+
+    from ppo_jax.plan import build_ppo_trainer, plan_trainer, topology_devices
+    from ppo_rlhf import PPOConfig
+
+    model = str(_write(tmp_path, "tiny", TINY))
+    cfg = PPOConfig(batch_size=8, max_prompt_len=16, max_new_tokens=16)
+    devices, hbm = topology_devices("v5e:2x2")
+    trainer = build_ppo_trainer(model, model, cfg, devices=devices, mesh="fsdp=2,tensor=2")
+    specs = [x.sharding.spec for x in jax.tree.leaves(trainer.resident_state())]
+    assert sum("tensor" in spec for spec in specs) >= len(specs) // 2, specs
+    plan = plan_trainer(trainer, topology="v5e:2x2", chips=CHIPS, hbm=hbm, batch_size=8)
+    assert plan.mesh == "fsdp=2,tensor=2" and plan.fits
+    progs = {p.name: p for p in plan.programs}
+    assert set(progs) == {"generate", "rollout_forward", "advantages", "update"}
+    assert all(p.error is None for p in progs.values())
+    # the forwards' matmuls split over `tensor` leave partial sums: all-reduced; the weights'
+    # fsdp shards are gathered where a layer runs
+    for name in ("generate", "rollout_forward", "update"):
+        coll = progs[name].collective_bytes
+        assert coll.get("all-gather", 0) > 0 and coll.get("all-reduce", 0) > 0, (name, coll)
+    # float32: policy + critic with AdamW moments, reference + reward model, split 4 ways (the
+    # 1-D norms and biases only over fsdp): well under half of it per chip (fsdp=2 alone's share)
+    n_lm, n_rm = qwen2_params(TINY), qwen2_params(TINY, scalar=True)
+    total = 16 * (n_lm + n_rm)
+    assert total / CHIPS <= plan.resident_state_bytes < 0.3 * total
 
 
 @pytest.mark.parametrize("args,message", [
@@ -100,6 +154,9 @@ def test_plan_too_large_batch_is_exit_1(tmp_path, capsys):
     (["--topology", "v5e:3x7"], "topology 'v5e:3x7'"),
     (["--topology", "v5e:2x2", "--set", "frozen_dtype=float16"], "frozen_dtype"),
     (["--topology", "v5e:2x2", "--mesh", "fsdp=3"], "mesh"),
+    (["--topology", "v5e:2x2", "--trainer", "sft", "--reward-model", "rm/"], "--reward-model is for"),
+    (["--topology", "v5e:2x2", "--trainer", "rm", "--set", "logprob_chunk=64"], "logprob_chunk"),
+    (["--topology", "v5e:2x2", "--trainer", "sft", "--set", "batch_size=6"], "batch_size=6"),
 ])
 def test_plan_bad_input_is_exit_2(tmp_path, capsys, args, message):
     model = _write(tmp_path, "tiny", TINY)
@@ -152,20 +209,52 @@ def test_abstract_trainer_matches_the_real_one(tiny_checkpoint):
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract.resident_state()))
 
 
+@pytest.mark.parametrize("trainer", ["rm", "sft"])
+def test_abstract_rm_and_sft_trainers_match_the_real_ones(tiny_checkpoint, trainer):
+    """The planned RM / SFT trainer is the real one built on an abstract model: the same
+    parameter and AdamW-state tree, shapes, dtypes and shardings (on 1 CPU device here)."""
+    import jax
+
+    from ppo_jax.models import load_pretrained
+    from ppo_jax.reward_model import RewardModelTrainer, init_reward_model
+    from ppo_jax.sft import SFTTrainer
+    from ppo_rlhf import RMConfig, SFTConfig
+
+    lm = tiny_checkpoint("qwen2")
+    if trainer == "rm":
+        cfg = RMConfig(batch_size=2, max_length=16)
+        real = RewardModelTrainer(str(lm), cfg, mesh="fsdp=1")
+        abstract = RewardModelTrainer(init_reward_model(lm, options=cfg.model_options(), abstract=True),
+                                      cfg, mesh="fsdp=1")
+    else:
+        cfg = SFTConfig(batch_size=2, max_length=16)
+        real = SFTTrainer(str(lm), cfg, mesh="fsdp=1")
+        abstract = SFTTrainer(load_pretrained(lm, abstract=True), cfg, mesh="fsdp=1")
+
+    def sig(tree):
+        return jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype), x.sharding.spec), tree)
+
+    assert sig(abstract.resident_state()) == sig(real.resident_state())
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract.resident_state()))
+    assert not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(real.resident_state()))
+
+
 def test_tpu_plan_benchmark_smoke(tmp_path):
-    """benchmarks.tpu_plan on a tiny shape: a row per planned batch, stopping at the first that
-    does not fit (the JSON and markdown written)."""
+    """benchmarks.tpu_plan on a tiny shape: a row per planned batch (gradient accumulation from
+    --micro-batch), the JSON and markdown written, keyed by --mesh."""
     from benchmarks import tpu_plan
 
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / "config.json").write_text(json.dumps(TINY))
     out = tmp_path / "plan.json"
     assert tpu_plan.main(["--models", "tiny", "--topologies", "v5e:2x2", "--settings", "best",
-                          "--batches", "4,8", "--micro-batch", "4", "--length", "8",
+                          "--batches", "8", "--micro-batch", "4", "--length", "8",
+                          "--mesh", "fsdp=2,tensor=2",
                           "--config-dir", str(tmp_path), "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["plans"]
-    assert [(r["batch_size"], r["grad_accum_steps"], r["fits"]) for r in rows] == [(4, 1, True), (8, 2, True)]
-    assert "| tiny | v5e:2x2 | best | 8 | 8 | 4 |" in out.with_suffix(".md").read_text()
+    assert [(r["batch_size"], r["grad_accum_steps"], r["fits"], r["mesh"]) for r in rows] == [
+        (8, 2, True, "fsdp=2,tensor=2")]
+    assert "| tiny | v5e:2x2 | fsdp=2,tensor=2 | best | 8 | 8 | 4 |" in out.with_suffix(".md").read_text()
 
 
 def test_hlo_text_parsers():

@@ -70,7 +70,8 @@ def test_plan_tiny_ppo_iteration_h100(tmp_path, capsys, monkeypatch):
 
 def test_plan_h100_allocator_share_and_too_large(tmp_path, capsys, monkeypatch):
     """The share of the GPU the verdict is checked against follows XLA_PYTHON_CLIENT_MEM_FRACTION,
-    and a batch over it is a clean "does not fit"."""
+    and a PPO batch over it is a clean "does not fit" (exit 1) that names the largest values and
+    the switches that would help (a small share keeps the compile small: a tiny model)."""
     _needs_plugin()
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.01")  # 0.79 GiB usable
     model = _write(tmp_path, "wide", dict(TINY, vocab_size=1 << 16))
@@ -84,7 +85,13 @@ def test_plan_h100_allocator_share_and_too_large(tmp_path, capsys, monkeypatch):
     assert report["hbm_bytes_per_chip"] == int(0.01 * H100_BYTES)
     # 256 x 8 response tokens of float32 logits over 64K tokens: 0.5 GiB per copy, several held
     assert report["peak_bytes"] > report["hbm_bytes_per_chip"]
-    assert "verdict: DOES NOT FIT" in text and "Traceback" not in text + err
+    assert "verdict: DOES NOT FIT" in text and "remat=full" in text and "Traceback" not in text + err
+    # the peak program's largest values: float32 logits, 256 x 8 x 64K x 4 bytes = 0.5 GiB
+    worst = max(report["programs"], key=lambda p: p["peak_bytes"])["name"]
+    lines = text.splitlines()
+    i = lines.index(f"largest values computed by {worst} (per chip; not all live at once):")
+    size, shape = lines[i + 1].split()[:3:2]
+    assert float(size) >= 0.5 and shape.startswith("f32["), lines[i + 1]
 
 
 @pytest.mark.parametrize("topology,message", [("h100:0", "topology 'h100:0'"),

@@ -29,8 +29,9 @@ def parse_set(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def build_config(args: argparse.Namespace, **overrides: Any):
-    """PPOConfig from --config FILE.json, then --set key=value pairs, then explicit flags."""
+def build_config(args: argparse.Namespace, config_class: Any = None, **overrides: Any):
+    """PPOConfig (or `config_class`: RMConfig, SFTConfig) from --config FILE.json, then --set
+    key=value pairs, then explicit flags."""
     from ppo_rlhf.config import PPOConfig
 
     values: dict[str, Any] = {}
@@ -45,7 +46,7 @@ def build_config(args: argparse.Namespace, **overrides: Any):
     values.update(parse_set(getattr(args, "set", None)))
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        return PPOConfig.from_dict(values)
+        return (config_class or PPOConfig).from_dict(values)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
 

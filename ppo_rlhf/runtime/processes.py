@@ -129,9 +129,10 @@ def parse_mesh(spec: "str | Mapping[str, int] | MeshSpec") -> MeshSpec:
 
 
 def check_data_parallel(config: Any, ways: int, where: str) -> None:
-    """UsageError unless every micro-batch of `config` (a PPOConfig) splits evenly into `ways`
-    data-parallel parts. The rollout batch is split `ways` ways for generation (batch_size
-    prompts, so that each part holds whole groups of num_generations responses), and each
+    """UsageError unless every micro-batch of `config` (a PPOConfig; an RMConfig / SFTConfig: its
+    batch) splits evenly into `ways` data-parallel parts. The rollout batch is split `ways` ways
+    for generation (batch_size prompts, so that each part holds whole groups of num_generations
+    responses), and each
     optimiser step's micro-batch (rollout_size / (num_minibatches * grad_accum_steps) rows) is
     split `ways` ways for the update, so the micro-batch size must be a multiple of `ways`."""
     if ways <= 1:
@@ -139,6 +140,8 @@ def check_data_parallel(config: Any, ways: int, where: str) -> None:
     if config.batch_size % ways:
         raise UsageError(f"{where}: batch_size={config.batch_size} cannot be split over "
                          f"{ways} data-parallel workers; make it a multiple of {ways}")
+    if not hasattr(config, "microbatch_size"):  # RM / SFT: one batch per step
+        return
     if config.microbatch_size % ways:
         raise UsageError(
             f"{where}: the micro-batch of rollout_size={config.rollout_size} / (num_minibatches="
