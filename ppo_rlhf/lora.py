@@ -167,6 +167,22 @@ def write_adapter(path: PathLike, config: Mapping[str, Any], tensors: Mapping[st
     return path
 
 
+def adapter_base(path: PathLike) -> Path | None:
+    """The base checkpoint dir of the PEFT adapter dir `path` (its adapter_config.json's
+    base_model_name_or_path), None when `path` is not an adapter dir (it holds config.json, or
+    no adapter_config.json); CheckpointError when the adapter names no base dir that exists."""
+    from ppo_rlhf.errors import CheckpointError
+
+    path = Path(path)
+    if (path / "config.json").is_file() or not (path / ADAPTER_CONFIG).is_file():
+        return None
+    base = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise CheckpointError(f"{path}: a PEFT adapter whose base_model_name_or_path {base!r} is not a "
+                              f"checkpoint dir (load its base and `load_adapter` it)")
+    return Path(base)
+
+
 def read_adapter(path: PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(adapter_config.json, {tensor name without the PEFT prefix and adapter name: array}) of a
     PEFT adapter dir, e.g. 'transformer.h.0.attn.c_attn.lora_A.weight' [rank, in]. Refuses
@@ -200,4 +216,5 @@ def read_adapter(path: PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]
 
 __all__ = ["LORA_TARGETS", "DEFAULT_LORA_TARGETS", "LORA_ROLES", "LORA_MODULES", "ADAPTER_CONFIG",
            "ADAPTER_WEIGHTS", "PEFT_PREFIX", "check_lora_options", "lora_targets", "lora_modules",
-           "targets_of", "scaling", "init_lora_a", "peft_config", "check_adapter_fits", "write_adapter", "read_adapter"]
+           "targets_of", "scaling", "init_lora_a", "peft_config", "check_adapter_fits", "write_adapter", "read_adapter",
+           "adapter_base"]

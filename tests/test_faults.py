@@ -617,3 +617,4 @@ def test_cli_train_with_lora_writes_the_peft_adapter(inputs, tmp_path):
     assert (run / "policy" / "adapter_model.safetensors").is_file()
     assert not (run / "policy" / "model.safetensors").exists()
     assert (run / "policy-merged" / "model.safetensors").is_file()  # --merge: a full checkpoint
+    cli(*_eval(inputs, tmp_path, "torch", policy=run / "policy"))  # an adapter dir loads as a policy

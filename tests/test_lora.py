@@ -311,6 +311,9 @@ def test_ppo_lora_checkpoints_hold_what_is_trained_and_resume_exactly(tiny_check
     assert config["base_model_name_or_path"] == str(ckpt.absolute())
     loaded = lora.load_adapter(models.load_pretrained(ckpt, options=lora.adapter_options(policy_dir, ckpt)),
                                policy_dir)
+    direct = models.load_pretrained(policy_dir)  # an adapter dir: its base (the pointer) + the adapter
+    with pytest.raises(CheckpointError, match="adapter r=2.*asked for lora_rank=4"):
+        models.load_pretrained(policy_dir, options=ModelOptions(lora_rank=4))
 
     resumed = make_trainer(backend, ckpt, out_dir=out, **kw)
     resumed.train(2, resume=True, progress=False)
@@ -319,6 +322,7 @@ def test_ppo_lora_checkpoints_hold_what_is_trained_and_resume_exactly(tiny_check
     assert a.keys() == b.keys() and any(".lora_B." in k for k in a)
     assert all(np.array_equal(a[k], b[k]) for k in a), [k for k in a if not np.array_equal(a[k], b[k])][:4]
     np.testing.assert_allclose(logits(loaded), at_one, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(logits(direct), logits(loaded))
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
