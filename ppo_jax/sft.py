@@ -37,6 +37,7 @@ from ppo_jax.abstract import evaluate
 from ppo_jax.checkpoint import SupervisedCheckpoint
 from ppo_jax.losses import logprobs_from_logits
 from ppo_jax.models import MODEL_KIT, CausalLM, load_pretrained
+from ppo_jax.models.lora import trained_params
 from ppo_jax.optim import guarded_step, make_optimizer
 from ppo_jax.parallel import Placement, builds_on_host, placement
 from ppo_rlhf.config import SFTConfig
@@ -114,9 +115,11 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
         self.parallel = placement(mesh)  # one device, or the sharding rules of a mesh
         self.parallel.check_config(config)
         model = self._model_from(model, load_pretrained, CausalLM, MODEL_KIT)
-        self._def, params, rest = nnx.split(model, nnx.Param, ...)
+        # trained: every weight, or with LoRA the adapters (+ a reward head); a LoRA model's base
+        # weights ride in _rest, placed by the parameter rule
+        self._def, params, base, rest = nnx.split(model, trained_params(model), nnx.Param, ...)
         self.params = self.parallel.params(params)
-        self._rest = jax.tree.map(self.parallel.replicated, rest)
+        self._rest = nnx.merge_state(self.parallel.params(base), jax.tree.map(self.parallel.replicated, rest))
         self.tx, self._step, self._evaluate = compiled_steps(
             self._def, config.max_grad_norm, config.adam_eps, config.weight_decay, self.parallel.mesh)
         self._init_optimizer(0)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -115,6 +116,16 @@ def scaling(rank: int, alpha: float) -> float:
     return float(alpha) / rank
 
 
+def init_lora_a(module: str, rank: int, in_features: int) -> np.ndarray:
+    """The initial A [rank, in] (nn.Linear layout) of the adapter on the HF module `module`
+    (e.g. 'model.layers.0.self_attn.q_proj'): uniform in +-1/sqrt(in) -- peft's kaiming-uniform
+    bound -- drawn with numpy from a seed fixed by the module's name, so both cores start from
+    the same adapters (as `hf_checkpoint.init_score_head` does for a fresh head); B starts at 0."""
+    bound = 1.0 / np.sqrt(in_features)
+    seed = zlib.crc32(module.encode())
+    return np.random.default_rng(seed).uniform(-bound, bound, (rank, in_features)).astype(np.float32)
+
+
 def peft_config(*, model_type: str, rank: int, alpha: float, dropout: float,
                 modules: Iterable[str], base_model: str | None = None,
                 task_type: str = "CAUSAL_LM") -> dict[str, Any]:
@@ -156,6 +167,22 @@ def write_adapter(path: PathLike, config: Mapping[str, Any], tensors: Mapping[st
     return path
 
 
+def adapter_base(path: PathLike) -> Path | None:
+    """The base checkpoint dir of the PEFT adapter dir `path` (its adapter_config.json's
+    base_model_name_or_path), None when `path` is not an adapter dir (it holds config.json, or
+    no adapter_config.json); CheckpointError when the adapter names no base dir that exists."""
+    from ppo_rlhf.errors import CheckpointError
+
+    path = Path(path)
+    if (path / "config.json").is_file() or not (path / ADAPTER_CONFIG).is_file():
+        return None
+    base = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise CheckpointError(f"{path}: a PEFT adapter whose base_model_name_or_path {base!r} is not a "
+                              f"checkpoint dir (load its base and `load_adapter` it)")
+    return Path(base)
+
+
 def read_adapter(path: PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(adapter_config.json, {tensor name without the PEFT prefix and adapter name: array}) of a
     PEFT adapter dir, e.g. 'transformer.h.0.attn.c_attn.lora_A.weight' [rank, in]. Refuses
@@ -189,4 +216,5 @@ def read_adapter(path: PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]
 
 __all__ = ["LORA_TARGETS", "DEFAULT_LORA_TARGETS", "LORA_ROLES", "LORA_MODULES", "ADAPTER_CONFIG",
            "ADAPTER_WEIGHTS", "PEFT_PREFIX", "check_lora_options", "lora_targets", "lora_modules",
-           "targets_of", "scaling", "peft_config", "check_adapter_fits", "write_adapter", "read_adapter"]
+           "targets_of", "scaling", "init_lora_a", "peft_config", "check_adapter_fits", "write_adapter", "read_adapter",
+           "adapter_base"]

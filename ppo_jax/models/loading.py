@@ -37,6 +37,7 @@ from ppo_jax.models.heads import PolicyWithValueHead, ScalarHeadModel
 from ppo_jax.models.lora import BASE_PARAMS, init_lora_param
 from ppo_jax.models.stack import STACK, stacked_modules
 from ppo_rlhf import hf_checkpoint as hfc
+from ppo_rlhf import lora as lr
 from ppo_rlhf.config import ModelOptions
 from ppo_rlhf.errors import CheckpointError
 
@@ -110,7 +111,8 @@ def _build(make: Callable[[], nnx.Module], tensors: dict[str, np.ndarray] | None
     filled, missing, used = [], [], set()
     for path, var in nnx.to_flat_state(state):
         if isinstance(var, nnx.LoRAParam):  # LoRA adapters: not in a base checkpoint, fresh
-            filled.append((path, var.replace(jnp.asarray(init_lora_param(path, var.shape, dt)))))
+            fresh = init_lora_param(path, var.shape, dt, config.model_type, stacks)
+            filled.append((path, var.replace(jnp.asarray(fresh))))
             continue
         names, transpose, stacked = hf_names(path, config.model_type, stacks)
         absent = [n for n in names if n not in tensors]
@@ -174,6 +176,19 @@ def load_pretrained(path: PathLike, dtype: Any = "float32", *, options: ModelOpt
     compiles for a device it does not have.
     Errors: FileNotFoundError (no dir / config.json / weights), ValueError (unsupported
     model_type, a scalar-head checkpoint, missing or unexpected tensors)."""
+    base = lr.adapter_base(path)
+    if base is not None:  # a PEFT adapter dir (`save_adapter`, `PPOTrainer.save_policy`): base + adapter
+        from ppo_jax.models.lora import adapter_options, load_adapter
+
+        built = options if options is not None and options.lora else None
+        options = adapter_options(path, base, options or ModelOptions())
+        if built is not None and built != options:
+            raise CheckpointError(f"{path}: adapter r={options.lora_rank}, lora_alpha={options.lora_alpha}, "
+                                  f"targets {options.lora_targets}; asked for lora_rank={built.lora_rank}, "
+                                  f"lora_alpha={built.lora_alpha}, lora_targets={built.lora_targets}")
+        model = load_pretrained(base, dtype, options=options, with_value_head=with_value_head, seed=seed,
+                                abstract=abstract)
+        return model if abstract else load_adapter(model, path)
     hf = hfc.read_config(path)
     config = ModelConfig.from_hf(hf, dtype=dtype_name(dtype), options=options)
     if abstract:
