@@ -275,8 +275,9 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
         }
 
     def resident_state(self) -> dict[str, Any]:
-        """The arrays that live on the devices for the whole run: the weights and AdamW state."""
-        return {"params": self.params, "opt_state": self.opt_state}
+        """The arrays that live on the devices for the whole run: the trained weights, their AdamW
+        state and the rest of the model (with LoRA: the frozen base weights)."""
+        return {"params": self.params, "opt_state": self.opt_state, "rest": self._rest}
 
     # ---- weights out -------------------------------------------------------------------------------
     def set_normalisation(self, gain: float, bias: float) -> None:

@@ -160,8 +160,9 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
         }
 
     def resident_state(self) -> dict[str, Any]:
-        """The arrays that live on the devices for the whole run: the weights and AdamW state."""
-        return {"params": self.params, "opt_state": self.opt_state}
+        """The arrays that live on the devices for the whole run: the trained weights, their AdamW
+        state and the rest of the model (with LoRA: the frozen base weights)."""
+        return {"params": self.params, "opt_state": self.opt_state, "rest": self._rest}
 
 
 def train_sft(model: Any, train: Iterable[Any], eval: Iterable[Any] | None = None, *,

@@ -43,7 +43,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ppo_rlhf import hf_checkpoint as hfc
 from ppo_rlhf import lora as lr
 from ppo_rlhf.config import ModelOptions
 from ppo_rlhf.errors import CheckpointError
@@ -187,27 +186,15 @@ def save_adapter(model: nnx.Module, path: PathLike, *, base_model: str | None = 
     """Write `model`'s adapters as a PEFT adapter dir (`adapter_config.json`,
     `adapter_model.safetensors`) that `peft.PeftModel.from_pretrained(<the transformers base
     model>, path)` loads; `base_model`: the base checkpoint, recorded in the config."""
-    core = _core(model)
-    options = core.config.options
-    if not options.lora:
-        raise ValueError("save_adapter: the model has no LoRA adapters (built with lora_rank=0)")
     from ppo_jax.models.heads import ScalarHeadModel
-    config = lr.peft_config(model_type=core.config.model_type, rank=options.lora_rank,
-                            alpha=options.lora_alpha, dropout=options.lora_dropout,
-                            modules=lr.lora_modules(core.config.model_type, options.lora_targets),
-                            base_model=base_model,
-                            task_type="SEQ_CLS" if isinstance(core, ScalarHeadModel) else "CAUSAL_LM")
-    tensors = {lr.PEFT_PREFIX + k: v for k, v in adapter_tensors(core).items()}
-    return lr.write_adapter(path, config, tensors)
+
+    core = _core(model)
+    return lr.save_model_adapter(path, model_type=core.config.model_type, options=core.config.options,
+                                 scalar=isinstance(core, ScalarHeadModel), tensors=adapter_tensors(core),
+                                 base_model=base_model)
 
 
-def adapter_options(path: PathLike, base: PathLike, options: ModelOptions = ModelOptions()) -> ModelOptions:
-    """`options` with the LoRA fields of the PEFT adapter at `path` for the base checkpoint
-    `base` (its model_type): rank, alpha and the targets whose modules hold adapters."""
-    import dataclasses
-    config, tensors = lr.read_adapter(path)
-    return dataclasses.replace(options, lora_rank=int(config["r"]), lora_alpha=float(config["lora_alpha"]),
-                               lora_targets=lr.targets_of(hfc.read_config(base)["model_type"], tensors))
+adapter_options = lr.adapter_options  # backend-neutral: read from the adapter's files
 
 
 def load_adapter(model: nnx.Module, path: PathLike) -> nnx.Module:

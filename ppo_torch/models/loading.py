@@ -161,14 +161,9 @@ def load_pretrained(path: PathLike, dtype: Any = "float32", *, options: ModelOpt
 
     base = lr.adapter_base(path)
     if base is not None:  # a PEFT adapter dir (`save_adapter`, `PPOTrainer.save_policy`): base + adapter
-        from ppo_torch.models.lora import adapter_options, load_adapter
+        from ppo_torch.models.lora import load_adapter
 
-        built = options if options is not None and options.lora else None
-        options = adapter_options(path, base, options or ModelOptions())
-        if built is not None and built != options:
-            raise CheckpointError(f"{path}: adapter r={options.lora_rank}, lora_alpha={options.lora_alpha}, "
-                                  f"targets {options.lora_targets}; asked for lora_rank={built.lora_rank}, "
-                                  f"lora_alpha={built.lora_alpha}, lora_targets={built.lora_targets}")
+        options = lr.adapter_dir_options(path, base, options)
         return load_adapter(load_pretrained(base, dtype, options=options, with_value_head=with_value_head,
                                             seed=seed, attn_implementation=attn_implementation), path)
     _check_kind(path, scalar=False)

@@ -121,25 +121,14 @@ def save_adapter(model: nn.Module, path: PathLike, *, base_model: str | None = N
     `adapter_model.safetensors`) that `peft.PeftModel.from_pretrained` loads; `base_model`: the
     base checkpoint, recorded in the config."""
     from ppo_torch.models.heads import ScalarHeadModel
+
     options = model.options if hasattr(model, "options") else model.lm.options
-    if not options.lora:
-        raise ValueError("save_adapter: the model has no LoRA adapters (built with lora_rank=0)")
-    model_type = _hf_model(model).config.model_type
-    config = lr.peft_config(model_type=model_type, rank=options.lora_rank, alpha=options.lora_alpha,
-                            dropout=options.lora_dropout,
-                            modules=lr.lora_modules(model_type, options.lora_targets),
-                            base_model=base_model,
-                            task_type="SEQ_CLS" if isinstance(model, ScalarHeadModel) else "CAUSAL_LM")
-    tensors = {lr.PEFT_PREFIX + k: v for k, v in adapter_tensors(model).items()}
-    return lr.write_adapter(path, config, tensors)
+    return lr.save_model_adapter(path, model_type=_hf_model(model).config.model_type, options=options,
+                                 scalar=isinstance(model, ScalarHeadModel), tensors=adapter_tensors(model),
+                                 base_model=base_model)
 
 
-def adapter_options(path: PathLike, base: PathLike, options: ModelOptions = ModelOptions()) -> ModelOptions:
-    """`options` with the LoRA fields of the PEFT adapter at `path` for the base checkpoint
-    `base` (its model_type): rank, alpha and the targets whose modules hold adapters."""
-    config, tensors = lr.read_adapter(path)
-    return dataclasses.replace(options, lora_rank=int(config["r"]), lora_alpha=float(config["lora_alpha"]),
-                               lora_targets=lr.targets_of(hfc.read_config(base)["model_type"], tensors))
+adapter_options = lr.adapter_options  # backend-neutral: read from the adapter's files
 
 
 @torch.no_grad()
