@@ -44,14 +44,22 @@ def x64_if(dtype: str):
 
 
 def weights(trainer) -> dict[str, np.ndarray]:
-    """policy.<HF name> and critic.<HF name> -> array (a shared-trunk critic is the policy)."""
+    """policy.<HF name> and critic.<HF name> -> array (a shared-trunk critic is the policy),
+    a LoRA model's adapters included (policy.<module>.lora_A.weight, PEFT names and layout)."""
     if trainer.backend == "jax":
-        from ppo_jax.models import model_tensors
+        from ppo_jax.models import model_options, model_tensors
+        from ppo_jax.models.lora import adapter_tensors
     else:
-        from ppo_torch.models import model_tensors
-    out = {f"policy.{k}": v for k, v in model_tensors(trainer.policy_model()).items()}
+        from ppo_torch.models import model_options, model_tensors
+        from ppo_torch.models.lora import adapter_tensors
+
+    def tensors(model):
+        lora = adapter_tensors(model) if model_options(model).lora else {}
+        return {**model_tensors(model), **lora}
+
+    out = {f"policy.{k}": v for k, v in tensors(trainer.policy_model()).items()}
     if not trainer.shared_trunk and trainer.critic_model() is not None:  # None: critic-free
-        out.update({f"critic.{k}": v for k, v in model_tensors(trainer.critic_model()).items()})
+        out.update({f"critic.{k}": v for k, v in tensors(trainer.critic_model()).items()})
     return out
 
 

@@ -80,7 +80,12 @@ CONFIGS = {
                                   missing_eos_penalty=0.5),
     "pg-unclipped-value": dict(policy_loss="pg", value_clip_eps=None, num_minibatches=1,
                                max_grad_norm=None, weight_decay=0.01),
+    # LoRA (peft in torch, ours in JAX) on policy and critic: their adapters (and the critic's
+    # head) trained, the reference the policy with its adapters off
+    "lora-policy-critic": dict(lora_rank=2, lora_alpha=4.0, lora_targets=("q", "v", "o", "up"),
+                               lora_roles=("policy", "critic"), learning_rate=1e-2),
 }
+ITERATIONS = {"lora-policy-critic": 2}  # (CI time) the others: 3
 
 
 def _reward_fn(prompts, responses):

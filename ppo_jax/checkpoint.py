@@ -4,6 +4,8 @@ A checkpoint directory (made atomic by `ppo_rlhf.runtime.checkpoints.CheckpointM
 trainer state -- iteration, KL coefficient, counters, config -- and a checksummed manifest) holds:
 
     state/      Orbax PyTree checkpoint of {"params": policy (+ critic) params, "opt_state": AdamW}
+                -- what is trained: with LoRA only the adapters (+ a LoRA critic's head) and
+                their moments, the base weights being the policy's checkpoint, reloaded on resume
                 -- restored bit-exactly into the trainer's own tree structure AND shardings:
                 sharded over a mesh, every process writes and reads only its own shards (a
                 checkpoint restores onto any mesh, or onto one device). The tree is the
@@ -11,7 +13,8 @@ trainer state -- iteration, KL coefficient, counters, config -- and a checksumme
                 parameter (`ppo_jax.models.stack`), so a state/ written before the layers were
                 stacked (per-layer arrays) does not restore: a CheckpointError naming it
     policy/     the policy in Hugging Face format (+ tokenizer), loadable by `transformers`,
-                `ppo-rlhf eval` and either backend
+                `ppo-rlhf eval` and either backend; with LoRA its PEFT adapter, pointing to
+                its base (`PPOTrainer.save_policy`)
 
 Prompt order, minibatch order and sampling keys are functions of (seed, iteration), so the
 iteration number is all the "data position" and RNG state a resume needs.
@@ -76,9 +79,11 @@ class SupervisedCheckpoint:
     def save_model(self, path: str | os.PathLike) -> None:
         """The trained model (a reward model with its gain / bias) + tokenizer as a Hugging Face
         checkpoint: loads in both backends and in transformers."""
-        from ppo_jax.models import save_pretrained
+        from ppo_jax.models import model_options, save_pretrained
+        from ppo_jax.models.lora import merge_adapters
 
-        save_pretrained(self.model(), path)
+        model = self.model()  # with LoRA: merged, a full checkpoint the next stage loads
+        save_pretrained(merge_adapters(model) if model_options(model).lora else model, path)
         self._save_tokenizer(path)
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:

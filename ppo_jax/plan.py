@@ -259,12 +259,13 @@ def build_ppo_trainer(model: str, reward_model: str | None, config: Any, *, devi
     from ppo_jax.ppo import PPOTrainer
     from ppo_rlhf import hf_checkpoint as hfc
 
-    options = config.model_options()  # the trainer's options: built with them, as it would load them
-    policy = load_pretrained(model, dtype, options=options, abstract=True)
+    # each model built with its role's options, as the trainer would load it (LoRA: the policy's)
+    policy = load_pretrained(model, dtype, options=config.model_options("policy"), abstract=True)
+    frozen = config.model_options("reference").frozen()  # the reward model: never adapters
     hf = hfc.read_config(model)
     eos = hf.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) else eos
-    reward = (load_scalar_model(reward_model, dtype, options=options.frozen(), abstract=True) if reward_model
+    reward = (load_scalar_model(reward_model, dtype, options=frozen, abstract=True) if reward_model
               else (lambda prompts, responses: [0.0] * len(responses)))
     return PPOTrainer(policy, reward, config=config, mesh=_mesh(mesh, devices), dtype=dtype,
                       eos_token_id=None if eos is None else int(eos),
@@ -277,8 +278,8 @@ def build_rm_trainer(model: str, config: Any, *, devices: list[Any], mesh: str |
     config serves: the trunk + a score head), on a mesh of `devices`."""
     from ppo_jax.reward_model import RewardModelTrainer, init_reward_model
 
-    rm = init_reward_model(model, seed=config.seed, dtype=dtype, options=config.model_options(),
-                           abstract=True)
+    rm = init_reward_model(model, seed=config.seed, dtype=dtype,
+                           options=config.model_options(config.LORA_ROLES[0]), abstract=True)
     return RewardModelTrainer(rm, config, mesh=_mesh(mesh, devices))
 
 
@@ -288,7 +289,7 @@ def build_sft_trainer(model: str, config: Any, *, devices: list[Any], mesh: str 
     from ppo_jax.models import load_pretrained
     from ppo_jax.sft import SFTTrainer
 
-    lm = load_pretrained(model, dtype, options=config.model_options(), abstract=True)
+    lm = load_pretrained(model, dtype, options=config.model_options(config.LORA_ROLES[0]), abstract=True)
     return SFTTrainer(lm, config, mesh=_mesh(mesh, devices))
 
 

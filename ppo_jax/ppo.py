@@ -32,8 +32,11 @@ over a device mesh and lets XLA's SPMD partitioner do the rest (`ppo_jax/paralle
 the sharding rules are); mesh=None is one device.
 
 Implementation details, each a config field (see `ppo_rlhf.config.PPOConfig`): the reference is
-a frozen copy of the initial policy; log-probs are recomputed with a full forward pass after
-sampling (not taken from the sampler, so the first minibatch step starts at ratio == 1 exactly);
+a frozen copy of the initial policy -- with LoRA on the policy (`lora_rank`, `lora_roles`), the
+policy's own base weights with its adapters off (`adapters_disabled`: no second copy), and only
+the adapters are trained (and a LoRA critic's adapters and head); log-probs are recomputed with
+a full forward pass after sampling (not taken from the sampler, so the first minibatch step
+starts at ratio == 1 exactly);
 the critic is separate (initialised from the reward model when one is given, as TRL) unless the
 policy is a `PolicyWithValueHead` (shared trunk); policy and critic are one parameter tree with
 one AdamW and one global-norm gradient clip over both (as TRL's PolicyAndValueWrapper).
@@ -68,11 +71,13 @@ from ppo_jax.models import (
     CausalLM,
     PolicyWithValueHead,
     ScalarHeadModel,
+    model_options,
     response_logprobs,
     response_logprobs_and_values,
     response_values,
     sequence_scores,
 )
+from ppo_jax.models.lora import adapters_disabled, trained_params
 from ppo_jax.optim import guarded_step, make_optimizer
 from ppo_jax.parallel import builds_on_host, placement
 from ppo_rlhf.config import PPOConfig
@@ -87,18 +92,20 @@ Array = jax.Array
 class Role:
     """One model of the iteration (actor, critic, reference, reward), split for `jax.jit`: its
     static structure (`graphdef`, and `rest`, the non-parameter state) and, for a frozen role, its
-    parameters. `model(params)` rebuilds the NNX module around a parameter tree. A trainable
-    role's parameters live in the trainer's `params` tree only (the optimiser's, replaced by
-    every update), so no stale copy is kept alive."""
+    parameters. `model(params, base)` rebuilds the NNX module around a parameter tree (and, for
+    a LoRA model, its frozen base weights). A trainable role's parameters live in the trainer's
+    `params` tree only (the optimiser's, replaced by every update), so no stale copy is kept
+    alive; its frozen ones (a LoRA model's base weights) in the trainer's `base` tree."""
 
     def __init__(self, graphdef: Any, rest: Any, params: Any = None):
         self.graphdef, self.rest, self.params = graphdef, rest, params
 
     @classmethod
-    def trainable(cls, model: nnx.Module) -> tuple["Role", Any]:
-        """(the role, its parameters -- for the trainer's `params` tree)."""
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        return cls(graphdef, rest), params
+    def trainable(cls, model: nnx.Module) -> tuple["Role", Any, Any]:
+        """(the role, its trained parameters -- for the trainer's `params` tree --, its frozen
+        ones -- the base weights of a LoRA model (`lora.trained_params`), else empty)."""
+        graphdef, params, base, rest = nnx.split(model, trained_params(model), nnx.Param, ...)
+        return cls(graphdef, rest), params, base
 
     @classmethod
     def frozen(cls, model: nnx.Module, place: Callable[[Any], Any]) -> "Role":
@@ -106,8 +113,9 @@ class Role:
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         return cls(graphdef, rest, place(params))
 
-    def model(self, params: Any = None) -> nnx.Module:
-        return nnx.merge(self.graphdef, self.params if params is None else params, self.rest)
+    def model(self, params: Any = None, base: Any = None) -> nnx.Module:
+        params = self.params if params is None else params
+        return nnx.merge(self.graphdef, params, *(() if base is None else (base,)), self.rest)
 
 
 def microbatch_weight(mask: Array, loss_agg: str, total: Array) -> Array:
@@ -131,7 +139,8 @@ class PPOTrainer(TrainerBase):
                   with your own prompts.
     config     -- `PPOConfig`.
     reference  -- dir or `CausalLM`; default: a frozen copy of the initial policy -- also when
-                  `reference` is the policy object itself (else it would move with the policy).
+                  `reference` is the policy object itself (else it would move with the policy);
+                  with LoRA on the policy, the policy with its adapters off (no copy).
     critic     -- dir or `ScalarHeadModel`; default: the reward model's weights when the reward is
                   a model (TRL), else the policy's backbone with a fresh head (seeded).
     tokenizer  -- a `transformers` tokenizer or its dir; default: the policy dir's.
@@ -165,13 +174,19 @@ class PPOTrainer(TrainerBase):
         roles = self._compose_roles(MODEL_KIT, policy, reward, reference=reference, critic=critic, dtype=dtype)
 
         # --- pure state: each role's structure is static, its parameters a pytree -------------
-        self.policy, trainable = Role.trainable(roles.policy)
+        self.policy, trainable, base = Role.trainable(roles.policy)
         trainable = {"policy": trainable}  # what the optimiser trains: policy (+ critic), one tree
+        base = {"policy": base}  # what it does not: a LoRA model's base weights (else empty)
         self.critic = None
         if roles.critic is not None:
-            self.critic, trainable["critic"] = Role.trainable(roles.critic)
+            self.critic, trainable["critic"], base["critic"] = Role.trainable(roles.critic)
         self.params = self.parallel.params(trainable)
-        self.reference = Role.frozen(roles.reference, self.parallel.params)
+        self.base = self.parallel.params(base)
+        if roles.reference is None:  # LoRA: the policy's own weights with its adapters off
+            with adapters_disabled(roles.policy):
+                self.reference = Role.trainable(roles.policy)[0]
+        else:
+            self.reference = Role.frozen(roles.reference, self.parallel.params)
         self.reward = None if roles.reward_model is None else Role.frozen(roles.reward_model,
                                                                           self.parallel.params)
         del roles  # the trained parameters live in self.params only
@@ -184,25 +199,37 @@ class PPOTrainer(TrainerBase):
         self._update = jax.jit(self._update_impl, donate_argnums=(0, 1))
 
     # ---- the models ----------------------------------------------------------------------------
+    @property
+    def reference_is_policy(self) -> bool:
+        """Is the reference the policy with its LoRA adapters off (no weights of its own)?"""
+        return self.reference.params is None
+
     def policy_model(self) -> CausalLM | PolicyWithValueHead:
         """The current policy as an NNX module (shares arrays with the trainer; don't mutate)."""
-        return self.policy.model(self.params["policy"])
+        return self.policy.model(self.params["policy"], self.base["policy"])
+
+    def reference_model(self) -> CausalLM | PolicyWithValueHead:
+        """The reference: a frozen model, or the LoRA policy with its adapters off."""
+        if self.reference_is_policy:
+            return self.reference.model(self.params["policy"], self.base["policy"])
+        return self.reference.model()
 
     def critic_model(self) -> ScalarHeadModel | PolicyWithValueHead | None:
         """The current critic (the policy itself with a shared trunk; None with a critic-free
         estimator)."""
         if self.shared_trunk:
             return self.policy_model()
-        return None if self.critic is None else self.critic.model(self.params["critic"])
+        return None if self.critic is None else self.critic.model(self.params["critic"],
+                                                                  self.base["critic"])
 
     def reward_model(self) -> ScalarHeadModel | None:
         """The reward model scoring on device, None with a host reward."""
         return None if self.reward is None else self.reward.model()
 
-    def _models(self, params: Mapping[str, Any]) -> tuple[Any, Any]:
-        policy = self.policy.model(params["policy"])
+    def _models(self, params: Mapping[str, Any], base: Mapping[str, Any]) -> tuple[Any, Any]:
+        policy = self.policy.model(params["policy"], base["policy"])
         critic = (policy if self.shared_trunk else None if self.critic is None
-                  else self.critic.model(params["critic"]))
+                  else self.critic.model(params["critic"], base["critic"]))
         return policy, critic
 
     # ---- 2. generation ------------------------------------------------------------------------
@@ -217,10 +244,12 @@ class PPOTrainer(TrainerBase):
                         cache_sharding=self.parallel.kv_cache)
 
     # ---- 3. forward passes of the four roles ----------------------------------------------------
-    def _rollout_forward_impl(self, params, ref_params, rm_params, q, qm, r, rm):
+    def _rollout_forward_impl(self, params, base, ref_params, rm_params, q, qm, r, rm):
         cfg = self.config
-        policy, critic = self._models(params)
-        ref = self.reference.model(ref_params)
+        policy, critic = self._models(params, base)
+        # the reference: its own weights, or (ref_params None, LoRA) the policy's, adapters off
+        ref = (self.reference.model(params["policy"], base["policy"]) if ref_params is None
+               else self.reference.model(ref_params))
         if self.shared_trunk:
             logprobs, values = response_logprobs_and_values(policy, q, qm, r, rm, temperature=cfg.temperature,
                                                             chunk=cfg.logprob_chunk)
@@ -247,7 +276,7 @@ class PPOTrainer(TrainerBase):
         q, qm = self.parallel.batch((np.asarray(query_ids, np.int32), np.asarray(query_mask, np.int32)))
         r, rm = gen.response_ids.astype(jnp.int32), gen.response_mask.astype(jnp.int32)
         with metrics.phase_timer(times, "time/forward_s", block=lambda: jax.block_until_ready(out)):
-            out = self._rollout_forward(self.params, self.reference.params,
+            out = self._rollout_forward(self.params, self.base, self.reference.params,
                                         None if self.reward is None else self.reward.params,
                                         q, qm, r, rm)
         logprobs, ref_logprobs, values, scores = out
@@ -290,9 +319,9 @@ class PPOTrainer(TrainerBase):
                                 float(kl_coef))  # weakly typed: the log-probs' precision
 
     # ---- 5. the update phase: K epochs x M minibatches in one lax.scan --------------------------
-    def _loss(self, params, mb, weight):
+    def _loss(self, params, base, mb, weight):
         cfg = self.config
-        policy, critic = self._models(params)
+        policy, critic = self._models(params, base)
         args = (mb["query_ids"], mb["query_mask"], mb["response_ids"], mb["response_mask"])
         if self.shared_trunk:
             logprobs, values, entropy = response_logprobs_and_values(
@@ -331,7 +360,7 @@ class PPOTrainer(TrainerBase):
         stats["loss/total"] = loss
         return loss * weight, jax.tree.map(jax.lax.stop_gradient, stats)
 
-    def _minibatch_grads(self, params, batch, idx):
+    def _minibatch_grads(self, params, base, batch, idx):
         """Gradient and stats of one minibatch (rows `idx`), summed over its micro-batches."""
         cfg = self.config
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
@@ -341,7 +370,7 @@ class PPOTrainer(TrainerBase):
         def one(rows):
             mb = self.parallel.constrain_batch(jax.tree.map(lambda x: x[rows], batch))
             w = microbatch_weight(mb["response_mask"], cfg.loss_agg, total)
-            (_, stats), grads = grad_fn(params, mb, w)
+            (_, stats), grads = grad_fn(params, base, mb, w)  # d/d params: base stays frozen
             return grads, stats, w
 
         grads, stats, w = one(micro[0])
@@ -361,12 +390,12 @@ class PPOTrainer(TrainerBase):
         (grads, stats), _ = jax.lax.scan(accumulate, (grads, stats), micro[1:])
         return grads, stats
 
-    def _update_impl(self, params, opt_state, batch, minibatch_rows):
+    def _update_impl(self, params, opt_state, base, batch, minibatch_rows):
         cfg = self.config
 
         def step(carry, idx):
             params, opt_state = carry
-            grads, stats = self._minibatch_grads(params, batch, idx)
+            grads, stats = self._minibatch_grads(params, base, batch, idx)
             # one global-norm clip, AdamW; a non-finite loss or gradient skips this step
             params, opt_state, grad_norm, ok = guarded_step(self.tx, params, opt_state, grads,
                                                             stats["loss/total"],
@@ -385,8 +414,8 @@ class PPOTrainer(TrainerBase):
                                       ppo_epochs=cfg.ppo_epochs, num_minibatches=cfg.num_minibatches)
         keys = update_keys(cfg)
         arrays = self.parallel.batch({k: batch[k] for k in keys})
-        self.params, self.opt_state, stats = self._update(self.params, self.opt_state, arrays,
-                                                          self.parallel.replicated(rows))
+        self.params, self.opt_state, stats = self._update(self.params, self.opt_state, self.base,
+                                                          arrays, self.parallel.replicated(rows))
         return self.parallel.fetch(stats)
 
     # ---- one whole iteration ----------------------------------------------------------------
@@ -443,18 +472,18 @@ class PPOTrainer(TrainerBase):
             "generate": (make_generate_fn(graphdef, options, self.parallel.kv_cache),
                          (state, q, qm, key), (state,)),
             "rollout_forward": (self._rollout_forward,
-                                (self.params, self.reference.params, rm_params, q, qm, r, rm),
-                                (self.params, self.reference.params, rm_params)),
+                                (self.params, self.base, self.reference.params, rm_params, q, qm, r, rm),
+                                (self.params, self.base, self.reference.params, rm_params)),
             "advantages": (self._advantages, (batch((B,), f32), arrays["logprobs"],
                                               batch((B, N), f32), arrays["values"], rm, kl_coef), ()),
-            "update": (self._update, (self.params, self.opt_state, arrays, rows),
-                       (self.params, self.opt_state)),
+            "update": (self._update, (self.params, self.opt_state, self.base, arrays, rows),
+                       (self.params, self.opt_state, self.base)),
         }
 
     def resident_state(self) -> dict[str, Any]:
         """The arrays that live on the devices for the whole run: every role's weights and the
         optimiser state."""
-        return {"params": self.params, "opt_state": self.opt_state,
+        return {"params": self.params, "opt_state": self.opt_state, "base": self.base,
                 "reference": self.reference.params,
                 "reward": None if self.reward is None else self.reward.params}
 
@@ -462,21 +491,34 @@ class PPOTrainer(TrainerBase):
     def state_tensors(self) -> dict[str, Any]:
         return {"params": self.params, "opt_state": self.opt_state}
 
-    def save_policy(self, path: str | os.PathLike) -> None:
-        """The current policy in Hugging Face format (loads in `transformers` and both backends)."""
+    def save_policy(self, path: str | os.PathLike, *, merge: bool = False) -> None:
+        """The current policy in Hugging Face format (loads in `transformers` and both backends);
+        with LoRA on the policy, its PEFT adapter (`lora.save_adapter`: adapter_config.json,
+        whose base_model_name_or_path is the policy's base checkpoint dir, and
+        adapter_model.safetensors; `peft` and both backends' `load_adapter` read it) -- or with
+        merge=True the full checkpoint of the adapters merged into the base (`merge_adapters`)."""
         from ppo_jax.models import save_pretrained
+        from ppo_jax.models.lora import merge_adapters, save_adapter
 
         model = self.parallel.gathered(self.policy_model())  # several hosts: all gather ...
         if self.processes.is_main:                         # ... and process 0 writes
-            save_pretrained(model, path)
+            if model_options(model).lora and merge:
+                save_pretrained(merge_adapters(model), path)
+            elif model_options(model).lora:
+                save_adapter(model, path, base_model=self.policy_source)
+            else:
+                save_pretrained(model, path)
             self._save_tokenizer(path)
 
     def save_critic(self, path: str | os.PathLike) -> None:
+        """The critic in Hugging Face format; a LoRA critic merged (its head trains too: a full
+        checkpoint, not an adapter)."""
         from ppo_jax.models import save_pretrained
+        from ppo_jax.models.lora import merge_adapters
 
         model = self.parallel.gathered(self._critic_to_save())
         if self.processes.is_main:
-            save_pretrained(model, path)
+            save_pretrained(merge_adapters(model) if model_options(model).lora else model, path)
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         from ppo_jax.checkpoint import save_trainer_state

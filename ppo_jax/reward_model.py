@@ -43,6 +43,7 @@ from ppo_jax.models import (
     load_scalar_model,
     scalar_model_from_lm,
 )
+from ppo_jax.models.lora import trained_params
 from ppo_jax.optim import guarded_step, make_optimizer
 from ppo_jax.parallel import Placement, builds_on_host, placement
 from ppo_rlhf import hf_checkpoint as hfc
@@ -213,9 +214,11 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
         model = self._model_from(model, functools.partial(init_reward_model, seed=config.seed),
                                  ScalarHeadModel, MODEL_KIT)
         model.reward_gain, model.reward_bias = 1.0, 0.0  # train the raw head
-        self._def, params, rest = nnx.split(model, nnx.Param, ...)
+        # trained: every weight, or with LoRA the adapters (+ a reward head); a LoRA model's base
+        # weights ride in _rest, placed by the parameter rule
+        self._def, params, base, rest = nnx.split(model, trained_params(model), nnx.Param, ...)
         self.params = self.parallel.params(params)
-        self._rest = jax.tree.map(self.parallel.replicated, rest)
+        self._rest = nnx.merge_state(self.parallel.params(base), jax.tree.map(self.parallel.replicated, rest))
         self.tx, self._step, self._score_fn, self._losses = compiled_steps(
             self._def, config.loss, config.ties, config.max_grad_norm, config.adam_eps,
             config.weight_decay, self.parallel.mesh)
@@ -272,8 +275,9 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
         }
 
     def resident_state(self) -> dict[str, Any]:
-        """The arrays that live on the devices for the whole run: the weights and AdamW state."""
-        return {"params": self.params, "opt_state": self.opt_state}
+        """The arrays that live on the devices for the whole run: the trained weights, their AdamW
+        state and the rest of the model (with LoRA: the frozen base weights)."""
+        return {"params": self.params, "opt_state": self.opt_state, "rest": self._rest}
 
     # ---- weights out -------------------------------------------------------------------------------
     def set_normalisation(self, gain: float, bias: float) -> None:

@@ -37,6 +37,7 @@ from ppo_jax.abstract import evaluate
 from ppo_jax.checkpoint import SupervisedCheckpoint
 from ppo_jax.losses import logprobs_from_logits
 from ppo_jax.models import MODEL_KIT, CausalLM, load_pretrained
+from ppo_jax.models.lora import trained_params
 from ppo_jax.optim import guarded_step, make_optimizer
 from ppo_jax.parallel import Placement, builds_on_host, placement
 from ppo_rlhf.config import SFTConfig
@@ -116,9 +117,11 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
         # a checkpoint dir with a mesh: loaded straight onto its shards (no whole host copy)
         model = self._model_from(model, functools.partial(load_pretrained, mesh=self.parallel.mesh),
                                  CausalLM, MODEL_KIT)
-        self._def, params, rest = nnx.split(model, nnx.Param, ...)
+        # trained: every weight, or with LoRA the adapters (+ a reward head); a LoRA model's base
+        # weights ride in _rest, placed by the parameter rule
+        self._def, params, base, rest = nnx.split(model, trained_params(model), nnx.Param, ...)
         self.params = self.parallel.params(params)
-        self._rest = jax.tree.map(self.parallel.replicated, rest)
+        self._rest = nnx.merge_state(self.parallel.params(base), jax.tree.map(self.parallel.replicated, rest))
         self.tx, self._step, self._evaluate = compiled_steps(
             self._def, config.max_grad_norm, config.adam_eps, config.weight_decay, self.parallel.mesh)
         self._init_optimizer(0)
@@ -159,8 +162,9 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
         }
 
     def resident_state(self) -> dict[str, Any]:
-        """The arrays that live on the devices for the whole run: the weights and AdamW state."""
-        return {"params": self.params, "opt_state": self.opt_state}
+        """The arrays that live on the devices for the whole run: the trained weights, their AdamW
+        state and the rest of the model (with LoRA: the frozen base weights)."""
+        return {"params": self.params, "opt_state": self.opt_state, "rest": self._rest}
 
 
 def train_sft(model: Any, train: Iterable[Any], eval: Iterable[Any] | None = None, *,

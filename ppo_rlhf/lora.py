@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -115,6 +116,16 @@ def scaling(rank: int, alpha: float) -> float:
     return float(alpha) / rank
 
 
+def init_lora_a(module: str, rank: int, in_features: int) -> np.ndarray:
+    """The initial A [rank, in] (nn.Linear layout) of the adapter on the HF module `module`
+    (e.g. 'model.layers.0.self_attn.q_proj'): uniform in +-1/sqrt(in) -- peft's kaiming-uniform
+    bound -- drawn with numpy from a seed fixed by the module's name, so both cores start from
+    the same adapters (as `hf_checkpoint.init_score_head` does for a fresh head); B starts at 0."""
+    bound = 1.0 / np.sqrt(in_features)
+    seed = zlib.crc32(module.encode())
+    return np.random.default_rng(seed).uniform(-bound, bound, (rank, in_features)).astype(np.float32)
+
+
 def peft_config(*, model_type: str, rank: int, alpha: float, dropout: float,
                 modules: Iterable[str], base_model: str | None = None,
                 task_type: str = "CAUSAL_LM") -> dict[str, Any]:
@@ -156,6 +167,65 @@ def write_adapter(path: PathLike, config: Mapping[str, Any], tensors: Mapping[st
     return path
 
 
+def save_model_adapter(path: PathLike, *, model_type: str, options: Any, scalar: bool,
+                       tensors: Mapping[str, np.ndarray], base_model: str | None = None) -> Path:
+    """Both cores' `save_adapter`: a model's adapters (`tensors`, named without the PEFT prefix)
+    as a PEFT adapter dir, its config from the model's `options` (a `ModelOptions`); `scalar`: a
+    scalar-head model (peft's SEQ_CLS task), else a causal LM."""
+    if not options.lora:
+        raise ValueError("save_adapter: the model has no LoRA adapters (built with lora_rank=0)")
+    config = peft_config(model_type=model_type, rank=options.lora_rank, alpha=options.lora_alpha,
+                         dropout=options.lora_dropout, modules=lora_modules(model_type, options.lora_targets),
+                         base_model=base_model, task_type="SEQ_CLS" if scalar else "CAUSAL_LM")
+    return write_adapter(path, config, {PEFT_PREFIX + k: v for k, v in tensors.items()})
+
+
+def adapter_options(path: PathLike, base: PathLike, options: Any = None) -> Any:
+    """`options` (a `ModelOptions`; default the defaults) with the LoRA fields of the PEFT adapter
+    at `path` for the base checkpoint `base` (its model_type): rank, alpha and the targets whose
+    modules hold adapters."""
+    import dataclasses
+
+    from ppo_rlhf import hf_checkpoint as hfc
+    from ppo_rlhf.config import ModelOptions
+
+    config, tensors = read_adapter(path)
+    return dataclasses.replace(options or ModelOptions(), lora_rank=int(config["r"]),
+                               lora_alpha=float(config["lora_alpha"]),
+                               lora_targets=targets_of(hfc.read_config(base)["model_type"], tensors))
+
+
+def adapter_dir_options(path: PathLike, base: PathLike, options: Any) -> Any:
+    """Both cores' `load_pretrained(<adapter dir>)`: the options to build the base with --
+    `options` with the adapter's LoRA fields; CheckpointError when `options` asked for other
+    LoRA fields than the adapter has."""
+    from ppo_rlhf.errors import CheckpointError
+
+    built = options if options is not None and options.lora else None
+    options = adapter_options(path, base, options)
+    if built is not None and built != options:
+        raise CheckpointError(f"{path}: adapter r={options.lora_rank}, lora_alpha={options.lora_alpha}, "
+                              f"targets {options.lora_targets}; asked for lora_rank={built.lora_rank}, "
+                              f"lora_alpha={built.lora_alpha}, lora_targets={built.lora_targets}")
+    return options
+
+
+def adapter_base(path: PathLike) -> Path | None:
+    """The base checkpoint dir of the PEFT adapter dir `path` (its adapter_config.json's
+    base_model_name_or_path), None when `path` is not an adapter dir (it holds config.json, or
+    no adapter_config.json); CheckpointError when the adapter names no base dir that exists."""
+    from ppo_rlhf.errors import CheckpointError
+
+    path = Path(path)
+    if (path / "config.json").is_file() or not (path / ADAPTER_CONFIG).is_file():
+        return None
+    base = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise CheckpointError(f"{path}: a PEFT adapter whose base_model_name_or_path {base!r} is not a "
+                              f"checkpoint dir (load its base and `load_adapter` it)")
+    return Path(base)
+
+
 def read_adapter(path: PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(adapter_config.json, {tensor name without the PEFT prefix and adapter name: array}) of a
     PEFT adapter dir, e.g. 'transformer.h.0.attn.c_attn.lora_A.weight' [rank, in]. Refuses
@@ -189,4 +259,5 @@ def read_adapter(path: PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]
 
 __all__ = ["LORA_TARGETS", "DEFAULT_LORA_TARGETS", "LORA_ROLES", "LORA_MODULES", "ADAPTER_CONFIG",
            "ADAPTER_WEIGHTS", "PEFT_PREFIX", "check_lora_options", "lora_targets", "lora_modules",
-           "targets_of", "scaling", "peft_config", "check_adapter_fits", "write_adapter", "read_adapter"]
+           "targets_of", "scaling", "init_lora_a", "peft_config", "check_adapter_fits", "write_adapter", "read_adapter",
+           "adapter_base", "save_model_adapter", "adapter_options", "adapter_dir_options"]

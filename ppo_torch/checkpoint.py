@@ -3,10 +3,13 @@
 A checkpoint directory (made atomic by `ppo_rlhf.runtime.checkpoints.CheckpointManager`, which also writes the
 trainer state -- iteration, KL coefficient, counters, config -- and a checksummed manifest) holds:
 
-    state/model.safetensors   policy (+ critic) parameters, keys "policy.*" / "critic.*"
+    state/model.safetensors   the trained policy (+ critic) parameters, keys "policy.*" /
+                              "critic.*": with LoRA only the adapters (+ a LoRA critic's head),
+                              the base weights being the policy's checkpoint, reloaded on resume
     state/optimizer.pt        the AdamW state (torch.save; loaded with weights_only=True)
     policy/                   the policy in Hugging Face format (+ tokenizer), loadable by
-                              `transformers`, `ppo-rlhf eval` and either backend
+                              `transformers`, `ppo-rlhf eval` and either backend; with LoRA its
+                              PEFT adapter, pointing to its base (`PPOTrainer.save_policy`)
 
 Prompt order, minibatch order and sampling seeds are functions of (seed, iteration), so the
 iteration number is all the "data position" and RNG state a resume needs.
@@ -35,7 +38,8 @@ def _named_params(trainer: Any) -> dict[str, torch.nn.Parameter]:
         modules["critic"] = trainer.critic
     for prefix, m in modules.items():
         for name, p in m.named_parameters(remove_duplicate=True):
-            out[f"{prefix}.{name}"] = p
+            if p.requires_grad:  # what is trained (with LoRA: the adapters, not the base)
+                out[f"{prefix}.{name}"] = p
     return out
 
 
@@ -81,13 +85,9 @@ def load_trainer_state(trainer: Any, path: str | os.PathLike) -> None:
         raise CheckpointError(f"{path}: parameter names differ from this trainer's "
                                 f"(missing {sorted(set(current) - set(tensors))[:5]}, "
                                 f"unexpected {sorted(set(tensors) - set(current))[:5]})")
-    modules = {"policy": trainer.policy, "critic": trainer.critic}
     with torch.no_grad():
-        for prefix, m in modules.items():
-            if m is None:
-                continue
-            for name, p in m.named_parameters(remove_duplicate=True):
-                p.copy_(trainer.parallel.shard_like(tensors[f"{prefix}.{name}"].to(p.device, p.dtype), p))
+        for key, p in current.items():
+            p.copy_(trainer.parallel.shard_like(tensors[key].to(p.device, p.dtype), p))
     params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
     for i, s in opt["state"].items():  # FSDP2: AdamW's moments are sharded like their parameter
         s.update({k: trainer.parallel.shard_like(v, params[int(i)]) for k, v in s.items()
@@ -110,16 +110,18 @@ class SupervisedCheckpoint:
     def save_model(self, path: str | os.PathLike) -> None:
         """The trained model (a reward model with its gain / bias) + tokenizer as a Hugging Face
         checkpoint: loads in both backends and in transformers."""
-        from ppo_torch.models import save_pretrained
+        from ppo_torch.models import model_options, save_pretrained
+        from ppo_torch.models.lora import merge_adapters
 
-        save_pretrained(self.model(), path)
+        model = self.model()  # with LoRA: merged, a full checkpoint the next stage loads
+        save_pretrained(merge_adapters(model) if model_options(model).lora else model, path)
         self._save_tokenizer(path)
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         state = Path(path) / "state"
         state.mkdir(parents=True, exist_ok=True)
-        save_file({n: p.detach().cpu().contiguous() for n, p in self._model.named_parameters()},
-                  str(state / "model.safetensors"))
+        save_file({n: p.detach().cpu().contiguous() for n, p in self._model.named_parameters()
+                   if p.requires_grad}, str(state / "model.safetensors"))  # what is trained
         torch.save(self.optimizer.state_dict(), state / "optimizer.pt")
         self.save_model(Path(path) / "model")
 
@@ -127,5 +129,6 @@ class SupervisedCheckpoint:
         tensors, opt = _read_state(path, self.device)
         with torch.no_grad():
             for name, p in self._model.named_parameters():
-                p.copy_(tensors[name].to(p.device, p.dtype))
+                if p.requires_grad:  # what is trained (LoRA: the adapters, the base reloaded)
+                    p.copy_(tensors[name].to(p.device, p.dtype))
         self.optimizer.load_state_dict(opt)

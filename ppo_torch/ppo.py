@@ -31,8 +31,11 @@ minibatch, and N ranks compute what one process computes (`ppo_torch/parallel.py
 of it is); distributed=None is one process.
 
 Implementation details, each a config field (see `ppo_rlhf.config.PPOConfig`): the reference is
-a frozen copy of the initial policy; log-probs are recomputed with a full forward pass after
-sampling (not taken from the sampler, so the first minibatch step starts at ratio == 1 exactly);
+a frozen copy of the initial policy -- with LoRA on the policy (`lora_rank`, `lora_roles`), the
+policy's own base weights with its adapters off (`adapters_disabled`: no second copy), and only
+the adapters are trained (and a LoRA critic's adapters and head); log-probs are recomputed with
+a full forward pass after sampling (not taken from the sampler, so the first minibatch step
+starts at ratio == 1 exactly);
 the critic is separate (initialised from the reward model when one is given, as TRL) unless the
 policy is a `PolicyWithValueHead` (shared trunk); policy and critic share one AdamW and one
 global-norm gradient clip over both (as TRL's PolicyAndValueWrapper). Dropout is off everywhere.
@@ -40,6 +43,7 @@ global-norm gradient clip over both (as TRL's PolicyAndValueWrapper). Dropout is
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -68,11 +72,13 @@ from ppo_torch.models import (
     CausalLM,
     PolicyWithValueHead,
     ScalarHeadModel,
+    model_options,
     response_logprobs,
     response_logprobs_and_values,
     response_values,
     sequence_scores,
 )
+from ppo_torch.models.lora import adapters_disabled
 from ppo_torch.optim import guarded_step, make_optimizer
 from ppo_torch.parallel import setup as setup_distributed
 
@@ -101,7 +107,8 @@ class PPOTrainer(TrainerBase):
                   with your own prompts.
     config     -- `PPOConfig`.
     reference  -- dir or `CausalLM`; default: a frozen copy of the initial policy -- also when
-                  `reference` is the policy object itself (else it would move with the policy).
+                  `reference` is the policy object itself (else it would move with the policy);
+                  with LoRA on the policy, the policy with its adapters off (no copy).
     critic     -- dir or `ScalarHeadModel`; default: the reward model's weights when the reward is
                   a model (TRL), else the policy's backbone with a fresh head (seeded).
     tokenizer  -- a `transformers` tokenizer or its dir; default: the policy dir's.
@@ -137,7 +144,9 @@ class PPOTrainer(TrainerBase):
         # the roles, each model built with its options (`ppo_rlhf.runtime.roles`), placed here
         roles = self._compose_roles(MODEL_KIT, policy, reward, reference=reference, critic=critic, dtype=dtype)
         self.policy = roles.policy.to(self.device)
-        self.reference = roles.reference.to(self.device).requires_grad_(False)
+        # None with LoRA on the policy: the reference is the policy with its adapters off
+        self.reference = (None if roles.reference is None
+                          else roles.reference.to(self.device).requires_grad_(False))
         self.critic = None if roles.critic is None else roles.critic.to(self.device)
         self.reward = (None if roles.reward_model is None
                        else roles.reward_model.to(self.device).requires_grad_(False))
@@ -160,13 +169,32 @@ class PPOTrainer(TrainerBase):
         return [m for m in (self.policy, self.reference, self.critic, self.reward) if m is not None]
 
     def _trainable(self) -> list[torch.nn.Parameter]:
+        """What the optimiser trains: the parameters of policy and critic that require grad --
+        all of them, or with LoRA the adapters (and a critic's head: `lora.apply_lora`)."""
         params = list(self.policy.parameters())
         if self.critic is not None:
             params += list(self.critic.parameters())
         return [p for p in params if p.requires_grad]
 
+    @property
+    def reference_is_policy(self) -> bool:
+        """Is the reference the policy with its LoRA adapters off (no weights of its own)?"""
+        return self.reference is None
+
+    def _reference(self) -> contextlib.AbstractContextManager:
+        """A block in which the yielded model computes the reference: the frozen model, or the
+        LoRA policy with its adapters off (restored on exit)."""
+        if self.reference_is_policy:
+            return adapters_disabled(self.policy)
+        return contextlib.nullcontext(self.reference)
+
     def policy_model(self) -> CausalLM | PolicyWithValueHead:
         return self.policy
+
+    def reference_model(self) -> CausalLM | PolicyWithValueHead:
+        """The reference: a frozen model, or (LoRA) the policy -- call it inside
+        `adapters_disabled(trainer.reference_model())` for the reference's outputs."""
+        return self.policy if self.reference_is_policy else self.reference
 
     def critic_model(self) -> ScalarHeadModel | PolicyWithValueHead | None:
         """The critic (the policy itself with a shared trunk; None with a critic-free
@@ -207,8 +235,9 @@ class PPOTrainer(TrainerBase):
             # critic-free: no values (zeros keep the rollout's layout)
             values = (torch.zeros(r.shape, dtype=torch.float32, device=r.device) if critic is None
                       else response_values(critic, q, qm, r, rm))
-        ref_logprobs = response_logprobs(self.reference, q, qm, r, rm, temperature=cfg.temperature,
-                                         chunk=cfg.logprob_chunk)
+        with self._reference() as ref:  # its own weights, or the LoRA policy's, adapters off
+            ref_logprobs = response_logprobs(ref, q, qm, r, rm, temperature=cfg.temperature,
+                                             chunk=cfg.logprob_chunk)
         if self.reward is None:
             scores = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
         else:
@@ -380,21 +409,34 @@ class PPOTrainer(TrainerBase):
         return self._collect_stats(iteration, batch, adv, update_stats, kl_coef, times)
 
     # ---- weights out ---------------------------------------------------------------------------
-    def save_policy(self, path: str | os.PathLike) -> None:
-        """The current policy in Hugging Face format (loads in `transformers` and both backends)."""
+    def save_policy(self, path: str | os.PathLike, *, merge: bool = False) -> None:
+        """The current policy in Hugging Face format (loads in `transformers` and both backends);
+        with LoRA on the policy, its PEFT adapter (`lora.save_adapter`: adapter_config.json,
+        whose base_model_name_or_path is the policy's base checkpoint dir, and
+        adapter_model.safetensors; `peft` and both backends' `load_adapter` read it) -- or with
+        merge=True the full checkpoint of the adapters merged into the base (`merge_adapters`)."""
         from ppo_torch.models import save_pretrained
+        from ppo_torch.models.lora import merge_adapters, save_adapter
 
         model = self.parallel.full_model(self.policy)  # FSDP2: all ranks gather ...
         if self.processes.is_main:                 # ... and rank 0 writes
-            save_pretrained(model, path)
+            if model_options(model).lora and merge:
+                save_pretrained(merge_adapters(model), path)
+            elif model_options(model).lora:
+                save_adapter(model, path, base_model=self.policy_source)
+            else:
+                save_pretrained(model, path)
             self._save_tokenizer(path)
 
     def save_critic(self, path: str | os.PathLike) -> None:
+        """The critic in Hugging Face format; a LoRA critic merged (its head trains too: a full
+        checkpoint, not an adapter)."""
         from ppo_torch.models import save_pretrained
+        from ppo_torch.models.lora import merge_adapters
 
         model = self.parallel.full_model(self._critic_to_save())
         if self.processes.is_main:
-            save_pretrained(model, path)
+            save_pretrained(merge_adapters(model) if model_options(model).lora else model, path)
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         from ppo_torch.checkpoint import save_trainer_state

@@ -186,6 +186,17 @@ CASES = [
          ("PPOConfig: unknown field(s) ['kl_coeff']",)),
     Case("train-config-file-not-json", lambda i, o, b: _train(i, o, b, "--config", i / "config.json"),
          ("--config", "config.json': not valid JSON",)),
+    Case("train-lora-negative-rank", lambda i, o, b: _train(i, o, b, "--lora-rank", "-1"),
+         ("PPOConfig.lora_rank=-1 is invalid: allowed an integer >= 0",)),
+    Case("train-lora-unknown-target", lambda i, o, b: _train(i, o, b, "--lora-rank", "2", "--lora-targets",
+                                                             "q,query"),
+         ("PPOConfig.lora_targets=('q', 'query') is invalid: allowed distinct names among q, k, v",)),
+    Case("train-lora-target-not-in-the-model", lambda i, o, b: _train(i, o, b, "--lora-rank", "2",
+                                                                      "--lora-targets", "q,gate"),
+         ("--lora-targets: lora_targets ['gate'] do not exist in a gpt2 model",)),
+    Case("train-lora-on-a-critic-not-built", lambda i, o, b: _train(
+         i, o, b, "--lora-rank", "2", "--lora-roles", "policy,critic", "--set", "advantage_estimator=grpo",
+         "--set", "num_generations=2"), ("no 'critic' with advantage_estimator='grpo'",)),
     Case("train-negative-checkpoint-every", lambda i, o, b: _train(i, o, b, "--checkpoint-every", "-1"),
          ("--checkpoint-every -1: must be >= 0",)),
     Case("train-reward-fn-not-importable", lambda i, o, b: _train(
@@ -591,3 +602,19 @@ def test_nan_stop_keeps_the_last_checkpoint_and_resume_works(backend, inputs, re
     train(backend, ckpt, prompts, run, "--iterations", "4", "--checkpoint-every", "1",
           "--set", "max_bad_updates=4", "--resume")
     assert metrics(run) == metrics(reference_run(backend))
+
+
+def test_cli_train_with_lora_writes_the_peft_adapter(inputs, tmp_path):
+    """`--set lora_rank=R` (or --lora-rank R) with --lora-alpha / --lora-targets: OUT/policy is a
+    PEFT adapter whose adapter_config.json names --policy as its base."""
+    run = tmp_path / "run"
+    train("torch", inputs / "gpt2", inputs / "prompts.txt", run, "--iterations", "1",
+          "--set", "lora_rank=2", "--lora-alpha", "4", "--lora-targets", "q,o", "--merge")
+    config = json.loads((run / "policy" / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["lora_alpha"] == 4.0
+    assert config["target_modules"] == ["attn.c_attn", "attn.c_proj"]
+    assert config["base_model_name_or_path"] == str((inputs / "gpt2").absolute())
+    assert (run / "policy" / "adapter_model.safetensors").is_file()
+    assert not (run / "policy" / "model.safetensors").exists()
+    assert (run / "policy-merged" / "model.safetensors").is_file()  # --merge: a full checkpoint
+    cli(*_eval(inputs, tmp_path, "torch", policy=run / "policy"))  # an adapter dir loads as a policy

@@ -197,3 +197,193 @@ def test_rebuild_keeps_adapters_and_loading_is_strict(tiny_checkpoint, tmp_path,
     with pytest.raises(CheckpointError, match=r"missing .*k_proj"):
         lora.load_adapter(models.load_pretrained(path, options=ModelOptions(
             lora_rank=2, lora_alpha=4.0, lora_targets=("q", "k", "v", "up"))), tmp_path / "a")
+
+
+# ---- PPO with LoRA on the policy ----------------------------------------------------------------
+def _optimised(trainer) -> tuple[set, int]:
+    """(the names of the parameters the trainer's optimiser updates, the number of its float
+    state entries -- AdamW's moments)."""
+    if trainer.backend == "jax":
+        names = {f"{role}." + ".".join(map(str, p)) for role, tree in trainer.params.items()
+                 for p, _ in nnx.to_flat_state(tree)}
+        moments = sum(np.size(x) for x in jax.tree.leaves(trainer.opt_state) if np.ndim(x) > 0)
+        return names, moments
+    ids = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    names = {f"{role}.{n}" for role, m in (("policy", trainer.policy), ("critic", trainer.critic))
+             if m is not None for n, p in m.named_parameters() if id(p) in ids}
+    moments = sum(v.numel() for s in trainer.optimizer.state.values() for v in s.values() if v.dim() > 0)
+    return names, moments
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_ppo_trains_the_adapters_and_the_policys_base_is_the_reference(tiny_checkpoint, tmp_path, backend):
+    """LoRA on policy and critic: the optimiser holds their adapters and the critic's score head
+    only (no gradient, no AdamW moment for a base weight); an update leaves every base weight
+    bit-identical while adapters and head move; the reference -- no model of its own -- gives the
+    log-probs of a separately loaded base model, not the policy's; the merged checkpoints
+    (`save_policy(merge=True)`, `save_critic`) compute what the LoRA models compute."""
+    from tests.helpers import make_trainer
+
+    models, lora = (jm, jl) if backend == "jax" else (tm, tl)
+    ckpt = tiny_checkpoint("llama")
+    t = make_trainer(backend, ckpt, lora_rank=2, lora_alpha=4.0, lora_targets=("q", "v"),
+                     lora_roles=("policy", "critic"), learning_rate=3e-2,
+                     **({"device": "cpu"} if backend == "torch" else {}))
+    assert t.reference_is_policy and models.model_options(t.critic_model()).lora
+    policy, critic = t.policy_model(), t.critic_model()
+    adapters = {**lora.adapter_tensors(policy), **{"critic." + k: v for k, v in lora.adapter_tensors(critic).items()}}
+    base = {**models.model_tensors(policy), **{"critic." + k: v for k, v in models.model_tensors(critic).items()}}
+    t.step()
+    names, moments = _optimised(t)
+    assert names and all("lora_" in n for n in names if n.startswith("policy.")), sorted(names)[:4]
+    heads = {n for n in names if n.startswith("critic.") and "lora_" not in n}
+    assert len(heads) == 1 and "score" in heads.pop()
+    head = "critic.score.weight"
+    assert moments == 2 * (sum(v.size for v in adapters.values()) + base[head].size)  # mu and nu
+    policy, critic = t.policy_model(), t.critic_model()
+    after = {**models.model_tensors(policy), **{"critic." + k: v for k, v in models.model_tensors(critic).items()}}
+    assert after.keys() == base.keys()
+    assert all(np.array_equal(after[k], base[k]) for k in base if k != head)
+    assert np.abs(after[head] - base[head]).max() > 1e-4
+    moved = {**lora.adapter_tensors(policy), **{"critic." + k: v for k, v in lora.adapter_tensors(critic).items()}}
+    for who in ("model.", "critic."):
+        assert max(np.abs(moved[k] - adapters[k]).max() for k in adapters
+                   if k.startswith(who) and ".lora_B." in k) > 1e-4
+
+    q = np.array([[0, 0, 5, 9, 2, 7, 1, 3], [4, 4, 8, 2, 2, 6, 7, 9]] * 2)
+    qm = (np.arange(8) >= np.array([[2], [0]] * 2)).astype(np.int32)
+    batch = t.rollout(q, qm, iteration=1)
+    base_lm = models.load_pretrained(ckpt)
+    args = [batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask]
+    if backend == "jax":
+        want = np.asarray(models.response_logprobs(base_lm, *map(jnp.asarray, args), temperature=t.config.temperature))
+    else:
+        with torch.no_grad():
+            want = models.response_logprobs(base_lm, *(torch.from_numpy(np.asarray(a)).long() for a in args),
+                                            temperature=t.config.temperature).numpy()
+    real = batch.response_mask.astype(bool)
+    np.testing.assert_allclose(batch.ref_logprobs[real], want[real], rtol=0, atol=2e-5)
+    assert np.abs(batch.logprobs - batch.ref_logprobs)[real].max() > 1e-3  # the adapters count
+
+    t.save_policy(tmp_path / "merged", merge=True)  # a full checkpoint: the adapters merged in
+    merged = models.load_pretrained(tmp_path / "merged")
+    logits = _jax_logits if backend == "jax" else _torch_logits
+    assert not models.model_options(merged).lora
+    np.testing.assert_allclose(logits(merged), logits(policy), rtol=0, atol=2e-5)
+    t.save_critic(tmp_path / "critic")  # merged: a plain scalar model with the critic's values
+    saved = models.load_scalar_model(tmp_path / "critic")
+    if backend == "jax":
+        got, want = (np.asarray(m.values(jnp.asarray(IDS), jnp.asarray(MASK))) for m in (saved, critic))
+    else:
+        with torch.no_grad():
+            got, want = (m.values(torch.from_numpy(IDS), torch.from_numpy(MASK)).numpy() for m in (saved, critic))
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_ppo_lora_checkpoints_hold_what_is_trained_and_resume_exactly(tiny_checkpoint, tmp_path, backend):
+    """With LoRA on the policy a checkpoint holds the adapters (and the full critic), not the
+    base; its policy/ is a PEFT adapter pointing to the base checkpoint, which loads back onto
+    the base with the trained policy's logits; a run resumed from it ends where an uninterrupted
+    run ends, bit for bit."""
+    from parity_tests.ppo_inputs import weights
+    from tests.helpers import make_trainer
+
+    models, lora = (jm, jl) if backend == "jax" else (tm, tl)
+    ckpt = tiny_checkpoint("llama")
+    kw = dict(lora_rank=2, lora_targets=("q", "v"), learning_rate=1e-2,
+              **({"device": "cpu"} if backend == "torch" else {}))
+    logits = _jax_logits if backend == "jax" else _torch_logits
+    straight = make_trainer(backend, ckpt, **kw)
+    straight.train(1, progress=False)
+    at_one = logits(straight.policy_model())
+    straight.train(2, progress=False)
+    out = tmp_path / "run"
+    make_trainer(backend, ckpt, out_dir=out, checkpoint_every=1, **kw).train(1, progress=False)
+    [saved] = [p for p in (out / "checkpoints").iterdir() if p.is_dir()]
+    if backend == "torch":
+        from safetensors.numpy import load_file
+        keys = load_file(str(saved / "state" / "model.safetensors")).keys()
+        assert keys and all(".lora_" in k or k.startswith("critic.") for k in keys), sorted(keys)[:4]
+    policy_dir = saved / "policy"
+    assert not (policy_dir / "model.safetensors").exists()
+    config = json.loads((policy_dir / lr.ADAPTER_CONFIG).read_text())
+    assert config["base_model_name_or_path"] == str(ckpt.absolute())
+    loaded = lora.load_adapter(models.load_pretrained(ckpt, options=lora.adapter_options(policy_dir, ckpt)),
+                               policy_dir)
+    direct = models.load_pretrained(policy_dir)  # an adapter dir: its base (the pointer) + the adapter
+    with pytest.raises(CheckpointError, match="adapter r=2.*asked for lora_rank=4"):
+        models.load_pretrained(policy_dir, options=ModelOptions(lora_rank=4))
+
+    resumed = make_trainer(backend, ckpt, out_dir=out, **kw)
+    resumed.train(2, resume=True, progress=False)
+    assert [h["iteration"] for h in resumed.history] == [1]
+    a, b = weights(resumed), weights(straight)
+    assert a.keys() == b.keys() and any(".lora_B." in k for k in a)
+    assert all(np.array_equal(a[k], b[k]) for k in a), [k for k in a if not np.array_equal(a[k], b[k])][:4]
+    np.testing.assert_allclose(logits(loaded), at_one, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(logits(direct), logits(loaded))
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_reward_model_and_sft_trainers_train_the_adapters(tiny_checkpoint, tmp_path, backend):
+    """RMConfig / SFTConfig with lora_rank: the trainers train the adapters (and the reward
+    model's head) only, the base weights stay as loaded, and the saved model is the merged full
+    checkpoint, computing what the LoRA model computes."""
+    import importlib
+
+    from ppo_rlhf.config import RMConfig, SFTConfig
+    from tests.test_reward_model import toy_pairs
+
+    models, lora = (jm, jl) if backend == "jax" else (tm, tl)
+    rm_mod = importlib.import_module(f"ppo_{backend}.reward_model")
+    sft_mod = importlib.import_module(f"ppo_{backend}.sft")
+    ckpt = tiny_checkpoint("llama")
+    lora_kw = dict(lora_rank=2, lora_targets=("q", "v"), learning_rate=1e-2, lr_schedule="constant",
+                   batch_size=4, max_length=24)
+    rm = rm_mod.RewardModelTrainer(str(ckpt), RMConfig(num_epochs=1, **lora_kw))
+    sft = sft_mod.SFTTrainer(str(ckpt), SFTConfig(num_steps=2, **lora_kw))
+    for t, fit in ((rm, lambda: rm.fit(toy_pairs(8), progress=False)),
+                   (sft, lambda: sft.fit(["a b c d e f", "g h i", "j k l m", "n o p"] * 2, progress=False))):
+        model = t.model()
+        assert models.model_options(model).lora
+        base, adapters = models.model_tensors(model), lora.adapter_tensors(model)
+        fit()
+        model = t.model()
+        after, moved = models.model_tensors(model), lora.adapter_tensors(model)
+        changed = sorted(k for k in base if not np.array_equal(after[k], base[k]))
+        assert changed == (["score.weight"] if t is rm else []), changed
+        assert max(np.abs(moved[k] - adapters[k]).max() for k in adapters if ".lora_B." in k) > 1e-4
+        t.save_model(tmp_path / type(t).__name__)
+        saved = (models.load_scalar_model if t is rm else models.load_pretrained)(tmp_path / type(t).__name__)
+        assert not models.model_options(saved).lora
+        if backend == "jax":
+            got, want = (np.asarray(m(jnp.asarray(IDS), attention_mask=jnp.asarray(MASK))) for m in (saved, model))
+        else:
+            with torch.no_grad():
+                got, want = (m(torch.from_numpy(IDS), attention_mask=torch.from_numpy(MASK)).numpy()
+                             for m in (saved, model))
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_ppo_shared_trunk_with_lora_trains_adapters_and_value_head(tiny_checkpoint, backend):
+    """A PolicyWithValueHead built with LoRA: the adapters and the value head are trained, the
+    trunk's base weights stay as loaded, the reference is the trunk with its adapters off."""
+    from ppo_rlhf import PPOConfig
+    from tests.helpers import make_trainer
+
+    models = jm if backend == "jax" else tm
+    ckpt = tiny_checkpoint("llama")
+    kw = dict(lora_rank=2, lora_targets=("q", "v"), learning_rate=1e-2)
+    policy = models.load_pretrained(ckpt, with_value_head=True, seed=3,
+                                    options=PPOConfig(**kw).model_options("policy"))
+    t = make_trainer(backend, ckpt, policy=policy, tokenizer=str(ckpt), **kw,
+                     **({"device": "cpu"} if backend == "torch" else {}))
+    assert t.shared_trunk and t.reference_is_policy
+    base = models.model_tensors(t.policy_model())
+    t.step()
+    names, _ = _optimised(t)
+    assert {n for n in names if "lora_" not in n} in ({"policy.value_head.kernel"}, {"policy.value_head.weight"})
+    after = models.model_tensors(t.policy_model())
+    assert all(np.array_equal(after[k], base[k]) for k in base)

@@ -105,6 +105,22 @@ def test_plan_tiny_rm_and_sft_step_v5e(tmp_path, capsys, trainer):
     assert "verdict: FITS" in capsys.readouterr().out
 
 
+def test_plan_shows_lora_memory(tmp_path):
+    """With LoRA (`--set lora_rank=R`) the plan holds the frozen base weights (4 bytes a parameter,
+    no AdamW state) and the adapters with their moments, not 12 bytes for every parameter."""
+    from ppo_jax.plan import plan_sft
+    from ppo_rlhf import SFTConfig
+
+    model = str(_write(tmp_path, "tiny", TINY))
+    plan = plan_sft(model, SFTConfig(batch_size=8, max_length=32, lora_rank=8), topology="v5e:2x2")
+    n = qwen2_params(TINY)
+    h, L = TINY["hidden_size"], TINY["num_hidden_layers"]
+    kv = TINY["num_key_value_heads"] * h // TINY["num_attention_heads"]
+    adapters = L * 8 * ((h + h) + (h + kv))  # rank 8 on q and v (the default targets): A and B
+    assert plan.fits
+    assert (4 * n + 12 * adapters) / CHIPS <= plan.resident_state_bytes <= 4 * n + 12 * adapters
+
+
 @pytest.mark.parametrize("trainer", ["rm", "sft"])
 def test_plan_rm_and_sft_too_large_batch_is_exit_1(tmp_path, capsys, trainer):
     # a wide MLP: 1024 groups x 2 x 256 tokens (sft: 1024 x 256) of [tokens, 16384] float32

@@ -42,3 +42,27 @@ def test_readme_python_example_runs(backend, tmp_path, monkeypatch):
     assert len(history) == 2 and "objective/scores" in history[0]
     assert (tmp_path / "runs" / "my-ppo" / "policy" / "config.json").is_file()
     assert len((tmp_path / "runs" / "my-ppo" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_readme_lora_example_runs(tmp_path, monkeypatch):
+    """The README's LoRA example (JAX; the torch twin is the same trainer API): the saved policy
+    is a PEFT adapter pointing to its base."""
+    import json
+
+    from ppo_rlhf.hf_checkpoint import write_fresh_checkpoint
+    from ppo_rlhf.tasks import reviews
+    from ppo_rlhf.tokens import load_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    sft = tmp_path / "runs" / "demo-jax" / "sft"
+    reviews.build_tokenizer(tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok")
+    write_fresh_checkpoint(sft, reviews.demo_model_config("tiny", vocab_size=len(tok)), seed=0, tokenizer=tok)
+    text = (ROOT / "README.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "lora_rank=" in b)
+    assert "num_iterations=20" in code
+    namespace: dict = {}
+    exec(compile(code.replace("num_iterations=20", "num_iterations=1"), "README.md", "exec"), namespace)
+    assert len(namespace["history"]) == 1
+    config = json.loads((tmp_path / "runs" / "my-ppo-lora" / "policy" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["base_model_name_or_path"] == str(sft.absolute())

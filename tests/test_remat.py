@@ -216,7 +216,7 @@ def test_jax_ppo_update_recomputes_and_updates_alike(tiny_checkpoint, jax_ppo_no
     cfg = t.config
     rows = seeds.minibatch_indices(cfg.seed, 0, batch_size=cfg.batch_size,
                                    ppo_epochs=cfg.ppo_epochs, num_minibatches=cfg.num_minibatches)
-    args = (t.params, t.opt_state, {k: jnp.asarray(v) for k, v in batch.items()}, jnp.asarray(rows))
+    args = (t.params, t.opt_state, t.base, {k: jnp.asarray(v) for k, v in batch.items()}, jnp.asarray(rows))
     _assert_jax_remat(_jax_remat_policies(t._update_impl, *args), remat)
     _assert_jax_remat(_jax_remat_policies(base._update_impl, *args), "none")
     stats = t.update(batch)

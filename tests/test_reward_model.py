@@ -389,7 +389,7 @@ def test_cli_train_rm_holds_out_a_fraction_without_eval_data(tiny_checkpoint, pr
 
 
 @pytest.mark.parametrize("case", ["missing-model", "missing-data", "malformed", "empty", "bad-lr",
-                                  "no-tokenizer", "wrong-kind"])
+                                  "bad-lora-rank", "no-tokenizer", "wrong-kind"])
 def test_cli_train_rm_bad_input_is_a_one_line_error(tiny_checkpoint, prefs, tmp_path, capsys, case):
     model, data = str(tiny_checkpoint("gpt2")), str(prefs / "train.jsonl")
     extra: list[str] = []
@@ -408,6 +408,8 @@ def test_cli_train_rm_bad_input_is_a_one_line_error(tiny_checkpoint, prefs, tmp_
         expect = "no records"
     elif case == "bad-lr":
         extra, expect = ["--lr", "-1"], "RMConfig.learning_rate=-1.0 is invalid"
+    elif case == "bad-lora-rank":
+        extra, expect = ["--lora-rank", "two"], "RMConfig.lora_rank='two' is invalid: allowed an integer >= 0"
     elif case == "no-tokenizer":
         from ppo_rlhf.testing import make_tiny_checkpoint
 

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PPO_PARITY = "parity_tests/test_ppo_parity.py"
 REFERENCE = "parity_tests/test_ppo_reference.py"
 MATH = "parity_tests/test_math_parity.py"
+LORA = "tests/test_lora.py"
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,8 @@ MUTANTS = [
     Mutant("both-reference-logprobs-without-temperature",
            "the reference's log-probs at temperature 1 while the policy's use T (negative KL, trl#2358)",
            (("ppo_torch/ppo.py",
-             "ref_logprobs = response_logprobs(self.reference, q, qm, r, rm, temperature=cfg.temperature,",
-             "ref_logprobs = response_logprobs(self.reference, q, qm, r, rm, temperature=1.0,"),
+             "ref_logprobs = response_logprobs(ref, q, qm, r, rm, temperature=cfg.temperature,",
+             "ref_logprobs = response_logprobs(ref, q, qm, r, rm, temperature=1.0,"),
             ("ppo_jax/ppo.py", "ref_logprobs = response_logprobs(ref, q, qm, r, rm, temperature=cfg.temperature,",
              "ref_logprobs = response_logprobs(ref, q, qm, r, rm, temperature=1.0,")),
            (REFERENCE, "-k", "reward-fn")),
@@ -144,6 +145,23 @@ MUTANTS = [
             ("ppo_jax/models/layers.py", "x32 = upcast(x)\n        y = x32 * jax.lax.rsqrt",
              "x32 = x.astype(compute_dtype(self.config))\n        y = x32 * jax.lax.rsqrt")),
            ("tests/test_mixed_precision.py", "-k", "statistics")),
+    # LoRA (the planted bugs of the LoRA issue)
+    Mutant("jax-lora-scaling-wrong", "the adapter's term scaled by 2 alpha / rank instead of alpha / rank",
+           (("ppo_jax/models/lora.py", "self.scaling = lr.scaling(rank, alpha)",
+             "self.scaling = 2 * lr.scaling(rank, alpha)"),),
+           (PPO_PARITY, "-k", "lora")),
+    Mutant("both-lora-reference-adapters-on", "the reference is the LoRA policy with its adapters left on",
+           (("ppo_jax/ppo.py", "with adapters_disabled(roles.policy):",
+             "with __import__('contextlib').nullcontext():"),
+            ("ppo_torch/ppo.py", "            return adapters_disabled(self.policy)",
+             "            return contextlib.nullcontext(self.policy)")),
+           (LORA, "-k", "ppo_trains")),
+    Mutant("both-lora-base-trained", "the base weights of a LoRA policy trained with its adapters",
+           (("ppo_jax/models/lora.py", "    if not _core(model).config.options.lora:\n        return nnx.Param",
+             "    if True:\n        return nnx.Param"),
+            ("ppo_torch/models/lora.py", 'p.requires_grad_(".lora_" in name or name == hfc.SCORE_NAME)',
+             "p.requires_grad_(True)")),
+           (LORA, "-k", "ppo_trains")),
 ]
 
 

@@ -40,6 +40,7 @@ from ppo_jax.models.lora import (
                                  adapter_tensors,
                                  adapters_disabled,
                                  load_adapter,
+                                 merge_adapters,
                                  save_adapter,
 )
 from ppo_jax.models.precision import cast_model, model_options, rebuild
@@ -59,5 +60,5 @@ __all__ = [
     "sequence_scores", "last_token_index", "critic_from_reward_model", "init_score_head", "SUPPORTED_MODEL_TYPES",
     "ScannedBlocks", "REMAT_POLICIES", "ModelOptions", "model_options", "rebuild", "cast_model",
     "adapters_disabled", "save_adapter", "load_adapter", "adapter_options", "adapter_tensors",
-    "LoRALinear", "ADAPTER_PARAMS", "BASE_PARAMS",
+    "LoRALinear", "ADAPTER_PARAMS", "BASE_PARAMS", "merge_adapters",
 ]

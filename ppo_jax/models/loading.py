@@ -39,6 +39,7 @@ from ppo_jax.models.heads import PolicyWithValueHead, ScalarHeadModel
 from ppo_jax.models.lora import BASE_PARAMS, init_lora_param
 from ppo_jax.models.stack import STACK, is_stacked, stacked_modules
 from ppo_rlhf import hf_checkpoint as hfc
+from ppo_rlhf import lora as lr
 from ppo_rlhf.config import ModelOptions
 from ppo_rlhf.errors import CheckpointError
 
@@ -119,7 +120,7 @@ def _build(make: Callable[[], nnx.Module], tensors: Any, config: ModelConfig, *,
     filled, missing, used = [], [], set()
     for path, var in nnx.to_flat_state(state):
         if isinstance(var, nnx.LoRAParam):  # LoRA adapters: not in a base checkpoint, fresh
-            fresh = init_lora_param(path, var.shape, dt)
+            fresh = init_lora_param(path, var.shape, dt, config.model_type, stacks)
             filled.append((path, var.replace(place(path, fresh.shape, lambda index, a=fresh: a[index]))))
             continue
         names, transpose, stacked = hf_names(path, config.model_type, stacks)
@@ -239,6 +240,14 @@ def load_pretrained(path: PathLike, dtype: Any = "float32", *, options: ModelOpt
     parameter, in host memory); None: onto the default device.
     Errors: FileNotFoundError (no dir / config.json / weights), ValueError (unsupported
     model_type, a scalar-head checkpoint, missing or unexpected tensors)."""
+    base = lr.adapter_base(path)
+    if base is not None:  # a PEFT adapter dir (`save_adapter`, `PPOTrainer.save_policy`): base + adapter
+        from ppo_jax.models.lora import load_adapter
+
+        options = lr.adapter_dir_options(path, base, options)
+        model = load_pretrained(base, dtype, options=options, with_value_head=with_value_head, seed=seed,
+                                abstract=abstract, mesh=mesh)
+        return model if abstract else _on_mesh(load_adapter(model, path), _mesh(mesh))  # adapters: small
     hf = hfc.read_config(path)
     config = ModelConfig.from_hf(hf, dtype=dtype_name(dtype), options=options)
     if abstract:

@@ -27,14 +27,14 @@ weights are the `nnx.Param`s that are not `nnx.LoRAParam` (`BASE_PARAMS`).
 
 Initialisation as peft's: A kaiming-uniform (bound 1 / sqrt(in)), B zeros -- so a fresh adapter
 changes nothing. When a model is loaded from a checkpoint (`loading._build`), A is drawn with
-numpy from a seed fixed by the parameter's path (`init_lora_param`).
+numpy from a seed fixed by its HF module name (`init_lora_param`, `ppo_rlhf.lora.init_lora_a`:
+the same A as the torch core's).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -43,7 +43,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ppo_rlhf import hf_checkpoint as hfc
 from ppo_rlhf import lora as lr
 from ppo_rlhf.config import ModelOptions
 from ppo_rlhf.errors import CheckpointError
@@ -104,15 +103,29 @@ def check_options(model_type: str, options: ModelOptions) -> None:
                                   f"built yet (use 0)")
 
 
-def init_lora_param(path: tuple, shape: tuple, dtype) -> np.ndarray:
+def init_lora_param(path: tuple, shape: tuple, dtype, model_type: str, stacks: dict) -> np.ndarray:
     """The initial value of an adapter parameter at `path` (nnx path, leaf 'lora_a' or 'lora_b';
-    shape [L, in, rank] / [L, rank, out] in a stack): B zeros; A uniform in +-1/sqrt(in) (peft's
-    kaiming-uniform), drawn with numpy from a seed fixed by the path (reproducible)."""
+    shape [L, in, rank] / [L, rank, out] in a stack): B zeros; A per layer
+    `ppo_rlhf.lora.init_lora_a` of its HF module name (numpy, seeded by the name: the torch
+    core's peft adapters start from the same A)."""
     if path[-1] == "lora_b":
         return np.zeros(shape, dtype)
-    seed = zlib.crc32("/".join(str(p) for p in path).encode())
-    bound = 1.0 / np.sqrt(shape[-2])
-    return np.random.default_rng(seed).uniform(-bound, bound, shape).astype(dtype)
+    names = _adapter_names(path, model_type, stacks)
+    rank, in_features = shape[-1], shape[-2]
+    arrs = [lr.init_lora_a(n, rank, in_features).T for n in names]
+    return (np.stack(arrs) if len(shape) == 3 else arrs[0]).astype(dtype)
+
+
+def trained_params(model: nnx.Module) -> Any:
+    """The filter of the parameters a trainer trains in `model`: every `nnx.Param` without LoRA;
+    with LoRA the adapters (`ADAPTER_PARAMS`) and the task heads on top of the backbone -- a
+    critic's or reward model's `score_head`, a shared trunk's `value_head` (fresh, so they must
+    learn; peft's `modules_to_save` for SEQ_CLS) -- and nothing of the base model (its LM head
+    included). Mirror: `ppo_torch.models.lora.apply_lora`'s requires_grad."""
+    if not _core(model).config.options.lora:
+        return nnx.Param
+    return nnx.Any(ADAPTER_PARAMS, nnx.All(nnx.Param, nnx.Any(nnx.PathContains("score_head"),
+                                                              nnx.PathContains("value_head"))))
 
 
 def lora_modules_of(model: nnx.Module) -> list[LoRALinear]:
@@ -173,27 +186,15 @@ def save_adapter(model: nnx.Module, path: PathLike, *, base_model: str | None = 
     """Write `model`'s adapters as a PEFT adapter dir (`adapter_config.json`,
     `adapter_model.safetensors`) that `peft.PeftModel.from_pretrained(<the transformers base
     model>, path)` loads; `base_model`: the base checkpoint, recorded in the config."""
-    core = _core(model)
-    options = core.config.options
-    if not options.lora:
-        raise ValueError("save_adapter: the model has no LoRA adapters (built with lora_rank=0)")
     from ppo_jax.models.heads import ScalarHeadModel
-    config = lr.peft_config(model_type=core.config.model_type, rank=options.lora_rank,
-                            alpha=options.lora_alpha, dropout=options.lora_dropout,
-                            modules=lr.lora_modules(core.config.model_type, options.lora_targets),
-                            base_model=base_model,
-                            task_type="SEQ_CLS" if isinstance(core, ScalarHeadModel) else "CAUSAL_LM")
-    tensors = {lr.PEFT_PREFIX + k: v for k, v in adapter_tensors(core).items()}
-    return lr.write_adapter(path, config, tensors)
+
+    core = _core(model)
+    return lr.save_model_adapter(path, model_type=core.config.model_type, options=core.config.options,
+                                 scalar=isinstance(core, ScalarHeadModel), tensors=adapter_tensors(core),
+                                 base_model=base_model)
 
 
-def adapter_options(path: PathLike, base: PathLike, options: ModelOptions = ModelOptions()) -> ModelOptions:
-    """`options` with the LoRA fields of the PEFT adapter at `path` for the base checkpoint
-    `base` (its model_type): rank, alpha and the targets whose modules hold adapters."""
-    import dataclasses
-    config, tensors = lr.read_adapter(path)
-    return dataclasses.replace(options, lora_rank=int(config["r"]), lora_alpha=float(config["lora_alpha"]),
-                               lora_targets=lr.targets_of(hfc.read_config(base)["model_type"], tensors))
+adapter_options = lr.adapter_options  # backend-neutral: read from the adapter's files
 
 
 def load_adapter(model: nnx.Module, path: PathLike) -> nnx.Module:
@@ -235,5 +236,35 @@ def load_adapter(model: nnx.Module, path: PathLike) -> nnx.Module:
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-__all__ = ["LoRALinear", "ADAPTER_PARAMS", "BASE_PARAMS", "adapters_disabled", "adapter_tensors",
-           "save_adapter", "load_adapter", "adapter_options", "check_options", "init_lora_param"]
+def merge_adapters(model: nnx.Module) -> nnx.Module:
+    """`model` without adapters, as a plain model of its class (options with lora_rank 0): each
+    adapted projection's kernel W + (A B) * alpha / rank (computed in float32), every other
+    weight shared. A full checkpoint of what the LoRA model computes (`save_pretrained` of it:
+    `PPOTrainer.save_policy(merge=True)`, a LoRA critic). Mirror: torch's `merge_adapters`
+    (peft's merge). `model` is unchanged."""
+    import dataclasses
+
+    from ppo_jax.models.precision import _construct
+
+    core = _core(model)
+    options = core.config.options
+    if not options.lora:
+        raise ValueError("merge_adapters: the model has no LoRA adapters (built with lora_rank=0)")
+    scale = lr.scaling(options.lora_rank, options.lora_alpha)
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Not(ADAPTER_PARAMS))))
+    adapters = dict(nnx.to_flat_state(nnx.state(model, ADAPTER_PARAMS)))
+    for path, a in adapters.items():
+        if path[-1] != "lora_a":
+            continue
+        b, kernel = adapters[path[:-1] + ("lora_b",)], flat[path[:-1] + ("kernel",)]
+        delta = jnp.einsum("...ir,...ro->...io", a[...].astype(jnp.float32), b[...].astype(jnp.float32))
+        w = kernel[...]
+        flat[path[:-1] + ("kernel",)] = kernel.replace((w.astype(jnp.float32) + scale * delta).astype(w.dtype))
+    config = dataclasses.replace(model.config, options=dataclasses.replace(options, lora_rank=0))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: _construct(model, config)))
+    return nnx.merge(graphdef, nnx.from_flat_state(list(flat.items())))
+
+
+__all__ = ["LoRALinear", "merge_adapters", "ADAPTER_PARAMS", "BASE_PARAMS", "adapters_disabled", "adapter_tensors",
+           "save_adapter", "load_adapter", "adapter_options", "check_options", "init_lora_param",
+           "trained_params"]

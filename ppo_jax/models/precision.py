@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ppo_jax.abstract import copy_arrays
+from ppo_jax.abstract import copy_arrays, is_abstract
 from ppo_jax.models.causal_lm import CausalLM
 from ppo_jax.models.heads import PolicyWithValueHead, ScalarHeadModel
 from ppo_rlhf.config import ModelOptions
@@ -68,11 +68,13 @@ def rebuild(model: Model, *, options: ModelOptions | None = None, dtype: str | N
     """`model`'s class built again with `options` and weights in `dtype` (each default: the
     model's), holding `model`'s weights -- cast to `dtype`, copied first with copy=True (for a
     model that must not share buffers with one whose arrays are donated: PPO's frozen reference
-    of the trained policy). Abstract models (planning) stay abstract. `model` is unchanged."""
+    of the trained policy). LoRA options on a model without adapters add fresh ones
+    (`lora.init_lora_param`). Abstract models (planning) stay abstract. `model` is unchanged."""
     check_same_adapters(model.config.options, options)
     config = dataclasses.replace(model.config, options=model.config.options if options is None else options,
                                  dtype=model.config.dtype if dtype is None else jnp.dtype(dtype).name)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: _construct(model, config)))
+    abstract = nnx.eval_shape(lambda: _construct(model, config))
+    graphdef = nnx.graphdef(abstract)
     state = nnx.state(model)
     if copy:
         state = copy_arrays(state)
@@ -85,14 +87,25 @@ def rebuild(model: Model, *, options: ModelOptions | None = None, dtype: str | N
             return jax.ShapeDtypeStruct(x.shape, dt, sharding=x.sharding)
         return x.astype(dt)
 
-    return nnx.merge(graphdef, jax.tree.map(cast, state))
+    state = jax.tree.map(cast, state)
+    if config.options.lora and not model.config.options.lora:  # adapters added: fresh ones
+        from ppo_jax.models.lora import init_lora_param
+        from ppo_jax.models.stack import stacked_modules
+
+        stacks = stacked_modules(abstract)
+        fresh = [(p, v if is_abstract(state) else
+                  v.replace(jnp.asarray(init_lora_param(p, v.shape, dt, config.model_type, stacks))))
+                 for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.LoRAParam))]
+        return nnx.merge(graphdef, state, nnx.from_flat_state(fresh))
+    return nnx.merge(graphdef, state)
 
 
 def check_same_adapters(old: ModelOptions, new: ModelOptions | None) -> None:
     """`rebuild` keeps a model's LoRA adapters as they were built (the same parameters): options
-    that add, drop or reshape them are a ValueError."""
+    that drop or reshape them are a ValueError. A model without adapters may get fresh ones (a
+    LoRA critic from a reward model; as the torch core's peft injection)."""
     fields = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
-    if new is not None and (old.lora or new.lora) and any(getattr(old, f) != getattr(new, f) for f in fields):
+    if new is not None and old.lora and any(getattr(old, f) != getattr(new, f) for f in fields):
         raise ValueError(f"rebuild keeps the model's LoRA adapters as built (lora_rank={old.lora_rank}, "
                          f"lora_alpha={old.lora_alpha}, lora_targets={old.lora_targets}); got "
                          f"lora_rank={new.lora_rank}, lora_alpha={new.lora_alpha}, lora_targets={new.lora_targets}")

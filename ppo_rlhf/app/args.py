@@ -29,6 +29,39 @@ def add_memory_args(p: argparse.ArgumentParser, *, config: str, models: str) -> 
                         f"({config}.scan_unroll; default: a loop)")
 
 
+def _number(text: str) -> int | float | str:
+    """A number as given (int, float), else the text: the config's one check names a bad value
+    in one line (`ppo_rlhf.lora.check_lora_options`), rather than argparse's usage block."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def add_lora_args(p: argparse.ArgumentParser, *, config: str, roles: str | None) -> None:
+    """--lora-rank, --lora-alpha, --lora-targets (None when not given: the config's own value
+    stands); with `roles` (PPO: several models) also --lora-roles and --merge -- a command that
+    trains one model saves it merged (a full checkpoint the next stage loads)."""
+    g = p.add_argument_group("LoRA (low-rank adapters; only they are trained)")
+    g.add_argument("--lora-rank", type=_number, metavar="R",
+                   help=f"train rank-R LoRA adapters on {roles or 'the model'} instead of all the "
+                        f"weights, the base weights frozen ({config}.lora_rank; default 0: no LoRA)")
+    g.add_argument("--lora-alpha", type=_number, metavar="A",
+                   help=f"the adapters' term is scaled by A / R ({config}.lora_alpha; default 8)")
+    g.add_argument("--lora-targets", metavar="q,v,...",
+                   help="the projections that get adapters, among q, k, v, o, gate, up, down "
+                        f"({config}.lora_targets; default q,v)")
+    if roles is None:
+        return
+    g.add_argument("--lora-roles", metavar="ROLE,...",
+                   help=f"the models that get adapters: {roles} ({config}.lora_roles)")
+    g.add_argument("--merge", action="store_true",
+                   help="also write OUT/policy-merged: the adapters merged into the base, a full "
+                        "Hugging Face checkpoint (OUT/policy holds the adapter)")
+
+
 def add_run_args(p: argparse.ArgumentParser, *, checkpoint_every: int, unit: str) -> None:
     """--checkpoint-every (in `unit`s), --resume, --no-progress, --report-to."""
     p.add_argument("--checkpoint-every", type=int, default=checkpoint_every, metavar="N",

@@ -23,6 +23,7 @@ def evaluate(backend: str, policy: str | os.PathLike, prompts: Sequence[str], *,
     tokenizers that do not belong together (`ppo_rlhf.tokens.check_vocab`,
     `check_same_tokenizer`) -- is a UsageError before anything is loaded or sampled."""
     from ppo_rlhf.hf_checkpoint import read_config
+    from ppo_rlhf.lora import adapter_base
     from ppo_rlhf.tokens import check_same_tokenizer, check_vocab, load_tokenizer
 
     dirs = {"policy": policy, "reference": reference,
@@ -42,8 +43,8 @@ def evaluate(backend: str, policy: str | os.PathLike, prompts: Sequence[str], *,
     tokenizer = load_tokenizer(policy)
     for name in ("reference", "reward model"):
         check_same_tokenizer(tokenizer, dirs[name], name)
-    check_vocab(tokenizer, {name: read_config(path).get("vocab_size")
-                            for name, path in dirs.items() if path is not None})
+    check_vocab(tokenizer, {name: read_config(adapter_base(path) or path).get("vocab_size")  # a LoRA
+                            for name, path in dirs.items() if path is not None})    # adapter: its base's
     s = get_backend(backend).sample_and_score(policy, list(prompts), reference=reference, reward_model=reward_model,
                              max_prompt_len=max_prompt_len, max_new_tokens=max_new_tokens,
                              temperature=temperature, batch_size=batch_size, seed=seed,

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ppo_rlhf.app.args import add_memory_args, add_run_args
+from ppo_rlhf.app.args import add_lora_args, add_memory_args, add_run_args
 from ppo_rlhf.app.backends import BACKENDS, get_backend
 from ppo_rlhf.errors import DataError, UsageError
 from ppo_rlhf.feedback.labeller import SYNTHETIC_LABELS
@@ -64,6 +64,7 @@ def _add_optim_args(p: argparse.ArgumentParser, *, lr_default: str, config: str)
     p.add_argument("--max-grad-norm", type=float, help="global-norm clipping (default: 1.0)")
     p.add_argument("--seed", type=int, help="seed of the batch order (and fresh weights)")
     add_memory_args(p, config=config, models="the model's")
+    add_lora_args(p, config=config, roles=None)
     add_run_args(p, checkpoint_every=0, unit="steps")
 
 
@@ -134,7 +135,8 @@ def run_train_rm(args: argparse.Namespace) -> int:
                      eval_fraction=args.eval_fraction, eval_every=args.eval_every,
                      max_steps=args.max_steps, normalise=False if args.no_normalise else None,
                      remat=args.remat, compute_dtype=args.compute_dtype,
-                     scan_unroll=args.scan_unroll)
+                     scan_unroll=args.scan_unroll, lora_rank=args.lora_rank,
+                     lora_alpha=args.lora_alpha, lora_targets=args.lora_targets)
     records = _read_preferences(args.data, "--data")
     if args.eval_data is not None:
         eval_records = _read_preferences(args.eval_data, "--eval-data")
@@ -283,7 +285,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
                      warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
                      lr_schedule=args.lr_schedule, max_grad_norm=args.max_grad_norm,
                      remat=args.remat, compute_dtype=args.compute_dtype,
-                     scan_unroll=args.scan_unroll)
+                     scan_unroll=args.scan_unroll, lora_rank=args.lora_rank,
+                     lora_alpha=args.lora_alpha, lora_targets=args.lora_targets)
     m = pretrain_model(args.backend, out, task=task, model=args.model, train=train, eval=eval_ex,
                        config={k: v for k, v in overrides.items() if v is not None},
                        model_size=args.model_size, corpus_size=args.corpus_size,

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ppo_rlhf.app.args import add_memory_args, add_run_args
+from ppo_rlhf.app.args import add_lora_args, add_memory_args, add_run_args
 from ppo_rlhf.app.backends import BACKENDS, get_backend
 from ppo_rlhf.errors import UsageError
 
@@ -51,6 +51,20 @@ def build_config(args: argparse.Namespace, config_class: Any = None, **overrides
         raise UsageError(str(e)) from None
 
 
+def check_lora_targets(config: Any, policy: str) -> None:
+    """UsageError unless the policy's architecture has every `lora_targets` projection (GPT-2
+    and GPT-NeoX have no gate) -- before minutes of loading."""
+    from ppo_rlhf import hf_checkpoint as hfc
+    from ppo_rlhf.lora import lora_modules
+
+    if not config.lora_rank or not (Path(policy) / "config.json").is_file():
+        return
+    try:
+        lora_modules(hfc.read_config(policy)["model_type"], config.lora_targets)
+    except (ValueError, KeyError) as e:
+        raise UsageError(f"--lora-targets: {e}") from None
+
+
 def require_dir(path: str | None, what: str) -> str | None:
     if path is not None and not Path(path).is_dir():
         raise UsageError(f"{what} {path!r} is not a directory")
@@ -72,7 +86,8 @@ def add_train_parser(sub: Any) -> None:
         description="PPO fine-tuning (seed step 5). The run directory gets config.json, "
                     "metrics.jsonl (one line per iteration), checkpoints/ (atomic; --resume "
                     "continues from the newest valid one) and policy/ (the final policy, Hugging "
-                    "Face format). SIGTERM/SIGINT finish the iteration, checkpoint and exit.")
+                    "Face format; with --lora-rank its PEFT adapter, whose adapter_config.json names "
+                    "--policy as its base). SIGTERM/SIGINT finish the iteration, checkpoint and exit.")
     p.add_argument("--backend", choices=BACKENDS, default="jax")
     p.add_argument("--policy", required=True, help="initial policy: Hugging Face checkpoint dir (+ tokenizer)")
     g = p.add_mutually_exclusive_group(required=True)
@@ -90,6 +105,7 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("--iterations", type=int, help="PPO iterations (PPOConfig.num_iterations)")
     p.add_argument("--seed", type=int, help="PPOConfig.seed")
     add_memory_args(p, config="PPOConfig", models="the policy's and critic's")
+    add_lora_args(p, config="PPOConfig", roles="policy and / or critic (default: policy)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of the weights (and of the optimiser state); default float32")
     p.add_argument("--logprob-chunk", type=int, metavar="N",
@@ -123,7 +139,10 @@ def run_train(args: argparse.Namespace) -> int:
                          f"the end)")
     config = build_config(args, num_iterations=args.iterations, seed=args.seed, remat=args.remat,
                           compute_dtype=args.compute_dtype, logprob_chunk=args.logprob_chunk,
-                          scan_unroll=args.scan_unroll)
+                          scan_unroll=args.scan_unroll, lora_rank=args.lora_rank,
+                          lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
+                          lora_roles=args.lora_roles)
+    check_lora_targets(config, args.policy)
     core = get_backend(args.backend)  # UsageError for a backend that is not installed
     scale = _scaling_kwargs(core, args, config)
     prompts = load_prompts_arg(args.prompts)
@@ -140,13 +159,18 @@ def run_train(args: argparse.Namespace) -> int:
                          f"or choose another --out")
     policy: Any = args.policy
     if args.shared_trunk:
-        policy = core.load_pretrained(args.policy, args.dtype, with_value_head=True, seed=config.seed)
+        policy = core.load_pretrained(args.policy, args.dtype, with_value_head=True, seed=config.seed,
+                                      options=config.model_options("policy"))
+    # a shared trunk's reference: a frozen copy of --policy, or with LoRA its adapters off
     trainer = core.PPOTrainer(policy, reward, prompts, config=config, reference=args.reference or
-                      (args.policy if args.shared_trunk else None), critic=args.critic,
+                      (args.policy if args.shared_trunk and not config.lora_rank else None),
+                      critic=args.critic,
                       tokenizer=args.policy, out_dir=out, dtype=args.dtype,
                       checkpoint_every=args.checkpoint_every, **scale)
     history = trainer.train(resume=args.resume, progress=not args.no_progress, report_to=args.report_to)
     trainer.save_policy(out / "policy")  # several processes: all take part, the main one writes
+    if args.merge and config.lora_rank and "policy" in config.lora_roles:
+        trainer.save_policy(out / "policy-merged", merge=True)
     if history and trainer.processes.is_main:
         last = history[-1]
         print(json.dumps({k: last[k] for k in ("iteration", "objective/scores", "objective/kl",

@@ -57,6 +57,10 @@ class TrainerBase:
         self.history: list[dict[str, Any]] = []  # the stats of every iteration this trainer ran
         self.loop = HostLoop(self, counter="iteration", counter_offset=1, config_file="config.json",
                              checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints)
+        # the policy's checkpoint dir (None for a model object): a LoRA policy's saved adapter
+        # points to it as its base (`adapter_config.json`'s base_model_name_or_path)
+        self.policy_source = (str(Path(policy).absolute()) if isinstance(policy, (str, os.PathLike))
+                              else None)
         self.tokenizer = tokenizer = tokens.resolve_tokenizer(tokenizer, policy)
         pad, eos = tokens.pad_and_eos(tokenizer)
         self.eos_token_id = eos if eos_token_id == _FROM_TOKENIZER else eos_token_id

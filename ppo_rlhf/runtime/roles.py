@@ -8,15 +8,20 @@ What goes where (the trainers' arguments `policy`, `reward`, `reference`, `criti
   * policy: a checkpoint dir, loaded with the config's model options, or a model of the core
     (a causal LM, or a `PolicyWithValueHead`: a critic on the policy's trunk, `critic` None);
   * reference: a dir or a model; default (also when it is the policy object itself) a copy of
-    the initial policy's weights, frozen;
+    the initial policy's weights, frozen -- except with LoRA on the policy (`lora_roles`), where
+    the default is no model at all (`Roles.reference` None): the trainers compute the reference
+    with the policy's own base weights, its adapters switched off (`adapters_disabled`), so the
+    base weights are in memory once;
   * reward: a reward-model dir or the core's scalar model (`reward_model`, scored on device), or
     any `RewardModel` / `RewardFn` (`host_reward`, scored on the host from ids and text);
   * critic: a dir or a scalar model; default the reward model's weights on its scale when the
-    reward is a model (TRL), else the policy's backbone with a fresh head (seeded); none at all
-    with a critic-free estimator (`PPOConfig.uses_critic`);
+    reward is a model (TRL), else the policy's backbone (its base weights) with a fresh head
+    (seeded); none at all with a critic-free estimator (`PPOConfig.uses_critic`). With "critic"
+    in `lora_roles` it gets fresh adapters, and its score head is trained with them;
   * the frozen models (reference, reward model) are built without remat (never differentiated)
     and, with `config.frozen_dtype`, in that dtype; the critic keeps the trainer's dtype.
-Every model is built with its options (`ppo_rlhf.config.ModelOptions`, from the config); a model
+Every model is built with its role's options (`config.model_options(role)`: the LoRA fields
+only for the roles of `lora_roles`; `ppo_rlhf.config.ModelOptions`); a model
 passed in was built by the caller, and must have been built with them (a `UsageError` says
 which option differs) -- nothing here changes a model it was given.
 """
@@ -73,7 +78,8 @@ class ModelKit:
 class Roles:
     """The models of a PPO iteration (see the module docstring). `critic` is None with a shared
     trunk (the policy is a `PolicyWithValueHead`: `shared_trunk`) and with a critic-free
-    estimator; exactly one of `reward_model` (the core's scalar model) and `host_reward` is set."""
+    estimator; `reference` is None when it is the LoRA policy with its adapters off; exactly one
+    of `reward_model` (the core's scalar model) and `host_reward` is set."""
 
     policy: Any
     reference: Any
@@ -103,8 +109,8 @@ def check_built_with(kit: ModelKit, role: str, model: Any, options: ModelOptions
     if differ:
         pairs = ", ".join(f"{n}={getattr(built, n)!r} (config: {getattr(options, n)!r})" for n in differ)
         raise UsageError(f"the {role} model was built with {pairs}: options are fixed when a model "
-                         f"is built -- load it with load_pretrained(..., options=config.model_options()"
-                         f"{'.frozen()' if frozen else ''}) or pass its checkpoint dir")
+                         f"is built -- load it with load_pretrained(..., options=config.model_options("
+                         f"{role!r}){'.frozen()' if frozen else ''}) or pass its checkpoint dir")
     return model
 
 
@@ -112,8 +118,9 @@ def compose_roles(kit: ModelKit, policy: Any, reward: Any, *, config: PPOConfig,
                   critic: Any = None, dtype: Any = "float32") -> Roles:
     """The roles of a PPO trainer from its arguments (see the module docstring); the models stay
     where the loaders put them (the trainer places them)."""
-    options = config.model_options()
-    frozen = options.frozen()
+    options = config.model_options("policy")
+    critic_options = config.model_options("critic")
+    frozen = config.model_options("reference").frozen()  # never adapters: nothing trains it
     if _is_dir_arg(policy):
         policy = kit.load_pretrained(policy, dtype, options=options)
     elif isinstance(policy, (kit.CausalLM, kit.PolicyWithValueHead)):
@@ -133,8 +140,9 @@ def compose_roles(kit: ModelKit, policy: Any, reward: Any, *, config: PPOConfig,
         reference = kit.load_pretrained(reference, dtype, options=frozen)
     elif reference is not None:
         reference = check_built_with(kit, "reference", reference, frozen, frozen=True)
-    else:
+    elif not options.lora:
         reference = kit.rebuild(lm, options=frozen, copy=True)
+    # else: LoRA on the policy -- the reference is its base weights with the adapters off
 
     reward_model = host_reward = None
     if _is_dir_arg(reward):
@@ -152,16 +160,17 @@ def compose_roles(kit: ModelKit, policy: Any, reward: Any, *, config: PPOConfig,
                              f"trains no critic")
         critic = None
     elif _is_dir_arg(critic):
-        critic = kit.load_scalar_model(critic, dtype, options=options)
+        critic = kit.load_scalar_model(critic, dtype, options=critic_options)
     elif critic is not None:
-        critic = check_built_with(kit, "critic", critic, options)
-    elif reward_model is not None:
-        critic = kit.critic_from_reward_model(reward_model, options=options)  # on the reward's scale
+        critic = check_built_with(kit, "critic", critic, critic_options)
+    elif reward_model is not None:  # on the reward's scale
+        critic = kit.critic_from_reward_model(reward_model, options=critic_options)
     else:
-        critic = kit.scalar_model_from_lm(policy, seed=config.seed, options=options)
+        critic = kit.scalar_model_from_lm(policy, seed=config.seed, options=critic_options)
 
     if config.frozen_dtype is not None:  # half their memory in bfloat16; the critic keeps dtype
-        reference = kit.cast_model(reference, config.frozen_dtype)
+        if reference is not None:  # (a LoRA policy's reference is its own weights: as they are)
+            reference = kit.cast_model(reference, config.frozen_dtype)
         if reward_model is not None:
             reward_model = kit.cast_model(reward_model, config.frozen_dtype)
     return Roles(policy, reference, critic, reward_model, host_reward, shared_trunk)

@@ -99,7 +99,7 @@ class SupervisedTrainer:
         the config's model options when it is a checkpoint dir, else required to be a
         `model_class` built with them (`roles.check_built_with`); then checked against the
         tokenizer and max_length (`_check_model`)."""
-        options = self.config.model_options()
+        options = self.config.model_options(self.config.LORA_ROLES[0])  # the model it trains
         if isinstance(model, (str, os.PathLike)):
             model = load(model, options=options)
         elif not isinstance(model, model_class):

@@ -32,7 +32,14 @@ from ppo_torch.models.loading import (
                                       save_pretrained,
                                       scalar_model_from_lm,
 )
-from ppo_torch.models.lora import adapter_options, adapter_tensors, adapters_disabled, load_adapter, save_adapter
+from ppo_torch.models.lora import (
+    adapter_options,
+    adapter_tensors,
+    adapters_disabled,
+    load_adapter,
+    merge_adapters,
+    save_adapter,
+)
 from ppo_torch.models.precision import cast_model, model_options, rebuild
 from ppo_torch.models.remat import REMAT_POLICIES
 
@@ -48,4 +55,5 @@ __all__ = [
     "sequence_scores", "last_token_index", "critic_from_reward_model", "init_score_head", "disable_dropout",
     "SUPPORTED_MODEL_TYPES", "REMAT_POLICIES", "ModelOptions", "model_options", "rebuild", "cast_model",
     "adapters_disabled", "save_adapter", "load_adapter", "adapter_options", "adapter_tensors",
+    "merge_adapters",
 ]

@@ -87,7 +87,9 @@ def critic_from_reward_model(reward_model: ScalarHeadModel, *,
     every advantage is biased by that offset times (gamma * lam)^(T - t)."""
     from ppo_torch.models.precision import rebuild  # precision.py builds heads: imported here
 
-    critic = rebuild(reward_model, options=options, copy=True).requires_grad_(True)
+    critic = rebuild(reward_model, options=options, copy=True)
+    if not critic.options.lora:  # with LoRA: the adapters and the head (`lora.apply_lora`)
+        critic.requires_grad_(True)
     with torch.no_grad():
         critic.hf_model.score.weight.mul_(reward_model.reward_gain)
     critic.reward_gain, critic.reward_bias = 1.0, reward_model.reward_bias

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ppo_rlhf import hf_checkpoint as hfc
+from ppo_rlhf import lora as lr
 from ppo_rlhf.config import ModelOptions
 from ppo_rlhf.errors import CheckpointError
 from ppo_torch.models.causal_lm import CausalLM
@@ -158,6 +159,13 @@ def load_pretrained(path: PathLike, dtype: Any = "float32", *, options: ModelOpt
     model_type, a scalar-head checkpoint)."""
     from transformers import AutoModelForCausalLM
 
+    base = lr.adapter_base(path)
+    if base is not None:  # a PEFT adapter dir (`save_adapter`, `PPOTrainer.save_policy`): base + adapter
+        from ppo_torch.models.lora import load_adapter
+
+        options = lr.adapter_dir_options(path, base, options)
+        return load_adapter(load_pretrained(base, dtype, options=options, with_value_head=with_value_head,
+                                            seed=seed, attn_implementation=attn_implementation), path)
     _check_kind(path, scalar=False)
     kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     hf_model = _from_pretrained(AutoModelForCausalLM, path, dtype=torch_dtype(dtype), **kw)
@@ -208,7 +216,9 @@ def scalar_model_from_lm(lm: PathLike | CausalLM | PolicyWithValueHead, *, seed:
         dt = src.get_output_embeddings().weight.dtype if dtype is None else torch_dtype(dtype)
         hf_model = AutoModelForSequenceClassification.from_config(config).to(
             device=src.device, dtype=dt)
-        hf_model.base_model.load_state_dict(src.base_model.state_dict())
+        base = {k.replace(".base_layer.", "."): v for k, v in src.base_model.state_dict().items()
+                if ".lora_" not in k}  # a LoRA model's base weights (lora.py), not its adapters
+        hf_model.base_model.load_state_dict(base)
     else:
         _check_kind(lm, scalar=False)
         # score.weight is missing from a causal LM (the head is drawn just below) and its LM

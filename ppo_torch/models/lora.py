@@ -13,7 +13,10 @@ its `transformers` model in place (`peft.inject_adapter_in_model`: the wrapped m
 `transformers` model, its target projections become `peft.tuners.lora` layers holding the
 original as `base_layer`), with a `LoraConfig` made from the options (`ppo_rlhf.lora.peft_config`:
 the targets' modules of this architecture, rank, alpha); every parameter of the wrapped model
-but the adapters is frozen (requires_grad False). peft initialises A kaiming-uniform and B zeros.
+but the adapters -- and the score head of a critic or reward model (`score.weight`: fresh, it
+must learn; peft's `modules_to_save` for SEQ_CLS) -- is frozen (requires_grad False). A is
+peft's kaiming-uniform bound drawn with numpy from the module's name (`ppo_rlhf.lora.init_lora_a`,
+the same A as the JAX core's), B zeros.
 """
 
 from __future__ import annotations
@@ -68,8 +71,13 @@ def apply_lora(hf_model: nn.Module, options: ModelOptions) -> None:
                          dropout=options.lora_dropout, modules=modules)
     cfg = {k: v for k, v in cfg.items() if k not in ("peft_type", "base_model_name_or_path")}
     inject_adapter_in_model(LoraConfig(**cfg), hf_model, adapter_name=ADAPTER)
-    for name, p in hf_model.named_parameters():
-        p.requires_grad_(".lora_" in name)
+    with torch.no_grad():  # A from numpy, seeded by the module's name: the JAX core's A
+        for name, p in hf_model.named_parameters():
+            if f".lora_A.{ADAPTER}." in name:
+                module = name.split(".lora_A.", 1)[0]
+                p.copy_(torch.from_numpy(lr.init_lora_a(module, p.shape[0], p.shape[1])).to(p.dtype))
+    for name, p in hf_model.named_parameters():  # the adapters and a scalar model's head train
+        p.requires_grad_(".lora_" in name or name == hfc.SCORE_NAME)
 
 
 @contextlib.contextmanager
@@ -113,25 +121,14 @@ def save_adapter(model: nn.Module, path: PathLike, *, base_model: str | None = N
     `adapter_model.safetensors`) that `peft.PeftModel.from_pretrained` loads; `base_model`: the
     base checkpoint, recorded in the config."""
     from ppo_torch.models.heads import ScalarHeadModel
+
     options = model.options if hasattr(model, "options") else model.lm.options
-    if not options.lora:
-        raise ValueError("save_adapter: the model has no LoRA adapters (built with lora_rank=0)")
-    model_type = _hf_model(model).config.model_type
-    config = lr.peft_config(model_type=model_type, rank=options.lora_rank, alpha=options.lora_alpha,
-                            dropout=options.lora_dropout,
-                            modules=lr.lora_modules(model_type, options.lora_targets),
-                            base_model=base_model,
-                            task_type="SEQ_CLS" if isinstance(model, ScalarHeadModel) else "CAUSAL_LM")
-    tensors = {lr.PEFT_PREFIX + k: v for k, v in adapter_tensors(model).items()}
-    return lr.write_adapter(path, config, tensors)
+    return lr.save_model_adapter(path, model_type=_hf_model(model).config.model_type, options=options,
+                                 scalar=isinstance(model, ScalarHeadModel), tensors=adapter_tensors(model),
+                                 base_model=base_model)
 
 
-def adapter_options(path: PathLike, base: PathLike, options: ModelOptions = ModelOptions()) -> ModelOptions:
-    """`options` with the LoRA fields of the PEFT adapter at `path` for the base checkpoint
-    `base` (its model_type): rank, alpha and the targets whose modules hold adapters."""
-    config, tensors = lr.read_adapter(path)
-    return dataclasses.replace(options, lora_rank=int(config["r"]), lora_alpha=float(config["lora_alpha"]),
-                               lora_targets=lr.targets_of(hfc.read_config(base)["model_type"], tensors))
+adapter_options = lr.adapter_options  # backend-neutral: read from the adapter's files
 
 
 @torch.no_grad()
@@ -158,5 +155,31 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
     return model
 
 
-__all__ = ["adapters_disabled", "adapter_tensors", "save_adapter", "load_adapter", "adapter_options",
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """A copy of `model` without adapters, as a plain model (options with lora_rank 0): peft's
+    merge folds (B A) * alpha / rank into each adapted projection's weight, which takes the
+    LoRA layer's place. A full checkpoint of what the LoRA model computes (`save_pretrained`
+    of it: `PPOTrainer.save_policy(merge=True)`, a LoRA critic). Mirror: JAX's
+    `merge_adapters`. `model` is unchanged."""
+    import copy
+
+    from ppo_torch.models.causal_lm import CausalLM, build_with
+    from ppo_torch.models.heads import ScalarHeadModel
+
+    if not lora_layers(model):
+        raise ValueError("merge_adapters: the model has no LoRA adapters (built with lora_rank=0)")
+    merged = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in list(merged.named_modules()):
+            if module in lora_layers(module)[:1]:  # a LoRA layer: merged, then replaced by its base
+                module.merge()
+                parent, _, child = name.rpartition(".")
+                setattr(merged.get_submodule(parent) if parent else merged, child, module.get_base_layer())
+    for m in merged.modules():
+        if isinstance(m, (CausalLM, ScalarHeadModel)):
+            build_with(m, dataclasses.replace(m.options, lora_rank=0))
+    return merged.requires_grad_(True)
+
+
+__all__ = ["merge_adapters", "adapters_disabled", "adapter_tensors", "save_adapter", "load_adapter", "adapter_options",
            "apply_lora", "lora_layers"]
