@@ -29,6 +29,7 @@ def _worker(out: str, cases: list[tuple[str, str, str]]) -> None:
     from ppo_jax.models.stack import is_stacked, stacked_modules
     from ppo_jax.parallel import make_mesh, param_spec
     from ppo_rlhf import hf_checkpoint as hfc
+    from ppo_rlhf.config import ModelOptions
 
     assert jax.device_count() == 8
     mesh = make_mesh(MESH)
@@ -44,6 +45,8 @@ def _worker(out: str, cases: list[tuple[str, str, str]]) -> None:
     result = {}
     for label, kind, ckpt in cases:
         load = {"lm": jm.load_pretrained, "scalar": jm.load_scalar_model,
+                "lora": lambda p, **kw: jm.load_pretrained(p, options=ModelOptions(
+                    lora_rank=2, lora_targets=("q", "v")), **kw),
                 "value_head": lambda p, **kw: jm.load_pretrained(p, with_value_head=True, seed=3, **kw)}[kind]
         dtype = "bfloat16" if label.endswith("bf16") else "float32"
         host = load(ckpt, dtype=dtype)
@@ -74,7 +77,7 @@ def _worker(out: str, cases: list[tuple[str, str, str]]) -> None:
                 r["bad_sharding"].append(f"{key}: {arr.sharding.spec} vs {want.spec}")
             shard = tuple(arr.sharding.shard_shape(arr.shape))
             r["split"] += shard != tuple(arr.shape)
-            if path[0] == "value_head":  # from value_head.safetensors / a fresh head, not sliced
+            if path[0] == "value_head" or isinstance(var, nnx.LoRAParam):  # not from the checkpoint
                 continue
             names, transpose, stacked = hf_names(path[1:] if kind == "value_head" else path,
                                                  model.config.model_type, stacks)
@@ -95,12 +98,13 @@ def _worker(out: str, cases: list[tuple[str, str, str]]) -> None:
 
 
 def test_loading_onto_a_mesh_reads_only_shards_and_equals_the_host_load(tiny_checkpoint, tmp_path):
-    """gpt2 and llama causal LMs (float32, and gpt2 cast to bfloat16 slice by slice), a llama
-    scalar-head model and a qwen2 policy with a value head, loaded with mesh="data=2,fsdp=4":
+    """gpt2 and llama causal LMs (float32, gpt2 cast to bfloat16 slice by slice, llama with fresh
+    LoRA adapters), a llama scalar-head model and a qwen2 policy with a value head, loaded with
+    mesh="data=2,fsdp=4":
     bit-equal to the host load, every array on the parameter rule's sharding (most of them
     split), and every slice read from the checkpoint exactly one device shard's size."""
     cases = [("gpt2", "lm", tiny_checkpoint("gpt2")), ("gpt2-bf16", "lm", tiny_checkpoint("gpt2")),
-             ("llama", "lm", tiny_checkpoint("llama")),
+             ("llama", "lm", tiny_checkpoint("llama")), ("llama-lora", "lora", tiny_checkpoint("llama")),
              ("llama-scalar", "scalar", tiny_checkpoint("llama", kind="scalar")),
              ("qwen2-value-head", "value_head", tiny_checkpoint("qwen2"))]
     out = tmp_path / "load.json"
