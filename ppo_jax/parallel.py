@@ -265,6 +265,17 @@ class Placement:
             return _asarray(x)
         return _put(x, self._named(P()))
 
+    def loaders(self, kit: Any) -> Any:
+        """`kit` (a `ppo_rlhf.runtime.roles.ModelKit`) whose `load_pretrained` and
+        `load_scalar_model` load a checkpoint dir straight onto this mesh's shards (their
+        `mesh=`: no whole host copy); one device: `kit` itself."""
+        if self.mesh is None:
+            return kit
+        import dataclasses
+
+        return dataclasses.replace(kit, load_pretrained=functools.partial(kit.load_pretrained, mesh=self.mesh),
+                                   load_scalar_model=functools.partial(kit.load_scalar_model, mesh=self.mesh))
+
     # -- inside jit: pin shardings that propagation alone would leave to chance
     def constrain_params(self, tree: Any) -> Any:
         if self.mesh is None:
@@ -300,10 +311,12 @@ class Placement:
 
 
 def builds_on_host(init: Callable) -> Callable:
-    """Decorator for a trainer's `__init__(..., mesh=...)`: with a mesh, the models are loaded
-    into host memory (the CPU backend as JAX's default device) and only then placed, sharded, on
-    the mesh -- instead of whole onto the first accelerator, which could not hold a model that
-    needs FSDP. Without a mesh, or where the CPU is the only backend: nothing changes."""
+    """Decorator for a trainer's `__init__(..., mesh=...)`: with a mesh, models built during
+    construction (a critic made from the policy, a fresh head, a model given already loaded) live
+    in host memory (the CPU backend as JAX's default device) and are only then placed, sharded,
+    on the mesh -- instead of whole onto the first accelerator, which could not hold a model that
+    needs FSDP. (Checkpoint dirs are loaded straight onto their shards: `Placement.loaders`.)
+    Without a mesh, or where the CPU is the only backend: nothing changes."""
     @functools.wraps(init)
     def wrapper(self: Any, *args: Any, mesh: Any = None, **kwargs: Any) -> None:
         try:

@@ -171,7 +171,9 @@ class PPOTrainer(TrainerBase):
         self.parallel.check_config(cfg)
         self.processes = self.parallel.processes
         # the roles, each model built with its options (`ppo_rlhf.runtime.roles`)
-        roles = self._compose_roles(MODEL_KIT, policy, reward, reference=reference, critic=critic, dtype=dtype)
+        # checkpoint dirs with a mesh: loaded straight onto their shards (no whole host copy)
+        roles = self._compose_roles(self.parallel.loaders(MODEL_KIT), policy, reward, reference=reference,
+                                    critic=critic, dtype=dtype)
 
         # --- pure state: each role's structure is static, its parameters a pytree -------------
         self.policy, trainable, base = Role.trainable(roles.policy)
