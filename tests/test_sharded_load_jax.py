@@ -2,8 +2,9 @@
 `ppo_jax/models/loading.py`): on a data=2,fsdp=4 mesh of 8 simulated CPU devices every parameter
 equals the host-loaded one, carries the trainers' parameter-rule sharding, and is read from the
 safetensors file one device-shard at a time -- no read is ever a whole tensor unless the rule
-replicates the parameter. Runs in a subprocess (XLA_FLAGS=--xla_force_host_platform_device_count=8
-must be set before jax is imported), as `tests/test_parallel_jax.py`.
+replicates the parameter; with two processes, each reads only its own devices' shards. Runs in
+subprocesses (XLA_FLAGS=--xla_force_host_platform_device_count=N must be set before jax is
+imported), as `tests/test_parallel_jax.py`.
 """
 
 from __future__ import annotations
@@ -125,5 +126,74 @@ def test_loading_onto_a_mesh_reads_only_shards_and_equals_the_host_load(tiny_che
         assert not r["whole_reads_of_split"], (label, r["whole_reads_of_split"][:5])
 
 
+def _process_worker(ckpt: str, out: str) -> None:
+    """One of two processes (4 CPU devices each) of a data=2,fsdp=4 mesh spanning both."""
+    import jax
+
+    from ppo_jax.parallel import initialize_distributed, make_mesh
+
+    initialize_distributed()
+    import numpy as np
+    from flax import nnx
+
+    import ppo_jax.models as jm
+    from ppo_jax.models.loading import hf_names
+    from ppo_jax.models.stack import stacked_modules
+    from ppo_rlhf import hf_checkpoint as hfc
+
+    reads: dict[str, int] = {}
+    real_read = hfc.TensorSlices.read
+
+    def counting_read(self, name, index):
+        reads[name] = reads.get(name, 0) + 1
+        return real_read(self, name, index)
+
+    host = dict(nnx.to_flat_state(nnx.state(jm.load_pretrained(ckpt))))
+    hfc.TensorSlices.read = counting_read
+    model = jm.load_pretrained(ckpt, mesh=make_mesh(MESH))
+    stacks = stacked_modules(model)
+    r = {"arrays": 0, "global": 0, "unequal": [], "bad_counts": []}
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        arr = var[...]
+        r["arrays"] += 1
+        r["global"] += not arr.is_fully_addressable
+        for shard in arr.addressable_shards:
+            if not np.array_equal(np.asarray(shard.data), np.asarray(host[path][...])[shard.index]):
+                r["unequal"].append("/".join(map(str, path)))
+        for name in hf_names(path, model.config.model_type, stacks)[0]:  # one read per own device
+            if reads.get(name) != len(arr.addressable_shards):
+                r["bad_counts"].append(f"{name}: {reads.get(name)} reads, {len(arr.addressable_shards)} devices")
+    Path(out).write_text(json.dumps(r))
+    assert jax.process_count() == 2
+
+
+def test_each_process_reads_only_its_own_devices_shards(tiny_checkpoint, tmp_path):
+    """Two processes of 4 CPU devices, one data=2,fsdp=4 mesh across both (two hosts of a
+    slice): every parameter is a global array, each process's shards equal the host load's
+    slices, and each process reads one slice per tensor for each of ITS devices only."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
+    env = {**os.environ, "XLA_FLAGS": flags, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2"}
+    ckpt = tiny_checkpoint("llama")
+    procs = [subprocess.Popen([sys.executable, __file__, "process", str(ckpt), str(tmp_path / f"{i}.json")],
+                              env={**env, "JAX_PROCESS_ID": str(i)}, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o[-5000:]
+    for i in range(2):
+        r = json.loads((tmp_path / f"{i}.json").read_text())
+        assert r["arrays"] > 10 and r["global"] == r["arrays"], (i, r)
+        assert not r["unequal"], (i, r["unequal"])
+        assert not r["bad_counts"], (i, r["bad_counts"][:5])
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     _worker(sys.argv[2], json.loads(sys.argv[3]))
+if __name__ == "__main__" and sys.argv[1:2] == ["process"]:
+    _process_worker(sys.argv[2], sys.argv[3])
