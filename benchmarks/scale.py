@@ -96,7 +96,14 @@ CONFIGS = {"off": dict(remat="none", logprob_chunk=0), "on": dict(remat="full", 
            "on-critic-free": dict(remat="full", logprob_chunk=16, advantage_estimator="reinforce_pp"),
            # the frozen models (reference, reward model) stored in bf16 (PPOConfig.frozen_dtype)
            "off-frozen-bf16": dict(remat="none", logprob_chunk=0, frozen_dtype="bfloat16"),
-           "on-frozen-bf16": dict(remat="full", logprob_chunk=16, frozen_dtype="bfloat16")}
+           "on-frozen-bf16": dict(remat="full", logprob_chunk=16, frozen_dtype="bfloat16"),
+           # LoRA rank 16 (alpha 32, peft's usual 2 x rank) on the policy and the critic, every
+           # projection: only the adapters (and the critic's head) trained, the reference = the
+           # policy with its adapters off (no copy)
+           "off-lora16": dict(remat="none", logprob_chunk=0, lora_rank=16, lora_alpha=32.0,
+                              lora_roles=("policy", "critic")),
+           "on-lora16": dict(remat="full", logprob_chunk=16, lora_rank=16, lora_alpha=32.0,
+                             lora_roles=("policy", "critic"))}
 
 PHASES = {"time/generate_s": "generation", "time/forward_s": "forward", "time/reward_s": "reward",
           "time/advantages_s": "advantages", "time/update_s": "update"}
@@ -272,8 +279,8 @@ def plan_peak(suite: dict[str, Any], config: str, cache: Path, timeout: float) -
         cmd = [sys.executable, "-m", "ppo_rlhf", "plan", "--model", str(policy),
                "--reward-model", str(rm), "--topology", "cpu", "--json", str(out)]
         for k, v in config_fields(suite, config).items():
-            if v is not None:
-                cmd += ["--set", f"{k}={v}"]
+            if v is not None:  # a tuple (lora_roles) as the CLI takes it: comma-separated
+                cmd += ["--set", f"{k}={','.join(v) if isinstance(v, tuple) else v}"]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
         t = time.perf_counter()
         try:

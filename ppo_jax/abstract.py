@@ -29,8 +29,14 @@ def evaluate(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def copy_arrays(tree: Any) -> Any:
-    """A copy of every array of `tree` (abstract arrays are immutable: kept as they are)."""
-    return jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jnp.copy(x), tree)
+    """A copy of every array of `tree`; an abstract array's copy is a new abstract array (a copy
+    is memory of its own: the plan counts arrays by identity, `tree_nbytes`)."""
+    def copy(x: Any) -> Any:
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding, weak_type=x.weak_type)
+        return jnp.copy(x)
+
+    return jax.tree.map(copy, tree)
 
 
 def nbytes(x: Any) -> int:
@@ -46,9 +52,14 @@ def nbytes(x: Any) -> int:
     return n * jnp.dtype(x.dtype).itemsize
 
 
-def tree_nbytes(tree: Any) -> int:
-    """`nbytes` summed over a tree: the bytes one device holds of it."""
-    return sum(nbytes(x) for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
+def tree_nbytes(tree: Any, *, unique: bool = True) -> int:
+    """`nbytes` summed over a tree: the bytes one device holds of it -- each array once, where
+    several leaves are the same array (a LoRA critic's base weights are the reward model's);
+    unique=False counts every leaf (as XLA's argument size counts an array passed twice)."""
+    leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "shape")]
+    if unique:
+        leaves = list({id(x): x for x in leaves}.values())
+    return sum(nbytes(x) for x in leaves)
 
 
 __all__ = ["is_abstract", "evaluate", "copy_arrays", "nbytes", "tree_nbytes"]

@@ -194,7 +194,12 @@ def _put(x: Any, sharding: NamedSharding) -> jax.Array:
     """x (numpy or jax) as a global array with `sharding`. One process: `jax.device_put`;
     several: every process holds the same full value and contributes its devices' shards. An
     abstract array (`jax.ShapeDtypeStruct`: a planned trainer, `ppo_jax.abstract`) stays
-    abstract and gets `sharding`."""
+    abstract and gets `sharding`. An array that already has `sharding` is returned as it is (the
+    same object: arrays two roles share -- a LoRA critic's base weights are the reward model's
+    -- stay shared, and are counted once by the plan)."""
+    current = getattr(x, "sharding", None) if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) else None
+    if current is not None and current == sharding:
+        return x
     if isinstance(x, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding, weak_type=x.weak_type)
     if jax.process_count() == 1:
@@ -253,6 +258,21 @@ class Placement:
             return tree
         return jax.tree.map(lambda x, spec: _put(x, self._named(spec)), tree,
                             param_specs(tree, self.mesh))
+
+    def placer(self) -> Callable[[Any], Any]:
+        """`params` with a memory, for building one trainer: an array that several trees share
+        (a LoRA critic's base weights are the reward model's arrays) is placed once and stays
+        shared. Keep it only while building: it holds the arrays it was given."""
+        if self.mesh is None:
+            return self.params
+        memo: dict[int, tuple[Any, Any]] = {}
+
+        def put(x: Any, spec: Any) -> Any:
+            if id(x) not in memo:
+                memo[id(x)] = (x, _put(x, self._named(spec)))  # x kept: its id stays unique
+            return memo[id(x)][1]
+
+        return lambda tree: jax.tree.map(put, tree, param_specs(tree, self.mesh))
 
     def batch(self, tree: Any) -> Any:
         """Batch-major arrays (numpy or jax) onto the mesh, rows over data x fsdp."""

@@ -170,7 +170,7 @@ def compile_program(name: str, fn: Callable, args: tuple, state_args: tuple,
                     compile_s=compile_s)
     text = compiled.as_text()
     p.collective_bytes, p.largest_values = collective_bytes(text), largest_values(text)
-    batch_args = max(p.argument_bytes - tree_nbytes(state_args), 0)
+    batch_args = max(p.argument_bytes - tree_nbytes(state_args, unique=False), 0)  # as XLA counts
     p.resident_bytes = resident_state_bytes + batch_args + max(p.output_bytes - p.alias_bytes, 0)
     p.peak_bytes = p.resident_bytes + p.temp_bytes
     return p

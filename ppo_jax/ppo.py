@@ -182,16 +182,16 @@ class PPOTrainer(TrainerBase):
         self.critic = None
         if roles.critic is not None:
             self.critic, trainable["critic"], base["critic"] = Role.trainable(roles.critic)
-        self.params = self.parallel.params(trainable)
-        self.base = self.parallel.params(base)
+        place = self.parallel.placer()  # arrays two roles share stay shared (a LoRA critic's base)
+        self.params = place(trainable)
+        self.base = place(base)
         if roles.reference is None:  # LoRA: the policy's own weights with its adapters off
             with adapters_disabled(roles.policy):
                 self.reference = Role.trainable(roles.policy)[0]
         else:
-            self.reference = Role.frozen(roles.reference, self.parallel.params)
-        self.reward = None if roles.reward_model is None else Role.frozen(roles.reward_model,
-                                                                          self.parallel.params)
-        del roles  # the trained parameters live in self.params only
+            self.reference = Role.frozen(roles.reference, place)
+        self.reward = None if roles.reward_model is None else Role.frozen(roles.reward_model, place)
+        del roles, place  # the trained parameters live in self.params only
         self.tx = make_optimizer(learning_rate=cfg.learning_rate, adam_eps=cfg.adam_eps,
                                  weight_decay=cfg.weight_decay)
         self.opt_state = self.parallel.params(evaluate(self.tx.init, self.params))

@@ -15,11 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_demo_quick_writes_every_artifact(backend, tmp_path):
+@pytest.mark.parametrize("backend,lora_rank", [("jax", 4), ("torch", None)])
+def test_demo_quick_writes_every_artifact(backend, lora_rank, tmp_path):
+    """(CI time: one backend runs the demo with LoRA on the policy, the other without; both
+    paths of each core's trainer are covered by the trainer and LoRA tests.)"""
     out = tmp_path / "demo"
+    lora = ["--lora-rank", str(lora_rank)] if lora_rank else []
     proc = subprocess.run([sys.executable, "-m", "ppo_rlhf", "demo", "--quick", "--backend", backend,
-                           "--out", str(out), "--no-progress"], cwd=ROOT, capture_output=True, text=True,
+                           "--out", str(out), "--no-progress", *lora], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -32,6 +35,10 @@ def test_demo_quick_writes_every_artifact(backend, tmp_path):
               "plots/rm_score.png", "plots/kl.png", "plots/entropy.png"):
         assert (out / f).is_file(), f
     assert (out / "ppo" / "checkpoints" / "LATEST").is_file()
+    # with --lora-rank the policy is a PEFT adapter on the pretrained model, evaluated as such
+    assert (out / "ppo" / "policy" / "adapter_config.json").is_file() == bool(lora_rank)
+    assert summary["lora_rank"] == (lora_rank or 0)
+    assert ("LoRA adapters" in (out / "report.md").read_text()) == bool(lora_rank)
     # the supervised stages ran with the backend's remat policy (DemoConfig.supervised_remat)
     from ppo_rlhf.app.demo import DemoConfig
 
@@ -45,3 +52,29 @@ def test_demo_quick_writes_every_artifact(backend, tmp_path):
                             "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert again.returncode == 2 and "holds a finished demo run" in again.stderr
+
+
+def test_demo_lora_options():
+    """`ppo-rlhf demo --lora-rank R`: LoRA on the policy only, alpha 2R, every projection of the
+    demo's GPT-2, PPO's learning rate LORA_LR_FACTOR x the full fine-tune's unless given; bad
+    values are one-line errors before any work."""
+    from ppo_rlhf.app.demo import LORA_LR_FACTOR, DemoConfig
+    from ppo_rlhf.config import PPOConfig
+
+    base = DemoConfig()
+    c = base.with_lora(8)
+    cfg = PPOConfig(**c.ppo)
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_roles) == (8, 16.0, ("policy",))
+    assert set(cfg.lora_targets) == {"q", "k", "v", "o", "up", "down"}
+    assert cfg.learning_rate == pytest.approx(base.ppo["learning_rate"] * LORA_LR_FACTOR)
+    c = base.with_lora(4, alpha=4, targets="q,v", learning_rate=1e-3)
+    cfg = PPOConfig(**c.ppo)
+    assert (cfg.lora_alpha, cfg.lora_targets, cfg.learning_rate) == (4.0, ("q", "v"), 1e-3)
+    assert base.ppo.get("lora_rank", 0) == 0  # the default demo: a full fine-tune
+    for bad, msg in ((["--lora-rank", "-1"], "lora_rank"), (["--lora-alpha", "4"], "need --lora-rank"),
+                     (["--lora-rank", "4", "--lora-targets", "q,nope"], "nope")):
+        proc = subprocess.run([sys.executable, "-m", "ppo_rlhf", "demo", "--quick", "--out", "/nonexistent/x",
+                               *bad], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 2, (bad, proc.stderr[-2000:])
+        assert msg in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (bad, proc.stderr)

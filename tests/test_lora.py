@@ -281,6 +281,40 @@ def test_ppo_trains_the_adapters_and_the_policys_base_is_the_reference(tiny_chec
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
+@pytest.mark.parametrize("lora_critic", [True, False])
+def test_a_lora_critic_shares_the_reward_models_base(tiny_checkpoint, backend, lora_critic):
+    """A LoRA critic made from the reward model holds the reward model's base weights themselves
+    (the same arrays / storage: the trunk in memory once); its head is its own. After an update
+    the reward model is bit-identical (nothing written through the shared weights) and the
+    critic's head moved. A critic without LoRA trains every weight: nothing shared."""
+    from tests.helpers import make_trainer
+
+    models = jm if backend == "jax" else tm
+    ckpt = tiny_checkpoint("llama")
+    rm = models.scalar_model_from_lm(str(ckpt), seed=1)
+    t = make_trainer(backend, ckpt, reward=rm, lora_rank=2, lora_alpha=4.0, learning_rate=3e-2,
+                     lora_roles=("policy", "critic") if lora_critic else ("policy",),
+                     **({"device": "cpu"} if backend == "torch" else {}))
+    if backend == "jax":
+        import jax
+
+        rm_ids = {id(a) for a in jax.tree.leaves(t.reward.params)}
+        critic = list(jax.tree.leaves(t.base["critic"])) + list(jax.tree.leaves(t.params["critic"]))
+        shared = [id(a) in rm_ids for a in critic]
+    else:
+        rm_ptrs = {p.data_ptr() for p in t.reward_model().parameters()}
+        shared = [p.data_ptr() in rm_ptrs for p in t.critic_model().parameters()]
+    trunk = len(rm_ids if backend == "jax" else rm_ptrs) - 1  # every reward-model weight but its head
+    frozen_rm = models.model_tensors(t.reward_model())
+    head = models.model_tensors(t.critic_model())["score.weight"]
+    assert sum(shared) == (trunk if lora_critic else 0), (sum(shared), trunk)
+    t.step()
+    after = models.model_tensors(t.reward_model())
+    assert all(np.array_equal(after[k], v) for k, v in frozen_rm.items())
+    assert np.abs(models.model_tensors(t.critic_model())["score.weight"] - head).max() > 1e-4
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_ppo_lora_checkpoints_hold_what_is_trained_and_resume_exactly(tiny_checkpoint, tmp_path, backend):
     """With LoRA on the policy a checkpoint holds the adapters (and the full critic), not the
     base; its policy/ is a PEFT adapter pointing to the base checkpoint, which loads back onto

@@ -225,6 +225,30 @@ def test_abstract_trainer_matches_the_real_one(tiny_checkpoint):
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract.resident_state()))
 
 
+def test_a_lora_critics_base_is_the_reward_models_in_the_plan(tiny_checkpoint):
+    """A LoRA critic made from the reward model holds the reward model's arrays as its base
+    (`critic_from_reward_model`): placed on a mesh they stay one array (`Placement.placer`), and
+    the resident state counts them once -- in the real trainer and in the planned (abstract) one."""
+    from ppo_jax.abstract import tree_nbytes
+    from ppo_jax.models import load_pretrained, load_scalar_model
+    from ppo_jax.ppo import PPOTrainer
+    from ppo_rlhf import PPOConfig
+
+    lm = tiny_checkpoint("qwen2")
+    rm = tiny_checkpoint("qwen2", kind="scalar", seed=1)
+    cfg = PPOConfig(batch_size=2, max_prompt_len=4, max_new_tokens=4, lora_rank=2,
+                    lora_roles=("policy", "critic"))
+    kw = dict(config=cfg, mesh="fsdp=1", eos_token_id=None, pad_token_id=0)
+    real = PPOTrainer(str(lm), str(rm), **kw)
+    abstract = PPOTrainer(load_pretrained(lm, abstract=True, options=cfg.model_options("policy")),
+                          load_scalar_model(rm, abstract=True), **kw)
+    for t in (real, abstract):
+        state = t.resident_state()
+        trunk = tree_nbytes(state["base"]["critic"])
+        assert trunk > 0.9 * tree_nbytes(state["reward"])  # the critic's base: all but its head
+        assert tree_nbytes(state) == tree_nbytes(state, unique=False) - trunk
+
+
 @pytest.mark.parametrize("trainer", ["rm", "sft"])
 def test_abstract_rm_and_sft_trainers_match_the_real_ones(tiny_checkpoint, trainer):
     """The planned RM / SFT trainer is the real one built on an abstract model: the same

@@ -79,12 +79,20 @@ def critic_from_reward_model(reward_model: ScalarHeadModel, *,
     (gain 1 after), so AdamW moves values at the same speed whatever the normalisation; the bias
     stays a constant offset. Without this, a critic that reads the raw head starts off by
     (gain - 1) * head + bias at the EOS token, where GAE's terminal step does not cancel it:
-    every advantage is biased by that offset times (gamma * lam)^(T - t)."""
+    every advantage is biased by that offset times (gamma * lam)^(T - t).
+
+    A LoRA critic (`options.lora`) trains only its adapters and head, so its base weights stay
+    the reward model's: the SAME arrays, not a copy (the trunk is in memory once); its head is a
+    new array. Without LoRA every weight trains: a copy."""
     from ppo_jax.models.precision import rebuild  # precision.py builds heads: imported here
 
-    critic = rebuild(reward_model, options=options, copy=True)
-    if not is_abstract(nnx.state(critic)):  # an abstract model (planning) has no values to scale
-        kernel = critic.score_head.kernel[...]
+    lora = (reward_model.config.options if options is None else options).lora
+    critic = rebuild(reward_model, options=options, copy=not lora)
+    kernel = critic.score_head.kernel.get_value()
+    if is_abstract(nnx.state(critic)):  # planning: no values to scale, but its own (new) array
+        critic.score_head.kernel.set_value(jax.ShapeDtypeStruct(kernel.shape, kernel.dtype,
+                                                                sharding=kernel.sharding))
+    else:
         critic.score_head.kernel[...] = (kernel * reward_model.reward_gain).astype(kernel.dtype)
     critic.reward_gain, critic.reward_bias = 1.0, reward_model.reward_bias
     return critic

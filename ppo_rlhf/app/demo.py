@@ -38,6 +38,13 @@ from ppo_rlhf.feedback.labeller import SYNTHETIC_LABELS
 ARITHMETIC_PRETRAIN_STEPS = 250
 
 
+DEMO_LORA_TARGETS = "q,k,v,o,up,down"
+"""`ppo-rlhf demo --lora-rank`'s default targets: every projection of the demo's GPT-2 model."""
+LORA_LR_FACTOR = 10.0
+"""`ppo-rlhf demo --lora-rank`: PPO's learning rate is this times the full fine-tune's, unless
+--learning-rate is given (`DemoConfig.with_lora`)."""
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     """Sizes of each step. The defaults run the whole loop in well under 15 minutes per backend on
@@ -116,6 +123,20 @@ class DemoConfig:
             raise UsageError(f"--num-generations {g} must divide the demo's {responses} responses per iteration")
         return dataclasses.replace(self, ppo={**self.ppo, "advantage_estimator": estimator,
                                               "num_generations": g, "batch_size": responses // g})
+
+    def with_lora(self, rank: int, alpha: float | None = None, targets: str | None = None,
+                  learning_rate: float | None = None) -> "DemoConfig":
+        """This config with LoRA on the policy (`PPOConfig.lora_rank`): rank-`rank` adapters on
+        `targets` (default: every projection of the GPT-2 model, q,k,v,o,up,down), alpha default
+        2 x rank, and PPO's learning rate 10 x the full fine-tune's unless given
+        (`LORA_LR_FACTOR`: the adapters start at B = 0 and move the model through a rank-r
+        product, so the full fine-tune's step size barely moves them; peers' LoRA recipes use
+        about 10x). The reward model and the critic are trained in full, as without LoRA."""
+        ppo = {**self.ppo, "lora_rank": rank, "lora_alpha": float(alpha if alpha is not None else 2 * rank),
+               "lora_targets": targets or DEMO_LORA_TARGETS, "lora_roles": ("policy",),
+               "learning_rate": (learning_rate if learning_rate is not None
+                                 else self.ppo["learning_rate"] * LORA_LR_FACTOR)}
+        return dataclasses.replace(self, ppo=ppo)
 
     @classmethod
     def quick(cls) -> "DemoConfig":
@@ -229,7 +250,8 @@ def run_demo(backend: str, out: str | os.PathLike, config: DemoConfig = DemoConf
         "eos_frac_after": after.eos_frac, "response_len_after": after.response_len_mean,
         "rm_eval_accuracy": rm_metrics["eval_accuracy"], "rm_noise_ceiling": rm_metrics.get("noise_ceiling"),
         "pretrain_final_loss": sft_metrics.get("final_loss"),
-        "ppo_iterations": len(history), "times_s": times,
+        "ppo_iterations": len(history), "lora_rank": ppo_config.lora_rank,
+        "learning_rate": ppo_config.learning_rate, "times_s": times,
         "wall_seconds": time.perf_counter() - t_start,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -360,6 +382,8 @@ def _report(s: dict, before: Any, after: Any, before_records: list, after_record
         f"# RLHF demo ({s['backend']}) on the `{config.task}` task", "",
         f"Wall time {s['wall_seconds']:.0f} s ("
         + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in s["times_s"].items()) + ").", "",
+        *([f"PPO trained rank-{s['lora_rank']} LoRA adapters on the policy (learning rate "
+           f"{s['learning_rate']:g}); its base weights stayed frozen.", ""] if s.get("lora_rank") else []),
         "| | before PPO (pretrained) | after PPO |", "|---|---|---|",
         f"| gold score (stand-in for humans) | {f(before.gold_score)} | {f(after.gold_score)} |",
         f"| reward-model score | {f(before.rm_score)} | {f(after.rm_score)} |",
@@ -409,6 +433,15 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--kl-coef", type=float,
                    help="override the KL coefficient (default 0.2 on reviews, where 0.05 shows reward "
                         "hacking; 0.05 on arithmetic)")
+    p.add_argument("--learning-rate", type=float, metavar="LR",
+                   help="override PPO's learning rate (default 3e-5 on reviews; with --lora-rank "
+                        f"{LORA_LR_FACTOR:g}x that)")
+    g = p.add_argument_group("LoRA on the policy (only its adapters are trained; the reference is "
+                             "the policy with its adapters off)")
+    g.add_argument("--lora-rank", type=int, metavar="R", help="rank-R adapters (default: no LoRA)")
+    g.add_argument("--lora-alpha", type=float, metavar="A", help="the adapters' scale A / R (default 2R)")
+    g.add_argument("--lora-targets", metavar="q,v,...",
+                   help=f"the projections that get adapters (default {DEMO_LORA_TARGETS})")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -424,6 +457,12 @@ def run(args: Any) -> int:
         config = dataclasses.replace(config, ppo_iterations=args.ppo_iterations)
     if args.kl_coef is not None:
         config = dataclasses.replace(config, ppo={**config.ppo, "kl_coef": args.kl_coef})
+    if args.lora_rank is not None:
+        config = config.with_lora(args.lora_rank, args.lora_alpha, args.lora_targets, args.learning_rate)
+    elif args.lora_alpha is not None or args.lora_targets is not None:
+        raise UsageError("--lora-alpha / --lora-targets need --lora-rank")
+    elif args.learning_rate is not None:
+        config = dataclasses.replace(config, ppo={**config.ppo, "learning_rate": args.learning_rate})
     default_out = f"runs/demo-{args.backend}" if args.task == "reviews" else f"runs/demo-{args.task}-{args.backend}"
     out = Path(args.out or default_out)
     if (out / "summary.json").exists():

@@ -84,14 +84,20 @@ def critic_from_reward_model(reward_model: ScalarHeadModel, *,
     (gain 1 after), so AdamW moves values at the same speed whatever the normalisation; the bias
     stays a constant offset. Without this, a critic that reads the raw head starts off by
     (gain - 1) * head + bias at the EOS token, where GAE's terminal step does not cancel it:
-    every advantage is biased by that offset times (gamma * lam)^(T - t)."""
+    every advantage is biased by that offset times (gamma * lam)^(T - t).
+
+    A LoRA critic (`options.lora`) trains only its adapters and head, so its base weights stay
+    the reward model's: the SAME tensors, not a copy (the trunk is in memory once); its head is
+    a new tensor. Without LoRA every weight trains: a copy."""
     from ppo_torch.models.precision import rebuild  # precision.py builds heads: imported here
 
-    critic = rebuild(reward_model, options=options, copy=True)
+    lora = (reward_model.options if options is None else options).lora
+    critic = rebuild(reward_model, options=options, copy=not lora)
     if not critic.options.lora:  # with LoRA: the adapters and the head (`lora.apply_lora`)
         critic.requires_grad_(True)
-    with torch.no_grad():
-        critic.hf_model.score.weight.mul_(reward_model.reward_gain)
+    with torch.no_grad():  # out of place: a LoRA critic's head must not write the reward model's
+        head = critic.hf_model.score.weight
+        head.data = head.detach() * reward_model.reward_gain
     critic.reward_gain, critic.reward_bias = 1.0, reward_model.reward_bias
     return critic
 
