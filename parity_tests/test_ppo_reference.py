@@ -70,8 +70,8 @@ def _reward_fn(prompts, responses):
 
 def start_adapters(ckpt, cfg, tmp_path) -> dict:
     """Nonzero adapters for the LoRA roles of `cfg`: role -> (PEFT adapter dir, {module: (A [r, in],
-    B [out, r])}). A and B drawn at random (B ~ N(0, 0.3), scaled by alpha / r = 3 in the forward:
-    the adapted models differ from their base by far more than rounding)."""
+    B [out, r])}). A ~ U(-0.3, 0.3) and B ~ N(0, 0.3) at random (scaled by alpha / r = 3 in the
+    forward: the adapted models differ from their base by far more than rounding)."""
     import ppo_jax.models as jm
     from ppo_jax.models import lora as jl
     from ppo_rlhf import lora as lr
