@@ -20,6 +20,10 @@ What it implements (the library's documented defaults and the options the test u
      MINIBATCH (token-mean, or mean over sequences of each sequence's token mean) so that the
      micro-batch losses sum to the minibatch loss; then one global-norm clip over policy and
      critic (g * min(1, max_norm / (norm + 1e-6))) and one AdamW step written out by hand.
+LoRA (`lora`: the adapters of the policy and / or the critic): each adapted projection computes
+y = x W + b + (x A B) * alpha / r by hand (`LoRAProjection`, A [in, r], B [r, out]); only A and B
+(and the critic's score head) are trained -- the base weights get no gradient and no AdamW step
+-- and the reference log-probs are the policy's with its adapters switched off (no second model).
 GRPO (advantage_estimator="grpo"; the rows are num_generations adjacent samples per prompt): no
 critic; each sequence's return (score - beta * its summed KL) minus its group's mean, over the
 group's unbiased standard deviation + 1e-6, on every real token; the loss adds kl_loss_coef times
@@ -53,6 +57,49 @@ def _head(model, ids, mask):
     """The scalar head of a *ForSequenceClassification model at every position, [B, T]."""
     out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask))
     return model.score(out.last_hidden_state)[..., 0]
+
+
+class LoRAProjection(torch.nn.Module):
+    """A projection with a LoRA adapter, from the formula: y = x W + b + (x A B) * alpha / r
+    (Hu et al. 2021), with W [in, out] as GPT-2's Conv1D stores it ([out, in] for nn.Linear) and
+    A [in, r], B [r, out]; `on` False computes x W + b alone. Its tensors are named as peft names
+    them: `weight`, `bias` (the base's own parameters, frozen), `lora_A.weight` [r, in] and
+    `lora_B.weight` [out, r] (nn.Linear layout: A.T, B.T)."""
+
+    def __init__(self, base, a: np.ndarray, b: np.ndarray, alpha: float, dtype):
+        super().__init__()
+        self.transposed = isinstance(base, torch.nn.Linear)  # nn.Linear: weight [out, in]
+        self.weight = base.weight.requires_grad_(False)
+        self.bias = None if base.bias is None else base.bias.requires_grad_(False)
+        self.lora_A, self.lora_B = torch.nn.Module(), torch.nn.Module()
+        self.lora_A.weight = torch.nn.Parameter(torch.as_tensor(np.asarray(a), dtype=dtype).clone())
+        self.lora_B.weight = torch.nn.Parameter(torch.as_tensor(np.asarray(b), dtype=dtype).clone())
+        self.scale = alpha / a.shape[0]  # alpha / r
+        self.on = True
+
+    def forward(self, x):
+        w = self.weight.T if self.transposed else self.weight
+        y = x @ w
+        if self.bias is not None:
+            y = y + self.bias
+        if not self.on:
+            return y
+        A, B = self.lora_A.weight.T, self.lora_B.weight.T  # [in, r], [r, out]
+        return y + ((x @ A) @ B) * self.scale
+
+
+def add_lora(model, adapters: dict, alpha: float, dtype) -> list[LoRAProjection]:
+    """Replace each module named in `adapters` ({module name: (A [r, in], B [out, r])}, PEFT
+    names and layout) with a `LoRAProjection` of it; freeze every other parameter of `model`."""
+    model.requires_grad_(False)
+    out = []
+    for name, (a, b) in adapters.items():
+        parent, _, child = name.rpartition(".")
+        holder = model.get_submodule(parent)
+        layer = LoRAProjection(getattr(holder, child), a, b, alpha, dtype)
+        setattr(holder, child, layer)
+        out.append(layer)
+    return out
 
 
 class Critic(torch.nn.Module):
@@ -212,14 +259,26 @@ class AdamW:
 
 def ppo_iteration(policy_dir, *, query_ids, query_mask, noise, minibatch_rows, cfg: dict,
                   eos_id: int, pad_id: int, tokenizer, reward_fn: Callable | None = None,
-                  reward_dir=None, reference_dir=None, critic_head=None,
+                  reward_dir=None, reference_dir=None, critic_head=None, lora: dict | None = None,
                   dtype=torch.float32) -> dict[str, Any]:
     """One iteration from the checkpoints; `cfg` holds the PPOConfig fields used (see the module
-    docstring). Returns {"rollout": {...}, "stats": {...}, "policy": {name: array},
-    "critic": {name: array}} with HF tensor names."""
+    docstring). `lora`: {"alpha": alpha, "policy": adapters, "critic": adapters} (either role may
+    be absent), adapters as `add_lora` takes them; with adapters on the policy the reference is
+    the policy with its adapters off (`reference_dir` must be None). Returns {"rollout": {...},
+    "stats": {...}, "policy": {name: array}, "critic": {name: array}} with HF tensor names (a LoRA
+    model's adapters under peft's: <module>.lora_A.weight)."""
     policy, reference, critic, reward_model, (gain, bias) = load_models(
         policy_dir, reference_dir=reference_dir, reward_dir=reward_dir, critic_head=critic_head,
         dtype=dtype)
+    policy_lora = []
+    if lora is not None:
+        if "policy" in lora:
+            assert reference_dir is None, "a LoRA policy's reference is its base: no reference dir"
+            policy_lora = add_lora(policy, lora["policy"], lora["alpha"], dtype)
+            reference = None  # the policy with its adapters off
+        if "critic" in lora:
+            add_lora(critic.model, lora["critic"], lora["alpha"], dtype)
+            critic.model.score.weight.requires_grad_(True)  # the head trains with the adapters
     q, qm = torch.as_tensor(query_ids).long(), torch.as_tensor(query_mask).long()
     noise = torch.as_tensor(noise)
     T = cfg["temperature"]
@@ -232,7 +291,14 @@ def ppo_iteration(policy_dir, *, query_ids, query_mask, noise, minibatch_rows, c
                    eos_id=eos_id, pad_id=pad_id)
     with torch.no_grad():
         logprobs = token_logprobs(policy, q, qm, r, rm, T)
-        ref_logprobs = token_logprobs(reference, q, qm, r, rm, T)
+        if reference is None:  # the LoRA policy's base: its adapters off
+            for layer in policy_lora:
+                layer.on = False
+            ref_logprobs = token_logprobs(policy, q, qm, r, rm, T)
+            for layer in policy_lora:
+                layer.on = True
+        else:
+            ref_logprobs = token_logprobs(reference, q, qm, r, rm, T)
         values = torch.zeros(r.shape, dtype=dtype) if grpo else token_values(critic, q, qm, r, rm)
         last = rm.sum(1) - 1
         has_eos = torch.tensor([bool((r[b, : last[b] + 1] == eos_id).any()) for b in range(len(r))])

@@ -1,5 +1,7 @@
 """Parity of supervised training: reward-model losses against a plain-numpy reference, and the
-JAX and PyTorch trainers (reward model and SFT) against each other, step for step.
+JAX and PyTorch trainers (reward model and SFT) against each other, step for step -- full
+fine-tuning, and with LoRA (JAX's `LoRALinear` vs peft: the adapters and the RM's score head
+trained, the base weights checked bit-identical to their start).
 
 How the optimisers map (both backends call their `optim.make_optimizer` and `optim.clip_by_global_norm`):
 - AdamW: `ppo_jax.optim.make_optimizer` (optax.adamw's chain, eps_root=0, with the bias corrections
@@ -278,11 +280,16 @@ def without_null_entries(tensors, *, preference):
 
 
 def _tensors_of(trainer):
+    """The trainer's model under Hugging Face names, a LoRA model's adapters included (PEFT names
+    and layout: <module>.lora_A.weight [rank, in], as `parity_tests.ppo_inputs.weights`)."""
     if trainer.backend == "jax":
-        from ppo_jax.models import model_tensors
+        from ppo_jax.models import model_options, model_tensors
+        from ppo_jax.models.lora import adapter_tensors
     else:
-        from ppo_torch.models import model_tensors
-    return model_tensors(trainer.model())
+        from ppo_torch.models import model_options, model_tensors
+        from ppo_torch.models.lora import adapter_tensors
+    model = trainer.model()
+    return {**model_tensors(model), **(adapter_tensors(model) if model_options(model).lora else {})}
 
 
 def _x64_if(dtype):
@@ -297,14 +304,16 @@ def _fit_both(kind, ckpt, cfg, data, dtype):
     from ppo_jax.models import load_pretrained as jload
     from ppo_torch.models import load_pretrained as tload
 
+    options = cfg.model_options(cfg.LORA_ROLES[0])  # the trained model's (LoRA or not)
     with _x64_if(dtype):
-        model = (jrm.init_reward_model(ckpt, seed=cfg.seed, dtype=dtype) if kind == "rm"
-                 else jload(ckpt, dtype))
+        model = (jrm.init_reward_model(ckpt, seed=cfg.seed, dtype=dtype, options=options) if kind == "rm"
+                 else jload(ckpt, dtype, options=options))
         tj = (jrm.RewardModelTrainer if kind == "rm" else jsft.SFTTrainer)(model, cfg, tokenizer=ckpt)
         start = _tensors_of(tj)
         tj.fit(data, progress=False)
         wj = _tensors_of(tj)
-    model = trm.init_reward_model(ckpt, seed=cfg.seed, dtype=dtype) if kind == "rm" else tload(ckpt, dtype)
+    model = (trm.init_reward_model(ckpt, seed=cfg.seed, dtype=dtype, options=options) if kind == "rm"
+             else tload(ckpt, dtype, options=options))
     tt = (trm.RewardModelTrainer if kind == "rm" else tsft.SFTTrainer)(model, cfg, tokenizer=ckpt,
                                                                        device="cpu")
     tt.fit(data, progress=False)
@@ -404,3 +413,67 @@ def test_sft_steps_give_the_same_loss_and_weights(tiny_checkpoint):
         for a, b in zip(tj.history, tt.history):
             assert a["train/tokens"] == b["train/tokens"], dtype
     _compare_weights({d: r[3:] for d, r in runs.items()}, runs["float64"][2], preference=False)
+
+
+# ---- LoRA: adapters on the trained model, the base frozen ----------------------------------------
+LORA = dict(lora_rank=2, lora_alpha=6.0, lora_targets=("q", "v", "o", "up"))
+"""Adapters on the fused q/v projection (c_attn), the attention output and the MLP's up
+projection of the tiny GPT-2; alpha / rank = 3, so a wrong scaling changes every step."""
+
+
+def _compare_lora_runs(runs, steps, *, head):
+    """runs: dtype -> `_fit_both`'s tuple, LoRA models. The losses and gradient norms of every
+    step as `_compare_histories`; the trained tensors -- the adapters, and a reward model's
+    score head (`head`) -- after the steps as the full-model weights in `_compare_weights`
+    (float64: every entry to WEIGHT_TOL_F64, float32: within the runs' own rounding); every base
+    weight bit-identical to where it started, in both backends and both precisions. No entry is
+    a null one here: the c_attn bias and the final LayerNorm (`null_entries`) are base weights,
+    frozen; A's gradient is exactly 0 at the first step (B starts at 0) in both backends."""
+    _compare_histories({d: (r[0].history, r[1].history) for d, r in runs.items()}, steps)
+    for dtype, (_tj, _tt, start, wj, wt) in runs.items():
+        trained = sorted(k for k in start if ".lora_" in k or (head and k == "score.weight"))
+        assert any(".lora_A." in k for k in trained) and any(".lora_B." in k for k in trained)
+        assert ("score.weight" in trained) == head
+        for name, w in (("jax", wj), ("torch", wt)):
+            frozen = [k for k in start if k not in trained]
+            assert frozen and set(w) == set(start)
+            moved = [k for k in frozen if not np.array_equal(w[k], start[k])]
+            assert not moved, f"{name} {dtype}: base weights moved: {moved[:4]}"
+    (nj, nt), (Nj, Nt) = runs["float32"][3:], runs["float64"][3:]
+    start = runs["float64"][2]
+    keys = sorted(k for k in start if ".lora_" in k or (head and k == "score.weight"))
+    for kind in (".lora_A.", ".lora_B.") + ((".weight",) if head else ()):
+        of_kind = [k for k in keys if kind in k and (kind != ".weight" or k == "score.weight")]
+        moved = max(float(np.abs(Nj[k] - start[k]).max()) for k in of_kind)
+        assert moved > 1e-4, (kind, moved)  # A (from the second step), B and the head all trained
+    explained_weights(nj, nt, Nj, Nt, keys=keys)
+    worst = max(float(np.abs(Nj[k] - Nt[k]).max()) for k in keys)
+    assert worst < WEIGHT_TOL_F64, worst
+
+
+def test_lora_reward_model_steps_give_the_same_adapters_and_head(tiny_checkpoint, rankings):
+    """RMConfig with lora_rank: JAX (our LoRALinear) and torch (peft) train the same adapters
+    and score head from the same start (A seeded by module name, B zero, the head seeded) --
+    3 clipped AdamW steps with weight decay, float64 and float32 -- and neither moves a base
+    weight."""
+    cfg = RMConfig(loss="plackett_luce", learning_rate=1e-2, batch_size=4, max_length=40,
+                   weight_decay=0.01, max_grad_norm=0.5, warmup_steps=1, lr_schedule="linear",
+                   max_steps=3, normalise=False, **LORA)
+    runs = {dtype: _fit_both("rm", str(tiny_checkpoint("gpt2")), cfg, rankings, dtype)
+            for dtype in ("float64", "float32")}
+    assert max(h["train/grad_norm"] for h in runs["float64"][0].history) > 0.5  # clipping was active
+    _compare_lora_runs(runs, 3, head=True)
+
+
+def test_lora_sft_steps_give_the_same_adapters(tiny_checkpoint):
+    """SFTConfig with lora_rank: the same adapters after 3 steps in both backends, the base (its
+    LM head included) unchanged."""
+    from ppo_rlhf.tasks import reviews
+
+    pairs = reviews.generate_corpus(12, seed=3)
+    examples = [pairs[i] if i % 2 else f"{pairs[i][0]} {pairs[i][1]}" for i in range(12)]
+    cfg = SFTConfig(num_steps=3, batch_size=4, max_length=40, learning_rate=1e-2, weight_decay=0.01,
+                    max_grad_norm=0.5, warmup_steps=1, **LORA)
+    runs = {dtype: _fit_both("sft", str(tiny_checkpoint("gpt2")), cfg, examples, dtype)
+            for dtype in ("float64", "float32")}
+    _compare_lora_runs(runs, 3, head=False)

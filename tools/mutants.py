@@ -162,6 +162,28 @@ MUTANTS = [
             ("ppo_torch/models/lora.py", 'p.requires_grad_(".lora_" in name or name == hfc.SCORE_NAME)',
              "p.requires_grad_(True)")),
            (LORA, "-k", "ppo_trains")),
+    # ... and the same bugs in both backends, which the JAX-vs-torch parity cannot see: the
+    # independent reference (its own adapted projections) and the RM / SFT step parity
+    Mutant("both-lora-scaling-wrong", "the adapter's term scaled by 2 alpha / rank in both backends",
+           (("ppo_jax/models/lora.py", "self.scaling = lr.scaling(rank, alpha)",
+             "self.scaling = 2 * lr.scaling(rank, alpha)"),
+            ("ppo_torch/models/lora.py",
+             "    inject_adapter_in_model(LoraConfig(**cfg), hf_model, adapter_name=ADAPTER)\n",
+             "    inject_adapter_in_model(LoraConfig(**cfg), hf_model, adapter_name=ADAPTER)\n"
+             "    for m in lora_layers(hf_model):\n        m.scaling[ADAPTER] *= 2\n")),
+           (REFERENCE, "-k", "lora")),
+    Mutant("both-lora-adapters-never-off", "adapters_disabled leaves the adapters on, in both backends",
+           (("ppo_jax/models/lora.py", "            m.adapters_enabled = False",
+             "            m.adapters_enabled = True"),
+            ("ppo_torch/models/lora.py", "            m.enable_adapters(False)",
+             "            m.enable_adapters(True)")),
+           (REFERENCE, "-k", "lora")),
+    Mutant("both-lora-rm-base-trained", "a LoRA reward model's base weights trained, in both backends",
+           (("ppo_jax/models/lora.py", "    if not _core(model).config.options.lora:\n        return nnx.Param",
+             "    if True:\n        return nnx.Param"),
+            ("ppo_torch/models/lora.py", 'p.requires_grad_(".lora_" in name or name == hfc.SCORE_NAME)',
+             "p.requires_grad_(True)")),
+           ("parity_tests/test_reward_model_parity.py", "-k", "lora_reward_model")),
 ]
 
 
