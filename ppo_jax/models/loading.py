@@ -36,7 +36,7 @@ from ppo_jax.abstract import is_abstract
 from ppo_jax.models.causal_lm import TRANSPOSE_BACKBONE_KERNELS, CausalLM
 from ppo_jax.models.config import DTYPES, ModelConfig
 from ppo_jax.models.heads import PolicyWithValueHead, ScalarHeadModel
-from ppo_jax.models.lora import BASE_PARAMS, init_lora_param
+from ppo_jax.models.lora import BASE_PARAMS, LoRADropoutKey, init_lora_param
 from ppo_jax.models.stack import STACK, is_stacked, stacked_modules
 from ppo_rlhf import hf_checkpoint as hfc
 from ppo_rlhf import lora as lr
@@ -119,8 +119,9 @@ def _build(make: Callable[[], nnx.Module], tensors: Any, config: ModelConfig, *,
     place = _placer(mesh)
     filled, missing, used = [], [], set()
     for path, var in nnx.to_flat_state(state):
-        if isinstance(var, nnx.LoRAParam):  # LoRA adapters: not in a base checkpoint, fresh
-            fresh = init_lora_param(path, var.shape, dt, config.model_type, stacks)
+        if isinstance(var, (nnx.LoRAParam, LoRADropoutKey)):  # LoRA: not in a base checkpoint, fresh
+            fresh = (np.zeros(var.shape, var.dtype) if isinstance(var, LoRADropoutKey)  # set in training
+                     else init_lora_param(path, var.shape, dt, config.model_type, stacks))
             filled.append((path, var.replace(place(path, fresh.shape, lambda index, a=fresh: a[index]))))
             continue
         names, transpose, stacked = hf_names(path, config.model_type, stacks)

@@ -89,13 +89,15 @@ def rebuild(model: Model, *, options: ModelOptions | None = None, dtype: str | N
 
     state = jax.tree.map(cast, state)
     if config.options.lora and not model.config.options.lora:  # adapters added: fresh ones
-        from ppo_jax.models.lora import init_lora_param
+        from ppo_jax.models.lora import LoRADropoutKey, init_lora_param
         from ppo_jax.models.stack import stacked_modules
 
         stacks = stacked_modules(abstract)
         fresh = [(p, v if is_abstract(state) else
                   v.replace(jnp.asarray(init_lora_param(p, v.shape, dt, config.model_type, stacks))))
                  for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.LoRAParam))]
+        fresh += [(p, v if is_abstract(state) else v.replace(jnp.zeros(v.shape, v.dtype)))
+                  for p, v in nnx.to_flat_state(nnx.state(abstract, LoRADropoutKey))]
         return nnx.merge(graphdef, state, nnx.from_flat_state(fresh))
     return nnx.merge(graphdef, state)
 
