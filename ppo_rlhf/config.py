@@ -89,7 +89,9 @@ class ModelOptions:
                   (`ppo_rlhf.lora`; JAX: `ppo_jax.models.lora`, torch: `peft`): the base
                   weights are frozen, only the adapters are trained
     lora_alpha    the adapters' scale is lora_alpha / lora_rank (peft's `lora_alpha`)
-    lora_dropout  dropout on the adapters' input in training (peft's); only 0 is built today
+    lora_dropout  dropout on the adapters' input (peft's), only in the forwards that are
+                  differentiated: PPO's update, the RM and SFT steps -- never in generation,
+                  the rollout's log-probs and values, the reference, evaluation or scoring
     lora_targets  the projections that get adapters, among `ppo_rlhf.lora.LORA_TARGETS`
                   (q, k, v, o, gate, up, down; `LORA_MODULES` maps them to each architecture)
     """
@@ -411,7 +413,9 @@ class PPOConfig(Config):
     lora_alpha: float = 8.0
     """The adapters' term is scaled by lora_alpha / lora_rank (peft's `lora_alpha`, default 8)."""
     lora_dropout: float = 0.0
-    """Dropout on the adapters' input in training (peft's `lora_dropout`); only 0 is built today."""
+    """Dropout on the adapters' input (peft's `lora_dropout`) in the update's forwards only (not in
+    generation, the rollout's log-probs and values, the reference); masks drawn from (seed,
+    iteration, minibatch, micro-batch), so runs and resumes repeat them."""
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
     """The projections that get adapters: names among q, k, v, o, gate, up, down (a tuple, or
     "q,v"); `ppo_rlhf.lora.LORA_MODULES` maps them to each architecture's modules."""
