@@ -162,6 +162,18 @@ MUTANTS = [
             ("ppo_torch/models/lora.py", 'p.requires_grad_(".lora_" in name or name == hfc.SCORE_NAME)',
              "p.requires_grad_(True)")),
            (LORA, "-k", "ppo_trains")),
+    Mutant("jax-lora-dropout-unscaled", "adapter dropout keeps elements without the 1 / (1 - p) scale",
+           (("ppo_jax/models/lora.py",
+             "x = jnp.where(keep, x / jnp.asarray(1.0 - self.dropout, dt), jnp.zeros((), dt))",
+             "x = jnp.where(keep, x, jnp.zeros((), dt))"),),
+           (LORA, "-k", "masks_and_scales")),
+    Mutant("jax-lora-dropout-same-mask-every-layer", "every layer of the scanned stack draws the same dropout mask",
+           (("ppo_jax/models/lora.py", "keys = jax.random.split(k, shape[0]) if len(shape) == 2 else k",
+             "keys = jnp.stack([k] * shape[0]) if len(shape) == 2 else k"),),
+           (LORA, "-k", "distinct_per_layer")),
+    Mutant("torch-lora-dropout-unseeded", "torch's adapter dropout draws from the global generator: runs do not repeat",
+           (("ppo_torch/models/lora.py", "        torch.manual_seed(seed)\n", ""),),
+           (LORA, "-k", "test_ppo_with_lora_dropout and torch")),
 ]
 
 
