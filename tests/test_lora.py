@@ -40,6 +40,9 @@ MASK = np.array([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     ("lora_targets", ("q", "query"), r"PPOConfig.lora_targets=\('q', 'query'\) is invalid: allowed "
                                      r"distinct names among q, k, v, o, gate, up, down"),
     ("lora_targets", (), r"PPOConfig.lora_targets=\(\) is invalid"),
+    ("lora_base_dtype", "float16", r"PPOConfig.lora_base_dtype='float16' is invalid: allowed None or one of "
+                                   r"'float32', 'bfloat16'"),
+    ("lora_base_dtype", "bfloat16", r"PPOConfig.lora_base_dtype='bfloat16' needs LoRA \(lora_rank > 0\)"),
     ("lora_roles", ("policy", "reward"), r"PPOConfig.lora_roles=\('policy', 'reward'\) is invalid: "
                                          r"allowed distinct names among policy, critic"),
 ])
@@ -564,3 +567,78 @@ def test_reward_model_and_sft_steps_with_lora_dropout(tiny_checkpoint, tmp_path,
                     want = saved.score(torch.from_numpy(IDS), torch.from_numpy(MASK)).numpy()
             raw = (want - saved.reward_bias) / saved.reward_gain  # the trainer scores the raw head
             np.testing.assert_allclose(t._score(IDS, MASK), raw, rtol=0, atol=2e-5)
+
+
+# ---- the frozen base stored in the compute dtype (lora_base_dtype) ------------------------------------
+def _bytes(backend, model):
+    """(bytes of the frozen base weights, {trained parameter: dtype}) of a LoRA model."""
+    if backend == "jax":
+        trained = jl.trained_params(model)
+        base = nnx.state(model, nnx.All(nnx.Param, nnx.Not(trained)))
+        return (sum(x.nbytes for x in jax.tree.leaves(base)),
+                {p: str(v.dtype) for p, v in nnx.to_flat_state(nnx.state(model, trained))})
+    return (sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad),
+            {n: str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters() if p.requires_grad})
+
+
+def test_lora_base_dtype_needs_the_compute_dtype():
+    with pytest.raises(ValueError, match=r"RMConfig.lora_base_dtype='bfloat16' needs compute_dtype='bfloat16' "
+                                         r"\(got None\): the base weights are stored in the compute dtype") as err:
+        RMConfig(lora_rank=2, lora_base_dtype="bfloat16")
+    assert "\n" not in str(err.value)
+    options = SFTConfig(lora_rank=2, compute_dtype="bfloat16", lora_base_dtype="bfloat16").model_options("policy")
+    assert options.base_dtype == "bfloat16"
+    assert ModelOptions(lora_rank=2, lora_base_dtype="float32").base_dtype is None  # the weights' own dtype
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_lora_base_dtype_halves_the_base_and_keeps_the_trained_weights_float32(tiny_checkpoint, backend):
+    """lora_base_dtype="bfloat16": the frozen base's parameter bytes are exactly half those of the
+    float32 base (every base weight stored in bf16), the adapters and the score head are float32
+    and equal to the float32 model's, and the model computes as the mixed-precision model with
+    float32 weights up to the bf16 rounding of the embeddings and norm scales -- float32 logits
+    within the mixed-precision log-prob tolerance (parity_tests/test_precision_parity.py) -- and
+    the same holds after `rebuild` (the critic from a reward model)."""
+    models, lora = (jm, jl) if backend == "jax" else (tm, tl)
+    ckpt = tiny_checkpoint("llama", kind="scalar", seed=1)
+    mixed = ModelOptions(lora_rank=2, lora_targets=("q", "v"), compute_dtype="bfloat16")
+    full = models.load_scalar_model(ckpt, options=mixed)
+    half = models.load_scalar_model(ckpt, options=dataclasses.replace(mixed, lora_base_dtype="bfloat16"))
+    (nf, trained_f), (nh, trained_h) = _bytes(backend, full), _bytes(backend, half)
+    assert nh * 2 == nf and nf > 0
+    assert trained_h == trained_f and set(trained_h.values()) == {"float32"}
+    assert any("score" in str(k) for k in trained_h) and any("lora" in str(k) for k in trained_h)
+    for a, b in zip(lora.adapter_tensors(full).values(), lora.adapter_tensors(half).values()):
+        np.testing.assert_array_equal(a, b)
+    if backend == "jax":
+        got, want = (np.asarray(m.score(jnp.asarray(IDS), jnp.asarray(MASK))) for m in (half, full))
+    else:
+        with torch.no_grad():
+            got, want = (m.score(torch.from_numpy(IDS), torch.from_numpy(MASK)).numpy() for m in (half, full))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=0.1)
+    copy = models.rebuild(half, options=models.model_options(half))
+    assert _bytes(backend, copy)[0] == nh
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_ppo_with_the_lora_base_in_bfloat16(tiny_checkpoint, backend):
+    """A PPO iteration with LoRA on policy and critic and lora_base_dtype="bfloat16": the base
+    weights stay bf16 and bit-identical, the adapters (float32) move, the reference is the
+    policy's bf16 base with adapters off."""
+    from tests.helpers import make_trainer
+
+    models, lora = (jm, jl) if backend == "jax" else (tm, tl)
+    t = make_trainer(backend, tiny_checkpoint("llama"), lora_rank=2, lora_targets=("q", "v"),
+                     lora_roles=("policy", "critic"), learning_rate=3e-2, compute_dtype="bfloat16",
+                     lora_base_dtype="bfloat16", **({"device": "cpu"} if backend == "torch" else {}))
+    policy = t.policy_model()
+    base, adapters = models.model_tensors(policy), lora.adapter_tensors(policy)
+    nbytes = _bytes(backend, policy)[0]
+    t.step()
+    policy = t.policy_model()
+    assert _bytes(backend, policy)[0] == nbytes and t.reference_is_policy
+    after, moved = models.model_tensors(policy), lora.adapter_tensors(policy)
+    assert all(np.array_equal(after[k], base[k]) for k in base)
+    assert max(np.abs(moved[k] - adapters[k]).max() for k in adapters if ".lora_B." in k) > 1e-4
+    assert all(v.dtype == np.float32 for v in moved.values())

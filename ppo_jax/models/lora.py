@@ -307,6 +307,9 @@ def merge_adapters(model: nnx.Module) -> nnx.Module:
         raise ValueError("merge_adapters: the model has no LoRA adapters (built with lora_rank=0)")
     scale = lr.scaling(options.lora_rank, options.lora_alpha)
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.Any(ADAPTER_PARAMS, LoRADropoutKey)))))
+    dt = jnp.dtype(core.config.dtype)  # a base stored in lora_base_dtype: merged into the model's dtype
+    flat = {p: (v.replace(v[...].astype(dt)) if isinstance(v, nnx.Param) and jnp.issubdtype(v.dtype, jnp.floating)
+                else v) for p, v in flat.items()}
     adapters = dict(nnx.to_flat_state(nnx.state(model, ADAPTER_PARAMS)))
     for path, a in adapters.items():
         if path[-1] != "lora_a":
@@ -315,7 +318,8 @@ def merge_adapters(model: nnx.Module) -> nnx.Module:
         delta = jnp.einsum("...ir,...ro->...io", a[...].astype(jnp.float32), b[...].astype(jnp.float32))
         w = kernel[...]
         flat[path[:-1] + ("kernel",)] = kernel.replace((w.astype(jnp.float32) + scale * delta).astype(w.dtype))
-    config = dataclasses.replace(model.config, options=dataclasses.replace(options, lora_rank=0))
+    config = dataclasses.replace(model.config, options=dataclasses.replace(options, lora_rank=0,
+                                                                             lora_base_dtype=None))
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: _construct(model, config)))
     return nnx.merge(graphdef, nnx.from_flat_state(list(flat.items())))
 

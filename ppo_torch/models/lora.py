@@ -206,6 +206,9 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     if not lora_layers(model):
         raise ValueError("merge_adapters: the model has no LoRA adapters (built with lora_rank=0)")
     merged = copy.deepcopy(model)
+    options = model.options if hasattr(model, "options") else model.lm.options
+    if options.base_dtype is not None:  # a base stored in lora_base_dtype: merged in float32, as JAX
+        merged.float()
     with torch.no_grad():
         for name, module in list(merged.named_modules()):
             if module in lora_layers(module)[:1]:  # a LoRA layer: merged, then replaced by its base
@@ -214,7 +217,7 @@ def merge_adapters(model: nn.Module) -> nn.Module:
                 setattr(merged.get_submodule(parent) if parent else merged, child, module.get_base_layer())
     for m in merged.modules():
         if isinstance(m, (CausalLM, ScalarHeadModel)):
-            build_with(m, dataclasses.replace(m.options, lora_rank=0))
+            build_with(m, dataclasses.replace(m.options, lora_rank=0, lora_base_dtype=None))
     return merged.requires_grad_(True)
 
 
