@@ -174,6 +174,11 @@ MUTANTS = [
     Mutant("torch-lora-dropout-unseeded", "torch's adapter dropout draws from the global generator: runs do not repeat",
            (("ppo_torch/models/lora.py", "        torch.manual_seed(seed)\n", ""),),
            (LORA, "-k", "test_ppo_with_lora_dropout and torch")),
+    Mutant("both-lora-base-dtype-ignored", "lora_base_dtype accepted but the base kept in float32 (no memory saved)",
+           (("ppo_jax/models/loading.py", "dt if base_dt is None or trained else base_dt)", "dt)"),
+            ("ppo_torch/models/causal_lm.py",
+             "if not p.requires_grad and p.is_floating_point() and p.dtype != dt:", "if False:")),
+           ("parity_tests/test_precision_parity.py", "-k", "lora_base_dtype")),
 ]
 
 
