@@ -25,6 +25,11 @@ the per-layer slices our scan hands each block. We do use flax's variable type
 `nnx.DiffState` / `nnx.Optimizer(wrt=nnx.LoRAParam)` select exactly the adapters, and the base
 weights are the `nnx.Param`s that are not `nnx.LoRAParam` (`BASE_PARAMS`).
 
+Dropout (lora_dropout > 0) as peft's, on the adapter's input, only inside `adapter_dropout` (the
+trainers' training steps); the masks come from a key per projection and layer (`LoRADropoutKey`,
+stacked like the weights). A base stored in a lower dtype (`ModelOptions.lora_base_dtype`):
+`precision.store_base`.
+
 Initialisation as peft's: A kaiming-uniform (bound 1 / sqrt(in)), B zeros -- so a fresh adapter
 changes nothing. When a model is loaded from a checkpoint (`loading._build`), A is drawn with
 numpy from a seed fixed by its HF module name (`init_lora_param`, `ppo_rlhf.lora.init_lora_a`:

@@ -17,6 +17,11 @@ but the adapters -- and the score head of a critic or reward model (`score.weigh
 must learn; peft's `modules_to_save` for SEQ_CLS) -- is frozen (requires_grad False). A is
 peft's kaiming-uniform bound drawn with numpy from the module's name (`ppo_rlhf.lora.init_lora_a`,
 the same A as the JAX core's), B zeros.
+
+Dropout (lora_dropout > 0): peft's own `lora_dropout` modules, which stay in eval mode (like the
+whole model: the trainers never call `.train()`) except inside `adapter_dropout`, which the
+trainers wrap around their training forwards and backwards. A base stored in a lower dtype
+(`ModelOptions.lora_base_dtype`): `causal_lm.store_base`.
 """
 
 from __future__ import annotations
