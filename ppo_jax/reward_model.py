@@ -233,11 +233,13 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
         self._group_size = 2  # a pair per group until the data says otherwise (`fit`)
         self.gain, self.bias = 1.0, 0.0
 
-    def _dropout_key(self, step: int) -> tuple:
-        """(the LoRA dropout key of step `step`, a pure function of (seed, step),) -- or () for
-        a model without dropout (its step takes no key)."""
+    def _dropout_key(self, step: int | None) -> tuple:
+        """(the LoRA dropout key of step `step`, a pure function of (seed, step); abstract for
+        None,) -- or () for a model without dropout (its step takes no key)."""
         if not self._adapter_dropout:
             return ()
+        if step is None:  # abstract, for `programs` (planning compiles without devices' data)
+            return (self.parallel.replicated(jax.eval_shape(lambda: jax.random.key(0))),)
         return (self.parallel.replicated(jax.random.key(dropout_seed(self.config.seed, step))),)
 
     def model(self) -> ScalarHeadModel:
@@ -284,7 +286,7 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
         lr = self.parallel.replicated(jax.ShapeDtypeStruct((), f32, weak_type=True))
         return {
             "train_step": (self._step, (self.params, self.opt_state, self._rest, arrays, lr,
-                                        *self._dropout_key(0)),
+                                        *self._dropout_key(None)),
                            (self.params, self.opt_state, self._rest)),
             "eval_step": (self._score_fn, (self.params, self._rest, batch((B * K, T), i32),
                                            batch((B * K, T), i32)), (self.params, self._rest)),

@@ -133,11 +133,13 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
         self._init_optimizer(0)
         self._adapter_dropout = has_adapter_dropout(model)
 
-    def _dropout_key(self, step: int) -> tuple:
-        """(the LoRA dropout key of step `step`, a pure function of (seed, step),) -- or () for
-        a model without dropout (its step takes no key)."""
+    def _dropout_key(self, step: int | None) -> tuple:
+        """(the LoRA dropout key of step `step`, a pure function of (seed, step); abstract for
+        None,) -- or () for a model without dropout (its step takes no key)."""
         if not self._adapter_dropout:
             return ()
+        if step is None:  # abstract, for `programs` (planning compiles without devices' data)
+            return (self.parallel.replicated(jax.eval_shape(lambda: jax.random.key(0))),)
         return (self.parallel.replicated(jax.random.key(dropout_seed(self.config.seed, step))),)
 
     def model(self) -> CausalLM:
@@ -172,7 +174,7 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
         lr = self.parallel.replicated(jax.ShapeDtypeStruct((), jnp.float32, weak_type=True))
         return {
             "train_step": (self._step, (self.params, self.opt_state, self._rest, arrays, lr,
-                                        *self._dropout_key(0)),
+                                        *self._dropout_key(None)),
                            (self.params, self.opt_state, self._rest)),
             "eval_step": (self._evaluate, (self.params, self._rest, arrays), (self.params, self._rest)),
         }
