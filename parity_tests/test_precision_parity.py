@@ -161,3 +161,53 @@ def test_frozen_dtype_parity(tiny_checkpoint):
     np.testing.assert_allclose(rj.values[m], rt.values[m], atol=F32_ATOL)
     np.testing.assert_allclose(rj.ref_logprobs[m], rt.ref_logprobs[m], atol=LOW["bfloat16"][0])
     np.testing.assert_allclose(rj.scores, rt.scores, atol=LOW["bfloat16"][0])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_base_dtype_parity(tiny_checkpoint, tmp_path, arch):
+    """LoRA with the frozen base stored in bfloat16 (`ModelOptions.lora_base_dtype`, compute in
+    bfloat16), the same nonzero adapters in both backends: log-probs and entropies JAX vs torch
+    within the mixed-precision bounds above (LOW), and each backend within them of its own
+    mixed-precision model with a float32 base. Why the same bounds: with compute_dtype bfloat16
+    every projection already rounds its weights to bfloat16 in both backends, so storing them in
+    bfloat16 changes nothing there; what changes is the bf16 rounding of the embeddings and the
+    norm scales (2^-9 relative each, read back as float32), identical in the two backends since
+    they hold the same stored numbers -- the cross-backend difference keeps the mechanism, and
+    the bound, of the mixed-precision test (observed: the same size as there). Both backends
+    must really hold the base in bfloat16 (half the bytes) with float32 adapters."""
+    import jax
+    from flax import nnx
+
+    from ppo_jax.models import lora as jl
+    from ppo_rlhf import lora as lr
+    from ppo_torch.models import lora as tl
+
+    path = tiny_checkpoint(arch)
+    batch = _batch(seed=5)
+    kw = dict(temperature=0.7, return_entropy=True)
+    mixed = ModelOptions(lora_rank=2, lora_alpha=4.0, compute_dtype="bfloat16")
+    half = ModelOptions(lora_rank=2, lora_alpha=4.0, compute_dtype="bfloat16", lora_base_dtype="bfloat16")
+    j32 = jm.load_pretrained(path, options=mixed)
+    rng = np.random.default_rng(0)
+    config = lr.peft_config(model_type=j32.config.model_type, rank=2, alpha=4.0, dropout=0.0,
+                            modules=lr.lora_modules(j32.config.model_type, mixed.lora_targets))
+    adapter = lr.write_adapter(tmp_path / "adapter", config, {
+        lr.PEFT_PREFIX + k: rng.normal(0, 0.3, v.shape).astype(np.float32) for k, v in jl.adapter_tensors(j32).items()})
+    out = {}
+    for name, options in (("mixed", mixed), ("half", half)):
+        j = jl.load_adapter(jm.load_pretrained(path, options=options), adapter)
+        t = tl.load_adapter(tm.load_pretrained(path, options=options), adapter)
+        with torch.no_grad():
+            out[name] = ([np.asarray(o) for o in jm.response_logprobs(j, *batch, **kw)],
+                         [o.numpy() for o in tm.response_logprobs(t, *_t(*batch), **kw)])
+        out[name + "/bytes"] = (sum(x.nbytes for x in jax.tree.leaves(nnx.state(j, jl.BASE_PARAMS))),
+                                sum(p.numel() * p.element_size() for p in t.parameters() if not p.requires_grad))
+        assert all(p.dtype == torch.float32 for p in t.parameters() if p.requires_grad)
+        assert {v.dtype for v in jl.adapter_tensors(j).values()} == {np.dtype(np.float32)}
+    lp_tol, ent_tol = LOW["bfloat16"]
+    (lp_j, ent_j), (lp_t, ent_t) = out["half"]
+    np.testing.assert_allclose(lp_j, lp_t, atol=lp_tol, rtol=0)
+    np.testing.assert_allclose(ent_j, ent_t, atol=ent_tol, rtol=0)
+    for got, want in zip(out["half"], out["mixed"]):
+        np.testing.assert_allclose(got[0], want[0], atol=lp_tol, rtol=0)
+    assert [2 * b for b in out["half/bytes"]] == list(out["mixed/bytes"])  # the base in bf16, both

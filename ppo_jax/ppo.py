@@ -44,6 +44,7 @@ one AdamW and one global-norm gradient clip over both (as TRL's PolicyAndValueWr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -77,7 +78,7 @@ from ppo_jax.models import (
     response_values,
     sequence_scores,
 )
-from ppo_jax.models.lora import adapters_disabled, trained_params
+from ppo_jax.models.lora import adapter_dropout, adapters_disabled, has_adapter_dropout, trained_params
 from ppo_jax.optim import guarded_step, make_optimizer
 from ppo_jax.parallel import builds_on_host, placement
 from ppo_rlhf.config import PPOConfig
@@ -199,6 +200,11 @@ class PPOTrainer(TrainerBase):
         self._rollout_forward = jax.jit(self._rollout_forward_impl)
         self._advantages = jax.jit(self._advantages_impl)
         self._update = jax.jit(self._update_impl, donate_argnums=(0, 1))
+        # LoRA dropout (lora_dropout > 0): active in the update's forwards only, its key a pure
+        # function of (seed, iteration, minibatch step, micro-batch); with rate 0 the update
+        # takes no key (the program of a model without dropout)
+        self.adapter_dropout = any(m is not None and has_adapter_dropout(m)
+                                   for m in (self.policy_model(), self.critic_model()))
 
     # ---- the models ----------------------------------------------------------------------------
     @property
@@ -321,9 +327,17 @@ class PPOTrainer(TrainerBase):
                                 float(kl_coef))  # weakly typed: the log-probs' precision
 
     # ---- 5. the update phase: K epochs x M minibatches in one lax.scan --------------------------
-    def _loss(self, params, base, mb, weight):
-        cfg = self.config
+    def _loss(self, params, base, mb, weight, key=None):
         policy, critic = self._models(params, base)
+        if key is not None:  # LoRA dropout: the training forward (`lora.adapter_dropout`)
+            with contextlib.ExitStack() as stack:
+                for j, m in enumerate(dict.fromkeys(m for m in (policy, critic) if m is not None)):
+                    stack.enter_context(adapter_dropout(m, jax.random.fold_in(key, j)))
+                return self._loss_of(policy, critic, mb, weight)
+        return self._loss_of(policy, critic, mb, weight)
+
+    def _loss_of(self, policy, critic, mb, weight):
+        cfg = self.config
         args = (mb["query_ids"], mb["query_mask"], mb["response_ids"], mb["response_mask"])
         if self.shared_trunk:
             logprobs, values, entropy = response_logprobs_and_values(
@@ -362,42 +376,48 @@ class PPOTrainer(TrainerBase):
         stats["loss/total"] = loss
         return loss * weight, jax.tree.map(jax.lax.stop_gradient, stats)
 
-    def _minibatch_grads(self, params, base, batch, idx):
-        """Gradient and stats of one minibatch (rows `idx`), summed over its micro-batches."""
+    def _minibatch_grads(self, params, base, batch, idx, key=None):
+        """Gradient and stats of one minibatch (rows `idx`), summed over its micro-batches;
+        `key`: LoRA dropout's key of this minibatch (micro-batch i folds in i), None without."""
         cfg = self.config
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         micro = idx.reshape(cfg.grad_accum_steps, cfg.microbatch_size)
         total = aggregation_count(batch["response_mask"][idx], cfg.loss_agg)
 
-        def one(rows):
+        def one(rows, i):
             mb = self.parallel.constrain_batch(jax.tree.map(lambda x: x[rows], batch))
             w = microbatch_weight(mb["response_mask"], cfg.loss_agg, total)
-            (_, stats), grads = grad_fn(params, base, mb, w)  # d/d params: base stays frozen
+            k = None if key is None else jax.random.fold_in(key, i)
+            (_, stats), grads = grad_fn(params, base, mb, w, k)  # d/d params: base stays frozen
             return grads, stats, w
 
-        grads, stats, w = one(micro[0])
+        grads, stats, w = one(micro[0], 0)
         if cfg.grad_accum_steps == 1:
             return grads, stats
         stats = {k: v if k in _MAX_STATS + _MIN_STATS else w * v for k, v in stats.items()}
 
-        def accumulate(carry, rows):
+        def accumulate(carry, xs):
             g_acc, s_acc = carry
-            grads, stats, w = one(rows)
+            grads, stats, w = one(*xs)
             g_acc = jax.tree.map(jnp.add, g_acc, grads)
             s_acc = {k: (jnp.maximum(s_acc[k], v) if k in _MAX_STATS else
                          jnp.minimum(s_acc[k], v) if k in _MIN_STATS else s_acc[k] + w * v)
                      for k, v in stats.items()}
             return (g_acc, s_acc), None
 
-        (grads, stats), _ = jax.lax.scan(accumulate, (grads, stats), micro[1:])
+        # micro-batch numbers scanned only with dropout: without, the program is as before
+        numbers = None if key is None else jnp.arange(1, cfg.grad_accum_steps)
+        (grads, stats), _ = jax.lax.scan(accumulate, (grads, stats), (micro[1:], numbers))
         return grads, stats
 
-    def _update_impl(self, params, opt_state, base, batch, minibatch_rows):
+    def _update_impl(self, params, opt_state, base, batch, minibatch_rows, key=None):
         cfg = self.config
 
-        def step(carry, idx):
+        def step(carry, xs):
             params, opt_state = carry
-            grads, stats = self._minibatch_grads(params, base, batch, idx)
+            idx, j = xs
+            k = None if key is None else jax.random.fold_in(key, j)  # LoRA dropout: step j's key
+            grads, stats = self._minibatch_grads(params, base, batch, idx, k)
             # one global-norm clip, AdamW; a non-finite loss or gradient skips this step
             params, opt_state, grad_norm, ok = guarded_step(self.tx, params, opt_state, grads,
                                                             stats["loss/total"],
@@ -405,7 +425,9 @@ class PPOTrainer(TrainerBase):
             params, opt_state = self.parallel.constrain_params((params, opt_state))
             return (params, opt_state), {**stats, "policy/grad_norm": grad_norm, "update/skipped": ~ok}
 
-        (params, opt_state), stats = jax.lax.scan(step, (params, opt_state), minibatch_rows)
+        # step numbers scanned only with dropout: without, the program is as before
+        steps = None if key is None else jnp.arange(minibatch_rows.shape[0])
+        (params, opt_state), stats = jax.lax.scan(step, (params, opt_state), (minibatch_rows, steps))
         return params, opt_state, stats
 
     def update(self, batch: Mapping[str, Any], iteration: int = 0) -> dict[str, np.ndarray]:
@@ -416,8 +438,11 @@ class PPOTrainer(TrainerBase):
                                       ppo_epochs=cfg.ppo_epochs, num_minibatches=cfg.num_minibatches)
         keys = update_keys(cfg)
         arrays = self.parallel.batch({k: batch[k] for k in keys})
+        key = (self.parallel.replicated(jax.random.key(seeds.dropout_seed(cfg.seed, iteration)))
+               if self.adapter_dropout else None)
         self.params, self.opt_state, stats = self._update(self.params, self.opt_state, self.base,
-                                                          arrays, self.parallel.replicated(rows))
+                                                          arrays, self.parallel.replicated(rows),
+                                                          *(() if key is None else (key,)))
         return self.parallel.fetch(stats)
 
     # ---- one whole iteration ----------------------------------------------------------------
@@ -478,7 +503,8 @@ class PPOTrainer(TrainerBase):
                                 (self.params, self.base, self.reference.params, rm_params)),
             "advantages": (self._advantages, (batch((B,), f32), arrays["logprobs"],
                                               batch((B, N), f32), arrays["values"], rm, kl_coef), ()),
-            "update": (self._update, (self.params, self.opt_state, self.base, arrays, rows),
+            "update": (self._update, (self.params, self.opt_state, self.base, arrays, rows,
+                                      *((key,) if self.adapter_dropout else ())),
                        (self.params, self.opt_state, self.base)),
         }
 

@@ -43,11 +43,12 @@ from ppo_jax.models import (
     load_scalar_model,
     scalar_model_from_lm,
 )
-from ppo_jax.models.lora import trained_params
+from ppo_jax.models.lora import adapter_dropout, has_adapter_dropout, trained_params
 from ppo_jax.optim import guarded_step, make_optimizer
 from ppo_jax.parallel import Placement, builds_on_host, placement
 from ppo_rlhf import hf_checkpoint as hfc
 from ppo_rlhf.config import ModelOptions, RMConfig
+from ppo_rlhf.runtime.seeds import dropout_seed
 from ppo_rlhf.runtime.supervised import RMTrainerBase
 
 Array = jax.Array
@@ -155,7 +156,8 @@ def compiled_steps(graphdef: Any, loss: str, ties: str, max_grad_norm: float | N
     functions cached here, so every trainer with the same ones (a resumed run, a second model of
     the same shape) reuses the compilation; each compiles once per input shape.
 
-      step(params, opt_state, rest, batch, lr) -> (params, opt_state, stats)
+      step(params, opt_state, rest, batch, lr[, key]) -> (params, opt_state, stats)
+        (key: LoRA dropout's key of the step, given only to a model with lora_dropout > 0)
       score(params, rest, ids, mask) -> scores [N]
       losses(scores [B, K], batch) -> per-group loss [B]
 
@@ -171,9 +173,13 @@ def compiled_steps(graphdef: Any, loss: str, ties: str, max_grad_norm: float | N
     tx = make_optimizer(learning_rate=1.0, adam_eps=adam_eps, weight_decay=weight_decay)
     parallel = Placement(mesh)
 
-    def step(params, opt_state, rest, batch, lr):
+    def step(params, opt_state, rest, batch, lr, key=None):
         def loss_fn(p):
-            return batch_loss(nnx.merge(graphdef, p, rest), batch, loss=loss, ties=ties)
+            model = nnx.merge(graphdef, p, rest)
+            if key is None:
+                return batch_loss(model, batch, loss=loss, ties=ties)
+            with adapter_dropout(model, key):  # LoRA dropout: this forward only
+                return batch_loss(model, batch, loss=loss, ties=ties)
 
         (loss_value, scores), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         # clip, AdamW at the host's lr; a non-finite loss or gradient skips the step
@@ -223,8 +229,18 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
             self._def, config.loss, config.ties, config.max_grad_norm, config.adam_eps,
             config.weight_decay, self.parallel.mesh)
         self._init_optimizer(0)
+        self._adapter_dropout = has_adapter_dropout(model)
         self._group_size = 2  # a pair per group until the data says otherwise (`fit`)
         self.gain, self.bias = 1.0, 0.0
+
+    def _dropout_key(self, step: int | None) -> tuple:
+        """(the LoRA dropout key of step `step`, a pure function of (seed, step); abstract for
+        None,) -- or () for a model without dropout (its step takes no key)."""
+        if not self._adapter_dropout:
+            return ()
+        if step is None:  # abstract, for `programs` (planning compiles without devices' data)
+            return (self.parallel.replicated(jax.eval_shape(lambda: jax.random.key(0))),)
+        return (self.parallel.replicated(jax.random.key(dropout_seed(self.config.seed, step))),)
 
     def model(self) -> ScalarHeadModel:
         """The current model with the current reward gain / bias (shares the arrays)."""
@@ -239,7 +255,8 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
     def _train_step(self, batch: dict[str, np.ndarray], lr: float) -> dict[str, Any]:
         arrays = self.parallel.batch(dict(batch))
         self.params, self.opt_state, stats = self._step(self.params, self.opt_state, self._rest,
-                                                        arrays, float(lr))  # weakly typed: the params' precision
+                                                        arrays, float(lr),  # weakly typed: the params' precision
+                                                        *self._dropout_key(self.step))
         return self.parallel.fetch(stats)
 
     def _group_loss(self, scores: np.ndarray, batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -268,7 +285,8 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
                   "targets": batch((B,), f32), "weight": batch((B,), f32)}
         lr = self.parallel.replicated(jax.ShapeDtypeStruct((), f32, weak_type=True))
         return {
-            "train_step": (self._step, (self.params, self.opt_state, self._rest, arrays, lr),
+            "train_step": (self._step, (self.params, self.opt_state, self._rest, arrays, lr,
+                                        *self._dropout_key(None)),
                            (self.params, self.opt_state, self._rest)),
             "eval_step": (self._score_fn, (self.params, self._rest, batch((B * K, T), i32),
                                            batch((B * K, T), i32)), (self.params, self._rest)),

@@ -37,10 +37,11 @@ from ppo_jax.abstract import evaluate
 from ppo_jax.checkpoint import SupervisedCheckpoint
 from ppo_jax.losses import logprobs_from_logits
 from ppo_jax.models import MODEL_KIT, CausalLM, load_pretrained
-from ppo_jax.models.lora import trained_params
+from ppo_jax.models.lora import adapter_dropout, has_adapter_dropout, trained_params
 from ppo_jax.optim import guarded_step, make_optimizer
 from ppo_jax.parallel import Placement, builds_on_host, placement
 from ppo_rlhf.config import SFTConfig
+from ppo_rlhf.runtime.seeds import dropout_seed
 from ppo_rlhf.runtime.supervised import SFTTrainerBase
 
 Array = jax.Array
@@ -67,7 +68,8 @@ def compiled_steps(graphdef: Any, max_grad_norm: float | None, adam_eps: float,
     """(tx, step, evaluate) for a model structure: jit-compiled functions cached here (shared by
     every trainer of the same structure; each compiles once per input shape).
 
-      step(params, opt_state, rest, batch, lr) -> (params, opt_state, stats)
+      step(params, opt_state, rest, batch, lr[, key]) -> (params, opt_state, stats)
+        (key: LoRA dropout's key of the step, given only to a model with lora_dropout > 0)
       evaluate(params, rest, batch) -> (summed NLL, number of target tokens)
 
     `tx` is AdamW at learning rate 1 (`ppo_jax.optim.make_optimizer`); `step` scales its update by
@@ -77,9 +79,13 @@ def compiled_steps(graphdef: Any, max_grad_norm: float | None, adam_eps: float,
     tx = make_optimizer(learning_rate=1.0, adam_eps=adam_eps, weight_decay=weight_decay)
     parallel = Placement(mesh)
 
-    def step(params, opt_state, rest, batch, lr):
+    def step(params, opt_state, rest, batch, lr, key=None):
         def loss_fn(p):
-            return sft_loss(nnx.merge(graphdef, p, rest), batch)
+            model = nnx.merge(graphdef, p, rest)
+            if key is None:
+                return sft_loss(model, batch)
+            with adapter_dropout(model, key):  # LoRA dropout: this forward only
+                return sft_loss(model, batch)
 
         (loss, n), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         # clip, AdamW at the host's lr; a non-finite loss or gradient skips the step
@@ -125,6 +131,16 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
         self.tx, self._step, self._evaluate = compiled_steps(
             self._def, config.max_grad_norm, config.adam_eps, config.weight_decay, self.parallel.mesh)
         self._init_optimizer(0)
+        self._adapter_dropout = has_adapter_dropout(model)
+
+    def _dropout_key(self, step: int | None) -> tuple:
+        """(the LoRA dropout key of step `step`, a pure function of (seed, step); abstract for
+        None,) -- or () for a model without dropout (its step takes no key)."""
+        if not self._adapter_dropout:
+            return ()
+        if step is None:  # abstract, for `programs` (planning compiles without devices' data)
+            return (self.parallel.replicated(jax.eval_shape(lambda: jax.random.key(0))),)
+        return (self.parallel.replicated(jax.random.key(dropout_seed(self.config.seed, step))),)
 
     def model(self) -> CausalLM:
         """The current model (shares the arrays)."""
@@ -137,7 +153,8 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
     def _train_step(self, batch: dict[str, np.ndarray], lr: float) -> dict[str, Any]:
         arrays = self.parallel.batch(dict(batch))
         self.params, self.opt_state, stats = self._step(self.params, self.opt_state, self._rest,
-                                                        arrays, float(lr))  # weakly typed: the params' precision
+                                                        arrays, float(lr),  # weakly typed: the params' precision
+                                                        *self._dropout_key(self.step))
         return self.parallel.fetch(stats)
 
     def _eval_step(self, batch: dict[str, np.ndarray]) -> tuple[float, float]:
@@ -156,7 +173,8 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
                                       for k in ("input_ids", "attention_mask", "loss_mask")})
         lr = self.parallel.replicated(jax.ShapeDtypeStruct((), jnp.float32, weak_type=True))
         return {
-            "train_step": (self._step, (self.params, self.opt_state, self._rest, arrays, lr),
+            "train_step": (self._step, (self.params, self.opt_state, self._rest, arrays, lr,
+                                        *self._dropout_key(None)),
                            (self.params, self.opt_state, self._rest)),
             "eval_step": (self._evaluate, (self.params, self._rest, arrays), (self.params, self._rest)),
         }

@@ -71,6 +71,24 @@ def check_model_options(owner: str, remat: Any, scan_unroll: Any, compute_dtype:
         fail("compute_dtype", compute_dtype, "one of " + ", ".join(repr(c) for c in COMPUTE_DTYPES))
 
 
+def check_lora_base_dtype(owner: str, lora_base_dtype: Any, compute_dtype: Any, lora_rank: Any) -> None:
+    """`lora_base_dtype` (ModelOptions and the three configs): None, "float32" or "bfloat16";
+    "bfloat16" needs LoRA (lora_rank > 0: the base is frozen) and compute_dtype="bfloat16" (the
+    matmuls read the stored base weights in the compute dtype: a torch Linear holding bfloat16
+    weights cannot take float32 inputs outside autocast). A one-line ValueError naming `owner`."""
+    if lora_base_dtype is None:
+        return
+    if lora_base_dtype not in FROZEN_DTYPES:
+        raise ValueError(f"{owner}.lora_base_dtype={lora_base_dtype!r} is invalid: allowed None or one of "
+                         + ", ".join(repr(c) for c in FROZEN_DTYPES))
+    if lora_base_dtype != "float32" and not (isinstance(lora_rank, int) and lora_rank > 0):
+        raise ValueError(f"{owner}.lora_base_dtype={lora_base_dtype!r} needs LoRA (lora_rank > 0): without "
+                         f"adapters every weight is trained")
+    if lora_base_dtype != "float32" and compute_dtype != lora_base_dtype:
+        raise ValueError(f"{owner}.lora_base_dtype={lora_base_dtype!r} needs compute_dtype={lora_base_dtype!r} "
+                         f"(got {compute_dtype!r}): the base weights are stored in the compute dtype")
+
+
 @dataclass(frozen=True)
 class ModelOptions:
     """How a model runs, fixed when it is built: `load_pretrained(path, options=...)`, the
@@ -89,9 +107,17 @@ class ModelOptions:
                   (`ppo_rlhf.lora`; JAX: `ppo_jax.models.lora`, torch: `peft`): the base
                   weights are frozen, only the adapters are trained
     lora_alpha    the adapters' scale is lora_alpha / lora_rank (peft's `lora_alpha`)
-    lora_dropout  dropout on the adapters' input in training (peft's); only 0 is built today
+    lora_dropout  dropout on the adapters' input (peft's), only in the forwards that are
+                  differentiated: PPO's update, the RM and SFT steps -- never in generation,
+                  the rollout's log-probs and values, the reference, evaluation or scoring
     lora_targets  the projections that get adapters, among `ppo_rlhf.lora.LORA_TARGETS`
                   (q, k, v, o, gate, up, down; `LORA_MODULES` maps them to each architecture)
+    lora_base_dtype  None (the weights' dtype) or "bfloat16": a LoRA model's frozen base
+                  weights (every parameter but the adapters and a trained score / value head)
+                  stored in that dtype -- half their memory -- while the adapters and heads keep
+                  the model's dtype (float32); needs compute_dtype equal to it. The forward is
+                  the mixed-precision one: the residual stream, norms, softmaxes and log-probs
+                  stay float32 (the stored embeddings and norm scales are read as float32)
     """
 
     remat: Remat = "none"
@@ -101,12 +127,19 @@ class ModelOptions:
     lora_alpha: float = 8.0
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    lora_base_dtype: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_targets", lora_targets(self.lora_targets))
         check_model_options("ModelOptions", self.remat, self.scan_unroll, self.compute_dtype)
         check_lora_options("ModelOptions", self.lora_rank, self.lora_alpha, self.lora_dropout,
                            self.lora_targets)
+        check_lora_base_dtype("ModelOptions", self.lora_base_dtype, self.compute_dtype, self.lora_rank)
+
+    @property
+    def base_dtype(self) -> str | None:
+        """The dtype a LoRA model stores its frozen base weights in, None = the model's own."""
+        return self.lora_base_dtype if self.lora and self.lora_base_dtype != "float32" else None
 
     @property
     def lora(self) -> bool:
@@ -141,7 +174,8 @@ class Config:
         if not self.lora_rank or role not in self.lora_roles:
             return options
         return dataclasses.replace(options, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
-                                   lora_dropout=self.lora_dropout, lora_targets=self.lora_targets)
+                                   lora_dropout=self.lora_dropout, lora_targets=self.lora_targets,
+                                   lora_base_dtype=self.lora_base_dtype)
 
     def _fail(self, name: str, value: Any, allowed: str) -> None:
         raise ValueError(f"{type(self).__name__}.{name}={value!r} is invalid: allowed {allowed}")
@@ -187,6 +221,7 @@ class Config:
         for name in ("lora_targets", "lora_roles"):
             object.__setattr__(self, name, lora_targets(getattr(self, name)))
         check_lora_options(owner, self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
+        check_lora_base_dtype(owner, self.lora_base_dtype, self.compute_dtype, self.lora_rank)
         roles = self.lora_roles
         if (not isinstance(roles, tuple) or not roles or len(set(roles)) != len(roles)
                 or any(r not in self.LORA_ROLES for r in roles)):
@@ -411,10 +446,19 @@ class PPOConfig(Config):
     lora_alpha: float = 8.0
     """The adapters' term is scaled by lora_alpha / lora_rank (peft's `lora_alpha`, default 8)."""
     lora_dropout: float = 0.0
-    """Dropout on the adapters' input in training (peft's `lora_dropout`); only 0 is built today."""
+    """Dropout on the adapters' input (peft's `lora_dropout`) in the update's forwards only (not in
+    generation, the rollout's log-probs and values, the reference); masks drawn from (seed,
+    iteration, minibatch, micro-batch), so runs and resumes repeat them."""
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
     """The projections that get adapters: names among q, k, v, o, gate, up, down (a tuple, or
     "q,v"); `ppo_rlhf.lora.LORA_MODULES` maps them to each architecture's modules."""
+    lora_base_dtype: str | None = None
+    """None (the trainer's `dtype`) or "bfloat16" (needs compute_dtype="bfloat16"): the frozen base
+    weights of the LoRA models stored in that dtype -- half their memory; the adapters and a
+    trained head keep the trainer's dtype (float32) and the forward computes as with mixed
+    precision (float32 residual stream, norms, log-probs). A field of its own, not
+    `frozen_dtype`: that one casts whole frozen models, weights AND activations, while a LoRA
+    model is trained and keeps float32 activations and trained weights (`ModelOptions`)."""
     lora_roles: tuple[str, ...] = ("policy",)
     """The models that get LoRA adapters: "policy" and / or "critic" (a critic-free estimator
     builds no critic). The reference and the reward model are never trained."""
@@ -573,6 +617,8 @@ class RMConfig(Config):
     lora_alpha: float = 8.0
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    lora_base_dtype: str | None = None
+    """As `PPOConfig.lora_base_dtype`."""
     lora_roles: tuple[str, ...] = ("reward",)
     """The models that get LoRA adapters: the reward model (the only one this trainer builds)."""
 
@@ -636,6 +682,8 @@ class SFTConfig(Config):
     lora_alpha: float = 8.0
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    lora_base_dtype: str | None = None
+    """As `PPOConfig.lora_base_dtype`."""
     lora_roles: tuple[str, ...] = ("policy",)
     """The models that get LoRA adapters: the language model being trained ("policy")."""
 

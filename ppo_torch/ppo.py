@@ -78,7 +78,7 @@ from ppo_torch.models import (
     response_values,
     sequence_scores,
 )
-from ppo_torch.models.lora import adapters_disabled
+from ppo_torch.models.lora import adapter_dropout, adapters_disabled
 from ppo_torch.optim import guarded_step, make_optimizer
 from ppo_torch.parallel import setup as setup_distributed
 
@@ -340,9 +340,11 @@ class PPOTrainer(TrainerBase):
         stats["loss/total"] = loss
         return loss * weight, {k: v.detach() for k, v in stats.items()}
 
-    def _minibatch_grads(self, batch, idx):
+    def _minibatch_grads(self, batch, idx, position=(0, 0)):
         """Backward of one minibatch (rows `idx`), summed over its micro-batches; returns stats.
-        Distributed: this rank's rows of the minibatch, weighted within the whole minibatch."""
+        Distributed: this rank's rows of the minibatch, weighted within the whole minibatch.
+        `position` (iteration, minibatch step): LoRA dropout's masks of micro-batch i are drawn
+        from `seeds.dropout_seed(seed, iteration, step, i, rank)` (forward and backward)."""
         cfg = self.config
         micro = idx[self.parallel.local_rows(len(idx))].reshape(cfg.grad_accum_steps, -1)
         total = aggregation_count(batch["response_mask"][idx], cfg.loss_agg)
@@ -350,9 +352,11 @@ class PPOTrainer(TrainerBase):
         for i, rows in enumerate(micro):
             mb = {k: v[rows] for k, v in batch.items()}
             w = microbatch_weight(mb["response_mask"], cfg.loss_agg, total)
-            loss, stats = self._loss(mb, w)
-            with self.parallel.grad_sync(last=i == len(micro) - 1):
-                self.parallel.scale_loss(loss).backward()
+            seed = seeds.dropout_seed(cfg.seed, *position, i, self.parallel.rank)
+            with adapter_dropout([m for m in self._models() if m is not None], seed):
+                loss, stats = self._loss(mb, w)
+                with self.parallel.grad_sync(last=i == len(micro) - 1):
+                    self.parallel.scale_loss(loss).backward()
             if cfg.grad_accum_steps == 1 and self.parallel.count == 1:
                 return stats
             for k, v in stats.items():
@@ -373,9 +377,9 @@ class PPOTrainer(TrainerBase):
         batch = {k: self._tensor(batch[k]) for k in update_keys(cfg)}
         params = self._trainable()
         steps = []
-        for idx in torch.from_numpy(rows).to(self.device):
+        for j, idx in enumerate(torch.from_numpy(rows).to(self.device)):
             self.optimizer.zero_grad(set_to_none=True)
-            stats = self._minibatch_grads(batch, idx)
+            stats = self._minibatch_grads(batch, idx, (iteration, j))
             # one global-norm clip, AdamW; a non-finite loss or gradient skips this step
             grad_norm, ok = guarded_step(self.optimizer, params, stats["loss/total"],
                                          max_grad_norm=cfg.max_grad_norm)

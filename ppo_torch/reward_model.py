@@ -28,6 +28,7 @@ import torch
 
 from ppo_rlhf import hf_checkpoint as hfc
 from ppo_rlhf.config import ModelOptions, RMConfig
+from ppo_rlhf.runtime.seeds import dropout_seed
 from ppo_rlhf.runtime.supervised import RMTrainerBase
 from ppo_torch.checkpoint import SupervisedCheckpoint
 from ppo_torch.models import (
@@ -36,6 +37,7 @@ from ppo_torch.models import (
     load_scalar_model,
     scalar_model_from_lm,
 )
+from ppo_torch.models.lora import adapter_dropout
 from ppo_torch.optim import guarded_step, make_optimizer
 
 Tensor = torch.Tensor
@@ -183,8 +185,11 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
         cfg = self.config
         b = _tensors(batch, self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        loss, scores = batch_loss(self._model, b, loss=cfg.loss, ties=cfg.ties)
-        loss.backward()
+        # LoRA dropout (lora_dropout > 0): this step's forward and backward only, its masks a
+        # pure function of (seed, step)
+        with adapter_dropout(self._model, dropout_seed(cfg.seed, self.step)):
+            loss, scores = batch_loss(self._model, b, loss=cfg.loss, ties=cfg.ties)
+            loss.backward()
         # clip, AdamW at the host's lr (ppo_rlhf.runtime.supervised.lr_at); a non-finite loss or
         # gradient skips the step: params, optimiser and schedule unchanged
         grad_norm, ok = guarded_step(self.optimizer, self.params, loss,

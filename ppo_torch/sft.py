@@ -23,10 +23,12 @@ import numpy as np
 import torch
 
 from ppo_rlhf.config import SFTConfig
+from ppo_rlhf.runtime.seeds import dropout_seed
 from ppo_rlhf.runtime.supervised import SFTTrainerBase
 from ppo_torch.checkpoint import SupervisedCheckpoint
 from ppo_torch.losses import logprobs_from_logits
 from ppo_torch.models import MODEL_KIT, CausalLM, load_pretrained
+from ppo_torch.models.lora import adapter_dropout
 from ppo_torch.optim import guarded_step, make_optimizer
 
 Tensor = torch.Tensor
@@ -90,8 +92,11 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
         cfg = self.config
         b = _tensors(batch, self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        loss, n = sft_loss(self._model, b)
-        loss.backward()
+        # LoRA dropout (lora_dropout > 0): this step's forward and backward only, its masks a
+        # pure function of (seed, step)
+        with adapter_dropout(self._model, dropout_seed(cfg.seed, self.step)):
+            loss, n = sft_loss(self._model, b)
+            loss.backward()
         # clip, AdamW at the host's lr (ppo_rlhf.runtime.supervised.lr_at); a non-finite loss or
         # gradient skips the step: params, optimiser and schedule unchanged
         grad_norm, ok = guarded_step(self.optimizer, self.params, loss,

@@ -194,6 +194,12 @@ CASES = [
     Case("train-lora-target-not-in-the-model", lambda i, o, b: _train(i, o, b, "--lora-rank", "2",
                                                                       "--lora-targets", "q,gate"),
          ("--lora-targets: lora_targets ['gate'] do not exist in a gpt2 model",)),
+    Case("train-lora-dropout-out-of-range", lambda i, o, b: _train(i, o, b, "--lora-rank", "2",
+                                                                   "--lora-dropout", "1"),
+         ("PPOConfig.lora_dropout=1.0 is invalid: allowed a number in [0, 1)",)),
+    Case("train-lora-base-dtype-without-compute-dtype", lambda i, o, b: _train(
+         i, o, b, "--lora-rank", "2", "--lora-base-dtype", "bfloat16"),
+         ("PPOConfig.lora_base_dtype='bfloat16' needs compute_dtype='bfloat16' (got None)",)),
     Case("train-lora-on-a-critic-not-built", lambda i, o, b: _train(
          i, o, b, "--lora-rank", "2", "--lora-roles", "policy,critic", "--set", "advantage_estimator=grpo",
          "--set", "num_generations=2"), ("no 'critic' with advantage_estimator='grpo'",)),

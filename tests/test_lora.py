@@ -5,6 +5,7 @@ parity_tests/test_lora_parity.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -39,6 +40,9 @@ MASK = np.array([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     ("lora_targets", ("q", "query"), r"PPOConfig.lora_targets=\('q', 'query'\) is invalid: allowed "
                                      r"distinct names among q, k, v, o, gate, up, down"),
     ("lora_targets", (), r"PPOConfig.lora_targets=\(\) is invalid"),
+    ("lora_base_dtype", "float16", r"PPOConfig.lora_base_dtype='float16' is invalid: allowed None or one of "
+                                   r"'float32', 'bfloat16'"),
+    ("lora_base_dtype", "bfloat16", r"PPOConfig.lora_base_dtype='bfloat16' needs LoRA \(lora_rank > 0\)"),
     ("lora_roles", ("policy", "reward"), r"PPOConfig.lora_roles=\('policy', 'reward'\) is invalid: "
                                          r"allowed distinct names among policy, critic"),
 ])
@@ -88,8 +92,6 @@ def test_build_errors(tiny_checkpoint, backend):
     models = jm if backend == "jax" else tm
     with pytest.raises(ValueError, match=r"\['gate'\] do not exist in a gpt2 model"):
         models.load_pretrained(tiny_checkpoint("gpt2"), options=ModelOptions(lora_rank=2, lora_targets=("gate",)))
-    with pytest.raises(NotImplementedError, match="adapter dropout is not built yet"):
-        models.load_pretrained(tiny_checkpoint("gpt2"), options=ModelOptions(lora_rank=2, lora_dropout=0.1))
 
 
 # ---- the models -------------------------------------------------------------------------------
@@ -421,3 +423,263 @@ def test_ppo_shared_trunk_with_lora_trains_adapters_and_value_head(tiny_checkpoi
     assert {n for n in names if "lora_" not in n} in ({"policy.value_head.kernel"}, {"policy.value_head.weight"})
     after = models.model_tensors(t.policy_model())
     assert all(np.array_equal(after[k], base[k]) for k in base)
+
+
+# ---- adapter dropout (lora_dropout > 0) -------------------------------------------------------------
+def _identity_adapter(backend, ckpt, p):
+    """(one adapted projection whose output is exactly the adapter's input after dropout -- base
+    weight 0, A = B = I, scale 1 --, the model holding it, a call of the projection on x)."""
+    options = ModelOptions(lora_rank=64, lora_alpha=64.0, lora_dropout=p, lora_targets=("q",))
+    eye = np.eye(64, dtype=np.float32)
+    if backend == "jax":
+        m = jl.LoRALinear(64, 64, rank=64, alpha=64.0, use_bias=False, dtype=jnp.float32,
+                          param_dtype=jnp.float32, rngs=nnx.Rngs(0), dropout=p)
+        m.kernel[...], m.lora_a[...], m.lora_b[...] = jnp.zeros((64, 64)), jnp.asarray(eye), jnp.asarray(eye)
+        return m, m, lambda x: np.asarray(m(jnp.asarray(x)))
+    lm = tm.load_pretrained(ckpt, options=options)
+    layer = tl.lora_layers(lm)[0]
+    with torch.no_grad():
+        layer.base_layer.weight.zero_()
+        layer.lora_A[tl.ADAPTER].weight.copy_(torch.from_numpy(eye))
+        layer.lora_B[tl.ADAPTER].weight.copy_(torch.from_numpy(eye))
+    return layer, lm, lambda x: layer(torch.from_numpy(x)).detach().numpy()
+
+
+def _dropout_on(backend, model, seed):
+    return (jl.adapter_dropout(model, jax.random.key(seed)) if backend == "jax"
+            else tl.adapter_dropout(model, seed))
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_lora_dropout_masks_and_scales_the_adapter_input_in_training_only(tiny_checkpoint, backend):
+    """peft's semantics, y = base(x) + B(A(dropout(x))) * alpha / rank: inside `adapter_dropout`
+    each element of the adapter's input is kept with probability 1 - p and scaled by 1 / (1 - p)
+    (the kept fraction within 5 binomial sigmas of 1 - p over 8192 elements); outside it the
+    projection is deterministic and computes the input unchanged (as rate 0); the same seed draws
+    the same mask, another seed another."""
+    p = 0.25
+    layer, model, run = _identity_adapter(backend, tiny_checkpoint("llama"), p)
+    x = np.ones((8, 16, 64), np.float32)
+    np.testing.assert_array_equal(run(x), x)  # eval: no dropout
+    with _dropout_on(backend, model, 1):
+        y = run(x)
+    with _dropout_on(backend, model, 1):
+        again = run(x)
+    with _dropout_on(backend, model, 2):
+        other = run(x)
+    kept = y != 0
+    np.testing.assert_allclose(y[kept], 1 / (1 - p), rtol=1e-6)  # kept and scaled, nothing else
+    assert abs(kept.mean() - (1 - p)) < 5 * np.sqrt(p * (1 - p) / kept.size), kept.mean()
+    np.testing.assert_array_equal(y, again)
+    assert (other != y).mean() > 0.1
+    np.testing.assert_array_equal(run(x), x)  # restored on exit
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_lora_dropout_off_outside_training_and_distinct_per_layer(tiny_checkpoint, tmp_path, backend):
+    """A model built with lora_dropout=0.3 computes, outside `adapter_dropout` (generation,
+    rollout, reference, evaluation, scoring), exactly what the same adapters compute at rate 0
+    (bit-equal logits); inside it the logits change. JAX: every projection of every layer of
+    the scanned stack gets its own key, so masks differ between layers (a per-layer mask needs
+    no Python loop: the key is sliced by the scan with the weights)."""
+    models, lora = (jm, jl) if backend == "jax" else (tm, tl)
+    ckpt = tiny_checkpoint("llama")
+    plain, dropped = (models.load_pretrained(ckpt, options=dataclasses.replace(LORA, lora_dropout=p))
+                      for p in (0.0, 0.3))
+    adapter = _random_adapter(plain, tmp_path / "adapter")
+    plain, dropped = lora.load_adapter(plain, adapter), lora.load_adapter(dropped, adapter)
+    logits = _jax_logits if backend == "jax" else _torch_logits
+    np.testing.assert_array_equal(logits(dropped), logits(plain))
+    with _dropout_on(backend, dropped, 0):
+        training = logits(dropped)
+        if backend == "jax":
+            keys = [np.asarray(v[...]) for _, v in nnx.to_flat_state(nnx.state(dropped, jl.LoRADropoutKey))]
+            rows = [tuple(k) for stack in keys for k in stack]
+            assert len(keys) == 3 and all(k.shape[0] == 2 for k in keys)  # q, v, up; 2 layers each
+            assert len(set(rows)) == len(rows), rows  # one key per projection and layer
+    assert np.abs(training - logits(plain)).max() > 1e-3
+    np.testing.assert_array_equal(logits(dropped), logits(plain))  # restored
+    with lora.adapters_disabled(dropped):
+        base = logits(dropped)
+    with _dropout_on(backend, dropped, 0), lora.adapters_disabled(dropped):
+        np.testing.assert_array_equal(logits(dropped), base)  # the reference: no adapters, no dropout
+
+
+def test_jax_update_draws_random_numbers_only_with_lora_dropout(tiny_checkpoint):
+    """Rate 0 compiles the update of a model without dropout: no key argument and no random
+    number in the program (the same program as before dropout existed); with a rate the update
+    takes its key and draws masks from it (threefry)."""
+    from tests.helpers import make_trainer
+
+    for p in (0.0, 0.3):
+        t = make_trainer("jax", tiny_checkpoint("llama"), lora_rank=2, lora_dropout=p)
+        fn, args, _ = t.programs()["update"]
+        text = fn.lower(*args).as_text()
+        assert (len(args), "threefry" in text) == ((6, True) if p else (5, False)), (p, len(args))
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_ppo_with_lora_dropout_reproducible_seeded_and_resumes_exactly(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                       backend):
+    """PPO with lora_dropout on policy and critic runs; dropout acts in the update only -- the
+    rollout's log-probs of the first iteration equal those of a rate-0 run, the updated weights
+    do not --; two runs with the same seed end bit-identical, a run whose dropout seed alone
+    differs does not; a run resumed from a checkpoint ends where the uninterrupted one ends."""
+    from parity_tests.ppo_inputs import weights
+    from ppo_rlhf.runtime import seeds
+    from tests.helpers import make_trainer
+
+    ckpt = tiny_checkpoint("llama")
+    kw = dict(lora_rank=2, lora_targets=("q", "v"), lora_roles=("policy", "critic"), learning_rate=1e-2,
+              grad_accum_steps=2, **({"device": "cpu"} if backend == "torch" else {}))
+
+    def run(p, iterations=2, **more):
+        t = make_trainer(backend, ckpt, lora_dropout=p, **kw, **more)
+        t.train(iterations, progress=False)
+        return t
+
+    first = run(0.3)
+    second, plain = run(0.3), run(0.0)
+    a, b, c = weights(first), weights(second), weights(plain)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert any(not np.array_equal(a[k], c[k]) for k in a if ".lora_B." in k)
+    np.testing.assert_array_equal(first.history[0]["objective/kl"], plain.history[0]["objective/kl"])
+    original = seeds.dropout_seed
+    monkeypatch.setattr(seeds, "dropout_seed", lambda seed, *pos: original(seed + 1, *pos))
+    reseeded = weights(run(0.3))
+    assert any(not np.array_equal(a[k], reseeded[k]) for k in a if ".lora_B." in k)
+    monkeypatch.undo()
+
+    out = tmp_path / "run"
+    run(0.3, 1, out_dir=out, checkpoint_every=1)
+    resumed = make_trainer(backend, ckpt, lora_dropout=0.3, out_dir=out, **kw)
+    resumed.train(2, resume=True, progress=False)
+    r = weights(resumed)
+    assert all(np.array_equal(r[k], a[k]) for k in a), [k for k in a if not np.array_equal(r[k], a[k])][:4]
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_reward_model_and_sft_steps_with_lora_dropout(tiny_checkpoint, tmp_path, backend):
+    """The RM and SFT trainers with lora_dropout: the steps run; the same seed gives the same
+    losses, bit for bit; dropout acts on the training loss (not equal to a rate-0 run's after
+    the first step's adapters are nonzero) and never on scoring (the trained model scores as
+    the same weights built at rate 0)."""
+    import importlib
+
+    from ppo_rlhf.config import RMConfig, SFTConfig
+    from tests.test_reward_model import toy_pairs
+
+    rm_mod = importlib.import_module(f"ppo_{backend}.reward_model")
+    sft_mod = importlib.import_module(f"ppo_{backend}.sft")
+    ckpt = tiny_checkpoint("llama")
+    kw = dict(lora_rank=2, lora_targets=("q", "v"), learning_rate=5e-2, lr_schedule="constant",
+              batch_size=4, max_length=24)
+    texts = ["a b c d e f", "g h i", "j k l m", "n o p"] * 2
+
+    def losses(p, kind):
+        if kind == "rm":
+            t = rm_mod.RewardModelTrainer(str(ckpt), RMConfig(num_epochs=2, lora_dropout=p, **kw))
+            t.fit(toy_pairs(8), progress=False)
+        else:
+            t = sft_mod.SFTTrainer(str(ckpt), SFTConfig(num_steps=4, lora_dropout=p, **kw))
+            t.fit(texts, progress=False)
+        return t, [h["train/loss"] for h in t.history]
+
+    for kind in ("rm", "sft"):
+        t, one = losses(0.5, kind)
+        _, two = losses(0.5, kind)
+        _, plain = losses(0.0, kind)
+        assert one == two, (kind, one, two)
+        assert one[1:] != plain[1:], (kind, one, plain)
+        if kind == "rm":  # scoring (evaluation) without dropout: as the merged rate-0 model scores
+            t.save_model(tmp_path / backend)
+            saved = (jm if backend == "jax" else tm).load_scalar_model(tmp_path / backend)
+            if backend == "jax":
+                want = np.asarray(saved.score(jnp.asarray(IDS), jnp.asarray(MASK)))
+            else:
+                with torch.no_grad():
+                    want = saved.score(torch.from_numpy(IDS), torch.from_numpy(MASK)).numpy()
+            raw = (want - saved.reward_bias) / saved.reward_gain  # the trainer scores the raw head
+            np.testing.assert_allclose(t._score(IDS, MASK), raw, rtol=0, atol=2e-5)
+
+
+# ---- the frozen base stored in the compute dtype (lora_base_dtype) ------------------------------------
+def _bytes(backend, model):
+    """(bytes of the frozen base weights, {trained parameter: dtype}) of a LoRA model."""
+    if backend == "jax":
+        trained = jl.trained_params(model)
+        base = nnx.state(model, nnx.All(nnx.Param, nnx.Not(trained)))
+        return (sum(x.nbytes for x in jax.tree.leaves(base)),
+                {p: str(v.dtype) for p, v in nnx.to_flat_state(nnx.state(model, trained))})
+    return (sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad),
+            {n: str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters() if p.requires_grad})
+
+
+def test_lora_base_dtype_needs_the_compute_dtype():
+    with pytest.raises(ValueError, match=r"RMConfig.lora_base_dtype='bfloat16' needs compute_dtype='bfloat16' "
+                                         r"\(got None\): the base weights are stored in the compute dtype") as err:
+        RMConfig(lora_rank=2, lora_base_dtype="bfloat16")
+    assert "\n" not in str(err.value)
+    options = SFTConfig(lora_rank=2, compute_dtype="bfloat16", lora_base_dtype="bfloat16").model_options("policy")
+    assert options.base_dtype == "bfloat16"
+    assert ModelOptions(lora_rank=2, lora_base_dtype="float32").base_dtype is None  # the weights' own dtype
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_lora_base_dtype_halves_the_base_and_keeps_the_trained_weights_float32(tiny_checkpoint, backend):
+    """lora_base_dtype="bfloat16": the frozen base's parameter bytes are exactly half those of the
+    float32 base (every base weight stored in bf16), the adapters and the score head are float32
+    and equal to the float32 model's, and the model computes as the mixed-precision model with
+    float32 weights up to the bf16 rounding of the embeddings and norm scales -- float32 logits
+    within the mixed-precision log-prob tolerance (parity_tests/test_precision_parity.py) -- and
+    the same holds after `rebuild` (the critic from a reward model)."""
+    models, lora = (jm, jl) if backend == "jax" else (tm, tl)
+    ckpt = tiny_checkpoint("llama", kind="scalar", seed=1)
+    mixed = ModelOptions(lora_rank=2, lora_targets=("q", "v"), compute_dtype="bfloat16")
+    full = models.load_scalar_model(ckpt, options=mixed)
+    half = models.load_scalar_model(ckpt, options=dataclasses.replace(mixed, lora_base_dtype="bfloat16"))
+    (nf, trained_f), (nh, trained_h) = _bytes(backend, full), _bytes(backend, half)
+    assert nh * 2 == nf and nf > 0
+    assert trained_h == trained_f and set(trained_h.values()) == {"float32"}
+    assert any("score" in str(k) for k in trained_h) and any("lora" in str(k) for k in trained_h)
+    for a, b in zip(lora.adapter_tensors(full).values(), lora.adapter_tensors(half).values()):
+        np.testing.assert_array_equal(a, b)
+    if backend == "jax":
+        got, want = (np.asarray(m.score(jnp.asarray(IDS), jnp.asarray(MASK))) for m in (half, full))
+    else:
+        with torch.no_grad():
+            got, want = (m.score(torch.from_numpy(IDS), torch.from_numpy(MASK)).numpy() for m in (half, full))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=0.1)
+    # the residual stream starts float32: the bf16-stored embeddings are read as float32 rows
+    if backend == "jax":
+        [embed] = [m for _, m in nnx.iter_graph(half) if isinstance(m, nnx.Embed)][:1]
+        assert embed.embedding.dtype == jnp.bfloat16 and embed(jnp.asarray(IDS)).dtype == jnp.float32
+    else:
+        embed = half.hf_model.get_input_embeddings()
+        assert embed.weight.dtype == torch.bfloat16 and embed(torch.from_numpy(IDS)).dtype == torch.float32
+    copy = models.rebuild(half, options=models.model_options(half))
+    assert _bytes(backend, copy) == (nh, trained_h)
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_ppo_with_the_lora_base_in_bfloat16(tiny_checkpoint, backend):
+    """A PPO iteration with LoRA on policy and critic and lora_base_dtype="bfloat16": the base
+    weights stay bf16 and bit-identical, the adapters (float32) move, the reference is the
+    policy's bf16 base with adapters off."""
+    from tests.helpers import make_trainer
+
+    models, lora = (jm, jl) if backend == "jax" else (tm, tl)
+    t = make_trainer(backend, tiny_checkpoint("llama"), lora_rank=2, lora_targets=("q", "v"),
+                     lora_roles=("policy", "critic"), learning_rate=3e-2, compute_dtype="bfloat16",
+                     lora_base_dtype="bfloat16", **({"device": "cpu"} if backend == "torch" else {}))
+    policy = t.policy_model()
+    base, adapters = models.model_tensors(policy), lora.adapter_tensors(policy)
+    nbytes = _bytes(backend, policy)[0]
+    t.step()
+    policy = t.policy_model()
+    assert _bytes(backend, policy)[0] == nbytes and t.reference_is_policy
+    after, moved = models.model_tensors(policy), lora.adapter_tensors(policy)
+    assert all(np.array_equal(after[k], base[k]) for k in base)
+    assert max(np.abs(moved[k] - adapters[k]).max() for k in adapters if ".lora_B." in k) > 1e-4
+    assert all(v.dtype == np.float32 for v in moved.values())

@@ -119,6 +119,15 @@ def test_plan_shows_lora_memory(tmp_path):
     adapters = L * 8 * ((h + h) + (h + kv))  # rank 8 on q and v (the default targets): A and B
     assert plan.fits
     assert (4 * n + 12 * adapters) / CHIPS <= plan.resident_state_bytes <= 4 * n + 12 * adapters
+    # lora_base_dtype="bfloat16": the frozen base at 2 bytes a parameter, the adapters as before
+    half = plan_sft(model, SFTConfig(batch_size=8, max_length=32, lora_rank=8, compute_dtype="bfloat16",
+                                     lora_base_dtype="bfloat16"), topology="v5e:2x2")
+    assert (2 * n + 12 * adapters) / CHIPS <= half.resident_state_bytes <= 2 * n + 12 * adapters
+    assert plan.resident_state_bytes - half.resident_state_bytes >= 2 * n / CHIPS  # 2 of 4 bytes saved
+    # lora_dropout: the step takes its key (compiled abstractly too); the keys add a few bytes
+    drop = plan_sft(model, SFTConfig(batch_size=8, max_length=32, lora_rank=8, lora_dropout=0.1),
+                    topology="v5e:2x2")
+    assert drop.fits and 0 <= drop.resident_state_bytes - plan.resident_state_bytes <= 2 * L * 2 * 8
 
 
 @pytest.mark.parametrize("trainer", ["rm", "sft"])

@@ -184,6 +184,23 @@ MUTANTS = [
             ("ppo_torch/models/lora.py", 'p.requires_grad_(".lora_" in name or name == hfc.SCORE_NAME)',
              "p.requires_grad_(True)")),
            ("parity_tests/test_reward_model_parity.py", "-k", "lora_reward_model")),
+    Mutant("jax-lora-dropout-unscaled", "adapter dropout keeps elements without the 1 / (1 - p) scale",
+           (("ppo_jax/models/lora.py",
+             "x = jnp.where(keep, x / jnp.asarray(1.0 - self.dropout, dt), jnp.zeros((), dt))",
+             "x = jnp.where(keep, x, jnp.zeros((), dt))"),),
+           (LORA, "-k", "masks_and_scales")),
+    Mutant("jax-lora-dropout-same-mask-every-layer", "every layer of the scanned stack draws the same dropout mask",
+           (("ppo_jax/models/lora.py", "keys = jax.random.split(k, shape[0]) if len(shape) == 2 else k",
+             "keys = jnp.stack([k] * shape[0]) if len(shape) == 2 else k"),),
+           (LORA, "-k", "distinct_per_layer")),
+    Mutant("torch-lora-dropout-unseeded", "torch's adapter dropout draws from the global generator: runs do not repeat",
+           (("ppo_torch/models/lora.py", "        torch.manual_seed(seed)\n", ""),),
+           (LORA, "-k", "test_ppo_with_lora_dropout and torch")),
+    Mutant("both-lora-base-dtype-ignored", "lora_base_dtype accepted but the base kept in float32 (no memory saved)",
+           (("ppo_jax/models/loading.py", "dt if base_dt is None or trained else base_dt)", "dt)"),
+            ("ppo_torch/models/causal_lm.py",
+             "if not p.requires_grad and p.is_floating_point() and p.dtype != dt:", "if False:")),
+           ("parity_tests/test_precision_parity.py", "-k", "lora_base_dtype")),
 ]
 
 

@@ -36,7 +36,7 @@ from ppo_jax.abstract import is_abstract
 from ppo_jax.models.causal_lm import TRANSPOSE_BACKBONE_KERNELS, CausalLM
 from ppo_jax.models.config import DTYPES, ModelConfig
 from ppo_jax.models.heads import PolicyWithValueHead, ScalarHeadModel
-from ppo_jax.models.lora import BASE_PARAMS, init_lora_param
+from ppo_jax.models.lora import BASE_PARAMS, LoRADropoutKey, init_lora_param
 from ppo_jax.models.stack import STACK, is_stacked, stacked_modules
 from ppo_rlhf import hf_checkpoint as hfc
 from ppo_rlhf import lora as lr
@@ -111,16 +111,20 @@ def _build(make: Callable[[], nnx.Module], tensors: Any, config: ModelConfig, *,
     slice is read (`_read_param`): no whole parameter is ever on the host."""
     abstract = nnx.eval_shape(make)
     if tensors is None:
-        return abstract
+        from ppo_jax.models.precision import store_base
+        return store_base(abstract)  # a LoRA base stored in lora_base_dtype: its planned bytes
     source = tensors if isinstance(tensors, hfc.TensorSlices) else hfc.TensorSlices(tensors)
     stacks = stacked_modules(abstract)
     graphdef, state = nnx.split(abstract)
     dt = jnp.dtype(config.dtype)
+    # a LoRA model's frozen base in lora_base_dtype (`precision.store_base`), read straight into it
+    base_dt = None if config.options.base_dtype is None else jnp.dtype(config.options.base_dtype)
     place = _placer(mesh)
     filled, missing, used = [], [], set()
     for path, var in nnx.to_flat_state(state):
-        if isinstance(var, nnx.LoRAParam):  # LoRA adapters: not in a base checkpoint, fresh
-            fresh = init_lora_param(path, var.shape, dt, config.model_type, stacks)
+        if isinstance(var, (nnx.LoRAParam, LoRADropoutKey)):  # LoRA: not in a base checkpoint, fresh
+            fresh = (np.zeros(var.shape, var.dtype) if isinstance(var, LoRADropoutKey)  # set in training
+                     else init_lora_param(path, var.shape, dt, config.model_type, stacks))
             filled.append((path, var.replace(place(path, fresh.shape, lambda index, a=fresh: a[index]))))
             continue
         names, transpose, stacked = hf_names(path, config.model_type, stacks)
@@ -136,7 +140,9 @@ def _build(make: Callable[[], nnx.Module], tensors: Any, config: ModelConfig, *,
                 raise CheckpointError(f"{where}: tensor {name!r} has shape {shape}"
                                  f"{' (transposed)' if transpose else ''}, the model expects "
                                  f"{expected}")
-        read = functools.partial(_read_param, source, names, transpose, stacked, dt)
+        trained = any(h in path for h in ("score_head", "value_head"))  # `lora.trained_params`
+        read = functools.partial(_read_param, source, names, transpose, stacked,
+                                 dt if base_dt is None or trained else base_dt)
         filled.append((path, var.replace(place(path, tuple(var.shape), read))))
         used.update(names)
     if missing:

@@ -25,6 +25,11 @@ the per-layer slices our scan hands each block. We do use flax's variable type
 `nnx.DiffState` / `nnx.Optimizer(wrt=nnx.LoRAParam)` select exactly the adapters, and the base
 weights are the `nnx.Param`s that are not `nnx.LoRAParam` (`BASE_PARAMS`).
 
+Dropout (lora_dropout > 0) as peft's, on the adapter's input, only inside `adapter_dropout` (the
+trainers' training steps); the masks come from a key per projection and layer (`LoRADropoutKey`,
+stacked like the weights). A base stored in a lower dtype (`ModelOptions.lora_base_dtype`):
+`precision.store_base`.
+
 Initialisation as peft's: A kaiming-uniform (bound 1 / sqrt(in)), B zeros -- so a fresh adapter
 changes nothing. When a model is loaded from a checkpoint (`loading._build`), A is drawn with
 numpy from a seed fixed by its HF module name (`init_lora_param`, `ppo_rlhf.lora.init_lora_a`:
@@ -56,12 +61,24 @@ BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
 """The filter of the base weights (frozen in a LoRA model; what a checkpoint holds)."""
 
 
+class LoRADropoutKey(nnx.Variable):
+    """The raw PRNG key data (`jax.random.key_data`, uint32) of a `LoRALinear`'s dropout masks:
+    in a stack [L, 2], one key per layer, so each layer draws its own mask. Set inside the
+    training step by `adapter_dropout`; not a parameter (never trained, never saved)."""
+
+
 class LoRALinear(nnx.Linear):
     """`nnx.Linear` plus a LoRA pair (see the module docstring); `adapters_enabled` (static,
-    part of the graphdef) switches the adapter's term off (`adapters_disabled`)."""
+    part of the graphdef) switches the adapter's term off (`adapters_disabled`).
+
+    With dropout (rate > 0) the adapter reads dropout(x): each element kept with probability
+    1 - rate and scaled by 1 / (1 - rate) (peft's `nn.Dropout`), only while `dropout_active`
+    (static; set by `adapter_dropout` for the forwards that are differentiated) -- otherwise
+    it computes exactly what rate 0 computes. Its masks come from `dropout_key`; with rate 0
+    the module holds no key and its programs are those of a model built without dropout."""
 
     def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float,
-                 use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
+                 use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs, dropout: float = 0.0):
         super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs)
         bound = 1.0 / np.sqrt(in_features)  # peft: kaiming_uniform_(a=sqrt(5)) on A [rank, in]
@@ -70,14 +87,27 @@ class LoRALinear(nnx.Linear):
         self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_features), param_dtype))
         self.scaling = lr.scaling(rank, alpha)
         self.adapters_enabled = True
+        self.dropout = float(dropout)
+        self.dropout_active = False
+        if self.dropout:
+            self.dropout_key = LoRADropoutKey(jnp.zeros(_KEY_SHAPE, jnp.uint32))
 
     def __call__(self, x: Array) -> Array:
         y = super().__call__(x)
         if not self.adapters_enabled:
             return y
         dt = y.dtype
+        x = x.astype(dt)
+        if self.dropout and self.dropout_active:
+            key = jax.random.wrap_key_data(self.dropout_key[...])
+            keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / jnp.asarray(1.0 - self.dropout, dt), jnp.zeros((), dt))
         a, b = self.lora_a[...].astype(dt), self.lora_b[...].astype(dt)
-        return y + ((x.astype(dt) @ a) @ b) * jnp.asarray(self.scaling, dt)
+        return y + ((x @ a) @ b) * jnp.asarray(self.scaling, dt)
+
+
+_KEY_SHAPE = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape
+"""The shape of one raw PRNG key (threefry: (2,))."""
 
 
 def lora_linear_or_none(in_features: int, out_features: int, *, module: str | None, config: Any,
@@ -89,18 +119,15 @@ def lora_linear_or_none(in_features: int, out_features: int, *, module: str | No
                                                                             options.lora_targets):
         return None
     return LoRALinear(in_features, out_features, rank=options.lora_rank, alpha=options.lora_alpha,
-                      use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                      use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                      dropout=options.lora_dropout)
 
 
 def check_options(model_type: str, options: ModelOptions) -> None:
-    """What a JAX model can be built with: the targets exist in `model_type` (ValueError), no
-    dropout yet (NotImplementedError)."""
+    """What a JAX model can be built with: the targets exist in `model_type` (ValueError)."""
     if not options.lora:
         return
     lr.lora_modules(model_type, options.lora_targets)
-    if options.lora_dropout:
-        raise NotImplementedError(f"lora_dropout={options.lora_dropout}: adapter dropout is not "
-                                  f"built yet (use 0)")
 
 
 def init_lora_param(path: tuple, shape: tuple, dtype, model_type: str, stacks: dict) -> np.ndarray:
@@ -150,6 +177,39 @@ def adapters_disabled(model: nnx.Module) -> Iterator[nnx.Module]:
     finally:
         for m, on in zip(modules, before):
             m.adapters_enabled = on
+
+
+def has_adapter_dropout(model: nnx.Module) -> bool:
+    """Does `model` hold adapters with dropout (lora_dropout > 0)?"""
+    return any(m.dropout for m in lora_modules_of(model))
+
+
+@contextlib.contextmanager
+def adapter_dropout(model: nnx.Module, key: Array) -> Iterator[nnx.Module]:
+    """Inside the block, `model`'s adapters apply their dropout (training mode), with masks
+    drawn from `key`: adapted projection j (in `nnx.iter_graph` order) of layer l uses
+    `split(fold_in(key, j), L)[l]` -- a distinct mask per projection and per layer, a pure
+    function of `key`. The trainers call it inside the jitted training step, on the model they
+    just merged, with `key` a pure function of (seed, iteration / step, minibatch,
+    micro-batch); nothing else (generation, the rollout's forwards, the reference, evaluation,
+    scoring) ever sets it, so those compute as with rate 0. Cross-backend parity cannot match
+    random masks (torch draws its own): parity is tested with rate 0. Restored on exit; a
+    model without dropout is unchanged (no key is used)."""
+    modules = [m for m in lora_modules_of(model) if m.dropout]
+    before = [(m.dropout_active, m.dropout_key) for m in modules]
+    try:
+        for j, m in enumerate(modules):
+            k = jax.random.fold_in(key, j)
+            shape = m.dropout_key.shape
+            keys = jax.random.split(k, shape[0]) if len(shape) == 2 else k
+            # a new variable, not a write into the old one: a merged model may share its
+            # variables with the state it came from (a trainer's, outside this trace)
+            m.dropout_key = LoRADropoutKey(jax.random.key_data(keys))
+            m.dropout_active = True
+        yield model
+    finally:
+        for m, (on, k) in zip(modules, before):
+            m.dropout_active, m.dropout_key = on, k
 
 
 # ---- PEFT format ----------------------------------------------------------------------------------
@@ -251,7 +311,10 @@ def merge_adapters(model: nnx.Module) -> nnx.Module:
     if not options.lora:
         raise ValueError("merge_adapters: the model has no LoRA adapters (built with lora_rank=0)")
     scale = lr.scaling(options.lora_rank, options.lora_alpha)
-    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Not(ADAPTER_PARAMS))))
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.Any(ADAPTER_PARAMS, LoRADropoutKey)))))
+    dt = jnp.dtype(core.config.dtype)  # a base stored in lora_base_dtype: merged into the model's dtype
+    flat = {p: (v.replace(v[...].astype(dt)) if isinstance(v, nnx.Param) and jnp.issubdtype(v.dtype, jnp.floating)
+                else v) for p, v in flat.items()}
     adapters = dict(nnx.to_flat_state(nnx.state(model, ADAPTER_PARAMS)))
     for path, a in adapters.items():
         if path[-1] != "lora_a":
@@ -260,11 +323,13 @@ def merge_adapters(model: nnx.Module) -> nnx.Module:
         delta = jnp.einsum("...ir,...ro->...io", a[...].astype(jnp.float32), b[...].astype(jnp.float32))
         w = kernel[...]
         flat[path[:-1] + ("kernel",)] = kernel.replace((w.astype(jnp.float32) + scale * delta).astype(w.dtype))
-    config = dataclasses.replace(model.config, options=dataclasses.replace(options, lora_rank=0))
+    config = dataclasses.replace(model.config, options=dataclasses.replace(options, lora_rank=0,
+                                                                             lora_base_dtype=None))
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: _construct(model, config)))
     return nnx.merge(graphdef, nnx.from_flat_state(list(flat.items())))
 
 
-__all__ = ["LoRALinear", "merge_adapters", "ADAPTER_PARAMS", "BASE_PARAMS", "adapters_disabled", "adapter_tensors",
+__all__ = ["LoRALinear", "LoRADropoutKey", "adapter_dropout", "has_adapter_dropout",
+           "merge_adapters", "ADAPTER_PARAMS", "BASE_PARAMS", "adapters_disabled", "adapter_tensors",
            "save_adapter", "load_adapter", "adapter_options", "check_options", "init_lora_param",
            "trained_params"]

@@ -89,22 +89,51 @@ def rebuild(model: Model, *, options: ModelOptions | None = None, dtype: str | N
 
     state = jax.tree.map(cast, state)
     if config.options.lora and not model.config.options.lora:  # adapters added: fresh ones
-        from ppo_jax.models.lora import init_lora_param
+        from ppo_jax.models.lora import LoRADropoutKey, init_lora_param
         from ppo_jax.models.stack import stacked_modules
 
         stacks = stacked_modules(abstract)
         fresh = [(p, v if is_abstract(state) else
                   v.replace(jnp.asarray(init_lora_param(p, v.shape, dt, config.model_type, stacks))))
                  for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.LoRAParam))]
-        return nnx.merge(graphdef, state, nnx.from_flat_state(fresh))
-    return nnx.merge(graphdef, state)
+        fresh += [(p, v if is_abstract(state) else v.replace(jnp.zeros(v.shape, v.dtype)))
+                  for p, v in nnx.to_flat_state(nnx.state(abstract, LoRADropoutKey))]
+        return store_base(nnx.merge(graphdef, state, nnx.from_flat_state(fresh)))
+    return store_base(nnx.merge(graphdef, state))
+
+
+def store_base(model: Model) -> Model:
+    """`model` with its frozen base weights in `ModelOptions.lora_base_dtype` (a LoRA model built
+    with one; any other model unchanged): every `nnx.Param` that is not trained
+    (`lora.trained_params`: the adapters, a score / value head) cast to it, the trained ones
+    kept in the model's dtype. The forward needs no change: every projection casts its kernel
+    to the compute dtype anyway (the same dtype, so the same products as float32 weights), the
+    embeddings are read into the model's dtype (`nnx.Embed(dtype=...)`), the norms scale in
+    float32 (`layers`): the residual stream, norms and logits stay float32. Mirror: torch's
+    `causal_lm.build_with`. Abstract models (planning) too."""
+    from ppo_jax.models.lora import trained_params
+
+    dt = model_options(model).base_dtype
+    if dt is None:
+        return model
+    dt = jnp.dtype(dt)
+    graphdef, trained, base, rest = nnx.split(model, trained_params(model), nnx.Param, ...)
+
+    def cast(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dt:
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dt, sharding=x.sharding)
+        return x.astype(dt)
+
+    return nnx.merge(graphdef, trained, jax.tree.map(cast, base), rest)
 
 
 def check_same_adapters(old: ModelOptions, new: ModelOptions | None) -> None:
     """`rebuild` keeps a model's LoRA adapters as they were built (the same parameters): options
     that drop or reshape them are a ValueError. A model without adapters may get fresh ones (a
     LoRA critic from a reward model; as the torch core's peft injection)."""
-    fields = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+    fields = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_base_dtype")
     if new is not None and old.lora and any(getattr(old, f) != getattr(new, f) for f in fields):
         raise ValueError(f"rebuild keeps the model's LoRA adapters as built (lora_rank={old.lora_rank}, "
                          f"lora_alpha={old.lora_alpha}, lora_targets={old.lora_targets}); got "
@@ -119,4 +148,4 @@ def cast_model(model: Model, dtype: str) -> Model:
     return rebuild(model, dtype=dtype)
 
 
-__all__ = ["model_options", "rebuild", "cast_model", "check_same_adapters"]
+__all__ = ["model_options", "rebuild", "cast_model", "check_same_adapters", "store_base"]

@@ -41,15 +41,23 @@ def _number(text: str) -> int | float | str:
 
 
 def add_lora_args(p: argparse.ArgumentParser, *, config: str, roles: str | None) -> None:
-    """--lora-rank, --lora-alpha, --lora-targets (None when not given: the config's own value
-    stands); with `roles` (PPO: several models) also --lora-roles and --merge -- a command that
-    trains one model saves it merged (a full checkpoint the next stage loads)."""
+    """--lora-rank, --lora-alpha, --lora-dropout, --lora-base-dtype, --lora-targets (None when
+    not given: the config's own value stands); with `roles` (PPO: several models) also
+    --lora-roles and --merge -- a command that trains one model saves it merged (a full
+    checkpoint the next stage loads)."""
     g = p.add_argument_group("LoRA (low-rank adapters; only they are trained)")
     g.add_argument("--lora-rank", type=_number, metavar="R",
                    help=f"train rank-R LoRA adapters on {roles or 'the model'} instead of all the "
                         f"weights, the base weights frozen ({config}.lora_rank; default 0: no LoRA)")
     g.add_argument("--lora-alpha", type=_number, metavar="A",
                    help=f"the adapters' term is scaled by A / R ({config}.lora_alpha; default 8)")
+    g.add_argument("--lora-dropout", type=float, metavar="P",
+                   help=f"dropout on the adapters' input in the training forwards only, as peft's "
+                        f"({config}.lora_dropout; default 0)")
+    g.add_argument("--lora-base-dtype", choices=("float32", "bfloat16"),
+                   help=f"store the frozen base weights in this dtype -- bfloat16 halves their "
+                        f"memory; needs --compute-dtype bfloat16 -- while the adapters (and a trained "
+                        f"head) stay float32 ({config}.lora_base_dtype; default: the weights' dtype)")
     g.add_argument("--lora-targets", metavar="q,v,...",
                    help="the projections that get adapters, among q, k, v, o, gate, up, down "
                         f"({config}.lora_targets; default q,v)")

@@ -136,7 +136,9 @@ def run_train_rm(args: argparse.Namespace) -> int:
                      max_steps=args.max_steps, normalise=False if args.no_normalise else None,
                      remat=args.remat, compute_dtype=args.compute_dtype,
                      scan_unroll=args.scan_unroll, lora_rank=args.lora_rank,
-                     lora_alpha=args.lora_alpha, lora_targets=args.lora_targets)
+                     lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                     lora_base_dtype=args.lora_base_dtype,
+                     lora_targets=args.lora_targets)
     records = _read_preferences(args.data, "--data")
     if args.eval_data is not None:
         eval_records = _read_preferences(args.eval_data, "--eval-data")
@@ -286,7 +288,9 @@ def run_pretrain(args: argparse.Namespace) -> int:
                      lr_schedule=args.lr_schedule, max_grad_norm=args.max_grad_norm,
                      remat=args.remat, compute_dtype=args.compute_dtype,
                      scan_unroll=args.scan_unroll, lora_rank=args.lora_rank,
-                     lora_alpha=args.lora_alpha, lora_targets=args.lora_targets)
+                     lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                     lora_base_dtype=args.lora_base_dtype,
+                     lora_targets=args.lora_targets)
     m = pretrain_model(args.backend, out, task=task, model=args.model, train=train, eval=eval_ex,
                        config={k: v for k, v in overrides.items() if v is not None},
                        model_size=args.model_size, corpus_size=args.corpus_size,

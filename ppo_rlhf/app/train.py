@@ -140,7 +140,9 @@ def run_train(args: argparse.Namespace) -> int:
     config = build_config(args, num_iterations=args.iterations, seed=args.seed, remat=args.remat,
                           compute_dtype=args.compute_dtype, logprob_chunk=args.logprob_chunk,
                           scan_unroll=args.scan_unroll, lora_rank=args.lora_rank,
-                          lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
+                          lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                          lora_base_dtype=args.lora_base_dtype,
+                          lora_targets=args.lora_targets,
                           lora_roles=args.lora_roles)
     check_lora_targets(config, args.policy)
     core = get_backend(args.backend)  # UsageError for a backend that is not installed

@@ -21,6 +21,7 @@ from ppo_rlhf.errors import UsageError
 
 STREAM_PROMPTS, STREAM_MINIBATCHES, STREAM_SAMPLING = 1, 2, 3
 STREAM_RM_ORDER, STREAM_HOLDOUT, STREAM_SFT_ORDER = 11, 12, 13
+STREAM_LORA_DROPOUT = 21
 
 
 def rng(seed: int, *stream: int) -> np.random.Generator:
@@ -73,6 +74,14 @@ def sampling_seed(seed: int, *position: int) -> int:
 
 
 # ---- reward model and SFT ------------------------------------------------------------------------
+def dropout_seed(seed: int, *position: int) -> int:
+    """The seed of the LoRA adapters' dropout masks of one training step at `position` (PPO:
+    iteration; RM / SFT: step), a pure function of them: a run and its resume draw the same
+    masks. JAX folds the minibatch and micro-batch into a key made from it inside the update
+    program; torch seeds its generator with `dropout_seed(seed, *position, step, micro, rank)`."""
+    return int(rng(seed, STREAM_LORA_DROPOUT, *position).integers(0, 2**31 - 1))
+
+
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     """The order of n records in epoch `epoch`: a seeded permutation, a pure function of
     (seed, epoch)."""
@@ -104,5 +113,5 @@ def sft_batch_indices(seed: int, step: int, n: int, batch_size: int) -> np.ndarr
     return np.asarray(out, np.int64)
 
 
-__all__ = ["rng", "PromptStream", "minibatch_indices", "sampling_seed", "epoch_order",
+__all__ = ["rng", "PromptStream", "minibatch_indices", "sampling_seed", "dropout_seed", "epoch_order",
            "rm_batch_rows", "sft_batch_indices"]

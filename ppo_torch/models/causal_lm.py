@@ -124,7 +124,47 @@ def build_with(model: nn.Module, options: ModelOptions | None) -> None:
     cd = model.options.compute_dtype
     model.compute_dtype = None if cd is None else getattr(torch, cd)
     apply_lora(model.hf_model, model.options)  # LoRA adapters (lora.py), the rest frozen
+    store_base(model.hf_model, model.options.base_dtype)
     checkpoint_layers(model.hf_model, model.options.remat)
+
+
+class _Float32Embedding(nn.Embedding):
+    """An embedding stored in a low dtype that returns float32 rows (`store_base`)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        out = super().forward(input)
+        return out.to(torch.promote_types(out.dtype, torch.float32))
+
+
+class _Float32LayerNorm(nn.LayerNorm):
+    """A LayerNorm stored in a low dtype that normalises and scales in its input's float32
+    (`store_base`; torch's CPU kernel refuses a float32 input with bfloat16 parameters)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        w = None if self.weight is None else self.weight.to(input.dtype)
+        b = None if self.bias is None else self.bias.to(input.dtype)
+        return F.layer_norm(input, self.normalized_shape, w, b, self.eps)
+
+
+def store_base(hf_model: nn.Module, dtype: str | None) -> None:
+    """A LoRA model's frozen base weights (every parameter with requires_grad False: all but the
+    adapters and a score head, `lora.apply_lora`) stored in `dtype` (`ModelOptions.base_dtype`;
+    None: nothing to do), in place. The forward stays the mixed-precision one (`dtype` is the
+    compute dtype: autocast casts the matmuls' weights to it anyway): the embeddings return
+    float32 rows and the LayerNorms scale in float32, so the residual stream, the norms and the
+    logits stay float32 (Llama's RMSNorm promotes by itself). Mirror: JAX's
+    `precision.store_base`."""
+    if dtype is None:
+        return
+    dt = getattr(torch, dtype)
+    for p in hf_model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dt:
+            p.data = p.data.to(dt)
+    for m in hf_model.modules():
+        if type(m) is nn.Embedding:
+            m.__class__ = _Float32Embedding
+        elif type(m) is nn.LayerNorm:
+            m.__class__ = _Float32LayerNorm
 
 
 class CausalLM(nn.Module):

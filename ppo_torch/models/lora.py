@@ -17,6 +17,11 @@ but the adapters -- and the score head of a critic or reward model (`score.weigh
 must learn; peft's `modules_to_save` for SEQ_CLS) -- is frozen (requires_grad False). A is
 peft's kaiming-uniform bound drawn with numpy from the module's name (`ppo_rlhf.lora.init_lora_a`,
 the same A as the JAX core's), B zeros.
+
+Dropout (lora_dropout > 0): peft's own `lora_dropout` modules, which stay in eval mode (like the
+whole model: the trainers never call `.train()`) except inside `adapter_dropout`, which the
+trainers wrap around their training forwards and backwards. A base stored in a lower dtype
+(`ModelOptions.lora_base_dtype`): `causal_lm.store_base`.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import contextlib
 import dataclasses
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -64,9 +69,6 @@ def apply_lora(hf_model: nn.Module, options: ModelOptions) -> None:
         return
     model_type = hf_model.config.model_type
     modules = lr.lora_modules(model_type, options.lora_targets)
-    if options.lora_dropout:
-        raise NotImplementedError(f"lora_dropout={options.lora_dropout}: adapter dropout is not "
-                                  f"built yet (use 0)")
     cfg = lr.peft_config(model_type=model_type, rank=options.lora_rank, alpha=options.lora_alpha,
                          dropout=options.lora_dropout, modules=modules)
     cfg = {k: v for k, v in cfg.items() if k not in ("peft_type", "base_model_name_or_path")}
@@ -96,6 +98,46 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, on in zip(layers, before):
             m.enable_adapters(on)
+
+
+def has_adapter_dropout(model: nn.Module) -> bool:
+    """Does `model` hold adapters with dropout (lora_dropout > 0: peft's `nn.Dropout`)?"""
+    return bool(_dropouts(model))
+
+
+def _dropouts(model: nn.Module) -> list[nn.Dropout]:
+    return [m.lora_dropout[ADAPTER] for m in lora_layers(model)
+            if isinstance(m.lora_dropout[ADAPTER], nn.Dropout)]
+
+
+@contextlib.contextmanager
+def adapter_dropout(models: nn.Module | Iterable[nn.Module], seed: int) -> Iterator[None]:
+    """Inside the block, the adapters of `models` (one model or several) apply their dropout
+    (peft's `lora_dropout` modules in training mode; everything else stays in eval mode, so HF
+    config dropout -- set to 0 at load -- and the rest of the model are unchanged), drawing
+    their masks from torch's generator seeded with `seed` (forked: the caller's random state
+    is untouched). The trainers wrap the forward AND backward of a training step in it -- a
+    checkpointed layer (remat) recomputes its forward in the backward with the same masks --
+    with `seed` a pure function of (seed, iteration / step, minibatch, micro-batch): runs and
+    resumes draw the same masks. Generation, the rollout's forwards, the reference, evaluation
+    and scoring run outside it: as with rate 0. The masks are torch's own: cross-backend
+    parity with dropout is impossible and is tested with rate 0. Restored on exit."""
+    models = [models] if isinstance(models, nn.Module) else list(models)
+    drops = list({id(d): d for m in models for d in _dropouts(m)}.values())
+    if not drops:
+        yield
+        return
+    devices = sorted({p.device.index or 0 for m in models for p in m.parameters() if p.is_cuda})
+    before = [d.training for d in drops]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        try:
+            for d in drops:
+                d.train(True)
+            yield
+        finally:
+            for d, on in zip(drops, before):
+                d.train(on)
 
 
 # ---- PEFT format ----------------------------------------------------------------------------------
@@ -169,6 +211,9 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     if not lora_layers(model):
         raise ValueError("merge_adapters: the model has no LoRA adapters (built with lora_rank=0)")
     merged = copy.deepcopy(model)
+    options = model.options if hasattr(model, "options") else model.lm.options
+    if options.base_dtype is not None:  # a base stored in lora_base_dtype: merged in float32, as JAX
+        merged.float()
     with torch.no_grad():
         for name, module in list(merged.named_modules()):
             if module in lora_layers(module)[:1]:  # a LoRA layer: merged, then replaced by its base
@@ -177,9 +222,10 @@ def merge_adapters(model: nn.Module) -> nn.Module:
                 setattr(merged.get_submodule(parent) if parent else merged, child, module.get_base_layer())
     for m in merged.modules():
         if isinstance(m, (CausalLM, ScalarHeadModel)):
-            build_with(m, dataclasses.replace(m.options, lora_rank=0))
+            build_with(m, dataclasses.replace(m.options, lora_rank=0, lora_base_dtype=None))
     return merged.requires_grad_(True)
 
 
-__all__ = ["merge_adapters", "adapters_disabled", "adapter_tensors", "save_adapter", "load_adapter", "adapter_options",
+__all__ = ["adapter_dropout", "has_adapter_dropout",
+           "merge_adapters", "adapters_disabled", "adapter_tensors", "save_adapter", "load_adapter", "adapter_options",
            "apply_lora", "lora_layers"]
