@@ -50,23 +50,23 @@ def reward_fn(prompts, responses):
 RUNS = {"none": 1, "ddp": 1, "fsdp": 2}  # strategy -> grad_accum_steps
 
 
-def _worker(strategies: list[str], ckpt: str, out: str) -> None:
+def _worker(strategies: list[str], ckpt: str, out: str, extra: dict | None = None) -> None:
     """Run the iterations for each strategy in turn (one torchrun job serves DDP then FSDP2:
     the second trainer joins the process group the first one created)."""
     from ppo_torch.parallel import shutdown
 
     for strategy in strategies:
-        _iterations(strategy, ckpt, Path(out) / strategy, RUNS[strategy])
+        _iterations(strategy, ckpt, Path(out) / strategy, RUNS[strategy], extra or {})
     shutdown(exit_code=0)  # its results are written: exit without the interpreter's finalization
 
 
-def _iterations(strategy: str, ckpt: str, out_dir: Path, accum: int) -> None:
+def _iterations(strategy: str, ckpt: str, out_dir: Path, accum: int, extra: dict) -> None:
     from ppo_rlhf import PPOConfig
     from ppo_rlhf.sampling import gumbel_noise
     from ppo_rlhf.testing import EOS_ID, PAD_ID, make_padded_batch
     from ppo_torch.ppo import PPOTrainer
 
-    config = PPOConfig(**BASE, grad_accum_steps=accum)
+    config = PPOConfig(**BASE, grad_accum_steps=accum, **extra)
 
     def trainer():
         return PPOTrainer(ckpt, reward_fn, config=config, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
@@ -248,4 +248,4 @@ def test_config_must_split_over_the_ranks():
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
-    _worker(sys.argv[2].split(","), sys.argv[3], sys.argv[4])
+    _worker(sys.argv[2].split(","), sys.argv[3], sys.argv[4], json.loads(sys.argv[5]) if sys.argv[5:] else None)
