@@ -531,12 +531,14 @@ def test_mesh_that_does_not_fit_the_devices_and_indivisible_batches():
 SUPERVISED_MESH = "data=2,fsdp=4"
 
 
-def _supervised_worker(ckpt: str, out: str) -> None:
+def _supervised_worker(ckpt: str, out: str, lora: dict | None = None) -> None:
     """Two steps of each supervised trainer on one device and on SUPERVISED_MESH, from the same
-    checkpoint and batches: losses, scores and weights, and whether the weights are split."""
+    checkpoint and batches: losses, scores and weights (with LoRA, `lora`: the adapters too), and
+    whether the weights are split."""
     import jax
 
     from ppo_jax.models import model_tensors
+    from ppo_jax.models.lora import adapter_tensors
     from ppo_jax.reward_model import RewardModelTrainer
     from ppo_jax.sft import SFTTrainer
     from ppo_rlhf import RMConfig, SFTConfig
@@ -552,18 +554,25 @@ def _supervised_worker(ckpt: str, out: str) -> None:
                 "weight": np.ones(Bs, np.float32)}
     sft_batch = {"input_ids": ids[:, 0], "attention_mask": mask[:, 0], "loss_mask": mask[:, 0]}
     result = {}
+    lora = lora or {}
+
+    def tensors(model):
+        w = {**model_tensors(model), **(adapter_tensors(model) if lora else {})}
+        return {k: np.asarray(v, np.float64) for k, v in w.items()}
+
     for name, make, batch in (
-            ("rm", lambda m: RewardModelTrainer(ckpt, RMConfig(batch_size=Bs, max_length=T), mesh=m), rm_batch),
-            ("sft", lambda m: SFTTrainer(ckpt, SFTConfig(batch_size=Bs, max_length=T), mesh=m), sft_batch)):
+            ("rm", lambda m: RewardModelTrainer(ckpt, RMConfig(batch_size=Bs, max_length=T, **lora), mesh=m),
+             rm_batch),
+            ("sft", lambda m: SFTTrainer(ckpt, SFTConfig(batch_size=Bs, max_length=T, **lora), mesh=m), sft_batch)):
         runs = {}
         for mesh in (None, SUPERVISED_MESH):
             t = make(mesh)
-            before = {k: np.asarray(v, np.float64) for k, v in model_tensors(t.model()).items()}
+            before = tensors(t.model())
             stats = [t._train_step(batch, 1e-3) for _ in range(2)]
             losses = [float(x[k]) for x in stats for k in ("loss", "grad_norm")]
             extra = (t._score(ids.reshape(Bs * K, T), mask.reshape(Bs * K, T)).tolist() if name == "rm"
                      else list(t._eval_step(sft_batch)))
-            weights = {k: np.asarray(v, np.float64) for k, v in model_tensors(t.model()).items()}
+            weights = tensors(t.model())
             split = [tuple(x.sharding.shard_shape(x.shape)) != tuple(x.shape)
                      for x in jax.tree.leaves((t.params, t.opt_state)) if x.ndim]
             runs[mesh or "one"] = (losses, extra, weights, sum(split), len(split), before)
@@ -575,14 +584,17 @@ def _supervised_worker(ckpt: str, out: str) -> None:
     Path(out).write_text(json.dumps(result))
 
 
-def test_reward_model_and_sft_trainers_on_a_mesh(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("lora", [None, pytest.param(dict(lora_rank=4, lora_alpha=8.0), id="lora")])
+def test_reward_model_and_sft_trainers_on_a_mesh(tiny_checkpoint, tmp_path, lora):
     """RewardModelTrainer and SFTTrainer with mesh="data=2,fsdp=4" (8 simulated devices): their
     weights and AdamW state split, and two steps agree with the single-device trainer (losses,
-    scores / eval NLL, weights) up to float32 reduction order."""
+    scores / eval NLL, weights) up to float32 reduction order. With LoRA: the trained state is
+    the adapters (and the RM's head), split by the adapter rule, and what moves."""
     out = tmp_path / "supervised.json"
     env = {**os.environ, "XLA_FLAGS": _xla_flags(8),
            "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, __file__, "supervised", str(tiny_checkpoint("qwen2")), str(out)],
+    proc = subprocess.run([sys.executable, __file__, "supervised", str(tiny_checkpoint("qwen2")), str(out),
+                           json.dumps(lora or {})],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     for name, r in json.loads(out.read_text()).items():
@@ -602,4 +614,4 @@ def test_reward_model_and_sft_trainers_on_a_mesh(tiny_checkpoint, tmp_path):
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     _worker(sys.argv[2], sys.argv[3], sys.argv[4].split(";"), json.loads(sys.argv[5]) if sys.argv[5:] else None)
 if __name__ == "__main__" and sys.argv[1:2] == ["supervised"]:
-    _supervised_worker(sys.argv[2], sys.argv[3])
+    _supervised_worker(sys.argv[2], sys.argv[3], json.loads(sys.argv[4]) if sys.argv[4:] else None)
