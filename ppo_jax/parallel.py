@@ -29,7 +29,8 @@ Sharding rules (axes "data", "fsdp", "tensor"; see `ppo_rlhf.runtime.processes` 
     is the contraction of x A B: split, each device would hold a partial product and every
     adapted projection of every layer would need an all-reduce of a [batch, length, out]
     activation, for a weight of a few kB per device; it is also often smaller than, or not
-    divisible by, the device count.
+    divisible by, the device count (and split over tensor, A laid out (None, fsdp, tensor),
+    its gradients came out wrong on XLA:CPU: docs/distributed.md, "Known limits").
   * rollout batch, minibatches and micro-batches (inside the update's lax.scan), Gumbel noise:
     rows (dim 0) over ("data", "fsdp"); replicated over `tensor`.
   * KV cache [layers, B, kv_heads, slots, head_dim] during generation: rows (dim 1) over
