@@ -6,7 +6,9 @@ in the pytest process): one single-device trainer and one trainer per mesh start
 checkpoint and run the same two PPO iterations (same prompts, sampling from the same keys);
 their rollouts, stats and updated weights must agree, and the parameters, the AdamW state and
 the KV cache must really be split across the devices -- the blocks' stacked parameters (and KV
-cache) split along their other dimensions, never along the leading layer axis.
+cache) split along their other dimensions, never along the leading layer axis. The same with
+LoRA on policy and critic: the adapters and their AdamW moments split over fsdp along their
+in / out axis, never along the rank axis, and the reference is the policy with its adapters off.
 
 Tolerances (float32), all for reduction order only -- the sharded program is the single-device
 program with some sums split into per-device partial sums plus an all-reduce:

@@ -8,7 +8,9 @@ end at their first token while rank 1's run on (the ranks leave generation at di
 under FSDP2 no collective may run per token, or this would hang), and one after a checkpoint --
 saved (rank 0 writes, FSDP2 gathers first), loaded into a fresh trainer, which must then take
 exactly the same step as the trainer it was saved from. The stats of every iteration, the saved
-parameters, AdamW moments and Hugging Face policy are compared with the single-process run.
+parameters, AdamW moments and Hugging Face policy are compared with the single-process run --
+and again with LoRA on policy and critic (the saved policy is then a PEFT adapter, and the
+frozen base weights must neither get gradients nor move).
 
 Tolerances (float32), for reduction order only: each rank sums the loss and gradients of its
 rows, the ranks' gradients are added by an all-reduce (DDP) or a reduce-scatter (FSDP2), so sums
