@@ -431,11 +431,14 @@ def _metrics(run: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_multihost_cli_matches_one_device_and_resumes(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("lora", [[], ["--lora-rank", "4", "--lora-alpha", "8", "--lora-roles", "policy,critic"]],
+                         ids=["full", "lora"])
+def test_multihost_cli_matches_one_device_and_resumes(tiny_checkpoint, tmp_path, lora):
     """Two processes (4 CPU devices each) train one model on a data=2,fsdp=4 mesh spanning both,
     as two TPU hosts would: process 0 alone writes metrics; checkpoints are written by both
     (Orbax, each its own shards) and restored by both; metrics and the final policy match a
-    single-device run (tolerances of the module docstring), and so does a resumed run."""
+    single-device run (tolerances of the module docstring), and so does a resumed run. With
+    LoRA the final policy is the PEFT adapter (gathered from both processes' shards)."""
     from safetensors.numpy import load_file
 
     ckpt = tiny_checkpoint("gpt2")
@@ -443,16 +446,17 @@ def test_multihost_cli_matches_one_device_and_resumes(tiny_checkpoint, tmp_path)
     prompts.write_text("the quick\nbrown fox\na good answer\nis short\nkind and\ntrue words\n"
                        "sun is\nrain is\nhello\n")
     one, multi = tmp_path / "one", tmp_path / "multi"
-    _train(ckpt, prompts, one, 3)
-    outs = _train(ckpt, prompts, multi, 2, "--mesh", "data=2,fsdp=4", processes=2, devices=4)
+    _train(ckpt, prompts, one, 3, *lora)
+    outs = _train(ckpt, prompts, multi, 2, "--mesh", "data=2,fsdp=4", *lora, processes=2, devices=4)
     assert "policy saved to" in outs[0] and "policy saved to" not in outs[1]  # process 0 only
     assert (multi / "checkpoints" / "LATEST").read_text().strip() == "iter_00000002"
-    _train(ckpt, prompts, multi, 3, "--mesh", "data=2,fsdp=4", "--resume", processes=2, devices=4)
+    _train(ckpt, prompts, multi, 3, "--mesh", "data=2,fsdp=4", "--resume", *lora, processes=2, devices=4)
     m1, m2 = _metrics(one), _metrics(multi)
     assert [r["iteration"] for r in m2] == [0, 1, 2]  # one line per iteration: no duplicates
     for it, (a, b) in enumerate(zip(m1, m2)):
         _check_stats({k: (a[k], b[k]) for k in a}, f"multi-host iteration {it}", step_tokens=8 * 6)
-    w1, w2 = (load_file(str(run / "policy" / "model.safetensors")) for run in (one, multi))
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    w1, w2 = (load_file(str(run / "policy" / weights)) for run in (one, multi))
     worst = max(float(np.abs(w1[k] - w2[k]).max()) for k in w1)
     assert worst <= 3 * WEIGHT_ATOL_PER_ITER, f"final policies differ by {worst:.2e}"
 
