@@ -206,14 +206,17 @@ def _on_mesh(model: nnx.Module, mesh: Any) -> nnx.Module:
 def model_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
     """A model's weights under their HF names, as numpy (bfloat16 as ml_dtypes.bfloat16), in HF
     layout -- one tensor per layer (`h.{i}....`), unstacked -- what `save_pretrained` writes. A
-    PolicyWithValueHead gives its LM's tensors."""
+    PolicyWithValueHead gives its LM's tensors. An array split across several processes' devices
+    is all-gathered first (`ppo_jax.parallel.fetch`: a collective, every process must call)."""
+    from ppo_jax.parallel import fetch
+
     if isinstance(model, PolicyWithValueHead):
         model = model.lm
     stacks = stacked_modules(model)
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, BASE_PARAMS)):  # no LoRA adapters
         names, transpose, stacked = hf_names(path, model.config.model_type, stacks)
-        arr = np.asarray(var[...])
+        arr = np.asarray(fetch(var[...]))
         for name, a in zip(names, arr if stacked else [arr]):  # a stack: one tensor per layer
             out[name] = a.T if transpose else a
     return out
