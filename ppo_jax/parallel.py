@@ -22,6 +22,15 @@ Sharding rules (axes "data", "fsdp", "tensor"; see `ppo_rlhf.runtime.processes` 
     holds its fsdp / tensor slice of every layer, so the scan over layers reads layer i locally
     and all-gathers only that layer's slices where it runs (FSDP's per-layer gather). Split over
     fsdp, the layer axis would make XLA gather the whole stack before the scan.
+    LoRA adapters (`ppo_jax.models.lora`: lora_a [L, in, rank], lora_b [L, rank, out], and
+    their AdamW moments) follow the same rule with their RANK axis never split either, so
+    each is split over fsdp along its in / out axis, as its kernel's weights are, and is not
+    split over tensor (no other dimension is left). The rank (4-64) is tiny and
+    is the contraction of x A B: split, each device would hold a partial product and every
+    adapted projection of every layer would need an all-reduce of a [batch, length, out]
+    activation, for a weight of a few kB per device; it is also often smaller than, or not
+    divisible by, the device count (and split over tensor, A laid out (None, fsdp, tensor),
+    its gradients came out wrong on XLA:CPU: docs/distributed.md, "Known limits").
   * rollout batch, minibatches and micro-batches (inside the update's lax.scan), Gumbel noise:
     rows (dim 0) over ("data", "fsdp"); replicated over `tensor`.
   * KV cache [layers, B, kv_heads, slots, head_dim] during generation: rows (dim 1) over
@@ -57,6 +66,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ppo_jax.models.lora import adapter_rank_axis
 from ppo_jax.models.stack import is_stacked
 from ppo_rlhf.errors import UsageError
 from ppo_rlhf.runtime.processes import MESH_AXES, SINGLE_PROCESS, MeshSpec, Processes, check_data_parallel, parse_mesh
@@ -157,28 +167,38 @@ def mesh_spec(mesh: Mesh) -> MeshSpec:
 
 
 # ---- the rules -------------------------------------------------------------------------------------
-def param_spec(shape: tuple[int, ...], mesh: Mesh, *, stacked: bool = False) -> P:
+def param_spec(shape: tuple[int, ...], mesh: Mesh, *, stacked: bool = False,
+               rank_axis: int | None = None) -> P:
     """PartitionSpec of a parameter (or optimiser-state array) of `shape` (see the module
     docstring): the largest dimension divisible by the fsdp size over "fsdp" (the first of equal
     ones), then the largest remaining one divisible by the tensor size over "tensor".
-    stacked=True: dim 0 is the layer axis of scanned blocks, never split."""
+    stacked=True: dim 0 is the layer axis of scanned blocks, never split; rank_axis: a LoRA
+    adapter's rank axis (a negative index), never split."""
     spec: list[Any] = [None] * len(shape)
+    kept = set() if rank_axis is None else {rank_axis % len(shape)}
     for axis in ("fsdp", "tensor"):
         n = int(mesh.shape.get(axis, 1))
         if n == 1:
             continue
-        free = [d for d in range(int(stacked), len(shape)) if spec[d] is None and shape[d] % n == 0]
+        free = [d for d in range(int(stacked), len(shape))
+                if spec[d] is None and d not in kept and shape[d] % n == 0]
         if free:
             spec[max(free, key=lambda d: (shape[d], -d))] = axis
     return P(*spec)
 
 
+def param_spec_at(path: Any, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """`param_spec` of the array at `path` (NNX path parts or a `jax.tree_util` key path,
+    optimiser states included): through a `ScannedBlocks` stack (`ppo_jax.models.stack.is_stacked`)
+    its layer axis whole, a LoRA adapter (`ppo_jax.models.lora.adapter_rank_axis`) its rank
+    axis whole."""
+    return param_spec(tuple(shape), mesh, stacked=is_stacked(path), rank_axis=adapter_rank_axis(path))
+
+
 def param_specs(tree: Any, mesh: Mesh) -> Any:
-    """`param_spec` of every array of a parameter / optimiser-state tree (a tree of
-    PartitionSpecs of the same structure): arrays whose path goes through a `ScannedBlocks`
-    stack (`ppo_jax.models.stack.is_stacked`) keep their layer axis whole."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: param_spec(np.shape(x), mesh, stacked=is_stacked(path)), tree)
+    """`param_spec_at` of every array of a parameter / optimiser-state tree (a tree of
+    PartitionSpecs of the same structure)."""
+    return jax.tree_util.tree_map_with_path(lambda path, x: param_spec_at(path, np.shape(x), mesh), tree)
 
 
 def batch_spec(ndim: int) -> P:
@@ -355,5 +375,5 @@ def placement(mesh: "Mesh | MeshSpec | str | dict | None") -> Placement:
     return Placement(None if mesh is None else make_mesh(mesh))
 
 
-__all__ = ["initialize_distributed", "make_mesh", "mesh_spec", "param_spec", "param_specs", "batch_spec",
-           "fetch", "Placement", "placement", "builds_on_host", "JaxProcesses", "BATCH_AXES"]
+__all__ = ["initialize_distributed", "make_mesh", "mesh_spec", "param_spec", "param_spec_at", "param_specs",
+           "batch_spec", "fetch", "Placement", "placement", "builds_on_host", "JaxProcesses", "BATCH_AXES"]

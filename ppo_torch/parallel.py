@@ -34,6 +34,14 @@ order of floating-point sums differs; tests/test_parallel_torch.py):
     so every rank steps or skips together.
 Rank 0 alone writes metrics, checkpoint files and the progress bar; with FSDP2 the full tensors
 are gathered for it first, so checkpoints have the single-process format and resume either way.
+
+LoRA (`lora_rank > 0`): the models are wrapped as they are, frozen base weights and all. DDP
+registers only the parameters that require grad (the adapters, a LoRA critic's head) -- the
+frozen base is neither bucketed nor all-reduced, and every adapter takes part in every forward,
+so no `find_unused_parameters` is needed; FSDP2 shards each unit's frozen and trained
+parameters alike (per-parameter sharding: mixed requires_grad is fine) and reduce-scatters the
+adapters' gradients only. The reference is the wrapped policy with its adapters switched off
+(`adapters_disabled`); checkpoints hold the adapters and their AdamW state.
 """
 
 from __future__ import annotations

@@ -683,3 +683,45 @@ def test_ppo_with_the_lora_base_in_bfloat16(tiny_checkpoint, backend):
     assert all(np.array_equal(after[k], base[k]) for k in base)
     assert max(np.abs(moved[k] - adapters[k]).max() for k in adapters if ".lora_B." in k) > 1e-4
     assert all(v.dtype == np.float32 for v in moved.values())
+
+
+# ---- torch.compile with peft's layers -------------------------------------------------------------
+@pytest.mark.parametrize("compile_with", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_torch_compiled_lora_model_switches_its_adapters_off_and_on(tiny_checkpoint, compile_with):
+    """A LoRA model's compiled forward (as `PPOTrainer(compile=...)` compiles it), called with
+    the adapters on, off (`adapters_disabled`: PPO's reference), on, off: each call equals the
+    uncompiled model with adapters (on) and a separately loaded base model (off). Dynamo guards
+    on peft's switch: switching compiles a second graph once (a recompile, counted by the
+    backend), after which both graphs are reused -- never one state's graph for the other.
+    "eager" runs the captured graphs with the same kernels: bit for bit (observed); inductor
+    fuses its own kernels, float32 rounding only (observed <= 3e-6 on logits ~3; bound 1e-4)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    ckpt = tiny_checkpoint("gpt2")
+    lm = tm.load_pretrained(ckpt, options=ModelOptions(lora_rank=4, lora_alpha=8, lora_targets=("q", "v", "down")))
+    base = tm.load_pretrained(ckpt)
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0.0, 0.5)  # B != 0: the adapters change the logits
+    ids = torch.randint(3, 500, (2, 7))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        want = {"on": lm(ids, mask), "off": base(ids, mask)}
+        assert (want["on"] - want["off"]).abs().max() > 0.1  # the switch matters
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend(compile_with)
+        lm.forward = torch.compile(lm.forward, dynamic=False, backend=counter)
+        tol = 0.0 if compile_with == "eager" else 1e-4
+        frames = []
+        for state in ("on", "off", "on", "off"):
+            if state == "off":
+                with tl.adapters_disabled(lm):
+                    got = lm(ids, mask)
+            else:
+                got = lm(ids, mask)
+            torch.testing.assert_close(got, want[state], rtol=tol, atol=tol, msg=lambda m: f"{state}: {m}")
+            frames.append(counter.frame_count)
+    assert frames[0] >= 1 and frames[1] > frames[0], frames  # compiled; the switch recompiled
+    assert frames[3] == frames[1], frames  # then both graphs reused: no recompile per switch

@@ -6,7 +6,9 @@ in the pytest process): one single-device trainer and one trainer per mesh start
 checkpoint and run the same two PPO iterations (same prompts, sampling from the same keys);
 their rollouts, stats and updated weights must agree, and the parameters, the AdamW state and
 the KV cache must really be split across the devices -- the blocks' stacked parameters (and KV
-cache) split along their other dimensions, never along the leading layer axis.
+cache) split along their other dimensions, never along the leading layer axis. The same with
+LoRA on policy and critic: the adapters and their AdamW moments split over fsdp along their
+in / out axis, never along the rank axis, and the reference is the policy with its adapters off.
 
 Tolerances (float32), all for reduction order only -- the sharded program is the single-device
 program with some sums split into per-device partial sums plus an all-reduce:
@@ -54,7 +56,7 @@ def reward_fn(prompts, responses):
 
 
 # ---- the subprocess ---------------------------------------------------------------------------------
-def _worker(ckpt: str, out: str, meshes: list[str]) -> None:
+def _worker(ckpt: str, out: str, meshes: list[str], extra: dict | None = None) -> None:
     import time
 
     import jax
@@ -62,14 +64,15 @@ def _worker(ckpt: str, out: str, meshes: list[str]) -> None:
 
     from ppo_jax.generate import SamplingOptions, make_generate_fn
     from ppo_jax.models import model_tensors
+    from ppo_jax.models.lora import adapter_rank_axis, adapter_tensors
     from ppo_jax.models.stack import is_stacked
-    from ppo_jax.parallel import param_spec
+    from ppo_jax.parallel import param_spec_at
     from ppo_jax.ppo import PPOTrainer
     from ppo_rlhf import PPOConfig
     from ppo_rlhf.testing import EOS_ID, PAD_ID, count_jax_compilations, make_padded_batch
 
     assert jax.device_count() == 8, jax.devices()
-    config = PPOConfig(**CONFIG)
+    config = PPOConfig(**CONFIG, **(extra or {}))
 
     def trainer(mesh):
         return PPOTrainer(ckpt, reward_fn, config=config, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
@@ -82,9 +85,12 @@ def _worker(ckpt: str, out: str, meshes: list[str]) -> None:
     def same_spec(x, spec):
         return full_spec(x) == full_spec(x, spec)
 
-    def weights(t):
-        w = {f"policy.{k}": v for k, v in model_tensors(t.policy_model()).items()}
-        w.update({f"critic.{k}": v for k, v in model_tensors(t.critic_model()).items()})
+    def weights(t):  # the base weights and, with LoRA, the adapters
+        w = {}
+        for role, model in (("policy", t.policy_model()), ("critic", t.critic_model())):
+            w.update({f"{role}.{k}": v for k, v in model_tensors(model).items()})
+            if config.lora_rank and role in config.lora_roles:
+                w.update({f"{role}.{k}": v for k, v in adapter_tensors(model).items()})
         return w
 
     t0 = time.perf_counter()
@@ -118,20 +124,26 @@ def _worker(ckpt: str, out: str, meshes: list[str]) -> None:
     for mesh, t in runs.items():
         d0 = jax.devices()[0]
         info = {"specs_follow_rule": True, "leaves": 0, "bytes_total": 0, "bytes_device0": 0,
-                "stacked_leaves": 0, "layer_axis_split": False}
-        for tree in (t.params, t.opt_state, t.reference.params):
+                "stacked_leaves": 0, "layer_axis_split": False, "adapters": {},
+                "reference_is_policy": t.reference_is_policy}
+        trees = {"params": t.params, "opt_state": t.opt_state, "base": t.base, "reference": t.reference.params}
+        for name, tree in trees.items():
             for path, x in jax.tree_util.tree_leaves_with_path(tree):
                 info["leaves"] += 1
                 stacked = is_stacked(path)
-                if not same_spec(x, param_spec(x.shape, t.parallel.mesh, stacked=stacked)):
+                if not same_spec(x, param_spec_at(path, x.shape, t.parallel.mesh)):
                     info["specs_follow_rule"] = False
+                if adapter_rank_axis(path) is not None:  # a LoRA adapter (or its AdamW moment)
+                    info["adapters"][f"{name}{jax.tree_util.keystr(path)}"] = {
+                        "shape": list(x.shape), "spec": [str(a) for a in full_spec(x)],
+                        "shard_shapes": sorted({tuple(s.data.shape) for s in x.addressable_shards})}
                 if stacked:
                     info["stacked_leaves"] += 1
                     info["layer_axis_split"] |= full_spec(x)[0] is not None
                 info["bytes_total"] += x.nbytes
                 info["bytes_device0"] += sum(s.data.nbytes for s in x.addressable_shards
                                              if s.device == d0)
-        emb = t.params["policy"]["backbone"]["wte"]["embedding"]
+        emb = (t.base if config.lora_rank else t.params)["policy"]["backbone"]["wte"]["embedding"]
         info["embedding"] = {"shape": list(emb.shape), "spec": [str(a) for a in full_spec(emb)],
                              "shard_shapes": sorted({tuple(s.data.shape) for s in emb.addressable_shards})}
         # the KV cache of the compiled generation program, per device
@@ -176,7 +188,7 @@ def _worker(ckpt: str, out: str, meshes: list[str]) -> None:
             for x, y in zip(jax.tree.leaves(src.state_tensors()), jax.tree.leaves(same.state_tensors()))),
         "other_mesh_max_abs": max_diff(src.state_tensors(), other.state_tensors()),
         "other_mesh_keeps_its_sharding": all(
-            same_spec(x, param_spec(x.shape, other.parallel.mesh, stacked=is_stacked(path)))
+            same_spec(x, param_spec_at(path, x.shape, other.parallel.mesh))
             for path, x in jax.tree_util.tree_leaves_with_path(other.params)),
         "one_device_max_abs": max_diff(src.state_tensors(), base.state_tensors()),
         "policy_dir": (path / "policy" / "model.safetensors").is_file(),
@@ -190,11 +202,12 @@ def _xla_flags(devices: int) -> str:
     return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
 
 
-def _run_worker(ckpt: Path, tmp_path: Path, meshes: list[str]) -> dict:
+def _run_worker(ckpt: Path, tmp_path: Path, meshes: list[str], extra: dict | None = None) -> dict:
     out = tmp_path / "sharded.json"
     env = {**os.environ, "XLA_FLAGS": _xla_flags(8),
            "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, __file__, "worker", str(ckpt), str(out), ";".join(meshes)],
+    proc = subprocess.run([sys.executable, __file__, "worker", str(ckpt), str(out), ";".join(meshes),
+                           json.dumps(extra or {})],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out.read_text())
@@ -280,6 +293,104 @@ def test_sharded_checkpoint_restores_onto_any_mesh(sharded):
     assert r["policy_dir"]
 
 
+# ---- LoRA on a mesh ---------------------------------------------------------------------------------
+# Adapters on policy and critic (gpt2: c_attn = q/k/v, c_proj = o, the MLP's c_fc / c_proj); the
+# reference is the policy with its adapters off. The same tolerances as above: the sharded program
+# is the single-device one with some sums split (the adapters' x A B too).
+LORA = dict(lora_rank=4, lora_alpha=8.0, lora_roles=["policy", "critic"],
+            lora_targets=["q", "k", "v", "o", "up", "down"])
+
+
+@pytest.fixture(scope="module")
+def lora_sharded(tiny_checkpoint, tmp_path_factory):
+    return _run_worker(tiny_checkpoint("gpt2"), tmp_path_factory.mktemp("lora"), ["data=2,fsdp=4"], LORA)
+
+
+def test_lora_iterations_on_a_mesh_match_one_device(lora_sharded):
+    """PPO with LoRA (the adapters trained, their AdamW state, the reference as the policy with
+    its adapters off) on data=2,fsdp=4 against one device: the same tokens, rollout (the
+    reference's log-probs included), stats and updated adapters."""
+    _check_iterations(lora_sharded, "data=2,fsdp=4")
+    assert lora_sharded["meshes"]["data=2,fsdp=4"]["sharding"]["reference_is_policy"]
+
+
+def _check_adapter_specs(adapters: dict, fsdp: int, tensor_axis_in_a: bool = False) -> None:
+    """lora_a [L, in, rank]: in over fsdp; lora_b [L, rank, out]: out over fsdp; the rank and
+    layer axes whole; the same for their AdamW moments (params, mu, nu of 2 roles)."""
+    roles = {"policy", "critic"}
+    for kind, spec in (("lora_a", ["None", "fsdp", "None"]), ("lora_b", ["None", "None", "fsdp"])):
+        found = {k: v for k, v in adapters.items() if f"['{kind}']" in k}
+        # per role and projection (gpt2: c_attn, c_proj, c_fc, mlp c_proj): param + 2 moments
+        assert len(found) == len(roles) * 4 * 3, sorted(found)
+        for key, a in found.items():
+            assert a["spec"] == spec, (key, a)
+            L, d0, d1 = a["shape"]
+            want = [L, d0 // fsdp, d1] if kind == "lora_a" else [L, d0, d1 // fsdp]
+            assert a["shard_shapes"] == [want], (key, a)
+
+
+def test_lora_adapters_and_their_adamw_state_are_sharded(lora_sharded):
+    """The adapters and their AdamW moments are split over fsdp along their in / out axis (never
+    along the rank or layer axis), the frozen base weights as without LoRA; no reference copy."""
+    info = lora_sharded["meshes"]["data=2,fsdp=4"]["sharding"]
+    assert info["specs_follow_rule"] and info["stacked_leaves"] > 0 and not info["layer_axis_split"]
+    _check_adapter_specs(info["adapters"], 4)
+    # every array (base, adapters, moments) is split in 4: device 0 holds a quarter
+    assert info["bytes_device0"] == pytest.approx(info["bytes_total"] / 4, abs=64)
+    assert info["embedding"] == {"shape": [V, 64], "spec": ["fsdp", "None"], "shard_shapes": [[V // 4, 64]]}
+    _check_batch_and_kv_cache(info, "data=2,fsdp=4")
+
+
+def test_lora_checkpoint_restores_onto_any_mesh(lora_sharded):
+    r = lora_sharded["restore"]
+    assert r["same_mesh_max_abs"] == 0.0 and r["same_mesh_shardings_equal"]
+    assert r["other_mesh_max_abs"] == 0.0 and r["other_mesh_keeps_its_sharding"]
+    assert r["one_device_max_abs"] == 0.0
+
+
+@pytest.mark.slow
+def test_lora_tensor_axis(tiny_checkpoint, tmp_path):
+    """LoRA on data=2,fsdp=2,tensor=2: the adapters split over fsdp only -- the rank axis, the
+    only one left for `tensor`, stays whole."""
+    sharded = _run_worker(tiny_checkpoint("gpt2"), tmp_path, SLOW_MESHES, LORA)
+    _check_iterations(sharded, SLOW_MESHES[0])
+    info = sharded["meshes"][SLOW_MESHES[0]]["sharding"]
+    assert info["specs_follow_rule"]
+    _check_adapter_specs(info["adapters"], 2)
+
+
+def test_adapter_rank_axis_is_never_split(tiny_checkpoint):
+    """The rule alone (as the layer-axis test below): an adapter's rank axis is never chosen --
+    not for tensor when it is the only dimension left, not for fsdp when it is the largest --
+    for the params and for the AdamW moments of a LoRA model."""
+    from types import SimpleNamespace
+
+    import jax
+    import optax
+    from flax import nnx
+    from jax.sharding import PartitionSpec as P
+
+    import ppo_jax.models as jm
+    from ppo_jax.models.lora import ADAPTER_PARAMS
+    from ppo_jax.parallel import param_spec, param_specs
+    from ppo_rlhf.config import ModelOptions
+
+    mesh = SimpleNamespace(shape={"data": 1, "fsdp": 4, "tensor": 2})
+    assert param_spec((2, 64, 8), mesh, stacked=True) == P(None, "fsdp", "tensor")  # a plain array
+    assert param_spec((2, 64, 8), mesh, stacked=True, rank_axis=-1) == P(None, "fsdp", None)
+    assert param_spec((2, 8, 64), mesh, stacked=True, rank_axis=-2) == P(None, None, "fsdp")
+    # rank 128 > in 64: the rank axis would be fsdp's largest divisible dimension
+    lm = jm.load_pretrained(tiny_checkpoint("llama"), options=ModelOptions(lora_rank=128, lora_alpha=16))
+    adapters = nnx.state(lm, ADAPTER_PARAMS)
+    for tree in (adapters, optax.adamw(1e-3).init(adapters)):
+        specs = [(jax.tree_util.keystr(p), s) for p, s in jax.tree_util.tree_leaves_with_path(
+            param_specs(tree, mesh), is_leaf=lambda x: isinstance(x, P))]
+        leaves = [(k, s) for k, s in specs if "lora_" in k]
+        assert leaves and len(leaves) == len([k for k, _ in specs if "lora_" in k]), specs
+        for k, s in leaves:
+            assert s == (P(None, "fsdp", None) if "lora_a" in k else P(None, None, "fsdp")), (k, s)
+
+
 # ---- several hosts: 2 processes x 4 CPU devices, through the CLI ------------------------------------
 CLI_ARGS = ["--no-progress", "--set", "batch_size=8", "--set", "max_new_tokens=6", "--set",
             "max_prompt_len=8", "--set", "ppo_epochs=2", "--set", "num_minibatches=1", "--set",
@@ -320,11 +431,16 @@ def _metrics(run: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_multihost_cli_matches_one_device_and_resumes(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("mesh,lora", [
+    ("data=2,fsdp=4", []),
+    # fsdp across both processes: no process holds a whole adapter, the saved one is gathered
+    ("fsdp=8", ["--lora-rank", "4", "--lora-alpha", "8", "--lora-roles", "policy,critic"])], ids=["full", "lora"])
+def test_multihost_cli_matches_one_device_and_resumes(tiny_checkpoint, tmp_path, mesh, lora):
     """Two processes (4 CPU devices each) train one model on a data=2,fsdp=4 mesh spanning both,
     as two TPU hosts would: process 0 alone writes metrics; checkpoints are written by both
     (Orbax, each its own shards) and restored by both; metrics and the final policy match a
-    single-device run (tolerances of the module docstring), and so does a resumed run."""
+    single-device run (tolerances of the module docstring), and so does a resumed run. With
+    LoRA (on fsdp=8) the final policy is the PEFT adapter, gathered from both processes' shards."""
     from safetensors.numpy import load_file
 
     ckpt = tiny_checkpoint("gpt2")
@@ -332,16 +448,17 @@ def test_multihost_cli_matches_one_device_and_resumes(tiny_checkpoint, tmp_path)
     prompts.write_text("the quick\nbrown fox\na good answer\nis short\nkind and\ntrue words\n"
                        "sun is\nrain is\nhello\n")
     one, multi = tmp_path / "one", tmp_path / "multi"
-    _train(ckpt, prompts, one, 3)
-    outs = _train(ckpt, prompts, multi, 2, "--mesh", "data=2,fsdp=4", processes=2, devices=4)
+    _train(ckpt, prompts, one, 3, *lora)
+    outs = _train(ckpt, prompts, multi, 2, "--mesh", mesh, *lora, processes=2, devices=4)
     assert "policy saved to" in outs[0] and "policy saved to" not in outs[1]  # process 0 only
     assert (multi / "checkpoints" / "LATEST").read_text().strip() == "iter_00000002"
-    _train(ckpt, prompts, multi, 3, "--mesh", "data=2,fsdp=4", "--resume", processes=2, devices=4)
+    _train(ckpt, prompts, multi, 3, "--mesh", mesh, "--resume", *lora, processes=2, devices=4)
     m1, m2 = _metrics(one), _metrics(multi)
     assert [r["iteration"] for r in m2] == [0, 1, 2]  # one line per iteration: no duplicates
     for it, (a, b) in enumerate(zip(m1, m2)):
         _check_stats({k: (a[k], b[k]) for k in a}, f"multi-host iteration {it}", step_tokens=8 * 6)
-    w1, w2 = (load_file(str(run / "policy" / "model.safetensors")) for run in (one, multi))
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    w1, w2 = (load_file(str(run / "policy" / weights)) for run in (one, multi))
     worst = max(float(np.abs(w1[k] - w2[k]).max()) for k in w1)
     assert worst <= 3 * WEIGHT_ATOL_PER_ITER, f"final policies differ by {worst:.2e}"
 
@@ -422,12 +539,14 @@ def test_mesh_that_does_not_fit_the_devices_and_indivisible_batches():
 SUPERVISED_MESH = "data=2,fsdp=4"
 
 
-def _supervised_worker(ckpt: str, out: str) -> None:
+def _supervised_worker(ckpt: str, out: str, lora: dict | None = None) -> None:
     """Two steps of each supervised trainer on one device and on SUPERVISED_MESH, from the same
-    checkpoint and batches: losses, scores and weights, and whether the weights are split."""
+    checkpoint and batches: losses, scores and weights (with LoRA, `lora`: the adapters too), and
+    whether the weights are split."""
     import jax
 
     from ppo_jax.models import model_tensors
+    from ppo_jax.models.lora import adapter_tensors
     from ppo_jax.reward_model import RewardModelTrainer
     from ppo_jax.sft import SFTTrainer
     from ppo_rlhf import RMConfig, SFTConfig
@@ -443,18 +562,25 @@ def _supervised_worker(ckpt: str, out: str) -> None:
                 "weight": np.ones(Bs, np.float32)}
     sft_batch = {"input_ids": ids[:, 0], "attention_mask": mask[:, 0], "loss_mask": mask[:, 0]}
     result = {}
+    lora = lora or {}
+
+    def tensors(model):
+        w = {**model_tensors(model), **(adapter_tensors(model) if lora else {})}
+        return {k: np.asarray(v, np.float64) for k, v in w.items()}
+
     for name, make, batch in (
-            ("rm", lambda m: RewardModelTrainer(ckpt, RMConfig(batch_size=Bs, max_length=T), mesh=m), rm_batch),
-            ("sft", lambda m: SFTTrainer(ckpt, SFTConfig(batch_size=Bs, max_length=T), mesh=m), sft_batch)):
+            ("rm", lambda m: RewardModelTrainer(ckpt, RMConfig(batch_size=Bs, max_length=T, **lora), mesh=m),
+             rm_batch),
+            ("sft", lambda m: SFTTrainer(ckpt, SFTConfig(batch_size=Bs, max_length=T, **lora), mesh=m), sft_batch)):
         runs = {}
         for mesh in (None, SUPERVISED_MESH):
             t = make(mesh)
-            before = {k: np.asarray(v, np.float64) for k, v in model_tensors(t.model()).items()}
+            before = tensors(t.model())
             stats = [t._train_step(batch, 1e-3) for _ in range(2)]
             losses = [float(x[k]) for x in stats for k in ("loss", "grad_norm")]
             extra = (t._score(ids.reshape(Bs * K, T), mask.reshape(Bs * K, T)).tolist() if name == "rm"
                      else list(t._eval_step(sft_batch)))
-            weights = {k: np.asarray(v, np.float64) for k, v in model_tensors(t.model()).items()}
+            weights = tensors(t.model())
             split = [tuple(x.sharding.shard_shape(x.shape)) != tuple(x.shape)
                      for x in jax.tree.leaves((t.params, t.opt_state)) if x.ndim]
             runs[mesh or "one"] = (losses, extra, weights, sum(split), len(split), before)
@@ -466,14 +592,17 @@ def _supervised_worker(ckpt: str, out: str) -> None:
     Path(out).write_text(json.dumps(result))
 
 
-def test_reward_model_and_sft_trainers_on_a_mesh(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("lora", [None, pytest.param(dict(lora_rank=4, lora_alpha=8.0), id="lora")])
+def test_reward_model_and_sft_trainers_on_a_mesh(tiny_checkpoint, tmp_path, lora):
     """RewardModelTrainer and SFTTrainer with mesh="data=2,fsdp=4" (8 simulated devices): their
     weights and AdamW state split, and two steps agree with the single-device trainer (losses,
-    scores / eval NLL, weights) up to float32 reduction order."""
+    scores / eval NLL, weights) up to float32 reduction order. With LoRA: the trained state is
+    the adapters (and the RM's head), split by the adapter rule, and what moves."""
     out = tmp_path / "supervised.json"
     env = {**os.environ, "XLA_FLAGS": _xla_flags(8),
            "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, __file__, "supervised", str(tiny_checkpoint("qwen2")), str(out)],
+    proc = subprocess.run([sys.executable, __file__, "supervised", str(tiny_checkpoint("qwen2")), str(out),
+                           json.dumps(lora or {})],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     for name, r in json.loads(out.read_text()).items():
@@ -491,6 +620,6 @@ def test_reward_model_and_sft_trainers_on_a_mesh(tiny_checkpoint, tmp_path):
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
-    _worker(sys.argv[2], sys.argv[3], sys.argv[4].split(";"))
+    _worker(sys.argv[2], sys.argv[3], sys.argv[4].split(";"), json.loads(sys.argv[5]) if sys.argv[5:] else None)
 if __name__ == "__main__" and sys.argv[1:2] == ["supervised"]:
-    _supervised_worker(sys.argv[2], sys.argv[3])
+    _supervised_worker(sys.argv[2], sys.argv[3], json.loads(sys.argv[4]) if sys.argv[4:] else None)

@@ -8,7 +8,9 @@ end at their first token while rank 1's run on (the ranks leave generation at di
 under FSDP2 no collective may run per token, or this would hang), and one after a checkpoint --
 saved (rank 0 writes, FSDP2 gathers first), loaded into a fresh trainer, which must then take
 exactly the same step as the trainer it was saved from. The stats of every iteration, the saved
-parameters, AdamW moments and Hugging Face policy are compared with the single-process run.
+parameters, AdamW moments and Hugging Face policy are compared with the single-process run --
+and again with LoRA on policy and critic (the saved policy is then a PEFT adapter, and the
+frozen base weights must neither get gradients nor move).
 
 Tolerances (float32), for reduction order only: each rank sums the loss and gradients of its
 rows, the ranks' gradients are added by an all-reduce (DDP) or a reduce-scatter (FSDP2), so sums
@@ -50,23 +52,23 @@ def reward_fn(prompts, responses):
 RUNS = {"none": 1, "ddp": 1, "fsdp": 2}  # strategy -> grad_accum_steps
 
 
-def _worker(strategies: list[str], ckpt: str, out: str) -> None:
+def _worker(strategies: list[str], ckpt: str, out: str, extra: dict | None = None) -> None:
     """Run the iterations for each strategy in turn (one torchrun job serves DDP then FSDP2:
     the second trainer joins the process group the first one created)."""
     from ppo_torch.parallel import shutdown
 
     for strategy in strategies:
-        _iterations(strategy, ckpt, Path(out) / strategy, RUNS[strategy])
+        _iterations(strategy, ckpt, Path(out) / strategy, RUNS[strategy], extra or {})
     shutdown(exit_code=0)  # its results are written: exit without the interpreter's finalization
 
 
-def _iterations(strategy: str, ckpt: str, out_dir: Path, accum: int) -> None:
+def _iterations(strategy: str, ckpt: str, out_dir: Path, accum: int, extra: dict) -> None:
     from ppo_rlhf import PPOConfig
     from ppo_rlhf.sampling import gumbel_noise
     from ppo_rlhf.testing import EOS_ID, PAD_ID, make_padded_batch
     from ppo_torch.ppo import PPOTrainer
 
-    config = PPOConfig(**BASE, grad_accum_steps=accum)
+    config = PPOConfig(**BASE, grad_accum_steps=accum, **extra)
 
     def trainer():
         return PPOTrainer(ckpt, reward_fn, config=config, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
@@ -77,6 +79,7 @@ def _iterations(strategy: str, ckpt: str, out_dir: Path, accum: int) -> None:
 
     t = trainer()
     res: dict = {"world": t.processes.count, "stats": []}
+    frozen_before = _frozen(t)
     for it in range(3):
         q, qm, _, _ = make_padded_batch(100 + it, B, P, 1, vocab_size=V)
         noise = None
@@ -92,12 +95,33 @@ def _iterations(strategy: str, ckpt: str, out_dir: Path, accum: int) -> None:
     res["stats"].append(clean(t.step(3, query_ids=q, query_mask=qm)))
     res["resumed_step"] = clean(resumed.step(3, query_ids=q, query_mask=qm))
     t.save_checkpoint(out_dir / "final")
+    frozen_after = _frozen(t)
+    res["frozen_max_change"] = max((float((frozen_after[k] - v).abs().max()) for k, v in frozen_before.items()),
+                                   default=0.0)
+    res["frozen"] = len(frozen_before)
+    res["frozen_with_grad"] = [n for m in (t.policy, t.critic) for n, p in m.named_parameters()
+                               if not p.requires_grad and p.grad is not None]
+    res["trained"] = sorted(f"{role}.{n}" for role, m in (("policy", t.policy), ("critic", t.critic))
+                            for n, p in m.named_parameters() if p.requires_grad)
+    res["optimised"] = sum(len(g["params"]) for g in t.optimizer.param_groups)
     if t.processes.is_main:
         (out_dir / "result.json").write_text(json.dumps(res))
 
 
-def _run(strategies: list[str], ckpt: Path, out: Path) -> dict[str, dict]:
-    args = [__file__, "worker", ",".join(strategies), str(ckpt), str(out)]
+def _frozen(t) -> dict:
+    """The frozen parameters of policy and critic (with LoRA: the base weights), whole (FSDP2:
+    gathered from the shards -- a collective every rank runs in the same order)."""
+    out = {}
+    for role, m in (("policy", t.policy), ("critic", t.critic)):
+        for n, p in m.named_parameters():
+            if not p.requires_grad:
+                full = p.full_tensor() if hasattr(p, "full_tensor") else p
+                out[f"{role}.{n}"] = full.detach().clone()
+    return out
+
+
+def _run(strategies: list[str], ckpt: Path, out: Path, extra: dict | None = None) -> dict[str, dict]:
+    args = [__file__, "worker", ",".join(strategies), str(ckpt), str(out), json.dumps(extra or {})]
     cmd = ([sys.executable, *args] if strategies == ["none"] else
            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args])
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -134,12 +158,17 @@ def _checkpoint(path: Path) -> tuple[dict, dict, dict]:
     opt = torch.load(path / "state" / "optimizer.pt", weights_only=True)
     moments = {f"{i}.{k}": v.numpy() for i, s in opt["state"].items() for k, v in s.items()
                if k in ("exp_avg", "exp_avg_sq")}
-    return (load_file(str(path / "state" / "model.safetensors")), moments,
-            load_file(str(path / "policy" / "model.safetensors")))
+    policy = path / "policy" / "model.safetensors"  # with LoRA: the PEFT adapter
+    policy = policy if policy.is_file() else path / "policy" / "adapter_model.safetensors"
+    return load_file(str(path / "state" / "model.safetensors")), moments, load_file(str(policy))
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process(runs, strategy):
+    _check_two_ranks(runs, strategy)
+
+
+def _check_two_ranks(runs, strategy):
     results, out = runs
     single, dist = results["none"], results[strategy]
     single_dir, dist_dir = out / "none", out / strategy
@@ -157,6 +186,39 @@ def test_two_ranks_match_one_process(runs, strategy):
         assert _max_abs(m1, m2) <= WEIGHT_ATOL, f"{name}: AdamW moments differ"
     moved = _max_abs(_checkpoint(single_dir / "final")[2], _checkpoint(single_dir / "ckpt")[2])
     assert moved > 1e-4, "the update did not move the weights: the comparison would be vacuous"
+
+
+# ---- LoRA: adapters on policy and critic, the base weights frozen --------------------------------
+# DDP registers only the parameters that require grad (the frozen base is neither bucketed nor
+# all-reduced); FSDP2 shards frozen and trained parameters of a unit together (mixed
+# requires_grad) and reduce-scatters the adapters' gradients only. The reference is the policy
+# with its adapters off (`adapters_disabled`), wrapped as the policy is. Same tolerances as above.
+LORA = dict(lora_rank=4, lora_alpha=8.0, lora_roles=["policy", "critic"],
+            lora_targets=["q", "k", "v", "o", "up", "down"])
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora_runs")
+    ckpt = tiny_checkpoint("gpt2")
+    return {**_run(["none"], ckpt, out, LORA), **_run(["ddp", "fsdp"], ckpt, out, LORA)}, out
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_with_lora_match_one_process(lora_runs, strategy):
+    """With LoRA: stats, saved adapters (the PEFT dir), adapter AdamW moments and the resumed
+    step as without; only the adapters and the critic's head are trained, no frozen parameter
+    gets a gradient, and the base weights end where they started (on every strategy)."""
+    _check_two_ranks(lora_runs, strategy)
+    results, out = lora_runs
+    single, dist = results["none"], results[strategy]
+    for r in (single, dist):
+        assert r["frozen"] > 0 and r["frozen_max_change"] == 0.0 and not r["frozen_with_grad"], r
+        assert all(".lora_" in n or n == "critic.hf_model.score.weight" for n in r["trained"]), r["trained"]
+        assert r["optimised"] == len(r["trained"])
+    # FSDP2's parameter names differ from none's only where it inserts wrappers (it does not)
+    assert dist["trained"] == single["trained"]
+    assert (out / strategy / "final" / "policy" / "adapter_config.json").is_file()
 
 
 def _cli_args(tiny_checkpoint, tmp_path) -> list[str]:
@@ -248,4 +310,4 @@ def test_config_must_split_over_the_ranks():
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
-    _worker(sys.argv[2].split(","), sys.argv[3], sys.argv[4])
+    _worker(sys.argv[2].split(","), sys.argv[3], sys.argv[4], json.loads(sys.argv[5]) if sys.argv[5:] else None)

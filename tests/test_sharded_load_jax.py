@@ -27,8 +27,9 @@ def _worker(out: str, cases: list[tuple[str, str, str]]) -> None:
 
     import ppo_jax.models as jm
     from ppo_jax.models.loading import hf_names
-    from ppo_jax.models.stack import is_stacked, stacked_modules
-    from ppo_jax.parallel import make_mesh, param_spec
+    from ppo_jax.models.lora import save_adapter
+    from ppo_jax.models.stack import stacked_modules
+    from ppo_jax.parallel import make_mesh, param_spec_at
     from ppo_rlhf import hf_checkpoint as hfc
     from ppo_rlhf.config import ModelOptions
 
@@ -42,12 +43,29 @@ def _worker(out: str, cases: list[tuple[str, str, str]]) -> None:
         reads.append((name, tuple(part.shape)))
         return part
 
+    def adapter_dir(base: str) -> str:
+        """A PEFT adapter dir on `base` whose B is not zero (the adapters change the model);
+        written once, before its loads are recorded."""
+        path = Path(out).with_name("adapter")
+        if path.is_dir():
+            return str(path)
+        lm = jm.load_pretrained(base, options=ModelOptions(lora_rank=4, lora_targets=("q", "v", "down")))
+        rng = np.random.default_rng(0)
+        for _, var in nnx.to_flat_state(nnx.state(lm, nnx.LoRAParam)):
+            var[...] = rng.normal(size=var.shape).astype(np.float32)
+        save_adapter(lm, path, base_model=base)
+        return str(path)
+
+    for _, kind, ckpt in cases:
+        if kind == "adapter":
+            adapter_dir(ckpt)
     hfc.TensorSlices.read = recording_read
     result = {}
     for label, kind, ckpt in cases:
         load = {"lm": jm.load_pretrained, "scalar": jm.load_scalar_model,
                 "lora": lambda p, **kw: jm.load_pretrained(p, options=ModelOptions(
                     lora_rank=2, lora_targets=("q", "v")), **kw),
+                "adapter": lambda p, **kw: jm.load_pretrained(adapter_dir(p), **kw),
                 "value_head": lambda p, **kw: jm.load_pretrained(p, with_value_head=True, seed=3, **kw)}[kind]
         dtype = "bfloat16" if label.endswith("bf16") else "float32"
         host = load(ckpt, dtype=dtype)
@@ -57,7 +75,7 @@ def _worker(out: str, cases: list[tuple[str, str, str]]) -> None:
         model = sharded.lm if kind == "value_head" else sharded
         stacks = stacked_modules(model)
         r = {"params": 0, "split": 0, "unequal": [], "bad_sharding": [], "dtypes": [], "reads": len(reads),
-             "bad_reads": [], "whole_reads_of_split": [], "unread": []}
+             "bad_reads": [], "whole_reads_of_split": [], "unread": [], "adapters": 0, "adapters_zero": []}
         # and against the checkpoint itself, through the loader's inverse (model_tensors)
         stored = hfc.load_tensors(ckpt)
         r["unequal_to_file"] = [n for n, v in jm.model_tensors(sharded).items()
@@ -73,11 +91,15 @@ def _worker(out: str, cases: list[tuple[str, str, str]]) -> None:
                 r["unequal"].append(key)
             if arr.dtype != ref.dtype or arr.dtype != jax.numpy.dtype(dtype):
                 r["dtypes"].append(f"{key}: {arr.dtype} vs {ref.dtype}, loaded as {dtype}")
-            want = NamedSharding(mesh, param_spec(arr.shape, mesh, stacked=is_stacked(path)))
+            want = NamedSharding(mesh, param_spec_at(path, arr.shape, mesh))
             if not arr.sharding.is_equivalent_to(want, arr.ndim):
                 r["bad_sharding"].append(f"{key}: {arr.sharding.spec} vs {want.spec}")
             shard = tuple(arr.sharding.shard_shape(arr.shape))
             r["split"] += shard != tuple(arr.shape)
+            if isinstance(var, nnx.LoRAParam):
+                r["adapters"] += 1
+                if path[-1] == "lora_b" and not np.any(np.asarray(arr)):
+                    r["adapters_zero"].append(key)
             if path[0] == "value_head" or isinstance(var, nnx.LoRAParam):  # not from the checkpoint
                 continue
             names, transpose, stacked = hf_names(path[1:] if kind == "value_head" else path,
@@ -100,12 +122,14 @@ def _worker(out: str, cases: list[tuple[str, str, str]]) -> None:
 
 def test_loading_onto_a_mesh_reads_only_shards_and_equals_the_host_load(tiny_checkpoint, tmp_path):
     """gpt2 and llama causal LMs (float32, gpt2 cast to bfloat16 slice by slice, llama with fresh
-    LoRA adapters), a llama scalar-head model and a qwen2 policy with a value head, loaded with
-    mesh="data=2,fsdp=4":
-    bit-equal to the host load, every array on the parameter rule's sharding (most of them
-    split), and every slice read from the checkpoint exactly one device shard's size."""
+    LoRA adapters, llama from a PEFT adapter dir -- its base plus trained adapters), a llama
+    scalar-head model and a qwen2 policy with a value head, loaded with mesh="data=2,fsdp=4":
+    bit-equal to the host load, every array (adapters too) on the parameter rule's sharding
+    (most of them split), and every slice read from the checkpoint exactly one device shard's
+    size."""
     cases = [("gpt2", "lm", tiny_checkpoint("gpt2")), ("gpt2-bf16", "lm", tiny_checkpoint("gpt2")),
              ("llama", "lm", tiny_checkpoint("llama")), ("llama-lora", "lora", tiny_checkpoint("llama")),
+             ("llama-peft-adapter", "adapter", tiny_checkpoint("llama")),
              ("llama-scalar", "scalar", tiny_checkpoint("llama", kind="scalar")),
              ("qwen2-value-head", "value_head", tiny_checkpoint("qwen2"))]
     out = tmp_path / "load.json"
@@ -114,7 +138,9 @@ def test_loading_onto_a_mesh_reads_only_shards_and_equals_the_host_load(tiny_che
     proc = subprocess.run([sys.executable, __file__, "worker", str(out), json.dumps(cases, default=str)],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    kinds = {label: kind for label, kind, _ in cases}
     for label, r in json.loads(out.read_text()).items():
+        kind = kinds[label]
         assert r["params"] > 10 and r["reads"] > 0, (label, r)
         assert not r["unequal"], (label, r["unequal"])
         assert not r["unequal_to_file"], (label, r["unequal_to_file"])
@@ -124,6 +150,9 @@ def test_loading_onto_a_mesh_reads_only_shards_and_equals_the_host_load(tiny_che
         assert not r["unread"], (label, r["unread"])
         assert not r["bad_reads"], (label, r["bad_reads"][:5])
         assert not r["whole_reads_of_split"], (label, r["whole_reads_of_split"][:5])
+        assert (r["adapters"] > 0) == (kind in ("lora", "adapter")), (label, r["adapters"])
+        if kind == "adapter":  # its B (not zero) was read; fresh adapters' B is zero
+            assert r["adapters"] > 0 and not r["adapters_zero"], (label, r["adapters_zero"])
 
 
 def _process_worker(ckpt: str, out: str) -> None:

@@ -148,6 +148,30 @@ def test_torch_compiled_iteration_matches_the_uncompiled_one(compile_with, tiny_
         np.testing.assert_allclose(a[key], b[key], rtol=tol, atol=tol, err_msg=key)
 
 
+@pytest.mark.parametrize("compile_with", ["eager", pytest.param(True, marks=pytest.mark.slow, id="inductor")])
+def test_torch_compiled_lora_iteration_matches_the_uncompiled_one(compile_with, tiny_checkpoint):
+    """As above with LoRA on policy and critic: the compiled policy also serves as the reference
+    with its adapters switched off (peft's switch, guarded by dynamo: a second graph, see
+    tests/test_lora.py), so its log-probs and the KL must match the uncompiled trainer's after
+    the adapters have moved (KL != 0). Tolerances as above."""
+    import torch
+
+    ckpt = tiny_checkpoint("gpt2")
+    rm = tiny_checkpoint("gpt2", kind="scalar", seed=7)
+    kw = dict(lora_rank=4, lora_alpha=8.0, lora_roles=("policy", "critic"), learning_rate=1e-2)
+    torch._dynamo.reset()
+    compiled = make_trainer("torch", ckpt, reward=str(rm), compile=compile_with, **kw)
+    assert compiled.reference_is_policy
+    assert all(type(m.forward).__name__ != "method" for m in (compiled.policy, compiled.critic, compiled.reward))
+    plain = make_trainer("torch", ckpt, reward=str(rm), **kw)
+    for _ in range(2):
+        a, b = compiled.step(), plain.step()
+    assert abs(b["objective/kl"]) > 1e-3, "the adapters did not move: the reference check is vacuous"
+    tol = 0.0 if compile_with == "eager" else 1e-4
+    for key in ("objective/scores", "loss/policy_avg", "loss/value_avg", "objective/kl", "val/ratio_var"):
+        np.testing.assert_allclose(a[key], b[key], rtol=tol, atol=tol, err_msg=key)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_roles_are_built_with_the_configs_model_options(backend, tiny_checkpoint):
     """`ppo_rlhf.runtime.roles`: every model is built with the config's options -- the

@@ -37,7 +37,7 @@ from ppo_jax.models.causal_lm import TRANSPOSE_BACKBONE_KERNELS, CausalLM
 from ppo_jax.models.config import DTYPES, ModelConfig
 from ppo_jax.models.heads import PolicyWithValueHead, ScalarHeadModel
 from ppo_jax.models.lora import BASE_PARAMS, LoRADropoutKey, init_lora_param
-from ppo_jax.models.stack import STACK, is_stacked, stacked_modules
+from ppo_jax.models.stack import STACK, stacked_modules
 from ppo_rlhf import hf_checkpoint as hfc
 from ppo_rlhf import lora as lr
 from ppo_rlhf.config import ModelOptions
@@ -106,7 +106,8 @@ def _build(make: Callable[[], nnx.Module], tensors: Any, config: ModelConfig, *,
     config.dtype. tensors=None: the abstract model itself, every parameter a
     `jax.ShapeDtypeStruct` (planning and compiling without weights).
     mesh (a `jax.sharding.Mesh`): each parameter is built straight onto its shards, with the
-    parameter rule of `ppo_jax.parallel` (`param_spec`, the layer axis of a stack never split):
+    parameter rule of `ppo_jax.parallel` (`param_spec_at`: the layer axis of a stack and the
+    rank axis of a LoRA adapter never split):
     `jax.make_array_from_callback` asks for each of this process's devices' slice, and only that
     slice is read (`_read_param`): no whole parameter is ever on the host."""
     abstract = nnx.eval_shape(make)
@@ -175,15 +176,15 @@ def _read_param(source: hfc.TensorSlices, names: list[str], transpose: bool, sta
 def _placer(mesh: Any) -> Callable[[tuple, tuple, Callable], Any]:
     """place(path, shape, read) -> the parameter at `path` as a jax array, from `read(index)`
     (its numpy values at a tuple of slices): one device: read whole; a mesh: sharded by the
-    parameter rule (`ppo_jax.parallel.param_spec`), each device's shard read alone."""
+    parameter rule (`ppo_jax.parallel.param_spec_at`), each device's shard read alone."""
     if mesh is None:
         return lambda path, shape, read: jnp.asarray(read((slice(None),) * len(shape)))
     from jax.sharding import NamedSharding
 
-    from ppo_jax.parallel import param_spec
+    from ppo_jax.parallel import param_spec_at
 
     def place(path: tuple, shape: tuple, read: Callable) -> Any:
-        sharding = NamedSharding(mesh, param_spec(shape, mesh, stacked=is_stacked(path)))
+        sharding = NamedSharding(mesh, param_spec_at(path, shape, mesh))
         return jax.make_array_from_callback(shape, sharding, read)
     return place
 
@@ -211,14 +212,17 @@ def _on_mesh(model: nnx.Module, mesh: Any) -> nnx.Module:
 def model_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
     """A model's weights under their HF names, as numpy (bfloat16 as ml_dtypes.bfloat16), in HF
     layout -- one tensor per layer (`h.{i}....`), unstacked -- what `save_pretrained` writes. A
-    PolicyWithValueHead gives its LM's tensors."""
+    PolicyWithValueHead gives its LM's tensors. An array split across several processes' devices
+    is all-gathered first (`ppo_jax.parallel.fetch`: a collective, every process must call)."""
+    from ppo_jax.parallel import fetch
+
     if isinstance(model, PolicyWithValueHead):
         model = model.lm
     stacks = stacked_modules(model)
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, BASE_PARAMS)):  # no LoRA adapters
         names, transpose, stacked = hf_names(path, model.config.model_type, stacks)
-        arr = np.asarray(var[...])
+        arr = np.asarray(fetch(var[...]))
         for name, a in zip(names, arr if stacked else [arr]):  # a stack: one tensor per layer
             out[name] = a.T if transpose else a
     return out

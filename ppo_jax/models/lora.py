@@ -110,6 +110,21 @@ _KEY_SHAPE = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shap
 """The shape of one raw PRNG key (threefry: (2,))."""
 
 
+ADAPTER_RANK_AXIS = {"lora_a": -1, "lora_b": -2}
+"""The rank axis of each adapter parameter ([..., in, rank] / [..., rank, out])."""
+
+
+def adapter_rank_axis(path: Any) -> int | None:
+    """The rank axis (negative index) of the adapter parameter at `path` -- NNX path parts or a
+    `jax.tree_util` key path (optimiser states included) --, None for any other parameter.
+    `ppo_jax.parallel.param_spec` never splits it."""
+    for k in path:
+        axis = ADAPTER_RANK_AXIS.get(getattr(k, "key", getattr(k, "name", k)))
+        if axis is not None:
+            return axis
+    return None
+
+
 def lora_linear_or_none(in_features: int, out_features: int, *, module: str | None, config: Any,
                         use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs) -> LoRALinear | None:
     """A `LoRALinear` when the model's options put an adapter on `module` (a
@@ -330,6 +345,7 @@ def merge_adapters(model: nnx.Module) -> nnx.Module:
 
 
 __all__ = ["LoRALinear", "LoRADropoutKey", "adapter_dropout", "has_adapter_dropout",
-           "merge_adapters", "ADAPTER_PARAMS", "BASE_PARAMS", "adapters_disabled", "adapter_tensors",
+           "merge_adapters", "ADAPTER_PARAMS", "adapter_rank_axis", "ADAPTER_RANK_AXIS",
+           "BASE_PARAMS", "adapters_disabled", "adapter_tensors",
            "save_adapter", "load_adapter", "adapter_options", "check_options", "init_lora_param",
            "trained_params"]
