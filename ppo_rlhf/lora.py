@@ -226,14 +226,13 @@ def merged_load(options: Any) -> bool:
     return options is not None and not options.lora
 
 
-def require_full_base(path: Any, what: str, options: Any) -> None:
-    """UsageError when a model that gets NEW adapters (`options` with LoRA) starts from the
+def require_full_base(path: Any, what: str, lora: bool) -> None:
+    """UsageError when a model that gets NEW adapters (`lora`) starts from the
     adapter dir `path`: its adapter's base must be a full checkpoint (a chain of adapters is no
     PEFT format; PPO's reference would be the base without the first adapter)."""
     from ppo_rlhf.errors import UsageError
 
-    if (isinstance(path, (str, os.PathLike)) and options is not None and options.lora
-            and adapter_base(path) is not None):
+    if lora and isinstance(path, (str, os.PathLike)) and adapter_base(path) is not None:
         raise UsageError(f"{what} {str(path)!r} is a LoRA adapter dir: new LoRA adapters need a full "
                          f"checkpoint as their base -- pass its merged checkpoint ({Path(path) / 'merged'}, "
                          f"written with --merge) or train without --lora-rank")

@@ -196,7 +196,39 @@ def test_cli_pretrain_and_train_rm_save_adapters_that_train_loads(tiny_checkpoin
                  "--prompts", str(tmp_path / "prompts.txt"), "--out", str(ppo), "--iterations", "1",
                  "--no-progress", *SMALL]) == 0
     assert (ppo / "policy" / "config.json").exists()  # trained in full: a full checkpoint
+    assert main(["eval", "--backend", backend, "--policy", str(sft), "--reference", str(sft / "merged"),
+                 "--reward-model", str(rm), "--prompts", str(tmp_path / "prompts.txt"), "--n", "4",
+                 "--max-new-tokens", "4", "--max-prompt-len", "8", "--out", str(tmp_path / "eval")]) == 0
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert abs(result["kl_to_ref"]) < 1e-3, result  # the adapter dir and its merged checkpoint: one policy
+    from ppo_rlhf.app.backends import load_policy_sampler
+
+    assert len(load_policy_sampler(backend, sft, max_new_tokens=3).sample(["the quick"], 2)[0]) == 2
+    capsys.readouterr()
     assert main(["train-rm", "--model", str(sft), "--data", str(prefs / "train.jsonl"), "--out",
                  str(tmp_path / "rm2"), "--backend", backend, "--lora-rank", "2", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "is a LoRA adapter dir" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("case", ["fresh-model", "merge-alone", "ppo-on-adapter", "sft-on-adapter"])
+def test_cli_lora_save_errors_are_one_line(tiny_checkpoint, tmp_path, capsys, case):
+    """LoRA with nothing on disk to be the adapter's base (a fresh model), --merge without LoRA,
+    and new adapters on an adapter dir (a chain of adapters): one-line errors, exit 2."""
+    base = tiny_checkpoint("gpt2")
+    adapter = tl.save_adapter(tm.load_pretrained(base, options=LORA), tmp_path / "adapter", base_model=str(base))
+    (tmp_path / "prompts.txt").write_text("a\nb\n")
+    args, expect = {
+        "fresh-model": (["pretrain", "--out", str(tmp_path / "o"), "--lora-rank", "2"], "--lora-rank needs --model"),
+        "merge-alone": (["train-rm", "--model", str(base), "--data", "x", "--out", str(tmp_path / "o"), "--merge"],
+                        "--merge writes the LoRA adapters merged into the base: it needs --lora-rank"),
+        "ppo-on-adapter": (["train", "--policy", str(adapter), "--reward-fn", "tests.helpers:length_reward",
+                            "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "o"),
+                            "--lora-rank", "2"], "is a LoRA adapter dir: new LoRA adapters need a full checkpoint"),
+        "sft-on-adapter": (["pretrain", "--model", str(adapter), "--out", str(tmp_path / "o"), "--lora-rank", "2"],
+                           f"pass its merged checkpoint ({adapter / 'merged'}"),
+    }[case]
+    capsys.readouterr()
+    assert main([*args, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expect in err, err

@@ -132,6 +132,7 @@ def _read_preferences(path: str, flag: str) -> list[Any]:
 def run_train_rm(args: argparse.Namespace) -> int:
     from ppo_rlhf.config import RMConfig
     from ppo_rlhf.data.encoding import reference_sequences
+    from ppo_rlhf.lora import require_full_base
     from ppo_rlhf.runtime.split import group_key, grouped_holdout_split
 
     _require_dir(args.model, "--model")
@@ -151,6 +152,7 @@ def run_train_rm(args: argparse.Namespace) -> int:
                      remat=args.remat, compute_dtype=args.compute_dtype,
                      scan_unroll=args.scan_unroll, lora_rank=args.lora_rank,
                      lora_alpha=args.lora_alpha, lora_targets=args.lora_targets)
+    require_full_base(args.model, "--model", config.lora_rank > 0)
     records = _read_preferences(args.data, "--data")
     if args.eval_data is not None:
         eval_records = _read_preferences(args.eval_data, "--eval-data")
@@ -285,6 +287,10 @@ def run_pretrain(args: argparse.Namespace) -> int:
     if args.lora_rank and args.model is None:
         raise UsageError("--lora-rank needs --model: the adapter's base checkpoint (a fresh model has "
                          "none on disk)")
+    if args.lora_rank:
+        from ppo_rlhf.lora import require_full_base
+
+        require_full_base(args.model, "--model", True)
     if args.data is None and task is None:
         raise UsageError("no data: pass --data FILE or --task")
     train = read_examples(args.data, "--data") if args.data is not None else None

@@ -145,7 +145,7 @@ def run_train(args: argparse.Namespace) -> int:
                           lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
                           lora_roles=args.lora_roles)
     check_lora_targets(config, args.policy)
-    require_full_base(args.policy, "--policy", config.model_options("policy"))
+    require_full_base(args.policy, "--policy", config.model_options("policy").lora)
     core = get_backend(args.backend)  # UsageError for a backend that is not installed
     scale = _scaling_kwargs(core, args, config)
     prompts = load_prompts_arg(args.prompts)

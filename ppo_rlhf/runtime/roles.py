@@ -124,7 +124,7 @@ def compose_roles(kit: ModelKit, policy: Any, reward: Any, *, config: PPOConfig,
     frozen = config.model_options("reference").frozen()  # never adapters: nothing trains it
     # an adapter dir (`ppo-rlhf pretrain --lora-rank`) loads merged -- a plain model, the loaders'
     # rule for options without LoRA -- but cannot be the base of the policy's new adapters
-    require_full_base(policy, "policy", options)
+    require_full_base(policy, "policy", options.lora)
     if _is_dir_arg(policy):
         policy = kit.load_pretrained(policy, dtype, options=options)
     elif isinstance(policy, (kit.CausalLM, kit.PolicyWithValueHead)):

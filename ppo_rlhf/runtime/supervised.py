@@ -107,7 +107,7 @@ class SupervisedTrainer:
         model); with LoRA it is a UsageError (`ppo_rlhf.lora.require_full_base`: the new
         adapter needs a full checkpoint as its base)."""
         options = self.config.model_options(self.config.LORA_ROLES[0])  # the model it trains
-        require_full_base(model, "model", options)
+        require_full_base(model, "model", options.lora)
         if isinstance(model, (str, os.PathLike)):
             model = load(model, options=options)
         elif not isinstance(model, model_class):
