@@ -99,7 +99,7 @@ class SupervisedCheckpoint:
     """save_model / save_checkpoint / load_checkpoint of the reward-model and SFT trainers
     (anything with a module `_model`, an `optimizer`, a `device`, `model()` and the base's
     `_save_tokenizer`): state/model.safetensors + state/optimizer.pt (AdamW), model/ = the
-    Hugging Face checkpoint (`save_model`). The learning rate is a
+    Hugging Face checkpoint, with LoRA the PEFT adapter (`save_model`). The learning rate is a
     function of the step count, which `ppo_rlhf.runtime.checkpoints.CheckpointManager` keeps in the trainer
     state."""
 

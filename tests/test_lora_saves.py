@@ -6,6 +6,7 @@ the adapter dir computes; and the CLI chain pretrain -> train-rm -> train runs o
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import jax.numpy as jnp
@@ -189,6 +190,11 @@ def test_cli_pretrain_and_train_rm_save_adapters_that_train_loads(tiny_checkpoin
     kept = models.load_scalar_model(rm, options=lr.adapter_options(rm, base))
     assert models.model_options(kept).lora
     np.testing.assert_allclose(_values(kept), _values(full), rtol=0, atol=2e-5)
+
+    rm_mod = importlib.import_module(f"ppo_{backend}.reward_model")  # train-rm --model <adapter dir>: merged
+    start, start_full = (rm_mod.init_reward_model(str(d), seed=1) for d in (sft, sft / "merged"))
+    assert not models.model_options(start).lora
+    np.testing.assert_allclose(_values(start), _values(start_full), rtol=0, atol=2e-5)
 
     (tmp_path / "prompts.txt").write_text(PROMPTS)
     capsys.readouterr()
