@@ -70,9 +70,8 @@ class SupervisedCheckpoint:
     """save_model / save_checkpoint / load_checkpoint of the reward-model and SFT trainers (anything
     with `params`, `opt_state`, `model()` and the base's `_save_tokenizer`): state/ = Orbax {params,
     opt_state}, model/ = the Hugging Face checkpoint, with LoRA the PEFT adapter (`save_model`). The
-    learning rate is a function
-    of the step count, which `ppo_rlhf.runtime.checkpoints.CheckpointManager` keeps in the trainer
-    state."""
+    learning rate is a function of the step count, which
+    `ppo_rlhf.runtime.checkpoints.CheckpointManager` keeps in the trainer state."""
 
     params: Any
     opt_state: Any
