@@ -146,7 +146,7 @@ def prefs(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("backend", [pytest.param("jax", marks=pytest.mark.slow), "torch"])  # jax: ~40 s
+@pytest.mark.parametrize("backend", [pytest.param("jax", marks=pytest.mark.slow), "torch"])  # jax: 20-40 s here
 def test_cli_pretrain_and_train_rm_save_adapters_that_train_loads(tiny_checkpoint, prefs, tmp_path, capsys,
                                                                    backend):
     """`pretrain --lora-rank 2 --merge` and `train-rm --lora-rank 2 --merge` write PEFT adapter
