@@ -69,21 +69,29 @@ def load_trainer_state(trainer: Any, path: str | os.PathLike) -> None:
 class SupervisedCheckpoint:
     """save_model / save_checkpoint / load_checkpoint of the reward-model and SFT trainers (anything
     with `params`, `opt_state`, `model()` and the base's `_save_tokenizer`): state/ = Orbax {params,
-    opt_state}, model/ = the Hugging Face checkpoint (`save_model`). The learning rate is a function
-    of the step count, which `ppo_rlhf.runtime.checkpoints.CheckpointManager` keeps in the trainer
-    state."""
+    opt_state}, model/ = the Hugging Face checkpoint, with LoRA the PEFT adapter (`save_model`). The
+    learning rate is a function of the step count, which
+    `ppo_rlhf.runtime.checkpoints.CheckpointManager` keeps in the trainer state."""
 
     params: Any
     opt_state: Any
 
-    def save_model(self, path: str | os.PathLike) -> None:
+    def save_model(self, path: str | os.PathLike, *, merge: bool = False) -> None:
         """The trained model (a reward model with its gain / bias) + tokenizer as a Hugging Face
-        checkpoint: loads in both backends and in transformers."""
+        checkpoint: loads in both backends and in transformers. With LoRA, its PEFT adapter
+        (`lora.save_adapter`: adapter_config.json, whose base_model_name_or_path is the model's
+        checkpoint dir, adapter_model.safetensors; a reward model's also holds its score head and
+        reward_normalisation.json) -- or with merge=True the full checkpoint of the adapters
+        merged into the base (`merge_adapters`). Both cores' `load_pretrained` /
+        `load_scalar_model` load either."""
         from ppo_jax.models import model_options, save_pretrained
-        from ppo_jax.models.lora import merge_adapters
+        from ppo_jax.models.lora import merge_adapters, save_adapter
 
-        model = self.model()  # with LoRA: merged, a full checkpoint the next stage loads
-        save_pretrained(merge_adapters(model) if model_options(model).lora else model, path)
+        model = self.model()
+        if model_options(model).lora and not merge:
+            save_adapter(model, path, base_model=self.model_source)
+        else:
+            save_pretrained(merge_adapters(model) if model_options(model).lora else model, path)
         self._save_tokenizer(path)
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:

@@ -17,6 +17,10 @@ The PEFT format (`adapter_config.json` + `adapter_model.safetensors`) is what `p
 `peft.PeftModel.from_pretrained` reads: tensors named
 `base_model.model.<HF module name>.lora_A.weight` [rank, in] and `...lora_B.weight` [out, rank]
 (nn.Linear layout, GPT-2's Conv1D modules included), `adapter_config.json` a `LoraConfig`.
+A scalar-head model's adapter (a reward model's: peft's SEQ_CLS task) also holds its trained
+score head, as peft saves it: `base_model.model.score.weight` [1, hidden], with
+`modules_to_save: ["classifier", "score"]` in the config; the reward gain / bias, which peft has
+no place for, go in `reward_normalisation.json` next to them (`save_model_adapter`).
 """
 
 from __future__ import annotations
@@ -53,6 +57,13 @@ LORA_MODULES: dict[str, dict[str, str]] = {
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+SCORE_MODULES = ("classifier", "score")
+"""peft's `modules_to_save` for the SEQ_CLS task: the head, trained and saved whole (ours: score)."""
+HEAD_TENSOR = "score.weight"
+"""The score head's tensor in a SEQ_CLS adapter (under PEFT_PREFIX), [1, hidden]."""
+REWARD_NORMALISATION = "reward_normalisation.json"
+"""A reward model adapter dir's {"reward_gain", "reward_bias"} (a full checkpoint keeps them in
+config.json's "ppo_rlhf" key)."""
 
 PathLike = str | os.PathLike
 
@@ -130,12 +141,14 @@ def peft_config(*, model_type: str, rank: int, alpha: float, dropout: float,
                 modules: Iterable[str], base_model: str | None = None,
                 task_type: str = "CAUSAL_LM") -> dict[str, Any]:
     """The `adapter_config.json` of our adapters (the keys `peft.LoraConfig` reads). GPT-2's
-    projections are `Conv1D` (weight [in, out]): fan_in_fan_out=True, as peft sets for it."""
+    projections are `Conv1D` (weight [in, out]): fan_in_fan_out=True, as peft sets for it. A
+    SEQ_CLS adapter saves the score head whole (`modules_to_save`, as peft sets it)."""
     return {
         "peft_type": "LORA", "task_type": task_type, "r": int(rank), "lora_alpha": float(alpha),
         "lora_dropout": float(dropout), "target_modules": sorted(modules), "bias": "none",
         "fan_in_fan_out": model_type == "gpt2", "use_rslora": False, "use_dora": False,
-        "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": list(SCORE_MODULES) if task_type == "SEQ_CLS" else None, "inference_mode": True,
         "base_model_name_or_path": base_model, "layers_to_transform": None,
         "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
     }
@@ -167,17 +180,62 @@ def write_adapter(path: PathLike, config: Mapping[str, Any], tensors: Mapping[st
     return path
 
 
-def save_model_adapter(path: PathLike, *, model_type: str, options: Any, scalar: bool,
-                       tensors: Mapping[str, np.ndarray], base_model: str | None = None) -> Path:
+def save_model_adapter(path: PathLike, *, model_type: str, options: Any, tensors: Mapping[str, np.ndarray],
+                       head: np.ndarray | None = None, reward: tuple[float, float] | None = None,
+                       base_model: str | None = None) -> Path:
     """Both cores' `save_adapter`: a model's adapters (`tensors`, named without the PEFT prefix)
-    as a PEFT adapter dir, its config from the model's `options` (a `ModelOptions`); `scalar`: a
-    scalar-head model (peft's SEQ_CLS task), else a causal LM."""
+    as a PEFT adapter dir, its config from the model's `options` (a `ModelOptions`). A scalar-head
+    model (peft's SEQ_CLS task) gives its score head `head` [1, hidden] (saved as peft does:
+    `HEAD_TENSOR`, `modules_to_save`) and its (reward_gain, reward_bias) `reward`
+    (`REWARD_NORMALISATION`); a causal LM neither."""
     if not options.lora:
         raise ValueError("save_adapter: the model has no LoRA adapters (built with lora_rank=0)")
+    scalar = head is not None
+    if scalar:
+        tensors = {**tensors, HEAD_TENSOR: np.asarray(head, np.float32).reshape(1, -1)}
     config = peft_config(model_type=model_type, rank=options.lora_rank, alpha=options.lora_alpha,
                          dropout=options.lora_dropout, modules=lora_modules(model_type, options.lora_targets),
                          base_model=base_model, task_type="SEQ_CLS" if scalar else "CAUSAL_LM")
-    return write_adapter(path, config, {PEFT_PREFIX + k: v for k, v in tensors.items()})
+    path = write_adapter(path, config, {PEFT_PREFIX + k: v for k, v in tensors.items()})
+    if scalar:
+        gain, bias = reward if reward is not None else (1.0, 0.0)
+        (path / REWARD_NORMALISATION).write_text(json.dumps(
+            {"reward_gain": float(gain), "reward_bias": float(bias)}, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_reward_normalisation(path: PathLike) -> tuple[float, float]:
+    """(reward_gain, reward_bias) of a reward model adapter dir (`REWARD_NORMALISATION`); (1, 0)
+    when the file is absent (an adapter `peft` wrote)."""
+    f = Path(path) / REWARD_NORMALISATION
+    if not f.is_file():
+        return 1.0, 0.0
+    meta = json.loads(f.read_text())
+    return float(meta["reward_gain"]), float(meta["reward_bias"])
+
+
+def is_scalar_adapter(path: PathLike) -> bool:
+    """Is the adapter dir `path` a scalar-head model's (its config's task_type SEQ_CLS)?"""
+    return json.loads((Path(path) / ADAPTER_CONFIG).read_text()).get("task_type") == "SEQ_CLS"
+
+
+def merged_load(options: Any) -> bool:
+    """`load_pretrained(<adapter dir>, options=options)`: are the adapters merged into the base
+    (options given without LoRA: a plain model), or kept (None: the adapter's own options; LoRA
+    options: those, checked against it)?"""
+    return options is not None and not options.lora
+
+
+def require_full_base(path: Any, what: str, lora: bool) -> None:
+    """UsageError when a model that gets NEW adapters (`lora`) starts from the
+    adapter dir `path`: its adapter's base must be a full checkpoint (a chain of adapters is no
+    PEFT format; PPO's reference would be the base without the first adapter)."""
+    from ppo_rlhf.errors import UsageError
+
+    if lora and isinstance(path, (str, os.PathLike)) and adapter_base(path) is not None:
+        raise UsageError(f"{what} {str(path)!r} is a LoRA adapter dir: new LoRA adapters need a full "
+                         f"checkpoint as their base -- pass its merged checkpoint ({Path(path) / 'merged'}, "
+                         f"written with --merge) or train without --lora-rank")
 
 
 def adapter_options(path: PathLike, base: PathLike, options: Any = None) -> Any:
@@ -228,9 +286,10 @@ def adapter_base(path: PathLike) -> Path | None:
 
 def read_adapter(path: PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(adapter_config.json, {tensor name without the PEFT prefix and adapter name: array}) of a
-    PEFT adapter dir, e.g. 'transformer.h.0.attn.c_attn.lora_A.weight' [rank, in]. Refuses
-    what this code does not implement (not LoRA, DoRA, rsLoRA, per-module ranks, bias,
-    modules_to_save) with a ValueError naming it."""
+    PEFT adapter dir, e.g. 'transformer.h.0.attn.c_attn.lora_A.weight' [rank, in], and a
+    SEQ_CLS adapter's score head `HEAD_TENSOR`. Refuses what this code does not implement (not
+    LoRA, DoRA, rsLoRA, per-module ranks, bias, modules_to_save other than the score head) with a
+    one-line CheckpointError naming it."""
     from safetensors.numpy import load_file
 
     from ppo_rlhf.errors import CheckpointError
@@ -244,7 +303,7 @@ def read_adapter(path: PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]
                    "rank_pattern": bool(config.get("rank_pattern")),
                    "alpha_pattern": bool(config.get("alpha_pattern")),
                    "bias": config.get("bias", "none") != "none",
-                   "modules_to_save": bool(config.get("modules_to_save"))}
+                   "modules_to_save": bool(set(config.get("modules_to_save") or ()) - set(SCORE_MODULES))}
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise CheckpointError(f"{path}: adapter_config.json sets {', '.join(f'{k}={config.get(k)!r}' for k in bad)}; "
@@ -252,7 +311,7 @@ def read_adapter(path: PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]
     tensors = {}
     for name, arr in load_file(str(path / ADAPTER_WEIGHTS)).items():
         name = name.removeprefix(PEFT_PREFIX).replace(".lora_A.default.", ".lora_A.").replace(
-            ".lora_B.default.", ".lora_B.")
+            ".lora_B.default.", ".lora_B.").replace(".modules_to_save.default.", ".")
         tensors[name] = arr
     return config, tensors
 
@@ -260,4 +319,6 @@ def read_adapter(path: PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]
 __all__ = ["LORA_TARGETS", "DEFAULT_LORA_TARGETS", "LORA_ROLES", "LORA_MODULES", "ADAPTER_CONFIG",
            "ADAPTER_WEIGHTS", "PEFT_PREFIX", "check_lora_options", "lora_targets", "lora_modules",
            "targets_of", "scaling", "init_lora_a", "peft_config", "check_adapter_fits", "write_adapter", "read_adapter",
-           "adapter_base", "save_model_adapter", "adapter_options", "adapter_dir_options"]
+           "adapter_base", "save_model_adapter", "adapter_options", "adapter_dir_options", "SCORE_MODULES",
+           "HEAD_TENSOR", "REWARD_NORMALISATION", "read_reward_normalisation", "is_scalar_adapter",
+           "merged_load", "require_full_base"]

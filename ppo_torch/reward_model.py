@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ppo_rlhf import hf_checkpoint as hfc
+from ppo_rlhf import lora as lr
 from ppo_rlhf.config import ModelOptions, RMConfig
 from ppo_rlhf.runtime.seeds import dropout_seed
 from ppo_rlhf.runtime.supervised import RMTrainerBase
@@ -34,6 +35,7 @@ from ppo_torch.checkpoint import SupervisedCheckpoint
 from ppo_torch.models import (
     MODEL_KIT,
     ScalarHeadModel,
+    load_pretrained,
     load_scalar_model,
     scalar_model_from_lm,
 )
@@ -131,7 +133,15 @@ def batch_loss(model: ScalarHeadModel, batch: dict[str, Tensor], *, loss: str,
 def init_reward_model(path: str | os.PathLike, *, seed: int = 0, dtype: Any = "float32",
                       options: ModelOptions | None = None) -> ScalarHeadModel:
     """The model to train from a checkpoint dir: a scalar-head checkpoint as it is, a causal LM
-    with a fresh score head (`scalar_model_from_lm(path, seed=seed)`)."""
+    with a fresh score head (`scalar_model_from_lm(path, seed=seed)`); a PEFT adapter dir (the
+    output of `ppo-rlhf pretrain` / `train-rm --lora-rank`) as its adapters merged into its base
+    (`options` must have no LoRA: `ppo_rlhf.lora.require_full_base`)."""
+    base = lr.adapter_base(path)
+    if base is not None and not lr.is_scalar_adapter(path):  # a causal LM's adapter: merged
+        lm = load_pretrained(path, dtype, options=options or ModelOptions())
+        return scalar_model_from_lm(lm, seed=seed, options=options)
+    if base is not None:  # a reward model's adapter: merged (load_scalar_model)
+        return load_scalar_model(path, dtype, options=options)
     if hfc.is_scalar_checkpoint(path):
         return load_scalar_model(path, dtype, options=options)
     return scalar_model_from_lm(path, seed=seed, dtype=dtype, options=options)

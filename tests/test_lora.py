@@ -364,8 +364,10 @@ def test_ppo_lora_checkpoints_hold_what_is_trained_and_resume_exactly(tiny_check
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_reward_model_and_sft_trainers_train_the_adapters(tiny_checkpoint, tmp_path, backend):
     """RMConfig / SFTConfig with lora_rank: the trainers train the adapters (and the reward
-    model's head) only, the base weights stay as loaded, and the saved model is the merged full
-    checkpoint, computing what the LoRA model computes."""
+    model's head) only, the base weights stay as loaded; the saved model is the PEFT adapter
+    pointing to the checkpoint it started from (loaded with the model's LoRA options: the
+    adapters kept) and with merge=True the merged full checkpoint, each computing what the LoRA
+    model computes."""
     import importlib
 
     from ppo_rlhf.config import RMConfig, SFTConfig
@@ -390,16 +392,21 @@ def test_reward_model_and_sft_trainers_train_the_adapters(tiny_checkpoint, tmp_p
         changed = sorted(k for k in base if not np.array_equal(after[k], base[k]))
         assert changed == (["score.weight"] if t is rm else []), changed
         assert max(np.abs(moved[k] - adapters[k]).max() for k in adapters if ".lora_B." in k) > 1e-4
-        t.save_model(tmp_path / type(t).__name__)
-        saved = (models.load_scalar_model if t is rm else models.load_pretrained)(tmp_path / type(t).__name__)
-        assert not models.model_options(saved).lora
-        if backend == "jax":
-            got, want = (np.asarray(m(jnp.asarray(IDS), attention_mask=jnp.asarray(MASK))) for m in (saved, model))
-        else:
-            with torch.no_grad():
-                got, want = (m(torch.from_numpy(IDS), attention_mask=torch.from_numpy(MASK)).numpy()
-                             for m in (saved, model))
-        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+        load = models.load_scalar_model if t is rm else models.load_pretrained
+        t.save_model(tmp_path / type(t).__name__)  # the PEFT adapter, pointing to its base
+        t.save_model(tmp_path / "merged" / type(t).__name__, merge=True)
+        adapter = json.loads((tmp_path / type(t).__name__ / lr.ADAPTER_CONFIG).read_text())
+        assert adapter["base_model_name_or_path"] == str(ckpt.absolute())
+        for saved, lora_kept in ((load(tmp_path / "merged" / type(t).__name__), False),
+                                 (load(tmp_path / type(t).__name__, options=models.model_options(model)), True)):
+            assert models.model_options(saved).lora == lora_kept
+            if backend == "jax":
+                got, want = (np.asarray(m(jnp.asarray(IDS), attention_mask=jnp.asarray(MASK))) for m in (saved, model))
+            else:
+                with torch.no_grad():
+                    got, want = (m(torch.from_numpy(IDS), attention_mask=torch.from_numpy(MASK)).numpy()
+                                 for m in (saved, model))
+            np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])

@@ -248,16 +248,31 @@ def load_pretrained(path: PathLike, dtype: Any = "float32", *, options: ModelOpt
     every parameter is loaded straight onto its shards by the trainers' parameter rule, each
     process reading only its devices' slices of the checkpoint (no whole model, nor any whole
     parameter, in host memory); None: onto the default device.
+    A PEFT adapter dir (`save_adapter`, `PPOTrainer.save_policy`, `ppo-rlhf pretrain --lora-rank`)
+    loads as its base (adapter_config.json's base_model_name_or_path) + the adapter: with
+    options None built with the adapter's LoRA options, the adapters kept; with LoRA options,
+    those (they must be the adapter's); with options without LoRA, merged into the base
+    (`merge_adapters`): a plain model with those options.
     Errors: FileNotFoundError (no dir / config.json / weights), ValueError (unsupported
     model_type, a scalar-head checkpoint, missing or unexpected tensors)."""
     base = lr.adapter_base(path)
-    if base is not None:  # a PEFT adapter dir (`save_adapter`, `PPOTrainer.save_policy`): base + adapter
-        from ppo_jax.models.lora import load_adapter
+    if base is not None:  # a PEFT adapter dir: base + adapter
+        from ppo_jax.models.lora import load_adapter, merge_adapters
 
-        options = lr.adapter_dir_options(path, base, options)
-        model = load_pretrained(base, dtype, options=options, with_value_head=with_value_head, seed=seed,
+        if lr.is_scalar_adapter(path):
+            raise CheckpointError(f"{path}: a scalar-head (value / reward) model's adapter; load it with "
+                                  f"load_scalar_model")
+        merged = lr.merged_load(options)
+        if merged and abstract:  # a plain model: the base's shapes
+            return load_pretrained(base, dtype, options=options, with_value_head=with_value_head, seed=seed,
+                                   abstract=True)
+        built = lr.adapter_options(path, base, options) if merged else lr.adapter_dir_options(path, base, options)
+        model = load_pretrained(base, dtype, options=built, with_value_head=with_value_head, seed=seed,
                                 abstract=abstract, mesh=mesh)
-        return model if abstract else _on_mesh(load_adapter(model, path), _mesh(mesh))  # adapters: small
+        if abstract:
+            return model
+        model = load_adapter(model, path)
+        return _on_mesh(merge_adapters(model) if merged else model, _mesh(mesh))  # adapters: small
     hf = hfc.read_config(path)
     config = ModelConfig.from_hf(hf, dtype=dtype_name(dtype), options=options)
     if abstract:
@@ -288,7 +303,16 @@ def load_scalar_model(path: PathLike, dtype: Any = "float32", *, options: ModelO
     reward_gain / reward_bias are read from config.json's "ppo_rlhf" key (default 1, 0);
     `options` and `mesh` as `load_pretrained`.
     abstract=True: from config.json alone, parameters as `jax.ShapeDtypeStruct`s (see
-    `load_pretrained`); a causal LM's config.json serves too (the score head is [H, 1])."""
+    `load_pretrained`); a causal LM's config.json serves too (the score head is [H, 1]).
+    A reward model's PEFT adapter dir (SEQ_CLS: `save_adapter`, `ppo-rlhf train-rm --lora-rank`)
+    loads as its base (a causal LM, or a scalar-head checkpoint) + the adapter, its score head
+    and its reward gain / bias (`ppo_rlhf.lora.REWARD_NORMALISATION`): with options None or
+    without LoRA merged into the base (`merge_adapters`: a plain model -- how PPO, eval and the
+    demo use a reward model); with LoRA options, those (the adapter's rank and scale), the
+    adapters kept."""
+    base = lr.adapter_base(path)
+    if base is not None:
+        return _load_scalar_adapter(path, base, dtype, options=options, abstract=abstract, mesh=mesh)
     hf = hfc.read_config(path)
     config = ModelConfig.from_hf(hf, dtype=dtype_name(dtype), options=options)
     if abstract:
@@ -307,6 +331,35 @@ def load_scalar_model(path: PathLike, dtype: Any = "float32", *, options: ModelO
     gain, bias = hfc.reward_normalisation(hf)
     model.reward_gain, model.reward_bias = gain, bias
     return model
+
+
+def _load_scalar_adapter(path: PathLike, base: Path, dtype: Any, *, options: ModelOptions | None,
+                         abstract: bool, mesh: Any) -> ScalarHeadModel:
+    """`load_scalar_model(<a SEQ_CLS adapter dir>)` (see there)."""
+    from ppo_jax.models.lora import load_adapter, merge_adapters
+
+    if not lr.is_scalar_adapter(path):
+        raise CheckpointError(f"{path}: a causal LM's adapter, not a scalar-head model's (task_type SEQ_CLS); "
+                              f"load it with load_pretrained")
+    _, tensors = lr.read_adapter(path)
+    if lr.HEAD_TENSOR not in tensors:
+        raise CheckpointError(f"{path}: the adapter holds no score head ({lr.HEAD_TENSOR}, modules_to_save)")
+    gain, bias = lr.read_reward_normalisation(path)
+    merged = options is None or not options.lora
+    if merged and abstract:  # a plain model: the base's shapes
+        model = load_scalar_model(base, dtype, options=options, abstract=True)
+        model.reward_gain, model.reward_bias = gain, bias
+        return model
+    built = lr.adapter_options(path, base, options) if merged else lr.adapter_dir_options(path, base, options)
+    if abstract or hfc.is_scalar_checkpoint(base):
+        model = load_scalar_model(base, dtype, options=built, abstract=abstract)
+    else:  # a causal LM: its trunk (the head comes from the adapter)
+        model = scalar_model_from_lm(base, dtype=dtype, options=built)
+    if not abstract:
+        model = load_adapter(model, path)
+        model = merge_adapters(model) if merged else model
+    model.reward_gain, model.reward_bias = gain, bias
+    return model if abstract else _on_mesh(model, _mesh(mesh))
 
 
 def scalar_model_from_lm(lm: PathLike | CausalLM | PolicyWithValueHead, *, seed: int = 0,

@@ -260,12 +260,17 @@ def adapter_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
 def save_adapter(model: nnx.Module, path: PathLike, *, base_model: str | None = None) -> Path:
     """Write `model`'s adapters as a PEFT adapter dir (`adapter_config.json`,
     `adapter_model.safetensors`) that `peft.PeftModel.from_pretrained(<the transformers base
-    model>, path)` loads; `base_model`: the base checkpoint, recorded in the config."""
+    model>, path)` loads; `base_model`: the base checkpoint, recorded in the config. A
+    `ScalarHeadModel` (a reward model: peft's SEQ_CLS task) also saves its score head, as peft
+    does (`modules_to_save`), and its reward gain / bias (`ppo_rlhf.lora.REWARD_NORMALISATION`)."""
     from ppo_jax.models.heads import ScalarHeadModel
 
     core = _core(model)
+    scalar = isinstance(core, ScalarHeadModel)
+    head = np.asarray(core.score_head.kernel[...], np.float32).T if scalar else None  # [1, H]
     return lr.save_model_adapter(path, model_type=core.config.model_type, options=core.config.options,
-                                 scalar=isinstance(core, ScalarHeadModel), tensors=adapter_tensors(core),
+                                 tensors=adapter_tensors(core), head=head,
+                                 reward=(core.reward_gain, core.reward_bias) if scalar else None,
                                  base_model=base_model)
 
 
@@ -275,8 +280,10 @@ adapter_options = lr.adapter_options  # backend-neutral: read from the adapter's
 def load_adapter(model: nnx.Module, path: PathLike) -> nnx.Module:
     """`model` (built with matching LoRA options: `adapter_options`) with the adapter weights of
     the PEFT dir `path` -- written by `save_adapter` or by `peft` -- as a new model (the base
-    weights shared, `model` unchanged). Strict: rank or scale that differ, a tensor missing or
-    left unused are CheckpointErrors."""
+    weights shared, `model` unchanged); a `ScalarHeadModel` also takes the adapter's score head
+    (`ppo_rlhf.lora.HEAD_TENSOR`) when it holds one (its reward gain / bias: `load_scalar_model`).
+    Strict: rank or scale that differ, a tensor missing or left unused are CheckpointErrors."""
+    from ppo_jax.models.heads import ScalarHeadModel
     from ppo_jax.models.stack import stacked_modules
     core = _core(model)
     options = core.config.options
@@ -300,6 +307,14 @@ def load_adapter(model: nnx.Module, path: PathLike) -> nnx.Module:
                                   f"{tuple(var.shape[-2:])[::-1]}")
         new[p] = jnp.asarray(arr, var.dtype)
         used.update(names)
+    if isinstance(core, ScalarHeadModel) and lr.HEAD_TENSOR in tensors:  # a SEQ_CLS adapter's head
+        kernel = core.score_head.kernel
+        head = np.asarray(tensors[lr.HEAD_TENSOR]).T
+        if head.shape != tuple(kernel.shape):
+            raise CheckpointError(f"{path}: {lr.HEAD_TENSOR} has shape {head.T.shape}, the model expects "
+                                  f"{tuple(kernel.shape)[::-1]}")
+        new[("score_head", "kernel")] = jnp.asarray(head, kernel.dtype)
+        used.add(lr.HEAD_TENSOR)
     unused = sorted(set(tensors) - used)
     if missing or unused:
         raise CheckpointError(f"{path}: adapter tensors missing {missing[:4]}, unused {unused[:4]} "

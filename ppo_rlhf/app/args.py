@@ -40,11 +40,12 @@ def _number(text: str) -> int | float | str:
     return text
 
 
-def add_lora_args(p: argparse.ArgumentParser, *, config: str, roles: str | None) -> None:
+def add_lora_args(p: argparse.ArgumentParser, *, config: str, roles: str | None, saved: str,
+                  merged: str) -> None:
     """--lora-rank, --lora-alpha, --lora-dropout, --lora-base-dtype, --lora-targets (None when
-    not given: the config's own value stands); with `roles` (PPO: several models) also
-    --lora-roles and --merge -- a command that trains one model saves it merged (a full
-    checkpoint the next stage loads)."""
+    not given: the config's own value stands), --merge; with `roles` (PPO: several models) also
+    --lora-roles. With LoRA a command saves the trained model as a PEFT adapter at `saved` (a
+    pointer to its base + the adapters), and --merge adds the full merged checkpoint at `merged`."""
     g = p.add_argument_group("LoRA (low-rank adapters; only they are trained)")
     g.add_argument("--lora-rank", type=_number, metavar="R",
                    help=f"train rank-R LoRA adapters on {roles or 'the model'} instead of all the "
@@ -61,13 +62,13 @@ def add_lora_args(p: argparse.ArgumentParser, *, config: str, roles: str | None)
     g.add_argument("--lora-targets", metavar="q,v,...",
                    help="the projections that get adapters, among q, k, v, o, gate, up, down "
                         f"({config}.lora_targets; default q,v)")
-    if roles is None:
-        return
-    g.add_argument("--lora-roles", metavar="ROLE,...",
-                   help=f"the models that get adapters: {roles} ({config}.lora_roles)")
+    if roles is not None:
+        g.add_argument("--lora-roles", metavar="ROLE,...",
+                       help=f"the models that get adapters: {roles} ({config}.lora_roles)")
     g.add_argument("--merge", action="store_true",
-                   help="also write OUT/policy-merged: the adapters merged into the base, a full "
-                        "Hugging Face checkpoint (OUT/policy holds the adapter)")
+                   help=f"with --lora-rank: also write {merged}: the adapters merged into the base, "
+                        f"a full Hugging Face checkpoint ({saved} holds the PEFT adapter, whose "
+                        f"adapter_config.json names the base checkpoint dir)")
 
 
 def add_run_args(p: argparse.ArgumentParser, *, checkpoint_every: int, unit: str) -> None:

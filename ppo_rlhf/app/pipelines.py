@@ -26,13 +26,15 @@ def pretrain_model(backend: str, out: str | Path, *, task: Any = None, model: st
                    config: Mapping[str, Any] | None = None, model_size: str = "small",
                    corpus_size: int = 20000, eval_samples: int = 240, progress: bool = True,
                    resume: bool = False, checkpoint_every: int = 0,
-                   report_to: str = "none") -> dict[str, Any]:
+                   report_to: str = "none", merge: bool = False) -> dict[str, Any]:
     """Pretrain a fresh demo model of `task` (model=None) or fine-tune `model` (a checkpoint dir)
     on `train` (default: the task corpus); save it with its tokenizer to `out`. `config`:
     SFTConfig fields that differ from the defaults here (from scratch: 1000 steps, lr 1e-3, a
     short warm-up; fine-tuning: lr 1e-4; max_length fits the task's prompt + response). With a
     task and eval_samples > 0, also sample the task's eval prompts and report the gold score.
-    Returns the metrics (as written to out/metrics.json). `task`: a Task or its name."""
+    Returns the metrics (as written to out/metrics.json). `task`: a Task or its name. With LoRA
+    (config lora_rank > 0; needs `model`, the adapter's base) `out` holds the PEFT adapter, and
+    merge=True also writes out/merged, the full merged checkpoint."""
     if isinstance(task, str):
         from ppo_rlhf.tasks import get_task
 
@@ -49,6 +51,8 @@ def pretrain_model(backend: str, out: str | Path, *, task: Any = None, model: st
         cfg = SFTConfig(**{**defaults, **values})
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
+    if cfg.lora_rank and not model:
+        raise UsageError("LoRA pretraining needs a model checkpoint (--model): the adapter's base")
     if train is None:  # the task corpus (+ the next 500 examples of it as the eval set)
         if task is None:
             raise UsageError("no data: pass --data FILE or --task")
@@ -76,6 +80,8 @@ def pretrain_model(backend: str, out: str | Path, *, task: Any = None, model: st
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(f"--model {model!r}: {e}") from None
         m = trainer.fit(train, eval, progress=progress, resume=resume, report_to=report_to)
+        if merge and cfg.lora_rank and not m.get("stopped"):
+            trainer.save_model(out / "merged", merge=True)
     if task is not None and eval_samples > 0 and not m.get("stopped"):
         m.update(gold_of_samples(backend, trainer.model(), tokenizer, task, n=eval_samples,
                                  seed=seed, out=out))

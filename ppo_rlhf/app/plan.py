@@ -20,10 +20,15 @@ CONFIGS = {"ppo": "PPOConfig", "rm": "RMConfig", "sft": "SFTConfig"}
 
 
 def _config_dir(path: str | None, what: str) -> str | None:
-    """A checkpoint dir, or the dir of a config.json given as a file."""
+    """A checkpoint dir, or the dir of a config.json given as a file, or a PEFT adapter dir (its
+    base's config.json: the loaders read it)."""
+    from ppo_rlhf.lora import adapter_base
+
     if path is None:
         return None
     p = Path(path)
+    if p.is_dir() and adapter_base(p) is not None:
+        return str(p)
     if p.is_file():
         if p.name != "config.json":
             raise UsageError(f"{what} {path!r}: give a Hugging Face config.json or the dir that holds one")

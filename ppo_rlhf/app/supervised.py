@@ -7,7 +7,11 @@
 
 Both write a Hugging Face checkpoint dir (+ tokenizer) at --out that loads in either backend and
 in `transformers`, with metrics.json (final numbers), metrics.jsonl (one line per step),
-train_config.json and checkpoints/. Bad input (a missing dir, a malformed JSONL line, no data)
+train_config.json and checkpoints/. With --lora-rank R the model at --out is a PEFT adapter
+(adapter_config.json naming --model as its base + adapter_model.safetensors; a reward model's
+also holds its score head and reward_normalisation.json) that every consumer loads (`train
+--policy / --reward-model`, `train-rm --model`, `eval`, `sample`), and --merge adds OUT/merged,
+the full merged checkpoint. Bad input (a missing dir, a malformed JSONL line, no data)
 is a one-line error and exit code 2. Neither backend is imported until the command runs.
 """
 
@@ -34,6 +38,11 @@ def _require_file(path: str | None, flag: str) -> None:
         raise UsageError(f"{flag} {path!r}: no such file")
 
 
+def _check_merge(args: argparse.Namespace) -> None:
+    if args.merge and not args.lora_rank:
+        raise UsageError("--merge writes the LoRA adapters merged into the base: it needs --lora-rank")
+
+
 def _check_checkpoint_every(n: int) -> None:
     if n < 0:
         raise UsageError(f"--checkpoint-every {n}: must be >= 0 (0 = only at the end)")
@@ -53,7 +62,7 @@ def _check_out(out: str) -> Path:
     return path
 
 
-def _add_optim_args(p: argparse.ArgumentParser, *, lr_default: str, config: str) -> None:
+def _add_optim_args(p: argparse.ArgumentParser, *, lr_default: str, config: str, saved: str) -> None:
     p.add_argument("--lr", type=float, help=f"AdamW peak learning rate (default: {lr_default})")
     p.add_argument("--batch-size", type=int, help="examples per optimiser step")
     p.add_argument("--max-length", type=int, help="tokens per sequence (static shape)")
@@ -64,7 +73,7 @@ def _add_optim_args(p: argparse.ArgumentParser, *, lr_default: str, config: str)
     p.add_argument("--max-grad-norm", type=float, help="global-norm clipping (default: 1.0)")
     p.add_argument("--seed", type=int, help="seed of the batch order (and fresh weights)")
     add_memory_args(p, config=config, models="the model's")
-    add_lora_args(p, config=config, roles=None)
+    add_lora_args(p, config=config, roles=None, saved=saved, merged="OUT/merged")
     add_run_args(p, checkpoint_every=0, unit="steps")
 
 
@@ -80,7 +89,11 @@ def add_train_rm_parser(sub: Any) -> None:
                     "and held out). --max-length defaults to 128, or the model's n_positions if "
                     "fewer (GPT-2). Prints the held-out pairwise accuracy; --out gets the reward model "
                     "(scores normalised to mean 0 / std 1 on the training sequences unless "
-                    "--no-normalise), metrics.json and metrics.jsonl.")
+                    "--no-normalise), metrics.json and metrics.jsonl. With --lora-rank, OUT holds "
+                    "the reward model's PEFT adapter (task SEQ_CLS: the adapters, the score head, "
+                    "reward_normalisation.json) on --model as its base (a full checkpoint: an "
+                    "adapter dir as --model needs no --lora-rank, it is then loaded merged); --merge "
+                    "adds OUT/merged, the full reward model.")
     p.add_argument("--backend", choices=BACKENDS, default="jax")
     p.add_argument("--model", required=True, metavar="DIR", help="initial model (+ tokenizer)")
     p.add_argument("--data", required=True, metavar="FILE.jsonl", help="training preferences")
@@ -100,7 +113,7 @@ def add_train_rm_parser(sub: Any) -> None:
     p.add_argument("--no-normalise", action="store_true", help="keep reward gain 1 and bias 0")
     p.add_argument("--norm-data", metavar="FILE.jsonl",
                    help="normalise on the responses of these records instead of the training set")
-    _add_optim_args(p, lr_default="3e-4", config="RMConfig")
+    _add_optim_args(p, lr_default="3e-4", config="RMConfig", saved="OUT")
     p.set_defaults(func=run_train_rm)
 
 
@@ -119,11 +132,13 @@ def _read_preferences(path: str, flag: str) -> list[Any]:
 def run_train_rm(args: argparse.Namespace) -> int:
     from ppo_rlhf.config import RMConfig
     from ppo_rlhf.data.encoding import reference_sequences
+    from ppo_rlhf.lora import require_full_base
     from ppo_rlhf.runtime.split import group_key, grouped_holdout_split
 
     _require_dir(args.model, "--model")
     out = _check_out(args.out)
     _check_checkpoint_every(args.checkpoint_every)
+    _check_merge(args)
     max_length = args.max_length
     if max_length is None:  # the default, cut to what the model can take (GPT-2: n_positions)
         max_length = _positions_limit(args.model, RMConfig.max_length)
@@ -139,6 +154,7 @@ def run_train_rm(args: argparse.Namespace) -> int:
                      lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                      lora_base_dtype=args.lora_base_dtype,
                      lora_targets=args.lora_targets)
+    require_full_base(args.model, "--model", config.lora_rank > 0)
     records = _read_preferences(args.data, "--data")
     if args.eval_data is not None:
         eval_records = _read_preferences(args.eval_data, "--eval-data")
@@ -160,6 +176,9 @@ def run_train_rm(args: argparse.Namespace) -> int:
     m = trainer.fit(train_records, eval_records, reference=reference,
                     progress=not args.no_progress, resume=args.resume, report_to=args.report_to,
                     label_quality=SYNTHETIC_LABELS)  # None for records it did not write
+    if not m.get("stopped") and args.merge:
+        trainer.save_model(out / "merged", merge=True)
+        print(f"merged reward model -> {out / 'merged'}")
     if not m.get("stopped"):  # a signal: checkpoint written, the loop said so
         groups = len({group_key(r) for r in eval_records}) if eval_records else 0
         _print_rm_summary(m, out, groups)
@@ -204,7 +223,9 @@ def add_pretrain_parser(sub: Any) -> None:
                     "checkpoint on --data (JSONL lines {\"prompt\", \"response\"} -- loss on the "
                     "response -- or {\"text\"}; or a .txt file, one text per line) or on the task "
                     "corpus as prompt/response pairs. Afterwards, with a task, samples responses to "
-                    "the task's eval prompts (temperature 0.7) and reports their mean gold reward.")
+                    "the task's eval prompts (temperature 0.7) and reports their mean gold reward. "
+                    "With --lora-rank (needs --model: the adapter's base), OUT holds the PEFT "
+                    "adapter of the causal LM; --merge adds OUT/merged, the full merged checkpoint.")
     p.add_argument("--backend", choices=BACKENDS, default="jax")
     p.add_argument("--out", required=True, metavar="DIR", help="output: the model + tokenizer + metrics")
     p.add_argument("--task", default="reviews", help="task (corpus, tokenizer, gold reward; default: reviews)")
@@ -223,7 +244,7 @@ def add_pretrain_parser(sub: Any) -> None:
     p.add_argument("--eval-samples", type=int, default=240,
                    help="responses sampled on the task's eval prompts for the gold score "
                         "(default: 240; 0 = skip)")
-    _add_optim_args(p, lr_default="1e-3 from scratch, 1e-4 with --model", config="SFTConfig")
+    _add_optim_args(p, lr_default="1e-3 from scratch, 1e-4 with --model", config="SFTConfig", saved="OUT")
     p.set_defaults(func=run_pretrain)
 
 
@@ -264,6 +285,14 @@ def run_pretrain(args: argparse.Namespace) -> int:
     if args.eval_samples < 0:
         raise UsageError(f"--eval-samples {args.eval_samples}: must be >= 0 (0 = skip)")
     _check_checkpoint_every(args.checkpoint_every)
+    _check_merge(args)
+    if args.lora_rank and args.model is None:
+        raise UsageError("--lora-rank needs --model: the adapter's base checkpoint (a fresh model has "
+                         "none on disk)")
+    if args.lora_rank:
+        from ppo_rlhf.lora import require_full_base
+
+        require_full_base(args.model, "--model", True)
     if args.data is None and task is None:
         raise UsageError("no data: pass --data FILE or --task")
     train = read_examples(args.data, "--data") if args.data is not None else None
@@ -296,7 +325,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
                        model_size=args.model_size, corpus_size=args.corpus_size,
                        eval_samples=args.eval_samples, progress=not args.no_progress,
                        resume=args.resume, checkpoint_every=args.checkpoint_every,
-                       report_to=args.report_to)
+                       report_to=args.report_to, merge=args.merge)
     if m.get("stopped"):
         return 0
     n_params = _num_params(out)
@@ -307,15 +336,18 @@ def run_pretrain(args: argparse.Namespace) -> int:
         print(f"samples on {task.name} eval prompts (T=0.7): mean gold {m['gold_mean']:.3f}, "
               f"{100 * m['gold_positive_frac']:.0f}% positive, "
               f"{100 * m['gold_well_formed_frac']:.0f}% fully well formed")
-    print(f"model -> {out}; metrics -> {out / 'metrics.json'}")
+    print(f"model -> {out}" + (" (PEFT adapter)" if args.lora_rank else "")
+          + (f"; merged -> {out / 'merged'}" if args.merge else "") + f"; metrics -> {out / 'metrics.json'}")
     return 0
 
 
 def _num_params(path: Path) -> int:
+    """The parameters of the model at `path` (an adapter dir: its base's)."""
     from ppo_rlhf.hf_checkpoint import load_tensors
+    from ppo_rlhf.lora import adapter_base
 
     try:
-        return int(sum(v.size for v in load_tensors(path).values()))
+        return int(sum(v.size for v in load_tensors(adapter_base(path) or path).values()))
     except (OSError, ValueError):
         return 0
 

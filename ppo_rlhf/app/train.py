@@ -105,7 +105,8 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("--iterations", type=int, help="PPO iterations (PPOConfig.num_iterations)")
     p.add_argument("--seed", type=int, help="PPOConfig.seed")
     add_memory_args(p, config="PPOConfig", models="the policy's and critic's")
-    add_lora_args(p, config="PPOConfig", roles="policy and / or critic (default: policy)")
+    add_lora_args(p, config="PPOConfig", roles="policy and / or critic (default: policy)",
+                  saved="OUT/policy", merged="OUT/policy-merged")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of the weights (and of the optimiser state); default float32")
     p.add_argument("--logprob-chunk", type=int, metavar="N",
@@ -128,6 +129,7 @@ def add_train_parser(sub: Any) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from ppo_rlhf.lora import require_full_base
     from ppo_rlhf.rewards import load_reward_fn
 
     require_dir(args.policy, "--policy")
@@ -145,6 +147,7 @@ def run_train(args: argparse.Namespace) -> int:
                           lora_targets=args.lora_targets,
                           lora_roles=args.lora_roles)
     check_lora_targets(config, args.policy)
+    require_full_base(args.policy, "--policy", config.model_options("policy").lora)
     core = get_backend(args.backend)  # UsageError for a backend that is not installed
     scale = _scaling_kwargs(core, args, config)
     prompts = load_prompts_arg(args.prompts)

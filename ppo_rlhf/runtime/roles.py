@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 from ppo_rlhf.config import ModelOptions, PPOConfig
 from ppo_rlhf.errors import UsageError
+from ppo_rlhf.lora import require_full_base
 from ppo_rlhf.rewards import RewardModel, as_reward_model
 
 __all__ = ["ModelKit", "Roles", "compose_roles", "check_built_with"]
@@ -121,6 +122,9 @@ def compose_roles(kit: ModelKit, policy: Any, reward: Any, *, config: PPOConfig,
     options = config.model_options("policy")
     critic_options = config.model_options("critic")
     frozen = config.model_options("reference").frozen()  # never adapters: nothing trains it
+    # an adapter dir (`ppo-rlhf pretrain --lora-rank`) loads merged -- a plain model, the loaders'
+    # rule for options without LoRA -- but cannot be the base of the policy's new adapters
+    require_full_base(policy, "policy", options.lora)
     if _is_dir_arg(policy):
         policy = kit.load_pretrained(policy, dtype, options=options)
     elif isinstance(policy, (kit.CausalLM, kit.PolicyWithValueHead)):

@@ -31,6 +31,7 @@ from ppo_rlhf import tokens
 from ppo_rlhf.config import RMConfig, SFTConfig
 from ppo_rlhf.data.encoding import PreferenceGroups, SFTData, encode_preferences, encode_sequences, encode_sft
 from ppo_rlhf.eval.preferences import group_accuracy, normalisation, rating_pair_accuracy
+from ppo_rlhf.lora import require_full_base
 from ppo_rlhf.runtime.loop import HostLoop, LoopCounter, fmt
 from ppo_rlhf.runtime.metrics import jsonable
 from ppo_rlhf.runtime.processes import SINGLE_PROCESS, Processes
@@ -92,14 +93,21 @@ class SupervisedTrainer:
         self.loop = HostLoop(self, counter="step", checkpoint_every=checkpoint_every,
                              keep_checkpoints=keep_checkpoints)
         self.tokenizer = tokens.resolve_tokenizer(tokenizer, model_path)
+        # the model's checkpoint dir (None for a model object): a LoRA model's saved adapter
+        # points to it as its base (`adapter_config.json`'s base_model_name_or_path)
+        self.model_source = (str(Path(model_path).absolute()) if isinstance(model_path, (str, os.PathLike))
+                             else None)
         self.applied = 0  # optimiser updates applied (skipped steps excluded)
 
     def _model_from(self, model: Any, load: Callable[..., Any], model_class: type, kit: ModelKit) -> Any:
         """The backend's trainers' one way in: `model` loaded by `load(path, options=...)` with
         the config's model options when it is a checkpoint dir, else required to be a
         `model_class` built with them (`roles.check_built_with`); then checked against the
-        tokenizer and max_length (`_check_model`)."""
+        tokenizer and max_length (`_check_model`). A PEFT adapter dir loads merged (a full
+        model); with LoRA it is a UsageError (`ppo_rlhf.lora.require_full_base`: the new
+        adapter needs a full checkpoint as its base)."""
         options = self.config.model_options(self.config.LORA_ROLES[0])  # the model it trains
+        require_full_base(model, "model", options.lora)
         if isinstance(model, (str, os.PathLike)):
             model = load(model, options=options)
         elif not isinstance(model, model_class):
@@ -155,7 +163,7 @@ class SupervisedTrainer:
         return self.metrics
 
     # backend hooks
-    def save_model(self, path: str | os.PathLike) -> None:  # pragma: no cover - abstract
+    def save_model(self, path: str | os.PathLike, *, merge: bool = False) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _save_tokenizer(self, path: str | os.PathLike) -> None:

@@ -155,17 +155,27 @@ def load_pretrained(path: PathLike, dtype: Any = "float32", *, options: ModelOpt
     from <path>/value_head.safetensors when present, else drawn fresh from `seed`
     (`ppo_rlhf.hf_checkpoint.init_score_head`, identical in both backends).
     attn_implementation: passed to transformers (None = its default, "sdpa").
+    A PEFT adapter dir (`save_adapter`, `PPOTrainer.save_policy`, `ppo-rlhf pretrain --lora-rank`)
+    loads as its base (adapter_config.json's base_model_name_or_path) + the adapter: with
+    options None built with the adapter's LoRA options, the adapters kept; with LoRA options,
+    those (they must be the adapter's); with options without LoRA, merged into the base
+    (`merge_adapters`): a plain model with those options.
     Errors: FileNotFoundError (no dir / config.json / weights), ValueError (unsupported
     model_type, a scalar-head checkpoint)."""
     from transformers import AutoModelForCausalLM
 
     base = lr.adapter_base(path)
-    if base is not None:  # a PEFT adapter dir (`save_adapter`, `PPOTrainer.save_policy`): base + adapter
-        from ppo_torch.models.lora import load_adapter
+    if base is not None:  # a PEFT adapter dir: base + adapter
+        from ppo_torch.models.lora import load_adapter, merge_adapters
 
-        options = lr.adapter_dir_options(path, base, options)
-        return load_adapter(load_pretrained(base, dtype, options=options, with_value_head=with_value_head,
-                                            seed=seed, attn_implementation=attn_implementation), path)
+        if lr.is_scalar_adapter(path):
+            raise CheckpointError(f"{path}: a scalar-head (value / reward) model's adapter; load it with "
+                                  f"load_scalar_model")
+        merged = lr.merged_load(options)
+        built = lr.adapter_options(path, base, options) if merged else lr.adapter_dir_options(path, base, options)
+        model = load_adapter(load_pretrained(base, dtype, options=built, with_value_head=with_value_head,
+                                             seed=seed, attn_implementation=attn_implementation), path)
+        return merge_adapters(model).eval() if merged else model
     _check_kind(path, scalar=False)
     kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     hf_model = _from_pretrained(AutoModelForCausalLM, path, dtype=torch_dtype(dtype), **kw)
@@ -181,9 +191,18 @@ def load_scalar_model(path: PathLike, dtype: Any = "float32", *, options: ModelO
                       attn_implementation: str | None = None) -> ScalarHeadModel:
     """A value / reward model from a `*ForSequenceClassification` (num_labels=1) checkpoint dir;
     reward_gain / reward_bias are read from config.json's "ppo_rlhf" key (default 1, 0);
-    `options` as `load_pretrained`."""
+    `options` as `load_pretrained`.
+    A reward model's PEFT adapter dir (SEQ_CLS: `save_adapter`, `ppo-rlhf train-rm --lora-rank`)
+    loads as its base (a causal LM, or a scalar-head checkpoint) + the adapter, its score head
+    and its reward gain / bias (`ppo_rlhf.lora.REWARD_NORMALISATION`): with options None or
+    without LoRA merged into the base (`merge_adapters`: a plain model -- how PPO, eval and the
+    demo use a reward model); with LoRA options, those (the adapter's rank and scale), the
+    adapters kept."""
     from transformers import AutoModelForSequenceClassification
 
+    base = lr.adapter_base(path)
+    if base is not None:
+        return _load_scalar_adapter(path, base, dtype, options=options, attn_implementation=attn_implementation)
     hf = _check_kind(path, scalar=True)
     kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     hf_model = _from_pretrained(AutoModelForSequenceClassification, path,
@@ -194,6 +213,29 @@ def load_scalar_model(path: PathLike, dtype: Any = "float32", *, options: ModelO
     gain, bias = hfc.reward_normalisation(hf)
     return ScalarHeadModel(disable_dropout(hf_model), reward_gain=gain, reward_bias=bias,
                            options=options).eval()
+
+
+def _load_scalar_adapter(path: PathLike, base: Path, dtype: Any, *, options: ModelOptions | None,
+                         attn_implementation: str | None) -> ScalarHeadModel:
+    """`load_scalar_model(<a SEQ_CLS adapter dir>)` (see there)."""
+    from ppo_torch.models.lora import load_adapter, merge_adapters
+
+    if not lr.is_scalar_adapter(path):
+        raise CheckpointError(f"{path}: a causal LM's adapter, not a scalar-head model's (task_type SEQ_CLS); "
+                              f"load it with load_pretrained")
+    _, tensors = lr.read_adapter(path)
+    if lr.HEAD_TENSOR not in tensors:
+        raise CheckpointError(f"{path}: the adapter holds no score head ({lr.HEAD_TENSOR}, modules_to_save)")
+    merged = options is None or not options.lora
+    built = lr.adapter_options(path, base, options) if merged else lr.adapter_dir_options(path, base, options)
+    if hfc.is_scalar_checkpoint(base):
+        model = load_scalar_model(base, dtype, options=built, attn_implementation=attn_implementation)
+    else:  # a causal LM: its trunk (the head comes from the adapter)
+        model = scalar_model_from_lm(base, dtype=dtype, options=built)
+    model = load_adapter(model, path)
+    model = merge_adapters(model).eval() if merged else model
+    model.reward_gain, model.reward_bias = lr.read_reward_normalisation(path)
+    return model
 
 
 def scalar_model_from_lm(lm: PathLike | CausalLM | PolicyWithValueHead, *, seed: int = 0,

@@ -161,12 +161,17 @@ def adapter_tensors(model: nn.Module) -> dict[str, np.ndarray]:
 def save_adapter(model: nn.Module, path: PathLike, *, base_model: str | None = None) -> Path:
     """Write `model`'s adapters as a PEFT adapter dir (`adapter_config.json`,
     `adapter_model.safetensors`) that `peft.PeftModel.from_pretrained` loads; `base_model`: the
-    base checkpoint, recorded in the config."""
+    base checkpoint, recorded in the config. A `ScalarHeadModel` (a reward model: peft's SEQ_CLS
+    task) also saves its score head, as peft does (`modules_to_save`), and its reward gain / bias
+    (`ppo_rlhf.lora.REWARD_NORMALISATION`)."""
     from ppo_torch.models.heads import ScalarHeadModel
 
     options = model.options if hasattr(model, "options") else model.lm.options
+    scalar = isinstance(model, ScalarHeadModel)
+    head = model.hf_model.score.weight.detach().float().cpu().numpy() if scalar else None  # [1, H]
     return lr.save_model_adapter(path, model_type=_hf_model(model).config.model_type, options=options,
-                                 scalar=isinstance(model, ScalarHeadModel), tensors=adapter_tensors(model),
+                                 tensors=adapter_tensors(model), head=head,
+                                 reward=(model.reward_gain, model.reward_bias) if scalar else None,
                                  base_model=base_model)
 
 
@@ -176,13 +181,19 @@ adapter_options = lr.adapter_options  # backend-neutral: read from the adapter's
 @torch.no_grad()
 def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
     """`model` (built with matching LoRA options: `adapter_options`) with the adapter weights of
-    the PEFT dir `path` -- written by `save_adapter` or by `peft` -- copied in; returns `model`.
-    Strict: rank or scale that differ, a tensor missing or left unused are CheckpointErrors."""
+    the PEFT dir `path` -- written by `save_adapter` or by `peft` -- copied in; returns `model`;
+    a `ScalarHeadModel` also takes the adapter's score head (`ppo_rlhf.lora.HEAD_TENSOR`) when it
+    holds one (its reward gain / bias: `load_scalar_model`). Strict: rank or scale that differ, a
+    tensor missing or left unused are CheckpointErrors."""
+    from ppo_torch.models.heads import ScalarHeadModel
+
     options = model.options if hasattr(model, "options") else model.lm.options
     config, tensors = lr.read_adapter(path)
     lr.check_adapter_fits(path, config, options)
     tag = f".{ADAPTER}."
     params = {name.replace(tag, "."): p for name, p in _hf_model(model).named_parameters() if ".lora_" in name}
+    if isinstance(model, ScalarHeadModel) and lr.HEAD_TENSOR in tensors:  # a SEQ_CLS adapter's head
+        params[lr.HEAD_TENSOR] = model.hf_model.score.weight
     missing = sorted(set(params) - set(tensors))
     unused = sorted(set(tensors) - set(params))
     if missing or unused:
