@@ -210,6 +210,27 @@ def _host_value(x: Any) -> np.ndarray:
     return np.asarray(jax.device_get(x)) if isinstance(x, jax.Array) else np.asarray(x)
 
 
+UNSAFE_TENSOR_AXIS_ENV = "PPO_RLHF_UNSAFE_TENSOR_AXIS"
+
+
+def check_tensor_training(mesh: Any) -> None:
+    """UsageError when `mesh` has a `tensor` axis > 1 and ${UNSAFE_TENSOR_AXIS_ENV} is not "1":
+    on this jax / XLA (observed on XLA:CPU, jax 0.10.2, float64 too) a scan over layers whose
+    stacked weights are laid out (None, fsdp, tensor) -- what the rule gives Llama's / Qwen's
+    square projections -- gets WRONG gradients while its loss is right (docs/distributed.md,
+    "Known limits"; a pure-JAX two-layer repro is in tests/test_parallel_jax.py). Training
+    refuses it rather than train silently wrong; planning (`ppo-rlhf plan --mesh ...,tensor=N`)
+    never trains and is not affected. Set the variable to train anyway (the tests do, on GPT-2,
+    whose layouts are exact)."""
+    if mesh is None or dict(mesh.shape).get("tensor", 1) <= 1:
+        return
+    if os.environ.get(UNSAFE_TENSOR_AXIS_ENV) == "1":
+        return
+    raise UsageError(f"mesh tensor={dict(mesh.shape)['tensor']}: the tensor axis gives wrong gradients "
+                     f"on this jax/XLA for Llama/Qwen-shaped weights (docs/distributed.md, Known limits): "
+                     f"use data and fsdp axes, or set {UNSAFE_TENSOR_AXIS_ENV}=1 to train anyway")
+
+
 def _put(x: Any, sharding: NamedSharding) -> jax.Array:
     """x (numpy or jax) as a global array with `sharding`. One process: `jax.device_put`;
     several: every process holds the same full value and contributes its devices' shards. An
@@ -267,6 +288,10 @@ class Placement:
         """UsageError unless the config's (micro-)batches split over data x fsdp."""
         if self.spec is not None:
             check_data_parallel(config, self.data_parallel, f"mesh {self.spec}")
+
+    def check_training(self) -> None:
+        """Before a trainer's first update: `check_tensor_training` of this mesh."""
+        check_tensor_training(self.mesh)
 
     def _named(self, spec: P) -> NamedSharding:
         return NamedSharding(self.mesh, spec)

@@ -451,6 +451,7 @@ class PPOTrainer(TrainerBase):
         """One PPO iteration on `prompts` (default: the next batch of the prompt stream) or on
         pre-tokenised left-padded `query_ids`/`query_mask`. Returns its stats."""
         cfg = self.config
+        self.parallel.check_training()  # a tensor axis: refused (wrong gradients on this XLA)
         iteration = self.iteration if iteration is None else iteration
         times: dict[str, float] = {}
         t0 = time.perf_counter()

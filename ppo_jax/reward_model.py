@@ -265,6 +265,7 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
         self.opt_state = self.parallel.params(evaluate(self.tx.init, self.params))
 
     def _train_step(self, batch: dict[str, np.ndarray], lr: float) -> dict[str, Any]:
+        self.parallel.check_training()  # a tensor axis: refused (wrong gradients on this XLA)
         arrays = self.parallel.batch(dict(batch))
         self.params, self.opt_state, stats = self._step(self.params, self.opt_state, self._rest,
                                                         arrays, float(lr),  # weakly typed: the params' precision
