@@ -30,7 +30,8 @@ def test_demo_quick_writes_every_artifact(backend, lora_rank, tmp_path):
                 "kl_to_ref", "wall_seconds"):
         assert isinstance(summary[key], float), key
     for f in ("feedback.jsonl", "samples_before.jsonl", "samples_after.jsonl", "report.md",
-              "ppo/metrics.jsonl", "ppo/config.json", "ppo/policy/config.json",
+              "ppo/metrics.jsonl", "ppo/config.json",
+              "ppo/policy/adapter_config.json" if lora_rank else "ppo/policy/config.json",
               "reward_model/config.json", "sft/config.json", "plots/gold_score.png",
               "plots/rm_score.png", "plots/kl.png", "plots/entropy.png"):
         assert (out / f).is_file(), f
