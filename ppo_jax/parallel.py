@@ -235,12 +235,7 @@ def _put(x: Any, sharding: NamedSharding) -> jax.Array:
     """x (numpy or jax) as a global array with `sharding`. One process: `jax.device_put`;
     several: every process holds the same full value and contributes its devices' shards. An
     abstract array (`jax.ShapeDtypeStruct`: a planned trainer, `ppo_jax.abstract`) stays
-    abstract and gets `sharding`. An array that already has `sharding` is returned as it is (the
-    same object: arrays two roles share -- a LoRA critic's base weights are the reward model's
-    -- stay shared, and are counted once by the plan)."""
-    current = getattr(x, "sharding", None) if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) else None
-    if current is not None and current == sharding:
-        return x
+    abstract and gets `sharding`. (Arrays two roles share stay shared through `Placement.placer`.)"""
     if isinstance(x, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding, weak_type=x.weak_type)
     if jax.process_count() == 1:

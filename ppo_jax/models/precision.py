@@ -30,7 +30,7 @@ The backward follows: gradients of the float32 weights are float32 (the casts' t
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -79,15 +79,7 @@ def rebuild(model: Model, *, options: ModelOptions | None = None, dtype: str | N
     if copy:
         state = copy_arrays(state)
     dt = jnp.dtype(config.dtype)
-
-    def cast(x):
-        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dt:
-            return x
-        if isinstance(x, jax.ShapeDtypeStruct):
-            return jax.ShapeDtypeStruct(x.shape, dt, sharding=x.sharding)
-        return x.astype(dt)
-
-    state = jax.tree.map(cast, state)
+    state = jax.tree.map(_cast_to(dt), state)
     if config.options.lora and not model.config.options.lora:  # adapters added: fresh ones
         from ppo_jax.models.lora import LoRADropoutKey, init_lora_param
         from ppo_jax.models.stack import stacked_modules
@@ -118,15 +110,20 @@ def store_base(model: Model) -> Model:
         return model
     dt = jnp.dtype(dt)
     graphdef, trained, base, rest = nnx.split(model, trained_params(model), nnx.Param, ...)
+    return nnx.merge(graphdef, trained, jax.tree.map(_cast_to(dt), base), rest)
 
-    def cast(x):
+
+def _cast_to(dt: Any) -> Callable[[Any], Any]:
+    """x -> x in `dt` if it is a floating array of another dtype (abstract ones stay abstract),
+    else x itself (no copy)."""
+    def cast(x: Any) -> Any:
         if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dt:
             return x
         if isinstance(x, jax.ShapeDtypeStruct):
             return jax.ShapeDtypeStruct(x.shape, dt, sharding=x.sharding)
         return x.astype(dt)
 
-    return nnx.merge(graphdef, trained, jax.tree.map(cast, base), rest)
+    return cast
 
 
 def check_same_adapters(old: ModelOptions, new: ModelOptions | None) -> None:
