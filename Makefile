@@ -51,7 +51,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -n 2 --timeout 1800 -m "not slow and not benchmark"
+	$(BIN)/python -m pytest -q -n 2 --timeout 1800 --durations 30 -m "not slow and not benchmark"
 
 # tools/kernel_variants.py: intel-avx2 = MKL dispatching as on Intel, capped at AVX2; ATen and
 # oneDNN at AVX2; XLA codegen at SSE4.2 -- other kernels than the default on AMD and Intel alike
@@ -61,7 +61,7 @@ test-portable: setup
 # the slow suite compiles XLA:CPU's code at LLVM's default -O2, as users run it (the others at -O0:
 # conftest.py, PPO_RLHF_TEST_XLA_OPT)
 test-slow: setup
-	PPO_RLHF_TEST_XLA_OPT=default $(BIN)/python -m pytest -q -n 2 --timeout 3600 -m slow; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+	PPO_RLHF_TEST_XLA_OPT=default $(BIN)/python -m pytest -q -n 2 --timeout 3600 --durations 16 -m slow; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 test-benchmarks: setup
 	PPO_RLHF_TEST_XLA_OPT=default $(BIN)/python -m pytest -q --timeout 7200 -m benchmark

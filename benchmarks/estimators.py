@@ -18,7 +18,9 @@ Why the proxy, not the gold reward. This is RLHF: the policy is trained on a lea
 judged by the gold reward it only imitates, so "gold vs KL" measures what each estimator gets out
 of the proxy per unit of drift, over-optimisation included; and the wall time includes scoring
 with a reward model (and, for PPO, training a critic initialised from it), as in real use. A
-task whose reward is a checker (`Task.verifiable`) trains on the checker instead (`--task`).
+task whose reward is a checker (`Task.verifiable`) trains on the checker instead (`--task
+arithmetic`, with the demo's settings for that task: `Study.for_task`; outputs
+`results/estimators-arithmetic.*`).
 
 Equal samples. Every estimator samples the same number S of responses per iteration (`--samples`,
 default 32) -- PPO and REINFORCE++ (no group baseline) S prompts x 1 response; the group
@@ -65,7 +67,7 @@ HERE = Path(__file__).resolve().parent
 BACKENDS = ("jax", "torch")
 ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 GROUPED = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # a group baseline: G responses per prompt
-TASKS = ("reviews",)  # and any task with Task.verifiable (issue31-task's `arithmetic`): `setup_task`
+TASKS = ("reviews",)  # and any task with Task.verifiable (e.g. `arithmetic`): `setup_task`
 DEFAULT_OUT = HERE / "results" / "estimators.json"
 DEFAULT_CACHE = oo.DEFAULT_CACHE  # the pretrained policy and proxies are shared with that study
 LABELS = {"gae": "PPO (GAE + critic)", "grpo": "GRPO", "dr_grpo": "Dr. GRPO", "rloo": "RLOO",
@@ -107,6 +109,21 @@ class Study:
                    ppo=dict(max_new_tokens=12, max_prompt_len=8, ppo_epochs=1, num_minibatches=2,
                             learning_rate=1e-4, temperature=1.0, missing_eos_penalty=1.0))
 
+    @classmethod
+    def for_task(cls, task: str) -> "Study":
+        """The defaults for `task`: the above for reviews; for a verifiable task the demo's own
+        settings (`DemoConfig.for_task`: pretraining steps, learning rate, KL coefficient, epochs,
+        lengths), run longer (300 iterations, the task README's longest runs) and evaluated on
+        400 samples (each held-out prompt many times), as the demo evaluates it."""
+        if task == "reviews":
+            return cls()
+        from ppo_rlhf.app.demo import DemoConfig
+
+        demo = DemoConfig.for_task(task)
+        ppo = {k: v for k, v in demo.ppo.items() if k not in ("batch_size", "kl_coef")}
+        return cls(task=task, pretrain_steps=demo.pretrain_steps, kl_coef=demo.ppo["kl_coef"], iterations=300,
+                   eval_every=20, eval_prompts=demo.eval_prompts, ppo=ppo)
+
     def overopt(self) -> oo.Study:
         """The over-optimisation study whose checkpoints these runs start from."""
         return oo.Study(model_size=self.model_size, pretrain_steps=self.pretrain_steps, rm_pairs=(self.rm_pairs,))
@@ -133,6 +150,11 @@ class Study:
         return config_hash(spec)
 
 
+def default_out(task: str) -> Path:
+    """results/estimators.json for reviews, results/estimators-<task>.json for another task."""
+    return DEFAULT_OUT if task == "reviews" else DEFAULT_OUT.with_name(f"estimators-{task}.json")
+
+
 def run_name(estimator: str, backend: str, seed: int) -> str:
     return f"{estimator}-{backend}-seed{seed}"
 
@@ -153,7 +175,7 @@ class TaskSetup:
 def setup_task(study: Study, cache: Path, progress: bool) -> TaskSetup:
     """`--task` hook. reviews: the over-optimisation study's pretrained policy and proxy reward
     model (trained once, cached), gold = the task's gold reward. A verifiable task
-    (`Task.verifiable`, issue31-task's `arithmetic`): its demo policy pretrained once in JAX on
+    (`Task.verifiable`, e.g. `arithmetic`): its demo policy pretrained once in JAX on
     its corpus (`oo.pretrained(task=...)`), RL on the checker itself (the trainer takes a
     callable reward; no proxy: the evaluator scores KL only), gold = the checker's mean, i.e. the
     accuracy, against samples seen."""
@@ -434,8 +456,9 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Study]:
                    help="smoke test: tiny model, a 32-pair proxy, 2 iterations of 8 responses, 1 seed, "
                         "every estimator in both backends")
     p.add_argument("--task", default=d.task,
-                   help=f"the task (default {d.task}; or a verifiable one, e.g. arithmetic once on main: "
-                        f"RL on its checker, gold = accuracy)")
+                   help=f"the task (default {d.task}; or a verifiable one, e.g. arithmetic: RL on its checker, "
+                        f"gold = accuracy, the demo's settings for that task, 300 iterations; the defaults "
+                        f"below are the reviews task's)")
     p.add_argument("--estimators", default=",".join(d.estimators))
     p.add_argument("--backends", default=",".join(d.backends))
     p.add_argument("--seeds", type=int, help=f"number of seeds 0..N-1 (default {len(d.seeds)})")
@@ -459,7 +482,15 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Study]:
     p.add_argument("--no-report", action="store_true", help="run only; don't write the outputs")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    study = Study.quick() if args.quick else Study()
+    if args.task != "reviews":
+        from ppo_rlhf.errors import UsageError
+        from ppo_rlhf.tasks import get_task
+
+        try:
+            task = get_task(args.task)
+        except UsageError as e:
+            p.error(str(e))
+    study = Study.quick() if args.quick else Study.for_task(args.task)
     ch: dict[str, Any] = {"task": args.task,
                           "estimators": _names(args.estimators, ESTIMATORS, "estimator", p),
                           "backends": _names(args.backends, BACKENDS, "backend", p)}
@@ -472,14 +503,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Study]:
     ppo = dict(study.ppo)
     if args.lr is not None:
         ppo["learning_rate"] = args.lr
-    if args.task != "reviews":  # the task's own prompt / response lengths
-        from ppo_rlhf.errors import UsageError
-        from ppo_rlhf.tasks import get_task
-
-        try:
-            task = get_task(args.task)
-        except UsageError as e:
-            p.error(str(e))
+    if args.task != "reviews" and args.quick:  # the task's own prompt / response lengths (else: for_task's)
         ppo.update(max_prompt_len=task.max_prompt_tokens, max_new_tokens=task.max_response_tokens)
     ch["ppo"] = ppo
     study = dataclasses.replace(study, **ch)
@@ -498,7 +522,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Study]:
 def main(argv: list[str] | None = None) -> int:
     args, study = parse(argv)
     command = " ".join(["python", "-m", "benchmarks.estimators", *(argv if argv is not None else sys.argv[1:])])
-    out = Path(args.out) if args.out else DEFAULT_OUT
+    out = Path(args.out) if args.out else default_out(study.task)
     cache = Path(args.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     if not (cache / ".gitignore").exists():  # never committed by accident

@@ -31,7 +31,8 @@ Each (backend, config) runs in its own process (peak RSS is per process) and rep
 Configs (--configs): "off" = remat none, logprob_chunk 0; "on" = remat full, logprob_chunk 16
 (see PPOConfig.remat / logprob_chunk); "remat", "chunk" = one of the two; "off-critic-free",
 "on-critic-free" = the same with advantage_estimator="reinforce_pp" (no critic: what dropping it
-saves in memory and time, at the same rollout); "off-frozen-bf16", "on-frozen-bf16" = the
+saves in memory and time, at the same rollout); "off-grpo4", "on-grpo4" = GRPO with 4 responses
+per prompt (batch / 4 prompts x 4: the same rollout size, no critic); "off-frozen-bf16", "on-frozen-bf16" = the
 reference and reward model stored in bf16 (PPOConfig.frozen_dtype).
 
 --plan: each jax run is also planned by `ppo-rlhf plan --topology cpu` (same checkpoints, same
@@ -94,6 +95,10 @@ CONFIGS = {"off": dict(remat="none", logprob_chunk=0), "on": dict(remat="full", 
            # critic-free (REINFORCE++: one response per prompt, the same rollout as PPO's, no critic)
            "off-critic-free": dict(remat="none", logprob_chunk=0, advantage_estimator="reinforce_pp"),
            "on-critic-free": dict(remat="full", logprob_chunk=16, advantage_estimator="reinforce_pp"),
+           # GRPO with G = 4 responses per prompt: batch / 4 prompts x 4, the same rollout size
+           # (config_fields divides batch_size by num_generations), no critic
+           "off-grpo4": dict(remat="none", logprob_chunk=0, advantage_estimator="grpo", num_generations=4),
+           "on-grpo4": dict(remat="full", logprob_chunk=16, advantage_estimator="grpo", num_generations=4),
            # the frozen models (reference, reward model) stored in bf16 (PPOConfig.frozen_dtype)
            "off-frozen-bf16": dict(remat="none", logprob_chunk=0, frozen_dtype="bfloat16"),
            "on-frozen-bf16": dict(remat="full", logprob_chunk=16, frozen_dtype="bfloat16"),
@@ -175,8 +180,12 @@ class _Tokenizer:
 
 def config_fields(suite: dict[str, Any], config: str) -> dict[str, Any]:
     """The PPOConfig fields of a (suite, config) run: what the child trains with and what `--plan`
-    hands `ppo-rlhf plan` (one list, so the plan is of the run it is compared with)."""
-    return dict(batch_size=suite["batch"], max_prompt_len=suite["prompt_len"],
+    hands `ppo-rlhf plan` (one list, so the plan is of the run it is compared with). A config with
+    num_generations G samples batch / G prompts x G responses: the rollout stays `batch` responses."""
+    g = CONFIGS[config].get("num_generations", 1)
+    if suite["batch"] % g:
+        raise SystemExit(f"config {config}: num_generations {g} must divide the suite's batch {suite['batch']}")
+    return dict(batch_size=suite["batch"] // g, max_prompt_len=suite["prompt_len"],
                 max_new_tokens=suite["response_len"], ppo_epochs=suite["ppo_epochs"],
                 num_minibatches=suite["minibatches"], learning_rate=1e-6, kl_coef=0.05, seed=0,
                 compute_dtype=suite["compute_dtype"], **CONFIGS[config])

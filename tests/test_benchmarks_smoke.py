@@ -221,3 +221,25 @@ def test_estimators_quick_mode_has_every_estimator_and_backend_with_finite_numbe
     assert out.with_suffix(".png").stat().st_size > 1000
     again = run_module(*args, env=env, timeout=300)
     assert "6 of 6 runs cached" in again.stderr
+
+
+def test_estimators_on_a_verifiable_task_take_the_demos_settings_for_that_task():
+    """`--task arithmetic`: the study trains with the demo's settings for the task (one source:
+    DemoConfig.for_task), longer and on the demo's 400 evaluation samples; its outputs do not
+    overwrite the reviews study's; a flag still overrides; the reviews defaults are untouched."""
+    from benchmarks.estimators import DEFAULT_OUT, Study, default_out, parse
+    from ppo_rlhf.app.demo import DemoConfig
+
+    demo = DemoConfig.for_task("arithmetic")
+    _, s = parse(["--task", "arithmetic"])
+    assert (s.task, s.pretrain_steps, s.eval_prompts, s.kl_coef) == (
+        "arithmetic", demo.pretrain_steps, demo.eval_prompts, demo.ppo["kl_coef"])
+    for key in ("learning_rate", "ppo_epochs", "num_minibatches", "max_new_tokens", "max_prompt_len", "temperature"):
+        assert s.ppo[key] == demo.ppo[key], key
+    assert s.config("grpo", 0)["batch_size"] * s.num_generations == s.samples
+    _, s2 = parse(["--task", "arithmetic", "--lr", "3e-4", "--iterations", "7"])
+    assert (s2.ppo["learning_rate"], s2.iterations) == (3e-4, 7)
+    assert parse([])[1] == Study() and Study().ppo["learning_rate"] != demo.ppo["learning_rate"]
+    assert s.run_key() != Study().run_key()
+    assert (default_out("reviews"), default_out("arithmetic")) == (
+        DEFAULT_OUT, DEFAULT_OUT.with_name("estimators-arithmetic.json"))
