@@ -326,11 +326,23 @@ def compare(settings: list[dict]) -> None:
             s["kl_budget"], s["time_budget_s"] = kl_budget, t_budget
             s["gold_at_kl_budget"] = mean_std([_best_within(r, "kl", kl_budget) for r in s["runs"]])
             s["gold_at_time_budget"] = mean_std([_best_within(r, "train_s", t_budget) for r in s["runs"]])
+            if ppo is not None:  # samples to PPO's final gold: the first point of the mean curve there
+                target = ppo["final_gold"]["mean"]
+                s["samples_to_ppo_final"] = next(
+                    (n for n, g in zip(s["curve"]["samples"], s["curve"]["gold"]) if g is not None
+                     and g >= target - 1e-12), None)
             if ppo is not None and s is not ppo:
                 a, c = s["final_gold"], ppo["final_gold"]
                 se = math.sqrt(a["std"] ** 2 / a["n"] + c["std"] ** 2 / c["n"])
                 s["vs_ppo"] = {"diff": a["mean"] - c["mean"], "se": se,
                                "z": (a["mean"] - c["mean"]) / se if se > 0 else None}
+
+
+def _to_target(s: dict) -> str:
+    if "samples_to_ppo_final" not in s:
+        return "--"
+    n = s["samples_to_ppo_final"]
+    return "not reached" if n is None else f"{round(n):,}"
 
 
 def table(summary: dict) -> str:
@@ -351,11 +363,14 @@ def table(summary: dict) -> str:
              f"{summary['metric']}, KL = mean per-response KL(pi || pi_init) in nats. Mean ± std over seeds. "
              f"Ranked within each backend by final gold; 'vs PPO' = final gold minus PPO's (z = the "
              f"difference over its standard error); 'gold @ KL <= k' / '@ t <= T s' = the best evaluated gold "
-             f"within the backend's common KL budget / training time (the smallest any of its curves reached).",
+             f"within the backend's common KL budget / training time (the smallest any of its curves reached); "
+             f"'samples to PPO's final' = the samples seen at the first evaluation where the mean curve (over "
+             f"seeds) reached PPO's final mean gold ('not reached' if it never did).",
              "",
              "| backend | rank | estimator | prompts x G | seeds | gold(0) | final gold | vs PPO | best gold "
-             "| final KL | gold @ KL budget | gold @ time budget | final proxy | train s | s / iter | first iter s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| samples to PPO's final | final KL | gold @ KL budget | gold @ time budget | final proxy | train s "
+             "| s / iter | first iter s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary["settings"]:
         v = s.get("vs_ppo")
         vs = "(reference)" if s["estimator"] == "gae" else (
@@ -364,7 +379,8 @@ def table(summary: dict) -> str:
             f"| {s['backend']} | {s.get('rank_in_backend', '--')} | {LABELS[s['estimator']]} "
             f"| {s['prompts_per_iteration']} x {s['num_generations']} | {len(s['seeds'])} "
             f"| {_pm(s['gold_init'])} | {_pm(s['final_gold'])} | {vs} | {_pm(s['best_gold'])} "
-            f"| {_pm(s['final_kl'], '.2f')} | {_pm(s['gold_at_kl_budget'])} (KL <= {s['kl_budget']:.2f}) "
+            f"| {_to_target(s)} | {_pm(s['final_kl'], '.2f')} "
+            f"| {_pm(s['gold_at_kl_budget'])} (KL <= {s['kl_budget']:.2f}) "
             f"| {_pm(s['gold_at_time_budget'])} (t <= {s['time_budget_s']:.0f} s) | {_pm(s['final_proxy'], '.2f')} "
             f"| {_pm(s['train_s'], '.0f')} | {_pm(s['median_step_s'], '.2f')} | {_pm(s['first_step_s'], '.1f')} |")
     if summary["missing"]:

@@ -223,7 +223,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     load_s = time.perf_counter() - t0
     built = _rss_gib()
     rng = np.random.default_rng(0)
-    B, P = suite["batch"], suite["prompt_len"]
+    B, P = cfg.batch_size, suite["prompt_len"]  # prompts; cfg.rollout_size responses (= suite["batch"])
     times, phases = [], []
     for i in range(args.iterations or suite["iterations"]):
         q = rng.integers(2, SHAPES[shape]["vocab_size"], size=(B, P)).astype(np.int32)
@@ -241,7 +241,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "iteration_s": median, "iterations_s": times,
         "phases_s": {k: float(np.median([p[k] for p in phases[1:] or phases])) for k in phases[0]},
         "rss_start_gib": rss0, "rss_built_gib": built, "peak_rss_gib": _peak_rss_gib(),
-        "tokens_per_s": B * (P + suite["response_len"]) / median,
+        "tokens_per_s": cfg.rollout_size * (P + suite["response_len"]) / median,
     }
     out["above_built_gib"] = out["peak_rss_gib"] - built
     if args.suite.startswith("gpu"):

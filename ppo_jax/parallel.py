@@ -70,6 +70,7 @@ from ppo_jax.models.lora import adapter_rank_axis
 from ppo_jax.models.stack import is_stacked
 from ppo_rlhf.errors import UsageError
 from ppo_rlhf.runtime.processes import MESH_AXES, SINGLE_PROCESS, MeshSpec, Processes, check_data_parallel, parse_mesh
+from ppo_rlhf.runtime.seeds import dropout_seed
 
 BATCH_AXES = ("data", "fsdp")
 """The mesh axes the batch rows are split over."""
@@ -324,6 +325,14 @@ class Placement:
         if self.mesh is None:
             return _asarray(x)
         return _put(x, self._named(P()))
+
+    def dropout_key(self, seed: int, step: int | None) -> tuple[Any]:
+        """(the LoRA dropout key of a supervised trainer's step `step`, replicated: a pure
+        function of (seed, step); abstract for step None, for `programs`, which compile without
+        data,)."""
+        if step is None:
+            return (self.replicated(jax.eval_shape(lambda: jax.random.key(0))),)
+        return (self.replicated(jax.random.key(dropout_seed(seed, step))),)
 
     def loaders(self, kit: Any) -> Any:
         """`kit` (a `ppo_rlhf.runtime.roles.ModelKit`) whose `load_pretrained` and

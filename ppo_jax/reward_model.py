@@ -50,7 +50,6 @@ from ppo_jax.parallel import Placement, builds_on_host, placement
 from ppo_rlhf import hf_checkpoint as hfc
 from ppo_rlhf import lora as lr
 from ppo_rlhf.config import ModelOptions, RMConfig
-from ppo_rlhf.runtime.seeds import dropout_seed
 from ppo_rlhf.runtime.supervised import RMTrainerBase
 
 Array = jax.Array
@@ -248,11 +247,7 @@ class RewardModelTrainer(SupervisedCheckpoint, RMTrainerBase):
     def _dropout_key(self, step: int | None) -> tuple:
         """(the LoRA dropout key of step `step`, a pure function of (seed, step); abstract for
         None,) -- or () for a model without dropout (its step takes no key)."""
-        if not self._adapter_dropout:
-            return ()
-        if step is None:  # abstract, for `programs` (planning compiles without devices' data)
-            return (self.parallel.replicated(jax.eval_shape(lambda: jax.random.key(0))),)
-        return (self.parallel.replicated(jax.random.key(dropout_seed(self.config.seed, step))),)
+        return self.parallel.dropout_key(self.config.seed, step) if self._adapter_dropout else ()
 
     def model(self) -> ScalarHeadModel:
         """The current model with the current reward gain / bias (shares the arrays)."""

@@ -41,7 +41,6 @@ from ppo_jax.models.lora import adapter_dropout, has_adapter_dropout, trained_pa
 from ppo_jax.optim import guarded_step, make_optimizer
 from ppo_jax.parallel import Placement, builds_on_host, placement
 from ppo_rlhf.config import SFTConfig
-from ppo_rlhf.runtime.seeds import dropout_seed
 from ppo_rlhf.runtime.supervised import SFTTrainerBase
 
 Array = jax.Array
@@ -136,11 +135,7 @@ class SFTTrainer(SupervisedCheckpoint, SFTTrainerBase):
     def _dropout_key(self, step: int | None) -> tuple:
         """(the LoRA dropout key of step `step`, a pure function of (seed, step); abstract for
         None,) -- or () for a model without dropout (its step takes no key)."""
-        if not self._adapter_dropout:
-            return ()
-        if step is None:  # abstract, for `programs` (planning compiles without devices' data)
-            return (self.parallel.replicated(jax.eval_shape(lambda: jax.random.key(0))),)
-        return (self.parallel.replicated(jax.random.key(dropout_seed(self.config.seed, step))),)
+        return self.parallel.dropout_key(self.config.seed, step) if self._adapter_dropout else ()
 
     def model(self) -> CausalLM:
         """The current model (shares the arrays)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.helpers import run_module
 
 
@@ -216,6 +218,8 @@ def test_estimators_quick_mode_has_every_estimator_and_backend_with_finite_numbe
         for key in ("final_gold", "final_kl", "gold_at_kl_budget", "gold_at_time_budget"):
             assert math.isfinite(x[key]["mean"]), (e, b, key)
         assert ("vs_ppo" in x) == (e != "gae")
+        if e == "gae":  # PPO's own mean curve ends at its final gold: it reaches it, at the latest at the end
+            assert 0 <= x["samples_to_ppo_final"] <= 8
     table = out.with_suffix(".md").read_text()
     assert "| jax | " in table and "| torch | " in table and "GRPO | 4 x 2 |" in table
     assert out.with_suffix(".png").stat().st_size > 1000
@@ -243,3 +247,18 @@ def test_estimators_on_a_verifiable_task_take_the_demos_settings_for_that_task()
     assert s.run_key() != Study().run_key()
     assert (default_out("reviews"), default_out("arithmetic")) == (
         DEFAULT_OUT, DEFAULT_OUT.with_name("estimators-arithmetic.json"))
+
+
+def test_scale_group_configs_keep_the_rollout_size():
+    """benchmarks.scale's GRPO configs sample batch / G prompts x G responses: the same rollout
+    as PPO's, so the rows compare like for like; a G that does not divide the batch is refused."""
+    from benchmarks.scale import CONFIGS, SUITES, config_fields
+    from ppo_rlhf import PPOConfig
+
+    for suite in ("cpu", "tiny"):
+        ppo, grpo = (PPOConfig(**config_fields(SUITES[suite], c)) for c in ("on", "on-grpo4"))
+        assert (grpo.advantage_estimator, grpo.num_generations) == ("grpo", 4)
+        assert grpo.rollout_size == ppo.rollout_size == SUITES[suite]["batch"] and grpo.batch_size * 4 == ppo.batch_size
+    with pytest.raises(SystemExit, match="divide"):
+        config_fields(dict(SUITES["tiny"], batch=6), "on-grpo4")
+    assert CONFIGS["off-grpo4"]["num_generations"] == 4
