@@ -217,10 +217,12 @@ def test_cli_pretrain_and_train_rm_save_adapters_that_train_loads(tiny_checkpoin
     assert "is a LoRA adapter dir" in err and err.count("\n") == 1, err
 
 
-@pytest.mark.parametrize("case", ["fresh-model", "merge-alone", "ppo-on-adapter", "sft-on-adapter"])
+@pytest.mark.parametrize("case", ["fresh-model", "merge-alone", "ppo-merge-alone", "ppo-on-adapter",
+                                  "sft-on-adapter"])
 def test_cli_lora_save_errors_are_one_line(tiny_checkpoint, tmp_path, capsys, case):
-    """LoRA with nothing on disk to be the adapter's base (a fresh model), --merge without LoRA,
-    and new adapters on an adapter dir (a chain of adapters): one-line errors, exit 2."""
+    """LoRA with nothing on disk to be the adapter's base (a fresh model), --merge without LoRA
+    (supervised and PPO: silently ignored before), and new adapters on an adapter dir (a chain of
+    adapters): one-line errors, exit 2."""
     base = tiny_checkpoint("gpt2")
     adapter = tl.save_adapter(tm.load_pretrained(base, options=LORA), tmp_path / "adapter", base_model=str(base))
     (tmp_path / "prompts.txt").write_text("a\nb\n")
@@ -228,6 +230,9 @@ def test_cli_lora_save_errors_are_one_line(tiny_checkpoint, tmp_path, capsys, ca
         "fresh-model": (["pretrain", "--out", str(tmp_path / "o"), "--lora-rank", "2"], "--lora-rank needs --model"),
         "merge-alone": (["train-rm", "--model", str(base), "--data", "x", "--out", str(tmp_path / "o"), "--merge"],
                         "--merge writes the LoRA adapters merged into the base: it needs --lora-rank"),
+        "ppo-merge-alone": (["train", "--policy", str(base), "--reward-fn", "tests.helpers:length_reward",
+                             "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "o"), "--merge"],
+                            "--merge writes the policy's LoRA adapters merged into its base: it needs --lora-rank"),
         "ppo-on-adapter": (["train", "--policy", str(adapter), "--reward-fn", "tests.helpers:length_reward",
                             "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "o"),
                             "--lora-rank", "2"], "is a LoRA adapter dir: new LoRA adapters need a full checkpoint"),

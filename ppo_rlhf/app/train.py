@@ -146,6 +146,9 @@ def run_train(args: argparse.Namespace) -> int:
                           lora_base_dtype=args.lora_base_dtype,
                           lora_targets=args.lora_targets,
                           lora_roles=args.lora_roles)
+    if args.merge and not (config.lora_rank and "policy" in config.lora_roles):
+        raise UsageError("--merge writes the policy's LoRA adapters merged into its base: it needs "
+                         "--lora-rank (and 'policy' in --lora-roles)")
     check_lora_targets(config, args.policy)
     require_full_base(args.policy, "--policy", config.model_options("policy").lora)
     core = get_backend(args.backend)  # UsageError for a backend that is not installed
