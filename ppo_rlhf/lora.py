@@ -169,10 +169,16 @@ def check_adapter_fits(path: PathLike, config: Mapping[str, Any], options: Any) 
 
 def write_adapter(path: PathLike, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> Path:
     """Write a PEFT adapter dir: `adapter_config.json` and `adapter_model.safetensors` (tensors
-    under their full PEFT names)."""
+    under their full PEFT names). Refuses a dir that holds a full checkpoint (config.json): the
+    loaders would go on reading that dir as the old model, not as the adapter."""
     from safetensors.numpy import save_file
 
+    from ppo_rlhf.errors import CheckpointError
+
     path = Path(path)
+    if (path / "config.json").is_file():
+        raise CheckpointError(f"{path} holds a full checkpoint (config.json): an adapter written there would be "
+                              f"read as that model; write the adapter to another dir")
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path / ADAPTER_WEIGHTS),
               metadata={"format": "pt"})

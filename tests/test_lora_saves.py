@@ -115,7 +115,8 @@ def test_reward_model_adapter_round_trips_with_peft(tiny_checkpoint, tmp_path, b
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_adapter_dirs_are_one_line_errors(tiny_checkpoint, tmp_path, backend):
     """modules_to_save other than the score head, a causal LM's adapter loaded as a reward model
-    and the other way round: one-line CheckpointErrors naming what is wrong."""
+    and the other way round, an adapter saved into a full checkpoint's dir: one-line
+    CheckpointErrors naming what is wrong."""
     models, lora = _kit(backend)
     base = tiny_checkpoint("llama")
     out = lora.save_adapter(_trained_reward_model(backend, base), tmp_path / "rm", base_model=str(base))
@@ -133,6 +134,13 @@ def test_bad_adapter_dirs_are_one_line_errors(tiny_checkpoint, tmp_path, backend
     with pytest.raises(CheckpointError, match="a causal LM's adapter") as err:
         models.load_scalar_model(causal)
     assert "\n" not in str(err.value)
+    # an adapter written over a full checkpoint would be read as the old model: refused, nothing written
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "config.json").write_text((base / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="holds a full checkpoint") as err:
+        lora.save_adapter(lm, full, base_model=str(base))
+    assert "\n" not in str(err.value) and sorted(p.name for p in full.iterdir()) == ["config.json"]
 
 
 # ---- the CLI: pretrain -> train-rm -> train on adapter dirs -----------------------------------------
