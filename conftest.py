@@ -70,9 +70,9 @@ else:  # and not the CLI's own cache in ~/.cache either (ppo_rlhf.runtime.compil
 
 # libtpu is installed for the TPU plans (tests/test_plan.py); without a TPU here, JAX runs on the
 # CPU quietly in the tests and in every CLI process they start (ppo_rlhf.app.backends)
-from ppo_rlhf.app.backends import skip_absent_tpu  # noqa: E402
+from ppo_rlhf.app.backends import skip_absent_accelerators  # noqa: E402
 
-skip_absent_tpu()
+skip_absent_accelerators()
 
 import pytest  # noqa: E402
 

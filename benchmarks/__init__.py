@@ -9,12 +9,12 @@ def compile_every_program() -> None:
     it starts. Compile time is something the benchmarks measure (the first iteration minus the
     median), and a cache turned on from outside (the test suite sets JAX_COMPILATION_CACHE_DIR for
     everything it starts) would make it a file read. Does not import jax (a torch run's peak RSS
-    must not carry it). Also, as the CLI does (`skip_absent_tpu`), JAX stays off a TPU or GPU
+    must not carry it). Also, as the CLI does (`skip_absent_accelerators`), JAX stays off a TPU or GPU
     runtime whose plugin is installed (libtpu for the plans) but whose device is absent: no
     libtpu error lines and ~0.7 s less in every benchmark process here."""
-    from ppo_rlhf.app.backends import skip_absent_tpu
+    from ppo_rlhf.app.backends import skip_absent_accelerators
 
-    skip_absent_tpu()
+    skip_absent_accelerators()
     os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     os.environ["PPO_RLHF_COMPILE_CACHE"] = "off"  # the CLI's cache (ppo_rlhf.runtime.compile_cache)
     if "jax" in sys.modules:

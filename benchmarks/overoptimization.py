@@ -686,6 +686,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (cache / ".gitignore").exists():  # as pytest's cache: never committed by accident
         (cache / ".gitignore").write_text("# created by benchmarks/overoptimization.py\n*\n")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ppo_rlhf.app.backends import skip_absent_accelerators
+
+    skip_absent_accelerators()  # as the CLI: no TPU / GPU runtime start where no device is
     if args.only_report:
         build_report(study, cache, out, command)
         return 0

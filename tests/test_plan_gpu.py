@@ -2,7 +2,7 @@
 XLA's GPU compiler on this machine, which has no GPU (jax's CUDA plugin given the H100's target
 description, `ppo_jax.gpu_targets`); the report checked against bounds from parameter counts and
 against JAX's allocator share of the GPU's memory; bad GPU topologies are exit 2. And the CLI's
-platform choice (`skip_absent_tpu`): the CPU where no accelerator JAX can drive is present."""
+platform choice (`skip_absent_accelerators`): the CPU where no accelerator JAX can drive is present."""
 
 from __future__ import annotations
 
@@ -130,10 +130,10 @@ def test_platform_choice(monkeypatch, installed, tpu, gpu, expected):
     monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: object() if m in installed else None)
     monkeypatch.setattr(processes, "tpu_device_present", lambda: tpu)
     monkeypatch.setattr(processes, "gpu_device_present", lambda: gpu)
-    backends.skip_absent_tpu()
+    backends.skip_absent_accelerators()
     import os
 
     assert os.environ.get("JAX_PLATFORMS") == expected
     monkeypatch.setenv("JAX_PLATFORMS", "tpu")  # said by the user: kept
-    backends.skip_absent_tpu()
+    backends.skip_absent_accelerators()
     assert os.environ["JAX_PLATFORMS"] == "tpu"

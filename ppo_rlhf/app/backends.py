@@ -21,7 +21,7 @@ def check_backend(backend: str) -> None:
         raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
 
 
-def skip_absent_tpu() -> None:
+def skip_absent_accelerators() -> None:
     """libtpu installed (the `tpu` extra, for `ppo-rlhf plan`) on a machine without a TPU: JAX
     would try to start the TPU runtime in every process -- a few lines of libtpu errors on stderr
     and ~0.7 s -- before falling back; jax's CUDA plugin (the `gpu-plan` extra) on a machine

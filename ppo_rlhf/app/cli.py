@@ -64,7 +64,7 @@ def _one_line_warning(command: str):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    backends.skip_absent_tpu()  # libtpu without a TPU: JAX on the other platforms, quietly
+    backends.skip_absent_accelerators()  # libtpu without a TPU: JAX on the other platforms, quietly
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
