@@ -345,6 +345,54 @@ def _to_target(s: dict) -> str:
     return "not reached" if n is None else f"{round(n):,}"
 
 
+def pooled(settings: list[dict]) -> list[dict[str, Any]]:
+    """Per estimator, every run of both backends together: the parity tests prove the backends
+    compute the same algorithm, and each samples with its own random numbers, so a seed in each
+    is two independent runs of it (twice the runs per estimator). Final and best gold as mean
+    and standard error over runs, with the final's difference from PPO's and its z; the KL and
+    samples seen at each run's best evaluation."""
+    runs: dict[str, list[list[dict]]] = {}
+    for s in settings:
+        runs.setdefault(s["estimator"], []).extend(s["runs"])
+
+    def mse(xs: list[float]) -> dict[str, Any]:
+        m = mean_std(xs)
+        return m | {"se": m["std"] / math.sqrt(m["n"]) if m["n"] else None}
+
+    out = []
+    for e in (e for e in ESTIMATORS if e in runs):
+        rs = runs[e]
+        peaks = [max(r, key=lambda p: p["gold"]) for r in rs]
+        out.append({"estimator": e, "runs": len(rs), "final_gold": mse([r[-1]["gold"] for r in rs]),
+                    "best_gold": mse([p["gold"] for p in peaks]), "kl_at_best": mse([p["kl"] for p in peaks]),
+                    "samples_at_best": mse([p["samples"] for p in peaks]),
+                    "final_kl": mse([r[-1]["kl"] for r in rs])})
+    ppo = next((p for p in out if p["estimator"] == "gae"), None)
+    for p in out:
+        if ppo is not None and p is not ppo:
+            a, c = p["final_gold"], ppo["final_gold"]
+            se = math.sqrt(a["se"] ** 2 + c["se"] ** 2)
+            p["vs_ppo"] = {"diff": a["mean"] - c["mean"], "se": se, "z": (a["mean"] - c["mean"]) / se if se else None}
+    return out
+
+
+def _pooled_table(rows: list[dict]) -> list[str]:
+    if not rows or max(p["runs"] for p in rows) < 2:
+        return []
+    lines = ["", "Pooled over both backends (each backend's seeds are independent runs of the same algorithm: "
+             "mean ± standard error over all runs):", "",
+             "| estimator | runs | final gold | vs PPO | best gold | KL at best | samples at best | final KL |",
+             "|---|---|---|---|---|---|---|---|"]
+    for p in rows:
+        v = p.get("vs_ppo")
+        vs = "(reference)" if p["estimator"] == "gae" else (
+            "--" if v is None else f"{v['diff']:+.3f}" + (f" (z {v['z']:+.1f})" if v["z"] is not None else ""))
+        f = (lambda m, fmt=".3f": "--" if m["mean"] is None else f"{m['mean']:{fmt}} ± {m['se']:{fmt}}")
+        lines.append(f"| {LABELS[p['estimator']]} | {p['runs']} | {f(p['final_gold'])} | {vs} | {f(p['best_gold'])} "
+                     f"| {f(p['kl_at_best'], '.2f')} | {f(p['samples_at_best'], '.0f')} | {f(p['final_kl'], '.2f')} |")
+    return lines
+
+
 def table(summary: dict) -> str:
     st = summary["study"]
     lines = [f"`{summary['command']}` ({summary['finished_runs']} of {summary['planned_runs']} runs; "
@@ -383,6 +431,7 @@ def table(summary: dict) -> str:
             f"| {_pm(s['gold_at_kl_budget'])} (KL <= {s['kl_budget']:.2f}) "
             f"| {_pm(s['gold_at_time_budget'])} (t <= {s['time_budget_s']:.0f} s) | {_pm(s['final_proxy'], '.2f')} "
             f"| {_pm(s['train_s'], '.0f')} | {_pm(s['median_step_s'], '.2f')} | {_pm(s['first_step_s'], '.1f')} |")
+    lines += _pooled_table(summary.get("pooled", []))
     if summary["missing"]:
         m = summary["missing"]
         lines += ["", f"Not (yet) run: {len(m)} of {summary['planned_runs']} runs "
@@ -446,7 +495,7 @@ def build_report(study: Study, cache: Path, out: Path, command: str) -> dict[str
         "task": json.loads(task_file.read_text()) if task_file.exists() else {},
         "planned_runs": len(study.runs()), "finished_runs": len(study.runs()) - len(missing),
         "missing": missing, "train_s_total": float(sum(r["train_s"] for rs in records.values() for r in rs)),
-        "settings": settings,
+        "settings": settings, "pooled": pooled(settings),
     }
     write_atomic(out, json.dumps(summary, indent=1) + "\n")
     write_atomic(out.with_suffix(".md"), table(summary))

@@ -222,6 +222,14 @@ def test_estimators_quick_mode_has_every_estimator_and_backend_with_finite_numbe
             assert 0 <= x["samples_to_ppo_final"] <= 8
     table = out.with_suffix(".md").read_text()
     assert "| jax | " in table and "| torch | " in table and "GRPO | 4 x 2 |" in table
+    # pooled over the backends: each estimator's runs of both, the final gold their mean
+    pooled = {p["estimator"]: p for p in s["pooled"]}
+    assert set(pooled) == set(ESTIMATORS) and all(p["runs"] == 2 for p in pooled.values())
+    for e, p in pooled.items():
+        finals = [by[e, b]["runs"][0][-1]["gold"] for b in ("jax", "torch")]
+        assert abs(p["final_gold"]["mean"] - sum(finals) / 2) < 1e-12
+        assert ("vs_ppo" in p) == (e != "gae")
+    assert "Pooled over both backends" in table
     assert out.with_suffix(".png").stat().st_size > 1000
     again = run_module(*args, env=env, timeout=300)
     assert "6 of 6 runs cached" in again.stderr
