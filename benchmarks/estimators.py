@@ -462,7 +462,7 @@ def plots(summary: dict, out: Path) -> Path:
                 if len(s["seeds"]) > 1:
                     ax.fill_between(x, g - gs, g + gs, color=colors[s["estimator"]], alpha=0.15, lw=0)
                 ax.set_xlabel(xlabel)
-                ax.set_ylabel(f"gold ({summary['task_name']})")
+                ax.set_ylabel(f"{summary['metric']} ({summary['task_name']})")
                 ax.grid(alpha=0.3)
         axes[0, j].set_title(f"{b}", fontsize=10)
         axes[0, j].legend(fontsize=7)
