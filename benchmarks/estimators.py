@@ -332,10 +332,20 @@ def compare(settings: list[dict]) -> None:
                     (n for n, g in zip(s["curve"]["samples"], s["curve"]["gold"]) if g is not None
                      and g >= target - 1e-12), None)
             if ppo is not None and s is not ppo:
-                a, c = s["final_gold"], ppo["final_gold"]
-                se = math.sqrt(a["std"] ** 2 / a["n"] + c["std"] ** 2 / c["n"])
-                s["vs_ppo"] = {"diff": a["mean"] - c["mean"], "se": se,
-                               "z": (a["mean"] - c["mean"]) / se if se > 0 else None}
+                s["vs_ppo"] = _difference(s["final_gold"], ppo["final_gold"])
+
+
+def _difference(a: dict, c: dict) -> dict[str, Any]:
+    """a's mean minus c's (`mean_std` dicts over independent runs), its standard error and z."""
+    se = math.sqrt(a["std"] ** 2 / a["n"] + c["std"] ** 2 / c["n"])
+    return {"diff": a["mean"] - c["mean"], "se": se, "z": (a["mean"] - c["mean"]) / se if se > 0 else None}
+
+
+def _vs_text(estimator: str, v: dict | None) -> str:
+    """The 'vs PPO' cell: PPO's own row is the reference."""
+    if estimator == "gae":
+        return "(reference)"
+    return "--" if v is None else f"{v['diff']:+.3f}" + (f" (z {v['z']:+.1f})" if v["z"] is not None else "")
 
 
 def _to_target(s: dict) -> str:
@@ -370,9 +380,7 @@ def pooled(settings: list[dict]) -> list[dict[str, Any]]:
     ppo = next((p for p in out if p["estimator"] == "gae"), None)
     for p in out:
         if ppo is not None and p is not ppo:
-            a, c = p["final_gold"], ppo["final_gold"]
-            se = math.sqrt(a["se"] ** 2 + c["se"] ** 2)
-            p["vs_ppo"] = {"diff": a["mean"] - c["mean"], "se": se, "z": (a["mean"] - c["mean"]) / se if se else None}
+            p["vs_ppo"] = _difference(p["final_gold"], ppo["final_gold"])
     return out
 
 
@@ -384,9 +392,7 @@ def _pooled_table(rows: list[dict]) -> list[str]:
              "| estimator | runs | final gold | vs PPO | best gold | KL at best | samples at best | final KL |",
              "|---|---|---|---|---|---|---|---|"]
     for p in rows:
-        v = p.get("vs_ppo")
-        vs = "(reference)" if p["estimator"] == "gae" else (
-            "--" if v is None else f"{v['diff']:+.3f}" + (f" (z {v['z']:+.1f})" if v["z"] is not None else ""))
+        vs = _vs_text(p["estimator"], p.get("vs_ppo"))
         f = (lambda m, fmt=".3f": "--" if m["mean"] is None else f"{m['mean']:{fmt}} ± {m['se']:{fmt}}")
         lines.append(f"| {LABELS[p['estimator']]} | {p['runs']} | {f(p['final_gold'])} | {vs} | {f(p['best_gold'])} "
                      f"| {f(p['kl_at_best'], '.2f')} | {f(p['samples_at_best'], '.0f')} | {f(p['final_kl'], '.2f')} |")
@@ -420,9 +426,7 @@ def table(summary: dict) -> str:
              "| s / iter | first iter s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary["settings"]:
-        v = s.get("vs_ppo")
-        vs = "(reference)" if s["estimator"] == "gae" else (
-            "--" if v is None else f"{v['diff']:+.3f}" + (f" (z {v['z']:+.1f})" if v["z"] is not None else ""))
+        vs = _vs_text(s["estimator"], s.get("vs_ppo"))
         lines.append(
             f"| {s['backend']} | {s.get('rank_in_backend', '--')} | {LABELS[s['estimator']]} "
             f"| {s['prompts_per_iteration']} x {s['num_generations']} | {len(s['seeds'])} "
